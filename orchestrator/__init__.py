@@ -1,0 +1,1 @@
+"""The kvorch driver: CLI, job spec, corpus, planning, the Ray pool, the lake and reports."""

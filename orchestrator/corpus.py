@@ -1,0 +1,113 @@
+"""Corpus loading: the embedded long documents, JSONL, Parquet, or a directory of .txt files.
+
+The embedded corpus is built from ``pydoc_data.topics``, the help text that ships with every
+CPython: real English prose and code, no download. Topics are concatenated in name order into
+documents of at least :data:`EMBEDDED_DOC_CHARS` characters, so ids are deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from orchestrator.errors import KvorchError
+
+EMBEDDED_CORPUS = "pydoc"
+EMBEDDED_DOC_CHARS = 12_000
+
+
+@dataclass(frozen=True)
+class Document:
+    doc_id: str
+    text: str
+    source: str
+
+
+def load_corpus(corpus: str) -> list[Document]:
+    """Every document of the corpus, in a deterministic order; KvorchError when unusable."""
+    if corpus == EMBEDDED_CORPUS:
+        docs = _embedded()
+    else:
+        path = Path(corpus)
+        if not path.exists():
+            raise KvorchError(
+                f"corpus {corpus} not found: pass '{EMBEDDED_CORPUS}', a .jsonl or .parquet file, "
+                "or a directory of .txt files"
+            )
+        if path.is_dir():
+            docs = _text_dir(path)
+        elif path.suffix == ".jsonl":
+            docs = _jsonl(path)
+        elif path.suffix == ".parquet":
+            docs = _parquet(path)
+        else:
+            raise KvorchError(
+                f"corpus {corpus}: unsupported file type {path.suffix!r}; "
+                "use .jsonl, .parquet or a directory of .txt files"
+            )
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise KvorchError(f"corpus {corpus} has no non-empty documents; add documents with a 'text' field")
+    seen: set[str] = set()
+    for doc in docs:
+        if doc.doc_id in seen:
+            raise KvorchError(f"corpus {corpus}: document id {doc.doc_id!r} appears twice; make ids unique")
+        seen.add(doc.doc_id)
+    return docs
+
+
+def _embedded() -> list[Document]:
+    from pydoc_data.topics import topics
+
+    docs, parts, first = [], [], None
+    for name in sorted(topics):
+        first = first or name
+        parts.append(topics[name])
+        if sum(len(p) for p in parts) >= EMBEDDED_DOC_CHARS:
+            docs.append(Document(f"pydoc-{len(docs):03d}-{first}", "\n\n".join(parts), "pydoc_data.topics"))
+            parts, first = [], None
+    return docs
+
+
+def _jsonl(path: Path) -> list[Document]:
+    docs = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise KvorchError(
+                    f"{path}:{number}: not valid JSON ({exc.msg}); each line must be one JSON object"
+                ) from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise KvorchError(f"{path}:{number}: no string field 'text'; each line needs {{\"text\": ...}}")
+            doc_id = str(record.get("id", f"{path.stem}-{number:06d}"))
+            docs.append(Document(doc_id, record["text"], str(path)))
+    return docs
+
+
+def _parquet(path: Path) -> list[Document]:
+    table = pq.read_table(path)
+    if "text" not in table.column_names:
+        raise KvorchError(
+            f"{path}: no column 'text'; the Parquet corpus needs a string column 'text' (and optionally 'id')"
+        )
+    texts = table.column("text").to_pylist()
+    ids = (
+        table.column("id").to_pylist()
+        if "id" in table.column_names
+        else [f"{path.stem}-{i:06d}" for i in range(len(texts))]
+    )
+    return [Document(str(i), t or "", str(path)) for i, t in zip(ids, texts, strict=False)]
+
+
+def _text_dir(path: Path) -> list[Document]:
+    files = sorted(path.glob("*.txt"))
+    if not files:
+        raise KvorchError(f"{path} has no .txt files; put one document per .txt file there")
+    return [Document(f.stem, f.read_text(encoding="utf-8", errors="replace"), str(f)) for f in files]

@@ -1,0 +1,5 @@
+"""The one exception type for user mistakes: the CLI prints its message on one line."""
+
+
+class KvorchError(Exception):
+    """Bad input or environment; the message names the problem and the fix."""

@@ -1,0 +1,70 @@
+"""Planning: tokenized documents x configs -> tasks (shard x config group).
+
+Shards balance documents by token count (longest first onto the lightest shard), config
+groups keep the configs of one press together so they share a batch. Task ids are derived from
+the plan alone, so the same spec always yields the same tasks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.corpus import Document
+from orchestrator.errors import KvorchError
+from workers.actor import Task, TaskDocument
+from workers.configs import EvalConfig
+
+SHARDS_PER_ACTOR = 4
+
+
+@dataclass(frozen=True)
+class TokenizedDocument:
+    document: Document
+    token_ids: list[int]
+
+
+def check_lengths(docs: list[TokenizedDocument], chunk_size: int) -> None:
+    short = [d for d in docs if len(d.token_ids) < chunk_size]
+    if short:
+        first = short[0]
+        raise KvorchError(
+            f"document {first.document.doc_id!r} has {len(first.token_ids)} tokens, shorter than one chunk "
+            f"({chunk_size}){f' (and {len(short) - 1} more)' if len(short) > 1 else ''}; "
+            "lower --chunk-size or remove short documents from the corpus"
+        )
+
+
+def shard(docs: list[TokenizedDocument], n_shards: int) -> list[list[TokenizedDocument]]:
+    """Greedy longest-processing-time partition by token count; empty shards dropped."""
+    shards: list[list[TokenizedDocument]] = [[] for _ in range(max(1, min(n_shards, len(docs))))]
+    loads = [0] * len(shards)
+    for doc in sorted(docs, key=lambda d: (-len(d.token_ids), d.document.doc_id)):
+        lightest = loads.index(min(loads))
+        shards[lightest].append(doc)
+        loads[lightest] += len(doc.token_ids)
+    return shards
+
+
+def group_configs(configs: list[EvalConfig], batch_configs: int) -> list[list[EvalConfig]]:
+    """Consecutive groups of at most ``batch_configs``, configs of one press kept adjacent."""
+    first_seen: dict = {}
+    for config in configs:
+        first_seen.setdefault(config.press, len(first_seen))
+    ordered = sorted(configs, key=lambda c: first_seen[c.press])
+    return [ordered[i : i + batch_configs] for i in range(0, len(ordered), batch_configs)]
+
+
+def plan_tasks(
+    docs: list[TokenizedDocument], configs: list[EvalConfig], n_actors: int, batch_configs: int
+) -> list[Task]:
+    """Tasks ordered longest first, the order in which actors pull them."""
+    tasks = [
+        Task(
+            task_id=f"s{si:04d}-g{gi:03d}",
+            documents=tuple(TaskDocument(d.document.doc_id, d.token_ids) for d in shard_docs),
+            configs=tuple(group),
+        )
+        for si, shard_docs in enumerate(shard(docs, n_actors * SHARDS_PER_ACTOR))
+        for gi, group in enumerate(group_configs(configs, batch_configs))
+    ]
+    return sorted(tasks, key=lambda t: (-t.cost, t.task_id))

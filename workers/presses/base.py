@@ -1,0 +1,99 @@
+"""The press contract: a small frozen dataclass that scores keys; the engine does the rest.
+
+A press never evicts and never counts. The engine calls :meth:`Press.score` once per
+(layer, chunk) with a :class:`LayerContext` holding what it captured for that layer, writes
+the returned scores into its score buffer, and decides each key once, when the key leaves the
+protected window (DESIGN.md, threshold policy). Higher score = keep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass
+class LayerContext:
+    """What the engine captured for one layer and one chunk, sliced to one press's batch rows.
+
+    Shapes: ``B`` rows of this press, ``Hkv`` kv-heads, ``H`` query heads, ``c`` chunk
+    length, ``D`` head dim. Positions are absolute document positions.
+    """
+
+    layer: int
+    start: int  # first position of the chunk
+    end: int  # one past the last position of the chunk
+    score_from: int  # first position whose score the press must return
+    keys: torch.Tensor  # [B, Hkv, end, D] post-RoPE keys of every position before `end`
+    values: torch.Tensor  # [B, Hkv, end, D]
+    queries: torch.Tensor  # [B, H, c, D] post-RoPE queries of the chunk
+    visible: torch.Tensor  # [B, Hkv, end] bool: keys the chunk's queries could attend to
+    doc_seed: int  # deterministic per document, for seeded presses
+    # [B, H, c, end] attention probabilities; only when the press sets `needs_attention`.
+    attention: torch.Tensor | None = None
+    # [B, H, c, D] queries before RoPE; only when the press sets `needs_prerope_queries`.
+    prerope_queries: torch.Tensor | None = None
+    # positions -> (cos, sin) of the model's rotary embedding, [len(positions), rotary_dim].
+    rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def n_groups(self) -> int:
+        """Query heads per kv-head (GQA group size)."""
+        return self.queries.shape[1] // self.keys.shape[1]
+
+
+@dataclass(frozen=True)
+class Press:
+    """Base of every scorer. Subclasses add their parameters as typed dataclass fields."""
+
+    name: ClassVar[str]
+    # Thresholds used when the user gives none; ``(None,)`` for methods with no threshold.
+    default_thresholds: ClassVar[tuple[float | None, ...]] = (None,)
+    # True when the press recomputes scores of every undecided key each chunk (e.g.
+    # accumulated attention); False when a key's score is fixed when the key arrives.
+    rescores: ClassVar[bool] = False
+    needs_attention: ClassVar[bool] = False
+    needs_prerope_queries: ClassVar[bool] = False
+
+    n_sink: int = 0
+    # Method-specific local window (H2O's 512): keys inside it are protected, like the DMS window.
+    protected_window: int = 0
+
+    def init_state(self, n_rows: int, n_layers: int, n_kv_heads: int, n_positions: int, device: torch.device) -> Any:
+        """Per-document state, created fresh for every document (stateless presses: None)."""
+        return None
+
+    def score(self, ctx: LayerContext, state: Any) -> torch.Tensor:
+        """Scores of positions ``[ctx.score_from, ctx.end)``: shape [B, Hkv, end - score_from]."""
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        """The parameters that differ from the defaults: they label the config in the lake."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
+
+    def label(self) -> str:
+        """``name`` or ``name:k=v,...`` — the same grammar the CLI parses."""
+        p = self.params()
+        if not p:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={_fmt(v)}" for k, v in sorted(p.items()))
+
+    def params_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def constant_scores(ctx: LayerContext, value: float) -> torch.Tensor:
+    """Same score for every scored key: the structural presses (baseline, window, sinks)."""
+    b, h = ctx.keys.shape[:2]
+    return torch.full((b, h, ctx.end - ctx.score_from), value, device=ctx.keys.device)

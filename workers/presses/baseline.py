@@ -1,0 +1,17 @@
+"""Baseline: no compression. Every key scores +inf, so nothing is ever evicted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workers.presses.base import LayerContext, Press, constant_scores
+
+
+@dataclass(frozen=True)
+class BaselinePress(Press):
+    name = "baseline"
+
+    def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
+        return constant_scores(ctx, float("inf"))

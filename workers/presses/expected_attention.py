@@ -1,0 +1,125 @@
+"""Expected Attention (Devoto et al., 2025, arXiv:2510.00636; kvpress ExpectedAttentionPress).
+
+Future queries are modelled as a Gaussian fitted to the pre-RoPE queries seen so far (mean mu,
+covariance Sigma), rotated by the RoPE matrix averaged over the next ``n_future_positions``
+absolute positions (R). The expected attention logit of a post-RoPE key k is then
+``k.(R mu)/sqrt(d) + 1/2 k^T (R Sigma R^T) k / d``. Following kvpress so thresholds carry
+over: softmax over the keys scored in the call, mean over the GQA group, then
+``(s + epsilon) * ||v||`` when ``use_vnorm``.
+
+Departures from kvpress's chunked use, both deliberate: the future positions start at the
+chunk's absolute end (kvpress starts them at the chunk length), and the excluded sink queries
+and protected sink keys are the document's first ``n_sink`` positions (kvpress drops the first
+positions of every call). The press rescores every undecided key each chunk, so a key is judged
+with the statistics current when it leaves the window.
+
+``stats="window"`` fits the Gaussian to the last ``query_window`` queries; ``stats="running"``
+to every query seen so far in the document (Welford/Chan merge), as a llama.cpp integration
+would accumulate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from workers.presses.base import LayerContext, Press
+from workers.rope import mean_rotation
+
+
+@dataclass
+class QueryStatistics:
+    """Per layer: the recent queries (window) or count/mean/M2 (running), per row and head."""
+
+    recent: list[torch.Tensor | None]
+    count: list[int]
+    mean: list[torch.Tensor | None]
+    m2: list[torch.Tensor | None]
+
+    @classmethod
+    def empty(cls, n_layers: int) -> QueryStatistics:
+        return cls([None] * n_layers, [0] * n_layers, [None] * n_layers, [None] * n_layers)
+
+
+@dataclass(frozen=True)
+class ExpectedAttentionPress(Press):
+    name = "expected_attention"
+    default_thresholds = (0.01,)
+    rescores = True
+    needs_prerope_queries = True
+    n_sink: int = 4
+    n_future_positions: int = 512
+    use_covariance: bool = True
+    use_vnorm: bool = True
+    epsilon: float = 0.0
+    stats: str = "window"
+    query_window: int = 128
+
+    def __post_init__(self) -> None:
+        if self.stats not in ("window", "running"):
+            raise ValueError(f"expected_attention: stats must be 'window' or 'running', got {self.stats!r}")
+
+    def init_state(
+        self, n_rows: int, n_layers: int, n_kv_heads: int, n_positions: int, device: torch.device
+    ) -> QueryStatistics:
+        return QueryStatistics.empty(n_layers)
+
+    def _update_statistics(self, ctx: LayerContext, st: QueryStatistics) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Add this chunk's non-sink queries; return (mean [B,H,D], cov [B,H,D,D]) or None."""
+        layer = ctx.layer
+        q = ctx.prerope_queries[:, :, max(0, self.n_sink - ctx.start) :].float()
+        if self.stats == "window":
+            if q.shape[2]:
+                prev = st.recent[layer]
+                q = q if prev is None else torch.cat((prev, q), dim=2)
+                st.recent[layer] = q[:, :, -self.query_window :]
+            window = st.recent[layer]
+            if window is None:
+                return None
+            mean = window.mean(dim=2)
+            centered = window - mean[:, :, None]
+            return mean, centered.transpose(2, 3) @ centered / window.shape[2]
+        n_new = q.shape[2]
+        if n_new:
+            mean_new = q.mean(dim=2)
+            centered = q - mean_new[:, :, None]
+            m2_new = centered.transpose(2, 3) @ centered
+            n_old = st.count[layer]
+            if n_old == 0:
+                st.mean[layer], st.m2[layer] = mean_new, m2_new
+            else:
+                n = n_old + n_new
+                delta = mean_new - st.mean[layer]
+                st.mean[layer] = st.mean[layer] + delta * (n_new / n)
+                st.m2[layer] = st.m2[layer] + m2_new + delta[..., :, None] * delta[..., None, :] * (n_old * n_new / n)
+            st.count[layer] += n_new
+        if st.count[layer] == 0:
+            return None
+        return st.mean[layer], st.m2[layer] / st.count[layer]
+
+    def score(self, ctx: LayerContext, state: QueryStatistics) -> torch.Tensor:
+        stats = self._update_statistics(ctx, state)
+        b, hkv, _, d = ctx.keys.shape
+        lo = max(ctx.score_from, self.n_sink)
+        n_sinks_scored = lo - ctx.score_from
+        keys = ctx.keys[:, :, lo : ctx.end].float()
+        if stats is None or keys.shape[2] == 0:
+            scores = torch.zeros(b, hkv, keys.shape[2], device=keys.device)
+        else:
+            mean, cov = stats
+            future = torch.arange(ctx.end, ctx.end + self.n_future_positions, device=keys.device)
+            rot = mean_rotation(*ctx.rotary(future), head_dim=d)
+            mu = (mean @ rot.T).view(b, hkv, ctx.n_groups, d)
+            logits = torch.einsum("bhnd,bhgd->bhgn", keys, mu) / math.sqrt(d)
+            if self.use_covariance:
+                sigma = (rot @ cov @ rot.T).view(b, hkv, ctx.n_groups, d, d)
+                projected = torch.einsum("bhnd,bhgde->bhgne", keys, sigma)
+                logits = logits + (projected * keys[:, :, None]).sum(dim=-1) / d / 2
+            scores = torch.softmax(logits, dim=-1).mean(dim=2)
+            if self.use_vnorm:
+                values = ctx.values[:, :, lo : ctx.end].float()
+                scores = (scores + self.epsilon) * values.norm(dim=-1)
+        sinks = torch.full((b, hkv, n_sinks_scored), float("inf"), device=keys.device)
+        return torch.cat((sinks, scores), dim=2)

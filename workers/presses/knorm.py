@@ -1,0 +1,19 @@
+"""Key norm (Devoto et al., 2024, arXiv:2406.11430): keys with a small L2 norm draw more
+attention, so the score is -||k||. RoPE is a rotation, so pre- and post-RoPE norms agree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workers.presses.base import LayerContext, Press
+
+
+@dataclass(frozen=True)
+class KnormPress(Press):
+    name = "knorm"
+    default_thresholds = (-16.0,)
+
+    def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
+        return -ctx.keys[:, :, ctx.score_from : ctx.end].float().norm(dim=-1)

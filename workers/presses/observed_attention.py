@@ -1,0 +1,55 @@
+"""Observed attention: the mean attention a key received from the queries that saw it.
+
+score(j) = (1 / #queries that saw j) * sum over those queries of A[t, j], averaged over the
+query heads of the kv-head's GQA group (kvpress ObservedAttentionPress conventions). No sinks.
+Until a key is decided it is visible to every later query, so the count is ``end - j``.
+The attention probabilities come from the engine under any backend, not from eager mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workers.presses.base import LayerContext, Press
+
+
+@dataclass
+class AttentionSums:
+    """Per layer, the attention each key has received so far: [rows, Hkv, n_positions]."""
+
+    sums: list[torch.Tensor]
+
+    @classmethod
+    def zeros(
+        cls, n_rows: int, n_layers: int, n_kv_heads: int, n_positions: int, device: torch.device
+    ) -> AttentionSums:
+        return cls([torch.zeros(n_rows, n_kv_heads, n_positions, device=device) for _ in range(n_layers)])
+
+    def add(self, ctx: LayerContext) -> torch.Tensor:
+        """Accumulate this chunk's attention; returns the running sums of positions [0, end)."""
+        b, hkv = ctx.keys.shape[:2]
+        received = ctx.attention.float().sum(dim=2)  # [B, H, end]
+        received = received.view(b, hkv, ctx.n_groups, ctx.end).mean(dim=2)
+        total = self.sums[ctx.layer][:, :, : ctx.end]
+        total += received
+        return total
+
+
+@dataclass(frozen=True)
+class ObservedAttentionPress(Press):
+    name = "observed_attention"
+    default_thresholds = (3e-3,)
+    rescores = True
+    needs_attention = True
+
+    def init_state(
+        self, n_rows: int, n_layers: int, n_kv_heads: int, n_positions: int, device: torch.device
+    ) -> AttentionSums:
+        return AttentionSums.zeros(n_rows, n_layers, n_kv_heads, n_positions, device)
+
+    def score(self, ctx: LayerContext, state: AttentionSums) -> torch.Tensor:
+        total = state.add(ctx)[:, :, ctx.score_from :]
+        seen_by = torch.arange(ctx.end - ctx.score_from, 0, -1, device=total.device)
+        return total / seen_by

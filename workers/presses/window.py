@@ -1,0 +1,20 @@
+"""Sliding window only, no sinks (control A of the head-aware ablation).
+
+Every key scores -inf, so a key is evicted as soon as it leaves the window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workers.presses.base import LayerContext, Press, constant_scores
+
+
+@dataclass(frozen=True)
+class WindowPress(Press):
+    name = "window"
+
+    def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
+        return constant_scores(ctx, float("-inf"))

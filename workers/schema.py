@@ -1,0 +1,65 @@
+"""The one row schema of the result lake, read by the engine, the lake writer, readers and tests.
+
+A row is one (document, chunk, config). ``run_id`` and ``method`` are hive partition keys of
+the lake path (``chunks/run_id=<id>/method=<m>/``) and are therefore not stored inside the part
+files; :data:`PARTITION_COLUMNS` names them so readers can reassemble the full logical row.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+PARTITION_COLUMNS = ("run_id", "method")
+
+CHUNK_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("chunk_index", pa.int32(), nullable=False),
+        pa.field("chunk_start", pa.int32(), nullable=False),
+        pa.field("chunk_end", pa.int32(), nullable=False),
+        # Config identity: one label per (method, parameters, threshold); the same method with
+        # other parameters is another config.
+        pa.field("config", pa.string(), nullable=False),
+        pa.field("method_params", pa.string(), nullable=False),  # canonical JSON
+        pa.field("threshold", pa.float64()),  # null for methods without a threshold
+        pa.field("policy", pa.string(), nullable=False),
+        pa.field("window", pa.int32(), nullable=False),
+        pa.field("n_sink", pa.int32(), nullable=False),
+        pa.field("protected_window", pa.int32(), nullable=False),
+        # Language-modelling quality of this chunk's predictions.
+        pa.field("nll_sum", pa.float64(), nullable=False),
+        pa.field("n_tokens", pa.int32(), nullable=False),
+        pa.field("n_correct", pa.int32(), nullable=False),
+        # What this chunk's queries could see, summed over layers x kv-heads (DESIGN.md).
+        pa.field("keys_total", pa.int64(), nullable=False),
+        pa.field("keys_in_window", pa.int64(), nullable=False),
+        pa.field("keys_outside_window", pa.int64(), nullable=False),
+        pa.field("keys_kept", pa.int64(), nullable=False),
+        pa.field("keys_discarded_outside_window", pa.int64(), nullable=False),
+        pa.field("keys_protected", pa.int64(), nullable=False),
+        pa.field("keys_kept_unprotected", pa.int64(), nullable=False),
+        # Timing: the batched forward is shared by `batch_size` configs.
+        pa.field("forward_seconds", pa.float64(), nullable=False),
+        pa.field("batch_size", pa.int32(), nullable=False),
+        pa.field("worker", pa.string(), nullable=False),
+        pa.field("device", pa.string(), nullable=False),
+    ],
+    metadata={"kvorch_schema_version": str(SCHEMA_VERSION)},
+)
+
+DOC_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("n_chars", pa.int64(), nullable=False),
+        pa.field("n_tokens", pa.int64(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+    ],
+    metadata={"kvorch_schema_version": str(SCHEMA_VERSION)},
+)
+
+# What an engine returns: the file columns plus the `method` partition key, so the lake writer
+# can route each row to its partition.
+ROW_SCHEMA = CHUNK_SCHEMA.append(pa.field("method", pa.string(), nullable=False))
