@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -76,7 +77,7 @@ def submit(
     print(
         f"kvorch: run {run_id}: {len(docs)} docs x {len(spec.configs)} configs = {len(tasks)} tasks "
         f"on {pool.n_actors} {pool.device} actor(s) -> {lake.uri}",
-        flush=True,
+        file=sys.stderr,
     )
 
     bar = tqdm(

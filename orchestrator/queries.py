@@ -5,9 +5,11 @@ from __future__ import annotations
 from importlib import resources
 
 import duckdb
+import pyarrow as pa
 
 from orchestrator.errors import KvorchError
 from orchestrator.lake import Lake
+from workers.schema import CHUNK_SCHEMA, DOC_SCHEMA, PARTITION_COLUMNS
 
 
 def query_names() -> list[str]:
@@ -22,22 +24,30 @@ def query_text(name: str) -> str:
 
 
 def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with the lake's tables as views (hive partitions as columns)."""
+    """An in-memory DuckDB with the lake's tables as views (hive partitions as columns).
+
+    A table with no files yet (a run still starting) is an empty view of its schema, so
+    queries fail only on what they ask, never on what is merely not written yet.
+    """
     if not lake.run_ids():
         raise KvorchError(f"lake {lake.uri} has no runs; run kvorch submit --lake {lake.uri} first")
     con = duckdb.connect()
-    con.execute(
-        f"CREATE VIEW chunks AS SELECT * FROM read_parquet({_quote(lake.glob('chunks'))}, "
-        "hive_partitioning = true, union_by_name = true)"
-    )
-    con.execute(
-        f"CREATE VIEW docs AS SELECT * FROM read_parquet({_quote(lake.glob('docs'))}, hive_partitioning = true)"
-    )
-    con.execute(
-        f"CREATE VIEW runs AS SELECT * FROM read_json({_quote(lake.glob('runs'))}, "
-        "hive_partitioning = false, union_by_name = true)"
-    )
+    partitions = [pa.field(name, pa.string()) for name in PARTITION_COLUMNS]
+    _parquet_view(con, "chunks", lake.glob("chunks"), pa.schema([*CHUNK_SCHEMA, *partitions]))
+    _parquet_view(con, "docs", lake.glob("docs"), pa.schema([*DOC_SCHEMA, partitions[0]]))
+    con.execute(f"CREATE VIEW runs AS SELECT * FROM read_json({_quote(lake.glob('runs'))}, union_by_name = true)")
     return con
+
+
+def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, glob: str, schema: pa.Schema) -> None:
+    try:
+        con.execute(
+            f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_quote(glob)}, hive_partitioning = true, "
+            "union_by_name = true)"
+        )
+    except duckdb.IOException:
+        con.register(f"_{name}_empty", schema.empty_table())
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}_empty")
 
 
 def latest_run(con: duckdb.DuckDBPyConnection) -> str:

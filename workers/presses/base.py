@@ -74,7 +74,11 @@ class Press:
 
     def params(self) -> dict[str, Any]:
         """The parameters that differ from the defaults: they label the config in the lake."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
+        return {k: v for k, v in self.all_params().items() if v != self.__dataclass_fields__[k].default}
+
+    def all_params(self) -> dict[str, Any]:
+        """Every parameter that defines the press (fields excluded from equality are not)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.compare}
 
     def label(self) -> str:
         """``name`` or ``name:k=v,...`` — the same grammar the CLI parses."""
@@ -84,7 +88,7 @@ class Press:
         return self.name + ":" + ",".join(f"{k}={_fmt(v)}" for k, v in sorted(p.items()))
 
     def params_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return json.dumps(self.all_params(), sort_keys=True)
 
 
 def _fmt(value: Any) -> str:

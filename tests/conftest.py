@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny models built from configs, the embedded SmolLM2, a local Ray."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from workers.models import EMBEDDED_MODEL, load_model, load_tokenizer
+
+
+def tiny_llama(vocab_size: int = 97, seed: int = 0, n_layers: int = 2) -> LlamaForCausalLM:
+    """2 layers (default), 4 query heads over 2 kv-heads (GQA), float32: fast and architecture-faithful."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=4096,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_model() -> LlamaForCausalLM:
+    return tiny_llama()
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded model (real trained weights), loaded once for the session."""
+    return load_model(EMBEDDED_MODEL)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    return load_tokenizer(EMBEDDED_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> str:
+    """A local HF model directory (safetensors + tokenizer): a tiny Llama with SmolLM2's vocabulary.
+
+    CLI tests use it to exercise the local-dir loading path at a fraction of SmolLM2's cost.
+    """
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(vocab_size=len(smollm2_tokenizer)).save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One embedded Ray for every test that submits jobs; kvorch joins it instead of starting its own."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="kvorch-tests")
+    yield
+    ray.shutdown()

@@ -1,0 +1,176 @@
+"""The CLI end to end on a real local Ray, real Parquet and DuckDB, and every bad input."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from orchestrator.cli import main
+from orchestrator.corpus import load_corpus
+from tests.test_engine import full_forward_nll
+from workers.models import tokenize
+from workers.presses import REGISTRY
+
+
+def kvorch(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_submit_on_the_embedded_model_end_to_end(local_ray, tmp_path, smollm2, smollm2_tokenizer):
+    lake = str(tmp_path / "lake")
+    result = kvorch(
+        "submit",
+        "--max-docs",
+        "2",
+        "--max-tokens",
+        "256",
+        "--chunk-size",
+        "64",
+        "--window",
+        "32",
+        "--lake",
+        lake,
+        "--run-id",
+        "e2e",
+        "--no-progress",
+        "--format",
+        "csv",
+    )
+    assert result.exit_code == 0, result.output
+    table = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert sorted(r["method"] for r in table) == sorted(REGISTRY)
+    density = {r["method"]: float(r["density_with_window"]) for r in table}
+    assert density["baseline"] == 1.0
+    assert min(density, key=density.get) in ("streaming_llm", "window")
+    assert density["streaming_llm"] < min(v for k, v in density.items() if k not in ("streaming_llm", "window"))
+
+    # One row per (doc, chunk, config), no duplicates; docs and spec recorded.
+    sql = kvorch(
+        "sql",
+        "--lake",
+        lake,
+        "--format",
+        "json",
+        "SELECT count(*) AS n, count(DISTINCT (doc_id, chunk_index, config)) AS u FROM chunks",
+    )
+    assert json.loads(sql.stdout) == [{"n": 2 * 4 * len(REGISTRY), "u": 2 * 4 * len(REGISTRY)}]
+    docs = json.loads(kvorch("sql", "--lake", lake, "--format", "json", "SELECT doc_id, n_tokens FROM docs").stdout)
+    assert [d["n_tokens"] for d in docs] == [256, 256]
+    status = json.loads((tmp_path / "lake/runs/run_id=e2e/status.json").read_text())
+    assert status["status"] == "finished" and status["rows"] == 2 * 4 * len(REGISTRY)
+
+    # The lake's baseline equals an uncompressed full-sequence forward of the same document.
+    doc = load_corpus("pydoc")[0]
+    ids = torch.tensor(tokenize(smollm2_tokenizer, doc.text, 256))
+    lake_nll = json.loads(
+        kvorch(
+            "sql",
+            "--lake",
+            lake,
+            "--format",
+            "json",
+            f"SELECT sum(nll_sum) AS s FROM chunks WHERE method = 'baseline' AND doc_id = '{doc.doc_id}'",
+        ).stdout
+    )[0]["s"]
+    assert lake_nll == pytest.approx(float(full_forward_nll(smollm2, ids).sum()), rel=1e-4)
+
+    report = kvorch("report", "--lake", lake, "--format", "markdown")
+    assert report.exit_code == 0 and len(report.stdout.strip().splitlines()) == 2 + len(REGISTRY)
+
+
+@pytest.fixture
+def populated_lake(local_ray, tmp_path, tiny_model_dir) -> Path:
+    lake = tmp_path / "lake"
+    result = kvorch(
+        "submit",
+        "--model",
+        tiny_model_dir,
+        "--max-docs",
+        "2",
+        "--max-tokens",
+        "128",
+        "--chunk-size",
+        "64",
+        "--window",
+        "32",
+        "--methods",
+        "baseline,window,h2o",
+        "--lake",
+        str(lake),
+        "--run-id",
+        "first",
+        "--no-progress",
+    )
+    assert result.exit_code == 0, result.output
+    return lake
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_bad_input_is_one_line_and_leaves_the_lake_alone(populated_lake, tmp_path, tiny_model_dir):
+    long_text = load_corpus("pydoc")[0].text
+    before = snapshot(populated_lake)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a lake directory should be")
+    cases = {
+        "valid methods: baseline": ["--methods", "bogus"],
+        "not found": ["--corpus", str(tmp_path / "missing.jsonl")],
+        "no non-empty documents": ["--corpus", write(tmp_path / "empty.jsonl", "\n")],
+        "not valid JSON": ["--corpus", write(tmp_path / "bad.jsonl", json.dumps({"text": long_text}) + "\n{oops\n")],
+        "no string field 'text'": ["--corpus", write(tmp_path / "notext.jsonl", '{"body": "x"}\n')],
+        "shorter than one chunk": [
+            "--corpus",
+            write(tmp_path / "short.jsonl", '{"id": "tiny", "text": "too short"}\n'),
+        ],
+        "is not a number": ["--thresholds", "h2o=high"],
+        "cannot write to lake": ["--lake", str(blocker / "lake")],
+        "already exists": ["--run-id", "first"],
+    }
+    for fragment, extra in cases.items():
+        args = [
+            "submit",
+            "--model",
+            tiny_model_dir,
+            "--max-docs",
+            "2",
+            "--max-tokens",
+            "128",
+            "--chunk-size",
+            "64",
+            "--lake",
+            str(populated_lake),
+            "--no-progress",
+            *extra,
+        ]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code != 0, fragment
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], (fragment, result.output)
+    assert snapshot(populated_lake) == before
+    assert blocker.read_text().startswith("a file")
+
+
+def test_local_model_dir_runs_and_report_reads_it(populated_lake):
+    result = kvorch("report", "--lake", str(populated_lake), "--run", "first", "--format", "json")
+    rows = {r["config"]: r for r in json.loads(result.stdout)}
+    assert set(rows) == {"baseline", "window", "h2o@1"}
+    assert rows["window"]["density_without_window"] == 0
+    assert rows["baseline"]["tokens"] == 2 * 127

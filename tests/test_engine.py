@@ -1,0 +1,214 @@
+"""The evaluation protocol against independent references: full-sequence forwards with explicit
+masks, the invariants of DESIGN.md, and batching/backend independence."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import pytest
+import torch
+
+from workers.attention import BACKENDS, attention_probabilities, grouped_attention
+from workers.configs import EvalConfig
+from workers.engine import Engine, EngineSettings
+from workers.presses import REGISTRY, LayerContext, Press, parse_method
+
+INF = float("inf")
+
+
+def by_config(table) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for row in table.to_pylist():
+        out.setdefault(row["config"], []).append(row)
+    return out
+
+
+def default_configs() -> list[EvalConfig]:
+    return [EvalConfig(cls(), tau) for cls in REGISTRY.values() for tau in cls.default_thresholds]
+
+
+def full_forward_nll(model, ids: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-position NLL of t[i+1] from one eager forward over the whole sequence.
+
+    ``visible[i, j]`` (bool) is the explicit attention pattern; None means ordinary causal.
+    """
+    model.set_attn_implementation("eager")
+    n = ids.shape[0]
+    if visible is None:
+        visible = torch.ones(n, n, dtype=torch.bool).tril()
+    mask = torch.zeros(n, n).masked_fill(~visible, -INF)[None, None]
+    with torch.no_grad():
+        logits = model(ids[None], attention_mask=mask).logits[0, :-1].double()
+    return torch.logsumexp(logits, -1) - logits.gather(-1, ids[1:, None])[:, 0]
+
+
+def chunk_sums(per_position: torch.Tensor, n: int, chunk: int) -> list[float]:
+    return [float(per_position[s : min(s + chunk, n - 1)].sum()) for s in range(0, n, chunk)]
+
+
+@pytest.mark.parametrize("attn", BACKENDS)
+@pytest.mark.parametrize("chunk", [1, 64, 128])
+def test_baseline_rows_equal_full_sequence_forward(tiny_model, tokens, attn, chunk):
+    reference = chunk_sums(full_forward_nll(tiny_model, tokens), len(tokens), chunk)
+    rows = Engine(tiny_model, EngineSettings(chunk, 32, attn)).evaluate(
+        "d", tokens, [EvalConfig(parse_method("baseline"))]
+    )
+    got = [r["nll_sum"] for r in rows.to_pylist()]
+    assert got == pytest.approx(reference, rel=1e-4)
+    assert sum(r["n_tokens"] for r in rows.to_pylist()) == len(tokens) - 1
+
+
+@pytest.mark.parametrize("method", ["window", "streaming_llm"])
+@pytest.mark.parametrize("chunk,window", [(32, 48), (64, 64), (50, 0)])
+def test_structural_presses_equal_masked_full_forward(tiny_model, tokens, method, chunk, window):
+    """Chunked eviction == one forward where query i sees j <= i with j inside its chunk, the
+    window before it, or the document's sinks: eviction by masking at absolute positions."""
+    press = parse_method(method)
+    n = len(tokens)
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    chunk_start = (i // chunk) * chunk
+    visible = (j <= i) & ((j >= chunk_start - window) | (j < press.n_sink))
+    reference = chunk_sums(full_forward_nll(tiny_model, tokens, visible), n, chunk)
+    rows = Engine(tiny_model, EngineSettings(chunk, window, "sdpa")).evaluate("d", tokens, [EvalConfig(press)])
+    assert [r["nll_sum"] for r in rows.to_pylist()] == pytest.approx(reference, rel=1e-4)
+
+
+def test_minus_infinite_threshold_equals_baseline(tiny_model, tokens):
+    configs = [EvalConfig(parse_method("baseline"))] + [
+        EvalConfig(cls(), -INF) for cls in REGISTRY.values() if cls.default_thresholds != (None,)
+    ]
+    rows = by_config(Engine(tiny_model, EngineSettings(64, 32)).evaluate("d", tokens, configs))
+    baseline = [r["nll_sum"] for r in rows.pop("baseline")]
+    assert len(rows) == len(configs) - 1
+    for label, config_rows in rows.items():
+        assert [r["nll_sum"] for r in config_rows] == pytest.approx(baseline, rel=1e-5), label
+        assert all(r["keys_kept"] == r["keys_total"] for r in config_rows), label
+
+
+def test_window_longer_than_document_equals_baseline(tiny_model, tokens):
+    rows = by_config(Engine(tiny_model, EngineSettings(64, len(tokens))).evaluate("d", tokens, default_configs()))
+    baseline = [r["nll_sum"] for r in rows["baseline"]]
+    for label, config_rows in rows.items():
+        assert [r["nll_sum"] for r in config_rows] == pytest.approx(baseline, rel=1e-5), label
+        assert all(r["keys_kept"] == r["keys_total"] for r in config_rows), label
+
+
+@dataclass(frozen=True)
+class SpyPress(Press):
+    """Random scores that change every chunk, recording what each chunk's queries could see."""
+
+    name: ClassVar[str] = "spy"
+    rescores: ClassVar[bool] = True
+    seen: list = field(default_factory=list, compare=False, hash=False)  # (layer, start, visible)
+
+    def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
+        self.seen.append((ctx.layer, ctx.start, ctx.visible[0, :, : ctx.start].clone()))
+        generator = torch.Generator().manual_seed(ctx.start * 31 + ctx.layer)
+        return torch.rand(ctx.keys.shape[0], ctx.keys.shape[1], ctx.end - ctx.score_from, generator=generator)
+
+
+def test_evictions_are_irreversible(tiny_model, tokens):
+    """Rescored keys flip above/below the threshold every chunk; an evicted key must stay gone."""
+    press = SpyPress()
+    Engine(tiny_model, EngineSettings(16, 16)).evaluate("d", tokens, [EvalConfig(press, 0.5)])
+    for layer in (0, 1):
+        masks = [(start, visible) for lay, start, visible in press.seen if lay == layer]
+        evicted_any = False
+        for (start, earlier), (_, later) in zip(masks, masks[1:]):
+            evicted = ~earlier
+            evicted_any |= bool(evicted.any())
+            assert not later[:, :start][evicted].any(), f"layer {layer}: a key evicted before {start} came back"
+        assert evicted_any
+
+
+def test_density_columns_add_up(tiny_model, tokens):
+    rows = Engine(tiny_model, EngineSettings(32, 48)).evaluate("d", tokens, default_configs()).to_pylist()
+    heads = 2 * 2
+    for r in rows:
+        s = r["chunk_start"]
+        assert r["keys_total"] == s * heads
+        assert r["keys_kept"] + r["keys_discarded_outside_window"] == r["keys_total"]
+        assert r["keys_in_window"] + r["keys_outside_window"] == r["keys_total"]
+        assert r["keys_in_window"] == min(48, s) * heads
+        assert r["keys_discarded_outside_window"] <= r["keys_outside_window"]
+        assert r["keys_protected"] <= r["keys_kept"]
+        assert r["keys_kept_unprotected"] == r["keys_kept"] - r["keys_protected"]
+        assert 0 <= r["keys_kept_unprotected"] <= r["keys_total"] - r["keys_protected"]
+    assert any(r["keys_discarded_outside_window"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_streaming_llm_keeps_exactly_sinks_and_window(tiny_model, tokens, chunk):
+    window, heads = 40, 4
+    rows = Engine(tiny_model, EngineSettings(chunk, window)).evaluate(
+        "d", tokens, [EvalConfig(parse_method("streaming_llm"))]
+    )
+    for r in rows.to_pylist():
+        s = r["chunk_start"]
+        expected = len(set(range(min(4, s))) | set(range(max(0, s - window), s)))
+        assert r["keys_kept"] == expected * heads
+        assert r["keys_protected"] == expected * heads
+        assert r["keys_kept_unprotected"] == 0
+
+
+def assert_rows_equal(a: list[dict], b: list[dict], rel: float) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x["nll_sum"] == pytest.approx(y["nll_sum"], rel=rel)
+        assert x["n_correct"] == y["n_correct"]
+        assert x["keys_kept"] == y["keys_kept"]
+
+
+def test_batched_configs_equal_each_config_alone(tiny_model, tokens):
+    configs = default_configs() + [
+        EvalConfig(parse_method("random"), 0.3),
+        EvalConfig(parse_method("expected_attention:stats=running"), 0.02),
+    ]
+    engine = Engine(tiny_model, EngineSettings(48, 32))
+    batched = by_config(engine.evaluate("d", tokens, configs))
+    assert set(batched) == {c.label for c in configs}
+    for config in configs:
+        alone = engine.evaluate("d", tokens, [config]).to_pylist()
+        assert_rows_equal(batched[config.label], alone, rel=1e-5)
+
+
+def test_eager_and_sdpa_give_the_same_rows(tiny_model, tokens):
+    eager = by_config(Engine(tiny_model, EngineSettings(64, 32, "eager")).evaluate("d", tokens, default_configs()))
+    sdpa = by_config(Engine(tiny_model, EngineSettings(64, 32, "sdpa")).evaluate("d", tokens, default_configs()))
+    for label in eager:
+        assert_rows_equal(eager[label], sdpa[label], rel=1e-5)
+
+
+def test_attention_probabilities_equal_eager_softmax():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 6, 5, 8, generator=g)
+    k = torch.randn(3, 2, 20, 8, generator=g)
+    v = torch.randn(3, 2, 20, 8, generator=g)
+    visible = torch.rand(3, 2, 5, 20, generator=g) > 0.4
+    visible[..., 0] = True
+    probs = attention_probabilities(q, k, visible, 0.3)
+    # naive: repeat each kv-head for its group of query heads, mask, softmax
+    kk = k.repeat_interleave(3, dim=1)
+    mask = visible.repeat_interleave(3, dim=1)
+    naive = torch.softmax((q @ kk.transpose(2, 3) * 0.3).masked_fill(~mask, -INF), dim=-1)
+    torch.testing.assert_close(probs, naive, rtol=1e-5, atol=1e-6)
+    out_eager, probs_eager = grouped_attention(q, k, v, visible, 0.3, "eager")
+    out_sdpa, _ = grouped_attention(q, k, v, visible, 0.3, "sdpa")
+    torch.testing.assert_close(probs_eager, naive, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_eager, naive @ v.repeat_interleave(3, dim=1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_sdpa, out_eager, rtol=1e-5, atol=1e-5)
+
+
+def test_embedded_model_baseline_equals_full_forward(smollm2, smollm2_tokenizer):
+    from orchestrator.corpus import load_corpus
+    from workers.models import tokenize
+
+    ids = torch.tensor(tokenize(smollm2_tokenizer, load_corpus("pydoc")[0].text, 300))
+    reference = chunk_sums(full_forward_nll(smollm2, ids), len(ids), 128)
+    rows = Engine(smollm2, EngineSettings(128, 128, "sdpa")).evaluate("d", ids, [EvalConfig(parse_method("baseline"))])
+    got = [r["nll_sum"] for r in rows.to_pylist()]
+    assert got == pytest.approx(reference, rel=1e-4)
+    assert math.exp(sum(got) / (len(ids) - 1)) < 100  # real trained weights, not noise

@@ -1,0 +1,119 @@
+"""The lake layout, atomic parts, and compare.sql against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from orchestrator.cli.report import comparison
+from orchestrator.errors import KvorchError
+from orchestrator.formatting import render
+from orchestrator.lake import Lake
+from orchestrator.queries import connect, run_named
+from workers.schema import ROW_SCHEMA
+
+
+def row(doc, chunk, method, config, nll, n, correct, total, kept, in_window, protected, threshold=None):
+    return {
+        "doc_id": doc,
+        "chunk_index": chunk,
+        "chunk_start": chunk * 10,
+        "chunk_end": chunk * 10 + 10,
+        "config": config,
+        "method_params": "{}",
+        "threshold": threshold,
+        "policy": "threshold",
+        "window": 4,
+        "n_sink": 0,
+        "protected_window": 0,
+        "nll_sum": nll,
+        "n_tokens": n,
+        "n_correct": correct,
+        "keys_total": total,
+        "keys_in_window": in_window,
+        "keys_outside_window": total - in_window,
+        "keys_kept": kept,
+        "keys_discarded_outside_window": total - kept,
+        "keys_protected": protected,
+        "keys_kept_unprotected": kept - protected,
+        "forward_seconds": 0.5,
+        "batch_size": 2,
+        "worker": "w",
+        "device": "cpu",
+        "method": method,
+    }
+
+
+@pytest.fixture
+def lake(tmp_path) -> Lake:
+    lake = Lake(str(tmp_path / "lake"))
+    lake.write_spec("r1", {"model": "m"})
+    rows = [
+        row("a", 0, "baseline", "baseline", 10.0, 10, 5, 0, 0, 0, 0),
+        row("a", 1, "baseline", "baseline", 20.0, 10, 4, 40, 40, 16, 16),
+        row("a", 0, "knorm", "knorm@-2", 10.0, 10, 5, 0, 0, 0, 0, -2.0),
+        row("a", 1, "knorm", "knorm@-2", 23.0, 10, 3, 40, 28, 16, 20, -2.0),
+    ]
+    lake.write_rows("r1", "t0", pa.Table.from_pylist(rows, schema=ROW_SCHEMA))
+    return lake
+
+
+def test_parts_are_partitioned_by_method_and_hide_temporaries(lake):
+    con = connect(lake)
+    # A crash mid-write leaves only a temporary name, which readers never match.
+    stray = lake.part_path("r1", "knorm", "t9") + ".tmp-deadbeef"
+    with open(stray, "wb") as fh:
+        fh.write(b"PAR1 truncated")
+    assert con.execute("SELECT method, count(*) FROM chunks GROUP BY 1 ORDER BY 1").fetchall() == [
+        ("baseline", 2),
+        ("knorm", 2),
+    ]
+    assert con.execute("SELECT DISTINCT run_id FROM chunks").fetchall() == [("r1",)]
+    assert con.execute("SELECT model FROM runs").fetchall() == [("m",)]
+
+
+def test_compare_matches_hand_computed_values(lake):
+    result = run_named(connect(lake), "compare", {"run_id": "r1"})
+    cols = [d[0] for d in result.description]
+    got = {r[cols.index("config")]: dict(zip(cols, r)) for r in result.fetchall()}
+    knorm = got["knorm@-2"]
+    assert knorm["docs"] == 1 and knorm["tokens"] == 20 and knorm["threshold"] == -2.0
+    assert knorm["ppl"] == pytest.approx(math.exp(33 / 20))
+    assert knorm["delta_nll_pct"] == pytest.approx(100 * (33 - 30) / 30)
+    assert knorm["accuracy"] == pytest.approx(8 / 20)
+    assert knorm["density_with_window"] == pytest.approx(28 / 40)
+    assert knorm["density_without_window"] == pytest.approx(1 - 12 / 24)
+    assert knorm["density_compressible"] == pytest.approx(8 / 20)
+    base = got["baseline"]
+    assert base["delta_nll_pct"] == 0 and base["density_with_window"] == 1 and base["density_compressible"] == 1
+
+
+def test_report_formats(lake):
+    table = comparison(lake, None, "table").splitlines()
+    assert table[0].split()[:3] == ["method", "config", "threshold"]
+    assert any(line.startswith("knorm") for line in table)
+    assert comparison(lake, "r1", "markdown").splitlines()[1].startswith("|--")
+    assert comparison(lake, "r1", "csv").splitlines()[0].startswith("method,config,threshold,docs")
+    with pytest.raises(KvorchError, match="not in lake"):
+        comparison(lake, "r2", "table")
+
+
+def test_render_json_keeps_infinities_readable():
+    assert '"t": "-inf"' in render(["t"], [(float("-inf"),)], "json")
+
+
+def test_empty_or_unwritable_lake_is_a_clear_error(tmp_path):
+    with pytest.raises(KvorchError, match="has no runs"):
+        connect(Lake(str(tmp_path / "empty")))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(KvorchError, match="cannot write to lake"):
+        Lake(str(blocker / "lake")).ensure_writable()
+
+
+def test_duckdb_sees_schema_version(lake):
+    meta = duckdb.sql(f"SELECT key, value FROM parquet_kv_metadata('{lake.glob('chunks')}')").fetchall()
+    assert (b"kvorch_schema_version", b"1") in meta

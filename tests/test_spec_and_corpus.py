@@ -1,0 +1,128 @@
+"""Job spec grammar (methods, thresholds) and corpus loading, including every bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from orchestrator.corpus import load_corpus
+from orchestrator.errors import KvorchError
+from orchestrator.planner import group_configs, shard
+from orchestrator.spec import JobSpec, build_configs
+from workers.presses import REGISTRY
+
+
+def labels(methods, thresholds=()):
+    return [c.label for c in build_configs(tuple(methods), tuple(thresholds))]
+
+
+def test_all_means_every_registered_method_at_its_default_thresholds():
+    got = build_configs(("all",), ())
+    assert [c.method for c in got] == list(REGISTRY)
+    assert [c.threshold for c in got] == [t for cls in REGISTRY.values() for t in cls.default_thresholds]
+
+
+def test_threshold_overrides_per_method_and_for_all():
+    assert labels(["baseline,h2o,knorm"], ["h2o=0.5,2"]) == ["baseline", "h2o@0.5", "h2o@2", "knorm@-16"]
+    assert labels(["window,random,knorm"], ["-inf"]) == ["window", "random@-inf", "knorm@-inf"]
+    assert labels(["random", "knorm"], ["random=0.1;knorm=-3", "knorm=-4"]) == ["random@0.1", "knorm@-4"]
+
+
+def test_parameterised_methods_are_distinct_configs():
+    got = labels(["expected_attention,expected_attention:n_future_positions=256,use_vnorm=false,h2o"])
+    assert got == ["expected_attention@0.01", "expected_attention:n_future_positions=256,use_vnorm=false@0.01", "h2o@1"]
+
+
+@pytest.mark.parametrize(
+    "methods,thresholds,fragment",
+    [
+        (["bogus"], [], "valid methods: baseline, window"),
+        ([""], [], "no methods given"),
+        (["h2o"], ["h2o=abc"], "'abc' is not a number"),
+        (["h2o"], ["h2o=nan"], "NaN is not a threshold"),
+        (["h2o"], ["knorm=1"], "not among --methods"),
+        (["baseline,h2o"], ["baseline=1"], "take no threshold"),
+        (["h2o"], ["h2o="], "has no values"),
+    ],
+)
+def test_bad_methods_and_thresholds_say_what_to_fix(methods, thresholds, fragment):
+    with pytest.raises(KvorchError, match=fragment):
+        build_configs(tuple(methods), tuple(thresholds))
+
+
+def test_spec_json_round_trips_infinite_thresholds():
+    spec = JobSpec(methods=("knorm",), thresholds=("-inf",))
+    payload = json.loads(json.dumps(spec.to_json()))
+    assert payload["configs"] == [{"config": "knorm@-inf", "method": "knorm", "params": {}, "threshold": "-inf"}]
+
+
+def test_embedded_corpus_is_long_and_deterministic():
+    docs = load_corpus("pydoc")
+    assert len(docs) >= 10
+    assert [d.doc_id for d in docs] == [d.doc_id for d in load_corpus("pydoc")]
+    assert all(len(d.text) >= 12_000 for d in docs)
+
+
+def test_jsonl_parquet_and_text_dir(tmp_path):
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text(json.dumps({"id": "a", "text": "alpha"}) + "\n\n" + json.dumps({"text": "beta"}) + "\n")
+    assert [(d.doc_id, d.text) for d in load_corpus(str(jsonl))] == [("a", "alpha"), ("c-000003", "beta")]
+    parquet = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": ["x", "y"], "text": ["one", "two"]}), parquet)
+    assert [d.doc_id for d in load_corpus(str(parquet))] == ["x", "y"]
+    txt = tmp_path / "txt"
+    txt.mkdir()
+    (txt / "b.txt").write_text("bee")
+    (txt / "a.txt").write_text("ay")
+    assert [(d.doc_id, d.text) for d in load_corpus(str(txt))] == [("a", "ay"), ("b", "bee")]
+
+
+@pytest.mark.parametrize(
+    "name,content,fragment",
+    [
+        ("bad.jsonl", '{"text": "ok"}\n{not json}\n', r"bad.jsonl:2: not valid JSON"),
+        ("notext.jsonl", '{"body": "x"}\n', r"notext.jsonl:1: no string field 'text'"),
+        ("empty.jsonl", "\n", "no non-empty documents"),
+        ("dup.jsonl", '{"id": 1, "text": "a"}\n{"id": 1, "text": "b"}\n', "appears twice"),
+        ("c.csv", "text\nx\n", "unsupported file type"),
+    ],
+)
+def test_bad_corpora_say_what_to_fix(tmp_path, name, content, fragment):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(KvorchError, match=fragment):
+        load_corpus(str(path))
+
+
+def test_missing_corpus_and_parquet_without_text(tmp_path):
+    with pytest.raises(KvorchError, match="not found"):
+        load_corpus(str(tmp_path / "nope.jsonl"))
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "b.parquet")
+    with pytest.raises(KvorchError, match="no column 'text'"):
+        load_corpus(str(tmp_path / "b.parquet"))
+    (tmp_path / "emptydir").mkdir()
+    with pytest.raises(KvorchError, match="no .txt files"):
+        load_corpus(str(tmp_path / "emptydir"))
+
+
+def test_shards_balance_tokens_and_keep_every_document():
+    from orchestrator.corpus import Document
+    from orchestrator.planner import TokenizedDocument
+
+    docs = [TokenizedDocument(Document(f"d{i}", "", ""), [0] * n) for i, n in enumerate([900, 500, 400, 300, 200, 100])]
+    shards = shard(docs, 3)
+    loads = sorted(sum(len(d.token_ids) for d in s) for s in shards)
+    assert loads == [700, 800, 900]  # longest first onto the lightest shard, by hand
+    assert sorted(d.document.doc_id for s in shards for d in s) == [f"d{i}" for i in range(6)]
+
+
+def test_config_groups_keep_one_press_together():
+    configs = build_configs(("random,knorm",), ("random=0.1,0.2,0.3", "knorm=-1,-2"))
+    groups = group_configs(configs, 3)
+    assert [[c.label for c in g] for g in groups] == [
+        ["random@0.1", "random@0.2", "random@0.3"],
+        ["knorm@-1", "knorm@-2"],
+    ]
