@@ -5,24 +5,10 @@ from __future__ import annotations
 import pytest
 import ray
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from tests.helpers import tiny_llama
 from workers.models import EMBEDDED_MODEL, load_model, load_tokenizer
-
-
-def tiny_llama(vocab_size: int = 97, seed: int = 0, n_layers: int = 2) -> LlamaForCausalLM:
-    """2 layers (default), 4 query heads over 2 kv-heads (GQA), float32: fast and architecture-faithful."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab_size,
-        max_position_embeddings=4096,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture

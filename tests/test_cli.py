@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.corpus import load_corpus
-from tests.test_engine import full_forward_nll
+from tests.helpers import full_forward_nll
 from workers.models import tokenize
 from workers.presses import REGISTRY
 

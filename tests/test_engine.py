@@ -10,6 +10,7 @@ from typing import ClassVar
 import pytest
 import torch
 
+from tests.helpers import chunk_sums, full_forward_nll
 from workers.attention import BACKENDS, attention_probabilities, grouped_attention
 from workers.configs import EvalConfig
 from workers.engine import Engine, EngineSettings
@@ -27,25 +28,6 @@ def by_config(table) -> dict[str, list[dict]]:
 
 def default_configs() -> list[EvalConfig]:
     return [EvalConfig(cls(), tau) for cls in REGISTRY.values() for tau in cls.default_thresholds]
-
-
-def full_forward_nll(model, ids: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-position NLL of t[i+1] from one eager forward over the whole sequence.
-
-    ``visible[i, j]`` (bool) is the explicit attention pattern; None means ordinary causal.
-    """
-    model.set_attn_implementation("eager")
-    n = ids.shape[0]
-    if visible is None:
-        visible = torch.ones(n, n, dtype=torch.bool).tril()
-    mask = torch.zeros(n, n).masked_fill(~visible, -INF)[None, None]
-    with torch.no_grad():
-        logits = model(ids[None], attention_mask=mask).logits[0, :-1].double()
-    return torch.logsumexp(logits, -1) - logits.gather(-1, ids[1:, None])[:, 0]
-
-
-def chunk_sums(per_position: torch.Tensor, n: int, chunk: int) -> list[float]:
-    return [float(per_position[s : min(s + chunk, n - 1)].sum()) for s in range(0, n, chunk)]
 
 
 @pytest.mark.parametrize("attn", BACKENDS)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from tests.conftest import tiny_llama
+from tests.helpers import tiny_llama
 from workers.configs import EvalConfig
 from workers.engine import Engine, EngineSettings
 from workers.presses import REGISTRY, parse_method
