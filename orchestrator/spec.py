@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from orchestrator.corpus import EMBEDDED_CORPUS
 from orchestrator.errors import KvorchError
 from workers.attention import BACKENDS
-from workers.configs import EvalConfig
+from workers.configs import POLICIES, EvalConfig
 from workers.engine import EngineSettings
 from workers.models import DTYPES, EMBEDDED_MODEL
 from workers.presses import REGISTRY, Press, parse_method
@@ -31,6 +31,8 @@ class JobSpec:
     corpus: str = EMBEDDED_CORPUS
     methods: tuple[str, ...] = ("all",)
     thresholds: tuple[str, ...] = ()
+    policy: str = "threshold"
+    ratios: tuple[float, ...] = ()
     max_docs: int | None = DEFAULT_MAX_DOCS
     max_tokens: int = DEFAULT_MAX_TOKENS
     chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -58,7 +60,8 @@ class JobSpec:
         except ValueError as exc:
             raise KvorchError(f"{exc}; fix --chunk-size/--window") from None
         if not self.configs:
-            object.__setattr__(self, "configs", tuple(build_configs(self.methods, self.thresholds)))
+            configs = build_configs(self.methods, self.thresholds, self.policy, self.ratios)
+            object.__setattr__(self, "configs", tuple(configs))
 
     @property
     def engine(self) -> EngineSettings:
@@ -66,17 +69,47 @@ class JobSpec:
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "configs"}
-        out["methods"], out["thresholds"] = list(self.methods), list(self.thresholds)
+        out["methods"], out["thresholds"], out["ratios"] = list(self.methods), list(self.thresholds), list(self.ratios)
         out["configs"] = [
-            {"config": c.label, "method": c.method, "params": c.press.params(), "threshold": _json_float(c.threshold)}
+            {
+                "config": c.label,
+                "method": c.method,
+                "params": c.press.params(),
+                "policy": c.policy,
+                "threshold": _json_float(c.threshold),
+                "ratio": c.ratio,
+            }
             for c in self.configs
         ]
         return out
 
 
-def build_configs(methods: tuple[str, ...], thresholds: tuple[str, ...]) -> list[EvalConfig]:
-    """The config grid: each method at its thresholds (user's, else the method's defaults)."""
+def build_configs(
+    methods: tuple[str, ...],
+    thresholds: tuple[str, ...],
+    policy: str = "threshold",
+    ratios: tuple[float, ...] = (),
+) -> list[EvalConfig]:
+    """The config grid: each method at its thresholds (user's, else the method's defaults), or
+    under ``policy="ratio"`` each scoring method at each compression ratio."""
     presses = _parse_methods(methods)
+    if policy not in POLICIES:
+        raise KvorchError(f"--policy {policy!r} is unknown; use one of {', '.join(POLICIES)}")
+    if policy == "ratio":
+        if thresholds:
+            raise KvorchError("--thresholds apply to --policy threshold; with --policy ratio give --ratios only")
+        if not ratios:
+            raise KvorchError("--policy ratio needs --ratios, e.g. --ratios 0.3,0.5")
+        bad = [r for r in ratios if not 0.0 <= r < 1.0]
+        if bad:
+            raise KvorchError(f"--ratios must lie in [0, 1), got {bad[0]:g}; e.g. 0.5 evicts half the keys")
+        return [
+            EvalConfig(press, ratio=ratio) if press.default_thresholds != (None,) else EvalConfig(press)
+            for press in presses
+            for ratio in (ratios if press.default_thresholds != (None,) else ratios[:1])
+        ]
+    if ratios:
+        raise KvorchError("--ratios needs --policy ratio")
     overrides = _parse_thresholds(thresholds, presses)
     configs = []
     for press in presses:

@@ -70,17 +70,42 @@ class Engine:
     @torch.inference_mode()
     def evaluate(self, doc_id: str, token_ids: torch.Tensor, configs: list[EvalConfig]) -> pa.Table:
         """One row per (chunk, config) of this document, in ROW_SCHEMA."""
+        return _DocumentRun(self, doc_id, token_ids.to(self.device), configs).execute()
+
+    @torch.inference_mode()
+    def inspect(
+        self, doc_id: str, token_ids: torch.Tensor, configs: list[EvalConfig]
+    ) -> tuple[pa.Table, DocumentScores]:
+        """The rows plus every key's last score and final keep decision, for ``kvorch scores``."""
         run = _DocumentRun(self, doc_id, token_ids.to(self.device), configs)
-        return run.execute()
+        rows = run.execute()
+        scores = DocumentScores(
+            configs=[c.label for c in run.configs],
+            scores=torch.stack(run.scores, dim=1).cpu(),
+            kept=torch.stack(run.keep, dim=1).cpu(),
+        )
+        return rows, scores
+
+
+@dataclass(frozen=True)
+class DocumentScores:
+    """Per config (in ``configs`` order): [layers, kv-heads, positions] of the last score each key
+    got and whether it was still kept when the document ended."""
+
+    configs: list[str]
+    scores: torch.Tensor  # [configs, layers, kv-heads, positions] float32
+    kept: torch.Tensor  # same shape, bool
 
 
 @dataclass
 class _RowGroup:
-    """Consecutive batch rows that share one press (configs differing only by threshold)."""
+    """Consecutive batch rows that share one press and policy (differing by threshold or ratio)."""
 
     press: Press
+    policy: str  # "threshold" or "ratio"
     rows: slice
     thresholds: torch.Tensor  # [n_rows, 1, 1]
+    keep_fraction: torch.Tensor  # [n_rows] float64: 1 - compression ratio (ratio policy)
     state: Any
     protected: int  # max(DMS window, the press's own local window)
 
@@ -102,20 +127,23 @@ class _DocumentRun:
         device, dtype = engine.device, next(engine.model.parameters()).dtype
 
         # Rows ordered so each press's configs are contiguous: presses then work on slices.
-        by_press: dict[Press, list[int]] = {}
+        by_press: dict[tuple[Press, str], list[int]] = {}
         for i, config in enumerate(configs):
-            by_press.setdefault(config.press, []).append(i)
+            by_press.setdefault((config.press, config.policy), []).append(i)
         self.order = [i for rows in by_press.values() for i in rows]
         self.configs = [configs[i] for i in self.order]
         self.groups: list[_RowGroup] = []
         first = 0
-        for press, rows in by_press.items():
+        for (press, policy), rows in by_press.items():
             taus = torch.tensor([configs[i].engine_threshold for i in rows], device=device)
+            ratios = torch.tensor([configs[i].ratio or 0.0 for i in rows], device=device, dtype=torch.float64)
             self.groups.append(
                 _RowGroup(
                     press=press,
+                    policy=policy,
                     rows=slice(first, first + len(rows)),
                     thresholds=taus.view(-1, 1, 1),
+                    keep_fraction=(1.0 - ratios),
                     state=press.init_state(len(rows), self.n_layers, self.n_kv_heads, n, device),
                     protected=max(self.settings.window, press.protected_window),
                 )
@@ -197,14 +225,20 @@ class _DocumentRun:
     ) -> None:
         s, e, rows, press = self.start, self.end, group.rows, group.press
         decided = max(0, s - group.protected)  # keys before this were decided after earlier chunks
-        newly_decided = max(0, e - group.protected)
+        if press.rescores:
+            # Under the ratio policy every kept key stays a candidate, so all are rescored.
+            score_from = decided if group.policy == "threshold" else 0
+        else:
+            score_from = s
         attention_probs = None
         if press.needs_attention:
-            attention_probs = (
-                probs[rows]
-                if probs is not None
-                else attention.attention_probabilities(query[rows], keys[rows], visible[rows], scaling)
-            )
+            n_queries = press.attention_queries or (e - s)
+            if probs is not None:
+                attention_probs = probs[rows, :, -n_queries:]
+            else:
+                attention_probs = attention.attention_probabilities(
+                    query[rows, :, -n_queries:], keys[rows], visible[rows, :, -n_queries:], scaling
+                )
         prerope = None
         if press.needs_prerope_queries:
             prerope = unrotate(query[rows], self.chunk_cos, self.chunk_sin)
@@ -212,7 +246,7 @@ class _DocumentRun:
             layer=layer,
             start=s,
             end=e,
-            score_from=decided if press.rescores else s,
+            score_from=score_from,
             keys=keys[rows],
             values=values[rows],
             queries=query[rows],
@@ -222,13 +256,41 @@ class _DocumentRun:
             prerope_queries=prerope,
             rotary=self.engine.rotary,
         )
-        self.scores[layer][rows, :, ctx.score_from : e] = press.score(ctx, group.state)
-        if newly_decided > decided:
-            decision = self.scores[layer][rows, :, decided:newly_decided] >= group.thresholds
-            n_protected_sinks = min(press.n_sink, newly_decided) - decided
-            if n_protected_sinks > 0:
-                decision[:, :, :n_protected_sinks] = True
-            self.keep[layer][rows, :, decided:newly_decided] = decision
+        self.scores[layer][rows, :, score_from:e] = press.score(ctx, group.state)
+        if group.policy == "threshold":
+            self._decide_by_threshold(layer, group, decided, max(0, e - group.protected))
+        else:
+            self._decide_by_budget(layer, group, max(0, e - group.protected))
+
+    def _decide_by_threshold(self, layer: int, group: _RowGroup, decided: int, newly_decided: int) -> None:
+        """Keys that just left the protected window: kept for good iff score >= threshold."""
+        if newly_decided <= decided:
+            return
+        rows = group.rows
+        decision = self.scores[layer][rows, :, decided:newly_decided] >= group.thresholds
+        n_protected_sinks = min(group.press.n_sink, newly_decided) - decided
+        if n_protected_sinks > 0:
+            decision[:, :, :n_protected_sinks] = True
+        self.keep[layer][rows, :, decided:newly_decided] = decision
+
+    def _decide_by_budget(self, layer: int, group: _RowGroup, boundary: int) -> None:
+        """Keep the best-scoring keys so kept <= ceil((1 - r) * end) per (layer, kv-head).
+
+        Sinks and the protected window are always kept and count toward the budget; the rest
+        of the budget goes to the highest scores among keys still kept (evictions are final).
+        """
+        n_sink, e, rows = group.press.n_sink, self.end, group.rows
+        if boundary <= n_sink:
+            return
+        protected = n_sink + (e - boundary)
+        allowed = (torch.ceil(group.keep_fraction * e).long() - protected).clamp(min=0)  # [n_rows]
+        keep = self.keep[layer][rows, :, n_sink:boundary]
+        scores = self.scores[layer][rows, :, n_sink:boundary].masked_fill(~keep, float("-inf"))
+        order = scores.argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(
+            -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
+        )
+        keep &= rank < allowed.view(-1, 1, 1)
 
     # --- rows ------------------------------------------------------------------------------
 
@@ -263,7 +325,8 @@ class _DocumentRun:
                     "config": config.label,
                     "method_params": config.press.params_json(),
                     "threshold": config.threshold,
-                    "policy": "threshold",
+                    "policy": config.policy,
+                    "ratio": config.ratio,
                     "window": window,
                     "n_sink": config.press.n_sink,
                     "protected_window": config.press.protected_window,

@@ -24,7 +24,8 @@ CHUNK_SCHEMA = pa.schema(
         pa.field("config", pa.string(), nullable=False),
         pa.field("method_params", pa.string(), nullable=False),  # canonical JSON
         pa.field("threshold", pa.float64()),  # null for methods without a threshold
-        pa.field("policy", pa.string(), nullable=False),
+        pa.field("policy", pa.string(), nullable=False),  # "threshold" or "ratio"
+        pa.field("ratio", pa.float64()),  # compression ratio under the ratio policy, else null
         pa.field("window", pa.int32(), nullable=False),
         pa.field("n_sink", pa.int32(), nullable=False),
         pa.field("protected_window", pa.int32(), nullable=False),

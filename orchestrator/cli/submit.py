@@ -45,6 +45,17 @@ def _default(name: str) -> object:
     default=[],
     help="Override thresholds: 'method=t1,t2' (repeat or separate with ';') or 't1,t2' for every thresholded method.",
 )
+@click.option(
+    "--policy",
+    type=click.Choice(["threshold", "ratio"]),
+    default=_default("policy"),
+    help="threshold: DMS-style, a key is judged once when it leaves the window; ratio: keep a budget per head.",
+)
+@click.option(
+    "--ratios",
+    default="",
+    help="With --policy ratio: compression ratios, e.g. 0.3,0.5 (kept <= ceil((1-r)*seen) per layer and head).",
+)
 @click.option("--max-docs", type=int, default=_default("max_docs"), help="Documents taken from the corpus.")
 @click.option(
     "--max-tokens", type=int, default=_default("max_tokens"), help="Each document is cut to this many tokens."
@@ -88,6 +99,8 @@ def command(
     corpus: str,
     methods: tuple[str, ...],
     thresholds: tuple[str, ...],
+    policy: str,
+    ratios: str,
     max_docs: int,
     max_tokens: int,
     chunk_size: int,
@@ -111,6 +124,8 @@ def command(
         corpus=corpus,
         methods=methods,
         thresholds=thresholds,
+        policy=policy,
+        ratios=_parse_ratios(ratios),
         max_docs=max_docs,
         max_tokens=max_tokens,
         chunk_size=chunk_size,
@@ -131,3 +146,10 @@ def command(
             f"{len(result.failures)} of {result.tasks} tasks failed (first: {first[0]}: {first[1]}); "
             f"their rows are missing from run {result.run_id}"
         )
+
+
+def _parse_ratios(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise KvorchError(f"--ratios {text!r}: use comma-separated numbers in [0, 1), e.g. 0.3,0.5") from None

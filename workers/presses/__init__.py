@@ -15,7 +15,9 @@ from workers.presses.h2o import H2OPress
 from workers.presses.knorm import KnormPress
 from workers.presses.observed_attention import ObservedAttentionPress
 from workers.presses.random import RandomPress
+from workers.presses.snapkv import SnapKVPress
 from workers.presses.streaming_llm import StreamingLLMPress
+from workers.presses.tova import TOVAPress
 from workers.presses.window import WindowPress
 
 REGISTRY: dict[str, type[Press]] = {
@@ -29,6 +31,8 @@ REGISTRY: dict[str, type[Press]] = {
         ExpectedAttentionPress,
         ObservedAttentionPress,
         H2OPress,
+        SnapKVPress,
+        TOVAPress,
     )
 }
 

@@ -34,7 +34,8 @@ class LayerContext:
     queries: torch.Tensor  # [B, H, c, D] post-RoPE queries of the chunk
     visible: torch.Tensor  # [B, Hkv, end] bool: keys the chunk's queries could attend to
     doc_seed: int  # deterministic per document, for seeded presses
-    # [B, H, c, end] attention probabilities; only when the press sets `needs_attention`.
+    # [B, H, q, end] attention probabilities of the chunk's last q queries (q = the press's
+    # `attention_queries`, or c); only when the press sets `needs_attention`.
     attention: torch.Tensor | None = None
     # [B, H, c, D] queries before RoPE; only when the press sets `needs_prerope_queries`.
     prerope_queries: torch.Tensor | None = None
@@ -58,6 +59,9 @@ class Press:
     # accumulated attention); False when a key's score is fixed when the key arrives.
     rescores: ClassVar[bool] = False
     needs_attention: ClassVar[bool] = False
+    # With needs_attention: probabilities of only the chunk's last N queries (None: all of them),
+    # so a press that looks at a few queries does not pay for the whole chunk's.
+    attention_queries: ClassVar[int | None] = None
     needs_prerope_queries: ClassVar[bool] = False
 
     n_sink: int = 0

@@ -1,0 +1,46 @@
+"""SnapKV (Li et al., 2024, arXiv:2404.14469; kvpress SnapKVPress conventions).
+
+A key's score is the attention it receives from an observation window of the most recent
+queries (the chunk's last ``window_size``), averaged over those queries, smoothed along
+positions with an average pool of ``kernel_size``, then averaged over the GQA group. Keys of
+the observation window itself score +inf (kvpress gives them the maximum score). Rescored every
+chunk, so a key is judged by the latest observation window before it leaves the DMS window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from workers.presses.base import LayerContext, Press
+
+
+@dataclass(frozen=True)
+class SnapKVPress(Press):
+    name = "snapkv"
+    default_thresholds = (0.001,)
+    rescores = True
+    needs_attention = True
+    window_size: int = 64
+    kernel_size: int = 5
+
+    @property
+    def attention_queries(self) -> int:
+        return self.window_size
+
+    def __post_init__(self) -> None:
+        if self.window_size < 1:
+            raise ValueError(f"snapkv: window_size must be >= 1, got {self.window_size}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"snapkv: kernel_size must be odd and >= 1, got {self.kernel_size}")
+
+    def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
+        b, hkv = ctx.keys.shape[:2]
+        observed = ctx.attention[:, :, -self.window_size :].float().mean(dim=2)  # [B, H, end]
+        pooled = F.avg_pool1d(observed, self.kernel_size, stride=1, padding=self.kernel_size // 2)
+        scores = pooled.view(b, hkv, ctx.n_groups, ctx.end).mean(dim=2)
+        first_observer = ctx.end - min(self.window_size, ctx.end - ctx.start)
+        scores[:, :, first_observer:] = float("inf")
+        return scores[:, :, ctx.score_from :]
