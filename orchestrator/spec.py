@@ -15,7 +15,7 @@ from workers.attention import BACKENDS
 from workers.configs import POLICIES, EvalConfig
 from workers.engine import EngineSettings
 from workers.models import DTYPES, EMBEDDED_MODEL
-from workers.presses import REGISTRY, Press, parse_method
+from workers.presses import ALL_METHODS, REGISTRY, Press, parse_method
 
 DEFAULT_MAX_DOCS = 4
 DEFAULT_MAX_TOKENS = 1024
@@ -125,7 +125,7 @@ def _parse_methods(methods: tuple[str, ...]) -> list[Press]:
     presses: list[Press] = []
     for text in texts:
         if text == "all":
-            candidates = [cls() for cls in REGISTRY.values()]
+            candidates = [REGISTRY[name]() for name in ALL_METHODS]
         else:
             try:
                 candidates = [parse_method(text)]

@@ -16,7 +16,7 @@ from orchestrator.cli import main
 from orchestrator.corpus import load_corpus
 from tests.helpers import full_forward_nll
 from workers.models import tokenize
-from workers.presses import REGISTRY
+from workers.presses import ALL_METHODS
 
 
 def kvorch(*args: str):
@@ -53,7 +53,7 @@ def test_submit_on_the_embedded_model_end_to_end(local_ray, tmp_path, smollm2, s
     )
     assert result.exit_code == 0, result.output
     table = list(csv.DictReader(io.StringIO(result.stdout)))
-    assert sorted(r["method"] for r in table) == sorted(REGISTRY)
+    assert sorted(r["method"] for r in table) == sorted(ALL_METHODS)
     density = {r["method"]: float(r["density_with_window"]) for r in table}
     assert density["baseline"] == 1.0
     assert min(density, key=density.get) in ("streaming_llm", "window")
@@ -68,11 +68,11 @@ def test_submit_on_the_embedded_model_end_to_end(local_ray, tmp_path, smollm2, s
         "json",
         "SELECT count(*) AS n, count(DISTINCT (doc_id, chunk_index, config)) AS u FROM chunks",
     )
-    assert json.loads(sql.stdout) == [{"n": 2 * 4 * len(REGISTRY), "u": 2 * 4 * len(REGISTRY)}]
+    assert json.loads(sql.stdout) == [{"n": 2 * 4 * len(ALL_METHODS), "u": 2 * 4 * len(ALL_METHODS)}]
     docs = json.loads(kvorch("sql", "--lake", lake, "--format", "json", "SELECT doc_id, n_tokens FROM docs").stdout)
     assert [d["n_tokens"] for d in docs] == [256, 256]
     status = json.loads((tmp_path / "lake/runs/run_id=e2e/status.json").read_text())
-    assert status["status"] == "finished" and status["rows"] == 2 * 4 * len(REGISTRY)
+    assert status["status"] == "finished" and status["rows"] == 2 * 4 * len(ALL_METHODS)
 
     # The lake's baseline equals an uncompressed full-sequence forward of the same document.
     doc = load_corpus("pydoc")[0]
@@ -90,7 +90,7 @@ def test_submit_on_the_embedded_model_end_to_end(local_ray, tmp_path, smollm2, s
     assert lake_nll == pytest.approx(float(full_forward_nll(smollm2, ids).sum()), rel=1e-4)
 
     report = kvorch("report", "--lake", lake, "--format", "markdown")
-    assert report.exit_code == 0 and len(report.stdout.strip().splitlines()) == 2 + len(REGISTRY)
+    assert report.exit_code == 0 and len(report.stdout.strip().splitlines()) == 2 + len(ALL_METHODS)
 
 
 @pytest.fixture

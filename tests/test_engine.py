@@ -14,7 +14,7 @@ from tests.helpers import chunk_sums, full_forward_nll
 from workers.attention import BACKENDS, attention_probabilities, grouped_attention
 from workers.configs import EvalConfig
 from workers.engine import Engine, EngineSettings
-from workers.presses import REGISTRY, LayerContext, Press, parse_method
+from workers.presses import ALL_METHODS, REGISTRY, LayerContext, Press, parse_method
 
 INF = float("inf")
 
@@ -27,7 +27,7 @@ def by_config(table) -> dict[str, list[dict]]:
 
 
 def default_configs() -> list[EvalConfig]:
-    return [EvalConfig(cls(), tau) for cls in REGISTRY.values() for tau in cls.default_thresholds]
+    return [EvalConfig(REGISTRY[m](), tau) for m in ALL_METHODS for tau in REGISTRY[m].default_thresholds]
 
 
 @pytest.mark.parametrize("attn", BACKENDS)
@@ -60,7 +60,7 @@ def test_structural_presses_equal_masked_full_forward(tiny_model, tokens, method
 
 def test_minus_infinite_threshold_equals_baseline(tiny_model, tokens):
     configs = [EvalConfig(parse_method("baseline"))] + [
-        EvalConfig(cls(), -INF) for cls in REGISTRY.values() if cls.default_thresholds != (None,)
+        EvalConfig(REGISTRY[m](), -INF) for m in ALL_METHODS if REGISTRY[m].default_thresholds != (None,)
     ]
     rows = by_config(Engine(tiny_model, EngineSettings(64, 32)).evaluate("d", tokens, configs))
     baseline = [r["nll_sum"] for r in rows.pop("baseline")]
@@ -194,3 +194,39 @@ def test_embedded_model_baseline_equals_full_forward(smollm2, smollm2_tokenizer)
     got = [r["nll_sum"] for r in rows.to_pylist()]
     assert got == pytest.approx(reference, rel=1e-4)
     assert math.exp(sum(got) / (len(ids) - 1)) < 100  # real trained weights, not noise
+
+
+def test_ratio_policy_keeps_the_budget_of_best_scores(tiny_model, tokens):
+    """kept <= ceil((1 - r) * seen) per (layer, head) with sinks and window counted, filled by
+    the highest-scoring keys: with knorm and window 0, the kept set is the shortest keys."""
+    window, chunk, ratio = 16, 32, 0.6
+    rows, scores = Engine(tiny_model, EngineSettings(chunk, window)).inspect(
+        "d", tokens, [EvalConfig(parse_method("knorm"), ratio=ratio), EvalConfig(parse_method("random"), ratio=ratio)]
+    )
+    for r in rows.to_pylist():
+        s, n_sink = r["chunk_start"], r["n_sink"]
+        protected = len(set(range(min(n_sink, s))) | set(range(max(0, s - window), s)))
+        assert r["keys_kept"] == max(math.ceil((1 - ratio) * s), protected) * 4, r
+        assert r["policy"] == "ratio" and r["ratio"] == ratio
+
+
+def test_ratio_policy_matches_a_naive_simulation(tokens):
+    """One layer (keys independent of evictions) and knorm's fixed scores: replay the budget rule
+    key by key in plain Python and compare the final kept sets."""
+    from tests.helpers import tiny_llama
+
+    window, chunk, ratio = 16, 32, 0.6
+    _, dump = Engine(tiny_llama(n_layers=1), EngineSettings(chunk, window)).inspect(
+        "d", tokens, [EvalConfig(parse_method("knorm"), ratio=ratio)]
+    )
+    n = len(tokens)
+    for head in range(2):
+        score = dump.scores[0, 0, head].tolist()
+        kept = set()
+        for e in range(chunk, n + 1, chunk) if n % chunk == 0 else [*range(chunk, n, chunk), n]:
+            kept |= set(range(e - chunk, e))
+            boundary = max(0, e - window)
+            candidates = sorted((p for p in kept if p < boundary), key=lambda p: -score[p])
+            allowed = max(0, math.ceil((1 - ratio) * e) - (e - boundary))
+            kept -= set(candidates[allowed:])
+        assert kept == set(torch.nonzero(dump.kept[0, 0, head]).flatten().tolist())

@@ -188,3 +188,31 @@ def test_attention_sinks_matter_on_the_embedded_model(smollm2, smollm2_tokenizer
         for label in ("window", "streaming_llm")
     }
     assert ppl["window"] > 1.5 * ppl["streaming_llm"], ppl
+
+
+def test_kvzap_scores_are_the_surrogates_outputs_on_attention_inputs(model, ids, tmp_path):
+    """A tiny surrogate written in the published format round-trips from disk, and its scores
+    equal a direct matmul on each layer's attention input (from an independent eager forward)."""
+    from workers.presses.kvzap import build_surrogate, load_surrogate, save_surrogate
+
+    torch.manual_seed(7)
+    for hidden_dim in (None, 16):
+        surrogate = build_surrogate(32, 2, hidden_dim, 2)
+        save_surrogate(surrogate, tmp_path / f"kvzap-{hidden_dim}", hidden_dim)
+        loaded = load_surrogate(str(tmp_path / f"kvzap-{hidden_dim}"))
+        for a, b in zip(surrogate.state_dict().values(), loaded.state_dict().values()):
+            assert torch.equal(a, b)
+        scores = final_scores(model, ids, f"kvzap:path={tmp_path / f'kvzap-{hidden_dim}'}")
+        model.set_attn_implementation("eager")
+        with torch.no_grad():
+            hidden = model(ids[None], output_hidden_states=True).hidden_states
+            for layer, block in enumerate(model.model.layers):
+                attn_input = block.input_layernorm(hidden[layer])[0]  # [N, hidden]
+                module = surrogate[layer]
+                if hidden_dim is None:
+                    expected = attn_input @ module.weight.T + module.bias
+                else:
+                    inner = F.gelu(attn_input @ module[0].weight.T + module[0].bias)
+                    expected = inner @ module[2].weight.T + module[2].bias
+                expected = expected.T.double()  # [Hkv, N]
+                torch.testing.assert_close(scores[layer], expected, rtol=1e-4, atol=1e-5)

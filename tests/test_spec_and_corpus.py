@@ -12,7 +12,7 @@ from orchestrator.corpus import load_corpus
 from orchestrator.errors import KvorchError
 from orchestrator.planner import group_configs, shard
 from orchestrator.spec import JobSpec, build_configs
-from workers.presses import REGISTRY
+from workers.presses import ALL_METHODS, REGISTRY
 
 
 def labels(methods, thresholds=()):
@@ -21,14 +21,35 @@ def labels(methods, thresholds=()):
 
 def test_all_means_every_registered_method_at_its_default_thresholds():
     got = build_configs(("all",), ())
-    assert [c.method for c in got] == list(REGISTRY)
-    assert [c.threshold for c in got] == [t for cls in REGISTRY.values() for t in cls.default_thresholds]
+    assert [c.method for c in got] == list(ALL_METHODS)
+    assert [c.threshold for c in got] == [t for m in ALL_METHODS for t in REGISTRY[m].default_thresholds]
+    assert "kvzap" in REGISTRY and "kvzap" not in ALL_METHODS  # needs path=
 
 
 def test_threshold_overrides_per_method_and_for_all():
     assert labels(["baseline,h2o,knorm"], ["h2o=0.5,2"]) == ["baseline", "h2o@0.5", "h2o@2", "knorm@-16"]
     assert labels(["window,random,knorm"], ["-inf"]) == ["window", "random@-inf", "knorm@-inf"]
     assert labels(["random", "knorm"], ["random=0.1;knorm=-3", "knorm=-4"]) == ["random@0.1", "knorm@-4"]
+
+
+def test_ratio_policy_grid():
+    configs = build_configs(("baseline,h2o,knorm",), (), "ratio", (0.3, 0.5))
+    assert [c.label for c in configs] == [
+        "baseline",
+        "h2o@ratio=0.3",
+        "h2o@ratio=0.5",
+        "knorm@ratio=0.3",
+        "knorm@ratio=0.5",
+    ]
+    for thresholds, ratios, fragment in [
+        ((), (), "needs --ratios"),
+        (("h2o=1",), (0.5,), "apply to --policy threshold"),
+        ((), (1.5,), r"must lie in \[0, 1\)"),
+    ]:
+        with pytest.raises(KvorchError, match=fragment):
+            build_configs(("h2o",), thresholds, "ratio", ratios)
+    with pytest.raises(KvorchError, match="needs --policy ratio"):
+        build_configs(("h2o",), (), "threshold", (0.5,))
 
 
 def test_parameterised_methods_are_distinct_configs():
@@ -56,7 +77,16 @@ def test_bad_methods_and_thresholds_say_what_to_fix(methods, thresholds, fragmen
 def test_spec_json_round_trips_infinite_thresholds():
     spec = JobSpec(methods=("knorm",), thresholds=("-inf",))
     payload = json.loads(json.dumps(spec.to_json()))
-    assert payload["configs"] == [{"config": "knorm@-inf", "method": "knorm", "params": {}, "threshold": "-inf"}]
+    assert payload["configs"] == [
+        {
+            "config": "knorm@-inf",
+            "method": "knorm",
+            "params": {},
+            "policy": "threshold",
+            "threshold": "-inf",
+            "ratio": None,
+        }
+    ]
 
 
 def test_embedded_corpus_is_long_and_deterministic():

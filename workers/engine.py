@@ -58,6 +58,15 @@ class Engine:
         self.worker = worker
         self.device = next(model.parameters()).device
         self.rotary_module = getattr(model.base_model, "rotary_emb", None)
+        # The attention modules' inputs, captured for presses that score from hidden states
+        # (KVzap). A forward pre-hook observes; it changes nothing the model computes.
+        self.hidden_states: dict[int, torch.Tensor] = {}
+        for module in model.modules():
+            if isinstance(getattr(module, "layer_idx", None), int) and type(module).__name__.endswith("Attention"):
+                module.register_forward_pre_hook(self._capture_hidden_states, with_kwargs=True)
+
+    def _capture_hidden_states(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.hidden_states[module.layer_idx] = args[0] if args else kwargs["hidden_states"]
 
     def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) [n, rotary_dim] of the model's own rotary embedding at these positions."""
@@ -190,6 +199,7 @@ class _DocumentRun:
                 nll[k] = token_nll.double().sum(dim=1)
                 correct[k] = (pred.argmax(dim=-1) == targets).sum(dim=1)
             kept[k] = self.kept
+            self.engine.hidden_states.clear()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds.append(time.perf_counter() - tic)
@@ -254,6 +264,7 @@ class _DocumentRun:
             doc_seed=self.seed,
             attention=attention_probs,
             prerope_queries=prerope,
+            hidden_states=self.engine.hidden_states[layer][rows] if press.needs_hidden_states else None,
             rotary=self.engine.rotary,
         )
         self.scores[layer][rows, :, score_from:e] = press.score(ctx, group.state)

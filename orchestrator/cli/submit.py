@@ -13,7 +13,7 @@ from orchestrator.lake import Lake
 from orchestrator.spec import JobSpec
 from workers.attention import BACKENDS
 from workers.models import DTYPES, EMBEDDED_MODEL
-from workers.presses import REGISTRY
+from workers.presses import ALL_METHODS
 
 _DEFAULTS = JobSpec.__dataclass_fields__
 
@@ -37,7 +37,7 @@ def _default(name: str) -> object:
     "--methods",
     multiple=True,
     default=["all"],
-    help=f"Comma list of methods, each name[:key=value,...]; 'all' = {', '.join(REGISTRY)}.",
+    help=f"Comma list of methods, each name[:key=value,...]; 'all' = {', '.join(ALL_METHODS)}.",
 )
 @click.option(
     "--thresholds",

@@ -13,6 +13,7 @@ from workers.presses.baseline import BaselinePress
 from workers.presses.expected_attention import ExpectedAttentionPress
 from workers.presses.h2o import H2OPress
 from workers.presses.knorm import KnormPress
+from workers.presses.kvzap import KVzapPress
 from workers.presses.observed_attention import ObservedAttentionPress
 from workers.presses.random import RandomPress
 from workers.presses.snapkv import SnapKVPress
@@ -33,10 +34,14 @@ REGISTRY: dict[str, type[Press]] = {
         H2OPress,
         SnapKVPress,
         TOVAPress,
+        KVzapPress,
     )
 }
 
-__all__ = ["REGISTRY", "LayerContext", "Press", "parse_method"]
+# What `--methods all` means: every method that runs without required parameters.
+ALL_METHODS: tuple[str, ...] = tuple(name for name, cls in REGISTRY.items() if cls.in_all)
+
+__all__ = ["ALL_METHODS", "REGISTRY", "LayerContext", "Press", "parse_method"]
 
 
 def parse_method(text: str) -> Press:

@@ -39,6 +39,8 @@ class LayerContext:
     attention: torch.Tensor | None = None
     # [B, H, c, D] queries before RoPE; only when the press sets `needs_prerope_queries`.
     prerope_queries: torch.Tensor | None = None
+    # [B, c, hidden] input of the attention module; only when the press sets `needs_hidden_states`.
+    hidden_states: torch.Tensor | None = None
     # positions -> (cos, sin) of the model's rotary embedding, [len(positions), rotary_dim].
     rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -63,6 +65,9 @@ class Press:
     # so a press that looks at a few queries does not pay for the whole chunk's.
     attention_queries: ClassVar[int | None] = None
     needs_prerope_queries: ClassVar[bool] = False
+    needs_hidden_states: ClassVar[bool] = False
+    # Whether `--methods all` includes the method (False for presses with required parameters).
+    in_all: ClassVar[bool] = True
 
     n_sink: int = 0
     # Method-specific local window (H2O's 512): keys inside it are protected, like the DMS window.

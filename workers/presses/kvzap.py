@@ -1,0 +1,98 @@
+"""KVzap (Jegou et al., 2026, arXiv:2601.07891): a learned surrogate of KVzip+ importance.
+
+One linear map or 2-layer GELU MLP per layer turns the attention input (hidden states) of each
+new token into a score per kv-head; keys scoring below a log-scale threshold (e.g. -6) are
+evicted when they leave the window. Loads the published format (kvpress ``KVzapModel``):
+``config.json`` with ``input_dim``, ``output_dim``, ``hidden_dim`` (null for linear) and
+``n_modules``, and ``model.safetensors`` with ``module_list.<layer>.*`` weights, from a local
+directory or a hub id. Not part of ``--methods all``: it needs ``path=``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from workers.presses.base import LayerContext, Press
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def build_surrogate(input_dim: int, output_dim: int, hidden_dim: int | None, n_modules: int) -> nn.ModuleList:
+    """The published architecture: module i maps layer i's hidden states to one score per kv-head."""
+    if hidden_dim is None:
+        return nn.ModuleList(nn.Linear(input_dim, output_dim) for _ in range(n_modules))
+    return nn.ModuleList(
+        nn.Sequential(nn.Linear(input_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, output_dim))
+        for _ in range(n_modules)
+    )
+
+
+def save_surrogate(modules: nn.ModuleList, directory: str | Path, hidden_dim: int | None) -> None:
+    """Write ``modules`` in the published format (what ``kvorch kvzap train`` produces)."""
+    from safetensors.torch import save_file
+
+    first = modules[0] if hidden_dim is None else modules[0][0]
+    last = modules[0] if hidden_dim is None else modules[0][2]
+    config = {
+        "model_type": "kvzap",
+        "input_dim": first.in_features,
+        "output_dim": last.out_features,
+        "hidden_dim": hidden_dim,
+        "n_modules": len(modules),
+    }
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    state = {f"module_list.{k}": v.detach().contiguous() for k, v in modules.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_FILE))
+
+
+@lru_cache(maxsize=4)
+def load_surrogate(path: str) -> nn.ModuleList:
+    """Surrogate weights from a local directory, else a hub id; loaded once per process."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        from huggingface_hub import snapshot_download
+
+        directory = Path(snapshot_download(path, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE]))
+    if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
+        raise ValueError(f"kvzap: {path} needs {CONFIG_FILE} and {WEIGHTS_FILE} (the published KVzap format)")
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    modules = build_surrogate(config["input_dim"], config["output_dim"], config.get("hidden_dim"), config["n_modules"])
+    weights = load_file(str(directory / WEIGHTS_FILE))
+    modules.load_state_dict({k.removeprefix("module_list."): v for k, v in weights.items()})
+    return modules.eval()
+
+
+@dataclass(frozen=True)
+class KVzapPress(Press):
+    name = "kvzap"
+    default_thresholds = (-6.0,)
+    needs_hidden_states = True
+    in_all = False
+    n_sink: int = 4
+    path: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("kvzap needs path=DIR (config.json + model.safetensors) or path=<hub id>")
+
+    def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
+        surrogate = load_surrogate(self.path)
+        if ctx.layer >= len(surrogate):
+            raise ValueError(
+                f"kvzap: {self.path} has {len(surrogate)} layers, the model more; train one for this model"
+            )
+        module = surrogate[ctx.layer].to(ctx.hidden_states.device)
+        scores = module(ctx.hidden_states.float()).transpose(1, 2)  # [B, Hkv, c]
+        if scores.shape[1] != ctx.keys.shape[1]:
+            raise ValueError(f"kvzap: {self.path} scores {scores.shape[1]} kv-heads, the model has {ctx.keys.shape[1]}")
+        return scores[:, :, ctx.score_from - ctx.start :]
