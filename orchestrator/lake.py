@@ -48,7 +48,9 @@ class Lake:
 
     def glob(self, table: str) -> str:
         """The glob DuckDB reads a table from (local lakes)."""
-        depth = {"chunks": "*/*/*.parquet", "docs": "*/*.parquet", "runs": "*/spec.json"}[table]
+        depth = {"chunks": "*/*/*.parquet", "docs": "*/*.parquet", "scores": "*/*.parquet", "runs": "*/spec.json"}[
+            table
+        ]
         return self.path(table, depth)
 
     # --- checks ---------------------------------------------------------------------------
@@ -65,6 +67,9 @@ class Lake:
             raise KvorchError(
                 f"cannot write to lake {self.uri} ({exc.strerror or exc}); pass a writable --lake"
             ) from None
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
 
     def run_exists(self, run_id: str) -> bool:
         return self.fs.get_file_info(self.run_dir(run_id)).type != pafs.FileType.NotFound
@@ -98,6 +103,10 @@ class Lake:
             part = part.drop_columns([c for c in PARTITION_COLUMNS if c in part.column_names])
             self._atomic_parquet(self.part_path(run_id, method, task_id), part.cast(CHUNK_SCHEMA))
         return rows.num_rows
+
+    def write_table(self, path: str, table: pa.Table) -> None:
+        """Any Parquet table of the lake, atomically (tmp name, then rename)."""
+        self._atomic_parquet(path, table)
 
     def _atomic_parquet(self, path: str, table: pa.Table) -> None:
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"

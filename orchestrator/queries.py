@@ -1,4 +1,4 @@
-"""DuckDB over the lake: views ``chunks``, ``docs``, ``runs``, and the named queries of ``sql/``."""
+"""DuckDB over the lake: views ``chunks``, ``docs``, ``runs``, ``scores``, and the named queries of ``sql/``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from orchestrator.errors import KvorchError
 from orchestrator.lake import Lake
-from workers.schema import CHUNK_SCHEMA, DOC_SCHEMA, PARTITION_COLUMNS
+from workers.schema import CHUNK_SCHEMA, DOC_SCHEMA, PARTITION_COLUMNS, SCORES_SCHEMA
 
 
 def query_names() -> list[str]:
@@ -29,13 +29,17 @@ def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
     A table with no files yet (a run still starting) is an empty view of its schema, so
     queries fail only on what they ask, never on what is merely not written yet.
     """
-    if not lake.run_ids():
+    if not lake.run_ids() and not lake.exists("scores"):
         raise KvorchError(f"lake {lake.uri} has no runs; run kvorch submit --lake {lake.uri} first")
     con = duckdb.connect()
     partitions = [pa.field(name, pa.string()) for name in PARTITION_COLUMNS]
     _parquet_view(con, "chunks", lake.glob("chunks"), pa.schema([*CHUNK_SCHEMA, *partitions]))
     _parquet_view(con, "docs", lake.glob("docs"), pa.schema([*DOC_SCHEMA, partitions[0]]))
-    con.execute(f"CREATE VIEW runs AS SELECT * FROM read_json({_quote(lake.glob('runs'))}, union_by_name = true)")
+    _parquet_view(con, "scores", lake.glob("scores"), pa.schema([*SCORES_SCHEMA, partitions[0]]))
+    try:
+        con.execute(f"CREATE VIEW runs AS SELECT * FROM read_json({_quote(lake.glob('runs'))}, union_by_name = true)")
+    except duckdb.IOException:  # a lake with only `kvorch scores` output
+        con.execute("CREATE VIEW runs AS SELECT NULL::VARCHAR AS run_id, NULL::VARCHAR AS created_at WHERE false")
     return con
 
 

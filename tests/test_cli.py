@@ -174,3 +174,26 @@ def test_local_model_dir_runs_and_report_reads_it(populated_lake):
     assert set(rows) == {"baseline", "window", "h2o@1"}
     assert rows["window"]["density_without_window"] == 0
     assert rows["baseline"]["tokens"] == 2 * 127
+
+
+def test_scores_command_writes_the_table_and_heatmaps(tmp_path, tiny_model_dir):
+    lake, out = tmp_path / "lake", tmp_path / "png"
+    result = kvorch("scores", "--model", tiny_model_dir, "--methods", "streaming_llm,knorm", "--max-tokens", "128",
+                    "--chunk-size", "32", "--window", "16", "--lake", str(lake), "--out", str(out))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    kept = json.loads(
+        kvorch("sql", "--lake", str(lake), "--format", "json",
+               "SELECT layer, kv_head, list(position ORDER BY position) AS kept, count(*) AS n FROM scores "
+               "WHERE config = 'streaming_llm' AND kept GROUP BY ALL ORDER BY ALL").stdout
+    )  # fmt: skip
+    assert len(kept) == 2 * 2  # layers x kv-heads
+    assert all(k["kept"] == [0, 1, 2, 3, *range(128 - 16, 128)] for k in kept)
+    total = json.loads(
+        kvorch("sql", "--lake", str(lake), "--format", "json", "SELECT count(*) AS n FROM scores").stdout
+    )
+    assert total == [{"n": 2 * 2 * 2 * 128}]
+    pngs = sorted(out.glob("*.png"))
+    assert [p.name for p in pngs] == ["scores-knorm@-16.png", "scores-streaming_llm.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000 for p in pngs)
+    bad = CliRunner().invoke(main, ["scores", "--model", tiny_model_dir, "--doc", "nope", "--lake", str(lake)])
+    assert bad.exit_code != 0 and "no document 'nope'" in bad.output

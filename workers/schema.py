@@ -64,3 +64,17 @@ DOC_SCHEMA = pa.schema(
 # What an engine returns: the file columns plus the `method` partition key, so the lake writer
 # can route each row to its partition.
 ROW_SCHEMA = CHUNK_SCHEMA.append(pa.field("method", pa.string(), nullable=False))
+
+# `kvorch scores`: every key's last score and final keep decision, for one document.
+SCORES_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("config", pa.string(), nullable=False),
+        pa.field("layer", pa.int32(), nullable=False),
+        pa.field("kv_head", pa.int32(), nullable=False),
+        pa.field("position", pa.int32(), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),
+        pa.field("kept", pa.bool_(), nullable=False),
+    ],
+    metadata={"kvorch_schema_version": str(SCHEMA_VERSION)},
+)

@@ -1,0 +1,58 @@
+"""``kvorch scores``: every key's score and keep decision for one document, plus heatmaps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from orchestrator.cli.options import lake_option
+from orchestrator.corpus import EMBEDDED_CORPUS
+from orchestrator.errors import KvorchError
+from orchestrator.inspection import draw_heatmaps, score_document, scores_table, write_scores
+from orchestrator.lake import Lake, new_run_id
+from orchestrator.spec import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_TOKENS, DEFAULT_WINDOW, build_configs
+from workers.attention import BACKENDS
+from workers.engine import EngineSettings
+from workers.models import EMBEDDED_MODEL
+
+
+@click.command("scores")
+@click.option("--model", default=EMBEDDED_MODEL, help="As for submit: 'smollm2', a .gguf, a local dir or a hub id.")
+@click.option("--corpus", default=EMBEDDED_CORPUS, help="As for submit.")
+@click.option("--doc", "doc_id", default=None, help="Document id (default: the corpus's first document).")
+@click.option("--methods", multiple=True, default=["expected_attention"], help="Methods, as for submit.")
+@click.option("--thresholds", multiple=True, default=[], help="Threshold overrides, as for submit.")
+@click.option("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="The document is cut to this many tokens.")
+@click.option("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="Tokens per forward.")
+@click.option("--window", type=int, default=DEFAULT_WINDOW, help="Sliding window never evicted.")
+@click.option("--attn", type=click.Choice(BACKENDS), default="sdpa", help="Attention kernel.")
+@lake_option
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Directory for the heatmap PNGs.")
+def command(
+    model: str,
+    corpus: str,
+    doc_id: str | None,
+    methods: tuple[str, ...],
+    thresholds: tuple[str, ...],
+    max_tokens: int,
+    chunk_size: int,
+    window: int,
+    attn: str,
+    lake: str,
+    out: str | None,
+) -> None:
+    """Write the score and keep/evict decision of every (layer, kv-head, position) of one document."""
+    configs = build_configs(methods, thresholds)
+    try:
+        settings = EngineSettings(chunk_size, window, attn)
+    except ValueError as exc:
+        raise KvorchError(f"{exc}; fix --chunk-size/--window") from None
+    target = Lake(lake)
+    target.ensure_writable()
+    doc, dump = score_document(model, corpus, doc_id, configs, settings, max_tokens)
+    run_id = new_run_id()
+    path = write_scores(target, run_id, scores_table(doc, dump))
+    click.echo(f"scores of {doc} under {', '.join(dump.configs)} -> {path} (SQL view: scores, run_id={run_id})")
+    for png in draw_heatmaps(doc, dump, Path(out) if out else Path(path).parent):
+        click.echo(f"heatmap -> {png}")
