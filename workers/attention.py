@@ -33,14 +33,16 @@ def kvorch_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    scaling: float,
     dropout: float = 0.0,
+    scaling: float | None = None,
     kvorch_run: AttentionRun | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
+    """Parameters in SDPA's order (dropout before scaling): wrappers that pass dropout
+    positionally, as kvpress's attention patch does, then still work."""
     if kvorch_run is None:
         return sdpa_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, is_causal=True, **kwargs
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=True, **kwargs
         )
     return kvorch_run.attend(module.layer_idx, query, key, value, scaling), None
 

@@ -61,8 +61,10 @@ class Engine:
         # The attention modules' inputs, captured for presses that score from hidden states
         # (KVzap). A forward pre-hook observes; it changes nothing the model computes.
         self.hidden_states: dict[int, torch.Tensor] = {}
+        self.attention_modules: dict[int, torch.nn.Module] = {}
         for module in model.modules():
             if isinstance(getattr(module, "layer_idx", None), int) and type(module).__name__.endswith("Attention"):
+                self.attention_modules[module.layer_idx] = module
                 module.register_forward_pre_hook(self._capture_hidden_states, with_kwargs=True)
 
     def _capture_hidden_states(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -265,6 +267,7 @@ class _DocumentRun:
             attention=attention_probs,
             prerope_queries=prerope,
             hidden_states=self.engine.hidden_states[layer][rows] if press.needs_hidden_states else None,
+            module=self.engine.attention_modules.get(layer),
             rotary=self.engine.rotary,
         )
         self.scores[layer][rows, :, score_from:e] = press.score(ctx, group.state)

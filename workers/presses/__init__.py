@@ -13,6 +13,7 @@ from workers.presses.baseline import BaselinePress
 from workers.presses.expected_attention import ExpectedAttentionPress
 from workers.presses.h2o import H2OPress
 from workers.presses.knorm import KnormPress
+from workers.presses.kvpress_adapter import KVPressAdapter
 from workers.presses.kvzap import KVzapPress
 from workers.presses.observed_attention import ObservedAttentionPress
 from workers.presses.random import RandomPress
@@ -35,6 +36,7 @@ REGISTRY: dict[str, type[Press]] = {
         SnapKVPress,
         TOVAPress,
         KVzapPress,
+        KVPressAdapter,
     )
 }
 
@@ -50,6 +52,8 @@ def parse_method(text: str) -> Press:
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(REGISTRY)} (or 'all')")
     cls = REGISTRY[name]
+    if cls is KVPressAdapter:  # kvpress:ClassName[:key=value,...] passes options through
+        return KVPressAdapter.parse(arg_text)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for item in filter(None, (part.strip() for part in arg_text.split(","))):

@@ -39,6 +39,8 @@ class LayerContext:
     attention: torch.Tensor | None = None
     # [B, H, c, D] queries before RoPE; only when the press sets `needs_prerope_queries`.
     prerope_queries: torch.Tensor | None = None
+    # The model's attention module of this layer (for adapters that call its projections).
+    module: torch.nn.Module | None = None
     # [B, c, hidden] input of the attention module; only when the press sets `needs_hidden_states`.
     hidden_states: torch.Tensor | None = None
     # positions -> (cos, sin) of the model's rotary embedding, [len(positions), rotary_dim].
