@@ -20,6 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 
 from workers import attention
 from workers.configs import EvalConfig
@@ -170,6 +171,10 @@ class _DocumentRun:
         self.start = self.end = 0
         self.kept = torch.zeros(b, device=device, dtype=torch.int64)
         self.needs_prerope = any(g.press.needs_prerope_queries for g in self.groups)
+        # Until a chunk starts past every group's protected window nothing can have been
+        # evicted, so every row computes the same thing: such chunks run once, with batch 1.
+        self.shared_until = min(g.protected for g in self.groups)
+        self.shared = False
 
     # --- the chunk loop -------------------------------------------------------------------
 
@@ -189,16 +194,17 @@ class _DocumentRun:
             positions = torch.arange(s, e, device=device)
             if self.needs_prerope:
                 self.chunk_cos, self.chunk_sin = self.engine.rotary(positions)
-            ids = self.tokens[s:e][None].expand(b, -1)
+            self.shared = s <= self.shared_until
+            ids = self.tokens[s:e][None].expand(1 if self.shared else b, -1)
             logits = self.engine.model(
                 input_ids=ids, position_ids=positions[None], use_cache=False, kvorch_run=self
             ).logits
             n_targets = min(e, self.n - 1) - s
             if n_targets > 0:
                 pred = logits[:, :n_targets].float()
-                targets = self.tokens[s + 1 : s + 1 + n_targets][None].expand(b, -1)
-                token_nll = torch.logsumexp(pred, dim=-1) - pred.gather(-1, targets[..., None])[..., 0]
-                nll[k] = token_nll.double().sum(dim=1)
+                targets = self.tokens[s + 1 : s + 1 + n_targets][None].expand(pred.shape[0], -1)
+                token_nll = F.cross_entropy(pred.transpose(1, 2), targets, reduction="none")
+                nll[k] = token_nll.double().sum(dim=1)  # broadcasts a shared chunk to every row
                 correct[k] = (pred.argmax(dim=-1) == targets).sum(dim=1)
             kept[k] = self.kept
             self.engine.hidden_states.clear()
@@ -210,7 +216,8 @@ class _DocumentRun:
     def attend(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
     ) -> torch.Tensor:
-        """Called by every attention layer for the current chunk; returns [B, c, H, D]."""
+        """Called by every attention layer for the current chunk; returns [B, c, H, D] (B = 1 for a
+        shared chunk, whose single row is broadcast to every config's cache and press)."""
         s, e = self.start, self.end
         self.keys[layer][:, :, s:e] = key
         self.values[layer][:, :, s:e] = value
@@ -219,7 +226,16 @@ class _DocumentRun:
         self.kept += keep[:, :, :s].sum(dim=(1, 2))
         causal = torch.ones(e - s, e, dtype=torch.bool, device=keep.device).tril(diagonal=s)
         visible = keep[:, :, None, :] & causal  # [B, Hkv, c, e]
-        out, probs = attention.grouped_attention(query, keys, values, visible, scaling, self.settings.attn)
+        rows = query.shape[0]
+        out, probs = attention.grouped_attention(
+            query, keys[:rows], values[:rows], visible[:rows], scaling, self.settings.attn
+        )
+        if self.shared:
+            b = len(self.configs)
+            query = query.expand(b, -1, -1, -1)
+            probs = None if probs is None else probs.expand(b, -1, -1, -1)
+            if layer in self.engine.hidden_states:
+                self.engine.hidden_states[layer] = self.engine.hidden_states[layer].expand(b, -1, -1)
         for group in self.groups:
             self._score_and_decide(layer, group, query, keys, values, visible, probs, scaling)
         return out.transpose(1, 2)
