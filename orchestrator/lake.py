@@ -48,8 +48,13 @@ class Lake:
 
     def glob(self, table: str) -> str:
         """The glob DuckDB reads a table from (local lakes)."""
-        depth = {"chunks": "*/*/*.parquet", "docs": "*/*.parquet", "runs": "*/spec.json"}[table]
-        return self.path(table, depth)
+        folder, depth = {
+            "chunks": ("chunks", "*/*/*.parquet"),
+            "docs": ("docs", "*/*.parquet"),
+            "runs": ("runs", "*/spec.json"),
+            "statuses": ("runs", "*/status.json"),
+        }[table]
+        return self.path(folder, depth)
 
     # --- checks ---------------------------------------------------------------------------
 

@@ -23,9 +23,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from orchestrator.cli import report, sql, submit
+    from orchestrator.cli import report, runs, sql, submit
 
-    for module in (submit, report, sql):
+    for module in (submit, report, runs, sql):
         main.add_command(module.command)
 
 
