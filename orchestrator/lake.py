@@ -25,6 +25,8 @@ import pyarrow.parquet as pq
 from orchestrator.errors import KvorchError
 from workers.schema import CHUNK_SCHEMA, DOC_SCHEMA, PARTITION_COLUMNS
 
+DEFAULT_LAKE = "./kvorch-lake"
+
 
 class Lake:
     def __init__(self, uri: str) -> None:

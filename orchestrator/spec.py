@@ -21,7 +21,6 @@ DEFAULT_MAX_DOCS = 4
 DEFAULT_MAX_TOKENS = 1024
 DEFAULT_CHUNK_SIZE = EngineSettings.chunk_size
 DEFAULT_WINDOW = EngineSettings.window
-DEFAULT_LAKE = "./kvorch-lake"
 DEFAULT_BATCH_CONFIGS = 16
 
 

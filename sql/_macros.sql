@@ -4,13 +4,9 @@
 -- in exactly one place.
 
 -- A run's rows, each with the baseline's nll_sum of the same (document, chunk) as base_nll
--- (null where the run has no baseline row for that chunk), and `press`: the config label
--- without its threshold, i.e. one threshold sweep of one method with one set of parameters.
+-- (null where the run has no baseline row for that chunk).
 CREATE OR REPLACE MACRO run_rows(rid) AS TABLE
-    SELECT
-        r.*,
-        b.base_nll,
-        CASE WHEN r.threshold IS NULL THEN r.config ELSE regexp_replace(r.config, '@[^@]*$', '') END AS press
+    SELECT r.*, b.base_nll
     FROM chunks r
     LEFT JOIN (
         SELECT doc_id, chunk_index, nll_sum AS base_nll
@@ -20,6 +16,8 @@ CREATE OR REPLACE MACRO run_rows(rid) AS TABLE
     WHERE r.run_id = rid;
 
 -- One row per config of a run (DESIGN.md, "Density"):
+--   press                  the config label without its threshold: one threshold sweep of one
+--                          method with one set of parameters
 --   delta_nll_pct          ΔNLL % vs baseline, summed over the (document, chunk) rows both have
 --   density_with_window    kept / total
 --   density_without_window 1 - discarded outside the DMS window / keys outside it
@@ -36,7 +34,9 @@ CREATE OR REPLACE MACRO run_rows(rid) AS TABLE
 CREATE OR REPLACE MACRO config_metrics(rid) AS TABLE
     SELECT
         method,
-        any_value(press) AS press,
+        CASE
+            WHEN any_value(threshold) IS NULL THEN config ELSE regexp_replace(config, '@[^@]*$', '')
+        END AS press,
         config,
         any_value(threshold) AS threshold,
         count(DISTINCT doc_id) AS docs,

@@ -2,7 +2,7 @@
 -- sweep (`press`: the config label without its threshold). A config is on the Pareto
 -- frontier when no other config is at most as dense and at most as costly and strictly
 -- better in one of the two (lower density = more compression, lower ΔNLL = better).
-WITH points AS (
+WITH points AS MATERIALIZED (
     SELECT method, press, config, threshold, density_compressible, delta_nll_pct
     FROM config_metrics($run_id)
     WHERE density_compressible IS NOT NULL AND delta_nll_pct IS NOT NULL
