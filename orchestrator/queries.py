@@ -62,8 +62,23 @@ def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
     except duckdb.IOException:
         con.execute(f"CREATE VIEW statuses AS {_EMPTY_STATUSES}")
     con.execute("CREATE VIEW workers AS SELECT run_id, unnest(workers, recursive := true) FROM statuses")
-    con.execute((resources.files("sql") / "_macros.sql").read_text(encoding="utf-8"))
+    _create_macros(con)
     return con
+
+
+def metrics_of(rows: pa.Table) -> list[dict]:
+    """``config_metrics`` (sql/_macros.sql) of engine rows that are not in a lake, e.g. calibration's."""
+    con = duckdb.connect()
+    con.register("_rows", rows)
+    con.execute("CREATE VIEW chunks AS SELECT *, 'rows' AS run_id FROM _rows")
+    _create_macros(con)
+    result = con.execute("SELECT * FROM config_metrics('rows')")
+    columns = [d[0] for d in result.description]
+    return [dict(zip(columns, row, strict=True)) for row in result.fetchall()]
+
+
+def _create_macros(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute((resources.files("sql") / "_macros.sql").read_text(encoding="utf-8"))
 
 
 def check_schema_versions(con: duckdb.DuckDBPyConnection, lake: Lake) -> None:

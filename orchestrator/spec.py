@@ -39,6 +39,8 @@ class JobSpec:
     device: str = "auto"
     actors: int | None = None
     batch_configs: int = DEFAULT_BATCH_CONFIGS
+    # Target compressible densities: thresholds are calibrated to them (orchestrator/calibration.py).
+    densities: tuple[float, ...] = ()
     configs: tuple[EvalConfig, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -58,6 +60,10 @@ class JobSpec:
             raise KvorchError(f"{exc}; fix --chunk-size/--window") from None
         if not self.configs:
             object.__setattr__(self, "configs", tuple(build_configs(self.methods, self.thresholds)))
+        if self.densities and self.thresholds:
+            raise KvorchError("--densities and --thresholds both choose thresholds; pass only one of them")
+        if self.densities and all(c.threshold is None for c in self.configs):
+            raise KvorchError("--densities needs a method with a threshold among --methods, e.g. knorm or h2o")
 
     @property
     def engine(self) -> EngineSettings:

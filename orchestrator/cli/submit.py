@@ -8,6 +8,7 @@ from orchestrator import job
 from orchestrator.cli.options import format_option, lake_option
 from orchestrator.cli.report import comparison
 from orchestrator.corpus import EMBEDDED_CORPUS
+from orchestrator.densities import parse_densities
 from orchestrator.errors import KvorchError
 from orchestrator.lake import Lake
 from orchestrator.spec import JobSpec
@@ -44,6 +45,13 @@ def _default(name: str) -> object:
     multiple=True,
     default=[],
     help="Override thresholds: 'method=t1,t2' (repeat or separate with ';') or 't1,t2' for every thresholded method.",
+)
+@click.option(
+    "--densities",
+    default=None,
+    help="Target compressible densities, e.g. 0.1,0.25,0.5: first calibrate each thresholded method's "
+    "thresholds to them on held-out documents (those after --max-docs), then run the sweep at those "
+    "thresholds (default: no calibration).",
 )
 @click.option("--max-docs", type=int, default=_default("max_docs"), help="Documents taken from the corpus.")
 @click.option(
@@ -88,6 +96,7 @@ def command(
     corpus: str,
     methods: tuple[str, ...],
     thresholds: tuple[str, ...],
+    densities: str | None,
     max_docs: int,
     max_tokens: int,
     chunk_size: int,
@@ -111,6 +120,7 @@ def command(
         corpus=corpus,
         methods=methods,
         thresholds=thresholds,
+        densities=parse_densities(densities) if densities is not None else (),
         max_docs=max_docs,
         max_tokens=max_tokens,
         chunk_size=chunk_size,
