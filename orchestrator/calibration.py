@@ -90,25 +90,24 @@ def calibrate(presses: list[Press], targets: tuple[float, ...], measure: Measure
     """For each press and target, the measured threshold whose density is closest to the target."""
     seen: dict[Press, dict[float, float]] = {p: {} for p in presses}
 
-    def run(candidates: dict[Press, set[float]]) -> None:
+    def evaluate(candidates: dict[Press, set[float]]) -> int:
+        """Measure the thresholds not measured yet, in one batched call; how many there were."""
         configs = [EvalConfig(p, t) for p, taus in candidates.items() for t in sorted(taus) if t not in seen[p]]
         if configs:
             densities = measure(configs)
             for config in configs:
                 seen[config.press][config.threshold] = densities[config.label]
+        return len(configs)
 
-    run({p: set(_start(p)) for p in presses})
+    evaluate({p: set(_start(p)) for p in presses})
     for _ in range(MAX_ROUNDS):
         candidates: dict[Press, set[float]] = {}
         for press in presses:
             for target in targets:
-                if _hit(seen[press], target):
-                    continue
-                candidates.setdefault(press, set()).update(_next(seen[press], target))
-        candidates = {p: {t for t in taus if t not in seen[p]} for p, taus in candidates.items()}
-        if not any(candidates.values()):
+                if not _hit(seen[press], target):
+                    candidates.setdefault(press, set()).update(_next(seen[press], target))
+        if not evaluate(candidates):
             break
-        run(candidates)
     out = []
     for press in presses:
         for target in targets:
