@@ -17,7 +17,7 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
-from orchestrator import driver
+from orchestrator import calibration, driver
 from orchestrator.corpus import load_corpus
 from orchestrator.errors import KvorchError
 from orchestrator.lake import Lake, new_run_id
@@ -46,10 +46,12 @@ def submit(
         resolve_model(spec.model)
     except ValueError as exc:
         raise KvorchError(f"--model: {exc}") from None
-    documents = load_corpus(spec.corpus)[: spec.max_docs]
+    corpus = load_corpus(spec.corpus)
+    documents = corpus[: spec.max_docs]
     tokenizer = load_tokenizer(spec.model)
     docs = [TokenizedDocument(d, tokenize(tokenizer, d.text, spec.max_tokens)) for d in documents]
     check_lengths(docs, spec.chunk_size)
+    held_out = calibration.held_out_documents(corpus, spec, tokenizer) if spec.densities else []
     lake.ensure_writable()
     if lake.run_exists(run_id):
         raise KvorchError(
@@ -60,6 +62,9 @@ def submit(
     pool = driver.plan_pool(spec.actors, spec.device)
     dtype = spec.dtype if spec.dtype != "auto" else ("bfloat16" if pool.device == "cuda" else "float32")
     settings = WorkerSettings(spec.model, dtype, pool.device, pool.threads, spec.engine)
+    calibrated = calibration.run(spec, held_out, settings, pool) if spec.densities else []
+    if calibrated:
+        spec = calibration.calibrated_spec(spec, calibrated)
     tasks = plan_tasks(docs, list(spec.configs), pool.n_actors, spec.batch_configs)
 
     lake.write_spec(
@@ -71,6 +76,7 @@ def submit(
             "versions": _versions(),
             "hardware": _hardware(pool),
             "tasks": [t.task_id for t in tasks],
+            "calibration": calibration.to_json(held_out, calibrated) if calibrated else None,
         },
     )
     lake.write_docs(run_id, _docs_table(docs))

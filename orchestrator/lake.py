@@ -25,6 +25,8 @@ import pyarrow.parquet as pq
 from orchestrator.errors import KvorchError
 from workers.schema import CHUNK_SCHEMA, DOC_SCHEMA, PARTITION_COLUMNS
 
+DEFAULT_LAKE = "./kvorch-lake"
+
 
 class Lake:
     def __init__(self, uri: str) -> None:
@@ -48,10 +50,14 @@ class Lake:
 
     def glob(self, table: str) -> str:
         """The glob DuckDB reads a table from (local lakes)."""
-        depth = {"chunks": "*/*/*.parquet", "docs": "*/*.parquet", "scores": "*/*.parquet", "runs": "*/spec.json"}[
-            table
-        ]
-        return self.path(table, depth)
+        folder, depth = {
+            "chunks": ("chunks", "*/*/*.parquet"),
+            "docs": ("docs", "*/*.parquet"),
+            "scores": ("scores", "*/*.parquet"),
+            "runs": ("runs", "*/spec.json"),
+            "statuses": ("runs", "*/status.json"),
+        }[table]
+        return self.path(folder, depth)
 
     # --- checks ---------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""DuckDB over the lake: views ``chunks``, ``docs``, ``runs``, ``scores``, and the named queries of ``sql/``."""
+"""DuckDB over the lake: views ``chunks``, ``docs``, ``runs``, ``statuses``, ``workers``, ``scores``,
+the shared macros of ``sql/_macros.sql``, and the named queries of ``sql/``."""
 
 from __future__ import annotations
 
@@ -9,16 +10,38 @@ import pyarrow as pa
 
 from orchestrator.errors import KvorchError
 from orchestrator.lake import Lake
-from workers.schema import CHUNK_SCHEMA, DOC_SCHEMA, PARTITION_COLUMNS, SCORES_SCHEMA
+from workers.schema import (
+    CHUNK_SCHEMA,
+    DOC_SCHEMA,
+    PARTITION_COLUMNS,
+    READABLE_SCHEMA_VERSIONS,
+    SCHEMA_VERSION,
+    SCORES_SCHEMA,
+)
+
+# What kvorch reads from status.json: fields a run's end writes (orchestrator/job.py).
+_STATUS_COLUMNS = (
+    "{run_id: 'VARCHAR', status: 'VARCHAR', finished_at: 'VARCHAR', rows: 'BIGINT', "
+    "workers: 'STRUCT(worker VARCHAR, host VARCHAR, device VARCHAR, device_name VARCHAR)[]'}"
+)
+_EMPTY_STATUSES = (
+    "SELECT NULL::VARCHAR AS run_id, NULL::VARCHAR AS status, NULL::VARCHAR AS finished_at, NULL::BIGINT AS rows, "
+    "[]::STRUCT(worker VARCHAR, host VARCHAR, device VARCHAR, device_name VARCHAR)[] AS workers WHERE false"
+)
 
 
 def query_names() -> list[str]:
-    return sorted(f.name[: -len(".sql")] for f in resources.files("sql").iterdir() if f.name.endswith(".sql"))
+    """Named queries: ``sql/<name>.sql``; files starting with ``_`` are shared definitions."""
+    return sorted(
+        f.name[: -len(".sql")]
+        for f in resources.files("sql").iterdir()
+        if f.name.endswith(".sql") and not f.name.startswith("_")
+    )
 
 
 def query_text(name: str) -> str:
     path = resources.files("sql") / f"{name}.sql"
-    if not path.is_file():
+    if name.startswith("_") or not path.is_file():
         raise KvorchError(f"no query named {name!r}; available: {', '.join(query_names())}")
     return path.read_text(encoding="utf-8")
 
@@ -27,11 +50,13 @@ def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the lake's tables as views (hive partitions as columns).
 
     A table with no files yet (a run still starting) is an empty view of its schema, so
-    queries fail only on what they ask, never on what is merely not written yet.
+    queries fail only on what they ask, never on what is merely not written yet. Parts written
+    under a schema this kvorch cannot read stop here, with the fix, before any query runs.
     """
     if not lake.run_ids() and not lake.exists("scores"):
         raise KvorchError(f"lake {lake.uri} has no runs; run kvorch submit --lake {lake.uri} first")
     con = duckdb.connect()
+    check_schema_versions(con, lake)
     partitions = [pa.field(name, pa.string()) for name in PARTITION_COLUMNS]
     _parquet_view(con, "chunks", lake.glob("chunks"), pa.schema([*CHUNK_SCHEMA, *partitions]))
     _parquet_view(con, "docs", lake.glob("docs"), pa.schema([*DOC_SCHEMA, partitions[0]]))
@@ -40,7 +65,63 @@ def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
         con.execute(f"CREATE VIEW runs AS SELECT * FROM read_json({_quote(lake.glob('runs'))}, union_by_name = true)")
     except duckdb.IOException:  # a lake with only `kvorch scores` output
         con.execute("CREATE VIEW runs AS SELECT NULL::VARCHAR AS run_id, NULL::VARCHAR AS created_at WHERE false")
+    try:
+        con.execute(
+            f"CREATE VIEW statuses AS SELECT * FROM read_json({_quote(lake.glob('statuses'))}, "
+            f"columns = {_STATUS_COLUMNS})"
+        )
+    except duckdb.IOException:
+        con.execute(f"CREATE VIEW statuses AS {_EMPTY_STATUSES}")
+    con.execute("CREATE VIEW workers AS SELECT run_id, unnest(workers, recursive := true) FROM statuses")
+    _create_macros(con)
     return con
+
+
+def metrics_of(rows: pa.Table) -> list[dict]:
+    """``config_metrics`` (sql/_macros.sql) of engine rows that are not in a lake, e.g. calibration's."""
+    con = duckdb.connect()
+    con.register("_rows", rows)
+    con.execute("CREATE VIEW chunks AS SELECT *, 'rows' AS run_id FROM _rows")
+    _create_macros(con)
+    result = con.execute("SELECT * FROM config_metrics('rows')")
+    columns = [d[0] for d in result.description]
+    return [dict(zip(columns, row, strict=True)) for row in result.fetchall()]
+
+
+def _create_macros(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute((resources.files("sql") / "_macros.sql").read_text(encoding="utf-8"))
+
+
+def check_schema_versions(con: duckdb.DuckDBPyConnection, lake: Lake) -> None:
+    """Every Parquet file of the lake must carry a schema version this kvorch reads.
+
+    Only footers are read (the key-value metadata), so this costs milliseconds on large lakes.
+    """
+    for table in ("chunks", "docs"):
+        try:
+            found = con.execute(
+                "SELECT g.file, decode(m.value) FROM glob($glob) g LEFT JOIN parquet_kv_metadata($glob) m "
+                "ON m.file_name = g.file AND decode(m.key) = 'kvorch_schema_version'",
+                {"glob": lake.glob(table)},
+            ).fetchall()
+        except duckdb.IOException:
+            continue
+        for path, version in found:
+            if version is None or not version.isdigit():
+                raise KvorchError(
+                    f"{path} has no kvorch schema version: not written by kvorch; remove it from lake {lake.uri}"
+                )
+            if int(version) > SCHEMA_VERSION:
+                raise KvorchError(
+                    f"{path} was written with lake schema version {version}, newer than this kvorch reads "
+                    f"({SCHEMA_VERSION}); upgrade kvorch (pip install -U kvorch)"
+                )
+            if int(version) not in READABLE_SCHEMA_VERSIONS:
+                raise KvorchError(
+                    f"{path} was written with lake schema version {version}, which this kvorch no longer reads "
+                    f"(reads {', '.join(map(str, sorted(READABLE_SCHEMA_VERSIONS)))}); re-run that job with "
+                    "kvorch submit or read it with the kvorch version that wrote it"
+                )
 
 
 def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, glob: str, schema: pa.Schema) -> None:

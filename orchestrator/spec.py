@@ -21,7 +21,6 @@ DEFAULT_MAX_DOCS = 4
 DEFAULT_MAX_TOKENS = 1024
 DEFAULT_CHUNK_SIZE = EngineSettings.chunk_size
 DEFAULT_WINDOW = EngineSettings.window
-DEFAULT_LAKE = "./kvorch-lake"
 DEFAULT_BATCH_CONFIGS = 16
 
 
@@ -42,6 +41,8 @@ class JobSpec:
     device: str = "auto"
     actors: int | None = None
     batch_configs: int = DEFAULT_BATCH_CONFIGS
+    # Target compressible densities: thresholds are calibrated to them (orchestrator/calibration.py).
+    densities: tuple[float, ...] = ()
     configs: tuple[EvalConfig, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -62,6 +63,12 @@ class JobSpec:
         if not self.configs:
             configs = build_configs(self.methods, self.thresholds, self.policy, self.ratios)
             object.__setattr__(self, "configs", tuple(configs))
+        if self.densities and self.thresholds:
+            raise KvorchError("--densities and --thresholds both choose thresholds; pass only one of them")
+        if self.densities and self.policy != "threshold":
+            raise KvorchError("--densities calibrates thresholds; it works with --policy threshold, not ratio")
+        if self.densities and all(c.threshold is None for c in self.configs):
+            raise KvorchError("--densities needs a method with a threshold among --methods, e.g. knorm or h2o")
 
     @property
     def engine(self) -> EngineSettings:

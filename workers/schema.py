@@ -10,6 +10,9 @@ from __future__ import annotations
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
+# Versions whose lakes this code reads (queries refuse others with the fix). Version 1 already
+# holds everything the reports derive, e.g. layers x kv-heads = keys_total / chunk_start.
+READABLE_SCHEMA_VERSIONS = frozenset({1})
 
 PARTITION_COLUMNS = ("run_id", "method")
 

@@ -1,34 +1,74 @@
-"""``kvorch report``: the method comparison table of a run (sql/compare.sql)."""
+"""``kvorch report``: the tables of a run (sql/*.sql), and optionally their plots."""
 
 from __future__ import annotations
 
 import click
 
 from orchestrator.cli.options import format_option, lake_option
-from orchestrator.errors import KvorchError
-from orchestrator.formatting import render
+from orchestrator.densities import DEFAULT_DENSITIES, parse_densities
 from orchestrator.lake import Lake
-from orchestrator.queries import connect, latest_run, run_named
+from orchestrator.reports import TABLES, RunReport, render_tables
 
 
 def comparison(lake: Lake, run_id: str | None, fmt: str) -> str:
     """The rendered comparison table of ``run_id`` (default: the newest run in the lake)."""
-    con = connect(lake)
-    run_id = run_id or latest_run(con)
-    if run_id not in lake.run_ids():
-        raise KvorchError(f"run {run_id!r} is not in lake {lake.uri}; runs there: {', '.join(lake.run_ids())}")
-    try:
-        result = run_named(con, "compare", {"run_id": run_id})
-    except Exception as exc:  # duckdb raises IOException when the run has no parts yet
-        raise KvorchError(f"cannot read run {run_id} from {lake.uri}: {str(exc).splitlines()[0]}") from None
-    columns = [d[0] for d in result.description]
-    return render(columns, result.fetchall(), fmt)
+    return render_tables([RunReport(lake, run_id).table("compare")], fmt)
 
 
 @click.command("report")
 @lake_option
 @click.option("--run", "run_id", default=None, help="Run id to report (default: the newest run).")
+@click.option(
+    "--table",
+    "tables",
+    multiple=True,
+    type=click.Choice([*TABLES, "all"]),
+    default=["compare"],
+    help="Table(s) to print, repeatable: " + "; ".join(f"{k}: {v}" for k, v in TABLES.items()) + ".",
+)
+@click.option(
+    "--densities",
+    default=DEFAULT_DENSITIES,
+    help="Compressible densities the frontier table interpolates at; giving it also selects that table.",
+)
+@click.option(
+    "--reference",
+    default="baseline",
+    help="Config (or method with one config) that the paired table counts wins/losses against.",
+)
+@click.option(
+    "--plot",
+    "plot_dir",
+    default=None,
+    help="Also write frontier.png, by_position.png and index.html into this directory (default: no plots).",
+)
 @format_option
-def command(lake: str, run_id: str | None, fmt: str) -> None:
-    """Print the method comparison table of a run."""
-    click.echo(comparison(Lake(lake), run_id, fmt))
+@click.pass_context
+def command(
+    ctx: click.Context,
+    lake: str,
+    run_id: str | None,
+    tables: tuple[str, ...],
+    densities: str,
+    reference: str,
+    plot_dir: str | None,
+    fmt: str,
+) -> None:
+    """Print report tables of a run (default: the comparison table of the newest run)."""
+    targets = parse_densities(densities)
+    names = list(TABLES) if "all" in tables else list(dict.fromkeys(tables))
+    if ctx.get_parameter_source("densities") is not click.core.ParameterSource.DEFAULT and "frontier" not in names:
+        names.append("frontier")
+    report = RunReport(Lake(lake), run_id)
+    click.echo(render_tables([report.table(n, targets, reference) for n in names], fmt))
+    if plot_dir is not None:
+        from orchestrator.plots import write_plots
+
+        written = write_plots(
+            plot_dir,
+            report.run_id,
+            report.table("pareto"),
+            report.table("by_position"),
+            report.table("frontier", targets),
+        )
+        click.echo(f"plots: {', '.join(str(p) for p in written)}", err=True)

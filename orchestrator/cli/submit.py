@@ -8,6 +8,7 @@ from orchestrator import job
 from orchestrator.cli.options import format_option, lake_option
 from orchestrator.cli.report import comparison
 from orchestrator.corpus import EMBEDDED_CORPUS
+from orchestrator.densities import parse_densities
 from orchestrator.errors import KvorchError
 from orchestrator.lake import Lake
 from orchestrator.spec import JobSpec
@@ -56,6 +57,13 @@ def _default(name: str) -> object:
     default="",
     help="With --policy ratio: compression ratios, e.g. 0.3,0.5 (kept <= ceil((1-r)*seen) per layer and head).",
 )
+@click.option(
+    "--densities",
+    default=None,
+    help="Target compressible densities, e.g. 0.1,0.25,0.5: first calibrate each thresholded method's "
+    "thresholds to them on held-out documents (those after --max-docs), then run the sweep at those "
+    "thresholds (default: no calibration).",
+)
 @click.option("--max-docs", type=int, default=_default("max_docs"), help="Documents taken from the corpus.")
 @click.option(
     "--max-tokens", type=int, default=_default("max_tokens"), help="Each document is cut to this many tokens."
@@ -101,6 +109,7 @@ def command(
     thresholds: tuple[str, ...],
     policy: str,
     ratios: str,
+    densities: str | None,
     max_docs: int,
     max_tokens: int,
     chunk_size: int,
@@ -126,6 +135,7 @@ def command(
         thresholds=thresholds,
         policy=policy,
         ratios=_parse_ratios(ratios),
+        densities=parse_densities(densities) if densities is not None else (),
         max_docs=max_docs,
         max_tokens=max_tokens,
         chunk_size=chunk_size,

@@ -1,0 +1,232 @@
+"""Calibrated submission (``kvorch submit --densities 0.1,0.25,0.5``).
+
+Methods are only comparable at equal density, and a threshold means a different density for
+every method (and model, and corpus). Before the sweep, a quick calibration evaluates held-out
+documents (the corpus documents right after the first ``--max-docs``, so never the evaluated
+ones) and searches, per thresholded press, a threshold whose compressible density hits each
+target within :data:`TOLERANCE`. The sweep then runs every press at its calibrated thresholds,
+and the run spec records the search (``calibration``).
+
+The search relies on density falling as the threshold rises (a key is kept when its score is
+>= the threshold). Each round evaluates, in one batched call, for every target not yet hit:
+the regula-falsi point and the midpoint of its bracket, or a step outwards while no bracket
+exists. Thresholds are rounded to 6 significant digits, the precision of config labels, so
+the label in the lake is the threshold that was measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pyarrow as pa
+import ray
+
+from orchestrator.corpus import Document
+from orchestrator.driver import PoolPlan
+from orchestrator.errors import KvorchError
+from orchestrator.planner import TokenizedDocument, check_lengths
+from orchestrator.queries import metrics_of
+from orchestrator.spec import JobSpec
+from workers.actor import EvalWorker, Task, TaskDocument, WorkerSettings
+from workers.configs import EvalConfig
+from workers.models import tokenize
+from workers.presses import Press
+
+HELD_OUT_DOCS = 2
+TOLERANCE = 0.02
+MAX_ROUNDS = 10
+
+Measure = Callable[[list[EvalConfig]], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """The threshold chosen for one (press, target density), and the density it measured."""
+
+    press: Press
+    target: float
+    threshold: float
+    density: float
+
+    @property
+    def within_tolerance(self) -> bool:
+        return abs(self.density - self.target) <= TOLERANCE
+
+    def to_json(self) -> dict:
+        return {
+            "press": self.press.label(),
+            "target": self.target,
+            "threshold": self.threshold,
+            "density": self.density,
+            "within_tolerance": self.within_tolerance,
+        }
+
+
+def held_out_documents(corpus: list[Document], spec: JobSpec, tokenizer) -> list[TokenizedDocument]:
+    """The calibration documents: up to HELD_OUT_DOCS corpus documents after the evaluated ones."""
+    first = spec.max_docs if spec.max_docs is not None else len(corpus)
+    docs = corpus[first : first + HELD_OUT_DOCS]
+    if not docs:
+        raise KvorchError(
+            f"--densities calibrates on held-out documents after the first {first}, but the corpus has "
+            f"only {len(corpus)}; lower --max-docs or add documents to the corpus"
+        )
+    held_out = [TokenizedDocument(d, tokenize(tokenizer, d.text, spec.max_tokens)) for d in docs]
+    check_lengths(held_out, spec.chunk_size)
+    return held_out
+
+
+def thresholded(configs: list[EvalConfig]) -> list[Press]:
+    """The presses a threshold applies to, in config order, each once."""
+    return list(dict.fromkeys(c.press for c in configs if c.threshold is not None))
+
+
+def calibrate(presses: list[Press], targets: tuple[float, ...], measure: Measure) -> list[Calibrated]:
+    """For each press and target, the measured threshold whose density is closest to the target."""
+    seen: dict[Press, dict[float, float]] = {p: {} for p in presses}
+
+    def evaluate(candidates: dict[Press, set[float]]) -> int:
+        """Measure the thresholds not measured yet, in one batched call; how many there were."""
+        configs = [EvalConfig(p, t) for p, taus in candidates.items() for t in sorted(taus) if t not in seen[p]]
+        if configs:
+            densities = measure(configs)
+            for config in configs:
+                seen[config.press][config.threshold] = densities[config.label]
+        return len(configs)
+
+    evaluate({p: set(_start(p)) for p in presses})
+    for _ in range(MAX_ROUNDS):
+        candidates: dict[Press, set[float]] = {}
+        for press in presses:
+            for target in targets:
+                if not _hit(seen[press], target):
+                    candidates.setdefault(press, set()).update(_next(seen[press], target))
+        if not evaluate(candidates):
+            break
+    out = []
+    for press in presses:
+        for target in targets:
+            tau, density = _closest(seen[press], target)
+            out.append(Calibrated(press, target, tau, density))
+    return out
+
+
+def run(spec: JobSpec, held_out: list[TokenizedDocument], settings: WorkerSettings, pool: PoolPlan) -> list[Calibrated]:
+    """Calibrate every thresholded press of ``spec`` to ``spec.densities`` on one worker actor."""
+    presses = thresholded(list(spec.configs))
+    print(
+        f"kvorch: calibrating {len(presses)} method(s) to densities {', '.join(map(str, spec.densities))} "
+        f"on {len(held_out)} held-out document(s)",
+        file=sys.stderr,
+    )
+    try:
+        with ray_measure(held_out, settings, pool, spec.batch_configs) as measure:
+            results = calibrate(presses, spec.densities, measure)
+    except ray.exceptions.RayActorError as exc:
+        raise KvorchError(
+            f"the calibration worker failed: {str(exc).splitlines()[-1]}; check --model/--device"
+        ) from None
+    for r in results:
+        if not r.within_tolerance:
+            print(
+                f"kvorch: warning: {r.press.label()} reaches density {r.density:.3f}, not {r.target} "
+                f"(±{TOLERANCE}); closest threshold {r.threshold:g} used",
+                file=sys.stderr,
+            )
+    return results
+
+
+def to_json(held_out: list[TokenizedDocument], results: list[Calibrated]) -> dict:
+    """What the run spec records about the calibration."""
+    return {
+        "held_out_docs": [d.document.doc_id for d in held_out],
+        "tolerance": TOLERANCE,
+        "thresholds": [r.to_json() for r in results],
+    }
+
+
+def calibrated_spec(spec: JobSpec, results: list[Calibrated]) -> JobSpec:
+    """The spec whose configs run each thresholded press at its calibrated thresholds."""
+    chosen: dict[Press, list[float]] = {}
+    for r in results:
+        taus = chosen.setdefault(r.press, [])
+        if r.threshold not in taus:
+            taus.append(r.threshold)
+    configs: list[EvalConfig] = []
+    for config in spec.configs:
+        if config.threshold is None:
+            configs.append(config)
+        elif config.press in chosen:
+            configs.extend(EvalConfig(config.press, t) for t in chosen.pop(config.press))
+    return dataclasses.replace(spec, configs=tuple(configs))
+
+
+@contextmanager
+def ray_measure(
+    docs: list[TokenizedDocument], settings: WorkerSettings, pool: PoolPlan, batch_configs: int
+) -> Iterator[Measure]:
+    """A :data:`Measure` that evaluates the held-out documents on one worker actor of the pool's kind."""
+    actor = (
+        ray.remote(EvalWorker)
+        .options(name="kvorch-calibration", num_gpus=pool.num_gpus, num_cpus=pool.num_cpus)
+        .remote("kvorch-calibration", settings)
+    )
+    task_docs = tuple(TaskDocument(d.document.doc_id, d.token_ids) for d in docs)
+
+    def measure(configs: list[EvalConfig]) -> dict[str, float]:
+        batches = [tuple(configs[i : i + batch_configs]) for i in range(0, len(configs), batch_configs)]
+        tables = ray.get([actor.run.remote(Task(f"calibration-{i}", task_docs, b)) for i, b in enumerate(batches)])
+        return compressible_density(pa.concat_tables(tables))
+
+    try:
+        yield measure
+    finally:
+        ray.kill(actor)
+
+
+def compressible_density(rows: pa.Table) -> dict[str, float]:
+    """Config label -> density of the compressible region, as the compare table defines it."""
+    return {r["config"]: r["density_compressible"] for r in metrics_of(rows)}
+
+
+def _start(press: Press) -> list[float]:
+    tau = next(t for t in press.default_thresholds if t is not None)
+    step = max(abs(tau), 1.0)
+    return [_round(tau - step), _round(tau), _round(tau + step)]
+
+
+def _hit(seen: dict[float, float], target: float) -> bool:
+    return abs(_closest(seen, target)[1] - target) <= TOLERANCE
+
+
+def _closest(seen: dict[float, float], target: float) -> tuple[float, float]:
+    tau = min(seen, key=lambda t: (abs(seen[t] - target), t))
+    return tau, seen[tau]
+
+
+def _next(seen: dict[float, float], target: float) -> set[float]:
+    """Thresholds to try next for ``target``: inside its bracket, or a step outwards."""
+    low = [t for t, d in seen.items() if d >= target]  # thresholds keeping at least the target
+    high = [t for t, d in seen.items() if d <= target]
+    span = max(max(seen) - min(seen), 1e-6)
+    if not low:
+        return {_round(min(seen) - 2 * span)}
+    if not high:
+        return {_round(max(seen) + 2 * span)}
+    lo, hi = max(low), min(high)
+    if hi <= lo:  # non-monotone measurements: nothing sound to refine
+        return set()
+    d_lo, d_hi = seen[lo], seen[hi]
+    mid = _round((lo + hi) / 2)
+    secant = _round(lo + (d_lo - target) * (hi - lo) / (d_lo - d_hi)) if d_lo != d_hi else mid
+    return {t for t in (mid, secant) if lo < t < hi}
+
+
+def _round(value: float) -> float:
+    """6 significant digits: the precision of a config label (``@{threshold:g}``)."""
+    return float(f"{value:.6g}") if math.isfinite(value) else value

@@ -1,0 +1,44 @@
+"""``kvorch runs``: the runs of a lake (sql/runs.sql), or two runs' comparison tables side by side
+(sql/runs_compare.sql)."""
+
+from __future__ import annotations
+
+import click
+import duckdb
+
+from orchestrator.cli.options import format_option, lake_option
+from orchestrator.errors import KvorchError
+from orchestrator.formatting import render
+from orchestrator.lake import Lake
+from orchestrator.queries import connect, run_named
+
+
+@click.command("runs")
+@lake_option
+@click.option(
+    "--compare",
+    "pair",
+    nargs=2,
+    default=None,
+    metavar="RUN_A RUN_B",
+    help="Diff the comparison tables of two runs, matched by config (b - a) (default: list the runs).",
+)
+@format_option
+def command(lake: str, pair: tuple[str, str] | None, fmt: str) -> None:
+    """List the runs of a lake with date, model, methods and status, or compare two of them."""
+    target = Lake(lake)
+    con = connect(target)
+    if pair:
+        missing = [r for r in pair if r not in target.run_ids()]
+        if missing:
+            raise KvorchError(
+                f"run {missing[0]!r} is not in lake {target.uri}; runs there: {', '.join(target.run_ids())}"
+            )
+        name, params = "runs_compare", {"run_a": pair[0], "run_b": pair[1]}
+    else:
+        name, params = "runs", {}
+    try:
+        result = run_named(con, name, params)
+    except duckdb.Error as exc:
+        raise KvorchError(f"cannot read lake {target.uri}: {str(exc).splitlines()[0]}") from None
+    click.echo(render([d[0] for d in result.description], result.fetchall(), fmt))

@@ -1,0 +1,55 @@
+-- Shared definitions, created once per connection before any named query runs (not a query
+-- itself: files starting with "_" are not listed by name). Every report reads a run through
+-- these, so "baseline on the same chunks", the densities and effective context are defined
+-- in exactly one place.
+
+-- A run's rows, each with the baseline's nll_sum of the same (document, chunk) as base_nll
+-- (null where the run has no baseline row for that chunk).
+CREATE OR REPLACE MACRO run_rows(rid) AS TABLE
+    SELECT r.*, b.base_nll
+    FROM chunks r
+    LEFT JOIN (
+        SELECT doc_id, chunk_index, nll_sum AS base_nll
+        FROM chunks
+        WHERE run_id = rid AND method = 'baseline'
+    ) b USING (doc_id, chunk_index)
+    WHERE r.run_id = rid;
+
+-- One row per config of a run (DESIGN.md, "Density"):
+--   press                  the config label without its threshold: one threshold sweep of one
+--                          method with one set of parameters
+--   delta_nll_pct          ΔNLL % vs baseline, summed over the (document, chunk) rows both have
+--   density_with_window    kept / total
+--   density_without_window 1 - discarded outside the DMS window / keys outside it
+--   density_compressible   kept outside every protected region / keys outside it
+--   effective_context      mean keys a target token's query saw, per (layer, kv-head): the
+--                          keys kept before its chunk plus the causal keys inside the chunk.
+--                          For target position i of chunk [s, e) that is
+--                          keys_kept / (layers x kv-heads) + (i - s + 1); a chunk's
+--                          n_tokens targets are i = s .. s + n_tokens - 1, so the chunk adds
+--                          n_tokens * kept/heads + n_tokens (n_tokens + 1) / 2. layers x
+--                          kv-heads = keys_total / chunk_start (keys_total counts the s
+--                          positions before the chunk once per layer and head); the first
+--                          chunk has no earlier keys. Baseline's value is the mean position + 1.
+CREATE OR REPLACE MACRO config_metrics(rid) AS TABLE
+    SELECT
+        method,
+        CASE
+            WHEN any_value(threshold) IS NULL THEN config ELSE regexp_replace(config, '@[^@]*$', '')
+        END AS press,
+        config,
+        any_value(threshold) AS threshold,
+        count(DISTINCT doc_id) AS docs,
+        sum(n_tokens) AS tokens,
+        exp(sum(nll_sum) / sum(n_tokens)) AS ppl,
+        100 * (sum(nll_sum) FILTER (WHERE base_nll IS NOT NULL) - sum(base_nll)) / sum(base_nll) AS delta_nll_pct,
+        sum(n_correct) / sum(n_tokens) AS accuracy,
+        sum(keys_kept) / nullif(sum(keys_total), 0) AS density_with_window,
+        1 - sum(keys_discarded_outside_window) / nullif(sum(keys_outside_window), 0) AS density_without_window,
+        sum(keys_kept_unprotected) / nullif(sum(keys_total - keys_protected), 0) AS density_compressible,
+        sum(
+            CASE WHEN keys_total = 0 THEN 0 ELSE n_tokens * keys_kept * chunk_start / keys_total END
+            + n_tokens * (n_tokens + 1) / 2
+        ) / nullif(sum(n_tokens), 0) AS effective_context
+    FROM run_rows(rid)
+    GROUP BY method, config;

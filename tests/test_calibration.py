@@ -1,0 +1,134 @@
+"""Calibrated submission: the threshold search on synthetic density curves and on a real engine,
+the calibrated spec, and ``kvorch submit --densities`` end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from orchestrator import calibration
+from orchestrator.calibration import TOLERANCE, calibrate, calibrated_spec, compressible_density
+from orchestrator.cli import main
+from orchestrator.corpus import Document, load_corpus
+from orchestrator.errors import KvorchError
+from orchestrator.spec import JobSpec
+from tests.conftest import tiny_llama
+from workers.configs import EvalConfig
+from workers.engine import Engine, EngineSettings
+from workers.presses import H2OPress, KnormPress, RandomPress
+
+
+def fake_measure(curves, calls):
+    def measure(configs):
+        calls.append(len(configs))
+        return {c.label: curves[c.method](c.threshold) for c in configs}
+
+    return measure
+
+
+def test_search_hits_every_reachable_target_and_reports_the_unreachable():
+    curves = {
+        "knorm": lambda t: 1 / (1 + math.exp((t + 16) / 3)),  # smooth, scale of ‖k‖
+        "random": lambda t: min(1.0, max(0.0, 1 - t)),  # U(0, 1) scores
+        "h2o": lambda t: max(0.3, min(1.0, 1 - 0.05 * math.floor(t * 20))),  # steps of 0.05, never below 0.3
+    }
+    calls: list[int] = []
+    presses = [KnormPress(), RandomPress(), H2OPress()]
+    results = calibrate(presses, (0.1, 0.25, 0.5), fake_measure(curves, calls))
+    assert len(calls) <= calibration.MAX_ROUNDS + 1
+    got = {(r.press.name, r.target): r for r in results}
+    for (name, target), r in got.items():
+        assert r.density == pytest.approx(curves[name](r.threshold))  # recorded what was measured there
+        assert float(f"{r.threshold:g}") == r.threshold  # the config label is the measured threshold
+        if name == "h2o" and target < 0.3 - TOLERANCE:
+            assert not r.within_tolerance and r.density == pytest.approx(0.3)
+        else:
+            assert abs(curves[name](r.threshold) - target) <= TOLERANCE, (name, target, r)
+
+
+def test_search_on_a_real_engine_matches_an_independent_density_count(tokens):
+    engine = Engine(tiny_llama(), EngineSettings(chunk_size=32, window=16))
+    held_out = tokens[:256]
+
+    def measure(configs):
+        return compressible_density(engine.evaluate("held-out", held_out, configs))
+
+    results = calibrate([KnormPress(), RandomPress()], (0.25, 0.5), measure)
+    for r in results:
+        rows = engine.evaluate("held-out", held_out, [EvalConfig(r.press, r.threshold)]).to_pylist()
+        kept = sum(row["keys_kept_unprotected"] for row in rows)
+        outside = sum(row["keys_total"] - row["keys_protected"] for row in rows)
+        assert abs(kept / outside - r.target) <= TOLERANCE, r
+
+
+def test_calibrated_spec_replaces_thresholds_and_keeps_fixed_methods():
+    spec = JobSpec(methods=("baseline,knorm,random",), densities=(0.25, 0.5))
+    knorm, rnd = KnormPress(), RandomPress()
+    results = [
+        calibration.Calibrated(knorm, 0.25, -12.5, 0.26),
+        calibration.Calibrated(knorm, 0.5, -20.0, 0.49),
+        calibration.Calibrated(rnd, 0.25, 0.75, 0.25),
+        calibration.Calibrated(rnd, 0.5, 0.75, 0.27),  # the same threshold twice: one config
+    ]
+    labels = [c.label for c in calibrated_spec(spec, results).configs]
+    assert labels == ["baseline", "knorm@-12.5", "knorm@-20", "random@0.75"]
+
+
+def test_bad_calibration_input_is_a_clear_error(smollm2_tokenizer):
+    with pytest.raises(KvorchError, match="pass only one of them"):
+        JobSpec(methods=("knorm",), thresholds=("-3",), densities=(0.5,))
+    with pytest.raises(KvorchError, match="needs a method with a threshold"):
+        JobSpec(methods=("baseline,window",), densities=(0.5,))
+    spec = JobSpec(max_docs=2, densities=(0.5,))
+    docs = [Document(f"d{i}", "text " * 500, "test") for i in range(2)]
+    with pytest.raises(KvorchError, match="lower --max-docs or add documents"):
+        calibration.held_out_documents(docs, spec, smollm2_tokenizer)
+
+
+def test_submit_with_densities_calibrates_then_sweeps(local_ray, tmp_path, tiny_model_dir):
+    corpus = tmp_path / "docs.jsonl"
+    texts = [d.text for d in load_corpus("pydoc")[:3]]
+    corpus.write_text("".join(json.dumps({"id": f"doc{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    lake = tmp_path / "lake"
+    result = CliRunner().invoke(
+        main,
+        [
+            "submit",
+            "--model",
+            tiny_model_dir,
+            "--corpus",
+            str(corpus),
+            "--methods",
+            "baseline,random",
+            "--densities",
+            "0.25,0.5",
+            "--max-docs",
+            "2",
+            "--max-tokens",
+            "128",
+            "--chunk-size",
+            "32",
+            "--window",
+            "16",
+            "--lake",
+            str(lake),
+            "--run-id",
+            "cal",
+            "--no-progress",
+            "--format",
+            "json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    spec = json.loads(Path(lake / "runs/run_id=cal/spec.json").read_text())
+    chosen = spec["calibration"]["thresholds"]
+    assert spec["calibration"]["held_out_docs"] == ["doc2"] and spec["densities"] == [0.25, 0.5]
+    assert [c["target"] for c in chosen] == [0.25, 0.5] and all(c["within_tolerance"] for c in chosen)
+    assert {c["config"] for c in spec["configs"]} == {"baseline"} | {f"random@{c['threshold']:g}" for c in chosen}
+    table = {r["config"]: r for r in json.loads(result.stdout)}
+    assert set(table) == {c["config"] for c in spec["configs"]}
+    assert all(r["docs"] == 2 for r in table.values())
