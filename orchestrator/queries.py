@@ -27,25 +27,27 @@ def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the lake's tables as views (hive partitions as columns).
 
     A table with no files yet (a run still starting) is an empty view of its schema, so
-    queries fail only on what they ask, never on what is merely not written yet.
+    queries fail only on what they ask, never on what is merely not written yet. Chunks are read
+    from the parts whose footer checks out, so a part damaged by a crash is ignored, not fatal.
     """
     if not lake.run_ids():
         raise KvorchError(f"lake {lake.uri} has no runs; run kvorch submit --lake {lake.uri} first")
     con = duckdb.connect()
     partitions = [pa.field(name, pa.string()) for name in PARTITION_COLUMNS]
-    _parquet_view(con, "chunks", lake.glob("chunks"), pa.schema([*CHUNK_SCHEMA, *partitions]))
-    _parquet_view(con, "docs", lake.glob("docs"), pa.schema([*DOC_SCHEMA, partitions[0]]))
+    _parquet_view(con, "chunks", lake.valid_parts(), pa.schema([*CHUNK_SCHEMA, *partitions]))
+    _parquet_view(con, "docs", [lake.glob("docs")], pa.schema([*DOC_SCHEMA, partitions[0]]))
     con.execute(f"CREATE VIEW runs AS SELECT * FROM read_json({_quote(lake.glob('runs'))}, union_by_name = true)")
     return con
 
 
-def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, glob: str, schema: pa.Schema) -> None:
+def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, files: list[str], schema: pa.Schema) -> None:
+    listed = ", ".join(_quote(f) for f in files)
     try:
         con.execute(
-            f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_quote(glob)}, hive_partitioning = true, "
+            f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{listed}], hive_partitioning = true, "
             "union_by_name = true)"
         )
-    except duckdb.IOException:
+    except duckdb.IOException:  # no files yet
         con.register(f"_{name}_empty", schema.empty_table())
         con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}_empty")
 

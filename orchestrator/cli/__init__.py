@@ -23,9 +23,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from orchestrator.cli import report, sql, submit
+    from orchestrator.cli import report, sql, status, submit
 
-    for module in (submit, report, sql):
+    for module in (submit, status, report, sql):
         main.add_command(module.command)
 
 
