@@ -4,9 +4,9 @@ The driver keeps one task in flight per actor and hands the next pending task to
 actor finishes first, so a slow document never idles the rest of the pool. Rows come back as
 Arrow tables through the object store and are written to the lake as each task completes.
 
-Faults: an actor that dies (OOM, preemption, a killed process) is replaced by a fresh actor of
-the same name, and its task goes back to the front of the queue for the next live actor; a
-task that raises is retried too. A task that fails more than ``max_retries`` times is recorded
+Faults: an actor that dies (OOM, preemption, a killed process) is restarted by Ray under the
+same name and handle (``max_restarts``), and its task goes back to the front of the queue for
+the next live actor; a task that raises is retried too. A task that fails more than ``max_retries`` times is recorded
 as failed and the rest of the job goes on. Workers never write to the lake, so a dead attempt
 leaves nothing behind and a re-run task's part replaces, never duplicates, its rows.
 """
@@ -105,20 +105,22 @@ def run_pool(
 
     def new_actor(i: int) -> ray.actor.ActorHandle:
         name = f"kvorch-worker-{i}"
-        options = {"name": name, "num_gpus": pool.num_gpus, "num_cpus": pool.num_cpus}
+        # Ray restarts a dead actor; the driver, not Ray, re-runs its task (max_task_retries=0),
+        # so every attempt is counted against --max-retries and recorded.
+        options = {"name": name, "num_gpus": pool.num_gpus, "num_cpus": pool.num_cpus, "max_restarts": -1}
         if env:
             options["runtime_env"] = {"env_vars": env}
         return remote_worker.options(**options).remote(name, settings)
 
-    actors = {i: new_actor(i) for i in range(pool.n_actors)}
+    actors = [new_actor(i) for i in range(pool.n_actors)]
     result = PoolResult()
     pending = list(tasks)  # already longest first
     attempts: dict[str, int] = {}
     in_flight: dict[ray.ObjectRef, tuple[int, Task]] = {}
-    idle = list(actors)
+    idle = list(range(len(actors)))
     try:
         try:
-            result.workers = ray.get([a.describe.remote() for a in actors.values()])
+            result.workers = ray.get([a.describe.remote() for a in actors])
         except RayActorError as exc:
             raise KvorchError(
                 f"a worker failed to start: {str(exc).splitlines()[-1]}; check --model/--device"
@@ -135,7 +137,6 @@ def run_pool(
             except (RayActorError, RayTaskError) as exc:
                 if isinstance(exc, RayActorError):
                     reason = f"worker kvorch-worker-{i} died: {_first_line(exc)}"
-                    actors[i] = new_actor(i)  # the dead actor's name is free again
                 else:
                     reason = _first_line(exc.cause or exc)
                 idle.append(i)
@@ -152,7 +153,7 @@ def run_pool(
             idle.append(i)
             on_progress(task, True, result)
     finally:
-        for actor in actors.values():
+        for actor in actors:
             ray.kill(actor)
     return result
 
