@@ -95,11 +95,15 @@ def run_pool(
     tasks: list[Task],
     settings: WorkerSettings,
     pool: PoolPlan,
+    result: PoolResult,
     on_rows: Callable[[Task, pa.Table], int],
     on_progress: Callable[[Task, bool, PoolResult], None],
     max_retries: int = DEFAULT_MAX_RETRIES,
-) -> PoolResult:
-    """Run every task on the pool; failures are retried, then recorded per task, never dropped."""
+) -> None:
+    """Run every task on the pool; failures are retried, then recorded per task, never dropped.
+
+    ``result`` is filled as tasks finish, so an interrupted pool still tells what it finished.
+    """
     remote_worker = ray.remote(EvalWorker)
     env = forwarded_env()
 
@@ -113,7 +117,6 @@ def run_pool(
         return remote_worker.options(**options).remote(name, settings)
 
     actors = [new_actor(i) for i in range(pool.n_actors)]
-    result = PoolResult()
     pending = list(tasks)  # already longest first
     attempts: dict[str, int] = {}
     in_flight: dict[ray.ObjectRef, tuple[int, Task]] = {}
@@ -155,7 +158,6 @@ def run_pool(
     finally:
         for actor in actors:
             ray.kill(actor)
-    return result
 
 
 def _first_line(exc: BaseException) -> str:

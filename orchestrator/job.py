@@ -148,7 +148,7 @@ def _run(
     result = driver.PoolResult()
     try:
         if todo:
-            result = driver.run_pool(todo, settings, pool, on_rows, on_progress, max_retries)
+            driver.run_pool(todo, settings, pool, result, on_rows, on_progress, max_retries)
         status = "failed" if result.failures else "finished"
     except KvorchError:
         status = "failed"

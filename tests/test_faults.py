@@ -68,6 +68,20 @@ def status(lake: Path, run_id: str) -> dict:
     return json.loads((lake / "runs" / f"run_id={run_id}" / "status.json").read_text())
 
 
+def start_address() -> str:
+    """The session's local Ray, for a driver in a subprocess to join."""
+    return ray.get_runtime_context().gcs_address
+
+
+def wait_for_first_task(proc: subprocess.Popen, lake: Path) -> None:
+    """Until all three parts (one per method) of the first task are in the lake."""
+    tic = time.perf_counter()
+    while len(list(lake.glob("chunks/*/*/part-s0000-g000.parquet"))) < 3:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.perf_counter() - tic < 120, "the first task never finished"
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def reference(local_ray, tmp_path_factory, tiny_model_dir) -> tuple[Path, list[tuple]]:
     """An undisturbed run (lake, rows): 3 docs x 2 chunks x 3 configs, one task per document."""
@@ -147,16 +161,10 @@ def test_a_changed_spec_under_the_same_run_id_is_refused(reference, tmp_path, ti
 def test_a_killed_driver_resumes_with_only_the_missing_tasks(reference, tmp_path, tiny_model_dir):
     lake = tmp_path / "lake"
     args = job_args(tiny_model_dir, lake, "--actors", "1")
-    address = ray.get_runtime_context().gcs_address
     env = {**os.environ, FAULT_ENV: "hang:task=s0001-g000"}  # the second task never returns
-    tic = time.perf_counter()
-    proc = subprocess.Popen([KVORCH, *args, "--address", address], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([KVORCH, *args, "--address", start_address()], env=env, stderr=subprocess.PIPE, text=True)
     try:
-        first = lake / "chunks"
-        while len(list(first.glob("*/*/part-s0000-g000.parquet"))) < 3:
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.perf_counter() - tic < 120, "the first task never finished"
-            time.sleep(0.2)
+        wait_for_first_task(proc, lake)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -169,6 +177,20 @@ def test_a_killed_driver_resumes_with_only_the_missing_tasks(reference, tmp_path
     assert f"run {run_id}:" in result.output and "(1 done, 2 to go)" in result.output
     assert rows(lake, run_id) == reference[1]
     assert [p.name for p in (lake / "runs").iterdir()] == [run_dir.name]
+
+
+def test_ctrl_c_keeps_finished_parts_and_records_an_interrupted_run(local_ray, tmp_path, tiny_model_dir):
+    lake = tmp_path / "lake"
+    env = {**os.environ, FAULT_ENV: "hang:task=s0001-g000"}
+    args = [*job_args(tiny_model_dir, lake, "--run-id", "r", "--actors", "1"), "--address", start_address()]
+    proc = subprocess.Popen([KVORCH, *args], env=env, stderr=subprocess.PIPE, text=True)
+    wait_for_first_task(proc, lake)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted; finished parts are kept" in err
+    assert status(lake, "r")["status"] == "interrupted" and status(lake, "r")["tasks_done"] == ["s0000-g000"]
+    assert len(list(lake.glob("chunks/*/*/part-s0000-g000.parquet"))) == 3
 
 
 @pytest.fixture(scope="module")
