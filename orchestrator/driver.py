@@ -79,11 +79,13 @@ def plan_pool(actors: int | None, device: str, gpus_per_actor: float | None = No
     gpus = resources.get("GPU", 0.0)
     use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
     if use_gpu:
-        if gpus_per_actor is not None:
+        # No GPU visible yet (an autoscaling cluster at zero workers): ask for whole GPUs, and
+        # the pending actors make the autoscaler start GPU nodes.
+        if gpus_per_actor:
             n = actors or max(1, int(gpus / gpus_per_actor))
             return PoolPlan(n, num_gpus=gpus_per_actor, num_cpus=1, device="cuda")
         n = actors or max(1, int(gpus))
-        return PoolPlan(n, num_gpus=min(1.0, gpus / n), num_cpus=1, device="cuda")
+        return PoolPlan(n, num_gpus=min(1.0, gpus / n) if gpus else 1.0, num_cpus=1, device="cuda")
     n = actors or 1
     node_cpus = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)
     return PoolPlan(

@@ -22,7 +22,11 @@ def test_pool_sizes_gpu_fractions_and_cpu_nodes(monkeypatch):
     assert driver.plan_pool(None, "auto") == driver.PoolPlan(2, num_gpus=1.0, num_cpus=1, device="cuda")
     assert driver.plan_pool(None, "auto", gpus_per_actor=0.5) == driver.PoolPlan(4, 0.5, 1, "cuda")
     assert driver.plan_pool(3, "auto", gpus_per_actor=0.25) == driver.PoolPlan(3, 0.25, 1, "cuda")
+    assert driver.plan_pool(3, "auto") == driver.PoolPlan(3, num_gpus=2 / 3, num_cpus=1, device="cuda")
     assert driver.plan_pool(2, "cpu") == driver.PoolPlan(2, num_gpus=0, num_cpus=8, device="cpu")
+    fake_cluster(monkeypatch, gpus=0, node_cpus=[8])
+    # --device cuda on a cluster scaled to zero GPU nodes: whole GPUs, so the autoscaler adds nodes.
+    assert driver.plan_pool(2, "cuda") == driver.PoolPlan(2, num_gpus=1.0, num_cpus=1, device="cuda")
     fake_cluster(monkeypatch, gpus=0, node_cpus=[1, 1])
     # One actor may not ask for more cores than one node has, or Ray could never place it.
     assert driver.plan_pool(None, "auto") == driver.PoolPlan(1, num_gpus=0, num_cpus=1, device="cpu")
@@ -64,3 +68,16 @@ def test_detached_entrypoint_repeats_the_users_options():
 )
 def test_jobs_api_address(address, expected):
     assert ray_jobs.jobs_address(address) == expected
+
+
+def test_cluster_yaml_passes_the_cluster_launchers_own_validation():
+    from pathlib import Path
+
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load((Path(__file__).parents[1] / "cluster.yaml").read_text()))
+    validate_config(config)  # what `ray up` runs first
+    assert config["available_node_types"]["head"]["resources"] == {"CPU": 0}
+    assert config["available_node_types"]["gpu_worker"]["resources"]["GPU"] == 1
+    assert f"ray[default]=={ray.__version__}" in " ".join(config["setup_commands"])

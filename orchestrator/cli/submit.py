@@ -139,6 +139,8 @@ def command(
         raise KvorchError(f"--actors must be >= 1, got {actors}")
     if gpus_per_actor is not None and gpus_per_actor <= 0:
         raise KvorchError(f"--gpus-per-actor must be > 0, got {gpus_per_actor}")
+    if gpus_per_actor is not None and device == "cpu":
+        raise KvorchError("--gpus-per-actor asks for GPUs but --device is cpu; drop one of them")
     if max_retries < 0:
         raise KvorchError(f"--max-retries must be >= 0, got {max_retries}")
     if resume_id and run_id and resume_id != run_id:
