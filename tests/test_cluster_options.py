@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 import pytest
 import ray
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
 
 from orchestrator import driver, ray_jobs
 from orchestrator.cli.submit import command
@@ -71,11 +74,6 @@ def test_jobs_api_address(address, expected):
 
 
 def test_cluster_yaml_passes_the_cluster_launchers_own_validation():
-    from pathlib import Path
-
-    import yaml
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
     config = prepare_config(yaml.safe_load((Path(__file__).parents[1] / "cluster.yaml").read_text()))
     validate_config(config)  # what `ray up` runs first
     assert config["available_node_types"]["head"]["resources"] == {"CPU": 0}
