@@ -72,7 +72,17 @@ def submit(
     started_ray = driver.start_ray(address, namespace=f"kvorch-{run_id}")
     try:
         return _run(
-            spec, lake, run_id, previous, fingerprint, docs, docs_table, tic, show_progress, max_retries, gpus_per_actor
+            spec,
+            lake,
+            run_id,
+            previous,
+            fingerprint,
+            docs,
+            docs_table,
+            tic,
+            show_progress=show_progress,
+            max_retries=max_retries,
+            gpus_per_actor=gpus_per_actor,
         )
     finally:
         if started_ray:
@@ -88,6 +98,7 @@ def _run(
     docs: list[TokenizedDocument],
     docs_table: pa.Table,
     tic: float,
+    *,
     show_progress: bool,
     max_retries: int,
     gpus_per_actor: float | None,
@@ -103,6 +114,8 @@ def _run(
     n_shards = previous["n_shards"] if previous else default_shards(pool.n_actors)
     tasks = plan_tasks(docs, list(spec.configs), n_shards, spec.batch_configs)
 
+    # Claim the run before spec.json exists, so no other submission takes it for an abandoned one.
+    lake.write_status(run_id, running_status())
     if previous:
         valid, damaged = lake.inventory(run_id)
         lake.delete(damaged + lake.temporaries(run_id))
@@ -129,7 +142,6 @@ def _run(
         f"({len(done)} done, {len(todo)} to go) on {pool.n_actors} {pool.device} actor(s) -> {lake.uri}",
         file=sys.stderr,
     )
-    lake.write_status(run_id, running_status())
 
     progress = Progress(tasks, done, show_progress)
     last_beat = time.monotonic()
