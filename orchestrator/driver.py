@@ -3,11 +3,18 @@
 The driver keeps one task in flight per actor and hands the next pending task to whichever
 actor finishes first, so a slow document never idles the rest of the pool. Rows come back as
 Arrow tables through the object store and are written to the lake as each task completes.
+
+Faults: an actor that dies (OOM, preemption, a killed process) is restarted by Ray under the
+same name and handle (``max_restarts``), and its task goes back to the front of the queue for
+the next live actor; a task that raises is retried too. A task that fails more than ``max_retries`` times is recorded
+as failed and the rest of the job goes on. Workers never write to the lake, so a dead attempt
+leaves nothing behind and a re-run task's part replaces, never duplicates, its rows.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,7 +22,11 @@ import pyarrow as pa
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from orchestrator.errors import KvorchError
 from workers.actor import EvalWorker, Task, WorkerSettings
+from workers.faults import forwarded_env
+
+DEFAULT_MAX_RETRIES = 3
 
 
 @dataclass(frozen=True)
@@ -37,73 +48,120 @@ class PoolResult:
     rows_written: int = 0
     tasks_done: list[str] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
+    retries: int = 0
     workers: list[dict] = field(default_factory=list)
 
 
-def start_ray(address: str | None, namespace: str) -> None:
-    """Join ``address`` (a cluster) or start an embedded local Ray; no-op when already up."""
+def start_ray(address: str | None, namespace: str) -> bool:
+    """Join ``address`` (a cluster) or start an embedded local Ray; returns whether it started one.
+
+    The embedded Ray starts its dashboard on 127.0.0.1 when ``ray[default]`` is installed and
+    prints its URL. Already initialized (tests, notebooks): nothing to do.
+    """
     if ray.is_initialized():
-        return
-    ray.init(address=address, namespace=namespace, log_to_driver=False, num_cpus=None if address else os.cpu_count())
+        return False
+    if address:
+        ray.init(address=address, namespace=namespace, log_to_driver=False)
+        return False
+    context = ray.init(namespace=namespace, log_to_driver=False, num_cpus=os.cpu_count(), dashboard_host="127.0.0.1")
+    if context.dashboard_url:
+        print(f"kvorch: Ray dashboard at http://{context.dashboard_url}", file=sys.stderr)
+    return True
 
 
-def plan_pool(actors: int | None, device: str) -> PoolPlan:
-    """One actor per GPU (or one CPU actor sharing the cores) unless ``actors`` says otherwise."""
+def plan_pool(actors: int | None, device: str, gpus_per_actor: float | None = None) -> PoolPlan:
+    """One actor per GPU (or one CPU actor sharing a node's cores) unless told otherwise.
+
+    ``gpus_per_actor`` (fractions allowed) packs several actors onto one GPU. CPU actors never
+    ask for more cores than the largest node has, or Ray could never place them.
+    """
     resources = ray.cluster_resources()
-    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
-    use_gpu = device == "cuda" or (device == "auto" and gpus >= 1)
+    gpus = resources.get("GPU", 0.0)
+    use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
     if use_gpu:
+        # No GPU visible yet (an autoscaling cluster at zero workers): ask for whole GPUs, and
+        # the pending actors make the autoscaler start GPU nodes.
+        if gpus_per_actor:
+            n = actors or max(1, int(gpus / gpus_per_actor))
+            return PoolPlan(n, num_gpus=gpus_per_actor, num_cpus=1, device="cuda")
         n = actors or max(1, int(gpus))
-        return PoolPlan(n, num_gpus=min(1.0, gpus / n), num_cpus=1, device="cuda")
+        return PoolPlan(n, num_gpus=min(1.0, gpus / n) if gpus else 1.0, num_cpus=1, device="cuda")
     n = actors or 1
-    return PoolPlan(n, num_gpus=0, num_cpus=max(1, int(cpus) // n), device="cpu")
+    node_cpus = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)
+    return PoolPlan(
+        n, num_gpus=0, num_cpus=max(1, min(int(resources.get("CPU", 1)) // n, int(node_cpus))), device="cpu"
+    )
 
 
 def run_pool(
     tasks: list[Task],
     settings: WorkerSettings,
     pool: PoolPlan,
+    result: PoolResult,
     on_rows: Callable[[Task, pa.Table], int],
-    on_progress: Callable[[Task], None],
-) -> PoolResult:
-    """Run every task on the pool; failures are recorded per task, never silently dropped."""
+    on_progress: Callable[[Task, bool, PoolResult], None],
+    max_retries: int = DEFAULT_MAX_RETRIES,
+) -> None:
+    """Run every task on the pool; failures are retried, then recorded per task, never dropped.
+
+    ``result`` is filled as tasks finish, so an interrupted pool still tells what it finished.
+    """
     remote_worker = ray.remote(EvalWorker)
-    actors = [
-        remote_worker.options(name=f"kvorch-worker-{i}", num_gpus=pool.num_gpus, num_cpus=pool.num_cpus).remote(
-            f"kvorch-worker-{i}", settings
-        )
-        for i in range(pool.n_actors)
-    ]
-    result = PoolResult()
+    env = forwarded_env()
+
+    def new_actor(i: int) -> ray.actor.ActorHandle:
+        name = f"kvorch-worker-{i}"
+        # Ray restarts a dead actor; the driver, not Ray, re-runs its task (max_task_retries=0),
+        # so every attempt is counted against --max-retries and recorded.
+        options = {"name": name, "num_gpus": pool.num_gpus, "num_cpus": pool.num_cpus, "max_restarts": -1}
+        if env:
+            options["runtime_env"] = {"env_vars": env}
+        return remote_worker.options(**options).remote(name, settings)
+
+    actors = [new_actor(i) for i in range(pool.n_actors)]
     pending = list(tasks)  # already longest first
-    in_flight: dict[ray.ObjectRef, tuple[ray.actor.ActorHandle, Task]] = {}
-    idle = list(actors)
+    attempts: dict[str, int] = {}
+    in_flight: dict[ray.ObjectRef, tuple[int, Task]] = {}
+    idle = list(range(len(actors)))
     try:
-        result.workers = ray.get([a.describe.remote() for a in actors])
+        try:
+            result.workers = ray.get([a.describe.remote() for a in actors])
+        except RayActorError as exc:
+            raise KvorchError(
+                f"a worker failed to start: {str(exc).splitlines()[-1]}; check --model/--device"
+            ) from None
         while pending or in_flight:
             while idle and pending:
-                actor, task = idle.pop(0), pending.pop(0)
-                in_flight[actor.run.options(name=f"kvorch-task-{task.task_id}").remote(task)] = (actor, task)
-            if not in_flight:
-                break
+                i, task = idle.pop(0), pending.pop(0)
+                ref = actors[i].run.options(name=f"kvorch-task-{task.task_id}").remote(task)
+                in_flight[ref] = (i, task)
             [done], _ = ray.wait(list(in_flight), num_returns=1)
-            actor, task = in_flight.pop(done)
+            i, task = in_flight.pop(done)
             try:
                 rows = ray.get(done)
-            except RayActorError as exc:
-                result.failures[task.task_id] = f"worker died: {exc}"
-                continue  # the actor is gone: it does not return to the pool
-            except RayTaskError as exc:
-                result.failures[task.task_id] = str(exc.cause or exc).splitlines()[0]
-                idle.append(actor)
+            except (RayActorError, RayTaskError) as exc:
+                if isinstance(exc, RayActorError):
+                    reason = f"worker kvorch-worker-{i} died: {_first_line(exc)}"
+                else:
+                    reason = _first_line(exc.cause or exc)
+                idle.append(i)
+                attempts[task.task_id] = attempts.get(task.task_id, 0) + 1
+                if attempts[task.task_id] > max_retries:
+                    result.failures[task.task_id] = f"{reason} (after {attempts[task.task_id]} attempts)"
+                else:
+                    result.retries += 1
+                    pending.insert(0, task)
+                on_progress(task, False, result)
                 continue
             result.rows_written += on_rows(task, rows)
             result.tasks_done.append(task.task_id)
-            on_progress(task)
-            idle.append(actor)
-        for task in pending:
-            result.failures[task.task_id] = "no live worker left to run it"
+            idle.append(i)
+            on_progress(task, True, result)
     finally:
         for actor in actors:
             ray.kill(actor)
-    return result
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

@@ -1,7 +1,8 @@
 """A submission end to end: validate, tokenize, plan, run on Ray, stream rows into the lake.
 
 Everything that can be wrong with the input is checked before the lake is touched, so a bad
-submission never leaves anything behind and never alters existing runs.
+submission never leaves anything behind and never alters existing runs. A submission whose
+spec matches an unfinished run (or ``--resume RUN_ID``) computes only that run's missing tasks.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from importlib import metadata
 
 import pyarrow as pa
 import ray
-from tqdm import tqdm
 
 from orchestrator import calibration, driver
 from orchestrator.corpus import load_corpus
 from orchestrator.errors import KvorchError
-from orchestrator.lake import Lake, new_run_id
-from orchestrator.planner import TokenizedDocument, check_lengths, plan_tasks
+from orchestrator.lake import Lake
+from orchestrator.planner import TokenizedDocument, check_lengths, default_shards, plan_tasks
+from orchestrator.progress import Progress
+from orchestrator.resume import HEARTBEAT_SECONDS, choose_run, done_tasks, running_status, spec_hash
 from orchestrator.spec import JobSpec
 from workers.actor import Task, WorkerSettings
 from workers.models import load_tokenizer, resolve_model, tokenize
@@ -38,10 +40,21 @@ class JobResult:
 
 
 def submit(
-    spec: JobSpec, lake: Lake, run_id: str | None = None, address: str | None = None, show_progress: bool = True
+    spec: JobSpec,
+    lake: Lake,
+    run_id: str | None = None,
+    address: str | None = None,
+    show_progress: bool = True,
+    resume: bool = False,
+    max_retries: int = driver.DEFAULT_MAX_RETRIES,
+    gpus_per_actor: float | None = None,
 ) -> JobResult:
+    """Run ``spec`` into ``lake``: a fresh run, or the missing tasks of an unfinished one.
+
+    ``resume`` means ``run_id`` must already exist. Ctrl-C (KeyboardInterrupt) keeps every
+    finished part, records the run as interrupted, shuts down an embedded Ray and re-raises.
+    """
     tic = time.perf_counter()
-    run_id = run_id or new_run_id()
     try:
         resolve_model(spec.model)
     except ValueError as exc:
@@ -53,66 +66,127 @@ def submit(
     check_lengths(docs, spec.chunk_size)
     held_out = calibration.held_out_documents(corpus, spec, tokenizer) if spec.densities else []
     lake.ensure_writable()
-    if lake.run_exists(run_id):
-        raise KvorchError(
-            f"run {run_id} already exists in lake {lake.uri}; pass a new --run-id (or none for a fresh one)"
-        )
+    docs_table = _docs_table(docs)
+    fingerprint = spec_hash(spec.to_json(), docs_table)
+    target = choose_run(lake, run_id, fingerprint, spec.to_json(), must_exist=resume)
+    run_id, previous = target.run_id, target.previous
 
-    driver.start_ray(address, namespace=f"kvorch-{run_id}")
-    pool = driver.plan_pool(spec.actors, spec.device)
+    started_ray = driver.start_ray(address, namespace=f"kvorch-{run_id}")
+    try:
+        return _run(
+            spec,
+            lake,
+            run_id,
+            previous,
+            fingerprint,
+            docs,
+            docs_table,
+            held_out,
+            tic,
+            show_progress=show_progress,
+            max_retries=max_retries,
+            gpus_per_actor=gpus_per_actor,
+        )
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _run(
+    spec: JobSpec,
+    lake: Lake,
+    run_id: str,
+    previous: dict | None,
+    fingerprint: str,
+    docs: list[TokenizedDocument],
+    docs_table: pa.Table,
+    held_out: list[TokenizedDocument],
+    tic: float,
+    *,
+    show_progress: bool,
+    max_retries: int,
+    gpus_per_actor: float | None,
+) -> JobResult:
+    pool = driver.plan_pool(spec.actors, spec.device, gpus_per_actor)
     dtype = spec.dtype if spec.dtype != "auto" else ("bfloat16" if pool.device == "cuda" else "float32")
+    if previous and previous.get("dtype_resolved") != dtype:
+        raise KvorchError(
+            f"run {run_id} was computed in {previous.get('dtype_resolved')}, this pool would use {dtype}; "
+            f"pass --dtype {previous.get('dtype_resolved')} to resume it"
+        )
     settings = WorkerSettings(spec.model, dtype, pool.device, pool.threads, spec.engine)
+    n_shards = previous["n_shards"] if previous else default_shards(pool.n_actors)
+    # Calibration is deterministic for a given spec, documents and dtype: a resumed run redoes it
+    # and gets the thresholds, hence the tasks, of its first attempt.
     calibrated = calibration.run(spec, held_out, settings, pool) if spec.densities else []
     if calibrated:
         spec = calibration.calibrated_spec(spec, calibrated)
-    tasks = plan_tasks(docs, list(spec.configs), pool.n_actors, spec.batch_configs)
+    tasks = plan_tasks(docs, list(spec.configs), n_shards, spec.batch_configs)
 
-    lake.write_spec(
-        run_id,
-        {
-            **spec.to_json(),
-            "dtype_resolved": dtype,
-            "schema_version": SCHEMA_VERSION,
-            "versions": _versions(),
-            "hardware": _hardware(pool),
-            "tasks": [t.task_id for t in tasks],
-            "calibration": calibration.to_json(held_out, calibrated) if calibrated else None,
-        },
-    )
-    lake.write_docs(run_id, _docs_table(docs))
+    # Claim the run before spec.json exists, so no other submission takes it for an abandoned one.
+    lake.write_status(run_id, running_status())
+    if previous:
+        valid, damaged = lake.inventory(run_id)
+        lake.delete(damaged + lake.temporaries(run_id))
+        done = done_tasks(valid, previous["tasks"])
+    else:
+        done = set()
+        lake.write_spec(
+            run_id,
+            {
+                **spec.to_json(),
+                "spec_hash": fingerprint,
+                "dtype_resolved": dtype,
+                "schema_version": SCHEMA_VERSION,
+                "versions": _versions(),
+                "hardware": _hardware(pool),
+                "n_shards": n_shards,
+                "tasks": {t.task_id: sorted({c.method for c in t.configs}) for t in tasks},
+                "calibration": calibration.to_json(held_out, calibrated) if calibrated else None,
+            },
+        )
+        lake.write_docs(run_id, docs_table)
+    todo = [t for t in tasks if t.task_id not in done]
     print(
         f"kvorch: run {run_id}: {len(docs)} docs x {len(spec.configs)} configs = {len(tasks)} tasks "
-        f"on {pool.n_actors} {pool.device} actor(s) -> {lake.uri}",
+        f"({len(done)} done, {len(todo)} to go) on {pool.n_actors} {pool.device} actor(s) -> {lake.uri}",
         file=sys.stderr,
     )
 
-    bar = tqdm(
-        total=sum(t.cost for t in tasks), unit="tok", unit_scale=True, disable=not show_progress, desc="token-configs"
-    )
+    progress = Progress(tasks, done, show_progress)
+    last_beat = time.monotonic()
 
     def on_rows(task: Task, rows: pa.Table) -> int:
         return lake.write_rows(run_id, task.task_id, rows)
 
-    def on_progress(task: Task) -> None:
-        bar.update(task.cost)
+    def on_progress(task: Task, succeeded: bool, state: driver.PoolResult) -> None:
+        nonlocal last_beat
+        progress.update(task, succeeded, state)
+        if time.monotonic() - last_beat > HEARTBEAT_SECONDS:
+            lake.write_status(run_id, running_status())
+            last_beat = time.monotonic()
 
     status = "interrupted"
     result = driver.PoolResult()
     try:
-        result = driver.run_pool(tasks, settings, pool, on_rows, on_progress)
+        if todo:
+            driver.run_pool(todo, settings, pool, result, on_rows, on_progress, max_retries)
         status = "failed" if result.failures else "finished"
-    except ray.exceptions.RayActorError as exc:
+    except KvorchError:
         status = "failed"
-        raise KvorchError(f"a worker failed to start: {str(exc).splitlines()[-1]}; check --model/--device") from None
+        raise
     finally:
-        bar.close()
+        progress.close()
         lake.write_status(
             run_id,
             {
                 "status": status,
                 "rows": result.rows_written,
+                "tasks_total": len(tasks),
+                "tasks_resumed": len(done),
                 "tasks_done": result.tasks_done,
                 "failures": result.failures,
+                "retries": result.retries,
                 "workers": result.workers,
                 "seconds": round(time.perf_counter() - tic, 3),
             },

@@ -2,13 +2,16 @@
 
 ```
 <lake>/runs/run_id=<id>/spec.json      job spec, versions, hardware, configs
-<lake>/runs/run_id=<id>/status.json    written when the run ends (finished / failed)
+<lake>/runs/run_id=<id>/status.json    written when the run ends (finished / failed / interrupted)
 <lake>/chunks/run_id=<id>/method=<m>/part-<task>.parquet
 <lake>/docs/run_id=<id>/docs.parquet
 ```
 Parts are written under a name readers do not match (``*.parquet.tmp-*``) and renamed when
-complete, so a reader never sees half a file. The lake is any pyarrow filesystem URI; plain
-paths are local.
+complete, so a reader never sees half a file. A part is named by its task id, so a re-run task
+renames over its own part and never duplicates rows; runs live under their own ``run_id=``
+directories, so concurrent runs never touch each other's files. On filesystems without atomic
+rename, a crash can still leave a damaged part: :meth:`Lake.valid_parts` checks every footer and
+readers and resumes skip what fails. The lake is any pyarrow filesystem URI; plain paths are local.
 """
 
 from __future__ import annotations
@@ -79,6 +82,64 @@ class Lake:
 
     def run_exists(self, run_id: str) -> bool:
         return self.fs.get_file_info(self.run_dir(run_id)).type != pafs.FileType.NotFound
+
+    def read_json(self, path: str) -> dict | None:
+        try:
+            with self.fs.open_input_stream(path) as src:
+                return json.loads(src.read())
+        except FileNotFoundError:
+            return None
+
+    def read_spec(self, run_id: str) -> dict | None:
+        return self.read_json(self.run_dir(run_id) + "/spec.json")
+
+    def read_status(self, run_id: str) -> dict | None:
+        return self.read_json(self.run_dir(run_id) + "/status.json")
+
+    def parts(self, run_id: str | None = None) -> list[str]:
+        """Every complete-named part of ``run_id`` (default: all runs), temporaries excluded."""
+        base = self.path("chunks", f"run_id={run_id}") if run_id else self.path("chunks")
+        selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+        return sorted(
+            info.path
+            for info in self.fs.get_file_info(selector)
+            if info.type == pafs.FileType.File and info.base_name.startswith("part-") and info.path.endswith(".parquet")
+        )
+
+    def part_rows(self, path: str) -> int | None:
+        """A part's row count from its footer, or None when the part is damaged (truncated,
+        not Parquet, or not the lake's schema)."""
+        try:
+            meta = pq.read_metadata(path, filesystem=self.fs)
+        except (OSError, pa.ArrowException):
+            return None
+        ok = meta.num_rows > 0 and meta.schema.to_arrow_schema().remove_metadata().equals(CHUNK_SCHEMA)
+        return meta.num_rows if ok else None
+
+    def valid_parts(self, run_id: str | None = None) -> list[str]:
+        return [p for p in self.parts(run_id) if self.part_rows(p) is not None]
+
+    def inventory(self, run_id: str) -> tuple[dict[tuple[str, str], int], list[str]]:
+        """Valid parts of a run as {(task_id, method): rows}, and the paths of damaged ones."""
+        valid: dict[tuple[str, str], int] = {}
+        damaged = []
+        for path in self.parts(run_id):
+            rows = self.part_rows(path)
+            if rows is None:
+                damaged.append(path)
+                continue
+            method = path.rsplit("/", 2)[-2].split("=", 1)[1]
+            valid[(path.rsplit("/", 1)[-1][len("part-") : -len(".parquet")], method)] = rows
+        return valid, damaged
+
+    def delete(self, paths: list[str]) -> None:
+        for path in paths:
+            self.fs.delete_file(path)
+
+    def temporaries(self, run_id: str) -> list[str]:
+        """Leftovers of a killed writer of this run (``*.tmp-*``): never read, removed on resume."""
+        selector = pafs.FileSelector(self.path("chunks", f"run_id={run_id}"), recursive=True, allow_not_found=True)
+        return [i.path for i in self.fs.get_file_info(selector) if ".tmp-" in i.base_name]
 
     def run_ids(self) -> list[str]:
         selector = pafs.FileSelector(self.path("runs"), allow_not_found=True)

@@ -54,17 +54,26 @@ def group_configs(configs: list[EvalConfig], batch_configs: int) -> list[list[Ev
     return [ordered[i : i + batch_configs] for i in range(0, len(ordered), batch_configs)]
 
 
+def default_shards(n_actors: int) -> int:
+    """Enough shards that a pool stays busy while the longest ones finish."""
+    return n_actors * SHARDS_PER_ACTOR
+
+
 def plan_tasks(
-    docs: list[TokenizedDocument], configs: list[EvalConfig], n_actors: int, batch_configs: int
+    docs: list[TokenizedDocument], configs: list[EvalConfig], n_shards: int, batch_configs: int
 ) -> list[Task]:
-    """Tasks ordered longest first, the order in which actors pull them."""
+    """Tasks ordered longest first, the order in which actors pull them.
+
+    The plan depends only on its arguments, which the run's spec.json records, so a resume on
+    a pool of another size plans the very same task ids.
+    """
     tasks = [
         Task(
             task_id=f"s{si:04d}-g{gi:03d}",
             documents=tuple(TaskDocument(d.document.doc_id, d.token_ids) for d in shard_docs),
             configs=tuple(group),
         )
-        for si, shard_docs in enumerate(shard(docs, n_actors * SHARDS_PER_ACTOR))
+        for si, shard_docs in enumerate(shard(docs, n_shards))
         for gi, group in enumerate(group_configs(configs, batch_configs))
     ]
     return sorted(tasks, key=lambda t: (-t.cost, t.task_id))

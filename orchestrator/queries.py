@@ -58,9 +58,9 @@ def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     check_schema_versions(con, lake)
     partitions = [pa.field(name, pa.string()) for name in PARTITION_COLUMNS]
-    _parquet_view(con, "chunks", lake.glob("chunks"), pa.schema([*CHUNK_SCHEMA, *partitions]))
-    _parquet_view(con, "docs", lake.glob("docs"), pa.schema([*DOC_SCHEMA, partitions[0]]))
-    _parquet_view(con, "scores", lake.glob("scores"), pa.schema([*SCORES_SCHEMA, partitions[0]]))
+    _parquet_view(con, "chunks", lake.valid_parts(), pa.schema([*CHUNK_SCHEMA, *partitions]))
+    _parquet_view(con, "docs", [lake.glob("docs")], pa.schema([*DOC_SCHEMA, partitions[0]]))
+    _parquet_view(con, "scores", [lake.glob("scores")], pa.schema([*SCORES_SCHEMA, partitions[0]]))
     try:
         con.execute(f"CREATE VIEW runs AS SELECT * FROM read_json({_quote(lake.glob('runs'))}, union_by_name = true)")
     except duckdb.IOException:  # a lake with only `kvorch scores` output
@@ -124,13 +124,16 @@ def check_schema_versions(con: duckdb.DuckDBPyConnection, lake: Lake) -> None:
                 )
 
 
-def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, glob: str, schema: pa.Schema) -> None:
+def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, files: list[str], schema: pa.Schema) -> None:
+    listed = ", ".join(_quote(f) for f in files)
     try:
+        if not files:
+            raise duckdb.IOException("no files")
         con.execute(
-            f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_quote(glob)}, hive_partitioning = true, "
+            f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{listed}], hive_partitioning = true, "
             "union_by_name = true)"
         )
-    except duckdb.IOException:
+    except duckdb.IOException:  # no files yet
         con.register(f"_{name}_empty", schema.empty_table())
         con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}_empty")
 

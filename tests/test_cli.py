@@ -142,7 +142,8 @@ def test_bad_input_is_one_line_and_leaves_the_lake_alone(populated_lake, tmp_pat
         ],
         "is not a number": ["--thresholds", "h2o=high"],
         "cannot write to lake": ["--lake", str(blocker / "lake")],
-        "already exists": ["--run-id", "first"],
+        "different spec": ["--run-id", "first"],
+        "no such run": ["--resume", "nope"],
     }
     for fragment, extra in cases.items():
         args = [

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,9 +81,20 @@ class Engine:
         return cos[0].float(), sin[0].float()
 
     @torch.inference_mode()
-    def evaluate(self, doc_id: str, token_ids: torch.Tensor, configs: list[EvalConfig]) -> pa.Table:
-        """One row per (chunk, config) of this document, in ROW_SCHEMA."""
-        return _DocumentRun(self, doc_id, token_ids.to(self.device), configs).execute()
+    def evaluate(
+        self,
+        doc_id: str,
+        token_ids: torch.Tensor,
+        configs: list[EvalConfig],
+        on_chunk: Callable[[], None] | None = None,
+    ) -> pa.Table:
+        """One row per (chunk, config) of this document, in ROW_SCHEMA.
+
+        ``on_chunk`` is called after every chunk: the actor counts progress (and fires its test
+        fault hook) there, at the only granularity finer than a document.
+        """
+        run = _DocumentRun(self, doc_id, token_ids.to(self.device), configs)
+        return run.execute(on_chunk)
 
     @torch.inference_mode()
     def inspect(
@@ -178,7 +190,7 @@ class _DocumentRun:
 
     # --- the chunk loop -------------------------------------------------------------------
 
-    def execute(self) -> pa.Table:
+    def execute(self, on_chunk: Callable[[], None] | None = None) -> pa.Table:
         chunk = self.settings.chunk_size
         b = len(self.configs)
         device = self.engine.device
@@ -211,6 +223,8 @@ class _DocumentRun:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds.append(time.perf_counter() - tic)
+            if on_chunk is not None:
+                on_chunk()
         return self._rows(bounds, nll.cpu(), correct.cpu(), kept.cpu(), seconds)
 
     def attend(

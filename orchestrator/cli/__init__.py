@@ -19,6 +19,7 @@ COMMANDS = {
     "runs": "orchestrator.cli.runs",
     "sql": "orchestrator.cli.sql",
     "scores": "orchestrator.cli.scores",
+    "status": "orchestrator.cli.status",
 }
 
 

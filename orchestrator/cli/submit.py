@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import click
 
-from orchestrator import job
+from orchestrator import job, ray_jobs
 from orchestrator.cli.options import format_option, lake_option
 from orchestrator.cli.report import comparison
 from orchestrator.corpus import EMBEDDED_CORPUS
 from orchestrator.densities import parse_densities
+from orchestrator.driver import DEFAULT_MAX_RETRIES
 from orchestrator.errors import KvorchError
-from orchestrator.lake import Lake
+from orchestrator.lake import Lake, new_run_id
 from orchestrator.spec import JobSpec
 from workers.attention import BACKENDS
 from workers.models import DTYPES, EMBEDDED_MODEL
@@ -92,17 +93,43 @@ def _default(name: str) -> object:
 )
 @click.option("--actors", type=int, default=None, help="Worker actors (default: one per GPU, else one).")
 @click.option(
+    "--gpus-per-actor",
+    type=float,
+    default=None,
+    help="GPUs each actor asks Ray for; fractions pack actors onto one GPU (default: GPUs / actors, at most 1).",
+)
+@click.option(
+    "--max-retries",
+    type=int,
+    default=DEFAULT_MAX_RETRIES,
+    help="Re-runs of a task whose worker died or raised before it is recorded as failed.",
+)
+@click.option(
     "--batch-configs",
     type=int,
     default=_default("batch_configs"),
     help="Configs evaluated together in one batched forward.",
 )
 @lake_option
-@click.option("--run-id", default=None, help="Run id (default: generated from the time, printed).")
-@click.option("--address", default=None, help="Ray cluster address (default: start an embedded local Ray).")
+@click.option(
+    "--run-id",
+    default=None,
+    help="Run id; an existing one is resumed (default: resume the unfinished run of this spec, else a new id).",
+)
+@click.option("--resume", "resume_id", default=None, help="Resume this run id; it must exist, with the same spec.")
+@click.option(
+    "--address",
+    default=None,
+    help="Ray cluster: 'auto', HOST:6379 or ray://HOST:10001 (default: start an embedded local Ray).",
+)
+@click.option(
+    "--detach", is_flag=True, default=False, help="Submit through the Ray Jobs API, print the job id and return."
+)
 @click.option("--progress/--no-progress", default=True, help="Show a live progress bar.")
 @format_option
+@click.pass_context
 def command(
+    ctx: click.Context,
     model: str,
     corpus: str,
     methods: tuple[str, ...],
@@ -118,16 +145,28 @@ def command(
     dtype: str,
     device: str,
     actors: int | None,
+    gpus_per_actor: float | None,
+    max_retries: int,
     batch_configs: int,
     lake: str,
     run_id: str | None,
+    resume_id: str | None,
     address: str | None,
+    detach: bool,
     progress: bool,
     fmt: str,
 ) -> None:
     """Evaluate every chosen method on the corpus and print the comparison table."""
     if actors is not None and actors < 1:
         raise KvorchError(f"--actors must be >= 1, got {actors}")
+    if gpus_per_actor is not None and gpus_per_actor <= 0:
+        raise KvorchError(f"--gpus-per-actor must be > 0, got {gpus_per_actor}")
+    if gpus_per_actor is not None and device == "cpu":
+        raise KvorchError("--gpus-per-actor asks for GPUs but --device is cpu; drop one of them")
+    if max_retries < 0:
+        raise KvorchError(f"--max-retries must be >= 0, got {max_retries}")
+    if resume_id and run_id and resume_id != run_id:
+        raise KvorchError(f"--resume {resume_id} and --run-id {run_id} disagree; pass one of them")
     spec = JobSpec(
         model=model,
         corpus=corpus,
@@ -147,7 +186,26 @@ def command(
         batch_configs=batch_configs,
     )
     target = Lake(lake)
-    result = job.submit(spec, target, run_id=run_id, address=address, show_progress=progress)
+    if detach:
+        run_id = resume_id or run_id or new_run_id()
+        job_id = ray_jobs.submit_job(address, ray_jobs.entrypoint(ctx, target.uri, run_id), f"kvorch-{run_id}")
+        click.echo(job_id)
+        click.echo(f"run {run_id} submitted as Ray job {job_id}; follow it with: kvorch status --lake {lake}", err=True)
+        return
+    try:
+        result = job.submit(
+            spec,
+            target,
+            run_id=resume_id or run_id,
+            address=address,
+            show_progress=progress,
+            resume=resume_id is not None,
+            max_retries=max_retries,
+            gpus_per_actor=gpus_per_actor,
+        )
+    except KeyboardInterrupt:
+        click.echo("kvorch: interrupted; finished parts are kept, run the same command again to resume", err=True)
+        ctx.exit(130)
     click.echo(comparison(target, result.run_id, fmt))
     click.echo(f"run {result.run_id}: {result.rows_written} rows in {result.seconds:.1f} s -> {target.uri}", err=True)
     if result.failures:

@@ -1,0 +1,223 @@
+"""Faults on a real local Ray: dying actors, a killed driver, failing tasks, damaged parts, two
+runs into one lake on a two-node cluster. Every surviving lake must equal an undisturbed run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from click.testing import CliRunner
+from ray.cluster_utils import Cluster
+
+from orchestrator.cli import main
+from orchestrator.lake import Lake
+from orchestrator.queries import connect
+from workers.faults import FAULT_ENV
+
+KVORCH = str(Path(sys.executable).parent / "kvorch")
+# Timing, placement and the run's own id differ between runs; everything else in a row must not.
+VOLATILE = ("forward_seconds", "worker", "run_id")
+
+
+def job_args(model: str, lake: Path, *extra: str) -> list[str]:
+    return [
+        "submit",
+        "--model",
+        model,
+        "--max-docs",
+        "3",
+        "--max-tokens",
+        "128",
+        "--chunk-size",
+        "64",
+        "--window",
+        "32",
+        "--methods",
+        "baseline,window,h2o",
+        "--lake",
+        str(lake),
+        "--no-progress",
+        "--format",
+        "json",
+        *extra,
+    ]
+
+
+def kvorch(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def rows(lake: Path, run_id: str) -> list[tuple]:
+    """Every row of a run, volatile columns dropped, in a canonical order."""
+    con = connect(Lake(str(lake)))
+    names = [c for (c,) in con.execute("SELECT column_name FROM (DESCRIBE chunks)").fetchall() if c not in VOLATILE]
+    columns = ", ".join(f'"{c}"' for c in names)
+    query = f"SELECT {columns} FROM chunks WHERE run_id = ? ORDER BY doc_id, chunk_index, config"
+    return con.execute(query, [run_id]).fetchall()
+
+
+def status(lake: Path, run_id: str) -> dict:
+    return json.loads((lake / "runs" / f"run_id={run_id}" / "status.json").read_text())
+
+
+def start_address() -> str:
+    """The session's local Ray, for a driver in a subprocess to join."""
+    return ray.get_runtime_context().gcs_address
+
+
+def wait_for_first_task(proc: subprocess.Popen, lake: Path) -> None:
+    """Until all three parts (one per method) of the first task are in the lake."""
+    tic = time.perf_counter()
+    while len(list(lake.glob("chunks/*/*/part-s0000-g000.parquet"))) < 3:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.perf_counter() - tic < 120, "the first task never finished"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def reference(local_ray, tmp_path_factory, tiny_model_dir) -> tuple[Path, list[tuple]]:
+    """An undisturbed run (lake, rows): 3 docs x 2 chunks x 3 configs, one task per document."""
+    lake = tmp_path_factory.mktemp("reference") / "lake"
+    result = kvorch(*job_args(tiny_model_dir, lake, "--run-id", "ref"))
+    assert result.exit_code == 0, result.output
+    expected = rows(lake, "ref")
+    assert len(expected) == len(set((r[0], r[1], r[4]) for r in expected)) == 3 * 2 * 3
+    return lake, expected
+
+
+def test_a_killed_actor_is_replaced_and_its_task_rerun(reference, tmp_path, tiny_model_dir, monkeypatch):
+    marker = tmp_path / "died"
+    monkeypatch.setenv(FAULT_ENV, f"exit:after=1,once={marker}")  # dies mid-task, after its first chunk
+    lake = tmp_path / "lake"
+    result = kvorch(*job_args(tiny_model_dir, lake, "--run-id", "r", "--actors", "2"))
+    assert result.exit_code == 0, result.output
+    assert marker.exists()
+    assert status(lake, "r")["retries"] == 1 and status(lake, "r")["status"] == "finished"
+    assert rows(lake, "r") == reference[1]
+
+
+def test_a_task_that_always_fails_is_recorded_and_the_rest_completes(reference, tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "raise:task=s0001-g000")
+    lake = tmp_path / "lake"
+    result = CliRunner().invoke(main, job_args(tiny_model_dir, lake, "--run-id", "r", "--max-retries", "1"))
+    assert result.exit_code != 0
+    error = result.output.strip().splitlines()[-1]
+    assert error.startswith("Error: 1 of 3 tasks failed (first: s0001-g000: ") and "injected failure" in error
+    recorded = status(lake, "r")
+    assert recorded["status"] == "failed" and "after 2 attempts" in recorded["failures"]["s0001-g000"]
+    assert len(recorded["tasks_done"]) == 2
+    got = rows(lake, "r")
+    failed_doc = ({r[0] for r in reference[1]} - {r[0] for r in got}).pop()
+    assert got == [r for r in reference[1] if r[0] != failed_doc]
+    table = json.loads(kvorch("status", "--lake", str(lake), "--run", "r", "--format", "json").stdout)
+    assert table[0] | {"created_at": None} == {
+        "run_id": "r",
+        "status": "failed",
+        "tasks_done": 2,
+        "tasks_total": 3,
+        "rows": 2 * 2 * 3,
+        "failed": 1,
+        "damaged_parts": 0,
+        "created_at": None,
+    }
+
+
+def test_a_truncated_part_is_ignored_by_readers_and_redone(reference, tmp_path, tiny_model_dir):
+    lake = tmp_path / "lake"
+    shutil.copytree(reference[0], lake)
+    part = sorted((lake / "chunks" / "run_id=ref" / "method=h2o").glob("part-*.parquet"))[0]
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])  # a crash on a non-atomic filesystem
+    stray = part.with_name(part.name + ".tmp-dead")
+    stray.write_bytes(b"half a file")
+
+    readable = rows(lake, "ref")
+    assert len(readable) == len(reference[1]) - 2  # the damaged part's two chunks, nothing else
+    table = json.loads(kvorch("status", "--lake", str(lake), "--run", "ref", "--format", "json").stdout)
+    assert (table[0]["tasks_done"], table[0]["damaged_parts"]) == (2, 1)
+
+    result = kvorch(*job_args(tiny_model_dir, lake, "--resume", "ref"))
+    assert result.exit_code == 0, result.output
+    assert "(2 done, 1 to go)" in result.output
+    assert rows(lake, "ref") == reference[1]
+    assert not stray.exists()
+
+
+def test_a_changed_spec_under_the_same_run_id_is_refused(reference, tmp_path, tiny_model_dir):
+    lake = tmp_path / "lake"
+    shutil.copytree(reference[0], lake)
+    result = CliRunner().invoke(main, [*job_args(tiny_model_dir, lake, "--run-id", "ref"), "--window", "16"])
+    assert result.exit_code != 0
+    assert "was made with a different spec (window: 32 -> 16)" in result.output
+
+
+def test_a_killed_driver_resumes_with_only_the_missing_tasks(reference, tmp_path, tiny_model_dir):
+    lake = tmp_path / "lake"
+    args = job_args(tiny_model_dir, lake, "--actors", "1")
+    env = {**os.environ, FAULT_ENV: "hang:task=s0001-g000"}  # the second task never returns
+    proc = subprocess.Popen([KVORCH, *args, "--address", start_address()], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_first_task(proc, lake)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    (run_dir,) = (lake / "runs").iterdir()
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "running"  # as the killed driver left it
+
+    result = kvorch(*args)  # the same command again, no run id: finds the unfinished run
+    assert result.exit_code == 0, result.output
+    run_id = run_dir.name.split("=", 1)[1]
+    assert f"run {run_id}:" in result.output and "(1 done, 2 to go)" in result.output
+    assert rows(lake, run_id) == reference[1]
+    assert [p.name for p in (lake / "runs").iterdir()] == [run_dir.name]
+
+
+def test_ctrl_c_keeps_finished_parts_and_records_an_interrupted_run(local_ray, tmp_path, tiny_model_dir):
+    lake = tmp_path / "lake"
+    env = {**os.environ, FAULT_ENV: "hang:task=s0001-g000"}
+    args = [*job_args(tiny_model_dir, lake, "--run-id", "r", "--actors", "1"), "--address", start_address()]
+    proc = subprocess.Popen([KVORCH, *args], env=env, stderr=subprocess.PIPE, text=True)
+    wait_for_first_task(proc, lake)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted; finished parts are kept" in err
+    assert status(lake, "r")["status"] == "interrupted" and status(lake, "r")["tasks_done"] == ["s0000-g000"]
+    assert len(list(lake.glob("chunks/*/*/part-s0000-g000.parquet"))) == 3
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A Ray cluster of two simulated one-CPU nodes, in processes of its own."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+
+
+def test_two_runs_into_one_lake_at_once_on_two_nodes(reference, two_nodes, tmp_path, tiny_model_dir):
+    lake = tmp_path / "lake"
+    procs = [
+        subprocess.Popen(
+            [KVORCH, *job_args(tiny_model_dir, lake, "--run-id", run_id, "--actors", "1")]
+            + ["--address", two_nodes.address],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for run_id in ("a", "b")
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    for run_id in ("a", "b"):
+        assert rows(lake, run_id) == reference[1]
+        assert status(lake, run_id)["status"] == "finished"
