@@ -63,7 +63,10 @@ def start_ray(address: str | None, namespace: str) -> bool:
     if address:
         ray.init(address=address, namespace=namespace, log_to_driver=False)
         return False
-    context = ray.init(namespace=namespace, log_to_driver=False, num_cpus=os.cpu_count(), dashboard_host="127.0.0.1")
+    # address="local": always a fresh embedded Ray, never another job's instance on this machine.
+    context = ray.init(
+        address="local", namespace=namespace, log_to_driver=False, num_cpus=os.cpu_count(), dashboard_host="127.0.0.1"
+    )
     if context.dashboard_url:
         print(f"kvorch: Ray dashboard at http://{context.dashboard_url}", file=sys.stderr)
     return True
@@ -142,6 +145,7 @@ def run_pool(
             except (RayActorError, RayTaskError) as exc:
                 if isinstance(exc, RayActorError):
                     reason = f"worker kvorch-worker-{i} died: {_first_line(exc)}"
+                    actors[i] = _restarted(actors[i], lambda i=i: new_actor(i))
                 else:
                     reason = _first_line(exc.cause or exc)
                 idle.append(i)
@@ -160,6 +164,19 @@ def run_pool(
     finally:
         for actor in actors:
             ray.kill(actor)
+
+
+def _restarted(actor: ray.actor.ActorHandle, replace: Callable[[], ray.actor.ActorHandle]) -> ray.actor.ActorHandle:
+    """Wait until Ray has restarted a dead actor (it reloads the model), so the re-run task is not
+    sent to an actor that is still down, which would count as another failed attempt."""
+    for _ in range(3):
+        try:
+            ray.get(actor.describe.remote())
+            return actor
+        except RayActorError:
+            continue
+    ray.kill(actor)
+    return replace()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -56,10 +56,15 @@ def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
     if not lake.run_ids() and not lake.exists("scores"):
         raise KvorchError(f"lake {lake.uri} has no runs; run kvorch submit --lake {lake.uri} first")
     con = duckdb.connect()
-    check_schema_versions(con, lake)
+    parts = lake.valid_parts()  # a part damaged by a crash is skipped here, and redone by a resume
+    try:
+        doc_files = [row[0] for row in con.execute("SELECT file FROM glob($g)", {"g": lake.glob("docs")}).fetchall()]
+    except duckdb.IOException:
+        doc_files = []
+    check_schema_versions(con, parts + doc_files)
     partitions = [pa.field(name, pa.string()) for name in PARTITION_COLUMNS]
-    _parquet_view(con, "chunks", lake.valid_parts(), pa.schema([*CHUNK_SCHEMA, *partitions]))
-    _parquet_view(con, "docs", [lake.glob("docs")], pa.schema([*DOC_SCHEMA, partitions[0]]))
+    _parquet_view(con, "chunks", parts, pa.schema([*CHUNK_SCHEMA, *partitions]))
+    _parquet_view(con, "docs", doc_files, pa.schema([*DOC_SCHEMA, partitions[0]]))
     _parquet_view(con, "scores", [lake.glob("scores")], pa.schema([*SCORES_SCHEMA, partitions[0]]))
     try:
         con.execute(f"CREATE VIEW runs AS SELECT * FROM read_json({_quote(lake.glob('runs'))}, union_by_name = true)")
@@ -92,36 +97,35 @@ def _create_macros(con: duckdb.DuckDBPyConnection) -> None:
     con.execute((resources.files("sql") / "_macros.sql").read_text(encoding="utf-8"))
 
 
-def check_schema_versions(con: duckdb.DuckDBPyConnection, lake: Lake) -> None:
-    """Every Parquet file of the lake must carry a schema version this kvorch reads.
+def check_schema_versions(con: duckdb.DuckDBPyConnection, files: list[str]) -> None:
+    """Every Parquet file read must carry a schema version this kvorch reads.
 
     Only footers are read (the key-value metadata), so this costs milliseconds on large lakes.
     """
-    for table in ("chunks", "docs"):
-        try:
-            found = con.execute(
-                "SELECT g.file, decode(m.value) FROM glob($glob) g LEFT JOIN parquet_kv_metadata($glob) m "
-                "ON m.file_name = g.file AND decode(m.key) = 'kvorch_schema_version'",
-                {"glob": lake.glob(table)},
-            ).fetchall()
-        except duckdb.IOException:
-            continue
-        for path, version in found:
-            if version is None or not version.isdigit():
-                raise KvorchError(
-                    f"{path} has no kvorch schema version: not written by kvorch; remove it from lake {lake.uri}"
-                )
-            if int(version) > SCHEMA_VERSION:
-                raise KvorchError(
-                    f"{path} was written with lake schema version {version}, newer than this kvorch reads "
-                    f"({SCHEMA_VERSION}); upgrade kvorch (pip install -U kvorch)"
-                )
-            if int(version) not in READABLE_SCHEMA_VERSIONS:
-                raise KvorchError(
-                    f"{path} was written with lake schema version {version}, which this kvorch no longer reads "
-                    f"(reads {', '.join(map(str, sorted(READABLE_SCHEMA_VERSIONS)))}); re-run that job with "
-                    "kvorch submit or read it with the kvorch version that wrote it"
-                )
+    if not files:
+        return
+    versions = dict(
+        con.execute(
+            "SELECT file_name, decode(value) FROM parquet_kv_metadata($files) "
+            "WHERE decode(key) = 'kvorch_schema_version'",
+            {"files": files},
+        ).fetchall()
+    )
+    for path in files:
+        version = versions.get(path)
+        if version is None or not version.isdigit():
+            raise KvorchError(f"{path} has no kvorch schema version: not written by kvorch; remove it from the lake")
+        if int(version) > SCHEMA_VERSION:
+            raise KvorchError(
+                f"{path} was written with lake schema version {version}, newer than this kvorch reads "
+                f"({SCHEMA_VERSION}); upgrade kvorch (pip install -U kvorch)"
+            )
+        if int(version) not in READABLE_SCHEMA_VERSIONS:
+            raise KvorchError(
+                f"{path} was written with lake schema version {version}, which this kvorch no longer reads "
+                f"(reads {', '.join(map(str, sorted(READABLE_SCHEMA_VERSIONS)))}); re-run that job with "
+                "kvorch submit or read it with the kvorch version that wrote it"
+            )
 
 
 def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, files: list[str], schema: pa.Schema) -> None:
