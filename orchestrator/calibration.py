@@ -126,7 +126,14 @@ def run(spec: JobSpec, held_out: list[TokenizedDocument], settings: WorkerSettin
     )
     try:
         with ray_measure(held_out, settings, pool, spec.batch_configs) as measure:
-            results = calibrate(presses, spec.densities, measure)
+
+            def logged(configs: list[EvalConfig]) -> dict[str, float]:
+                densities = measure(configs)
+                shown = ", ".join(f"{c.label} -> {densities[c.label]:.3f}" for c in configs)
+                print(f"kvorch: calibration: {shown}", file=sys.stderr)
+                return densities
+
+            results = calibrate(presses, spec.densities, logged)
     except ray.exceptions.RayActorError as exc:
         raise KvorchError(
             f"the calibration worker failed: {str(exc).splitlines()[-1]}; check --model/--device"

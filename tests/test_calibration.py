@@ -132,3 +132,20 @@ def test_submit_with_densities_calibrates_then_sweeps(local_ray, tmp_path, tiny_
     table = {r["config"]: r for r in json.loads(result.stdout)}
     assert set(table) == {c["config"] for c in spec["configs"]}
     assert all(r["docs"] == 2 for r in table.values())
+
+
+def test_bad_densities_on_submit_stop_before_the_lake(tmp_path, tiny_model_dir):
+    corpus = tmp_path / "one.jsonl"
+    corpus.write_text(json.dumps({"id": "only", "text": load_corpus("pydoc")[0].text}) + "\n")
+    lake = tmp_path / "lake"
+    base = ["submit", "--model", tiny_model_dir, "--corpus", str(corpus), "--lake", str(lake), "--no-progress"]
+    cases = {
+        "outside (0, 1]": ["--densities", "0.1,1.5"],
+        "pass only one of them": ["--densities", "0.5", "--thresholds", "knorm=-3"],
+        "lower --max-docs or add documents": ["--densities", "0.5", "--max-docs", "1", "--max-tokens", "256"],
+    }
+    for fragment, extra in cases.items():
+        result = CliRunner().invoke(main, [*base, *extra])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1 and fragment in lines[0], (fragment, result.output)
+    assert not lake.exists()
