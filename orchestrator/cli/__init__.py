@@ -23,9 +23,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from orchestrator.cli import report, scores, sql, submit
+    from orchestrator.cli import kvzap, report, scores, sql, submit
 
-    for module in (submit, report, sql, scores):
+    for module in (submit, report, sql, scores, kvzap):
         main.add_command(module.command)
 
 
