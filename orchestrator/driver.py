@@ -44,7 +44,13 @@ def start_ray(address: str | None, namespace: str) -> None:
     """Join ``address`` (a cluster) or start an embedded local Ray; no-op when already up."""
     if ray.is_initialized():
         return
-    ray.init(address=address, namespace=namespace, log_to_driver=False, num_cpus=None if address else os.cpu_count())
+    # "local" always starts our own instance: address=None would join any Ray another user runs here
+    ray.init(
+        address=address or "local",
+        namespace=namespace,
+        log_to_driver=False,
+        num_cpus=None if address else os.cpu_count(),
+    )
 
 
 def plan_pool(actors: int | None, device: str) -> PoolPlan:

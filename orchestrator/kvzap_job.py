@@ -28,6 +28,8 @@ REPEAT_PROMPT = "Repeat the previous context exactly."
 KINDS = ("linear", "mlp")
 # Fractions of held-out keys a suggested threshold keeps: low, moderate and high densities.
 SUGGESTED_DENSITIES = (0.25, 0.5, 0.75)
+# The one recorded in config.json as the press default: a moderate density.
+DEFAULT_DENSITY = 0.5
 
 
 @dataclass(frozen=True)
@@ -156,8 +158,10 @@ def fit(samples: list[TargetSamples], spec: TrainSpec) -> list[FittedKind]:
             r2.append(r2_score(pred, y_test))
             predictions.append(pred.flatten())
         path = out / kind if len(spec.kinds) > 1 else out
-        save_surrogate(modules, path, None if kind == "linear" else spec.mlp.hidden_dim)
-        fitted.append(FittedKind(kind, path, r2, suggest_thresholds(torch.cat(predictions))))
+        thresholds = suggest_thresholds(torch.cat(predictions))
+        hidden_dim = None if kind == "linear" else spec.mlp.hidden_dim
+        save_surrogate(modules, path, hidden_dim, threshold=thresholds[DEFAULT_DENSITY])
+        fitted.append(FittedKind(kind, path, r2, thresholds))
     return fitted
 
 

@@ -12,7 +12,7 @@ from orchestrator.cli import main
 from tests.helpers import tiny_llama
 from workers.kvzap_fit import MLPSettings, fit_mlp, fit_ridge, r2_score
 from workers.kvzap_targets import TargetDocument, extract_targets
-from workers.presses.kvzap import build_surrogate, load_surrogate, save_surrogate
+from workers.presses.kvzap import KVzapPress, build_surrogate, load_surrogate, save_surrogate
 
 
 def naive_targets(model, ids: torch.Tensor, n_context: int) -> list[torch.Tensor]:
@@ -127,7 +127,9 @@ def test_kvzap_train_cli_writes_a_surrogate_the_press_evaluates(local_ray, tmp_p
     assert result.exit_code == 0, result.output
     assert "| layer |" in result.output
     for kind in ("linear", "mlp"):
-        assert json.loads((out / kind / "config.json").read_text())["n_modules"] == 2
+        config = json.loads((out / kind / "config.json").read_text())
+        assert config["n_modules"] == 2 and math.isfinite(config["threshold"])
+        assert KVzapPress(path=str(out / kind)).default_thresholds == (config["threshold"],)
     assert (out / "report.md").is_file() and (out / "r2_per_layer.png").stat().st_size > 0
     lake = str(tmp_path / "lake")
     submitted = runner.invoke(
