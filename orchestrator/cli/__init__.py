@@ -20,6 +20,7 @@ COMMANDS = {
     "sql": "orchestrator.cli.sql",
     "scores": "orchestrator.cli.scores",
     "status": "orchestrator.cli.status",
+    "kvzap": "orchestrator.cli.kvzap",
 }
 
 

@@ -6,6 +6,10 @@ evicted when they leave the window. Loads the published format (kvpress ``KVzapM
 ``config.json`` with ``input_dim``, ``output_dim``, ``hidden_dim`` (null for linear) and
 ``n_modules``, and ``model.safetensors`` with ``module_list.<layer>.*`` weights, from a local
 directory or a hub id. Not part of ``--methods all``: it needs ``path=``.
+
+Surrogates trained by ``kvorch kvzap train`` also record a ``threshold`` in ``config.json`` (a
+kvorch key other loaders ignore): the score that kept about half of the held-out keys. Its scale
+depends on the model, so it is the default instead of the paper's -6 when present.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from workers.presses.base import LayerContext, Press
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+PAPER_THRESHOLD = -6.0
 
 
 def build_surrogate(input_dim: int, output_dim: int, hidden_dim: int | None, n_modules: int) -> nn.ModuleList:
@@ -35,8 +40,11 @@ def build_surrogate(input_dim: int, output_dim: int, hidden_dim: int | None, n_m
     )
 
 
-def save_surrogate(modules: nn.ModuleList, directory: str | Path, hidden_dim: int | None) -> None:
-    """Write ``modules`` in the published format (what ``kvorch kvzap train`` produces)."""
+def save_surrogate(
+    modules: nn.ModuleList, directory: str | Path, hidden_dim: int | None, threshold: float | None = None
+) -> None:
+    """Write ``modules`` in the published format (what ``kvorch kvzap train`` produces), with an
+    optional default ``threshold`` for the press."""
     from safetensors.torch import save_file
 
     first = modules[0] if hidden_dim is None else modules[0][0]
@@ -48,11 +56,22 @@ def save_surrogate(modules: nn.ModuleList, directory: str | Path, hidden_dim: in
         "hidden_dim": hidden_dim,
         "n_modules": len(modules),
     }
+    if threshold is not None:
+        config["threshold"] = threshold
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     state = {f"module_list.{k}": v.detach().contiguous() for k, v in modules.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE))
+
+
+def surrogate_threshold(path: str) -> float:
+    """The threshold recorded with a local surrogate, else the paper's -6 (hub ids are not fetched
+    just to plan a job)."""
+    config = Path(path).expanduser() / CONFIG_FILE
+    if config.is_file():
+        return float(json.loads(config.read_text()).get("threshold", PAPER_THRESHOLD))
+    return PAPER_THRESHOLD
 
 
 @lru_cache(maxsize=4)
@@ -75,7 +94,6 @@ def load_surrogate(path: str) -> nn.ModuleList:
 @dataclass(frozen=True)
 class KVzapPress(Press):
     name = "kvzap"
-    default_thresholds = (-6.0,)
     needs_hidden_states = True
     in_all = False
     n_sink: int = 4
@@ -84,6 +102,11 @@ class KVzapPress(Press):
     def __post_init__(self) -> None:
         if not self.path:
             raise ValueError("kvzap needs path=DIR (config.json + model.safetensors) or path=<hub id>")
+
+    @property
+    def default_thresholds(self) -> tuple[float, ...]:
+        """Per surrogate, not per class: a trained surrogate carries the threshold of its scale."""
+        return (surrogate_threshold(self.path),)
 
     def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
         surrogate = load_surrogate(self.path)

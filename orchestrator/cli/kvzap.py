@@ -1,0 +1,99 @@
+"""``kvorch kvzap train``: fit a KVzap surrogate for any model, in the format the kvzap press loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from orchestrator.corpus import EMBEDDED_CORPUS
+from orchestrator.errors import KvorchError
+from orchestrator.kvzap_job import KINDS, TrainSpec, extract, fit, prepare_documents
+from orchestrator.kvzap_report import r2_table, thresholds_text, write_report
+from workers.kvzap_fit import MLPSettings
+from workers.models import EMBEDDED_MODEL
+
+_MLP = MLPSettings()
+
+
+@click.group("kvzap")
+def command() -> None:
+    """KVzap surrogates: learned per-layer scorers of KVzip+ importance."""
+
+
+@command.command("train")
+@click.option("--model", default=EMBEDDED_MODEL, help="'smollm2' (embedded GGUF), a .gguf, a local HF dir or a hub id.")
+@click.option("--corpus", default=EMBEDDED_CORPUS, help="'pydoc' (embedded), a .jsonl, a .parquet or a dir of .txt.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the surrogate + report.")
+@click.option(
+    "--kind",
+    type=click.Choice([*KINDS, "both"]),
+    default="both",
+    help="linear (ridge) or mlp (2-layer GELU); both writes OUT/linear and OUT/mlp.",
+)
+@click.option("--max-docs", type=int, default=8, help="Documents taken from the corpus (last ones held out).")
+@click.option("--max-tokens", type=int, default=512, help="Context tokens per document (the pass is ~2x that).")
+@click.option("--positions", type=int, default=256, help="Context positions sampled per document (bounds memory).")
+@click.option("--heldout-fraction", type=float, default=0.25, help="Share of documents held out for R².")
+@click.option("--ridge-alpha", type=float, default=1.0, help="L2 penalty of the ridge fit.")
+@click.option("--hidden-dim", type=int, default=_MLP.hidden_dim, help="Hidden width of the MLP.")
+@click.option("--epochs", type=int, default=_MLP.epochs, help="MLP training epochs.")
+@click.option("--lr", type=float, default=_MLP.lr, help="MLP peak learning rate (AdamW, cosine to 0).")
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="auto: GPUs when Ray has them."
+)
+@click.option("--actors", type=int, default=None, help="Extraction actors (default: one per GPU, else one).")
+@click.option("--address", default=None, help="Ray cluster address (default: an embedded local Ray).")
+@click.option("--seed", type=int, default=0, help="Seed of position sampling and MLP training.")
+def train(
+    model: str,
+    corpus: str,
+    out: str,
+    kind: str,
+    max_docs: int,
+    max_tokens: int,
+    positions: int,
+    heldout_fraction: float,
+    ridge_alpha: float,
+    hidden_dim: int,
+    epochs: int,
+    lr: float,
+    device: str,
+    actors: int | None,
+    address: str | None,
+    seed: int,
+) -> None:
+    """Extract KVzip+ targets over the corpus on Ray, fit per layer, write the published format."""
+    for name, value in (("--max-docs", max_docs), ("--max-tokens", max_tokens), ("--positions", positions)):
+        if value < 2:
+            raise KvorchError(f"{name} must be at least 2 (got {value})")
+    if not 0 < heldout_fraction < 1:
+        raise KvorchError(f"--heldout-fraction must be between 0 and 1 (got {heldout_fraction})")
+    if ridge_alpha < 0 or hidden_dim < 1 or epochs < 1 or lr <= 0:
+        raise KvorchError("--ridge-alpha must be >= 0 and --hidden-dim, --epochs, --lr positive")
+    spec = TrainSpec(
+        model=model,
+        corpus=corpus,
+        out=out,
+        kinds=KINDS if kind == "both" else (kind,),
+        max_docs=max_docs,
+        max_tokens=max_tokens,
+        positions=positions,
+        heldout_fraction=heldout_fraction,
+        ridge_alpha=ridge_alpha,
+        mlp=MLPSettings(hidden_dim=hidden_dim, epochs=epochs, lr=lr, seed=seed),
+        device=device,
+        actors=actors,
+        seed=seed,
+    )
+    docs = prepare_documents(spec)
+    samples = extract(docs, spec, address)
+    fitted = fit(samples, spec)
+    header = (
+        f"model `{model}`, corpus `{corpus}`: {len(docs)} documents x {max_tokens} tokens max, "
+        f"{positions} positions sampled per document, held-out fraction {heldout_fraction}"
+    )
+    report, plot = write_report(fitted, Path(out), header)
+    click.echo(r2_table(fitted))
+    click.echo(thresholds_text(fitted))
+    click.echo(f"report -> {report}; plot -> {plot}")
