@@ -6,9 +6,10 @@ Arrow tables through the object store and are written to the lake as each task c
 
 Faults: an actor that dies (OOM, preemption, a killed process) is restarted by Ray under the
 same name and handle (``max_restarts``), and its task goes back to the front of the queue for
-the next live actor; a task that raises is retried too. A task that fails more than ``max_retries`` times is recorded
-as failed and the rest of the job goes on. Workers never write to the lake, so a dead attempt
-leaves nothing behind and a re-run task's part replaces, never duplicates, its rows.
+the next live actor; a task that raises is retried too. A task that fails more than
+``max_retries`` times is recorded as failed and the rest of the job goes on. Workers never
+write to the lake, so a dead attempt leaves nothing behind, and a re-run task's part replaces,
+never duplicates, its rows.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def run_pool(
     remote_worker = ray.remote(EvalWorker)
     env = forwarded_env()
 
-    def new_actor(i: int) -> ray.actor.ActorHandle:
+    def start_actor(i: int) -> ray.actor.ActorHandle:
         name = f"kvorch-worker-{i}"
         # Ray restarts a dead actor; the driver, not Ray, re-runs its task (max_task_retries=0),
         # so every attempt is counted against --max-retries and recorded.
@@ -118,7 +119,7 @@ def run_pool(
             options["runtime_env"] = {"env_vars": env}
         return remote_worker.options(**options).remote(name, settings)
 
-    actors = [new_actor(i) for i in range(pool.n_actors)]
+    actors = [start_actor(i) for i in range(pool.n_actors)]
     pending = list(tasks)  # already longest first
     attempts: dict[str, int] = {}
     in_flight: dict[ray.ObjectRef, tuple[int, Task]] = {}

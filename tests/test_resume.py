@@ -11,7 +11,7 @@ import pytest
 
 from orchestrator.errors import KvorchError
 from orchestrator.lake import Lake
-from orchestrator.resume import choose_run, spec_hash
+from orchestrator.resume import choose_run, done_tasks, spec_hash
 
 SPEC = {"model": "m", "window": 32, "actors": None, "methods": ["baseline"]}
 
@@ -70,3 +70,12 @@ def test_named_runs_resume_or_refuse(lake):
         choose_run(lake, "old", spec_hash(changed, docs()), changed, must_exist=False)
     with pytest.raises(KvorchError, match="documents' contents changed"):
         choose_run(lake, "old", spec_hash(SPEC, docs("changed")), SPEC, must_exist=False)
+
+
+def test_runs_from_before_spec_hashes_are_shown_but_never_resumed(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    lake.write_spec("legacy", {**SPEC, "tasks": ["s0000-g000", "s0001-g000"]})
+    with pytest.raises(KvorchError, match="predates resumable runs"):
+        choose_run(lake, "legacy", spec_hash(SPEC, docs()), SPEC, must_exist=False)
+    assert choose_run(lake, None, spec_hash(SPEC, docs()), SPEC, must_exist=False).run_id != "legacy"
+    assert done_tasks({("s0001-g000", "baseline"): 4}, ["s0000-g000", "s0001-g000"]) == {"s0001-g000"}
