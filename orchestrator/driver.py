@@ -5,8 +5,9 @@ actor finishes first, so a slow document never idles the rest of the pool. Rows 
 Arrow tables through the object store and are written to the lake as each task completes.
 
 Faults: an actor that dies (OOM, preemption, a killed process) is restarted by Ray under the
-same name and handle (``max_restarts``), and its task goes back to the front of the queue for
-the next live actor; a task that raises is retried too. A task that fails more than
+same name and handle (``max_restarts``) and gets work again once a health check says it is
+back; its task goes back to the front of the queue for the next live actor. A task that raises
+is retried too. A task that fails more than
 ``max_retries`` times is recorded as failed and the rest of the job goes on. Workers never
 write to the lake, so a dead attempt leaves nothing behind, and a re-run task's part replaces,
 never duplicates, its rows.
@@ -122,7 +123,8 @@ def run_pool(
     actors = [start_actor(i) for i in range(pool.n_actors)]
     pending = list(tasks)  # already longest first
     attempts: dict[str, int] = {}
-    in_flight: dict[ray.ObjectRef, tuple[int, Task]] = {}
+    # A ref maps to (actor, its task), or (actor, None) for a restarted actor's health check.
+    in_flight: dict[ray.ObjectRef, tuple[int, Task | None]] = {}
     idle = list(range(len(actors)))
     try:
         try:
@@ -136,16 +138,22 @@ def run_pool(
                 i, task = idle.pop(0), pending.pop(0)
                 ref = actors[i].run.options(name=f"kvorch-task-{task.task_id}").remote(task)
                 in_flight[ref] = (i, task)
+            if not in_flight:
+                break  # every actor is gone for good
             [done], _ = ray.wait(list(in_flight), num_returns=1)
             i, task = in_flight.pop(done)
             try:
                 rows = ray.get(done)
             except (RayActorError, RayTaskError) as exc:
+                if task is None:
+                    continue  # the actor could not be restarted: it leaves the pool
                 if isinstance(exc, RayActorError):
                     reason = f"worker kvorch-worker-{i} died: {_first_line(exc)}"
+                    # Back in the pool once Ray has restarted it: the check waits for that.
+                    in_flight[actors[i].describe.options(max_task_retries=-1).remote()] = (i, None)
                 else:
                     reason = _first_line(exc.cause or exc)
-                idle.append(i)
+                    idle.append(i)
                 attempts[task.task_id] = attempts.get(task.task_id, 0) + 1
                 if attempts[task.task_id] > max_retries:
                     result.failures[task.task_id] = f"{reason} (after {attempts[task.task_id]} attempts)"
@@ -154,10 +162,14 @@ def run_pool(
                     pending.insert(0, task)
                 on_progress(task, False, result)
                 continue
+            idle.append(i)
+            if task is None:
+                continue  # a restarted actor is back
             result.rows_written += on_rows(task, rows)
             result.tasks_done.append(task.task_id)
-            idle.append(i)
             on_progress(task, True, result)
+        for task in pending:
+            result.failures[task.task_id] = "no live worker left to run it"
     finally:
         for actor in actors:
             ray.kill(actor)

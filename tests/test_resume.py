@@ -34,8 +34,9 @@ def lake(tmp_path) -> Lake:
     return lake
 
 
-def this_driver(pid: int, host: str = platform.node(), age: float = 0.0) -> dict:
-    return {"status": "running", "driver": {"host": host, "pid": pid}, "heartbeat": time.time() - age}
+def driver(pid: int, host: str = platform.node(), age: float = 0.0) -> dict:
+    """A running status; the heartbeat's age is turned into a time when the test runs."""
+    return {"status": "running", "driver": {"host": host, "pid": pid}, "age": age}
 
 
 @pytest.mark.parametrize(
@@ -45,14 +46,16 @@ def this_driver(pid: int, host: str = platform.node(), age: float = 0.0) -> dict
         ({"status": "interrupted"}, True),
         ({"status": "failed"}, True),
         ({"status": "finished"}, False),  # the same spec again is a new measurement
-        (this_driver(os.getpid()), False),  # a live driver on this host owns it
-        (this_driver(2**22 + 12345), True),  # its driver's pid is gone
-        (this_driver(1, host="elsewhere"), False),  # fresh heartbeat from another host
-        (this_driver(1, host="elsewhere", age=3600), True),  # stale heartbeat
+        (driver(os.getpid()), False),  # a live driver on this host owns it
+        (driver(2**22 + 12345), True),  # its driver's pid is gone
+        (driver(1, host="elsewhere"), False),  # fresh heartbeat from another host
+        (driver(1, host="elsewhere", age=3600), True),  # stale heartbeat
     ],
 )
 def test_without_a_run_id_only_an_abandoned_run_of_the_same_spec_is_resumed(lake, status, resumed):
     if status is not None:
+        if "age" in status:
+            status = {k: v for k, v in status.items() if k != "age"} | {"heartbeat": time.time() - status["age"]}
         lake.write_json(lake.run_dir("old") + "/status.json", status)
     target = choose_run(lake, None, spec_hash(SPEC, docs()), SPEC, must_exist=False)
     assert (target.run_id == "old") is resumed
