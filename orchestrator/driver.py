@@ -65,7 +65,10 @@ def start_ray(address: str | None, namespace: str) -> bool:
     if address:
         ray.init(address=address, namespace=namespace, log_to_driver=False)
         return False
-    context = ray.init(namespace=namespace, log_to_driver=False, num_cpus=os.cpu_count(), dashboard_host="127.0.0.1")
+    # address="local": a new Ray of our own, never a cluster someone `ray start`-ed on this host.
+    context = ray.init(
+        address="local", namespace=namespace, log_to_driver=False, num_cpus=os.cpu_count(), dashboard_host="127.0.0.1"
+    )
     if context.dashboard_url:
         print(f"kvorch: Ray dashboard at http://{context.dashboard_url}", file=sys.stderr)
     return True

@@ -61,6 +61,6 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> str:
 @pytest.fixture(scope="session")
 def local_ray():
     """One embedded Ray for every test that submits jobs; kvorch joins it instead of starting its own."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="kvorch-tests")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="kvorch-tests")
     yield
     ray.shutdown()
