@@ -5,10 +5,12 @@ actor finishes first, so a slow document never idles the rest of the pool. Rows 
 Arrow tables through the object store and are written to the lake as each task completes.
 
 Faults: an actor that dies (OOM, preemption, a killed process) is restarted by Ray under the
-same name and handle (``max_restarts``), and its task goes back to the front of the queue for
-the next live actor; a task that raises is retried too. A task that fails more than ``max_retries`` times is recorded
-as failed and the rest of the job goes on. Workers never write to the lake, so a dead attempt
-leaves nothing behind and a re-run task's part replaces, never duplicates, its rows.
+same name and handle (``max_restarts``) and gets work again once a health check says it is
+back; its task goes back to the front of the queue for the next live actor. A task that raises
+is retried too. A task that fails more than
+``max_retries`` times is recorded as failed and the rest of the job goes on. Workers never
+write to the lake, so a dead attempt leaves nothing behind, and a re-run task's part replaces,
+never duplicates, its rows.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def start_ray(address: str | None, namespace: str) -> bool:
     if address:
         ray.init(address=address, namespace=namespace, log_to_driver=False)
         return False
-    # address="local": always a fresh embedded Ray, never another job's instance on this machine.
+    # address="local": a new Ray of our own, never a cluster someone `ray start`-ed on this host.
     context = ray.init(
         address="local", namespace=namespace, log_to_driver=False, num_cpus=os.cpu_count(), dashboard_host="127.0.0.1"
     )
@@ -112,7 +114,7 @@ def run_pool(
     remote_worker = ray.remote(EvalWorker)
     env = forwarded_env()
 
-    def new_actor(i: int) -> ray.actor.ActorHandle:
+    def start_actor(i: int) -> ray.actor.ActorHandle:
         name = f"kvorch-worker-{i}"
         # Ray restarts a dead actor; the driver, not Ray, re-runs its task (max_task_retries=0),
         # so every attempt is counted against --max-retries and recorded.
@@ -121,10 +123,11 @@ def run_pool(
             options["runtime_env"] = {"env_vars": env}
         return remote_worker.options(**options).remote(name, settings)
 
-    actors = [new_actor(i) for i in range(pool.n_actors)]
+    actors = [start_actor(i) for i in range(pool.n_actors)]
     pending = list(tasks)  # already longest first
     attempts: dict[str, int] = {}
-    in_flight: dict[ray.ObjectRef, tuple[int, Task]] = {}
+    # A ref maps to (actor, its task), or (actor, None) for a restarted actor's health check.
+    in_flight: dict[ray.ObjectRef, tuple[int, Task | None]] = {}
     idle = list(range(len(actors)))
     try:
         try:
@@ -138,17 +141,22 @@ def run_pool(
                 i, task = idle.pop(0), pending.pop(0)
                 ref = actors[i].run.options(name=f"kvorch-task-{task.task_id}").remote(task)
                 in_flight[ref] = (i, task)
+            if not in_flight:
+                break  # every actor is gone for good
             [done], _ = ray.wait(list(in_flight), num_returns=1)
             i, task = in_flight.pop(done)
             try:
                 rows = ray.get(done)
             except (RayActorError, RayTaskError) as exc:
+                if task is None:
+                    continue  # the actor could not be restarted: it leaves the pool
                 if isinstance(exc, RayActorError):
                     reason = f"worker kvorch-worker-{i} died: {_first_line(exc)}"
-                    actors[i] = _restarted(actors[i], lambda i=i: new_actor(i))
+                    # Back in the pool once Ray has restarted it: the check waits for that.
+                    in_flight[actors[i].describe.options(max_task_retries=-1).remote()] = (i, None)
                 else:
                     reason = _first_line(exc.cause or exc)
-                idle.append(i)
+                    idle.append(i)
                 attempts[task.task_id] = attempts.get(task.task_id, 0) + 1
                 if attempts[task.task_id] > max_retries:
                     result.failures[task.task_id] = f"{reason} (after {attempts[task.task_id]} attempts)"
@@ -157,26 +165,17 @@ def run_pool(
                     pending.insert(0, task)
                 on_progress(task, False, result)
                 continue
+            idle.append(i)
+            if task is None:
+                continue  # a restarted actor is back
             result.rows_written += on_rows(task, rows)
             result.tasks_done.append(task.task_id)
-            idle.append(i)
             on_progress(task, True, result)
+        for task in pending:
+            result.failures[task.task_id] = "no live worker left to run it"
     finally:
         for actor in actors:
             ray.kill(actor)
-
-
-def _restarted(actor: ray.actor.ActorHandle, replace: Callable[[], ray.actor.ActorHandle]) -> ray.actor.ActorHandle:
-    """Wait until Ray has restarted a dead actor (it reloads the model), so the re-run task is not
-    sent to an actor that is still down, which would count as another failed attempt."""
-    for _ in range(3):
-        try:
-            ray.get(actor.describe.remote())
-            return actor
-        except RayActorError:
-            continue
-    ray.kill(actor)
-    return replace()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -2,7 +2,7 @@
 
 ```
 <lake>/runs/run_id=<id>/spec.json      job spec, versions, hardware, configs
-<lake>/runs/run_id=<id>/status.json    written when the run ends (finished / failed / interrupted)
+<lake>/runs/run_id=<id>/status.json    running (driver, heartbeat), then finished / failed / interrupted
 <lake>/chunks/run_id=<id>/method=<m>/part-<task>.parquet
 <lake>/docs/run_id=<id>/docs.parquet
 ```
@@ -79,9 +79,6 @@ class Lake:
 
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
-
-    def run_exists(self, run_id: str) -> bool:
-        return self.fs.get_file_info(self.run_dir(run_id)).type != pafs.FileType.NotFound
 
     def read_json(self, path: str) -> dict | None:
         try:

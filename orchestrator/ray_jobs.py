@@ -55,13 +55,18 @@ def jobs_address(address: str | None) -> str | None:
 
 def submit_job(address: str | None, command: str, submission_id: str) -> str:
     """Submit ``command`` as a Ray job and return its id."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     try:
-        client = JobSubmissionClient(jobs_address(address))
+        return JobSubmissionClient(jobs_address(address)).submit_job(entrypoint=command, submission_id=submission_id)
+    except AuthenticationError:
+        raise KvorchError(
+            "the Ray Jobs API wants the cluster's auth token; set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+            "(or ~/.ray/auth_token) as for `ray job submit`"
+        ) from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise KvorchError(
-            f"cannot reach the Ray Jobs API ({str(exc).splitlines()[0]}); pass --address ray://HEAD:10001 or "
+            f"cannot submit to the Ray Jobs API ({str(exc).splitlines()[0]}); pass --address ray://HEAD:10001 or "
             "http://HEAD:8265, or set RAY_ADDRESS"
         ) from None
-    return client.submit_job(entrypoint=command, submission_id=submission_id)

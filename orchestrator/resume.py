@@ -50,7 +50,12 @@ def choose_run(lake: Lake, run_id: str | None, fingerprint: str, spec_json: dict
                 runs = ", ".join(lake.run_ids()) or "none"
                 raise KvorchError(f"--resume {run_id}: no such run in lake {lake.uri} (runs there: {runs})")
             return Target(run_id, None)
-        if stored.get("spec_hash") != fingerprint:
+        if "spec_hash" not in stored:
+            raise KvorchError(
+                f"run {run_id} in lake {lake.uri} predates resumable runs (no spec_hash in its spec.json); "
+                "pass a new --run-id"
+            )
+        if stored["spec_hash"] != fingerprint:
             raise KvorchError(
                 f"run {run_id} in lake {lake.uri} was made with a different spec ({_changes(stored, spec_json)}); "
                 "pass the same options to resume it, or a new --run-id"
@@ -63,10 +68,16 @@ def choose_run(lake: Lake, run_id: str | None, fingerprint: str, spec_json: dict
     return Target(new_run_id(), None)
 
 
-def done_tasks(valid_parts: dict[tuple[str, str], int], task_methods: dict[str, list[str]]) -> set[str]:
+def done_tasks(valid_parts: dict[tuple[str, str], int], tasks: dict[str, list[str]] | list[str]) -> set[str]:
     """Tasks whose every part (one per method) is present and valid. A task with a part missing
-    or damaged is not done: its re-run writes all its parts again, renaming over the old ones."""
-    return {t for t, methods in task_methods.items() if all((t, m) in valid_parts for m in methods)}
+    or damaged is not done: its re-run writes all its parts again, renaming over the old ones.
+
+    ``tasks`` is spec.json's ``{task_id: [methods]}``; runs from before resumable runs stored a
+    bare list of ids, for which any valid part counts (they are never resumed, only shown).
+    """
+    if isinstance(tasks, list):
+        return {t for t, _ in valid_parts if t in tasks}
+    return {t for t, methods in tasks.items() if all((t, m) in valid_parts for m in methods)}
 
 
 def running_status() -> dict:

@@ -24,18 +24,18 @@ def run_progress(lake: Lake, run_id: str) -> list:
         raise KvorchError(
             f"run {run_id!r} has no spec.json in lake {lake.uri}; runs there: {', '.join(lake.run_ids())}"
         )
-    task_methods = spec.get("tasks", {})
+    tasks = spec.get("tasks", {})
     valid, damaged = lake.inventory(run_id)
     status = lake.read_status(run_id) or {}
     state = status.get("status", "unknown")
-    done = done_tasks(valid, task_methods)
-    if state == "running" and len(done) == len(task_methods):
+    done = done_tasks(valid, tasks)
+    if state == "running" and len(done) == len(tasks):
         state = "running (all parts written)"
     return [
         run_id,
         state,
         len(done),
-        len(task_methods),
+        len(tasks),
         sum(valid.values()),
         len(status.get("failures", {})),
         len(damaged),
