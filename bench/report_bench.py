@@ -76,6 +76,7 @@ def generate(lake: Lake, run_id: str, n_docs: int) -> int:
                         "method_params": pa.array(["{}"] * n, pa.string()),
                         "threshold": pa.array([tau] * n, pa.float64()),
                         "policy": pa.array(["threshold"] * n, pa.string()),
+                        "ratio": pa.nulls(n, pa.float64()),
                         "window": np.full(n, WINDOW, np.int32),
                         "n_sink": np.zeros(n, np.int32),
                         "protected_window": np.zeros(n, np.int32),
