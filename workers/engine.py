@@ -187,6 +187,7 @@ class _DocumentRun:
         # evicted, so every row computes the same thing: such chunks run once, with batch 1.
         self.shared_until = min(g.protected for g in self.groups)
         self.shared = False
+        self.causal = torch.ones(0, 0, dtype=torch.bool)  # [c, e] of the current chunk, shared by all layers
 
     # --- the chunk loop -------------------------------------------------------------------
 
@@ -207,6 +208,7 @@ class _DocumentRun:
             if self.needs_prerope:
                 self.chunk_cos, self.chunk_sin = self.engine.rotary(positions)
             self.shared = s <= self.shared_until
+            self.causal = torch.ones(e - s, e, dtype=torch.bool, device=device).tril(diagonal=s)  # all layers
             ids = self.tokens[s:e][None].expand(1 if self.shared else b, -1)
             logits = self.engine.model(
                 input_ids=ids, position_ids=positions[None], use_cache=False, kvorch_run=self
@@ -238,8 +240,7 @@ class _DocumentRun:
         keys, values = self.keys[layer][:, :, :e], self.values[layer][:, :, :e]
         keep = self.keep[layer][:, :, :e]
         self.kept += keep[:, :, :s].sum(dim=(1, 2))
-        causal = torch.ones(e - s, e, dtype=torch.bool, device=keep.device).tril(diagonal=s)
-        visible = keep[:, :, None, :] & causal  # [B, Hkv, c, e]
+        visible = keep[:, :, None, :] & self.causal  # [B, Hkv, c, e]
         rows = query.shape[0]
         out, probs = attention.grouped_attention(
             query, keys[:rows], values[:rows], visible[:rows], scaling, self.settings.attn
