@@ -67,12 +67,7 @@ def _frontier_png(path: Path, run_id: str, pareto: Table, frontier: Table) -> Pa
     ax.set_xlabel("compressible density (kept / keys outside every protected region)")
     ax.set_ylabel("ΔNLL vs baseline (%)")
     ax.set_title(f"Density-ΔNLL frontier, run {run_id} (dotted: --densities)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def _by_position_png(path: Path, run_id: str, by_position: Table) -> Path:
@@ -91,6 +86,13 @@ def _by_position_png(path: Path, run_id: str, by_position: Table) -> Path:
     ax.set_xlabel("position in document (tokens)")
     ax.set_ylabel("NLL per token (nats)")
     ax.set_title(f"NLL by position, run {run_id}")
+    return _save(fig, ax, path)
+
+
+def _save(fig, ax, path: Path) -> Path:
+    """The finish both plots share: grid, legend, tight layout, PNG."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="best")
     fig.tight_layout()
