@@ -14,6 +14,7 @@ from orchestrator.errors import KvorchError
 from orchestrator.lake import Lake, new_run_id
 from orchestrator.spec import JobSpec
 from workers.attention import BACKENDS
+from workers.configs import POLICIES
 from workers.models import DTYPES, EMBEDDED_MODEL
 from workers.presses import ALL_METHODS
 
@@ -49,7 +50,7 @@ def _default(name: str) -> object:
 )
 @click.option(
     "--policy",
-    type=click.Choice(["threshold", "ratio"]),
+    type=click.Choice(POLICIES),
     default=_default("policy"),
     help="threshold: DMS-style, a key is judged once when it leaves the window; ratio: keep a budget per head.",
 )

@@ -37,10 +37,18 @@ class QueryStatistics:
     count: list[int]
     mean: list[torch.Tensor | None]
     m2: list[torch.Tensor | None]
+    # (chunk end, averaged RoPE matrix): the same for every layer, so computed once per chunk.
+    rotation: tuple[int, torch.Tensor] | None = None
 
     @classmethod
     def empty(cls, n_layers: int) -> QueryStatistics:
         return cls([None] * n_layers, [0] * n_layers, [None] * n_layers, [None] * n_layers)
+
+    def future_rotation(self, ctx: LayerContext, n_future: int, head_dim: int) -> torch.Tensor:
+        if self.rotation is None or self.rotation[0] != ctx.end:
+            future = torch.arange(ctx.end, ctx.end + n_future, device=ctx.keys.device)
+            self.rotation = (ctx.end, mean_rotation(*ctx.rotary(future), head_dim=head_dim))
+        return self.rotation[1]
 
 
 @dataclass(frozen=True)
@@ -109,8 +117,7 @@ class ExpectedAttentionPress(Press):
             scores = torch.zeros(b, hkv, keys.shape[2], device=keys.device)
         else:
             mean, cov = stats
-            future = torch.arange(ctx.end, ctx.end + self.n_future_positions, device=keys.device)
-            rot = mean_rotation(*ctx.rotary(future), head_dim=d)
+            rot = state.future_rotation(ctx, self.n_future_positions, d)
             mu = (mean @ rot.T).view(b, hkv, ctx.n_groups, d)
             logits = torch.einsum("bhnd,bhgd->bhgn", keys, mu) / math.sqrt(d)
             if self.use_covariance:
