@@ -26,13 +26,15 @@ def tiny_llama(vocab_size: int = 97, seed: int = 0, n_layers: int = 2) -> LlamaF
 def full_forward_nll(model, ids: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
     """Per-position NLL of t[i+1] from one eager forward over the whole sequence.
 
-    ``visible[i, j]`` (bool) is the explicit attention pattern; None means ordinary causal.
+    ``visible[i, j]`` (bool) is the explicit attention pattern, shared by every head, or
+    ``visible[h, i, j]`` one per query head; None means ordinary causal.
     """
     model.set_attn_implementation("eager")
     n = ids.shape[0]
     if visible is None:
         visible = torch.ones(n, n, dtype=torch.bool).tril()
-    mask = torch.zeros(n, n).masked_fill(~visible, -INF)[None, None]
+    mask = torch.zeros(visible.shape).masked_fill(~visible, -INF)
+    mask = mask[None, None] if visible.dim() == 2 else mask[None]
     with torch.no_grad():
         logits = model(ids[None], attention_mask=mask).logits[0, :-1].double()
     return torch.logsumexp(logits, -1) - logits.gather(-1, ids[1:, None])[:, 0]
@@ -40,3 +42,40 @@ def full_forward_nll(model, ids: torch.Tensor, visible: torch.Tensor | None = No
 
 def chunk_sums(per_position: torch.Tensor, n: int, chunk: int) -> list[float]:
     return [float(per_position[s : min(s + chunk, n - 1)].sum()) for s in range(0, n, chunk)]
+
+
+def write_head_table(path, head_class: list[list[str]], confidence: list[list[float]], recommended: list[list[int]]):
+    """A heads table in HEADS_SCHEMA with the given [layer][head] classes (statistics filler)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from workers.schema import HEADS_SCHEMA
+
+    rows = []
+    for layer, classes in enumerate(head_class):
+        for head, cls in enumerate(classes):
+            p = {c: float(c == cls) for c in ("positional", "mixed", "gathering")}
+            rows.append(
+                {
+                    "model": "test",
+                    "layer": layer,
+                    "head": head,
+                    "kv_head": head // 2,
+                    "n_docs": 1,
+                    "n_queries": 1,
+                    "entropy": 0.5,
+                    "mean_distance": 1.0,
+                    "sink_mass": 0.0,
+                    "recent_mass": 1.0,
+                    "far_mass": 0.0,
+                    "head_class": cls,
+                    "confidence": confidence[layer][head],
+                    "p_positional": p["positional"],
+                    "p_mixed": p["mixed"],
+                    "p_gathering": p["gathering"],
+                    "doc_agreement": 1.0,
+                    "recommended_context": recommended[layer][head],
+                }
+            )
+    pq.write_table(pa.Table.from_pylist(rows, schema=HEADS_SCHEMA), path)
+    return str(path)

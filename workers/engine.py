@@ -6,7 +6,8 @@ keep-mask per (layer, kv-head, position). For chunk [s, e) every layer:
   2. attends over kept keys before s plus ordinary causal attention inside the chunk,
   3. lets each press score keys (new ones, or every undecided one for rescoring presses),
   4. decides, once and for good, the keys that just left the protected window:
-     evicted if score < threshold, sinks always kept.
+     evicted if score < threshold, sinks always kept. The window is the DMS window (or a
+     press's own larger local window), or per (layer, kv-head) windows a head-aware press sets.
 Evicted keys are masked, never shown to a later query. Chunk rows (NLL, top-1, density)
 are accumulated on the device and read back once per document.
 """
@@ -131,7 +132,56 @@ class _RowGroup:
     thresholds: torch.Tensor  # [n_rows, 1, 1]
     keep_fraction: torch.Tensor  # [n_rows] float64: 1 - compression ratio (ratio policy)
     state: Any
-    protected: int  # max(DMS window, the press's own local window)
+    windows: HeadWindows
+
+
+@dataclass
+class HeadWindows:
+    """The windows of one press, per (layer, kv-head), clamped to the document length.
+
+    ``counted`` is what the density columns call "in window" (the DMS window, or a head-aware
+    press's windows); ``protected`` adds the press's own local window (H2O's 512). Keys older
+    than ``protected`` are decided by score. Most presses have one window for every head, and the
+    engine then takes the same slices it always did.
+    """
+
+    counted: torch.Tensor  # [layers, kv-heads] int64, CPU
+    protected: torch.Tensor  # [layers, kv-heads] int64, CPU
+    protected_on_device: torch.Tensor  # [layers, kv-heads, 1]
+    ranges: list[tuple[int, int]]  # per layer: (min, max) protected window
+
+    @classmethod
+    def of(
+        cls, press: Press, dms_window: int, shape: tuple[int, int, int], n: int, device: torch.device
+    ) -> HeadWindows:
+        n_layers, n_heads, n_kv_heads = shape
+        counted = press.head_windows(n_layers, n_heads, n_kv_heads)
+        if counted is None:
+            counted = torch.full((n_layers, n_kv_heads), dms_window, dtype=torch.int64)
+        elif tuple(counted.shape) != (n_layers, n_kv_heads):
+            raise ValueError(
+                f"{press.label()}: head windows of shape {tuple(counted.shape)}, the model has "
+                f"{n_layers} layers x {n_kv_heads} kv-heads"
+            )
+        counted = counted.to(torch.int64).clamp(0, n)
+        protected = counted.clamp(min=min(press.protected_window, n))
+        ranges = [(int(row.min()), int(row.max())) for row in protected]
+        return cls(counted, protected, protected.to(device)[..., None], ranges)
+
+    @property
+    def mean(self) -> int:
+        """The ``window`` column: the DMS window, or the mean of a press's per-head windows."""
+        return round(float(self.counted.double().mean()))
+
+    @property
+    def uniform(self) -> bool:
+        return all(lo == hi for lo, hi in self.ranges) and len({lo for lo, _ in self.ranges}) == 1
+
+    def at(self, s: int, n_sink: int) -> tuple[int, int]:
+        """(keys in window, keys protected: window + sinks before it), summed over heads, before s."""
+        window = self.protected.clamp(max=s)
+        sinks_outside = (s - window).clamp(min=0, max=n_sink)
+        return int(self.counted.clamp(max=s).sum()), int((window + sinks_outside).sum())
 
 
 class _DocumentRun:
@@ -157,6 +207,7 @@ class _DocumentRun:
         self.order = [i for rows in by_press.values() for i in rows]
         self.configs = [configs[i] for i in self.order]
         self.groups: list[_RowGroup] = []
+        head_shape = (self.n_layers, cfg.num_attention_heads, self.n_kv_heads)
         first = 0
         for (press, policy), rows in by_press.items():
             taus = torch.tensor([configs[i].engine_threshold for i in rows], device=device)
@@ -169,9 +220,11 @@ class _DocumentRun:
                     thresholds=taus.view(-1, 1, 1),
                     keep_fraction=(1.0 - ratios),
                     state=press.init_state(len(rows), self.n_layers, self.n_kv_heads, n, device),
-                    protected=max(self.settings.window, press.protected_window),
+                    windows=HeadWindows.of(press, self.settings.window, head_shape, n, device),
                 )
             )
+            if policy == "ratio" and not self.groups[-1].windows.uniform:
+                raise ValueError(f"{press.label()} has per-head windows: use it under the threshold policy")
             first += len(rows)
 
         b = len(configs)
@@ -185,7 +238,7 @@ class _DocumentRun:
         self.needs_prerope = any(g.press.needs_prerope_queries for g in self.groups)
         # Until a chunk starts past every group's protected window nothing can have been
         # evicted, so every row computes the same thing: such chunks run once, with batch 1.
-        self.shared_until = min(g.protected for g in self.groups)
+        self.shared_until = min(lo for g in self.groups for lo, _ in g.windows.ranges)
         self.shared = False
         self.causal = torch.ones(0, 0, dtype=torch.bool)  # [c, e] of the current chunk, shared by all layers
 
@@ -267,7 +320,8 @@ class _DocumentRun:
         scaling: float,
     ) -> None:
         s, e, rows, press = self.start, self.end, group.rows, group.press
-        decided = max(0, s - group.protected)  # keys before this were decided after earlier chunks
+        narrowest, widest = group.windows.ranges[layer]
+        decided = max(0, s - widest)  # keys before this were decided after earlier chunks, in every head
         if press.rescores:
             # Under the ratio policy every kept key stays a candidate, so all are rescored.
             score_from = decided if group.policy == "threshold" else 0
@@ -303,12 +357,16 @@ class _DocumentRun:
         )
         self.scores[layer][rows, :, score_from:e] = press.score(ctx, group.state)
         if group.policy == "threshold":
-            self._decide_by_threshold(layer, group, decided, max(0, e - group.protected))
+            self._decide_by_threshold(layer, group, decided, max(0, e - narrowest))
         else:
-            self._decide_by_budget(layer, group, max(0, e - group.protected))
+            self._decide_by_budget(layer, group, max(0, e - narrowest))
 
     def _decide_by_threshold(self, layer: int, group: _RowGroup, decided: int, newly_decided: int) -> None:
-        """Keys that just left the protected window: kept for good iff score >= threshold."""
+        """Keys that just left the protected window: kept for good iff score >= threshold.
+
+        With per-head windows, [decided, newly_decided) spans every head's range and each head
+        takes only its own [s - window, e - window) from it.
+        """
         if newly_decided <= decided:
             return
         rows = group.rows
@@ -316,6 +374,12 @@ class _DocumentRun:
         n_protected_sinks = min(group.press.n_sink, newly_decided) - decided
         if n_protected_sinks > 0:
             decision[:, :, :n_protected_sinks] = True
+        narrowest, widest = group.windows.ranges[layer]
+        if narrowest != widest:
+            positions = torch.arange(decided, newly_decided, device=decision.device)
+            window = group.windows.protected_on_device[layer]  # [kv-heads, 1]
+            leaving = (positions >= self.start - window) & (positions < self.end - window)
+            decision = torch.where(leaving, decision, self.keep[layer][rows, :, decided:newly_decided])
         self.keep[layer][rows, :, decided:newly_decided] = decision
 
     def _decide_by_budget(self, layer: int, group: _RowGroup, boundary: int) -> None:
@@ -348,19 +412,16 @@ class _DocumentRun:
         seconds: list[float],
     ) -> pa.Table:
         heads = self.n_layers * self.n_kv_heads
-        window = self.settings.window
         group_of = {}
         for group in self.groups:
             for r in range(group.rows.start, group.rows.stop):
                 group_of[r] = group
         columns: dict[str, list] = {f.name: [] for f in ROW_SCHEMA}
         for k, (s, e) in enumerate(bounds):
+            counted = {id(g): g.windows.at(s, g.press.n_sink) for g in self.groups}
             for r, config in enumerate(self.configs):
                 group = group_of[r]
-                in_window = min(window, s)
-                protected_window = min(group.protected, s)
-                sinks_outside = max(0, min(config.press.n_sink, s - protected_window))
-                protected = (protected_window + sinks_outside) * heads
+                in_window, protected = counted[id(group)]
                 n_kept = int(kept[k, r])
                 row = {
                     "doc_id": self.doc_id,
@@ -372,15 +433,15 @@ class _DocumentRun:
                     "threshold": config.threshold,
                     "policy": config.policy,
                     "ratio": config.ratio,
-                    "window": window,
+                    "window": group.windows.mean,
                     "n_sink": config.press.n_sink,
                     "protected_window": config.press.protected_window,
                     "nll_sum": float(nll[k, r]),
                     "n_tokens": max(0, min(e, self.n - 1) - s),
                     "n_correct": int(correct[k, r]),
                     "keys_total": s * heads,
-                    "keys_in_window": in_window * heads,
-                    "keys_outside_window": (s - in_window) * heads,
+                    "keys_in_window": in_window,
+                    "keys_outside_window": s * heads - in_window,
                     "keys_kept": n_kept,
                     "keys_discarded_outside_window": s * heads - n_kept,
                     "keys_protected": protected,

@@ -81,3 +81,31 @@ SCORES_SCHEMA = pa.schema(
     ],
     metadata={"kvorch_schema_version": str(SCHEMA_VERSION)},
 )
+
+# `kvorch heads analyze`: one row per (layer, query head) of a model, written to
+# heads/run_id=<id>/heads.parquet. Masses are mean fractions of a query's attention over the
+# analysed queries; `recent_mass` excludes the sinks, so sink + recent + far = 1.
+HEAD_CLASSES = ("positional", "mixed", "gathering")
+HEADS_SCHEMA = pa.schema(
+    [
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("layer", pa.int32(), nullable=False),
+        pa.field("head", pa.int32(), nullable=False),
+        pa.field("kv_head", pa.int32(), nullable=False),
+        pa.field("n_docs", pa.int32(), nullable=False),
+        pa.field("n_queries", pa.int64(), nullable=False),
+        pa.field("entropy", pa.float64(), nullable=False),  # normalized by log(visible keys), in [0, 1]
+        pa.field("mean_distance", pa.float64(), nullable=False),  # tokens between query and key
+        pa.field("sink_mass", pa.float64(), nullable=False),
+        pa.field("recent_mass", pa.float64(), nullable=False),
+        pa.field("far_mass", pa.float64(), nullable=False),  # what sinks + the recent window miss
+        pa.field("head_class", pa.string(), nullable=False),  # one of HEAD_CLASSES
+        pa.field("confidence", pa.float64(), nullable=False),  # bootstrap probability of head_class
+        pa.field("p_positional", pa.float64(), nullable=False),
+        pa.field("p_mixed", pa.float64(), nullable=False),
+        pa.field("p_gathering", pa.float64(), nullable=False),
+        pa.field("doc_agreement", pa.float64(), nullable=False),  # share of documents alone giving head_class
+        pa.field("recommended_context", pa.int32(), nullable=False),  # sinks + window; -1: full context
+    ],
+    metadata={"kvorch_schema_version": str(SCHEMA_VERSION)},
+)

@@ -12,6 +12,7 @@ from workers.presses.base import LayerContext, Press
 from workers.presses.baseline import BaselinePress
 from workers.presses.expected_attention import ExpectedAttentionPress
 from workers.presses.h2o import H2OPress
+from workers.presses.head_aware import HeadAwarePress
 from workers.presses.knorm import KnormPress
 from workers.presses.kvpress_adapter import KVPressAdapter
 from workers.presses.kvzap import KVzapPress
@@ -36,6 +37,7 @@ REGISTRY: dict[str, type[Press]] = {
         SnapKVPress,
         TOVAPress,
         KVzapPress,
+        HeadAwarePress,
         KVPressAdapter,
     )
 }

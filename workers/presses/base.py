@@ -79,6 +79,16 @@ class Press:
         """Per-document state, created fresh for every document (stateless presses: None)."""
         return None
 
+    def head_windows(self, n_layers: int, n_heads: int, n_kv_heads: int) -> torch.Tensor | None:
+        """Per-(layer, kv-head) windows [n_layers, n_kv_heads] that *replace* the engine's DMS
+        window for this press (head-aware windows), or None for the uniform DMS window.
+
+        A window of ``w`` protects the ``w`` most recent positions before a chunk; older keys are
+        decided by score (and sinks are kept). Replacing rather than widening lets a head be
+        given less than the DMS window, which is what the head-aware ablation needs.
+        """
+        return None
+
     def score(self, ctx: LayerContext, state: Any) -> torch.Tensor:
         """Scores of positions ``[ctx.score_from, ctx.end)``: shape [B, Hkv, end - score_from]."""
         raise NotImplementedError
