@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import ray
 from ray.exceptions import RayActorError, RayTaskError
+from tqdm import tqdm
 
 from orchestrator.errors import KvorchError
 from workers.actor import EvalWorker, Task, WorkerSettings
@@ -96,6 +97,55 @@ def plan_pool(actors: int | None, device: str, gpus_per_actor: float | None = No
     return PoolPlan(
         n, num_gpus=0, num_cpus=max(1, min(int(resources.get("CPU", 1)) // n, int(node_cpus))), device="cpu"
     )
+
+
+def map_on_pool(
+    actor_class: type,
+    actor_args: Callable[[str], tuple],
+    method: str,
+    calls: list[tuple[str, tuple, int]],
+    pool: PoolPlan,
+    label: str,
+    hint: str,
+) -> list:
+    """``actor.method(*args)`` for every ``(name, args, cost)`` of ``calls`` on a pool of named
+    actors, costliest first, one call in flight per actor; results in ``calls`` order.
+
+    For the analysis jobs (head statistics, KVzap targets) whose results are small and go back
+    to the driver: a failure stops the job with a one-line error naming the item and ``hint``.
+    """
+    remote = ray.remote(actor_class)
+    actors = [
+        remote.options(name=f"kvorch-{label}-{i}", num_gpus=pool.num_gpus, num_cpus=pool.num_cpus).remote(
+            *actor_args(f"kvorch-{label}-{i}")
+        )
+        for i in range(pool.n_actors)
+    ]
+    order = sorted(range(len(calls)), key=lambda i: -calls[i][2])
+    results: dict[int, object] = {}
+    in_flight: dict[ray.ObjectRef, tuple[ray.actor.ActorHandle, int]] = {}
+    idle = list(actors)
+    bar = tqdm(total=len(calls), unit="doc", desc=label, file=sys.stderr)
+    try:
+        while order or in_flight:
+            while idle and order:
+                actor, index = idle.pop(0), order.pop(0)
+                name, args, _ = calls[index]
+                ref = getattr(actor, method).options(name=f"kvorch-{label}-{name}").remote(*args)
+                in_flight[ref] = (actor, index)
+            [done], _ = ray.wait(list(in_flight), num_returns=1)
+            actor, index = in_flight.pop(done)
+            try:
+                results[index] = ray.get(done)
+            except (RayActorError, RayTaskError) as exc:
+                raise KvorchError(f"{label} failed on {calls[index][0]}: {str(exc).splitlines()[-1]}; {hint}") from None
+            idle.append(actor)
+            bar.update(1)
+    finally:
+        bar.close()
+        for actor in actors:
+            ray.kill(actor)
+    return [results[i] for i in range(len(calls))]
 
 
 def run_pool(

@@ -26,7 +26,7 @@ from orchestrator.progress import Progress
 from orchestrator.resume import HEARTBEAT_SECONDS, choose_run, done_tasks, running_status, spec_hash
 from orchestrator.spec import JobSpec
 from workers.actor import Task, WorkerSettings
-from workers.models import load_tokenizer, resolve_model, tokenize
+from workers.models import load_tokenizer, resolve_dtype, resolve_model, tokenize
 from workers.schema import DOC_SCHEMA, SCHEMA_VERSION
 
 
@@ -108,7 +108,7 @@ def _run(
     gpus_per_actor: float | None,
 ) -> JobResult:
     pool = driver.plan_pool(spec.actors, spec.device, gpus_per_actor)
-    dtype = spec.dtype if spec.dtype != "auto" else ("bfloat16" if pool.device == "cuda" else "float32")
+    dtype = resolve_dtype(spec.dtype, pool.device)
     if previous and previous.get("dtype_resolved") != dtype:
         raise KvorchError(
             f"run {run_id} was computed in {previous.get('dtype_resolved')}, this pool would use {dtype}; "

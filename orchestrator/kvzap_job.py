@@ -12,7 +12,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray
 import torch
 from tqdm import tqdm
 
@@ -92,42 +91,15 @@ def extract(docs: list[TargetDocument], spec: TrainSpec, address: str | None) ->
     """Targets of every document on a Ray pool of named actors, one document in flight per actor."""
     driver.start_ray(address, namespace="kvorch-kvzap")
     pool = driver.plan_pool(spec.actors, spec.device)
-    remote = ray.remote(TargetWorker)
-    actors = [
-        remote.options(name=f"kvorch-kvzap-{i}", num_gpus=pool.num_gpus, num_cpus=pool.num_cpus).remote(
-            spec.model, pool.device, pool.threads
-        )
-        for i in range(pool.n_actors)
-    ]
-    order = sorted(range(len(docs)), key=lambda i: -len(docs[i].context_ids))
-    results: dict[int, TargetSamples] = {}
-    in_flight: dict[ray.ObjectRef, tuple[ray.actor.ActorHandle, int]] = {}
-    idle = list(actors)
-    bar = tqdm(total=len(docs), unit="doc", desc="kvzap targets", file=sys.stderr)
-    try:
-        while order or in_flight:
-            while idle and order:
-                actor, index = idle.pop(0), order.pop(0)
-                ref = actor.run.options(name=f"kvorch-kvzap-{docs[index].doc_id}").remote(
-                    docs[index], spec.positions, spec.seed + index
-                )
-                in_flight[ref] = (actor, index)
-            [done], _ = ray.wait(list(in_flight), num_returns=1)
-            actor, index = in_flight.pop(done)
-            try:
-                results[index] = ray.get(done)
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-                raise KvorchError(
-                    f"target extraction failed on {docs[index].doc_id}: {str(exc).splitlines()[-1]}; "
-                    "check --model/--device or lower --max-tokens"
-                ) from None
-            idle.append(actor)
-            bar.update(1)
-    finally:
-        bar.close()
-        for actor in actors:
-            ray.kill(actor)
-    return [results[i] for i in range(len(docs))]
+    return driver.map_on_pool(
+        TargetWorker,
+        lambda name: (spec.model, pool.device, pool.threads),
+        "run",
+        [(d.doc_id, (d, spec.positions, spec.seed + i), len(d.context_ids)) for i, d in enumerate(docs)],
+        pool,
+        label="kvzap-targets",
+        hint="check --model/--device or lower --max-tokens",
+    )
 
 
 def split(samples: list[TargetSamples], heldout_fraction: float) -> tuple[list[TargetSamples], list[TargetSamples]]:

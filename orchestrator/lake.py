@@ -5,6 +5,8 @@
 <lake>/runs/run_id=<id>/status.json    running (driver, heartbeat), then finished / failed / interrupted
 <lake>/chunks/run_id=<id>/method=<m>/part-<task>.parquet
 <lake>/docs/run_id=<id>/docs.parquet
+<lake>/heads/run_id=<id>/heads.parquet    `kvorch heads analyze`: one row per (layer, head)
+<lake>/heads/run_id=<id>/analysis.json    what was analysed, and how
 ```
 Parts are written under a name readers do not match (``*.parquet.tmp-*``) and renamed when
 complete, so a reader never sees half a file. A part is named by its task id, so a re-run task
@@ -51,12 +53,16 @@ class Lake:
     def part_path(self, run_id: str, method: str, task_id: str) -> str:
         return self.path("chunks", f"run_id={run_id}", f"method={method}", f"part-{task_id}.parquet")
 
+    def heads_dir(self, analysis_id: str) -> str:
+        return self.path("heads", f"run_id={analysis_id}")
+
     def glob(self, table: str) -> str:
         """The glob DuckDB reads a table from (local lakes)."""
         folder, depth = {
             "chunks": ("chunks", "*/*/*.parquet"),
             "docs": ("docs", "*/*.parquet"),
             "scores": ("scores", "*/*.parquet"),
+            "heads": ("heads", "*/*.parquet"),
             "runs": ("runs", "*/spec.json"),
             "statuses": ("runs", "*/status.json"),
         }[table]

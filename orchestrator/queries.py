@@ -1,4 +1,4 @@
-"""DuckDB over the lake: views ``chunks``, ``docs``, ``runs``, ``statuses``, ``workers``, ``scores``,
+"""DuckDB over the lake: views ``chunks``, ``docs``, ``runs``, ``statuses``, ``workers``, ``scores``, ``heads``,
 the shared macros of ``sql/_macros.sql``, and the named queries of ``sql/``."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from orchestrator.lake import Lake
 from workers.schema import (
     CHUNK_SCHEMA,
     DOC_SCHEMA,
+    HEADS_SCHEMA,
     PARTITION_COLUMNS,
     READABLE_SCHEMA_VERSIONS,
     SCHEMA_VERSION,
@@ -53,7 +54,7 @@ def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
     queries fail only on what they ask, never on what is merely not written yet. Parts written
     under a schema this kvorch cannot read stop here, with the fix, before any query runs.
     """
-    if not lake.run_ids() and not lake.exists("scores"):
+    if not lake.run_ids() and not lake.exists("scores") and not lake.exists("heads"):
         raise KvorchError(f"lake {lake.uri} has no runs; run kvorch submit --lake {lake.uri} first")
     con = duckdb.connect()
     parts = lake.valid_parts()  # a part damaged by a crash is skipped here, and redone by a resume
@@ -66,6 +67,7 @@ def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
     _parquet_view(con, "chunks", parts, pa.schema([*CHUNK_SCHEMA, *partitions]))
     _parquet_view(con, "docs", doc_files, pa.schema([*DOC_SCHEMA, partitions[0]]))
     _parquet_view(con, "scores", [lake.glob("scores")], pa.schema([*SCORES_SCHEMA, partitions[0]]))
+    _parquet_view(con, "heads", [lake.glob("heads")], pa.schema([*HEADS_SCHEMA, partitions[0]]))
     try:
         con.execute(f"CREATE VIEW runs AS SELECT * FROM read_json({_quote(lake.glob('runs'))}, union_by_name = true)")
     except duckdb.IOException:  # a lake with only `kvorch scores` output

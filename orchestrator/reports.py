@@ -27,6 +27,7 @@ TABLES = {
     "frontier": "per threshold sweep: ΔNLL % interpolated at each of --densities (compressible density)",
     "pareto": "every config as (compressible density, ΔNLL %), marked when on the Pareto frontier",
     "throughput": "token-configs/s per worker, per method, per device type",
+    "head_ablation": "head_aware configs under the ablation's names: ppl, accuracy, effective context, vs B_128",
 }
 
 

@@ -20,6 +20,7 @@ from ray.util import metrics
 from workers.configs import EvalConfig
 from workers.engine import Engine, EngineSettings
 from workers.faults import Fault
+from workers.head_stats import DocumentHeadStats, HeadStatsProbe
 from workers.models import load_model
 
 
@@ -96,6 +97,10 @@ class EvalWorker:
         if self.metrics:
             self.metrics.task(task.cost, time.perf_counter() - tic)
         return pa.concat_tables(tables)
+
+    def head_statistics(self, doc: TaskDocument, probe: HeadStatsProbe) -> DocumentHeadStats:
+        """Attention statistics per (chunk, layer, head) of one document, for ``kvorch heads analyze``."""
+        return self.engine.observe(doc.doc_id, torch.tensor(doc.token_ids), probe).units(doc.doc_id)
 
 
 class _Metrics:

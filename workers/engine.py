@@ -111,6 +111,14 @@ class Engine:
         )
         return rows, scores
 
+    @torch.inference_mode()
+    def observe(self, doc_id: str, token_ids: torch.Tensor, press: Press) -> Any:
+        """Run one press over the document and return its final state: for presses that measure
+        the model (head statistics) rather than compress it."""
+        run = _DocumentRun(self, doc_id, token_ids.to(self.device), [EvalConfig(press)])
+        run.execute()
+        return run.groups[0].state
+
 
 @dataclass(frozen=True)
 class DocumentScores:

@@ -21,6 +21,7 @@ COMMANDS = {
     "scores": "orchestrator.cli.scores",
     "status": "orchestrator.cli.status",
     "kvzap": "orchestrator.cli.kvzap",
+    "heads": "orchestrator.cli.heads",
 }
 
 

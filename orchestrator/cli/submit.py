@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
+from click.core import ParameterSource
 
 from orchestrator import job, ray_jobs
 from orchestrator.cli.options import format_option, lake_option
@@ -12,6 +15,14 @@ from orchestrator.densities import parse_densities
 from orchestrator.driver import DEFAULT_MAX_RETRIES
 from orchestrator.errors import KvorchError
 from orchestrator.lake import Lake, new_run_id
+from orchestrator.presets import (
+    HEAD_ABLATION,
+    PRESET_CHUNK_SIZE,
+    PRESETS,
+    analyze_held_out_heads,
+    head_ablation_methods,
+)
+from orchestrator.reports import RunReport, render_tables
 from orchestrator.spec import JobSpec
 from workers.attention import BACKENDS
 from workers.configs import POLICIES
@@ -117,6 +128,19 @@ def _default(name: str) -> object:
     default=None,
     help="Run id; an existing one is resumed (default: resume the unfinished run of this spec, else a new id).",
 )
+@click.option(
+    "--preset",
+    type=click.Choice(PRESETS),
+    default=None,
+    help=f"A study as one command. {HEAD_ABLATION}: the head-aware ablation grid (sets --methods; chunk "
+    f"{PRESET_CHUNK_SIZE} unless given); prints its table.",
+)
+@click.option(
+    "--heads",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help=f"Head table for --preset {HEAD_ABLATION} (kvorch heads analyze); default: analyse held-out documents.",
+)
 @click.option("--resume", "resume_id", default=None, help="Resume this run id; it must exist, with the same spec.")
 @click.option(
     "--address",
@@ -151,6 +175,8 @@ def command(
     batch_configs: int,
     lake: str,
     run_id: str | None,
+    preset: str | None,
+    heads: str | None,
     resume_id: str | None,
     address: str | None,
     detach: bool,
@@ -168,6 +194,13 @@ def command(
         raise KvorchError(f"--max-retries must be >= 0, got {max_retries}")
     if resume_id and run_id and resume_id != run_id:
         raise KvorchError(f"--resume {resume_id} and --run-id {run_id} disagree; pass one of them")
+    if heads and not preset:
+        raise KvorchError(f"--heads goes with --preset {HEAD_ABLATION}; otherwise pass head_aware:heads=PATH")
+    if preset:
+        if ctx.get_parameter_source("methods") != ParameterSource.DEFAULT:
+            raise KvorchError(f"--preset {preset} sets the methods; drop --methods or --preset")
+        if ctx.get_parameter_source("chunk_size") == ParameterSource.DEFAULT:
+            chunk_size = PRESET_CHUNK_SIZE
     spec = JobSpec(
         model=model,
         corpus=corpus,
@@ -187,6 +220,9 @@ def command(
         batch_configs=batch_configs,
     )
     target = Lake(lake)
+    if preset and not detach:
+        heads = heads or analyze_held_out_heads(spec, target, address)
+        spec = dataclasses.replace(spec, methods=head_ablation_methods(heads), configs=())
     if detach:
         run_id = resume_id or run_id or new_run_id()
         job_id = ray_jobs.submit_job(address, ray_jobs.entrypoint(ctx, target.uri, run_id), f"kvorch-{run_id}")
@@ -207,7 +243,10 @@ def command(
     except KeyboardInterrupt:
         click.echo("kvorch: interrupted; finished parts are kept, run the same command again to resume", err=True)
         ctx.exit(130)
-    click.echo(comparison(target, result.run_id, fmt))
+    if preset:
+        click.echo(render_tables([RunReport(target, result.run_id).table("head_ablation")], fmt))
+    else:
+        click.echo(comparison(target, result.run_id, fmt))
     click.echo(f"run {result.run_id}: {result.rows_written} rows in {result.seconds:.1f} s -> {target.uri}", err=True)
     if result.failures:
         first = next(iter(result.failures.items()))

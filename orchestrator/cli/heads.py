@@ -1,0 +1,143 @@
+"""``kvorch heads``: classify attention heads (``analyze``) and show a stored analysis (``show``)."""
+
+from __future__ import annotations
+
+import click
+
+from orchestrator.cli.options import format_option, lake_option
+from orchestrator.corpus import EMBEDDED_CORPUS
+from orchestrator.errors import KvorchError
+from orchestrator.formatting import render
+from orchestrator.head_analysis import ClassifierSettings
+from orchestrator.heads_job import FEW_DOCS, AnalysisSpec, analyze
+from orchestrator.lake import Lake
+from orchestrator.queries import connect, run_named
+from workers.head_stats import HeadStatsProbe
+from workers.models import DTYPES, EMBEDDED_MODEL
+from workers.schema import HEAD_CLASSES
+
+_PROBE = HeadStatsProbe()
+_CLASSIFIER = ClassifierSettings()
+
+
+@click.group("heads")
+def command() -> None:
+    """Attention heads: positional, mixed or gathering, with a calibrated confidence."""
+
+
+@command.command("analyze")
+@click.option("--model", default=EMBEDDED_MODEL, help="'smollm2' (embedded GGUF), a .gguf, a local HF dir or a hub id.")
+@click.option("--corpus", default=EMBEDDED_CORPUS, help="'pydoc' (embedded), a .jsonl, a .parquet or a dir of .txt.")
+@lake_option
+@click.option("--max-docs", type=int, default=8, help="Documents analysed.")
+@click.option("--skip-docs", type=int, default=0, help="Corpus documents skipped first (keep evaluation docs out).")
+@click.option("--max-tokens", type=int, default=1024, help="Tokens per document.")
+@click.option("--chunk-size", type=int, default=128, help="Chunk length: the unit the bootstrap resamples.")
+@click.option("--n-sink", type=int, default=_PROBE.n_sink, help="Sink positions (their mass is sink_mass).")
+@click.option("--recent", type=int, default=_PROBE.recent, help="Recent window (tokens) of recent_mass / far_mass.")
+@click.option("--min-position", type=int, default=_PROBE.min_position, help="Only queries at or after this position.")
+@click.option(
+    "--positional-below", type=float, default=_CLASSIFIER.positional_below, help="far_mass below: positional."
+)
+@click.option("--gathering-above", type=float, default=_CLASSIFIER.gathering_above, help="far_mass above: gathering.")
+@click.option("--tail", type=float, default=_CLASSIFIER.tail, help="Attention share a recommended window may miss.")
+@click.option("--bootstrap", type=int, default=_CLASSIFIER.bootstrap, help="Bootstrap resamples for the confidence.")
+@click.option("--seed", type=int, default=_CLASSIFIER.seed, help="Bootstrap seed.")
+@click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", help="auto: bf16 on GPU, fp32 on CPU.")
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="auto: GPUs if Ray has them."
+)
+@click.option("--actors", type=int, default=None, help="Actors (default: one per GPU, else one).")
+@click.option("--address", default=None, help="Ray cluster address (default: an embedded local Ray).")
+@format_option
+def analyze_command(
+    model: str,
+    corpus: str,
+    lake: str,
+    max_docs: int,
+    skip_docs: int,
+    max_tokens: int,
+    chunk_size: int,
+    n_sink: int,
+    recent: int,
+    min_position: int,
+    positional_below: float,
+    gathering_above: float,
+    tail: float,
+    bootstrap: int,
+    seed: int,
+    dtype: str,
+    device: str,
+    actors: int | None,
+    address: str | None,
+    fmt: str,
+) -> None:
+    """Measure every head's attention over the corpus on Ray, classify it, store heads/ in the lake."""
+    if n_sink < 0 or recent < 1 or min_position < recent + n_sink:
+        raise KvorchError("need --n-sink >= 0, --recent >= 1 and --min-position >= --recent + --n-sink")
+    try:
+        classifier = ClassifierSettings(positional_below, gathering_above, tail, bootstrap, seed)
+    except ValueError as exc:
+        raise KvorchError(f"{exc}; fix --positional-below/--gathering-above/--tail/--bootstrap") from None
+    spec = AnalysisSpec(
+        model=model,
+        corpus=corpus,
+        skip_docs=skip_docs,
+        max_docs=max_docs,
+        max_tokens=max_tokens,
+        chunk_size=chunk_size,
+        probe=HeadStatsProbe(n_sink=n_sink, recent=recent, min_position=min_position),
+        classifier=classifier,
+        dtype=dtype,
+        device=device,
+        actors=actors,
+    )
+    the_lake = Lake(lake)
+    result = analyze(spec, the_lake, address)
+    click.echo(summary(the_lake, result.analysis_id, fmt))
+    if result.n_docs < FEW_DOCS:
+        click.echo(f"note: {result.n_docs} document(s) analysed; confidences are optimistic below {FEW_DOCS}")
+    click.echo(f"head table -> {result.path}")
+    click.echo(f"use it: kvorch submit --methods head_aware:policy=gated,heads={result.path}")
+
+
+@command.command("show")
+@lake_option
+@click.option("--analysis", "analysis_id", default=None, help="Analysis id (default: the latest in the lake).")
+@format_option
+def show_command(lake: str, analysis_id: str | None, fmt: str) -> None:
+    """Class counts and the per-layer class map of a stored analysis."""
+    the_lake = Lake(lake)
+    if not the_lake.exists("heads"):
+        raise KvorchError(f"lake {lake} has no head analysis; run kvorch heads analyze --lake {lake}")
+    con = connect(the_lake)
+    ids = [row[0] for row in con.execute("SELECT DISTINCT run_id FROM heads ORDER BY run_id").fetchall()]
+    if not ids:
+        raise KvorchError(f"lake {lake} has no head analysis; run kvorch heads analyze --lake {lake}")
+    if analysis_id is None:
+        analysis_id = max(
+            ids,
+            key=lambda i: (the_lake.read_json(f"{the_lake.heads_dir(i)}/analysis.json") or {}).get("created_at", ""),
+        )
+    elif analysis_id not in ids:
+        raise KvorchError(f"no head analysis {analysis_id!r} in {lake}; analyses: {', '.join(ids)}")
+    click.echo(summary(the_lake, analysis_id, fmt))
+
+
+def summary(lake: Lake, analysis_id: str, fmt: str) -> str:
+    """The class table, then one line per layer: a letter per head, upper case when confident."""
+    con = connect(lake)
+    result = run_named(con, "head_classes", {"run_id": analysis_id})
+    table = render([d[0] for d in result.description], result.fetchall(), fmt)
+    if fmt != "table":
+        return table
+    rows = con.execute(
+        "SELECT layer, head_class, confidence FROM heads WHERE run_id = $id ORDER BY layer, head", {"id": analysis_id}
+    ).fetchall()
+    lines: dict[int, list[str]] = {}
+    for layer, head_class, confidence in rows:
+        letter = head_class[0]
+        lines.setdefault(layer, []).append(letter.upper() if confidence >= 0.6 else letter)
+    legend = ", ".join(f"{c[0].upper()} {c}" for c in HEAD_CLASSES) + "; lower case: confidence < 0.6"
+    layer_map = "\n".join(f"layer {layer:3d}  {' '.join(letters)}" for layer, letters in lines.items())
+    return f"analysis {analysis_id}\n{table}\n\nper layer ({legend}):\n{layer_map}"

@@ -1,0 +1,133 @@
+"""``kvorch heads analyze`` end to end: attention statistics on Ray, the classified table in the lake.
+
+Statistics are the expensive part (a baseline forward per document plus the attention
+probabilities of every analysed query), so documents are spread over the same kind of actor
+pool as ``submit``. Classification and the bootstrap are cheap and run on the driver
+(orchestrator/head_analysis.py). An analysis is identified by a hash of what was analysed and
+how, so repeating one rewrites the same ``heads/run_id=<id>/`` instead of piling up copies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+from orchestrator import driver
+from orchestrator.corpus import load_corpus
+from orchestrator.errors import KvorchError
+from orchestrator.head_analysis import ClassifierSettings, head_table
+from orchestrator.lake import Lake
+from workers.actor import EvalWorker, TaskDocument, WorkerSettings
+from workers.engine import EngineSettings
+from workers.head_stats import HeadStatsProbe
+from workers.models import load_tokenizer, resolve_dtype, resolve_model, tokenize
+
+HEADS_FILE = "heads.parquet"
+# Below this many documents the bootstrap over chunks is optimistic (chunks of one document agree).
+FEW_DOCS = 4
+
+
+@dataclass(frozen=True)
+class AnalysisSpec:
+    model: str
+    corpus: str
+    skip_docs: int  # corpus documents before the analysed ones (the preset analyses held-out ones)
+    max_docs: int
+    max_tokens: int
+    chunk_size: int
+    probe: HeadStatsProbe
+    classifier: ClassifierSettings
+    dtype: str = "auto"
+    device: str = "auto"
+    actors: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens <= self.probe.min_position:
+            raise KvorchError(
+                f"--max-tokens {self.max_tokens} leaves no query past --min-position {self.probe.min_position}; "
+                "raise --max-tokens or lower --min-position"
+            )
+        if self.max_docs < 1 or self.chunk_size < 1:
+            raise KvorchError("--max-docs and --chunk-size must be >= 1")
+
+    def identity(self) -> dict:
+        """What determines the table (not where or on how many actors it is computed)."""
+        return {
+            "model": self.model,
+            "corpus": self.corpus,
+            "skip_docs": self.skip_docs,
+            "max_docs": self.max_docs,
+            "max_tokens": self.max_tokens,
+            "chunk_size": self.chunk_size,
+            "probe": self.probe.all_params(),
+            "classifier": dataclasses.asdict(self.classifier),
+            "dtype": self.dtype,
+        }
+
+    @property
+    def analysis_id(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
+        return f"heads-{digest[:12]}"
+
+
+@dataclass(frozen=True)
+class Analysis:
+    analysis_id: str
+    path: str  # the heads.parquet file, what `head_aware:heads=` takes
+    table: pa.Table
+    n_docs: int
+
+
+def analyze(spec: AnalysisSpec, lake: Lake, address: str | None) -> Analysis:
+    """Measure, classify and write one head table; returns where it is."""
+    try:
+        resolve_model(spec.model)
+    except ValueError as exc:
+        raise KvorchError(f"--model: {exc}") from None
+    lake.ensure_writable()
+    tokenizer = load_tokenizer(spec.model)
+    corpus = load_corpus(spec.corpus)[spec.skip_docs : spec.skip_docs + spec.max_docs]
+    docs = [TaskDocument(d.doc_id, tokenize(tokenizer, d.text, spec.max_tokens)) for d in corpus]
+    docs = [d for d in docs if len(d.token_ids) > spec.probe.min_position]
+    if not docs:
+        raise KvorchError(
+            f"no document of corpus {spec.corpus} (after the first {spec.skip_docs}) is longer than "
+            f"--min-position {spec.probe.min_position} tokens; lower --min-position or use longer documents"
+        )
+    driver.start_ray(address, namespace="kvorch-heads")
+    pool = driver.plan_pool(spec.actors, spec.device)
+    settings = WorkerSettings(
+        spec.model,
+        resolve_dtype(spec.dtype, pool.device),
+        pool.device,
+        pool.threads,
+        EngineSettings(spec.chunk_size, spec.chunk_size),
+    )
+    stats = driver.map_on_pool(
+        EvalWorker,
+        lambda name: (name, settings),
+        "head_statistics",
+        [(d.doc_id, (d, spec.probe), len(d.token_ids)) for d in docs],
+        pool,
+        label="heads",
+        hint="check --model/--device or lower --max-tokens",
+    )
+    longest = max(len(d.token_ids) for d in docs)
+    table = head_table(stats, spec.classifier, spec.model, spec.probe.n_sink, longest)
+    directory = lake.heads_dir(spec.analysis_id)
+    lake.write_table(f"{directory}/{HEADS_FILE}", table)
+    lake.write_json(
+        f"{directory}/analysis.json",
+        {
+            **spec.identity(),
+            "analysis_id": spec.analysis_id,
+            "documents": [d.doc_id for d in docs],
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+    return Analysis(spec.analysis_id, f"{directory}/{HEADS_FILE}", table, len(docs))

@@ -1,0 +1,118 @@
+"""Per-(layer, query head) attention statistics of a document, measured inside the engine.
+
+:class:`HeadStatsProbe` is a press that keeps every key (so the model runs exactly as the
+baseline) and reads the attention probabilities the engine computes for presses that observe
+attention. For each chunk (the bootstrap unit of ``kvorch heads analyze``) and every query at
+position >= ``min_position`` it sums, per head:
+
+- normalized entropy: H(p) / log(visible keys), 0 = one key, 1 = uniform;
+- mean distance i - j (tokens) under p;
+- sink mass: attention on the first ``n_sink`` positions;
+- recent mass: attention on non-sink keys less than ``recent`` tokens back;
+- the non-sink attention mass by distance bin (bin 0: distance 0; bin b: [2^(b-1), 2^b)), from
+  which the smallest window holding all but a given share of attention is read.
+
+Queries earlier than ``min_position`` are skipped: near the document start every key is
+"recent", which would make every head look positional.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.presses.base import LayerContext, Press, constant_scores
+
+N_DISTANCE_BINS = 21  # up to 2^20 tokens back
+# Feature layout of the per-unit sums: these scalars, then the distance bins.
+SCALAR_FEATURES = ("entropy", "mean_distance", "sink_mass", "recent_mass")
+N_FEATURES = len(SCALAR_FEATURES) + N_DISTANCE_BINS
+
+
+@dataclass
+class HeadStatsState:
+    """Sums per unit (chunk) and layer: [heads, N_FEATURES] each, and the queries they cover."""
+
+    sums: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> one tensor per unit
+    queries: list[int] = field(default_factory=list)  # per unit
+    n_kv_heads: int = 0
+
+
+    def units(self, doc_id: str) -> DocumentHeadStats:
+        layers = sorted(self.sums)
+        if not layers:
+            empty = torch.zeros(0, 0, 0, N_FEATURES, dtype=torch.float64)
+            return DocumentHeadStats(doc_id, empty, torch.zeros(0, dtype=torch.float64), self.n_kv_heads)
+        sums = torch.stack([torch.stack(self.sums[layer]) for layer in layers], dim=1)
+        return DocumentHeadStats(doc_id, sums, torch.tensor(self.queries, dtype=torch.float64), self.n_kv_heads)
+
+
+@dataclass(frozen=True)
+class DocumentHeadStats:
+    """One document's statistics, ready to ship to the driver (tensors pickle through Ray)."""
+
+    doc_id: str
+    sums: torch.Tensor  # [units, layers, heads, N_FEATURES] float64
+    queries: torch.Tensor  # [units] queries summed in each unit
+    n_kv_heads: int
+
+
+@dataclass(frozen=True)
+class HeadStatsProbe(Press):
+    """Measures, never evicts (every key scores +inf)."""
+
+    name = "head_stats"
+    needs_attention = True
+    in_all = False
+
+    n_sink: int = 4
+    recent: int = 64
+    min_position: int = 256
+
+    def init_state(self, n_rows, n_layers, n_kv_heads, n_positions, device) -> HeadStatsState:
+        return HeadStatsState()
+
+    def score(self, ctx: LayerContext, state: HeadStatsState) -> torch.Tensor:
+        state.n_kv_heads = ctx.keys.shape[1]
+        first = max(ctx.start, self.min_position)
+        if first < ctx.end:
+            probs = ctx.attention[0, :, first - ctx.start :].double()  # [H, q, end]
+            state.sums.setdefault(ctx.layer, []).append(self.chunk_sums(probs, first))
+            if ctx.layer == 0:
+                state.queries.append(ctx.end - first)
+        return constant_scores(ctx, float("inf"))
+
+    def chunk_sums(self, probs: torch.Tensor, first: int) -> torch.Tensor:
+        """[H, N_FEATURES] summed over the queries at positions first .. first + q - 1."""
+        h, q, end = probs.shape
+        device = probs.device
+        query_pos = torch.arange(first, first + q, device=device)[:, None]
+        distance = query_pos - torch.arange(end, device=device)[None, :]  # [q, end]; < 0: future
+        is_sink = torch.arange(end, device=device)[None, :] < self.n_sink
+        entropy = -(probs * probs.clamp(min=1e-30).log()).sum(-1) / (query_pos[:, 0] + 1).clamp(min=2).double().log()
+        mean_distance = (probs * distance.clamp(min=0)).sum(-1)
+        sink = probs[..., : self.n_sink].sum(-1)
+        recent = (probs * ((distance >= 0) & (distance < self.recent) & ~is_sink)).sum(-1)
+        bins = torch.where(distance > 0, distance.clamp(min=1).double().log2().floor().long() + 1, 0)
+        bins = bins.clamp(max=N_DISTANCE_BINS - 1).masked_fill(is_sink | (distance < 0), N_DISTANCE_BINS)
+        by_distance = torch.zeros(h, q, N_DISTANCE_BINS + 1, device=device, dtype=probs.dtype)
+        by_distance.scatter_add_(-1, bins.expand(h, q, end), probs)  # the extra bin collects sinks/future
+        scalars = torch.stack([entropy, mean_distance, sink, recent], dim=-1).sum(1)  # [H, 4]
+        return torch.cat([scalars, by_distance[..., :N_DISTANCE_BINS].sum(1)], dim=-1).cpu()
+
+
+def recommended_window(distance_mass: torch.Tensor, tail: float, longest: int) -> torch.Tensor:
+    """Smallest power-of-two window (>= 8) leaving at most ``tail`` of the attention outside it.
+
+    ``distance_mass`` [..., N_DISTANCE_BINS] is mean mass per query by distance bin; a window w =
+    2^k covers bins 0..k. A head whose window would reach ``longest`` (the farthest distance
+    analysed) needs the full context: -1.
+    """
+    beyond = distance_mass.flip(-1).cumsum(-1).flip(-1)  # beyond[..., b] = mass in bins >= b
+    ks = torch.arange(3, N_DISTANCE_BINS - 1)
+    fits = beyond[..., ks + 1] <= tail  # [..., len(ks)]
+    k = ks[fits.float().argmax(-1)]  # first k that fits (argmax of the first True)
+    window = 2 ** k
+    return torch.where(fits.any(-1) & (window < longest), window, -1)
+
