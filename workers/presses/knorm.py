@@ -16,4 +16,4 @@ class KnormPress(Press):
     default_thresholds = (-16.0,)
 
     def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
-        return -ctx.keys[:, :, ctx.score_from : ctx.end].float().norm(dim=-1)
+        return -ctx.keys_at(ctx.score_from, ctx.end).float().norm(dim=-1)

@@ -72,8 +72,8 @@ class KVPressAdapter(Press):
         scores = press.score(
             _ModuleView(ctx.module, ctx.rotary),
             ctx.hidden_states,
-            ctx.keys[:, :, s:e],
-            ctx.values[:, :, s:e],
+            ctx.keys_at(s, e),
+            ctx.values_at(s, e),
             ctx.attention[..., s:e],
             {"position_embeddings": (cos[None], sin[None]), "attention_mask": None},
         )
