@@ -1,13 +1,19 @@
-"""The throughput paths must not change a number: ``--compact`` (physical eviction) against the
-masked cache, ``--compile`` against the eager forward, and compiling must not recompile per chunk."""
+"""The throughput paths (issue 8) must not change a number: ``--compact`` (physical eviction)
+against the masked cache, ``--compile`` against the eager forward, and compiling must not
+recompile per chunk; ``--batch-configs auto`` sizes batches from memory."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch._dynamo
 
+from orchestrator.errors import KvorchError
+from orchestrator.spec import JobSpec
 from tests.test_engine import by_config, default_configs
+from workers import memory
 from workers.configs import EvalConfig
 from workers.engine import Engine, EngineSettings
 from workers.presses import ALL_METHODS, REGISTRY, parse_method
@@ -135,3 +141,47 @@ def test_compiled_compact_engine_gives_the_masked_rows(tiny_model, tokens):
     torch._dynamo.reset()
     for label, rows in expected.items():
         assert_same_rows(rows, got[label], rel=1e-5)
+
+
+def test_batch_size_estimate_on_made_up_numbers():
+    """A 30-layer model with 3 kv-heads of 64 dims in bf16 over 4096 tokens: the KV cache of one
+    config is 30 * 3 * 4096 * 64 * 2 * 2 bytes = 90 MiB; the rest is bookkeeping and activations."""
+    config = SimpleNamespace(
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        hidden_size=576,
+        intermediate_size=1536,
+        vocab_size=49152,
+    )
+    per_config = memory.config_bytes(config, max_tokens=4096, chunk_size=128, dtype_bytes=2)
+    kv_cache = 30 * 3 * 4096 * 64 * 2 * 2
+    bookkeeping = 30 * 3 * 4096 * 5
+    activations = 128 * (4 * 576 + 2 * 1536) * 2 + 128 * 49152 * (2 + 4) + 9 * 128 * 4096 * 4
+    assert per_config == kv_cache + bookkeeping + activations
+    assert memory.configs_per_forward(per_config, available=10 * per_config) == 5  # half of it planned for
+    assert memory.configs_per_forward(per_config, available=per_config) == 1  # never below one
+    assert memory.configs_per_forward(per_config, available=1000 * per_config) == memory.MAX_CONFIGS_PER_FORWARD
+    assert memory.configs_per_forward(100, available=10_000, cap=8) == 8
+
+
+@pytest.mark.parametrize(("given", "parsed"), [("auto", "auto"), ("12", 12), (3, 3)])
+def test_batch_configs_is_auto_or_a_count(given, parsed):
+    assert JobSpec(methods=("baseline",), batch_configs=given).batch_configs == parsed
+    assert JobSpec(methods=("baseline",)).batch_configs == "auto"
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "many", "1.5", 0])
+def test_bad_batch_configs_say_what_to_fix(bad):
+    with pytest.raises(KvorchError, match="--batch-configs must be auto or a whole number >= 1"):
+        JobSpec(methods=("baseline",), batch_configs=bad)
+
+
+def test_compile_auto_is_on_for_cuda_only():
+    spec = JobSpec(methods=("baseline",))
+    assert (spec.engine_for("cuda").compile, spec.engine_for("cpu").compile) == (True, False)
+    assert JobSpec(methods=("baseline",), compile="on").engine_for("cpu").compile
+    assert not JobSpec(methods=("baseline",), compile="off").engine_for("cuda").compile
+    assert JobSpec(methods=("baseline",), compact=True).engine_for("cpu").compact
+    with pytest.raises(KvorchError, match="--compile 'yes' is unknown"):
+        JobSpec(methods=("baseline",), compile="yes")
