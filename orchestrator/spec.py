@@ -69,6 +69,12 @@ class JobSpec:
         if not self.configs:
             configs = build_configs(self.methods, self.thresholds, self.policy, self.ratios)
             object.__setattr__(self, "configs", tuple(configs))
+        evicted_readers = [c.label for c in self.configs if c.needs_evicted_keys] if self.compact else []
+        if evicted_readers:
+            raise KvorchError(
+                f"--compact drops evicted keys, but {evicted_readers[0]} rescores from keys the budget may have "
+                "evicted; run it without --compact or with --policy threshold"
+            )
         if self.densities and self.thresholds:
             raise KvorchError("--densities and --thresholds both choose thresholds; pass only one of them")
         if self.densities and self.policy != "threshold":

@@ -54,13 +54,12 @@ def test_compact_cache_gives_the_masked_rows_for_every_method(tiny_model, tokens
 
 
 def test_compact_cache_gives_the_masked_rows_under_the_ratio_policy(tiny_model, tokens):
-    """Evictions among old keys at any chunk; every press except expected attention, which the
-    next test shows refusing."""
-    configs = [
-        EvalConfig(REGISTRY[m](), ratio=0.6)
-        for m in ALL_METHODS
-        if REGISTRY[m].default_thresholds != (None,) and m != "expected_attention"
-    ]
+    """Evictions among old keys at any chunk; every press but those that would read evicted keys
+    (expected attention), which the next test shows refusing."""
+    scoring = [REGISTRY[m]() for m in ALL_METHODS if REGISTRY[m].default_thresholds != (None,)]
+    configs = [EvalConfig(press, ratio=0.6) for press in scoring]
+    assert [c.method for c in configs if c.needs_evicted_keys] == ["expected_attention"]
+    configs = [c for c in configs if not c.needs_evicted_keys]
     masked = Engine(tiny_model, EngineSettings(32, 16)).evaluate("d", tokens, configs).to_pylist()
     compact = Engine(tiny_model, EngineSettings(32, 16, compact=True)).evaluate("d", tokens, configs).to_pylist()
     assert_same_rows(masked, compact, rel=1e-5)
@@ -72,6 +71,9 @@ def test_compact_cache_refuses_a_press_that_reads_evicted_keys(tiny_model, token
     config = EvalConfig(parse_method("expected_attention"), ratio=0.5)
     with pytest.raises(ValueError, match="run it without --compact"):
         Engine(tiny_model, EngineSettings(32, 16, compact=True)).evaluate("d", tokens, [config])
+    with pytest.raises(KvorchError, match="--compact drops evicted keys, but expected_attention@ratio=0.5 rescores"):
+        JobSpec(methods=("knorm,expected_attention",), policy="ratio", ratios=(0.5,), compact=True)
+    JobSpec(methods=("knorm,expected_attention",), compact=True)  # the threshold policy reads only undecided keys
 
 
 @pytest.mark.parametrize("chunk", [16, 64])

@@ -89,6 +89,9 @@ class Press:
     attention_queries: ClassVar[int | None] = None
     needs_prerope_queries: ClassVar[bool] = False
     needs_hidden_states: ClassVar[bool] = False
+    # True when the score reads the keys or values of the positions it scores (ctx.keys_at): a
+    # rescoring press then reads old keys, which --compact may have dropped (EvalConfig.needs_evicted_keys).
+    reads_keys: ClassVar[bool] = False
     # Whether `--methods all` includes the method (False for presses with required parameters).
     in_all: ClassVar[bool] = True
 

@@ -56,6 +56,7 @@ class ExpectedAttentionPress(Press):
     name = "expected_attention"
     default_thresholds = (0.01,)
     rescores = True
+    reads_keys = True
     needs_prerope_queries = True
     n_sink: int = 4
     n_future_positions: int = 512

@@ -45,6 +45,7 @@ class KVPressAdapter(Press):
     default_thresholds = (0.0,)
     needs_attention = True
     needs_hidden_states = True
+    reads_keys = True
     in_all = False
     press_class: str = ""
     options: str = ""  # canonical "key=value,..." passed to the kvpress class
