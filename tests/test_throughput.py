@@ -12,6 +12,7 @@ import torch._dynamo
 
 from orchestrator.errors import KvorchError
 from orchestrator.spec import JobSpec
+from tests.helpers import write_head_table
 from tests.test_engine import by_config, default_configs
 from workers import memory
 from workers.configs import EvalConfig
@@ -62,6 +63,22 @@ def test_compact_cache_gives_the_masked_rows_under_the_ratio_policy(tiny_model, 
     configs = [c for c in configs if not c.needs_evicted_keys]
     masked = Engine(tiny_model, EngineSettings(32, 16)).evaluate("d", tokens, configs).to_pylist()
     compact = Engine(tiny_model, EngineSettings(32, 16, compact=True)).evaluate("d", tokens, configs).to_pylist()
+    assert_same_rows(masked, compact, rel=1e-5)
+
+
+def test_compact_cache_gives_the_masked_rows_with_per_head_windows(tiny_model, tokens, tmp_path):
+    """Head-aware windows differ per (layer, kv-head), so each head's cache holds another count;
+    batched with presses that read keys (knorm) and rescore them (expected attention)."""
+    classes = [["positional", "positional", "gathering", "mixed"], ["mixed", "gathering", "positional", "positional"]]
+    table = write_head_table(tmp_path / "heads.parquet", classes, [[1.0] * 4] * 2, [[8] * 4] * 2)
+    configs = [
+        EvalConfig(parse_method(f"head_aware:policy=class,heads={table},positional=8,mixed=24,gathering=48")),
+        EvalConfig(parse_method("knorm"), -3.0),
+        EvalConfig(parse_method("expected_attention"), 0.05),
+    ]
+    masked = Engine(tiny_model, EngineSettings(32, 16)).evaluate("d", tokens, configs).to_pylist()
+    compact = Engine(tiny_model, EngineSettings(32, 16, compact=True)).evaluate("d", tokens, configs).to_pylist()
+    assert any(r["keys_kept"] < r["keys_total"] // 2 for r in masked if r["method"] == "head_aware")
     assert_same_rows(masked, compact, rel=1e-5)
 
 
