@@ -152,4 +152,5 @@ class CompactCache:
 def make_cache(
     compact: bool, n_layers: int, shape: tuple[int, int, int], head_dim: int, device: torch.device, dtype: torch.dtype
 ) -> MaskedCache | CompactCache:
+    """The cache of a document run: ``shape`` is (configs, kv-heads, document length)."""
     return (CompactCache if compact else MaskedCache)(n_layers, shape, head_dim, device, dtype)
