@@ -116,8 +116,11 @@ def calibrate(presses: list[Press], targets: tuple[float, ...], measure: Measure
     return out
 
 
-def run(spec: JobSpec, held_out: list[TokenizedDocument], settings: WorkerSettings, pool: PoolPlan) -> list[Calibrated]:
-    """Calibrate every thresholded press of ``spec`` to ``spec.densities`` on one worker actor."""
+def run(
+    spec: JobSpec, held_out: list[TokenizedDocument], settings: WorkerSettings, pool: PoolPlan, batch_configs: int
+) -> list[Calibrated]:
+    """Calibrate every thresholded press of ``spec`` to ``spec.densities`` on one worker actor,
+    ``batch_configs`` configs per forward (the run's resolved count)."""
     presses = thresholded(list(spec.configs))
     print(
         f"kvorch: calibrating {len(presses)} method(s) to densities {', '.join(map(str, spec.densities))} "
@@ -125,7 +128,7 @@ def run(spec: JobSpec, held_out: list[TokenizedDocument], settings: WorkerSettin
         file=sys.stderr,
     )
     try:
-        with ray_measure(held_out, settings, pool, spec.batch_configs) as measure:
+        with ray_measure(held_out, settings, pool, batch_configs) as measure:
 
             def logged(configs: list[EvalConfig]) -> dict[str, float]:
                 densities = measure(configs)

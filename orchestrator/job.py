@@ -17,7 +17,7 @@ from importlib import metadata
 import pyarrow as pa
 import ray
 
-from orchestrator import calibration, driver
+from orchestrator import batching, calibration, driver
 from orchestrator.corpus import load_corpus
 from orchestrator.errors import KvorchError
 from orchestrator.lake import Lake
@@ -114,14 +114,16 @@ def _run(
             f"run {run_id} was computed in {previous.get('dtype_resolved')}, this pool would use {dtype}; "
             f"pass --dtype {previous.get('dtype_resolved')} to resume it"
         )
-    settings = WorkerSettings(spec.model, dtype, pool.device, pool.threads, spec.engine)
+    engine = spec.engine_for(pool.device)
+    settings = WorkerSettings(spec.model, dtype, pool.device, pool.threads, engine)
     n_shards = previous["n_shards"] if previous else default_shards(pool.n_actors)
+    batch_configs = previous["batch_configs_resolved"] if previous else batching.resolve(spec, pool, dtype)
     # Calibration is deterministic for a given spec, documents and dtype: a resumed run redoes it
     # and gets the thresholds, hence the tasks, of its first attempt.
-    calibrated = calibration.run(spec, held_out, settings, pool) if spec.densities else []
+    calibrated = calibration.run(spec, held_out, settings, pool, batch_configs) if spec.densities else []
     if calibrated:
         spec = calibration.calibrated_spec(spec, calibrated)
-    tasks = plan_tasks(docs, list(spec.configs), n_shards, spec.batch_configs)
+    tasks = plan_tasks(docs, list(spec.configs), n_shards, batch_configs)
 
     # Claim the run before spec.json exists, so no other submission takes it for an abandoned one.
     lake.write_status(run_id, running_status())
@@ -137,6 +139,8 @@ def _run(
                 **spec.to_json(),
                 "spec_hash": fingerprint,
                 "dtype_resolved": dtype,
+                "compile_resolved": engine.compile,
+                "batch_configs_resolved": batch_configs,
                 "schema_version": SCHEMA_VERSION,
                 "versions": _versions(),
                 "hardware": _hardware(pool),

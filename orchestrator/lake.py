@@ -28,7 +28,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from orchestrator.errors import KvorchError
-from workers.schema import CHUNK_SCHEMA, DOC_SCHEMA, PARTITION_COLUMNS
+from workers.schema import CHUNK_COLUMNS_BY_VERSION, CHUNK_SCHEMA, DOC_SCHEMA, PARTITION_COLUMNS
 
 DEFAULT_LAKE = "./kvorch-lake"
 
@@ -111,12 +111,13 @@ class Lake:
 
     def part_rows(self, path: str) -> int | None:
         """A part's row count from its footer, or None when the part is damaged (truncated,
-        not Parquet, or not the lake's schema)."""
+        not Parquet, or not the lake's schema under any readable version)."""
         try:
             meta = pq.read_metadata(path, filesystem=self.fs)
         except (OSError, pa.ArrowException):
             return None
-        ok = meta.num_rows > 0 and meta.schema.to_arrow_schema().remove_metadata().equals(CHUNK_SCHEMA)
+        columns = meta.schema.to_arrow_schema().remove_metadata()
+        ok = meta.num_rows > 0 and any(columns.equals(known) for known in CHUNK_COLUMNS_BY_VERSION.values())
         return meta.num_rows if ok else None
 
     def valid_parts(self, run_id: str | None = None) -> list[str]:

@@ -135,13 +135,18 @@ def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, files: list[str], s
     try:
         if not files:
             raise duckdb.IOException("no files")
-        con.execute(
-            f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{listed}], hive_partitioning = true, "
-            "union_by_name = true)"
-        )
+        source = f"read_parquet([{listed}], hive_partitioning = true, union_by_name = true)"
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM {source}")
     except duckdb.IOException:  # no files yet
         con.register(f"_{name}_empty", schema.empty_table())
         con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}_empty")
+        return
+    present = {row[0] for row in con.execute(f"DESCRIBE {name}").fetchall()}
+    if any(f.name not in present for f in schema):  # only parts of an older schema version
+        con.register(f"_{name}_empty", schema.empty_table())
+        con.execute(
+            f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM {source} UNION ALL BY NAME SELECT * FROM _{name}_empty"
+        )
 
 
 def latest_run(con: duckdb.DuckDBPyConnection) -> str:

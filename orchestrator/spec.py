@@ -21,7 +21,9 @@ DEFAULT_MAX_DOCS = 4
 DEFAULT_MAX_TOKENS = 1024
 DEFAULT_CHUNK_SIZE = EngineSettings.chunk_size
 DEFAULT_WINDOW = EngineSettings.window
-DEFAULT_BATCH_CONFIGS = 16
+DEFAULT_COMPACT = EngineSettings.compact
+# auto: compile on CUDA, where it pays; on CPU compiling costs minutes and buys nothing.
+COMPILE_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,10 @@ class JobSpec:
     dtype: str = "auto"
     device: str = "auto"
     actors: int | None = None
-    batch_configs: int = DEFAULT_BATCH_CONFIGS
+    # Configs per batched forward; "auto" fits them to the worker's free memory (orchestrator/batching.py).
+    batch_configs: int | str = "auto"
+    compile: str = "auto"
+    compact: bool = DEFAULT_COMPACT
     # Target compressible densities: thresholds are calibrated to them (orchestrator/calibration.py).
     densities: tuple[float, ...] = ()
     configs: tuple[EvalConfig, ...] = field(default=(), compare=False)
@@ -50,8 +55,9 @@ class JobSpec:
             raise KvorchError(f"--max-tokens must be >= 1, got {self.max_tokens}")
         if self.max_docs is not None and self.max_docs < 1:
             raise KvorchError(f"--max-docs must be >= 1, got {self.max_docs}")
-        if self.batch_configs < 1:
-            raise KvorchError(f"--batch-configs must be >= 1, got {self.batch_configs}")
+        object.__setattr__(self, "batch_configs", _parse_batch_configs(self.batch_configs))
+        if self.compile not in COMPILE_MODES:
+            raise KvorchError(f"--compile {self.compile!r} is unknown; use one of {', '.join(COMPILE_MODES)}")
         if self.attn not in BACKENDS:
             raise KvorchError(f"--attn {self.attn!r} is unknown; use one of {', '.join(BACKENDS)}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -63,6 +69,12 @@ class JobSpec:
         if not self.configs:
             configs = build_configs(self.methods, self.thresholds, self.policy, self.ratios)
             object.__setattr__(self, "configs", tuple(configs))
+        evicted_readers = [c.label for c in self.configs if c.needs_evicted_keys] if self.compact else []
+        if evicted_readers:
+            raise KvorchError(
+                f"--compact drops evicted keys, but {evicted_readers[0]} rescores from keys the budget may have "
+                "evicted; run it without --compact or with --policy threshold"
+            )
         if self.densities and self.thresholds:
             raise KvorchError("--densities and --thresholds both choose thresholds; pass only one of them")
         if self.densities and self.policy != "threshold":
@@ -70,9 +82,10 @@ class JobSpec:
         if self.densities and all(c.threshold is None for c in self.configs):
             raise KvorchError("--densities needs a method with a threshold among --methods, e.g. knorm or h2o")
 
-    @property
-    def engine(self) -> EngineSettings:
-        return EngineSettings(self.chunk_size, self.window, self.attn)
+    def engine_for(self, device: str) -> EngineSettings:
+        """The engine settings on a pool of ``device`` ("cuda" or "cpu"), --compile auto resolved."""
+        compile_ = self.compile == "on" or (self.compile == "auto" and device == "cuda")
+        return EngineSettings(self.chunk_size, self.window, self.attn, compile=compile_, compact=self.compact)
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "configs"}
@@ -179,6 +192,19 @@ def _parse_thresholds(thresholds: tuple[str, ...], presses: list[Press]) -> dict
         for press in targets:
             overrides[press] = taus
     return overrides
+
+
+def _parse_batch_configs(value: int | str) -> int | str:
+    """``auto`` or a whole number >= 1 (the CLI passes text)."""
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1 or str(value).strip() != str(number):
+        raise KvorchError(f"--batch-configs must be auto or a whole number >= 1, got {value!r}")
+    return number
 
 
 def _parse_float(text: str, item: str) -> float:

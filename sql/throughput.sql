@@ -4,13 +4,17 @@
 -- one config's forward once (chunk_end - chunk_start tokens per row).
 -- device_name (the GPU model, or the CPU) comes from the workers recorded in status.json;
 -- rows of a run without one fall back to the row's device (cpu, cuda:0, ...).
+-- peak_kv_mib: the most keys + values any one batched forward held (kv_cache_bytes, all layers;
+-- the full preallocated cache when masked, the kept entries with --compact); null for rows
+-- written before schema version 2.
 WITH rows_ AS (
     SELECT
         r.worker,
         r.method,
         coalesce(w.device_name, r.device) AS device_name,
         r.chunk_end - r.chunk_start AS token_configs,
-        r.forward_seconds / r.batch_size AS seconds
+        r.forward_seconds / r.batch_size AS seconds,
+        r.kv_cache_bytes
     FROM chunks r
     LEFT JOIN workers w ON w.run_id = r.run_id AND w.worker = r.worker
     WHERE r.run_id = $run_id
@@ -23,7 +27,8 @@ SELECT
     count(*) AS rows,
     sum(token_configs) AS token_configs,
     sum(seconds) AS seconds,
-    sum(token_configs) / nullif(sum(seconds), 0) AS token_configs_per_s
+    sum(token_configs) / nullif(sum(seconds), 0) AS token_configs_per_s,
+    max(kv_cache_bytes) / 2 ^ 20 AS peak_kv_mib
 FROM rows_
 GROUP BY GROUPING SETS ((worker, device_name), (method), (device_name))
 ORDER BY per DESC, worker, method, device_name;

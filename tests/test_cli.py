@@ -144,6 +144,7 @@ def test_bad_input_is_one_line_and_leaves_the_lake_alone(populated_lake, tmp_pat
         "cannot write to lake": ["--lake", str(blocker / "lake")],
         "different spec": ["--run-id", "first"],
         "no such run": ["--resume", "nope"],
+        "--batch-configs must be auto or a whole number": ["--batch-configs", "lots"],
     }
     for fragment, extra in cases.items():
         args = [
@@ -167,6 +168,30 @@ def test_bad_input_is_one_line_and_leaves_the_lake_alone(populated_lake, tmp_pat
         assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], (fragment, result.output)
     assert snapshot(populated_lake) == before
     assert blocker.read_text().startswith("a file")
+
+
+def test_compact_run_records_its_settings_and_gives_the_masked_rows(populated_lake, tiny_model_dir):
+    """The same job as the fixture's (masked, --batch-configs auto), with --compact."""
+    args = ["--model", tiny_model_dir, "--max-docs", "2", "--max-tokens", "128", "--chunk-size", "64"]
+    args += ["--window", "32", "--methods", "baseline,window,h2o", "--lake", str(populated_lake)]
+    result = kvorch("submit", *args, "--compact", "--run-id", "compact", "--no-progress")
+    assert result.exit_code == 0, result.output
+    for run_id, compact in (("first", False), ("compact", True)):
+        spec = json.loads((populated_lake / "runs" / f"run_id={run_id}" / "spec.json").read_text())
+        assert (spec["compact"], spec["compile"], spec["compile_resolved"]) == (compact, "auto", False)
+        assert spec["batch_configs"] == "auto" and 1 <= spec["batch_configs_resolved"] <= 32
+    query = (
+        "SELECT run_id, config, doc_id, chunk_index, nll_sum, keys_kept, kv_cache_bytes FROM chunks "
+        "ORDER BY config, doc_id, chunk_index"
+    )
+    rows = json.loads(kvorch("sql", "--lake", str(populated_lake), "--format", "json", query).stdout)
+    masked = [r for r in rows if r["run_id"] == "first"]
+    compact = [r for r in rows if r["run_id"] == "compact"]
+    assert len(masked) == len(compact) > 0
+    for m, c in zip(masked, compact, strict=True):
+        assert (c["config"], c["doc_id"], c["keys_kept"]) == (m["config"], m["doc_id"], m["keys_kept"])
+        assert c["nll_sum"] == pytest.approx(m["nll_sum"], rel=1e-5)
+        assert 0 < c["kv_cache_bytes"] <= m["kv_cache_bytes"]
 
 
 def test_local_model_dir_runs_and_report_reads_it(populated_lake):

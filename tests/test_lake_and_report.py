@@ -13,7 +13,7 @@ from orchestrator.errors import KvorchError
 from orchestrator.formatting import render
 from orchestrator.lake import Lake
 from orchestrator.queries import connect, run_named
-from workers.schema import ROW_SCHEMA
+from workers.schema import ROW_SCHEMA, SCHEMA_VERSION
 
 
 def row(doc, chunk, method, config, nll, n, correct, total, kept, in_window, protected, threshold=None):
@@ -116,4 +116,4 @@ def test_empty_or_unwritable_lake_is_a_clear_error(tmp_path):
 
 def test_duckdb_sees_schema_version(lake):
     meta = duckdb.sql(f"SELECT key, value FROM parquet_kv_metadata('{lake.glob('chunks')}')").fetchall()
-    assert (b"kvorch_schema_version", b"1") in meta
+    assert (b"kvorch_schema_version", str(SCHEMA_VERSION).encode()) in meta

@@ -274,6 +274,18 @@ def test_throughput_charges_each_config_its_share_of_a_batched_forward(tmp_path)
     assert got[("method", "x")]["token_configs_per_s"] == pytest.approx((20 + 20) / (1.0 + 0.5))
     assert got[("method", "y")]["seconds"] == pytest.approx(1.0)
     assert got[("device", "GPU-B")]["rows"] == 2
+    assert got[("worker", "w0")]["peak_kv_mib"] is None  # rows without kv_cache_bytes
+
+
+def test_throughput_reports_the_peak_kv_memory(tmp_path):
+    mib = 2**20
+    rows = [chunk_row("a", s, c, 1.0, kv_cache_bytes=(s + 10) * mib) for s in (0, 10) for c in "xy"]
+    rows.append(chunk_row("a", 20, "x", 1.0, kv_cache_bytes=5 * mib))
+    got = {
+        (r["per"], r["method"]): r for r in RunReport(make_lake(tmp_path, {"r": rows})).table("throughput").records()
+    }
+    assert got[("method", "x")]["peak_kv_mib"] == 20
+    assert got[("method", "y")]["peak_kv_mib"] == 20
 
 
 # --- runs --------------------------------------------------------------------------------------
@@ -305,7 +317,7 @@ def test_runs_lists_and_compares(tmp_path):
 
 @pytest.mark.parametrize(
     ("version", "message"),
-    [("2", "newer than this kvorch reads"), ("0", "no longer reads"), (None, "no kvorch schema version")],
+    [("3", "newer than this kvorch reads"), ("0", "no longer reads"), (None, "no kvorch schema version")],
 )
 def test_parts_of_another_schema_version_fail_clearly(tmp_path, version, message):
     lake = make_lake(tmp_path / "lake", {"r": three_doc_rows()})
@@ -319,6 +331,24 @@ def test_parts_of_another_schema_version_fail_clearly(tmp_path, version, message
     result = kvorch("report", "--lake", lake.uri)
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1 and message in result.output
     assert snapshot(tmp_path / "lake") == before
+
+
+def test_parts_of_schema_version_1_are_still_read(tmp_path):
+    """A lake written before kv_cache_bytes existed: its parts stay valid (resume keeps them),
+    and the column reads as null, alone or next to version-2 parts of another run."""
+    lake = make_lake(tmp_path / "lake", {"new": [chunk_row("a", 0, "baseline", 1.0, kv_cache_bytes=64)]})
+    old = pa.Table.from_pylist(three_doc_rows(), schema=ROW_SCHEMA).drop_columns(["method", "kv_cache_bytes"])
+    lake.write_spec("old", {"model": "m"})
+    lake.write_table(
+        lake.part_path("old", "baseline", "t0"), old.replace_schema_metadata({"kvorch_schema_version": "1"})
+    )
+    assert lake.inventory("old") == ({("t0", "baseline"): len(old)}, [])
+    assert RunReport(lake, "old").table("compare").records()
+    con = connect(lake)
+    by_run = dict(con.execute("SELECT run_id, max(kv_cache_bytes) FROM chunks GROUP BY run_id").fetchall())
+    assert by_run == {"old": None, "new": 64}
+    lake.delete(lake.parts("new"))
+    assert connect(lake).execute("SELECT count(*), max(kv_cache_bytes) FROM chunks").fetchone() == (len(old), None)
 
 
 # --- the report command and its plots -----------------------------------------------------------

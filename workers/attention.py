@@ -27,6 +27,10 @@ class AttentionRun(Protocol):
     ) -> torch.Tensor: ...
 
 
+# Never traced by torch.compile (the engine's compiled forward breaks its graph here): the
+# engine's attention and presses are Python over per-chunk bounds that would be specialized into
+# a new graph every chunk; the model's projections, MLPs and norms around it stay compiled.
+@torch.compiler.disable
 def kvorch_attention(
     module: torch.nn.Module,
     query: torch.Tensor,

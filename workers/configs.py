@@ -47,6 +47,13 @@ class EvalConfig:
         return base if self.threshold is None else f"{base}@{self.threshold:g}"
 
     @property
+    def needs_evicted_keys(self) -> bool:
+        """Under the ratio policy a rescoring press rescores every kept key each chunk, also those
+        the budget evicted earlier; one that reads keys to score then reads evicted ones, which
+        only the masked cache still holds (so not with --compact)."""
+        return self.policy == "ratio" and self.press.rescores and self.press.reads_keys
+
+    @property
     def engine_threshold(self) -> float:
         """Structural presses score +-inf, so any finite threshold gives their behaviour."""
         return 0.0 if self.threshold is None else self.threshold

@@ -8,8 +8,11 @@ keep-mask per (layer, kv-head, position). For chunk [s, e) every layer:
   4. decides, once and for good, the keys that just left the protected window:
      evicted if score < threshold, sinks always kept. The window is the DMS window (or a
      press's own larger local window), or per (layer, kv-head) windows a head-aware press sets.
-Evicted keys are masked, never shown to a later query. Chunk rows (NLL, top-1, density)
-are accumulated on the device and read back once per document.
+Evicted keys are masked, never shown to a later query, or with ``compact`` physically dropped
+(workers/kv_cache.py). Chunk rows (NLL, top-1, density) are accumulated on the device and read
+back once per document. With ``compile`` the model's forward runs under ``torch.compile`` with
+static chunk shapes (the last chunk is padded); attention and presses stay eager
+(workers/attention.py), so chunk bounds never reach compiled code and nothing recompiles per chunk.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 
 from workers import attention
 from workers.configs import EvalConfig
+from workers.kv_cache import LayerView, make_cache
 from workers.presses import LayerContext, Press
 from workers.rope import unrotate
 from workers.schema import ROW_SCHEMA
@@ -36,6 +40,8 @@ class EngineSettings:
     chunk_size: int = 128
     window: int = 128
     attn: str = "sdpa"
+    compile: bool = False
+    compact: bool = False
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -54,10 +60,15 @@ def doc_seed(doc_id: str) -> int:
 class Engine:
     """Evaluates documents under a batch of configs with one loaded model."""
 
-    def __init__(self, model: torch.nn.Module, settings: EngineSettings, worker: str = "local") -> None:
+    def __init__(
+        self, model: torch.nn.Module, settings: EngineSettings, worker: str = "local", compile_backend: str = "inductor"
+    ) -> None:
+        """``compile_backend`` is torch.compile's backend when ``settings.compile``: inductor for
+        real runs; tests pass "eager" to check shapes and recompiles without inductor's cost."""
         self.model = model.eval()
         self.model.set_attn_implementation(attention.ATTENTION_NAME)
         self.settings = settings
+        self.forward = torch.compile(model, backend=compile_backend) if settings.compile else model
         self.worker = worker
         self.device = next(model.parameters()).device
         self.rotary_module = getattr(model.base_model, "rotary_emb", None)
@@ -237,8 +248,7 @@ class _DocumentRun:
 
         b = len(configs)
         shape = (b, self.n_kv_heads, n)
-        self.keys = [torch.zeros(*shape, head_dim, device=device, dtype=dtype) for _ in range(self.n_layers)]
-        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.cache = make_cache(self.settings.compact, self.n_layers, shape, head_dim, device, dtype)
         self.keep = [torch.ones(shape, device=device, dtype=torch.bool) for _ in range(self.n_layers)]
         self.scores = [torch.zeros(shape, device=device) for _ in range(self.n_layers)]
         self.start = self.end = 0
@@ -248,7 +258,7 @@ class _DocumentRun:
         # evicted, so every row computes the same thing: such chunks run once, with batch 1.
         self.shared_until = min(lo for g in self.groups for lo, _ in g.windows.ranges)
         self.shared = False
-        self.causal = torch.ones(0, 0, dtype=torch.bool)  # [c, e] of the current chunk, shared by all layers
+        self.kv_bytes: list[int] = []  # per chunk: keys + values held over all layers
 
     # --- the chunk loop -------------------------------------------------------------------
 
@@ -269,10 +279,14 @@ class _DocumentRun:
             if self.needs_prerope:
                 self.chunk_cos, self.chunk_sin = self.engine.rotary(positions)
             self.shared = s <= self.shared_until
-            self.causal = torch.ones(e - s, e, dtype=torch.bool, device=device).tril(diagonal=s)  # all layers
-            ids = self.tokens[s:e][None].expand(1 if self.shared else b, -1)
-            logits = self.engine.model(
-                input_ids=ids, position_ids=positions[None], use_cache=False, kvorch_run=self
+            self.cache.begin_chunk(s, e)
+            self.kv_bytes.append(0)
+            ids, model_positions = self._model_inputs(s, e, positions)
+            logits = self.engine.forward(
+                input_ids=ids[None].expand(1 if self.shared else b, -1),
+                position_ids=model_positions[None],
+                use_cache=False,
+                kvorch_run=self,
             ).logits
             n_targets = min(e, self.n - 1) - s
             if n_targets > 0:
@@ -290,21 +304,35 @@ class _DocumentRun:
                 on_chunk()
         return self._rows(bounds, nll.cpu(), correct.cpu(), kept.cpu(), seconds)
 
+    def _model_inputs(self, s: int, e: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and position ids of chunk [s, e). A compiled forward gets every chunk at the
+        full chunk size, the last one padded (its pad queries are dropped in ``attend`` and its pad
+        logits are never targets), so one compiled graph serves the whole document."""
+        ids = self.tokens[s:e]
+        if not self.settings.compile:
+            return ids, positions
+        # Built the same way for every chunk, padded or not, so the compiled graph's guards on its
+        # input (shape, strides, inference-mode dispatch keys) hold for all of them.
+        ids = torch.cat((ids, ids[-1:].expand(self.settings.chunk_size - (e - s))))
+        return ids, torch.arange(s, s + self.settings.chunk_size, device=positions.device)
+
     def attend(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
     ) -> torch.Tensor:
         """Called by every attention layer for the current chunk; returns [B, c, H, D] (B = 1 for a
         shared chunk, whose single row is broadcast to every config's cache and press)."""
         s, e = self.start, self.end
-        self.keys[layer][:, :, s:e] = key
-        self.values[layer][:, :, s:e] = value
-        keys, values = self.keys[layer][:, :, :e], self.values[layer][:, :, :e]
-        keep = self.keep[layer][:, :, :e]
-        self.kept += keep[:, :, :s].sum(dim=(1, 2))
-        visible = keep[:, :, None, :] & self.causal  # [B, Hkv, c, e]
+        pad = query.shape[2] - (e - s)  # a compiled forward's padded last chunk
+        if pad:
+            query, key, value = query[:, :, : e - s], key[:, :, : e - s], value[:, :, : e - s]
+            if layer in self.engine.hidden_states:
+                self.engine.hidden_states[layer] = self.engine.hidden_states[layer][:, : e - s]
+        view = self.cache.update(layer, key, value, self.keep[layer])
+        self.kv_bytes[-1] += view.held_bytes
+        self.kept += self.keep[layer][:, :, :s].sum(dim=(1, 2))
         rows = query.shape[0]
         out, probs = attention.grouped_attention(
-            query, keys[:rows], values[:rows], visible[:rows], scaling, self.settings.attn
+            query, view.keys[:rows], view.values[:rows], view.visible[:rows], scaling, self.settings.attn
         )
         if self.shared:
             b = len(self.configs)
@@ -313,17 +341,16 @@ class _DocumentRun:
             if layer in self.engine.hidden_states:
                 self.engine.hidden_states[layer] = self.engine.hidden_states[layer].expand(b, -1, -1)
         for group in self.groups:
-            self._score_and_decide(layer, group, query, keys, values, visible, probs, scaling)
-        return out.transpose(1, 2)
+            self._score_and_decide(layer, group, query, view, probs, scaling)
+        self.cache.settle(layer, view, self.keep[layer])
+        return F.pad(out, (0, 0, 0, pad)).transpose(1, 2)  # [B, c, H, D], strides as unpadded
 
     def _score_and_decide(
         self,
         layer: int,
         group: _RowGroup,
         query: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        visible: torch.Tensor,
+        view: LayerView,
         probs: torch.Tensor | None,
         scaling: float,
     ) -> None:
@@ -339,21 +366,27 @@ class _DocumentRun:
         if press.needs_attention:
             n_queries = press.attention_queries or (e - s)
             if probs is not None:
-                attention_probs = probs[rows, :, -n_queries:]
+                attention_probs = view.at_positions(probs[rows, :, -n_queries:], rows)
             else:
-                attention_probs = attention.attention_probabilities(
-                    query[rows, :, -n_queries:], keys[rows], visible[rows, :, -n_queries:], scaling
+                attention_probs = view.at_positions(
+                    attention.attention_probabilities(
+                        query[rows, :, -n_queries:], view.keys[rows], view.visible[rows, :, -n_queries:], scaling
+                    ),
+                    rows,
                 )
         prerope = None
         if press.needs_prerope_queries:
             prerope = unrotate(query[rows], self.chunk_cos, self.chunk_sin)
+        # Keys inside every head's window are undecided, hence held; older ones may be evicted.
+        keys, values, keys_from = view.for_press(rows, max(0, s - narrowest))
         ctx = LayerContext(
             layer=layer,
             start=s,
             end=e,
             score_from=score_from,
-            keys=keys[rows],
-            values=values[rows],
+            keys=keys,
+            values=values,
+            keys_from=keys_from,
             queries=query[rows],
             visible=self.keep[layer][rows, :, :e],
             doc_seed=self.seed,
@@ -455,6 +488,7 @@ class _DocumentRun:
                     "keys_protected": protected,
                     "keys_kept_unprotected": n_kept - protected,
                     "forward_seconds": seconds[k],
+                    "kv_cache_bytes": self.kv_bytes[k],
                     "batch_size": len(self.configs),
                     "worker": self.engine.worker,
                     "device": str(self.engine.device),

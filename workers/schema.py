@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Versions whose lakes this code reads (queries refuse others with the fix). Version 1 already
-# holds everything the reports derive, e.g. layers x kv-heads = keys_total / chunk_start.
-READABLE_SCHEMA_VERSIONS = frozenset({1})
+# holds everything the reports derive, e.g. layers x kv-heads = keys_total / chunk_start;
+# version 2 adds kv_cache_bytes, which reads as null in version-1 parts.
+READABLE_SCHEMA_VERSIONS = frozenset({1, 2})
 
 PARTITION_COLUMNS = ("run_id", "method")
 
@@ -49,9 +50,19 @@ CHUNK_SCHEMA = pa.schema(
         pa.field("batch_size", pa.int32(), nullable=False),
         pa.field("worker", pa.string(), nullable=False),
         pa.field("device", pa.string(), nullable=False),
+        # Keys + values the batched forward held over all layers for this chunk (shared by
+        # `batch_size` configs): the preallocated cache when masked, the kept entries (padded per
+        # layer) plus the chunk's with --compact. Since schema version 2 (null in older parts).
+        pa.field("kv_cache_bytes", pa.int64()),
     ],
     metadata={"kvorch_schema_version": str(SCHEMA_VERSION)},
 )
+# The columns of a part under each readable version: readers accept any of them, and the
+# columns an older part lacks read as null.
+CHUNK_COLUMNS_BY_VERSION = {
+    2: CHUNK_SCHEMA.remove_metadata(),
+    1: CHUNK_SCHEMA.remove_metadata().remove(CHUNK_SCHEMA.get_field_index("kv_cache_bytes")),
+}
 
 DOC_SCHEMA = pa.schema(
     [

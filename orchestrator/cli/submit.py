@@ -23,7 +23,7 @@ from orchestrator.presets import (
     head_ablation_methods,
 )
 from orchestrator.reports import RunReport, render_tables
-from orchestrator.spec import JobSpec
+from orchestrator.spec import COMPILE_MODES, JobSpec
 from workers.attention import BACKENDS
 from workers.configs import POLICIES
 from workers.models import DTYPES, EMBEDDED_MODEL
@@ -118,9 +118,21 @@ def _default(name: str) -> object:
 )
 @click.option(
     "--batch-configs",
-    type=int,
     default=_default("batch_configs"),
-    help="Configs evaluated together in one batched forward.",
+    help="Configs evaluated together in one batched forward; auto: as many as half the worker's free "
+    "memory holds (at most 32).",
+)
+@click.option(
+    "--compile",
+    "compile_",
+    type=click.Choice(COMPILE_MODES),
+    default=_default("compile"),
+    help="torch.compile the model forward (static chunk shapes); auto: on for CUDA, off on CPU.",
+)
+@click.option(
+    "--compact/--no-compact",
+    default=_default("compact"),
+    help="Evicted keys physically leave the cache, so KV memory tracks density (same numbers as masking).",
 )
 @lake_option
 @click.option(
@@ -172,7 +184,9 @@ def command(
     actors: int | None,
     gpus_per_actor: float | None,
     max_retries: int,
-    batch_configs: int,
+    batch_configs: str,
+    compile_: str,
+    compact: bool,
     lake: str,
     run_id: str | None,
     preset: str | None,
@@ -218,6 +232,8 @@ def command(
         device=device,
         actors=actors,
         batch_configs=batch_configs,
+        compile=compile_,
+        compact=compact,
     )
     target = Lake(lake)
     if preset and not detach:

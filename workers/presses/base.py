@@ -29,8 +29,10 @@ class LayerContext:
     start: int  # first position of the chunk
     end: int  # one past the last position of the chunk
     score_from: int  # first position whose score the press must return
-    keys: torch.Tensor  # [B, Hkv, end, D] post-RoPE keys of every position before `end`
-    values: torch.Tensor  # [B, Hkv, end, D]
+    # [B, Hkv, end - keys_from, D] post-RoPE keys of positions [keys_from, end): read them with
+    # keys_at/values_at, which index by absolute position.
+    keys: torch.Tensor
+    values: torch.Tensor  # [B, Hkv, end - keys_from, D]
     queries: torch.Tensor  # [B, H, c, D] post-RoPE queries of the chunk
     visible: torch.Tensor  # [B, Hkv, end] bool: keys the chunk's queries could attend to
     doc_seed: int  # deterministic per document, for seeded presses
@@ -45,6 +47,25 @@ class LayerContext:
     hidden_states: torch.Tensor | None = None
     # positions -> (cos, sin) of the model's rotary embedding, [len(positions), rotary_dim].
     rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # First position whose key and value are held: 0 with the masked cache; with --compact the
+    # first undecided position (earlier keys may have been evicted, and are really gone).
+    keys_from: int = 0
+
+    def keys_at(self, lo: int, hi: int) -> torch.Tensor:
+        """Keys of absolute positions [lo, hi): [B, Hkv, hi - lo, D]."""
+        return self._held(self.keys, lo, hi)
+
+    def values_at(self, lo: int, hi: int) -> torch.Tensor:
+        """Values of absolute positions [lo, hi): [B, Hkv, hi - lo, D]."""
+        return self._held(self.values, lo, hi)
+
+    def _held(self, tensor: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        if lo < self.keys_from:
+            raise ValueError(
+                f"this press reads keys from position {lo}, but --compact holds only keys from position "
+                f"{self.keys_from} on (earlier ones may have been evicted); run it without --compact"
+            )
+        return tensor[:, :, lo - self.keys_from : hi - self.keys_from]
 
     @property
     def n_groups(self) -> int:
@@ -68,6 +89,9 @@ class Press:
     attention_queries: ClassVar[int | None] = None
     needs_prerope_queries: ClassVar[bool] = False
     needs_hidden_states: ClassVar[bool] = False
+    # True when the score reads the keys or values of the positions it scores (ctx.keys_at): a
+    # rescoring press then reads old keys, which --compact may have dropped (EvalConfig.needs_evicted_keys).
+    reads_keys: ClassVar[bool] = False
     # Whether `--methods all` includes the method (False for presses with required parameters).
     in_all: ClassVar[bool] = True
 

@@ -56,6 +56,7 @@ class ExpectedAttentionPress(Press):
     name = "expected_attention"
     default_thresholds = (0.01,)
     rescores = True
+    reads_keys = True
     needs_prerope_queries = True
     n_sink: int = 4
     n_future_positions: int = 512
@@ -112,7 +113,7 @@ class ExpectedAttentionPress(Press):
         b, hkv, _, d = ctx.keys.shape
         lo = max(ctx.score_from, self.n_sink)
         n_sinks_scored = lo - ctx.score_from
-        keys = ctx.keys[:, :, lo : ctx.end].float()
+        keys = ctx.keys_at(lo, ctx.end).float()
         if stats is None or keys.shape[2] == 0:
             scores = torch.zeros(b, hkv, keys.shape[2], device=keys.device)
         else:
@@ -126,7 +127,7 @@ class ExpectedAttentionPress(Press):
                 logits = logits + (projected * keys[:, :, None]).sum(dim=-1) / d / 2
             scores = torch.softmax(logits, dim=-1).mean(dim=2)
             if self.use_vnorm:
-                values = ctx.values[:, :, lo : ctx.end].float()
+                values = ctx.values_at(lo, ctx.end).float()
                 scores = (scores + self.epsilon) * values.norm(dim=-1)
         sinks = torch.full((b, hkv, n_sinks_scored), float("inf"), device=keys.device)
         return torch.cat((sinks, scores), dim=2)

@@ -14,6 +14,7 @@ from workers.presses.base import LayerContext, Press
 class KnormPress(Press):
     name = "knorm"
     default_thresholds = (-16.0,)
+    reads_keys = True
 
     def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
-        return -ctx.keys[:, :, ctx.score_from : ctx.end].float().norm(dim=-1)
+        return -ctx.keys_at(ctx.score_from, ctx.end).float().norm(dim=-1)

@@ -45,6 +45,7 @@ class KVPressAdapter(Press):
     default_thresholds = (0.0,)
     needs_attention = True
     needs_hidden_states = True
+    reads_keys = True
     in_all = False
     press_class: str = ""
     options: str = ""  # canonical "key=value,..." passed to the kvpress class
@@ -72,8 +73,8 @@ class KVPressAdapter(Press):
         scores = press.score(
             _ModuleView(ctx.module, ctx.rotary),
             ctx.hidden_states,
-            ctx.keys[:, :, s:e],
-            ctx.values[:, :, s:e],
+            ctx.keys_at(s, e),
+            ctx.values_at(s, e),
             ctx.attention[..., s:e],
             {"position_embeddings": (cos[None], sin[None]), "attention_mask": None},
         )

@@ -1,0 +1,32 @@
+"""``--batch-configs auto`` on the driver: configs per forward from the pool's free memory.
+
+The count is fixed once per run, before planning, because it shapes the task ids: a resume
+reuses the recorded count (spec.json ``batch_configs_resolved``) instead of measuring again.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from orchestrator.driver import PoolPlan
+from orchestrator.errors import KvorchError
+from orchestrator.spec import JobSpec
+from workers import memory
+from workers.models import DTYPES
+
+
+def resolve(spec: JobSpec, pool: PoolPlan, dtype: str) -> int:
+    """``spec.batch_configs`` as a number: as given, or what one worker's free memory holds."""
+    if spec.batch_configs != "auto":
+        return spec.batch_configs
+    try:
+        config = memory.model_config(spec.model)
+    except (OSError, ValueError) as exc:
+        raise KvorchError(f"--batch-configs auto cannot read the model's config ({exc}); pass a number") from None
+    per_config = memory.config_bytes(config, spec.max_tokens, spec.chunk_size, DTYPES[dtype].itemsize)
+    # Measured where the workers will run: on a node of the pool's kind, before any actor starts.
+    probe = ray.remote(memory.available_bytes).options(num_cpus=0, num_gpus=min(1.0, pool.num_gpus))
+    free = ray.get(probe.remote(pool.device))
+    # Actors packed onto one GPU split it; CPU actors may share one node's memory.
+    share = min(1.0, pool.num_gpus) if pool.device == "cuda" else 1.0 / pool.n_actors
+    return memory.configs_per_forward(per_config, int(free * share))
