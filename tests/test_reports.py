@@ -377,7 +377,7 @@ def test_report_table_selection_and_bad_input(sweep_lake):
     tables = json.loads(frontier.stdout)
     assert set(tables) == {"compare", "frontier"} and [r["density"] for r in tables["frontier"]] == [0.5, 0.5]
     every = json.loads(kvorch("report", "--lake", sweep_lake.uri, "--table", "all", "--format", "json").stdout)
-    assert list(every) == ["compare", "paired", "by_position", "frontier", "pareto", "throughput"]
+    assert list(every) == ["compare", "paired", "by_position", "frontier", "pareto", "throughput", "head_ablation"]
     markdown = kvorch(
         "report", "--lake", sweep_lake.uri, "--table", "pareto", "--table", "paired", "--format", "markdown"
     )

@@ -38,7 +38,6 @@ class HeadStatsState:
     queries: list[int] = field(default_factory=list)  # per unit
     n_kv_heads: int = 0
 
-
     def units(self, doc_id: str) -> DocumentHeadStats:
         layers = sorted(self.sums)
         if not layers:
@@ -113,6 +112,5 @@ def recommended_window(distance_mass: torch.Tensor, tail: float, longest: int) -
     ks = torch.arange(3, N_DISTANCE_BINS - 1)
     fits = beyond[..., ks + 1] <= tail  # [..., len(ks)]
     k = ks[fits.float().argmax(-1)]  # first k that fits (argmax of the first True)
-    window = 2 ** k
+    window = 2**k
     return torch.where(fits.any(-1) & (window < longest), window, -1)
-
