@@ -83,22 +83,31 @@ class HeadStatsProbe(Press):
         return constant_scores(ctx, float("inf"))
 
     def chunk_sums(self, probs: torch.Tensor, first: int) -> torch.Tensor:
-        """[H, N_FEATURES] summed over the queries at positions first .. first + q - 1."""
+        """[H, N_FEATURES] summed over the queries at positions first .. first + q - 1.
+
+        Every feature but entropy is linear in p and depends on a key only through its distance
+        (or its being a sink), so the non-sink mass is first summed by distance over all queries
+        in one scatter: the full [H, q, end] tensor is touched a handful of times, not per feature.
+        """
         h, q, end = probs.shape
         device = probs.device
-        query_pos = torch.arange(first, first + q, device=device)[:, None]
-        distance = query_pos - torch.arange(end, device=device)[None, :]  # [q, end]; < 0: future
-        is_sink = torch.arange(end, device=device)[None, :] < self.n_sink
-        entropy = -(probs * probs.clamp(min=1e-30).log()).sum(-1) / (query_pos[:, 0] + 1).clamp(min=2).double().log()
-        mean_distance = (probs * distance.clamp(min=0)).sum(-1)
-        sink = probs[..., : self.n_sink].sum(-1)
-        recent = (probs * ((distance >= 0) & (distance < self.recent) & ~is_sink)).sum(-1)
-        bins = torch.where(distance > 0, distance.clamp(min=1).double().log2().floor().long() + 1, 0)
-        bins = bins.clamp(max=N_DISTANCE_BINS - 1).masked_fill(is_sink | (distance < 0), N_DISTANCE_BINS)
-        by_distance = torch.zeros(h, q, N_DISTANCE_BINS + 1, device=device, dtype=probs.dtype)
-        by_distance.scatter_add_(-1, bins.expand(h, q, end), probs)  # the extra bin collects sinks/future
-        scalars = torch.stack([entropy, mean_distance, sink, recent], dim=-1).sum(1)  # [H, 4]
-        return torch.cat([scalars, by_distance[..., :N_DISTANCE_BINS].sum(1)], dim=-1).cpu()
+        query_pos = torch.arange(first, first + q, device=device)
+        visible_keys = (query_pos + 1).clamp(min=2).double()
+        entropy = (-torch.special.xlogy(probs, probs).sum(-1) / visible_keys.log()).sum(-1)
+        # Future keys have p = 0 exactly, so sending them to distance 0 adds nothing.
+        distance = (query_pos[:, None] - torch.arange(self.n_sink, end, device=device)[None, :]).clamp(min=0)
+        by_distance = torch.zeros(h, end, device=device, dtype=probs.dtype)
+        by_distance.scatter_add_(-1, distance.flatten().expand(h, -1), probs[..., self.n_sink :].reshape(h, -1))
+        sinks = probs[..., : self.n_sink]
+        sink_distance = query_pos[:, None] - torch.arange(sinks.shape[-1], device=device)[None, :]
+        d = torch.arange(end, device=device)
+        mean_distance = (by_distance * d).sum(-1) + (sinks * sink_distance).sum((-1, -2))
+        recent = by_distance[:, : self.recent].sum(-1)
+        bin_of = torch.where(d > 0, d.clamp(min=1).double().log2().floor().long() + 1, 0).clamp(max=N_DISTANCE_BINS - 1)
+        bins = torch.zeros(h, N_DISTANCE_BINS, device=device, dtype=probs.dtype)
+        bins.scatter_add_(-1, bin_of.expand(h, -1), by_distance)
+        scalars = torch.stack([entropy, mean_distance, sinks.sum((-1, -2)), recent], dim=-1)  # [H, 4]
+        return torch.cat([scalars, bins], dim=-1).cpu()
 
 
 def recommended_window(distance_mass: torch.Tensor, tail: float, longest: int) -> torch.Tensor:
