@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import click
 
-from orchestrator.cli.options import format_option, lake_option
-from orchestrator.corpus import EMBEDDED_CORPUS
+from orchestrator.cli.options import (
+    actors_option,
+    address_option,
+    corpus_option,
+    device_option,
+    format_option,
+    lake_option,
+    model_option,
+)
 from orchestrator.errors import KvorchError
 from orchestrator.formatting import render
 from orchestrator.head_analysis import ClassifierSettings
@@ -13,7 +20,7 @@ from orchestrator.heads_job import FEW_DOCS, AnalysisSpec, analyze
 from orchestrator.lake import Lake
 from orchestrator.queries import connect, run_named
 from workers.head_stats import HeadStatsProbe
-from workers.models import DTYPES, EMBEDDED_MODEL
+from workers.models import DTYPES
 from workers.schema import HEAD_CLASSES
 
 _PROBE = HeadStatsProbe()
@@ -26,8 +33,8 @@ def command() -> None:
 
 
 @command.command("analyze")
-@click.option("--model", default=EMBEDDED_MODEL, help="'smollm2' (embedded GGUF), a .gguf, a local HF dir or a hub id.")
-@click.option("--corpus", default=EMBEDDED_CORPUS, help="'pydoc' (embedded), a .jsonl, a .parquet or a dir of .txt.")
+@model_option
+@corpus_option
 @lake_option
 @click.option("--max-docs", type=int, default=8, help="Documents analysed.")
 @click.option("--skip-docs", type=int, default=0, help="Corpus documents skipped first (keep evaluation docs out).")
@@ -44,11 +51,9 @@ def command() -> None:
 @click.option("--bootstrap", type=int, default=_CLASSIFIER.bootstrap, help="Bootstrap resamples for the confidence.")
 @click.option("--seed", type=int, default=_CLASSIFIER.seed, help="Bootstrap seed.")
 @click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", help="auto: bf16 on GPU, fp32 on CPU.")
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="auto: GPUs if Ray has them."
-)
-@click.option("--actors", type=int, default=None, help="Actors (default: one per GPU, else one).")
-@click.option("--address", default=None, help="Ray cluster address (default: an embedded local Ray).")
+@device_option
+@actors_option
+@address_option
 @format_option
 def analyze_command(
     model: str,

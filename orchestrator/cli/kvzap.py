@@ -6,12 +6,11 @@ from pathlib import Path
 
 import click
 
-from orchestrator.corpus import EMBEDDED_CORPUS
+from orchestrator.cli.options import actors_option, address_option, corpus_option, device_option, model_option
 from orchestrator.errors import KvorchError
 from orchestrator.kvzap_job import KINDS, TrainSpec, extract, fit, prepare_documents
 from orchestrator.kvzap_report import r2_table, thresholds_text, write_report
 from workers.kvzap_fit import MLPSettings
-from workers.models import EMBEDDED_MODEL
 
 _MLP = MLPSettings()
 
@@ -22,8 +21,8 @@ def command() -> None:
 
 
 @command.command("train")
-@click.option("--model", default=EMBEDDED_MODEL, help="'smollm2' (embedded GGUF), a .gguf, a local HF dir or a hub id.")
-@click.option("--corpus", default=EMBEDDED_CORPUS, help="'pydoc' (embedded), a .jsonl, a .parquet or a dir of .txt.")
+@model_option
+@corpus_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the surrogate + report.")
 @click.option(
     "--kind",
@@ -39,11 +38,9 @@ def command() -> None:
 @click.option("--hidden-dim", type=int, default=_MLP.hidden_dim, help="Hidden width of the MLP.")
 @click.option("--epochs", type=int, default=_MLP.epochs, help="MLP training epochs.")
 @click.option("--lr", type=float, default=_MLP.lr, help="MLP peak learning rate (AdamW, cosine to 0).")
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="auto: GPUs when Ray has them."
-)
-@click.option("--actors", type=int, default=None, help="Extraction actors (default: one per GPU, else one).")
-@click.option("--address", default=None, help="Ray cluster address (default: an embedded local Ray).")
+@device_option
+@actors_option
+@address_option
 @click.option("--seed", type=int, default=0, help="Seed of position sampling and MLP training.")
 def train(
     model: str,

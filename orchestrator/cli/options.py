@@ -4,8 +4,29 @@ from __future__ import annotations
 
 import click
 
+from orchestrator.corpus import EMBEDDED_CORPUS
 from orchestrator.formatting import FORMATS
 from orchestrator.lake import DEFAULT_LAKE
+from workers.models import EMBEDDED_MODEL
 
 lake_option = click.option("--lake", default=DEFAULT_LAKE, help="Result lake: a directory or a pyarrow filesystem URI.")
 format_option = click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", help="Output format.")
+model_option = click.option(
+    "--model",
+    default=EMBEDDED_MODEL,
+    help=f"'{EMBEDDED_MODEL}' (embedded GGUF), a .gguf file, a local HF dir or a hub id.",
+)
+corpus_option = click.option(
+    "--corpus",
+    default=EMBEDDED_CORPUS,
+    help=f"'{EMBEDDED_CORPUS}' (embedded), a .jsonl (field text, optional id), a .parquet, or a dir of .txt.",
+)
+device_option = click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="auto: GPU actors when Ray has GPUs."
+)
+actors_option = click.option("--actors", type=int, default=None, help="Ray actors (default: one per GPU, else one).")
+address_option = click.option(
+    "--address",
+    default=None,
+    help="Ray cluster: 'auto', HOST:6379 or ray://HOST:10001 (default: start an embedded local Ray).",
+)

@@ -6,20 +6,18 @@ from pathlib import Path
 
 import click
 
-from orchestrator.cli.options import lake_option
-from orchestrator.corpus import EMBEDDED_CORPUS
+from orchestrator.cli.options import corpus_option, lake_option, model_option
 from orchestrator.errors import KvorchError
 from orchestrator.inspection import draw_heatmaps, score_document, scores_table, write_scores
 from orchestrator.lake import Lake, new_run_id
 from orchestrator.spec import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_TOKENS, DEFAULT_WINDOW, build_configs
 from workers.attention import BACKENDS
 from workers.engine import EngineSettings
-from workers.models import EMBEDDED_MODEL
 
 
 @click.command("scores")
-@click.option("--model", default=EMBEDDED_MODEL, help="As for submit: 'smollm2', a .gguf, a local dir or a hub id.")
-@click.option("--corpus", default=EMBEDDED_CORPUS, help="As for submit.")
+@model_option
+@corpus_option
 @click.option("--doc", "doc_id", default=None, help="Document id (default: the corpus's first document).")
 @click.option("--methods", multiple=True, default=["expected_attention"], help="Methods, as for submit.")
 @click.option("--thresholds", multiple=True, default=[], help="Threshold overrides, as for submit.")

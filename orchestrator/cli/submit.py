@@ -8,9 +8,16 @@ import click
 from click.core import ParameterSource
 
 from orchestrator import job, ray_jobs
-from orchestrator.cli.options import format_option, lake_option
+from orchestrator.cli.options import (
+    actors_option,
+    address_option,
+    corpus_option,
+    device_option,
+    format_option,
+    lake_option,
+    model_option,
+)
 from orchestrator.cli.report import comparison
-from orchestrator.corpus import EMBEDDED_CORPUS
 from orchestrator.densities import parse_densities
 from orchestrator.driver import DEFAULT_MAX_RETRIES
 from orchestrator.errors import KvorchError
@@ -26,7 +33,7 @@ from orchestrator.reports import RunReport, render_tables
 from orchestrator.spec import COMPILE_MODES, JobSpec
 from workers.attention import BACKENDS
 from workers.configs import POLICIES
-from workers.models import DTYPES, EMBEDDED_MODEL
+from workers.models import DTYPES
 from workers.presses import ALL_METHODS
 
 _DEFAULTS = JobSpec.__dataclass_fields__
@@ -37,16 +44,8 @@ def _default(name: str) -> object:
 
 
 @click.command("submit")
-@click.option(
-    "--model",
-    default=EMBEDDED_MODEL,
-    help=f"'{EMBEDDED_MODEL}' (embedded GGUF), a .gguf file, a local HF dir or a hub id.",
-)
-@click.option(
-    "--corpus",
-    default=EMBEDDED_CORPUS,
-    help=f"'{EMBEDDED_CORPUS}' (embedded), a .jsonl (field text, optional id), a .parquet, or a dir of .txt.",
-)
+@model_option
+@corpus_option
 @click.option(
     "--methods",
     multiple=True,
@@ -97,13 +96,8 @@ def _default(name: str) -> object:
     default=_default("dtype"),
     help="auto: bfloat16 on GPU, float32 on CPU.",
 )
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default=_default("device"),
-    help="auto: GPU actors when the cluster has GPUs.",
-)
-@click.option("--actors", type=int, default=None, help="Worker actors (default: one per GPU, else one).")
+@device_option
+@actors_option
 @click.option(
     "--gpus-per-actor",
     type=float,
@@ -154,11 +148,7 @@ def _default(name: str) -> object:
     help=f"Head table for --preset {HEAD_ABLATION} (kvorch heads analyze); default: analyse held-out documents.",
 )
 @click.option("--resume", "resume_id", default=None, help="Resume this run id; it must exist, with the same spec.")
-@click.option(
-    "--address",
-    default=None,
-    help="Ray cluster: 'auto', HOST:6379 or ray://HOST:10001 (default: start an embedded local Ray).",
-)
+@address_option
 @click.option(
     "--detach", is_flag=True, default=False, help="Submit through the Ray Jobs API, print the job id and return."
 )
