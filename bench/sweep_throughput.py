@@ -10,8 +10,9 @@ conservative speed-up.
     python bench/sweep_throughput.py --device cuda --model llama-1b --configs 16 [--compile]
 
 ``--model llama-1b`` / ``llama-3b`` are Llama-3.2-shaped models with random weights (no download;
-SmolLM2's 49152-token vocabulary so the same token ids fit): throughput depends on the shapes,
-not the weights. On CUDA (or with ``--compile``) every path runs once untimed first, so CUDA
+SmolLM2's 49152-token vocabulary so the same token ids fit): a forward's cost depends on the
+shapes, but how many keys thresholded presses evict (so cache sizes) depends on the weights and
+will differ from a trained model. On CUDA (or with ``--compile``) every path runs once untimed first, so CUDA
 start-up and compilation stay out of the figures. The weight-streaming bound is the time to read
 every parameter once from memory at ``--hbm-gbps``: a forward of a small chunk cannot be faster.
 """
