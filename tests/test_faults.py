@@ -184,9 +184,12 @@ def test_ctrl_c_keeps_finished_parts_and_records_an_interrupted_run(local_ray, t
     env = {**os.environ, FAULT_ENV: "hang:task=s0001-g000"}
     args = [*job_args(tiny_model_dir, lake, "--run-id", "r", "--actors", "1"), "--address", start_address()]
     proc = subprocess.Popen([KVORCH, *args], env=env, stderr=subprocess.PIPE, text=True)
-    wait_for_first_task(proc, lake)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        wait_for_first_task(proc, lake)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # a driver that ignored Ctrl-C must not hold the shared Ray's CPUs for later tests
     assert proc.returncode == 130, err
     assert "interrupted; finished parts are kept" in err
     assert status(lake, "r")["status"] == "interrupted" and status(lake, "r")["tasks_done"] == ["s0000-g000"]
