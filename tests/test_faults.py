@@ -179,17 +179,23 @@ def test_a_killed_driver_resumes_with_only_the_missing_tasks(reference, tmp_path
     assert [p.name for p in (lake / "runs").iterdir()] == [run_dir.name]
 
 
+def default_sigint() -> None:
+    """A shell running the suite in the background ignores SIGINT and children inherit that; the
+    driver gets the default disposition back, as in a terminal where a user presses Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_keeps_finished_parts_and_records_an_interrupted_run(local_ray, tmp_path, tiny_model_dir):
     lake = tmp_path / "lake"
     env = {**os.environ, FAULT_ENV: "hang:task=s0001-g000"}
     args = [*job_args(tiny_model_dir, lake, "--run-id", "r", "--actors", "1"), "--address", start_address()]
-    proc = subprocess.Popen([KVORCH, *args], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([KVORCH, *args], env=env, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         wait_for_first_task(proc, lake)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
-        proc.kill()  # a driver that ignored Ctrl-C must not hold the shared Ray's CPUs for later tests
+        proc.kill()  # a driver that missed Ctrl-C must not hold the shared Ray's CPUs for later tests
     assert proc.returncode == 130, err
     assert "interrupted; finished parts are kept" in err
     assert status(lake, "r")["status"] == "interrupted" and status(lake, "r")["tasks_done"] == ["s0000-g000"]
