@@ -43,7 +43,7 @@ class HeadStatsState:
         if not layers:
             empty = torch.zeros(0, 0, 0, N_FEATURES, dtype=torch.float64)
             return DocumentHeadStats(doc_id, empty, torch.zeros(0, dtype=torch.float64), self.n_kv_heads)
-        sums = torch.stack([torch.stack(self.sums[layer]) for layer in layers], dim=1)
+        sums = torch.stack([torch.stack(self.sums[layer]) for layer in layers], dim=1).cpu()  # one copy per document
         return DocumentHeadStats(doc_id, sums, torch.tensor(self.queries, dtype=torch.float64), self.n_kv_heads)
 
 
@@ -107,7 +107,7 @@ class HeadStatsProbe(Press):
         bins = torch.zeros(h, N_DISTANCE_BINS, device=device, dtype=probs.dtype)
         bins.scatter_add_(-1, bin_of.expand(h, -1), by_distance)
         scalars = torch.stack([entropy, mean_distance, sinks.sum((-1, -2)), recent], dim=-1)  # [H, 4]
-        return torch.cat([scalars, bins], dim=-1).cpu()
+        return torch.cat([scalars, bins], dim=-1)
 
 
 def recommended_window(distance_mass: torch.Tensor, tail: float, longest: int) -> torch.Tensor:
