@@ -288,6 +288,7 @@ class _DocumentRun:
                 use_cache=False,
                 kvorch_run=self,
             ).logits
+            self.cache.end_chunk(self.keep)
             n_targets = min(e, self.n - 1) - s
             if n_targets > 0:
                 pred = logits[:, :n_targets].float()
@@ -342,8 +343,9 @@ class _DocumentRun:
                 self.engine.hidden_states[layer] = self.engine.hidden_states[layer].expand(b, -1, -1)
         for group in self.groups:
             self._score_and_decide(layer, group, query, view, probs, scaling)
-        self.cache.settle(layer, view, self.keep[layer])
-        return F.pad(out, (0, 0, 0, pad)).transpose(1, 2)  # [B, c, H, D], strides as unpadded
+        if pad:
+            out = F.pad(out, (0, 0, 0, pad))  # before the transpose: strides as an unpadded chunk's
+        return out.transpose(1, 2)  # [B, c, H, D]
 
     def _score_and_decide(
         self,

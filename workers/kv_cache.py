@@ -8,7 +8,9 @@ both must give the same numbers"); they differ in the memory they hold.
   are hidden by the engine's keep-mask, so memory is the whole document's at any density.
 - Compact: after each chunk's decisions, every (row, kv-head)'s kept entries are gathered
   into a buffer padded to the layer's largest kept count, with a validity mask for the
-  padding, so evicted entries really leave and memory tracks density.
+  padding, so evicted entries really leave and memory tracks density. All layers are
+  compacted together at the chunk's end, so the buffers' new lengths cost one device sync per
+  chunk, not one per layer.
 
 Either way the engine's keep-mask and score buffers stay full length (one bool and one float
 per position, no head dim): the presses' bookkeeping and the density columns read them.
@@ -95,7 +97,7 @@ class MaskedCache:
         held_bytes = self.keys[layer].nbytes + self.values[layer].nbytes
         return LayerView(self.keys[layer][:, :, :e], self.values[layer][:, :, :e], visible, e, held_bytes)
 
-    def settle(self, layer: int, view: LayerView, keep: torch.Tensor) -> None:
+    def end_chunk(self, keep: list[torch.Tensor]) -> None:
         """Nothing to do: the keep-mask already hides what the decisions evicted."""
 
 
@@ -122,31 +124,34 @@ class CompactCache:
         self.causal = torch.ones(end - start, end - start, dtype=torch.bool, device=self.device).tril()
 
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor) -> LayerView:
-        """The held entries followed by the chunk's (``keep`` is not needed: what is held is
-        exactly what was kept when the previous chunk's decisions settled)."""
+        """Append the chunk's entries to the held ones (``keep`` is not needed: what is held is
+        exactly what was kept when the previous chunk ended); :meth:`end_chunk` compacts them."""
         b, hkv, m = self.valid[layer].shape
         c = self.end - self.start
-        keys = torch.cat((self.keys[layer], key.expand(b, -1, -1, -1)), dim=2)
-        values = torch.cat((self.values[layer], value.expand(b, -1, -1, -1)), dim=2)
-        positions = torch.cat((self.positions[layer], self.chunk_positions.expand(b, hkv, c)), dim=2)
-        held = torch.cat((self.valid[layer], self.valid[layer].new_ones(b, hkv, c)), dim=2)
         visible = torch.cat(
             (self.valid[layer][:, :, None].expand(b, hkv, c, m), self.causal.expand(b, hkv, c, c)), dim=-1
         )
+        self.keys[layer] = torch.cat((self.keys[layer], key.expand(b, -1, -1, -1)), dim=2)
+        self.values[layer] = torch.cat((self.values[layer], value.expand(b, -1, -1, -1)), dim=2)
+        self.positions[layer] = torch.cat((self.positions[layer], self.chunk_positions.expand(b, hkv, c)), dim=2)
+        self.valid[layer] = torch.cat((self.valid[layer], self.valid[layer].new_ones(b, hkv, c)), dim=2)
+        keys, values = self.keys[layer], self.values[layer]
         held_bytes = keys.nbytes + values.nbytes
-        return LayerView(keys, values, visible, self.end, held_bytes, positions, held)
+        return LayerView(keys, values, visible, self.end, held_bytes, self.positions[layer], self.valid[layer])
 
-    def settle(self, layer: int, view: LayerView, keep: torch.Tensor) -> None:
-        """Drop what this chunk's decisions evicted: gather each (row, kv-head)'s kept entries
-        to the front, in position order, and cut the buffer to the largest kept count."""
-        kept = keep.gather(-1, view.positions) & view.held
-        count = int(kept.sum(dim=-1).max())
-        order = torch.argsort((~kept).to(torch.uint8), dim=-1, stable=True)[..., :count]
-        d = view.keys.shape[-1]
-        self.keys[layer] = view.keys.gather(2, order[..., None].expand(-1, -1, -1, d))
-        self.values[layer] = view.values.gather(2, order[..., None].expand(-1, -1, -1, d))
-        self.positions[layer] = view.positions.gather(2, order)
-        self.valid[layer] = kept.gather(2, order)
+    def end_chunk(self, keep: list[torch.Tensor]) -> None:
+        """Drop what this chunk's decisions evicted in every layer: gather each (row, kv-head)'s
+        kept entries to the front, in position order, and cut each layer's buffer to its largest
+        kept count (the counts of all layers are read back at once)."""
+        kept = [k.gather(-1, p) & v for k, p, v in zip(keep, self.positions, self.valid, strict=True)]
+        counts = torch.stack([k.sum(dim=-1).amax() for k in kept]).tolist()
+        for layer, (kept_here, count) in enumerate(zip(kept, counts, strict=True)):
+            order = torch.argsort((~kept_here).to(torch.uint8), dim=-1, stable=True)[..., :count]
+            entries = order[..., None].expand(-1, -1, -1, self.keys[layer].shape[-1])
+            self.keys[layer] = self.keys[layer].gather(2, entries)
+            self.values[layer] = self.values[layer].gather(2, entries)
+            self.positions[layer] = self.positions[layer].gather(2, order)
+            self.valid[layer] = kept_here.gather(2, order)
 
 
 def make_cache(
