@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+import duckdb
 
 from orchestrator.cli.options import (
     actors_option,
@@ -99,7 +100,7 @@ def analyze_command(
     )
     the_lake = Lake(lake)
     result = analyze(spec, the_lake, address)
-    click.echo(summary(the_lake, result.analysis_id, fmt))
+    click.echo(summary(connect(the_lake), result.analysis_id, fmt))
     if result.n_docs < FEW_DOCS:
         click.echo(f"note: {result.n_docs} document(s) analysed; confidences are optimistic below {FEW_DOCS}")
     click.echo(f"head table -> {result.path}")
@@ -126,12 +127,11 @@ def show_command(lake: str, analysis_id: str | None, fmt: str) -> None:
         )
     elif analysis_id not in ids:
         raise KvorchError(f"no head analysis {analysis_id!r} in {lake}; analyses: {', '.join(ids)}")
-    click.echo(summary(the_lake, analysis_id, fmt))
+    click.echo(summary(con, analysis_id, fmt))
 
 
-def summary(lake: Lake, analysis_id: str, fmt: str) -> str:
+def summary(con: duckdb.DuckDBPyConnection, analysis_id: str, fmt: str) -> str:
     """The class table, then one line per layer: a letter per head, upper case when confident."""
-    con = connect(lake)
     result = run_named(con, "head_classes", {"run_id": analysis_id})
     table = render([d[0] for d in result.description], result.fetchall(), fmt)
     if fmt != "table":
