@@ -15,6 +15,7 @@ from workers.configs import EvalConfig
 from workers.engine import Engine, EngineSettings
 from workers.presses import LayerContext, parse_method
 from workers.presses.expected_attention import QueryStatistics
+from workers.rope import LayerRotary, rotate_half
 
 N = 192
 
@@ -114,7 +115,7 @@ def _ea_context(n_future: int):
     ctx = LayerContext(
         layer=0, start=start, end=end, score_from=end - 30, keys=keys, values=torch.ones(1, 2, end, d),
         queries=queries, visible=torch.ones(1, 2, end, dtype=torch.bool), doc_seed=0,
-        prerope_queries=queries, rotary=cos_sin,
+        prerope_queries=queries, rotary=LayerRotary(cos_sin, rotate_half),
     )  # fmt: skip
     return ctx, cos_sin
 

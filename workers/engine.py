@@ -9,7 +9,17 @@ keep-mask per (layer, kv-head, position). For chunk [s, e) every layer:
      evicted if score < threshold, sinks always kept. The window is the DMS window (or a
      press's own larger local window), or per (layer, kv-head) windows a head-aware press sets.
 Evicted keys are masked, never shown to a later query, or with ``compact`` physically dropped
-(workers/kv_cache.py). Chunk rows (NLL, top-1, density) are accumulated on the device and read
+(workers/kv_cache.py). Each layer's attention variant (sliding window, logit soft-cap) is the
+model's own (workers/attention.py), so the baseline equals a plain full-sequence forward on every
+family; a layer that bypasses kvorch's attention fails the first chunk instead of being unmasked.
+
+Density on sliding-window layers: such a layer holds, uncompressed, only the keys its next query
+can see (the last ``sliding_window - 1`` before the chunk). The density columns count against
+that: ``keys_total`` sums what each layer holds uncompressed, and a kept key outside a layer's
+sliding window is not counted as kept (the model no longer holds it). So the baseline's density is
+1 on every family, and a press's density is "kept / what the uncompressed model holds".
+
+Chunk rows (NLL, top-1, density) are accumulated on the device and read
 back once per document. With ``compile`` the model's forward runs under ``torch.compile`` with
 static chunk shapes (the last chunk is padded); attention and presses stay eager
 (workers/attention.py), so chunk bounds never reach compiled code and nothing recompiles per chunk.
@@ -18,6 +28,7 @@ static chunk shapes (the last chunk is padded); attention and presses stay eager
 from __future__ import annotations
 
 import hashlib
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +42,7 @@ from workers import attention
 from workers.configs import EvalConfig
 from workers.kv_cache import LayerView, make_cache
 from workers.presses import LayerContext, Press
-from workers.rope import unrotate
+from workers.rope import LayerRotary, model_rotate
 from workers.schema import ROW_SCHEMA
 
 
@@ -71,7 +82,8 @@ class Engine:
         self.forward = torch.compile(model, backend=compile_backend) if settings.compile else model
         self.worker = worker
         self.device = next(model.parameters()).device
-        self.rotary_module = getattr(model.base_model, "rotary_emb", None)
+        self.model_type = str(getattr(model.config, "model_type", type(model).__name__))
+        self.layer_rotaries = _layer_rotaries(model, self.model_type, self.device)
         # The attention modules' inputs, captured for presses that score from hidden states
         # (KVzap). A forward pre-hook observes; it changes nothing the model computes.
         self.hidden_states: dict[int, torch.Tensor] = {}
@@ -83,14 +95,6 @@ class Engine:
 
     def _capture_hidden_states(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self.hidden_states[module.layer_idx] = args[0] if args else kwargs["hidden_states"]
-
-    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) [n, rotary_dim] of the model's own rotary embedding at these positions."""
-        if self.rotary_module is None:
-            raise ValueError("this model has no rotary embedding; pick a method that does not need RoPE")
-        probe = torch.zeros(1, device=self.device, dtype=torch.float32)
-        cos, sin = self.rotary_module(probe, positions[None])
-        return cos[0].float(), sin[0].float()
 
     @torch.inference_mode()
     def evaluate(
@@ -196,11 +200,17 @@ class HeadWindows:
     def uniform(self) -> bool:
         return all(lo == hi for lo, hi in self.ranges) and len({lo for lo, _ in self.ranges}) == 1
 
-    def at(self, s: int, n_sink: int) -> tuple[int, int]:
-        """(keys in window, keys protected: window + sinks before it), summed over heads, before s."""
+    def at(self, s: int, n_sink: int, first_held: torch.Tensor) -> tuple[int, int]:
+        """(keys in window, keys protected: window + sinks before it), summed over heads, before s.
+
+        ``first_held`` [layers, 1]: the first position each layer holds uncompressed (0, or the
+        start of a sliding-window layer's window); keys before it count in no column.
+        """
+        held = s - first_held
         window = self.protected.clamp(max=s)
-        sinks_outside = (s - window).clamp(min=0, max=n_sink)
-        return int(self.counted.clamp(max=s).sum()), int((window + sinks_outside).sum())
+        sinks_outside = ((s - window).clamp(max=n_sink) - first_held).clamp(min=0)
+        in_window = torch.minimum(self.counted.clamp(max=s), held)
+        return int(in_window.sum()), int((torch.minimum(window, held) + sinks_outside).sum())
 
 
 class _DocumentRun:
@@ -253,7 +263,10 @@ class _DocumentRun:
         self.scores = [torch.zeros(shape, device=device) for _ in range(self.n_layers)]
         self.start = self.end = 0
         self.kept = torch.zeros(b, device=device, dtype=torch.int64)
-        self.needs_prerope = any(g.press.needs_prerope_queries for g in self.groups)
+        # Per layer, the attention variant the model asked for (seen in the first chunk).
+        self.variants: list[attention.AttentionVariant | None] = [None] * self.n_layers
+        # Per RoPE, the chunk's (cos, sin), for presses that read pre-RoPE queries.
+        self.chunk_rope: dict[LayerRotary, tuple[torch.Tensor, torch.Tensor]] = {}
         # Until a chunk starts past every group's protected window nothing can have been
         # evicted, so every row computes the same thing: such chunks run once, with batch 1.
         self.shared_until = min(lo for g in self.groups for lo, _ in g.windows.ranges)
@@ -276,8 +289,7 @@ class _DocumentRun:
             self.start, self.end = s, e
             self.kept.zero_()
             positions = torch.arange(s, e, device=device)
-            if self.needs_prerope:
-                self.chunk_cos, self.chunk_sin = self.engine.rotary(positions)
+            self.chunk_rope.clear()
             self.shared = s <= self.shared_until
             self.cache.begin_chunk(s, e)
             self.kv_bytes.append(0)
@@ -288,13 +300,14 @@ class _DocumentRun:
                 use_cache=False,
                 kvorch_run=self,
             ).logits
+            if k == 0:
+                self._check_every_layer_attended()
             self.cache.end_chunk(self.keep)
             n_targets = min(e, self.n - 1) - s
             if n_targets > 0:
                 pred = logits[:, :n_targets].float()
                 targets = self.tokens[s + 1 : s + 1 + n_targets][None].expand(pred.shape[0], -1)
-                token_nll = F.cross_entropy(pred.transpose(1, 2), targets, reduction="none")
-                nll[k] = token_nll.double().sum(dim=1)  # broadcasts a shared chunk to every row
+                nll[k] = token_nll(pred, targets).sum(dim=1)  # broadcasts a shared chunk to every row
                 correct[k] = (pred.argmax(dim=-1) == targets).sum(dim=1)
             kept[k] = self.kept
             self.engine.hidden_states.clear()
@@ -304,6 +317,15 @@ class _DocumentRun:
             if on_chunk is not None:
                 on_chunk()
         return self._rows(bounds, nll.cpu(), correct.cpu(), kept.cpu(), seconds)
+
+    def _check_every_layer_attended(self) -> None:
+        """A layer whose attention never reached kvorch's would attend unmasked: refuse the model."""
+        missing = [layer for layer, variant in enumerate(self.variants) if variant is None]
+        if missing:
+            raise attention.UnsupportedAttention(
+                f"{self.engine.model_type}: layer(s) {missing} do not run their attention through transformers' "
+                "attention interface, so kvorch cannot apply its keep-mask to them"
+            )
 
     def _model_inputs(self, s: int, e: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and position ids of chunk [s, e). A compiled forward gets every chunk at the
@@ -318,22 +340,29 @@ class _DocumentRun:
         return ids, torch.arange(s, s + self.settings.chunk_size, device=positions.device)
 
     def attend(
-        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+        variant: attention.AttentionVariant,
     ) -> torch.Tensor:
         """Called by every attention layer for the current chunk; returns [B, c, H, D] (B = 1 for a
         shared chunk, whose single row is broadcast to every config's cache and press)."""
         s, e = self.start, self.end
+        self.variants[layer] = variant
         pad = query.shape[2] - (e - s)  # a compiled forward's padded last chunk
         if pad:
             query, key, value = query[:, :, : e - s], key[:, :, : e - s], value[:, :, : e - s]
             if layer in self.engine.hidden_states:
                 self.engine.hidden_states[layer] = self.engine.hidden_states[layer][:, : e - s]
-        view = self.cache.update(layer, key, value, self.keep[layer])
+        view = self.cache.update(layer, key, value, self.keep[layer], variant)
         self.kv_bytes[-1] += view.held_bytes
-        self.kept += self.keep[layer][:, :, :s].sum(dim=(1, 2))
+        self.kept += self.keep[layer][:, :, held_from(s, variant) : s].sum(dim=(1, 2))
         rows = query.shape[0]
         out, probs = attention.grouped_attention(
-            query, view.keys[:rows], view.values[:rows], view.visible[:rows], scaling, self.settings.attn
+            query, view.keys[:rows], view.values[:rows], view.visible[:rows], scaling, self.settings.attn, variant
         )
         if self.shared:
             b = len(self.configs)
@@ -342,7 +371,7 @@ class _DocumentRun:
             if layer in self.engine.hidden_states:
                 self.engine.hidden_states[layer] = self.engine.hidden_states[layer].expand(b, -1, -1)
         for group in self.groups:
-            self._score_and_decide(layer, group, query, view, probs, scaling)
+            self._score_and_decide(layer, group, query, view, probs, scaling, variant)
         if pad:
             out = F.pad(out, (0, 0, 0, pad))  # before the transpose: strides as an unpadded chunk's
         return out.transpose(1, 2)  # [B, c, H, D]
@@ -355,8 +384,10 @@ class _DocumentRun:
         view: LayerView,
         probs: torch.Tensor | None,
         scaling: float,
+        variant: attention.AttentionVariant,
     ) -> None:
         s, e, rows, press = self.start, self.end, group.rows, group.press
+        rotary = self.engine.layer_rotaries[layer]
         narrowest, widest = group.windows.ranges[layer]
         decided = max(0, s - widest)  # keys before this were decided after earlier chunks, in every head
         if press.rescores:
@@ -372,13 +403,19 @@ class _DocumentRun:
             else:
                 attention_probs = view.at_positions(
                     attention.attention_probabilities(
-                        query[rows, :, -n_queries:], view.keys[rows], view.visible[rows, :, -n_queries:], scaling
+                        query[rows, :, -n_queries:],
+                        view.keys[rows],
+                        view.visible[rows, :, -n_queries:],
+                        scaling,
+                        variant,
                     ),
                     rows,
                 )
         prerope = None
         if press.needs_prerope_queries:
-            prerope = unrotate(query[rows], self.chunk_cos, self.chunk_sin)
+            if rotary not in self.chunk_rope:
+                self.chunk_rope[rotary] = rotary(torch.arange(s, e, device=query.device))
+            prerope = rotary.unrotate(query[rows], *self.chunk_rope[rotary])
         # Keys inside every head's window are undecided, hence held; older ones may be evicted.
         keys, values, keys_from = view.for_press(rows, max(0, s - narrowest))
         ctx = LayerContext(
@@ -396,7 +433,7 @@ class _DocumentRun:
             prerope_queries=prerope,
             hidden_states=self.engine.hidden_states[layer][rows] if press.needs_hidden_states else None,
             module=self.engine.attention_modules.get(layer),
-            rotary=self.engine.rotary,
+            rotary=rotary,
         )
         self.scores[layer][rows, :, score_from:e] = press.score(ctx, group.state)
         if group.policy == "threshold":
@@ -454,14 +491,16 @@ class _DocumentRun:
         kept: torch.Tensor,
         seconds: list[float],
     ) -> pa.Table:
-        heads = self.n_layers * self.n_kv_heads
         group_of = {}
         for group in self.groups:
             for r in range(group.rows.start, group.rows.stop):
                 group_of[r] = group
         columns: dict[str, list] = {f.name: [] for f in ROW_SCHEMA}
+        variants = [variant or attention.GLOBAL for variant in self.variants]
         for k, (s, e) in enumerate(bounds):
-            counted = {id(g): g.windows.at(s, g.press.n_sink) for g in self.groups}
+            first_held = torch.tensor([[held_from(s, v)] for v in variants], dtype=torch.int64)  # [layers, 1]
+            keys_total = int((s - first_held).sum()) * self.n_kv_heads
+            counted = {id(g): g.windows.at(s, g.press.n_sink, first_held) for g in self.groups}
             for r, config in enumerate(self.configs):
                 group = group_of[r]
                 in_window, protected = counted[id(group)]
@@ -482,11 +521,11 @@ class _DocumentRun:
                     "nll_sum": float(nll[k, r]),
                     "n_tokens": max(0, min(e, self.n - 1) - s),
                     "n_correct": int(correct[k, r]),
-                    "keys_total": s * heads,
+                    "keys_total": keys_total,
                     "keys_in_window": in_window,
-                    "keys_outside_window": s * heads - in_window,
+                    "keys_outside_window": keys_total - in_window,
                     "keys_kept": n_kept,
-                    "keys_discarded_outside_window": s * heads - n_kept,
+                    "keys_discarded_outside_window": keys_total - n_kept,
                     "keys_protected": protected,
                     "keys_kept_unprotected": n_kept - protected,
                     "forward_seconds": seconds[k],
@@ -499,3 +538,56 @@ class _DocumentRun:
                 for name, value in row.items():
                     columns[name].append(value)
         return pa.Table.from_pydict(columns, schema=ROW_SCHEMA)
+
+
+def held_from(start: int, variant: attention.AttentionVariant) -> int:
+    """The first position a layer holds before chunk ``start`` when nothing is compressed: 0, or
+    for a sliding-window layer the oldest key the chunk's first query can still see."""
+    if variant.sliding_window is None:
+        return 0
+    return max(0, start - variant.sliding_window + 1)
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL [B, n] float64 from float32 logits [B, n, V].
+
+    ``logsumexp - target logit`` over the vocabulary's contiguous last axis, subtracted in float64:
+    within 1e-8 relative of a float64 log-softmax, with no float64 copy of the logits.
+    (F.cross_entropy over the transposed [B, V, n] layout was 2e-4 nats/token off on CPU.)
+    """
+    target = logits.gather(-1, targets[..., None])[..., 0]
+    return torch.logsumexp(logits, dim=-1).double() - target.double()
+
+
+def _layer_rotaries(model: torch.nn.Module, model_type: str, device: torch.device) -> list[LayerRotary]:
+    """Per layer, the model's RoPE as presses read it. Layers of one type share one object.
+
+    Models with several RoPEs (Gemma 3: local and global layers with different bases) take a
+    ``layer_type`` in their rotary module; the layer's type comes from ``config.layer_types``.
+    A model without RoPE gets an object that refuses, naming the family, when a press calls it.
+    """
+    config = model.config
+    n_layers = config.num_hidden_layers
+    module = getattr(model.base_model, "rotary_emb", None)
+    rotate = model_rotate(model)
+    if module is None or rotate is None:
+        reason = "has no rotary embedding" if module is None else "has a rotary embedding of unknown layout"
+
+        def refuse(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            raise ValueError(f"this method needs RoPE, and a {model_type} model {reason}")
+
+        return [LayerRotary(refuse, rotate or (lambda x: x))] * n_layers
+    layer_types = list(getattr(config, "layer_types", None) or [None] * n_layers)
+    takes_layer_type = "layer_type" in inspect.signature(module.forward).parameters
+    probe = torch.zeros(1, device=device, dtype=torch.float32)
+
+    def embed_for(layer_type: str | None):
+        def embed(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            extra = {"layer_type": layer_type} if takes_layer_type else {}
+            cos, sin = module(probe, positions[None], **extra)
+            return cos[0].float(), sin[0].float()
+
+        return embed
+
+    by_type = {t: LayerRotary(embed_for(t if takes_layer_type else None), rotate) for t in set(layer_types)}
+    return [by_type[t] for t in layer_types]

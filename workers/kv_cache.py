@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.attention import AttentionVariant, band
+
 
 @dataclass
 class LayerView:
@@ -80,20 +82,30 @@ class MaskedCache:
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.device = device
         self.start = self.end = 0
-        self.causal = torch.ones(0, 0, dtype=torch.bool)
+        self.patterns: dict[AttentionVariant, torch.Tensor] = {}
 
     def begin_chunk(self, start: int, end: int) -> None:
-        """The chunk's causal pattern [c, end], built once and shared by every layer."""
+        """A new chunk: its causal patterns are built on first use, once per attention variant."""
         self.start, self.end = start, end
-        self.causal = torch.ones(end - start, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
+        self.patterns = {}
 
-    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor) -> LayerView:
+    def pattern(self, variant: AttentionVariant) -> torch.Tensor:
+        """The chunk's [c, end] pattern under ``variant`` (causal, narrowed to a sliding window),
+        shared by every layer of that variant."""
+        if variant not in self.patterns:
+            keys = torch.arange(self.end, device=self.device)
+            self.patterns[variant] = band(keys[self.start :], keys, variant)
+        return self.patterns[variant]
+
+    def update(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, variant: AttentionVariant
+    ) -> LayerView:
         """Write the chunk's keys at their absolute positions; ``keep`` [B, Hkv, N] is the layer's
         keep-mask (a shared chunk's single row is broadcast to every row)."""
         s, e = self.start, self.end
         self.keys[layer][:, :, s:e] = key
         self.values[layer][:, :, s:e] = value
-        visible = keep[:, :, None, :e] & self.causal
+        visible = keep[:, :, None, :e] & self.pattern(variant)
         held_bytes = self.keys[layer].nbytes + self.values[layer].nbytes
         return LayerView(self.keys[layer][:, :, :e], self.values[layer][:, :, :e], visible, e, held_bytes)
 
@@ -114,23 +126,32 @@ class CompactCache:
         self.valid = [torch.zeros(b, hkv, 0, device=device, dtype=torch.bool) for _ in range(n_layers)]
         self.device = device
         self.start = self.end = 0
-        self.chunk_positions = self.causal = torch.ones(0, 0, dtype=torch.bool)
+        self.chunk_positions = torch.zeros(0, dtype=torch.int64)
+        self.patterns: dict[AttentionVariant, torch.Tensor] = {}
 
     def begin_chunk(self, start: int, end: int) -> None:
-        """The chunk's own positions and causal pattern [c, c], shared by every layer; every held
-        entry lies before the chunk, so each query may see all of them."""
+        """The chunk's own positions; its causal patterns are built on first use, per variant."""
         self.start, self.end = start, end
         self.chunk_positions = torch.arange(start, end, device=self.device)
-        self.causal = torch.ones(end - start, end - start, dtype=torch.bool, device=self.device).tril()
+        self.patterns = {}
 
-    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor) -> LayerView:
+    def update(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, variant: AttentionVariant
+    ) -> LayerView:
         """Append the chunk's entries to the held ones (``keep`` is not needed: what is held is
-        exactly what was kept when the previous chunk ended); :meth:`end_chunk` compacts them."""
+        exactly what was kept when the previous chunk ended); :meth:`end_chunk` compacts them.
+
+        Every held entry lies before the chunk, so each query sees all of them, except that a
+        sliding-window layer's queries see only the held entries inside their window."""
         b, hkv, m = self.valid[layer].shape
         c = self.end - self.start
-        visible = torch.cat(
-            (self.valid[layer][:, :, None].expand(b, hkv, c, m), self.causal.expand(b, hkv, c, c)), dim=-1
-        )
+        if variant not in self.patterns:
+            self.patterns[variant] = band(self.chunk_positions, self.chunk_positions, variant)
+        held = self.valid[layer][:, :, None].expand(b, hkv, c, m)
+        if variant.sliding_window is not None:
+            distance = self.chunk_positions[:, None] - self.positions[layer][:, :, None, :]
+            held = held & (distance < variant.sliding_window)
+        visible = torch.cat((held, self.patterns[variant].expand(b, hkv, c, c)), dim=-1)
         self.keys[layer] = torch.cat((self.keys[layer], key.expand(b, -1, -1, -1)), dim=2)
         self.values[layer] = torch.cat((self.values[layer], value.expand(b, -1, -1, -1)), dim=2)
         self.positions[layer] = torch.cat((self.positions[layer], self.chunk_positions.expand(b, hkv, c)), dim=2)

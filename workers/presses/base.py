@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+
+from workers.rope import LayerRotary
 
 
 @dataclass
@@ -45,8 +46,9 @@ class LayerContext:
     module: torch.nn.Module | None = None
     # [B, c, hidden] input of the attention module; only when the press sets `needs_hidden_states`.
     hidden_states: torch.Tensor | None = None
-    # positions -> (cos, sin) of the model's rotary embedding, [len(positions), rotary_dim].
-    rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # This layer's RoPE: rotary(positions) -> (cos, sin) [len(positions), rotary_dim] of the
+    # model's own rotary embedding (per layer type), plus its pairing (unrotate, mean_rotation).
+    rotary: LayerRotary | None = None
     # First position whose key and value are held: 0 with the masked cache; with --compact the
     # first undecided position (earlier keys may have been evicted, and are really gone).
     keys_from: int = 0

@@ -21,12 +21,12 @@ would accumulate.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from workers.presses.base import LayerContext, Press
-from workers.rope import mean_rotation
+from workers.rope import LayerRotary
 
 
 @dataclass
@@ -37,18 +37,20 @@ class QueryStatistics:
     count: list[int]
     mean: list[torch.Tensor | None]
     m2: list[torch.Tensor | None]
-    # (chunk end, averaged RoPE matrix): the same for every layer, so computed once per chunk.
-    rotation: tuple[int, torch.Tensor] | None = None
+    # Per RoPE (one per layer type: Gemma 3's local and global layers differ), the chunk end and
+    # averaged RoPE matrix of that end: the same for every layer of the type, so computed once per chunk.
+    rotations: dict[LayerRotary, tuple[int, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, n_layers: int) -> QueryStatistics:
         return cls([None] * n_layers, [0] * n_layers, [None] * n_layers, [None] * n_layers)
 
     def future_rotation(self, ctx: LayerContext, n_future: int, head_dim: int) -> torch.Tensor:
-        if self.rotation is None or self.rotation[0] != ctx.end:
+        cached = self.rotations.get(ctx.rotary)
+        if cached is None or cached[0] != ctx.end:
             future = torch.arange(ctx.end, ctx.end + n_future, device=ctx.keys.device)
-            self.rotation = (ctx.end, mean_rotation(*ctx.rotary(future), head_dim=head_dim))
-        return self.rotation[1]
+            cached = self.rotations[ctx.rotary] = (ctx.end, ctx.rotary.mean_rotation(future, head_dim))
+        return cached[1]
 
 
 @dataclass(frozen=True)
