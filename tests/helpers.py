@@ -27,14 +27,13 @@ def full_forward_nll(model, ids: torch.Tensor, visible: torch.Tensor | None = No
     """Per-position NLL of t[i+1] from one eager forward over the whole sequence.
 
     ``visible[i, j]`` (bool) is the explicit attention pattern, shared by every head, or
-    ``visible[h, i, j]`` one per query head; None means ordinary causal.
+    ``visible[h, i, j]`` one per query head; None means the model's own (causal) mask.
     """
     model.set_attn_implementation("eager")
-    n = ids.shape[0]
-    if visible is None:
-        visible = torch.ones(n, n, dtype=torch.bool).tril()
-    mask = torch.zeros(visible.shape).masked_fill(~visible, -INF)
-    mask = mask[None, None] if visible.dim() == 2 else mask[None]
+    mask = None  # the model's own mask: causal, with its sliding windows where it has them
+    if visible is not None:
+        mask = torch.zeros(visible.shape).masked_fill(~visible, -INF)
+        mask = mask[None, None] if visible.dim() == 2 else mask[None]
     with torch.no_grad():
         logits = model(ids[None], attention_mask=mask).logits[0, :-1].double()
     return torch.logsumexp(logits, -1) - logits.gather(-1, ids[1:, None])[:, 0]

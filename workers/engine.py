@@ -571,10 +571,10 @@ def _layer_rotaries(model: torch.nn.Module, model_type: str, device: torch.devic
     module = getattr(model.base_model, "rotary_emb", None)
     rotate = model_rotate(model)
     if module is None or rotate is None:
-        reason = "has no rotary embedding" if module is None else "has a rotary embedding of unknown layout"
+        reason = "have no rotary embedding" if module is None else "have a rotary embedding of unknown layout"
 
         def refuse(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            raise ValueError(f"this method needs RoPE, and a {model_type} model {reason}")
+            raise ValueError(f"it needs RoPE, and {model_type} models {reason}")
 
         return [LayerRotary(refuse, rotate or (lambda x: x))] * n_layers
     layer_types = list(getattr(config, "layer_types", None) or [None] * n_layers)
