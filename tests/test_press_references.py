@@ -65,12 +65,47 @@ def test_h2o_is_accumulated_received_attention(model, ids, eager_attention):
     torch.testing.assert_close(final_scores(model, ids, "h2o"), expected, rtol=1e-4, atol=1e-6)
 
 
-def test_snapkv_is_pooled_observation_window_attention(model, ids, eager_attention):
-    observed = eager_attention[:, :, -64:].mean(dim=2)  # last 64 queries
-    pooled = F.avg_pool1d(observed, 5, stride=1, padding=2)
-    expected = group_mean(pooled)
-    expected[:, :, -64:] = float("inf")
-    torch.testing.assert_close(final_scores(model, ids, "snapkv"), expected, rtol=1e-4, atol=1e-6)
+def naive_snapkv(attention: torch.Tensor, start: int, window_size: int, kernel_size: int) -> torch.Tensor:
+    """SnapKV of the chunk [start, n) by explicit loops over [layers, heads, n, n] eager probabilities:
+    the observation window is the chunk's last min(window_size, n - start) queries; key j < first
+    (the first observing query) scores the mean over the GQA group and over a kernel of offsets of
+    the window-averaged attention, counting keys outside [0, first) as zero (kvpress's zero-padded
+    pool over the keys before the window); the window's own keys score +inf."""
+    layers, heads, n, _ = attention.shape
+    first = n - min(window_size, n - start)
+    expected = torch.full((layers, heads // 2, n), float("inf"), dtype=torch.float64)
+    half = kernel_size // 2
+    for layer in range(layers):
+        for kv in range(heads // 2):
+            for j in range(first):
+                total = 0.0
+                for h in (2 * kv, 2 * kv + 1):
+                    for key in range(j - half, j + half + 1):
+                        if 0 <= key < first:
+                            total += float(attention[layer, h, first:, key].mean())
+                expected[layer, kv, j] = total / (2 * kernel_size)
+    return expected
+
+
+@pytest.mark.parametrize(
+    ("n", "chunk", "window_size", "kernel_size"),
+    [
+        (96, 96, 16, 7),  # a first chunk, observation window shorter than the chunk
+        (192, 64, 64, 5),  # the defaults: the last chunk is the observation window
+        (176, 64, 96, 5),  # a last chunk of 48 shorter than window_size: its 48 queries observe
+    ],
+)
+def test_snapkv_pools_only_the_keys_before_the_observation_window(
+    model, ids, eager_attention, n, chunk, window_size, kernel_size
+):
+    """With the DMS window over the whole document no key is decided, so each key holds the last
+    chunk's SnapKV score; the keys just before the observation window are where pooling over the
+    window's own columns would differ."""
+    press = parse_method(f"snapkv:window_size={window_size},kernel_size={kernel_size}")
+    _, scores = Engine(model, EngineSettings(chunk, n)).inspect("d", ids[:n], [EvalConfig(press, 0.0)])
+    # A causal forward's attention over a prefix is the full forward's, cut to the prefix.
+    expected = naive_snapkv(eager_attention[:, :, :n, :n], (n - 1) // chunk * chunk, window_size, kernel_size)
+    torch.testing.assert_close(scores.scores[0].double(), expected, rtol=1e-4, atol=1e-6)
 
 
 def test_tova_is_last_query_attention_averaged_over_heads(model, ids, eager_attention):

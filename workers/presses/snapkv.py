@@ -2,9 +2,12 @@
 
 A key's score is the attention it receives from an observation window of the most recent
 queries (the chunk's last ``window_size``), averaged over those queries, smoothed along
-positions with an average pool of ``kernel_size``, then averaged over the GQA group. Keys of
-the observation window itself score +inf (kvpress gives them the maximum score). Rescored every
-chunk, so a key is judged by the latest observation window before it leaves the DMS window.
+positions with a zero-padded average pool of ``kernel_size``, then averaged over the GQA group.
+As in kvpress, only the keys before the observation window are pooled: the window's own columns
+are cut first, so their large (mostly diagonal) attention does not leak into the scores of the
+``kernel_size // 2`` keys just before the window, and those edge keys see zeros beyond it. Keys
+of the observation window itself score +inf (kvpress gives them the maximum score). Rescored
+every chunk, so a key is judged by the latest observation window before it leaves the DMS window.
 """
 
 from __future__ import annotations
@@ -38,9 +41,13 @@ class SnapKVPress(Press):
 
     def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
         b, hkv = ctx.keys.shape[:2]
-        observed = ctx.attention[:, :, -self.window_size :].float().mean(dim=2)  # [B, H, end]
-        pooled = F.avg_pool1d(observed, self.kernel_size, stride=1, padding=self.kernel_size // 2)
-        scores = pooled.view(b, hkv, ctx.n_groups, ctx.end).mean(dim=2)
+        # The observation window: the chunk's last min(window_size, chunk length) queries.
         first_observer = ctx.end - min(self.window_size, ctx.end - ctx.start)
-        scores[:, :, first_observer:] = float("inf")
+        scores = torch.full((b, hkv, ctx.end), float("inf"), device=ctx.attention.device)
+        if first_observer > 0:
+            observed = (
+                ctx.attention[:, :, -self.window_size :, :first_observer].float().mean(dim=2)
+            )  # [B, H, first_observer]
+            pooled = F.avg_pool1d(observed, self.kernel_size, stride=1, padding=self.kernel_size // 2)
+            scores[:, :, :first_observer] = pooled.view(b, hkv, ctx.n_groups, first_observer).mean(dim=2)
         return scores[:, :, ctx.score_from :]
