@@ -26,8 +26,9 @@ import torch
 from orchestrator.corpus import EMBEDDED_CORPUS, load_corpus
 from orchestrator.planner import group_configs
 from orchestrator.spec import build_configs
+from workers import tokenization
 from workers.engine import Engine, EngineSettings
-from workers.models import EMBEDDED_MODEL, load_model, load_tokenizer, tokenize
+from workers.models import EMBEDDED_MODEL, load_model
 
 KVORCH = [sys.executable, "-c", "import sys; from orchestrator.cli import main; sys.exit(main())"]
 
@@ -45,10 +46,10 @@ def bare_engine(spec: dict, corpus: str) -> tuple[float, float]:
     device = spec["hardware"]["device"]
     tic = time.perf_counter()
     model = load_model(spec["model"], spec["dtype_resolved"], device)
-    tokenizer = load_tokenizer(spec["model"])
+    tokens = tokenization.load(spec["model"], spec.get("bos", tokenization.DEFAULT_BOS))
     loaded = time.perf_counter() - tic
     documents = load_corpus(corpus)[: spec["max_docs"]]
-    docs = [(d.doc_id, tokenize(tokenizer, d.text, spec["max_tokens"])) for d in documents]
+    docs = [(d.doc_id, tokens.ids(d.text, spec["max_tokens"])) for d in documents]
     configs = build_configs(tuple(spec["methods"]), tuple(spec["thresholds"]), spec["policy"], tuple(spec["ratios"]))
     settings = EngineSettings(
         spec["chunk_size"], spec["window"], spec["attn"], compile=spec["compile_resolved"], compact=spec["compact"]

@@ -31,8 +31,9 @@ from transformers import DynamicCache
 
 from orchestrator.corpus import load_corpus
 from orchestrator.spec import build_configs
+from workers import tokenization
 from workers.engine import Engine, EngineSettings
-from workers.models import DTYPES, EMBEDDED_MODEL, load_model, load_tokenizer, resolve_dtype, tokenize
+from workers.models import DTYPES, EMBEDDED_MODEL, load_model, resolve_dtype
 
 # Llama-3.2-1B / -3B shapes (tied embeddings) with SmolLM2's vocabulary: 1.07B / 2.97B parameters.
 LLAMA_SHAPES = {
@@ -152,7 +153,8 @@ def main() -> None:
         model = build_llama(args.model, dtype, device)
         label = f"{args.model} (random weights, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B)"
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    ids = torch.tensor(tokenize(load_tokenizer(EMBEDDED_MODEL), load_corpus("pydoc")[0].text, args.tokens))
+    tokens = tokenization.load(EMBEDDED_MODEL, tokenization.DEFAULT_BOS)
+    ids = torch.tensor(tokens.ids(load_corpus("pydoc")[0].text, args.tokens))
     ids = ids.to(device)
     sweep = sweep_configs(args.configs)
     baseline = [c for c in sweep if c.method == "baseline"]

@@ -20,10 +20,15 @@ def resolve(spec: JobSpec, pool: PoolPlan, dtype: str) -> int:
     if spec.batch_configs != "auto":
         return spec.batch_configs
     try:
-        config = memory.model_config(spec.model)
-    except (OSError, ValueError) as exc:
-        raise KvorchError(f"--batch-configs auto cannot read the model's config ({exc}); pass a number") from None
-    per_config = memory.config_bytes(config, spec.max_tokens, spec.chunk_size, DTYPES[dtype].itemsize)
+        per_config = memory.config_bytes(
+            memory.model_config(spec.model), spec.max_tokens, spec.chunk_size, DTYPES[dtype].itemsize
+        )
+    except ValueError as exc:  # memory.model_config and memory.config_bytes raise only this
+        reason = " ".join(str(exc).split())
+        raise KvorchError(
+            f"--batch-configs auto cannot size the batch for model {spec.model} ({reason}); "
+            "pass --batch-configs N, the configs per forward, e.g. 4"
+        ) from None
     # Measured where the workers will run: on a node of the pool's kind, before any actor starts.
     probe = ray.remote(memory.available_bytes).options(num_cpus=0, num_gpus=min(1.0, pool.num_gpus))
     free = ray.get(probe.remote(pool.device))

@@ -34,8 +34,8 @@ from orchestrator.queries import metrics_of
 from orchestrator.spec import JobSpec
 from workers.actor import EvalWorker, Task, TaskDocument, WorkerSettings
 from workers.configs import EvalConfig
-from workers.models import tokenize
 from workers.presses import Press
+from workers.tokenization import Tokenization
 
 HELD_OUT_DOCS = 2
 TOLERANCE = 0.02
@@ -67,7 +67,7 @@ class Calibrated:
         }
 
 
-def held_out_documents(corpus: list[Document], spec: JobSpec, tokenizer) -> list[TokenizedDocument]:
+def held_out_documents(corpus: list[Document], spec: JobSpec, tokens: Tokenization) -> list[TokenizedDocument]:
     """The calibration documents: up to HELD_OUT_DOCS corpus documents after the evaluated ones."""
     first = spec.max_docs if spec.max_docs is not None else len(corpus)
     docs = corpus[first : first + HELD_OUT_DOCS]
@@ -76,7 +76,7 @@ def held_out_documents(corpus: list[Document], spec: JobSpec, tokenizer) -> list
             f"--densities calibrates on held-out documents after the first {first}, but the corpus has "
             f"only {len(corpus)}; lower --max-docs or add documents to the corpus"
         )
-    held_out = [TokenizedDocument(d, tokenize(tokenizer, d.text, spec.max_tokens)) for d in docs]
+    held_out = [TokenizedDocument(d, tokens.ids(d.text, spec.max_tokens)) for d in docs]
     check_lengths(held_out, spec.chunk_size)
     return held_out
 

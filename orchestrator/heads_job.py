@@ -22,10 +22,11 @@ from orchestrator.corpus import load_corpus
 from orchestrator.errors import KvorchError
 from orchestrator.head_analysis import ClassifierSettings, head_table
 from orchestrator.lake import Lake
+from workers import tokenization
 from workers.actor import EvalWorker, TaskDocument, WorkerSettings
 from workers.engine import EngineSettings
 from workers.head_stats import HeadStatsProbe
-from workers.models import load_tokenizer, resolve_dtype, resolve_model, tokenize
+from workers.models import resolve_dtype, resolve_model
 
 HEADS_FILE = "heads.parquet"
 # Below this many documents the bootstrap over chunks is optimistic (chunks of one document agree).
@@ -45,6 +46,7 @@ class AnalysisSpec:
     dtype: str = "auto"
     device: str = "auto"
     actors: int | None = None
+    bos: str = tokenization.DEFAULT_BOS
 
     def __post_init__(self) -> None:
         if self.max_tokens <= self.probe.min_position:
@@ -67,6 +69,7 @@ class AnalysisSpec:
             "probe": self.probe.all_params(),
             "classifier": dataclasses.asdict(self.classifier),
             "dtype": self.dtype,
+            "bos": self.bos,
         }
 
     @property
@@ -89,10 +92,13 @@ def analyze(spec: AnalysisSpec, lake: Lake, address: str | None) -> Analysis:
         resolve_model(spec.model)
     except ValueError as exc:
         raise KvorchError(f"--model: {exc}") from None
+    try:
+        tokens = tokenization.load(spec.model, spec.bos)
+    except ValueError as exc:
+        raise KvorchError(str(exc)) from None
     lake.ensure_writable()
-    tokenizer = load_tokenizer(spec.model)
     corpus = load_corpus(spec.corpus)[spec.skip_docs : spec.skip_docs + spec.max_docs]
-    docs = [TaskDocument(d.doc_id, tokenize(tokenizer, d.text, spec.max_tokens)) for d in corpus]
+    docs = [TaskDocument(d.doc_id, tokens.ids(d.text, spec.max_tokens)) for d in corpus]
     docs = [d for d in docs if len(d.token_ids) > spec.probe.min_position]
     if not docs:
         raise KvorchError(
@@ -127,6 +133,7 @@ def analyze(spec: AnalysisSpec, lake: Lake, address: str | None) -> Analysis:
             **spec.identity(),
             "analysis_id": spec.analysis_id,
             "documents": [d.doc_id for d in docs],
+            "tokenization": tokens.fingerprint(d.token_ids for d in docs),
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     )

@@ -15,21 +15,32 @@ import torch
 from orchestrator.corpus import load_corpus
 from orchestrator.errors import KvorchError
 from orchestrator.lake import Lake
+from workers import tokenization
 from workers.configs import EvalConfig
 from workers.engine import DocumentScores, Engine, EngineSettings
-from workers.models import load_model, load_tokenizer, tokenize
+from workers.models import load_model
 from workers.schema import SCORES_SCHEMA
 
 
 def score_document(
-    model: str, corpus: str, doc_id: str | None, configs: list[EvalConfig], settings: EngineSettings, max_tokens: int
+    model: str,
+    corpus: str,
+    doc_id: str | None,
+    configs: list[EvalConfig],
+    settings: EngineSettings,
+    max_tokens: int,
+    bos: str = tokenization.DEFAULT_BOS,
 ) -> tuple[str, DocumentScores]:
     docs = load_corpus(corpus)
     doc = docs[0] if doc_id is None else next((d for d in docs if d.doc_id == doc_id), None)
     if doc is None:
         sample = ", ".join(d.doc_id for d in docs[:5])
         raise KvorchError(f"no document {doc_id!r} in corpus {corpus}; ids look like: {sample}")
-    ids = tokenize(load_tokenizer(model), doc.text, max_tokens)
+    try:
+        tokens = tokenization.load(model, bos)
+    except ValueError as exc:
+        raise KvorchError(str(exc)) from None
+    ids = tokens.ids(doc.text, max_tokens)
     _, scores = Engine(load_model(model), settings).inspect(doc.doc_id, torch.tensor(ids), configs)
     return doc.doc_id, scores
 

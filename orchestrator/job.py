@@ -25,8 +25,9 @@ from orchestrator.planner import TokenizedDocument, check_lengths, default_shard
 from orchestrator.progress import Progress
 from orchestrator.resume import HEARTBEAT_SECONDS, choose_run, done_tasks, running_status, spec_hash
 from orchestrator.spec import JobSpec
+from workers import tokenization
 from workers.actor import Task, WorkerSettings
-from workers.models import load_tokenizer, resolve_dtype, resolve_model, tokenize
+from workers.models import resolve_dtype, resolve_model
 from workers.schema import DOC_SCHEMA, SCHEMA_VERSION
 
 
@@ -61,14 +62,20 @@ def submit(
         raise KvorchError(f"--model: {exc}") from None
     corpus = load_corpus(spec.corpus)
     documents = corpus[: spec.max_docs]
-    tokenizer = load_tokenizer(spec.model)
-    docs = [TokenizedDocument(d, tokenize(tokenizer, d.text, spec.max_tokens)) for d in documents]
+    try:
+        tokens = tokenization.load(spec.model, spec.bos)
+    except ValueError as exc:
+        raise KvorchError(str(exc)) from None
+    docs = [TokenizedDocument(d, tokens.ids(d.text, spec.max_tokens)) for d in documents]
     check_lengths(docs, spec.chunk_size)
-    held_out = calibration.held_out_documents(corpus, spec, tokenizer) if spec.densities else []
+    held_out = calibration.held_out_documents(corpus, spec, tokens) if spec.densities else []
     lake.ensure_writable()
     docs_table = _docs_table(docs)
-    fingerprint = spec_hash(spec.to_json(), docs_table)
-    target = choose_run(lake, run_id, fingerprint, spec.to_json(), must_exist=resume)
+    # The token ids are part of what a run is: a resume under another tokenization would mix rows.
+    recorded = tokens.fingerprint(d.token_ids for d in docs)
+    spec_json = {**spec.to_json(), "tokenization": recorded}
+    fingerprint = spec_hash(spec_json, docs_table)
+    target = choose_run(lake, run_id, fingerprint, spec_json, must_exist=resume)
     run_id, previous = target.run_id, target.previous
 
     started_ray = driver.start_ray(address, namespace=f"kvorch-{run_id}")
@@ -79,6 +86,7 @@ def submit(
             run_id,
             previous,
             fingerprint,
+            recorded,
             docs,
             docs_table,
             held_out,
@@ -98,6 +106,7 @@ def _run(
     run_id: str,
     previous: dict | None,
     fingerprint: str,
+    recorded_tokenization: dict,
     docs: list[TokenizedDocument],
     docs_table: pa.Table,
     held_out: list[TokenizedDocument],
@@ -137,6 +146,7 @@ def _run(
             run_id,
             {
                 **spec.to_json(),
+                "tokenization": recorded_tokenization,
                 "spec_hash": fingerprint,
                 "dtype_resolved": dtype,
                 "compile_resolved": engine.compile,

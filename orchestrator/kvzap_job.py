@@ -18,9 +18,10 @@ from tqdm import tqdm
 from orchestrator import driver
 from orchestrator.corpus import load_corpus
 from orchestrator.errors import KvorchError
+from workers import tokenization
 from workers.kvzap_fit import MLPSettings, fit_mlp, fit_ridge, r2_score
 from workers.kvzap_targets import TargetDocument, TargetSamples, TargetWorker
-from workers.models import load_tokenizer, resolve_model, tokenize
+from workers.models import resolve_model
 from workers.presses.kvzap import save_surrogate
 
 REPEAT_PROMPT = "Repeat the previous context exactly."
@@ -46,6 +47,7 @@ class TrainSpec:
     device: str
     actors: int | None
     seed: int
+    bos: str = tokenization.DEFAULT_BOS
 
 
 @dataclass(frozen=True)
@@ -69,18 +71,21 @@ def prompt_ids(tokenizer) -> list[int]:
 
 
 def prepare_documents(spec: TrainSpec) -> list[TargetDocument]:
-    """Tokenize the corpus: each context, the shared prompt, and the context again without BOS."""
+    """Tokenize the corpus: each context (BOS first as ``--bos`` resolves), the shared prompt, and
+    the context again without BOS."""
     try:
         resolve_model(spec.model)
     except ValueError as exc:
         raise KvorchError(f"--model: {exc}") from None
-    tokenizer = load_tokenizer(spec.model)
-    prompt = prompt_ids(tokenizer)
+    try:
+        tokens = tokenization.load(spec.model, spec.bos)
+    except ValueError as exc:
+        raise KvorchError(str(exc)) from None
+    prompt = prompt_ids(tokens.tokenizer)
     docs = []
     for document in load_corpus(spec.corpus)[: spec.max_docs]:
-        context = tokenize(tokenizer, document.text, spec.max_tokens)
-        bos = tokenizer.bos_token_id
-        repeat = context[1:] if bos is not None and context[:1] == [bos] else context
+        context = tokens.ids(document.text, spec.max_tokens)
+        repeat = context[1:] if tokens.bos_id is not None else context
         docs.append(TargetDocument(document.doc_id, context, prompt, repeat))
     if len(docs) < 2:
         raise KvorchError("kvzap train needs at least 2 documents (training and held-out); raise --max-docs")

@@ -73,5 +73,6 @@ def analyze_held_out_heads(spec: JobSpec, lake: Lake, address: str | None) -> st
         dtype=spec.dtype,
         device=spec.device,
         actors=spec.actors,
+        bos=spec.bos,
     )
     return analyze(analysis, lake, address).path

@@ -16,6 +16,7 @@ from workers.configs import POLICIES, EvalConfig
 from workers.engine import EngineSettings
 from workers.models import DTYPES, EMBEDDED_MODEL
 from workers.presses import ALL_METHODS, REGISTRY, Press, parse_method
+from workers.tokenization import BOS_MODES, DEFAULT_BOS
 
 DEFAULT_MAX_DOCS = 4
 DEFAULT_MAX_TOKENS = 1024
@@ -46,6 +47,8 @@ class JobSpec:
     batch_configs: int | str = "auto"
     compile: str = "auto"
     compact: bool = DEFAULT_COMPACT
+    # BOS first in every document: auto|on|off, resolved against the tokenizer (workers/tokenization.py).
+    bos: str = DEFAULT_BOS
     # Target compressible densities: thresholds are calibrated to them (orchestrator/calibration.py).
     densities: tuple[float, ...] = ()
     configs: tuple[EvalConfig, ...] = field(default=(), compare=False)
@@ -58,6 +61,8 @@ class JobSpec:
         object.__setattr__(self, "batch_configs", _parse_batch_configs(self.batch_configs))
         if self.compile not in COMPILE_MODES:
             raise KvorchError(f"--compile {self.compile!r} is unknown; use one of {', '.join(COMPILE_MODES)}")
+        if self.bos not in BOS_MODES:
+            raise KvorchError(f"--bos {self.bos!r} is unknown; use one of {', '.join(BOS_MODES)}")
         if self.attn not in BACKENDS:
             raise KvorchError(f"--attn {self.attn!r} is unknown; use one of {', '.join(BACKENDS)}")
         if self.dtype != "auto" and self.dtype not in DTYPES:

@@ -20,6 +20,7 @@ from tests.conftest import tiny_llama
 from workers.configs import EvalConfig
 from workers.engine import Engine, EngineSettings
 from workers.presses import H2OPress, KnormPress, RandomPress
+from workers.tokenization import resolve
 
 
 def fake_measure(curves, calls):
@@ -86,7 +87,7 @@ def test_bad_calibration_input_is_a_clear_error(smollm2_tokenizer):
     spec = JobSpec(max_docs=2, densities=(0.5,))
     docs = [Document(f"d{i}", "text " * 500, "test") for i in range(2)]
     with pytest.raises(KvorchError, match="lower --max-docs or add documents"):
-        calibration.held_out_documents(docs, spec, smollm2_tokenizer)
+        calibration.held_out_documents(docs, spec, resolve(smollm2_tokenizer, "auto"))
 
 
 def test_submit_with_densities_calibrates_then_sweeps(local_ray, tmp_path, tiny_model_dir):

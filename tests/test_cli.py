@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from orchestrator.cli import main
 from orchestrator.corpus import load_corpus
 from tests.helpers import full_forward_nll
-from workers.models import tokenize
 from workers.presses import ALL_METHODS
+from workers.tokenization import resolve
 
 
 def kvorch(*args: str):
@@ -76,7 +76,7 @@ def test_submit_on_the_embedded_model_end_to_end(local_ray, tmp_path, smollm2, s
 
     # The lake's baseline equals an uncompressed full-sequence forward of the same document.
     doc = load_corpus("pydoc")[0]
-    ids = torch.tensor(tokenize(smollm2_tokenizer, doc.text, 256))
+    ids = torch.tensor(resolve(smollm2_tokenizer, "auto").ids(doc.text, 256))
     lake_nll = json.loads(
         kvorch(
             "sql",
@@ -192,6 +192,74 @@ def test_compact_run_records_its_settings_and_gives_the_masked_rows(populated_la
         assert (c["config"], c["doc_id"], c["keys_kept"]) == (m["config"], m["doc_id"], m["keys_kept"])
         assert c["nll_sum"] == pytest.approx(m["nll_sum"], rel=1e-5)
         assert 0 < c["kv_cache_bytes"] <= m["kv_cache_bytes"]
+
+
+def test_spec_records_the_tokenization_and_compare_notes_a_difference(
+    populated_lake, tiny_model_dir, smollm2_tokenizer
+):
+    """spec.json holds --bos, what it resolved to and a hash of the ids (checked against the
+    tokenizer's own ids of each document, with BOS prepended or not); runs --compare says in
+    one line on stderr when two runs' ids differ, and keeps stdout a clean table."""
+    texts = [d.text for d in load_corpus("pydoc")[:2]]
+
+    def ids_sha256(prefix: list[int]) -> str:
+        ids = [(prefix + smollm2_tokenizer.convert_tokens_to_ids(smollm2_tokenizer.tokenize(t)))[:128] for t in texts]
+        return hashlib.sha256(json.dumps(ids, separators=(",", ":")).encode()).hexdigest()
+
+    args = ["--model", tiny_model_dir, "--max-docs", "2", "--max-tokens", "128", "--chunk-size", "64"]
+    args += ["--window", "32", "--methods", "baseline,window,h2o", "--lake", str(populated_lake)]
+    result = kvorch("submit", *args, "--bos", "off", "--run-id", "nobos", "--no-progress")
+    assert result.exit_code == 0, result.output
+    recorded = {}
+    for run_id in ("first", "nobos"):
+        spec = json.loads((populated_lake / "runs" / f"run_id={run_id}" / "spec.json").read_text())
+        recorded[run_id] = (spec["bos"], spec["tokenization"])
+    common = {"tokenizer": type(smollm2_tokenizer).__name__, "vocab_size": len(smollm2_tokenizer)}
+    bos = smollm2_tokenizer.bos_token_id
+    assert recorded["first"] == (
+        "auto",
+        {**common, "bos_resolved": True, "bos_token_id": bos, "token_ids_sha256": ids_sha256([bos])},
+    )
+    assert recorded["nobos"] == (
+        "off",
+        {**common, "bos_resolved": False, "bos_token_id": None, "token_ids_sha256": ids_sha256([])},
+    )
+
+    lake = str(populated_lake)
+    compare = CliRunner().invoke(main, ["runs", "--lake", lake, "--compare", "first", "nobos", "--format", "csv"])
+    assert compare.exit_code == 0, compare.output
+    assert {r["config"] for r in csv.DictReader(io.StringIO(compare.stdout))} == {"baseline", "window", "h2o@1"}
+    note = compare.stderr.strip().splitlines()
+    assert len(note) == 1 and note[0].startswith("note: runs first and nobos were tokenized differently"), note
+    assert f"bos on (id {bos}) vs off; token ids sha256" in note[0]
+    same = CliRunner().invoke(main, ["runs", "--lake", lake, "--compare", "first", "first"])
+    assert same.exit_code == 0 and same.stderr == ""
+    # A run from before --bos has no record: its ids are unknown, and the note says so.
+    spec_path = populated_lake / "runs" / "run_id=nobos" / "spec.json"
+    spec_path.write_text(
+        json.dumps({k: v for k, v in json.loads(spec_path.read_text()).items() if k != "tokenization"})
+    )
+    legacy = CliRunner().invoke(main, ["runs", "--lake", lake, "--compare", "first", "nobos"])
+    assert legacy.stderr.strip() == (
+        "note: run nobos records no tokenization (made before --bos); its token ids may differ from first's"
+    )
+
+
+def test_bos_on_without_a_bos_token_is_one_line(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "no-bos"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.bos_token = None
+    tokenizer.save_pretrained(model_dir)
+    for name in ("config.json", "model.safetensors"):
+        (model_dir / name).write_bytes((Path(tiny_model_dir) / name).read_bytes())
+    lake = tmp_path / "lake"
+    result = CliRunner().invoke(main, ["submit", "--model", str(model_dir), "--bos", "on", "--lake", str(lake)])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "--bos on, but this model's tokenizer" in lines[0] and "pass --bos auto or --bos off" in lines[0]
+    assert not lake.exists()
 
 
 def test_local_model_dir_runs_and_report_reads_it(populated_lake):

@@ -186,9 +186,9 @@ def test_attention_probabilities_equal_eager_softmax():
 
 def test_embedded_model_baseline_equals_full_forward(smollm2, smollm2_tokenizer):
     from orchestrator.corpus import load_corpus
-    from workers.models import tokenize
+    from workers.tokenization import resolve
 
-    ids = torch.tensor(tokenize(smollm2_tokenizer, load_corpus("pydoc")[0].text, 300))
+    ids = torch.tensor(resolve(smollm2_tokenizer, "auto").ids(load_corpus("pydoc")[0].text, 300))
     reference = chunk_sums(full_forward_nll(smollm2, ids), len(ids), 128)
     rows = Engine(smollm2, EngineSettings(128, 128, "sdpa")).evaluate("d", ids, [EvalConfig(parse_method("baseline"))])
     got = [r["nll_sum"] for r in rows.to_pylist()]

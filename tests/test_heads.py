@@ -144,6 +144,7 @@ def test_constructed_local_and_global_heads_are_classified_end_to_end(local_ray,
     assert shown.exit_code == 0 and "positional" in shown.output and "layer   1  P G" in shown.output
     analysis = json.loads((tmp_path / "lake" / path.split("/lake/")[1]).parent.joinpath("analysis.json").read_text())
     assert analysis["probe"]["recent"] == 32 and len(analysis["documents"]) == 4
+    assert analysis["bos"] == "auto" and analysis["tokenization"]["bos_token_id"] == smollm2_tokenizer.bos_token_id
 
 
 def test_head_ablation_preset_on_the_embedded_model(local_ray, tmp_path, smollm2):

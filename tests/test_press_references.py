@@ -214,9 +214,9 @@ def test_running_statistics_equal_numpy_over_all_queries():
 def test_attention_sinks_matter_on_the_embedded_model(smollm2, smollm2_tokenizer):
     """The StreamingLLM finding: the same window without its 4 sink tokens is far worse."""
     from orchestrator.corpus import load_corpus
-    from workers.models import tokenize
+    from workers.tokenization import resolve
 
-    ids = torch.tensor(tokenize(smollm2_tokenizer, load_corpus("pydoc")[1].text, 512))
+    ids = torch.tensor(resolve(smollm2_tokenizer, "auto").ids(load_corpus("pydoc")[1].text, 512))
     configs = [EvalConfig(parse_method("window")), EvalConfig(parse_method("streaming_llm"))]
     rows = Engine(smollm2, EngineSettings(64, 64)).evaluate("d", ids, configs).to_pylist()
     ppl = {

@@ -89,6 +89,17 @@ def test_spec_json_round_trips_infinite_thresholds():
     ]
 
 
+def test_bos_is_part_of_the_spec_and_of_its_hash():
+    """--bos changes the token ids, so it is in spec.json and a submission with another --bos
+    never resumes this one's run."""
+    from orchestrator.resume import spec_hash
+
+    docs = pa.table({"doc_id": ["d"], "sha256": ["x"]})
+    assert JobSpec(methods=("baseline",)).to_json()["bos"] == "auto"
+    hashes = {spec_hash(JobSpec(methods=("baseline",), bos=b).to_json(), docs) for b in ("auto", "on", "off")}
+    assert len(hashes) == 3
+
+
 def test_embedded_corpus_is_long_and_deterministic():
     docs = load_corpus("pydoc")
     assert len(docs) >= 10

@@ -9,6 +9,7 @@ resident. Batching never changes a number, only speed, so a rough estimate is en
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +21,48 @@ SAFETY_FRACTION = 0.5
 MAX_CONFIGS_PER_FORWARD = 32
 
 
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes the estimate needs, whatever a config family calls them."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    intermediate: int
+    vocab: int
+
+
+# Each size under the names config families give it, most common first. transformers' attribute
+# maps cover some (GPT-2's n_layer reads as num_hidden_layers), not all (OPT's ffn_dim, GPT-2's n_inner).
+_LAYERS = ("num_hidden_layers", "n_layer", "num_layers")
+_HEADS = ("num_attention_heads", "n_head", "num_heads")
+_HIDDEN = ("hidden_size", "n_embd", "d_model")
+_KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_head_kv")
+_INTERMEDIATE = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size")
+_VOCAB = ("vocab_size",)
+
+
+def model_dims(model_config: Any) -> ModelDims:
+    """Read the sizes from ``model_config``; ValueError naming the missing field otherwise.
+
+    Fallbacks follow the models' own code: no kv-head count means one kv-head per query head,
+    except multi-query configs (Falcon's and GPTBigCode's ``multi_query``), which have one in all;
+    no head_dim means hidden / heads; no MLP width (GPT-2's ``n_inner=None``, BLOOM) means 4 x hidden.
+    """
+    layers = _size(model_config, _LAYERS)
+    heads = _size(model_config, _HEADS)
+    hidden = _size(model_config, _HIDDEN)
+    if getattr(model_config, "multi_query", False) and not getattr(model_config, "new_decoder_architecture", False):
+        kv_heads = 1
+    else:
+        kv_heads = _size(model_config, _KV_HEADS, default=heads)
+    head_dim = _size(model_config, ("head_dim",), default=hidden // heads)
+    intermediate = _size(model_config, _INTERMEDIATE, default=4 * hidden)
+    return ModelDims(layers, heads, kv_heads, head_dim, hidden, intermediate, _size(model_config, _VOCAB))
+
+
 def config_bytes(model_config: Any, max_tokens: int, chunk_size: int, dtype_bytes: int) -> int:
     """Device bytes one more config (batch row) needs for a document of ``max_tokens``.
 
@@ -27,16 +70,14 @@ def config_bytes(model_config: Any, max_tokens: int, chunk_size: int, dtype_byte
     engine's keep-mask and scores: 5 bytes per (layer, kv-head, position); activations of one
     chunk: hidden states and MLP intermediates, float32 logits and one layer's attention
     probabilities over the document (the eager backend and attention-reading presses).
+    ValueError when the config lacks a size (see :func:`model_dims`).
     """
-    layers = model_config.num_hidden_layers
-    heads = model_config.num_attention_heads
-    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-    kv_cache = layers * kv_heads * max_tokens * head_dim * 2 * dtype_bytes
-    bookkeeping = layers * kv_heads * max_tokens * (4 + 1)
-    hidden = chunk_size * (4 * model_config.hidden_size + 2 * model_config.intermediate_size) * dtype_bytes
-    logits = chunk_size * model_config.vocab_size * (dtype_bytes + 4)
-    probabilities = heads * chunk_size * max_tokens * 4
+    d = model_dims(model_config)
+    kv_cache = d.layers * d.kv_heads * max_tokens * d.head_dim * 2 * dtype_bytes
+    bookkeeping = d.layers * d.kv_heads * max_tokens * (4 + 1)
+    hidden = chunk_size * (4 * d.hidden + 2 * d.intermediate) * dtype_bytes
+    logits = chunk_size * d.vocab * (dtype_bytes + 4)
+    probabilities = d.heads * chunk_size * max_tokens * 4
     return kv_cache + bookkeeping + hidden + logits + probabilities
 
 
@@ -56,11 +97,31 @@ def available_bytes(device: str) -> int:
 
 
 def model_config(model: str) -> Any:
-    """The model's architecture config (no weights loaded), for the estimate above."""
+    """The model's architecture config (no weights loaded), for the estimate above.
+
+    ValueError for any failure: transformers and the hub raise many types for a missing or
+    malformed config (OSError, ValueError, the hub's strict-dataclass validation errors), and
+    each one only means the estimate cannot be made.
+    """
     from transformers import AutoConfig
 
     from workers.models import resolve_model
 
     source = resolve_model(model)
-    config = AutoConfig.from_pretrained(source.location, **source.from_pretrained_args())
+    try:
+        config = AutoConfig.from_pretrained(source.location, **source.from_pretrained_args())
+    except Exception as exc:
+        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        raise ValueError(f"cannot read its config: {reason}") from exc
     return getattr(config, "text_config", config)
+
+
+def _size(model_config: Any, names: tuple[str, ...], default: int | None = None) -> int:
+    """The first of ``names`` the config sets (not None), else ``default``; a positive whole number."""
+    found = next(((n, v) for n in names if (v := getattr(model_config, n, None)) is not None), None)
+    name, value = found if found else (f"{names[0]} (derived)", default)
+    if value is None:
+        raise ValueError(f"its config ({type(model_config).__name__}) sets none of {', '.join(names)}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"its config ({type(model_config).__name__}) has {name}={value!r}, not a positive count")
+    return value

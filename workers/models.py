@@ -57,6 +57,7 @@ def resolve_model(model: str) -> ModelSource:
 
 
 def load_tokenizer(model: str):
+    """The model's tokenizer; encode text with workers.tokenization, which decides BOS explicitly."""
     from transformers import AutoTokenizer
 
     source = resolve_model(model)
@@ -69,8 +70,3 @@ def load_model(model: str, dtype: str = "float32", device: str = "cpu") -> torch
     source = resolve_model(model)
     loaded = AutoModelForCausalLM.from_pretrained(source.location, dtype=DTYPES[dtype], **source.from_pretrained_args())
     return loaded.to(device).eval()
-
-
-def tokenize(tokenizer, text: str, max_tokens: int) -> list[int]:
-    """Token ids as the model expects them (BOS only where its tokenizer adds one), cut."""
-    return tokenizer(text, add_special_tokens=True)["input_ids"][:max_tokens]

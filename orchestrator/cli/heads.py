@@ -8,6 +8,7 @@ import duckdb
 from orchestrator.cli.options import (
     actors_option,
     address_option,
+    bos_option,
     corpus_option,
     device_option,
     format_option,
@@ -40,6 +41,7 @@ def command() -> None:
 @click.option("--max-docs", type=int, default=8, help="Documents analysed.")
 @click.option("--skip-docs", type=int, default=0, help="Corpus documents skipped first (keep evaluation docs out).")
 @click.option("--max-tokens", type=int, default=1024, help="Tokens per document.")
+@bos_option
 @click.option("--chunk-size", type=int, default=128, help="Chunk length: the unit the bootstrap resamples.")
 @click.option("--n-sink", type=int, default=_PROBE.n_sink, help="Sink positions (their mass is sink_mass).")
 @click.option("--recent", type=int, default=_PROBE.recent, help="Recent window (tokens) of recent_mass / far_mass.")
@@ -63,6 +65,7 @@ def analyze_command(
     max_docs: int,
     skip_docs: int,
     max_tokens: int,
+    bos: str,
     chunk_size: int,
     n_sink: int,
     recent: int,
@@ -97,6 +100,7 @@ def analyze_command(
         dtype=dtype,
         device=device,
         actors=actors,
+        bos=bos,
     )
     the_lake = Lake(lake)
     result = analyze(spec, the_lake, address)

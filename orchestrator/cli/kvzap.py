@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from orchestrator.cli.options import actors_option, address_option, corpus_option, device_option, model_option
+from orchestrator.cli.options import (
+    actors_option,
+    address_option,
+    bos_option,
+    corpus_option,
+    device_option,
+    model_option,
+)
 from orchestrator.errors import KvorchError
 from orchestrator.kvzap_job import KINDS, TrainSpec, extract, fit, prepare_documents
 from orchestrator.kvzap_report import r2_table, thresholds_text, write_report
@@ -32,6 +39,7 @@ def command() -> None:
 )
 @click.option("--max-docs", type=int, default=8, help="Documents taken from the corpus (last ones held out).")
 @click.option("--max-tokens", type=int, default=512, help="Context tokens per document (the pass is ~2x that).")
+@bos_option
 @click.option("--positions", type=int, default=256, help="Context positions sampled per document (bounds memory).")
 @click.option("--heldout-fraction", type=float, default=0.25, help="Share of documents held out for R².")
 @click.option("--ridge-alpha", type=float, default=1.0, help="L2 penalty of the ridge fit.")
@@ -49,6 +57,7 @@ def train(
     kind: str,
     max_docs: int,
     max_tokens: int,
+    bos: str,
     positions: int,
     heldout_fraction: float,
     ridge_alpha: float,
@@ -82,12 +91,13 @@ def train(
         device=device,
         actors=actors,
         seed=seed,
+        bos=bos,
     )
     docs = prepare_documents(spec)
     samples = extract(docs, spec, address)
     fitted = fit(samples, spec)
     header = (
-        f"model `{model}`, corpus `{corpus}`: {len(docs)} documents x {max_tokens} tokens max, "
+        f"model `{model}`, corpus `{corpus}`: {len(docs)} documents x {max_tokens} tokens max (--bos {bos}), "
         f"{positions} positions sampled per document, held-out fraction {heldout_fraction}"
     )
     report, plot = write_report(fitted, Path(out), header)

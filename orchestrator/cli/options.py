@@ -8,6 +8,7 @@ from orchestrator.corpus import EMBEDDED_CORPUS
 from orchestrator.formatting import FORMATS
 from orchestrator.lake import DEFAULT_LAKE
 from workers.models import EMBEDDED_MODEL
+from workers.tokenization import BOS_MODES, DEFAULT_BOS
 
 lake_option = click.option("--lake", default=DEFAULT_LAKE, help="Result lake: a directory or a pyarrow filesystem URI.")
 format_option = click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", help="Output format.")
@@ -29,4 +30,11 @@ address_option = click.option(
     "--address",
     default=None,
     help="Ray cluster: 'auto', HOST:6379 or ray://HOST:10001 (default: start an embedded local Ray).",
+)
+bos_option = click.option(
+    "--bos",
+    type=click.Choice(BOS_MODES),
+    default=DEFAULT_BOS,
+    help="BOS token first in every document: auto = when the tokenizer declares one, on (an error if it "
+    "declares none), off. Never left to the transformers release; recorded in spec.json.",
 )

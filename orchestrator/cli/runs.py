@@ -1,5 +1,5 @@
 """``kvorch runs``: the runs of a lake (sql/runs.sql), or two runs' comparison tables side by side
-(sql/runs_compare.sql)."""
+(sql/runs_compare.sql), with a note when the two runs' token ids differ (spec.json ``tokenization``)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from orchestrator.errors import KvorchError
 from orchestrator.formatting import render
 from orchestrator.lake import Lake
 from orchestrator.queries import connect, run_named
+from workers.tokenization import difference
 
 
 @click.command("runs")
@@ -42,3 +43,23 @@ def command(lake: str, pair: tuple[str, str] | None, fmt: str) -> None:
     except duckdb.Error as exc:
         raise KvorchError(f"cannot read lake {target.uri}: {str(exc).splitlines()[0]}") from None
     click.echo(render([d[0] for d in result.description], result.fetchall(), fmt))
+    if pair:
+        _note_tokenization(target, *pair)
+
+
+def _note_tokenization(lake: Lake, run_a: str, run_b: str) -> None:
+    """One line on stderr (stdout stays a clean table) when the runs scored different token ids.
+
+    A run from before --bos records no tokenization: its ids depended on the transformers release.
+    """
+    a, b = ((lake.read_spec(r) or {}).get("tokenization") for r in (run_a, run_b))
+    if (a is None) != (b is None):
+        old, new = (run_a, run_b) if a is None else (run_b, run_a)
+        note = f"run {old} records no tokenization (made before --bos); its token ids may differ from {new}'s"
+    elif a is not None and b is not None and (differs := difference(a, b)):
+        note = (
+            f"runs {run_a} and {run_b} were tokenized differently ({differs}); their numbers are over other token ids"
+        )
+    else:
+        return
+    click.echo(f"note: {note}", err=True)

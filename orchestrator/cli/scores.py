@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from orchestrator.cli.options import corpus_option, lake_option, model_option
+from orchestrator.cli.options import bos_option, corpus_option, lake_option, model_option
 from orchestrator.errors import KvorchError
 from orchestrator.inspection import draw_heatmaps, score_document, scores_table, write_scores
 from orchestrator.lake import Lake, new_run_id
@@ -22,6 +22,7 @@ from workers.engine import EngineSettings
 @click.option("--methods", multiple=True, default=["expected_attention"], help="Methods, as for submit.")
 @click.option("--thresholds", multiple=True, default=[], help="Threshold overrides, as for submit.")
 @click.option("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="The document is cut to this many tokens.")
+@bos_option
 @click.option("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="Tokens per forward.")
 @click.option("--window", type=int, default=DEFAULT_WINDOW, help="Sliding window never evicted.")
 @click.option("--attn", type=click.Choice(BACKENDS), default="sdpa", help="Attention kernel.")
@@ -34,6 +35,7 @@ def command(
     methods: tuple[str, ...],
     thresholds: tuple[str, ...],
     max_tokens: int,
+    bos: str,
     chunk_size: int,
     window: int,
     attn: str,
@@ -48,7 +50,7 @@ def command(
         raise KvorchError(f"{exc}; fix --chunk-size/--window") from None
     target = Lake(lake)
     target.ensure_writable()
-    doc, dump = score_document(model, corpus, doc_id, configs, settings, max_tokens)
+    doc, dump = score_document(model, corpus, doc_id, configs, settings, max_tokens, bos)
     run_id = new_run_id()
     path = write_scores(target, run_id, scores_table(doc, dump))
     click.echo(f"scores of {doc} under {', '.join(dump.configs)} -> {path} (SQL view: scores, run_id={run_id})")

@@ -11,6 +11,7 @@ from orchestrator import job, ray_jobs
 from orchestrator.cli.options import (
     actors_option,
     address_option,
+    bos_option,
     corpus_option,
     device_option,
     format_option,
@@ -80,6 +81,7 @@ def _default(name: str) -> object:
 @click.option(
     "--max-tokens", type=int, default=_default("max_tokens"), help="Each document is cut to this many tokens."
 )
+@bos_option
 @click.option("--chunk-size", type=int, default=_default("chunk_size"), help="Tokens per forward (1 = decode-like).")
 @click.option(
     "--window", type=int, default=_default("window"), help="Sliding window of recent keys that are never evicted."
@@ -166,6 +168,7 @@ def command(
     densities: str | None,
     max_docs: int,
     max_tokens: int,
+    bos: str,
     chunk_size: int,
     window: int,
     attn: str,
@@ -215,6 +218,7 @@ def command(
         densities=parse_densities(densities) if densities is not None else (),
         max_docs=max_docs,
         max_tokens=max_tokens,
+        bos=bos,
         chunk_size=chunk_size,
         window=window,
         attn=attn,
