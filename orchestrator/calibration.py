@@ -180,7 +180,11 @@ def calibrated_spec(spec: JobSpec, results: list[Calibrated]) -> JobSpec:
 def ray_measure(
     docs: list[TokenizedDocument], settings: WorkerSettings, pool: PoolPlan, batch_configs: int
 ) -> Iterator[Measure]:
-    """A :data:`Measure` that evaluates the held-out documents on one worker actor of the pool's kind."""
+    """A :data:`Measure` that evaluates the held-out documents on one worker actor of the pool's kind.
+
+    A config that raises there stops the calibration: a threshold cannot be searched on a
+    density that was not measured.
+    """
     actor = (
         ray.remote(EvalWorker)
         .options(name="kvorch-calibration", num_gpus=pool.num_gpus, num_cpus=pool.num_cpus)
@@ -190,8 +194,15 @@ def ray_measure(
 
     def measure(configs: list[EvalConfig]) -> dict[str, float]:
         batches = [tuple(configs[i : i + batch_configs]) for i in range(0, len(configs), batch_configs)]
-        tables = ray.get([actor.run.remote(Task(f"calibration-{i}", task_docs, b)) for i, b in enumerate(batches)])
-        return compressible_density(pa.concat_tables(tables))
+        results = ray.get([actor.run.remote(Task(f"calibration-{i}", task_docs, b)) for i, b in enumerate(batches)])
+        failed = [f for r in results for f in r.failures]
+        if failed:
+            first = failed[0]
+            raise KvorchError(
+                f"calibration: {first.config} failed on held-out document {first.doc_id}: {first.reason}; "
+                "drop it from --methods or run without --densities"
+            )
+        return compressible_density(pa.concat_tables([r.rows for r in results]))
 
     try:
         yield measure

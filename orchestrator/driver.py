@@ -4,13 +4,14 @@ The driver keeps one task in flight per actor and hands the next pending task to
 actor finishes first, so a slow document never idles the rest of the pool. Rows come back as
 Arrow tables through the object store and are written to the lake as each task completes.
 
-Faults: an actor that dies (OOM, preemption, a killed process) is restarted by Ray under the
-same name and handle (``max_restarts``) and gets work again once a health check says it is
-back; its task goes back to the front of the queue for the next live actor. A task that raises
-is retried too. A task that fails more than
-``max_retries`` times is recorded as failed and the rest of the job goes on. Workers never
-write to the lake, so a dead attempt leaves nothing behind, and a re-run task's part replaces,
-never duplicates, its rows.
+Faults: a config that raises on a document costs only its own rows of that document; the actor
+reports it with the task's rows (``TaskResult.failures``) and the task succeeds. An actor that
+dies (OOM, preemption, a killed process) is restarted by Ray under the same name and handle
+(``max_restarts``) and gets work again once a health check says it is back; its task goes back
+to the front of the queue for the next live actor. A task that raises is retried too. A task
+that fails more than ``max_retries`` times is recorded as failed and the rest of the job goes
+on. Workers never write to the lake, so a dead attempt leaves nothing behind, and a re-run
+task's part replaces, never duplicates, its rows.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
+from orchestrator import incomplete
 from orchestrator.errors import KvorchError
-from workers.actor import EvalWorker, Task, WorkerSettings
+from workers.actor import EvalWorker, Task, TaskResult, WorkerSettings
 from workers.faults import forwarded_env
 
 DEFAULT_MAX_RETRIES = 3
@@ -51,6 +53,8 @@ class PoolResult:
     rows_written: int = 0
     tasks_done: list[str] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
+    # Configs that raised on a document of a task that succeeded (orchestrator/incomplete.py records).
+    config_failures: list[dict] = field(default_factory=list)
     retries: int = 0
     workers: list[dict] = field(default_factory=list)
 
@@ -196,7 +200,7 @@ def run_pool(
             [done], _ = ray.wait(list(in_flight), num_returns=1)
             i, task = in_flight.pop(done)
             try:
-                rows = ray.get(done)
+                out: TaskResult = ray.get(done)
             except (RayActorError, RayTaskError) as exc:
                 if task is None:
                     continue  # the actor could not be restarted: it leaves the pool
@@ -218,7 +222,8 @@ def run_pool(
             idle.append(i)
             if task is None:
                 continue  # a restarted actor is back
-            result.rows_written += on_rows(task, rows)
+            result.rows_written += on_rows(task, out.rows)
+            result.config_failures.extend(incomplete.record(task.task_id, f) for f in out.failures)
             result.tasks_done.append(task.task_id)
             on_progress(task, True, result)
         for task in pending:

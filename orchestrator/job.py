@@ -17,7 +17,7 @@ from importlib import metadata
 import pyarrow as pa
 import ray
 
-from orchestrator import batching, calibration, driver
+from orchestrator import batching, calibration, driver, incomplete
 from orchestrator.corpus import load_corpus
 from orchestrator.errors import KvorchError
 from orchestrator.lake import Lake
@@ -37,6 +37,7 @@ class JobResult:
     tasks: int
     failures: dict[str, str]
     seconds: float
+    config_failures: list[dict]  # every incomplete config's failures (orchestrator/incomplete.py)
 
 
 def submit(
@@ -125,8 +126,10 @@ def _run(
         spec = calibration.calibrated_spec(spec, calibrated)
     tasks = plan_tasks(docs, list(spec.configs), n_shards, batch_configs)
 
+    # The earlier attempt's status, read before the claim below replaces it.
+    earlier = lake.read_status(run_id) if previous else None
     # Claim the run before spec.json exists, so no other submission takes it for an abandoned one.
-    lake.write_status(run_id, running_status())
+    lake.write_status(run_id, {**running_status(), incomplete.STATUS_KEY: incomplete.recorded(earlier)})
     if previous:
         valid, damaged = lake.inventory(run_id)
         lake.delete(damaged + lake.temporaries(run_id))
@@ -150,6 +153,8 @@ def _run(
             },
         )
         lake.write_docs(run_id, docs_table)
+    # Incomplete configs of tasks that stay done; the tasks that run again record theirs anew.
+    kept = incomplete.carried_over(earlier, done)
     todo = [t for t in tasks if t.task_id not in done]
     print(
         f"kvorch: run {run_id}: {len(docs)} docs x {len(spec.configs)} configs = {len(tasks)} tasks "
@@ -159,16 +164,20 @@ def _run(
 
     progress = Progress(tasks, done, show_progress)
     last_beat = time.monotonic()
+    recorded = 0
 
     def on_rows(task: Task, rows: pa.Table) -> int:
-        return lake.write_rows(run_id, task.task_id, rows)
+        return lake.write_rows(run_id, task.task_id, rows, [c.method for c in task.configs])
 
     def on_progress(task: Task, succeeded: bool, state: driver.PoolResult) -> None:
-        nonlocal last_beat
+        nonlocal last_beat, recorded
         progress.update(task, succeeded, state)
-        if time.monotonic() - last_beat > HEARTBEAT_SECONDS:
-            lake.write_status(run_id, running_status())
-            last_beat = time.monotonic()
+        # A new incomplete config is recorded at once: a killed driver must not lose it, since
+        # the resume keeps the task's rows and never runs it again.
+        if time.monotonic() - last_beat > HEARTBEAT_SECONDS or len(state.config_failures) > recorded:
+            failures = incomplete.merged(kept, state.config_failures)
+            lake.write_status(run_id, {**running_status(), incomplete.STATUS_KEY: failures})
+            last_beat, recorded = time.monotonic(), len(state.config_failures)
 
     status = "interrupted"
     result = driver.PoolResult()
@@ -190,12 +199,20 @@ def _run(
                 "tasks_resumed": len(done),
                 "tasks_done": result.tasks_done,
                 "failures": result.failures,
+                incomplete.STATUS_KEY: incomplete.merged(kept, result.config_failures),
                 "retries": result.retries,
                 "workers": result.workers,
                 "seconds": round(time.perf_counter() - tic, 3),
             },
         )
-    return JobResult(run_id, result.rows_written, len(tasks), result.failures, time.perf_counter() - tic)
+    return JobResult(
+        run_id,
+        result.rows_written,
+        len(tasks),
+        result.failures,
+        time.perf_counter() - tic,
+        incomplete.merged(kept, result.config_failures),
+    )
 
 
 def _docs_table(docs: list[TokenizedDocument]) -> pa.Table:
