@@ -1,5 +1,6 @@
 """One failing press never costs the others: per-config isolation in the actor and a real job,
-incomplete configs in status.json, ``kvorch status`` and ``kvorch report``."""
+incomplete configs in status.json, ``kvorch status`` and ``kvorch report``, and the preflight
+that stops a method that cannot run on the model before anything is written."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from click.testing import CliRunner
 from orchestrator import incomplete
 from orchestrator.cli import main
 from orchestrator.corpus import load_corpus
-from tests.helpers import FailingPress, chunk_sums, full_forward_nll
-from workers.actor import ConfigFailure, EvalWorker, Task, TaskDocument, WorkerSettings
+from tests.helpers import FailingPress, chunk_sums, full_forward_nll, tiny_gpt2
+from workers.actor import PREFLIGHT_DOC_ID, ConfigFailure, EvalWorker, Task, TaskDocument, WorkerSettings
 from workers.configs import EvalConfig
 from workers.engine import Engine, EngineSettings
 from workers.models import load_model
@@ -71,6 +72,20 @@ def test_a_config_that_raises_costs_only_its_own_rows_of_that_document(worker, t
     assert [r["nll_sum"] for r in got[("d0", "failing:doc=d1")]] == pytest.approx(
         [r["nll_sum"] for r in got[("d0", "baseline")]], rel=1e-5
     )
+
+
+def test_preflight_names_each_config_that_cannot_run_and_leaves_the_sweep_model_alone(worker):
+    hooks = sum(len(m._forward_pre_hooks) for m in worker.model.modules())
+    configs = [
+        EvalConfig(BaselinePress()),
+        EvalConfig(FailingPress()),  # raises on every document, the preflight's too
+        EvalConfig(FailingPress(doc="elsewhere")),
+        EvalConfig(KnormPress(), -1.0),
+    ]
+    assert worker.preflight(configs) == [("failing", REASON)]
+    on_its_document = FailingPress(doc=PREFLIGHT_DOC_ID)
+    assert worker.preflight([EvalConfig(on_its_document)]) == [(on_its_document.label(), REASON)]
+    assert sum(len(m._forward_pre_hooks) for m in worker.model.modules()) == hooks
 
 
 # --- a real job on a local Ray --------------------------------------------------------------
@@ -185,6 +200,25 @@ def test_a_failing_config_leaves_every_other_row_and_is_reported(
     assert "(8 done, 1 to go)" in resumed.output
     assert status_json(lake, "r")["config_failures"] == records
     assert lake_rows(lake, "r") == got
+
+
+def test_a_method_that_cannot_run_on_the_model_stops_the_submission(local_ray, tmp_path, smollm2_tokenizer):
+    model_dir = tmp_path / "gpt2"
+    tiny_gpt2(vocab_size=len(smollm2_tokenizer)).save_pretrained(model_dir)
+    smollm2_tokenizer.save_pretrained(model_dir)
+    lake = tmp_path / "lake"
+    args = job_args(str(model_dir), lake, "baseline,expected_attention")
+    result = CliRunner().invoke(main, [*args, "--run-id", "r"])
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines() == [
+        "Error: --methods: expected_attention@0.01 cannot run on gpt2 models: ValueError: this model has no rotary "
+        "embedding; pick a method that does not need RoPE"
+    ]
+    assert not (lake / "runs").exists() and not (lake / "chunks").exists() and not (lake / "docs").exists()
+    # The same model runs what it can.
+    ok = kvorch(*job_args(str(model_dir), lake, "baseline,window", "--run-id", "ok"))
+    assert ok.exit_code == 0, ok.output
+    assert status_json(lake, "ok")["status"] == "finished"
 
 
 def test_a_resume_keeps_the_failures_of_tasks_that_stay_done():

@@ -7,6 +7,9 @@ custom metrics (``ray.util.metrics``) that the Ray dashboard and Prometheus pick
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import itertools
 import platform
 import time
 from collections import Counter
@@ -24,6 +27,13 @@ from workers.faults import Fault
 from workers.head_stats import DocumentHeadStats, HeadStatsProbe
 from workers.models import load_model
 from workers.schema import ROW_SCHEMA
+
+# The preflight's document: a few chunks past a small window, so every press scores, decides
+# and evicts at least once, at the cost of a handful of tiny forwards per config.
+PREFLIGHT_DOC_ID = "kvorch-preflight"
+PREFLIGHT_TOKENS = 16
+PREFLIGHT_CHUNK = 4
+PREFLIGHT_WINDOW = 4
 
 
 @dataclass(frozen=True)
@@ -77,7 +87,11 @@ class EvalWorker:
     def __init__(self, name: str, settings: WorkerSettings) -> None:
         torch.set_num_threads(max(1, settings.threads))
         self.name = name
+        self.settings = settings
         self.model = load_model(settings.model, settings.dtype, settings.device)
+        # Taken before the engine hooks the model: the preflight builds its own engine on it.
+        self._preflight_model = _sharing_weights(self.model)
+        self._preflight_engine: Engine | None = None
         self.engine = Engine(self.model, settings.engine, worker=name)
         self.fault = Fault.from_env()
         self.metrics = _Metrics(name) if ray.is_initialized() else None
@@ -93,6 +107,7 @@ class EvalWorker:
             if device.type == "cuda"
             else platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
+            "model_type": getattr(self.model.config, "model_type", None) or type(self.model).__name__,
         }
 
     def run(self, task: Task) -> TaskResult:
@@ -144,6 +159,31 @@ class EvalWorker:
                 failures.append(ConfigFailure(doc.doc_id, config.label, error_line(exc)))
         return (pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()), failures
 
+    def preflight(self, configs: list[EvalConfig]) -> list[tuple[str, str]]:
+        """(label, reason) of every config that cannot run on this model, each tried alone on a
+        tiny document, so a press that cannot work here stops the job at submit time instead of
+        failing on every document of the sweep.
+
+        The run's attention and cache settings with a small chunk and window, so each press
+        scores, decides and evicts within a few forwards; no torch.compile (presses run eagerly
+        either way). Its engine runs on the module copy taken before the sweep's engine hooked
+        the model, so neither engine's hooks ever see the other's forwards.
+        """
+        if self._preflight_engine is None:
+            settings = dataclasses.replace(
+                self.settings.engine, chunk_size=PREFLIGHT_CHUNK, window=PREFLIGHT_WINDOW, compile=False
+            )
+            self._preflight_engine = Engine(self._preflight_model, settings, worker=self.name)
+        generator = torch.Generator().manual_seed(0)
+        token_ids = torch.randint(0, self.model.config.vocab_size, (PREFLIGHT_TOKENS,), generator=generator)
+        failed = []
+        for config in configs:
+            try:
+                self._preflight_engine.evaluate(PREFLIGHT_DOC_ID, token_ids, [config])
+            except Exception as exc:  # every reason goes back to the user
+                failed.append((config.label, error_line(exc)))
+        return failed
+
     def head_statistics(self, doc: TaskDocument, probe: HeadStatsProbe) -> DocumentHeadStats:
         """Attention statistics per (chunk, layer, head) of one document, for ``kvorch heads analyze``."""
         return self.engine.observe(doc.doc_id, torch.tensor(doc.token_ids), probe).units(doc.doc_id)
@@ -153,6 +193,12 @@ def error_line(exc: BaseException) -> str:
     """``Type: first line of the message``: why a config failed, on one line."""
     lines = [line for line in str(exc).splitlines() if line.strip()]
     return f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
+
+
+def _sharing_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model``'s modules that holds the very same parameter and buffer tensors."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 class _Metrics:
