@@ -19,20 +19,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
 import ray
 
 from orchestrator.corpus import Document
-from orchestrator.driver import PoolPlan
 from orchestrator.errors import KvorchError
 from orchestrator.planner import TokenizedDocument, check_lengths
 from orchestrator.queries import metrics_of
 from orchestrator.spec import JobSpec
-from workers.actor import EvalWorker, Task, TaskDocument, WorkerSettings
+from workers.actor import Task, TaskDocument
 from workers.configs import EvalConfig
 from workers.presses import Press
 from workers.tokenization import Tokenization
@@ -117,26 +115,27 @@ def calibrate(presses: list[Press], targets: tuple[float, ...], measure: Measure
 
 
 def run(
-    spec: JobSpec, held_out: list[TokenizedDocument], settings: WorkerSettings, pool: PoolPlan, batch_configs: int
+    spec: JobSpec, held_out: list[TokenizedDocument], actor: ray.actor.ActorHandle, batch_configs: int
 ) -> list[Calibrated]:
-    """Calibrate every thresholded press of ``spec`` to ``spec.densities`` on one worker actor,
-    ``batch_configs`` configs per forward (the run's resolved count)."""
+    """Calibrate every thresholded press of ``spec`` to ``spec.densities`` on ``actor`` (an
+    :class:`EvalWorker` of the run's pool), ``batch_configs`` configs per forward (the run's
+    resolved count)."""
     presses = thresholded(list(spec.configs))
     print(
         f"kvorch: calibrating {len(presses)} method(s) to densities {', '.join(map(str, spec.densities))} "
         f"on {len(held_out)} held-out document(s)",
         file=sys.stderr,
     )
+    measure = ray_measure(held_out, actor, batch_configs)
+
+    def logged(configs: list[EvalConfig]) -> dict[str, float]:
+        densities = measure(configs)
+        shown = ", ".join(f"{c.label} -> {densities[c.label]:.3f}" for c in configs)
+        print(f"kvorch: calibration: {shown}", file=sys.stderr)
+        return densities
+
     try:
-        with ray_measure(held_out, settings, pool, batch_configs) as measure:
-
-            def logged(configs: list[EvalConfig]) -> dict[str, float]:
-                densities = measure(configs)
-                shown = ", ".join(f"{c.label} -> {densities[c.label]:.3f}" for c in configs)
-                print(f"kvorch: calibration: {shown}", file=sys.stderr)
-                return densities
-
-            results = calibrate(presses, spec.densities, logged)
+        results = calibrate(presses, spec.densities, logged)
     except ray.exceptions.RayActorError as exc:
         raise KvorchError(
             f"the calibration worker failed: {str(exc).splitlines()[-1]}; check --model/--device"
@@ -176,27 +175,27 @@ def calibrated_spec(spec: JobSpec, results: list[Calibrated]) -> JobSpec:
     return dataclasses.replace(spec, configs=tuple(configs))
 
 
-@contextmanager
-def ray_measure(
-    docs: list[TokenizedDocument], settings: WorkerSettings, pool: PoolPlan, batch_configs: int
-) -> Iterator[Measure]:
-    """A :data:`Measure` that evaluates the held-out documents on one worker actor of the pool's kind."""
-    actor = (
-        ray.remote(EvalWorker)
-        .options(name="kvorch-calibration", num_gpus=pool.num_gpus, num_cpus=pool.num_cpus)
-        .remote("kvorch-calibration", settings)
-    )
+def ray_measure(docs: list[TokenizedDocument], actor: ray.actor.ActorHandle, batch_configs: int) -> Measure:
+    """A :data:`Measure` that evaluates the held-out documents on ``actor``.
+
+    A config that raises there stops the calibration: a threshold cannot be searched on a
+    density that was not measured.
+    """
     task_docs = tuple(TaskDocument(d.document.doc_id, d.token_ids) for d in docs)
 
     def measure(configs: list[EvalConfig]) -> dict[str, float]:
         batches = [tuple(configs[i : i + batch_configs]) for i in range(0, len(configs), batch_configs)]
-        tables = ray.get([actor.run.remote(Task(f"calibration-{i}", task_docs, b)) for i, b in enumerate(batches)])
-        return compressible_density(pa.concat_tables(tables))
+        results = ray.get([actor.run.remote(Task(f"calibration-{i}", task_docs, b)) for i, b in enumerate(batches)])
+        failed = [f for r in results for f in r.failures]
+        if failed:
+            first = failed[0]
+            raise KvorchError(
+                f"calibration: {first.config} failed on held-out document {first.doc_id}: {first.reason}; "
+                "drop it from --methods or run without --densities"
+            )
+        return compressible_density(pa.concat_tables([r.rows for r in results]))
 
-    try:
-        yield measure
-    finally:
-        ray.kill(actor)
+    return measure
 
 
 def compressible_density(rows: pa.Table) -> dict[str, float]:

@@ -1,8 +1,10 @@
 """A submission end to end: validate, tokenize, plan, run on Ray, stream rows into the lake.
 
 Everything that can be wrong with the input is checked before the lake is touched, so a bad
-submission never leaves anything behind and never alters existing runs. A submission whose
-spec matches an unfinished run (or ``--resume RUN_ID``) computes only that run's missing tasks.
+submission never leaves anything behind and never alters existing runs; that includes a method
+that cannot run on the model, which the preflight (``EvalWorker.preflight``) finds on the pool's
+first ready actor. A submission whose spec matches an unfinished run (or ``--resume RUN_ID``)
+computes only that run's missing tasks.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from importlib import metadata
 import pyarrow as pa
 import ray
 
-from orchestrator import batching, calibration, driver
+from orchestrator import batching, calibration, driver, incomplete
 from orchestrator.corpus import load_corpus
 from orchestrator.errors import KvorchError
 from orchestrator.lake import Lake
@@ -38,6 +40,7 @@ class JobResult:
     tasks: int
     failures: dict[str, str]
     seconds: float
+    config_failures: list[dict]  # every incomplete config's failures (orchestrator/incomplete.py)
 
 
 def submit(
@@ -127,85 +130,105 @@ def _run(
     settings = WorkerSettings(spec.model, dtype, pool.device, pool.threads, engine)
     n_shards = previous["n_shards"] if previous else default_shards(pool.n_actors)
     batch_configs = previous["batch_configs_resolved"] if previous else batching.resolve(spec, pool, dtype)
-    # Calibration is deterministic for a given spec, documents and dtype: a resumed run redoes it
-    # and gets the thresholds, hence the tasks, of its first attempt.
-    calibrated = calibration.run(spec, held_out, settings, pool, batch_configs) if spec.densities else []
-    if calibrated:
-        spec = calibration.calibrated_spec(spec, calibrated)
-    tasks = plan_tasks(docs, list(spec.configs), n_shards, batch_configs)
+    with driver.WorkerPool(settings, pool) as workers:
+        # Still nothing written: a config that cannot run on this model stops the job here.
+        workers.preflight(list(spec.configs))
+        # Calibration is deterministic for a given spec, documents and dtype: a resumed run redoes
+        # it and gets the thresholds, hence the tasks, of its first attempt.
+        actor = workers.first_ready()[0]
+        calibrated = calibration.run(spec, held_out, actor, batch_configs) if spec.densities else []
+        if calibrated:
+            spec = calibration.calibrated_spec(spec, calibrated)
+        tasks = plan_tasks(docs, list(spec.configs), n_shards, batch_configs)
 
-    # Claim the run before spec.json exists, so no other submission takes it for an abandoned one.
-    lake.write_status(run_id, running_status())
-    if previous:
-        valid, damaged = lake.inventory(run_id)
-        lake.delete(damaged + lake.temporaries(run_id))
-        done = done_tasks(valid, previous["tasks"])
-    else:
-        done = set()
-        lake.write_spec(
-            run_id,
-            {
-                **spec.to_json(),
-                "tokenization": recorded_tokenization,
-                "spec_hash": fingerprint,
-                "dtype_resolved": dtype,
-                "compile_resolved": engine.compile,
-                "batch_configs_resolved": batch_configs,
-                "schema_version": SCHEMA_VERSION,
-                "versions": _versions(),
-                "hardware": _hardware(pool),
-                "n_shards": n_shards,
-                "tasks": {t.task_id: sorted({c.method for c in t.configs}) for t in tasks},
-                "calibration": calibration.to_json(held_out, calibrated) if calibrated else None,
-            },
+        # The earlier attempt's status, read before the claim below replaces it.
+        earlier = lake.read_status(run_id) if previous else None
+        # Claim the run before spec.json exists, so no other submission takes it for an abandoned one.
+        lake.write_status(run_id, {**running_status(), incomplete.STATUS_KEY: incomplete.recorded(earlier)})
+        if previous:
+            valid, damaged = lake.inventory(run_id)
+            lake.delete(damaged + lake.temporaries(run_id))
+            done = done_tasks(valid, previous["tasks"])
+        else:
+            done = set()
+            lake.write_spec(
+                run_id,
+                {
+                    **spec.to_json(),
+                    "tokenization": recorded_tokenization,
+                    "spec_hash": fingerprint,
+                    "dtype_resolved": dtype,
+                    "compile_resolved": engine.compile,
+                    "batch_configs_resolved": batch_configs,
+                    "schema_version": SCHEMA_VERSION,
+                    "versions": _versions(),
+                    "hardware": _hardware(pool),
+                    "n_shards": n_shards,
+                    "tasks": {t.task_id: sorted({c.method for c in t.configs}) for t in tasks},
+                    "calibration": calibration.to_json(held_out, calibrated) if calibrated else None,
+                },
+            )
+            lake.write_docs(run_id, docs_table)
+        # Incomplete configs of tasks that stay done; the tasks that run again record theirs anew.
+        kept = incomplete.carried_over(earlier, done)
+        todo = [t for t in tasks if t.task_id not in done]
+        print(
+            f"kvorch: run {run_id}: {len(docs)} docs x {len(spec.configs)} configs = {len(tasks)} tasks "
+            f"({len(done)} done, {len(todo)} to go) on {pool.n_actors} {pool.device} actor(s) -> {lake.uri}",
+            file=sys.stderr,
         )
-        lake.write_docs(run_id, docs_table)
-    todo = [t for t in tasks if t.task_id not in done]
-    print(
-        f"kvorch: run {run_id}: {len(docs)} docs x {len(spec.configs)} configs = {len(tasks)} tasks "
-        f"({len(done)} done, {len(todo)} to go) on {pool.n_actors} {pool.device} actor(s) -> {lake.uri}",
-        file=sys.stderr,
+
+        progress = Progress(tasks, done, show_progress)
+        last_beat = time.monotonic()
+        recorded = 0
+
+        def on_rows(task: Task, rows: pa.Table) -> int:
+            return lake.write_rows(run_id, task.task_id, rows, [c.method for c in task.configs])
+
+        def on_progress(task: Task, succeeded: bool, state: driver.PoolResult) -> None:
+            nonlocal last_beat, recorded
+            progress.update(task, succeeded, state)
+            # A new incomplete config is recorded at once: a killed driver must not lose it,
+            # since the resume keeps the task's rows and never runs it again.
+            if time.monotonic() - last_beat > HEARTBEAT_SECONDS or len(state.config_failures) > recorded:
+                failures = incomplete.merged(kept, state.config_failures)
+                lake.write_status(run_id, {**running_status(), incomplete.STATUS_KEY: failures})
+                last_beat, recorded = time.monotonic(), len(state.config_failures)
+
+        status = "interrupted"
+        result = driver.PoolResult()
+        try:
+            if todo:
+                driver.run_pool(todo, workers, result, on_rows, on_progress, max_retries)
+            status = "failed" if result.failures else "finished"
+        except KvorchError:
+            status = "failed"
+            raise
+        finally:
+            progress.close()
+            lake.write_status(
+                run_id,
+                {
+                    "status": status,
+                    "rows": result.rows_written,
+                    "tasks_total": len(tasks),
+                    "tasks_resumed": len(done),
+                    "tasks_done": result.tasks_done,
+                    "failures": result.failures,
+                    incomplete.STATUS_KEY: incomplete.merged(kept, result.config_failures),
+                    "retries": result.retries,
+                    "workers": result.workers,
+                    "seconds": round(time.perf_counter() - tic, 3),
+                },
+            )
+    return JobResult(
+        run_id,
+        result.rows_written,
+        len(tasks),
+        result.failures,
+        time.perf_counter() - tic,
+        incomplete.merged(kept, result.config_failures),
     )
-
-    progress = Progress(tasks, done, show_progress)
-    last_beat = time.monotonic()
-
-    def on_rows(task: Task, rows: pa.Table) -> int:
-        return lake.write_rows(run_id, task.task_id, rows)
-
-    def on_progress(task: Task, succeeded: bool, state: driver.PoolResult) -> None:
-        nonlocal last_beat
-        progress.update(task, succeeded, state)
-        if time.monotonic() - last_beat > HEARTBEAT_SECONDS:
-            lake.write_status(run_id, running_status())
-            last_beat = time.monotonic()
-
-    status = "interrupted"
-    result = driver.PoolResult()
-    try:
-        if todo:
-            driver.run_pool(todo, settings, pool, result, on_rows, on_progress, max_retries)
-        status = "failed" if result.failures else "finished"
-    except KvorchError:
-        status = "failed"
-        raise
-    finally:
-        progress.close()
-        lake.write_status(
-            run_id,
-            {
-                "status": status,
-                "rows": result.rows_written,
-                "tasks_total": len(tasks),
-                "tasks_resumed": len(done),
-                "tasks_done": result.tasks_done,
-                "failures": result.failures,
-                "retries": result.retries,
-                "workers": result.workers,
-                "seconds": round(time.perf_counter() - tic, 3),
-            },
-        )
-    return JobResult(run_id, result.rows_written, len(tasks), result.failures, time.perf_counter() - tic)
 
 
 def _docs_table(docs: list[TokenizedDocument]) -> pa.Table:

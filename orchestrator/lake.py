@@ -111,13 +111,14 @@ class Lake:
 
     def part_rows(self, path: str) -> int | None:
         """A part's row count from its footer, or None when the part is damaged (truncated,
-        not Parquet, or not the lake's schema under any readable version)."""
+        not Parquet, or not the lake's schema under any readable version). An empty part is
+        valid: a method whose every config failed on every document of its task."""
         try:
             meta = pq.read_metadata(path, filesystem=self.fs)
         except (OSError, pa.ArrowException):
             return None
         columns = meta.schema.to_arrow_schema().remove_metadata()
-        ok = meta.num_rows > 0 and any(columns.equals(known) for known in CHUNK_COLUMNS_BY_VERSION.values())
+        ok = any(columns.equals(known) for known in CHUNK_COLUMNS_BY_VERSION.values())
         return meta.num_rows if ok else None
 
     def valid_parts(self, run_id: str | None = None) -> list[str]:
@@ -167,9 +168,13 @@ class Lake:
     def write_docs(self, run_id: str, docs: pa.Table) -> None:
         self._atomic_parquet(self.path("docs", f"run_id={run_id}", "docs.parquet"), docs.cast(DOC_SCHEMA))
 
-    def write_rows(self, run_id: str, task_id: str, rows: pa.Table) -> int:
-        """Write a task's rows as one part per method; returns the number of rows written."""
-        for method in sorted(set(rows.column("method").to_pylist())):
+    def write_rows(self, run_id: str, task_id: str, rows: pa.Table, methods: list[str] | None = None) -> int:
+        """Write a task's rows as one part per method; returns the number of rows written.
+
+        ``methods`` (default: those of ``rows``) are the task's: one without rows, whose every
+        config failed on every document, gets an empty part, so the task still counts as done.
+        """
+        for method in sorted(set(rows.column("method").to_pylist()) | set(methods or ())):
             part = rows.filter(pc.equal(rows.column("method"), method))
             part = part.drop_columns([c for c in PARTITION_COLUMNS if c in part.column_names])
             self._atomic_parquet(self.part_path(run_id, method, task_id), part.cast(CHUNK_SCHEMA))

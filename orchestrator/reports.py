@@ -13,6 +13,7 @@ from typing import Any
 
 import duckdb
 
+from orchestrator import incomplete
 from orchestrator.densities import DEFAULT_DENSITIES, parse_densities
 from orchestrator.errors import KvorchError
 from orchestrator.formatting import render
@@ -66,6 +67,11 @@ class RunReport:
                 f"cannot read run {self.run_id} from {self.lake.uri}: {str(exc).splitlines()[0]}"
             ) from None
         return Table(name, [d[0] for d in result.description], result.fetchall())
+
+    def incomplete_warnings(self) -> list[str]:
+        """One line per config that failed on some documents (status.json): its means cover
+        fewer documents than the others', so the tables alone would compare unlike with unlike."""
+        return incomplete.warnings(self.run_id, incomplete.recorded(self.lake.read_status(self.run_id)))
 
     def resolve_config(self, name: str) -> str:
         """A config label of this run, given the label or a method name that has one config."""

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from workers.engine import doc_seed
+from workers.presses import LayerContext, Press
+from workers.presses.base import constant_scores
 
 INF = float("inf")
 
@@ -21,6 +27,31 @@ def tiny_llama(vocab_size: int = 97, seed: int = 0, n_layers: int = 2) -> LlamaF
         max_position_embeddings=4096,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(vocab_size: int = 97, seed: int = 0) -> GPT2LMHeadModel:
+    """2 layers, 4 heads, learned absolute positions: a decoder without a rotary embedding."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, n_positions=4096, vocab_size=vocab_size, bos_token_id=0, eos_token_id=0
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+@dataclass(frozen=True)
+class FailingPress(Press):
+    """A press that raises on document ``doc`` (on every document when ``doc`` is empty) and
+    keeps every key elsewhere, like baseline. Test-only: a test registers it in
+    ``workers.presses.REGISTRY``; Ray workers unpickle it from this module."""
+
+    name = "failing"
+    in_all = False
+    doc: str = ""
+
+    def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
+        if not self.doc or ctx.doc_seed == doc_seed(self.doc):
+            raise RuntimeError("failing press: refuses this document\nsecond line, not reported")
+        return constant_scores(ctx, INF)
 
 
 def full_forward_nll(model, ids: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:

@@ -125,6 +125,7 @@ def test_a_task_that_always_fails_is_recorded_and_the_rest_completes(reference, 
         "tasks_total": 3,
         "rows": 2 * 2 * 3,
         "failed": 1,
+        "incomplete_configs": 0,
         "damaged_parts": 0,
         "created_at": None,
     }

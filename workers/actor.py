@@ -7,9 +7,13 @@ custom metrics (``ray.util.metrics``) that the Ray dashboard and Prometheus pick
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import itertools
 import platform
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -22,6 +26,14 @@ from workers.engine import Engine, EngineSettings
 from workers.faults import Fault
 from workers.head_stats import DocumentHeadStats, HeadStatsProbe
 from workers.models import load_model
+from workers.schema import ROW_SCHEMA
+
+# The preflight's document: a few chunks past a small window, so every press scores, decides
+# and evicts at least once, at the cost of a handful of tiny forwards per config.
+PREFLIGHT_DOC_ID = "kvorch-preflight"
+PREFLIGHT_TOKENS = 16
+PREFLIGHT_CHUNK = 4
+PREFLIGHT_WINDOW = 4
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,24 @@ class Task:
 
 
 @dataclass(frozen=True)
+class ConfigFailure:
+    """A config that raised on one document: only its rows of that document are missing."""
+
+    doc_id: str
+    config: str  # the config's label
+    reason: str  # "ExceptionType: first line of its message"
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """What a task sends back: its rows (one Arrow table, through the object store) and the
+    configs that failed on some of its documents, whose rows are absent from ``rows``."""
+
+    rows: pa.Table
+    failures: tuple[ConfigFailure, ...] = ()
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     model: str
     dtype: str
@@ -57,8 +87,12 @@ class EvalWorker:
     def __init__(self, name: str, settings: WorkerSettings) -> None:
         torch.set_num_threads(max(1, settings.threads))
         self.name = name
-        model = load_model(settings.model, settings.dtype, settings.device)
-        self.engine = Engine(model, settings.engine, worker=name)
+        self.settings = settings
+        self.model = load_model(settings.model, settings.dtype, settings.device)
+        # Taken before the engine hooks the model: the preflight builds its own engine on it.
+        self._preflight_model = _sharing_weights(self.model)
+        self._preflight_engine: Engine | None = None
+        self.engine = Engine(self.model, settings.engine, worker=name)
         self.fault = Fault.from_env()
         self.metrics = _Metrics(name) if ray.is_initialized() else None
 
@@ -73,10 +107,16 @@ class EvalWorker:
             if device.type == "cuda"
             else platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
+            "model_type": getattr(self.model.config, "model_type", None) or type(self.model).__name__,
         }
 
-    def run(self, task: Task) -> pa.Table:
-        """All rows of ``task``; nothing is written here, so a dying attempt leaves no trace."""
+    def run(self, task: Task) -> TaskResult:
+        """All rows of ``task``; nothing is written here, so a dying attempt leaves no trace.
+
+        A config that raises on a document costs only its own rows of that document: the
+        document is evaluated again config by config (only then, so a healthy batch pays
+        nothing), and the configs that still raise come back as :class:`ConfigFailure`.
+        """
         tic = time.perf_counter()
         chunks = 0
 
@@ -88,19 +128,77 @@ class EvalWorker:
 
         if self.fault:
             self.fault.maybe_fire(task.task_id, 0)
-        tables = []
+        tables: list[pa.Table] = []
+        failures: list[ConfigFailure] = []
         for doc in task.documents:
-            rows = self.engine.evaluate(doc.doc_id, torch.tensor(doc.token_ids), list(task.configs), on_chunk)
+            rows, failed = self._evaluate(doc, list(task.configs), on_chunk)
             if self.metrics:
-                self.metrics.document(len(doc.token_ids) * len(task.configs), rows)
+                self.metrics.document(len(doc.token_ids) * (len(task.configs) - len(failed)), rows)
             tables.append(rows)
+            failures.extend(failed)
         if self.metrics:
             self.metrics.task(task.cost, time.perf_counter() - tic)
-        return pa.concat_tables(tables)
+        return TaskResult(pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table(), tuple(failures))
+
+    def _evaluate(
+        self, doc: TaskDocument, configs: list[EvalConfig], on_chunk: Callable[[], None]
+    ) -> tuple[pa.Table, list[ConfigFailure]]:
+        """The document under every config of the batch, or, if the batch raises, under each
+        config alone: the rows of those that succeed and one failure per config that raises."""
+        token_ids = torch.tensor(doc.token_ids)
+        try:
+            return self.engine.evaluate(doc.doc_id, token_ids, configs, on_chunk), []
+        except Exception as exc:  # a press may raise anything: it is reported per config below
+            if len(configs) == 1:
+                return ROW_SCHEMA.empty_table(), [ConfigFailure(doc.doc_id, configs[0].label, error_line(exc))]
+        tables, failures = [], []
+        for config in configs:
+            try:
+                tables.append(self.engine.evaluate(doc.doc_id, token_ids, [config], on_chunk))
+            except Exception as exc:
+                failures.append(ConfigFailure(doc.doc_id, config.label, error_line(exc)))
+        return (pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()), failures
+
+    def preflight(self, configs: list[EvalConfig]) -> list[tuple[str, str]]:
+        """(label, reason) of every config that cannot run on this model, each tried alone on a
+        tiny document, so a press that cannot work here stops the job at submit time instead of
+        failing on every document of the sweep.
+
+        The run's attention and cache settings with a small chunk and window, so each press
+        scores, decides and evicts within a few forwards; no torch.compile (presses run eagerly
+        either way). Its engine runs on the module copy taken before the sweep's engine hooked
+        the model, so neither engine's hooks ever see the other's forwards.
+        """
+        if self._preflight_engine is None:
+            settings = dataclasses.replace(
+                self.settings.engine, chunk_size=PREFLIGHT_CHUNK, window=PREFLIGHT_WINDOW, compile=False
+            )
+            self._preflight_engine = Engine(self._preflight_model, settings, worker=self.name)
+        generator = torch.Generator().manual_seed(0)
+        token_ids = torch.randint(0, self.model.config.vocab_size, (PREFLIGHT_TOKENS,), generator=generator)
+        failed = []
+        for config in configs:
+            try:
+                self._preflight_engine.evaluate(PREFLIGHT_DOC_ID, token_ids, [config])
+            except Exception as exc:  # every reason goes back to the user
+                failed.append((config.label, error_line(exc)))
+        return failed
 
     def head_statistics(self, doc: TaskDocument, probe: HeadStatsProbe) -> DocumentHeadStats:
         """Attention statistics per (chunk, layer, head) of one document, for ``kvorch heads analyze``."""
         return self.engine.observe(doc.doc_id, torch.tensor(doc.token_ids), probe).units(doc.doc_id)
+
+
+def error_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: why a config failed, on one line."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
+
+
+def _sharing_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model``'s modules that holds the very same parameter and buffer tensors."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 class _Metrics:

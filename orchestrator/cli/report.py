@@ -54,13 +54,18 @@ def command(
     plot_dir: str | None,
     fmt: str,
 ) -> None:
-    """Print report tables of a run (default: the comparison table of the newest run)."""
+    """Print report tables of a run (default: the comparison table of the newest run).
+
+    Configs that failed on some documents are named on stderr: their means cover fewer documents.
+    """
     targets = parse_densities(densities)
     names = list(TABLES) if "all" in tables else list(dict.fromkeys(tables))
     if ctx.get_parameter_source("densities") is not click.core.ParameterSource.DEFAULT and "frontier" not in names:
         names.append("frontier")
     report = RunReport(Lake(lake), run_id)
     click.echo(render_tables([report.table(n, targets, reference) for n in names], fmt))
+    for line in report.incomplete_warnings():
+        click.echo(line, err=True)
     if plot_dir is not None:
         from orchestrator.plots import write_plots
 

@@ -8,13 +8,24 @@ from __future__ import annotations
 
 import click
 
+from orchestrator import incomplete
 from orchestrator.cli.options import format_option, lake_option
 from orchestrator.errors import KvorchError
 from orchestrator.formatting import render
 from orchestrator.lake import Lake
 from orchestrator.resume import done_tasks
 
-COLUMNS = ["run_id", "status", "tasks_done", "tasks_total", "rows", "failed", "damaged_parts", "created_at"]
+COLUMNS = [
+    "run_id",
+    "status",
+    "tasks_done",
+    "tasks_total",
+    "rows",
+    "failed",
+    "incomplete_configs",
+    "damaged_parts",
+    "created_at",
+]
 
 
 def run_progress(lake: Lake, run_id: str) -> list:
@@ -38,6 +49,7 @@ def run_progress(lake: Lake, run_id: str) -> list:
         len(tasks),
         sum(valid.values()),
         len(status.get("failures", {})),
+        len(incomplete.by_config(incomplete.recorded(status))),
         len(damaged),
         spec.get("created_at"),
     ]
@@ -48,12 +60,15 @@ def run_progress(lake: Lake, run_id: str) -> list:
 @click.option("--run", "run_id", default=None, help="Run id (default: every run in the lake).")
 @format_option
 def command(lake: str, run_id: str | None, fmt: str) -> None:
-    """Show runs' progress from the lake alone: tasks done / planned, rows, failures."""
+    """Show runs' progress from the lake alone: tasks done / planned, rows, failures, incomplete configs."""
     target = Lake(lake)
     runs = [run_id] if run_id else target.run_ids()
     if not runs:
         raise KvorchError(f"lake {target.uri} has no runs; run kvorch submit --lake {target.uri} first")
     click.echo(render(COLUMNS, [run_progress(target, r) for r in runs], fmt))
     for r in runs:
-        for task_id, error in (target.read_status(r) or {}).get("failures", {}).items():
+        status = target.read_status(r) or {}
+        for task_id, error in status.get("failures", {}).items():
             click.echo(f"{r} {task_id} failed: {error}", err=True)
+        for record in incomplete.recorded(status):
+            click.echo(incomplete.status_line(r, record), err=True)

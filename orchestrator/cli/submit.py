@@ -7,7 +7,7 @@ import dataclasses
 import click
 from click.core import ParameterSource
 
-from orchestrator import job, ray_jobs
+from orchestrator import incomplete, job, ray_jobs
 from orchestrator.cli.options import (
     actors_option,
     address_option,
@@ -258,6 +258,8 @@ def command(
     else:
         click.echo(comparison(target, result.run_id, fmt))
     click.echo(f"run {result.run_id}: {result.rows_written} rows in {result.seconds:.1f} s -> {target.uri}", err=True)
+    for line in incomplete.warnings(result.run_id, result.config_failures):
+        click.echo(line, err=True)
     if result.failures:
         first = next(iter(result.failures.items()))
         raise KvorchError(

@@ -1,0 +1,63 @@
+"""Incomplete configs: configs that raised on some documents of tasks that otherwise succeeded.
+
+The actor reports each as a :class:`~workers.actor.ConfigFailure`; the driver records it with
+its task in status.json (``config_failures``), where ``kvorch status`` and ``kvorch report`` read
+it. A config's means then cover fewer documents than the other configs', which the report says.
+This module is the one place that knows the record's form.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the report reads records without importing the worker side (torch, Ray)
+    from workers.actor import ConfigFailure
+
+STATUS_KEY = "config_failures"
+
+
+def record(task_id: str, failure: ConfigFailure) -> dict:
+    """The status.json form of one failure."""
+    return {"task_id": task_id, "doc_id": failure.doc_id, "config": failure.config, "reason": failure.reason}
+
+
+def recorded(status: dict | None) -> list[dict]:
+    """The failures a run's status.json records (none for runs from before they were)."""
+    return list((status or {}).get(STATUS_KEY, []))
+
+
+def carried_over(status: dict | None, done: set[str]) -> list[dict]:
+    """An earlier attempt's failures that a resume keeps: those of tasks that are done. A task
+    that is not done runs again, and records its failures afresh."""
+    return [r for r in recorded(status) if r["task_id"] in done]
+
+
+def merged(*groups: list[dict]) -> list[dict]:
+    """Records in one canonical order, each once."""
+    unique = {(r["config"], r["doc_id"], r["task_id"]): r for group in groups for r in group}
+    return [unique[key] for key in sorted(unique)]
+
+
+def by_config(records: list[dict]) -> dict[str, list[dict]]:
+    """Config label -> its failures, in label order."""
+    out: dict[str, list[dict]] = {}
+    for r in sorted(records, key=lambda r: (r["config"], r["doc_id"])):
+        out.setdefault(r["config"], []).append(r)
+    return out
+
+
+def status_line(run_id: str, r: dict) -> str:
+    """One line per failure, for ``kvorch status``: which config lacks which document, and why."""
+    return f"{run_id} {r['config']} incomplete on {r['doc_id']} (task {r['task_id']}): {r['reason']}"
+
+
+def warnings(run_id: str, records: list[dict]) -> list[str]:
+    """One line per incomplete config, for the report: which documents its means lack, and why."""
+    lines = []
+    for config, failures in by_config(records).items():
+        docs = ", ".join(r["doc_id"] for r in failures)
+        lines.append(
+            f"kvorch: warning: run {run_id}: {config} is incomplete, it failed on {len(failures)} document(s) "
+            f"({docs}): {failures[0]['reason']}; its means cover fewer documents than the other configs'"
+        )
+    return lines
