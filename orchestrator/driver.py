@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from orchestrator import incomplete
 from orchestrator.errors import KvorchError
-from workers.actor import EvalWorker, Task, TaskResult, WorkerSettings
+from workers.actor import MODEL_LEVEL, EvalWorker, Task, TaskResult, WorkerSettings
 from workers.configs import EvalConfig
 from workers.faults import forwarded_env
 
@@ -206,7 +206,12 @@ class WorkerPool:
         if failed:
             model_type = description["model_type"]
             raise KvorchError(
-                "\n".join(f"--methods: {label} cannot run on {model_type} models: {reason}" for label, reason in failed)
+                "\n".join(
+                    f"--methods: {label} cannot run on {model_type} models: {reason}"
+                    if label != MODEL_LEVEL
+                    else f"--model: kvorch cannot evaluate {model_type} models exactly: {reason}"
+                    for label, reason in failed
+                )
             )
 
     @staticmethod

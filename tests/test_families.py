@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers as T
 
 from tests.families import (
     FAMILIES,
@@ -21,9 +22,12 @@ from tests.families import (
     tiny_decoder,
 )
 from tests.helpers import full_forward_nll
+from workers import kv_cache
+from workers.actor import MODEL_LEVEL, EvalWorker, WorkerSettings
 from workers.attention import UnsupportedAttention, kvorch_attention
 from workers.configs import EvalConfig
 from workers.engine import Engine, EngineSettings, token_nll
+from workers.exactness import inexact_reason
 from workers.presses import REGISTRY
 
 SLIDING = {"mistral": [16, 16], "gemma2": [16, None], "gemma3": [16, None]}
@@ -145,3 +149,27 @@ def test_token_nll_is_float64_accurate_without_a_float64_copy():
     ours = token_nll(logits, targets)
     assert ours.dtype == torch.float64
     assert float(((ours.sum(1) - reference.sum(1)) / reference.sum(1)).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_preflights_exactness_check_passes_every_family(family):
+    assert inexact_reason(Engine(tiny_decoder(family), SETTINGS), document()) is None
+
+
+def test_the_preflight_refuses_a_model_whose_attention_kvorch_gets_wrong(monkeypatch, tmp_path):
+    """Dropping the sliding window (the bug kvorch had on Mistral) is caught on the actor before the
+    sweep, on its tiny preflight document, with a model-level reason."""
+    path = tmp_path / "mistral"
+    config = T.MistralConfig(**dict(FAMILIES["mistral"][1], sliding_window=4))
+    torch.manual_seed(0)
+    T.MistralForCausalLM(config).save_pretrained(path)
+    worker = EvalWorker("w", WorkerSettings(str(path), "float32", "cpu", 1, SETTINGS))
+    assert worker.preflight([EvalConfig(REGISTRY["baseline"]())]) == []
+
+    def causal_only(query_positions, key_positions, variant):
+        return query_positions[:, None] >= key_positions[None, :]
+
+    monkeypatch.setattr(kv_cache, "band", causal_only)
+    worker = EvalWorker("w", WorkerSettings(str(path), "float32", "cpu", 1, SETTINGS))
+    [(label, reason)] = worker.preflight([EvalConfig(REGISTRY["baseline"]())])
+    assert label == MODEL_LEVEL and "differs from the model's own forward" in reason

@@ -23,6 +23,7 @@ from ray.util import metrics
 
 from workers.configs import EvalConfig
 from workers.engine import Engine, EngineSettings
+from workers.exactness import inexact_reason
 from workers.faults import Fault
 from workers.head_stats import DocumentHeadStats, HeadStatsProbe
 from workers.models import load_model
@@ -34,6 +35,8 @@ PREFLIGHT_DOC_ID = "kvorch-preflight"
 PREFLIGHT_TOKENS = 16
 PREFLIGHT_CHUNK = 4
 PREFLIGHT_WINDOW = 4
+# The label of a preflight failure that concerns the model, not one config.
+MODEL_LEVEL = ""
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,8 @@ class EvalWorker:
 
     def preflight(self, configs: list[EvalConfig]) -> list[tuple[str, str]]:
         """(label, reason) of every config that cannot run on this model, each tried alone on a
-        tiny document, so a press that cannot work here stops the job at submit time instead of
+        tiny document (label ``MODEL_LEVEL`` when kvorch's baseline does not reproduce the model's
+        own forward, workers/exactness.py), so a press that cannot work here stops the job at submit time instead of
         failing on every document of the sweep.
 
         The run's attention and cache settings with a small chunk and window, so each press
@@ -177,6 +181,9 @@ class EvalWorker:
         generator = torch.Generator().manual_seed(0)
         token_ids = torch.randint(0, self.model.config.vocab_size, (PREFLIGHT_TOKENS,), generator=generator)
         failed = []
+        reason = inexact_reason(self._preflight_engine, token_ids)
+        if reason is not None:
+            failed.append((MODEL_LEVEL, reason))
         for config in configs:
             try:
                 self._preflight_engine.evaluate(PREFLIGHT_DOC_ID, token_ids, [config])
