@@ -211,8 +211,8 @@ def test_a_method_that_cannot_run_on_the_model_stops_the_submission(local_ray, t
     result = CliRunner().invoke(main, [*args, "--run-id", "r"])
     assert result.exit_code != 0
     assert result.output.strip().splitlines() == [
-        "Error: --methods: expected_attention@0.01 cannot run on gpt2 models: ValueError: this model has no rotary "
-        "embedding; pick a method that does not need RoPE"
+        "Error: --methods: expected_attention@0.01 cannot run on gpt2 models: ValueError: it needs RoPE, and gpt2 "
+        "models have no rotary embedding"
     ]
     assert not (lake / "runs").exists() and not (lake / "chunks").exists() and not (lake / "docs").exists()
     # The same model runs what it can.

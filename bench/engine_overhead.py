@@ -1,0 +1,89 @@
+"""Per-chunk overhead of the engine on CPU: a 16-layer Llama with hidden size 64, so matrix work
+is negligible and what is timed is the engine's own work per layer and chunk.
+
+Three rows, measured side by side in one process: a plain transformers chunked loop (DynamicCache,
+SDPA, batch 1), kvorch with the baseline config alone, and kvorch with the `all` sweep batched.
+Best of ``--repeat`` runs over one document, 1 thread.
+
+    python bench/engine_overhead.py [--tokens 1024] [--chunk 128] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from orchestrator.spec import build_configs
+from workers.engine import Engine, EngineSettings
+
+
+def narrow_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=16,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=8192,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def plain_loop(model: LlamaForCausalLM, ids: torch.Tensor, chunk: int) -> None:
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        for s in range(0, len(ids), chunk):
+            model(ids[None, s : s + chunk], past_key_values=cache, use_cache=True)
+
+
+def best_seconds(fn, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--chunk", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    ids = torch.randint(0, 1000, (args.tokens,), generator=torch.Generator().manual_seed(0))
+    chunks = -(-args.tokens // args.chunk)
+
+    plain_model = narrow_llama().to(torch.float32)
+    plain_model.set_attn_implementation("sdpa")
+    engine = Engine(narrow_llama(), EngineSettings(chunk_size=args.chunk, window=args.chunk))
+    baseline, sweep = build_configs(("baseline",), ()), build_configs(("all",), ())
+    rows = [
+        ("plain transformers loop", 1, best_seconds(lambda: plain_loop(plain_model, ids, args.chunk), args.repeat)),
+        ("kvorch, baseline", 1, best_seconds(lambda: engine.evaluate("d", ids, baseline), args.repeat)),
+        (
+            f"kvorch, all ({len(sweep)} configs)",
+            len(sweep),
+            best_seconds(lambda: engine.evaluate("d", ids, sweep), args.repeat),
+        ),
+    ]
+    print(
+        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, "
+        f"{args.tokens} tokens, chunk {args.chunk}"
+    )
+    print(f"{'path':<28} {'configs':>7} {'ms/chunk':>9} {'vs plain':>9}")
+    plain = rows[0][2]
+    for name, n, seconds in rows:
+        print(f"{name:<28} {n:>7} {1000 * seconds / chunks:>9.1f} {seconds / plain:>8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
