@@ -17,6 +17,7 @@ layer's window and cap.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -66,27 +67,13 @@ class AttentionRun(Protocol):
     ) -> torch.Tensor: ...
 
 
+@dataclass(frozen=True)
 class AttentionVariant:
     """What one layer's attention does beyond plain scaled dot products: its sliding window
     (None: global) and logit soft-cap (None: none). Hashable, so masks can be cached per variant."""
 
-    __slots__ = ("sliding_window", "softcap")
-
-    def __init__(self, sliding_window: int | None = None, softcap: float | None = None) -> None:
-        self.sliding_window = int(sliding_window) if sliding_window else None
-        self.softcap = float(softcap) if softcap else None
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, AttentionVariant) and (self.sliding_window, self.softcap) == (
-            other.sliding_window,
-            other.softcap,
-        )
-
-    def __hash__(self) -> int:
-        return hash((self.sliding_window, self.softcap))
-
-    def __repr__(self) -> str:
-        return f"AttentionVariant(sliding_window={self.sliding_window}, softcap={self.softcap})"
+    sliding_window: int | None = None
+    softcap: float | None = None
 
 
 GLOBAL = AttentionVariant()
@@ -118,7 +105,7 @@ def kvorch_attention(
         )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    variant = AttentionVariant(sliding_window, softcap)
+    variant = AttentionVariant(int(sliding_window) if sliding_window else None, float(softcap) if softcap else None)
     if kvorch_run is None:
         c = query.shape[2]
         positions = torch.arange(c, device=query.device)
