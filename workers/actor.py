@@ -164,9 +164,9 @@ class EvalWorker:
 
     def preflight(self, configs: list[EvalConfig]) -> list[tuple[str, str]]:
         """(label, reason) of every config that cannot run on this model, each tried alone on a
-        tiny document (label ``MODEL_LEVEL`` when kvorch's baseline does not reproduce the model's
-        own forward, workers/exactness.py), so a press that cannot work here stops the job at submit time instead of
-        failing on every document of the sweep.
+        tiny document, so a press that cannot work here stops the job at submit time instead of
+        failing on every document of the sweep. Label ``MODEL_LEVEL``: kvorch's baseline does not
+        reproduce the model's own forward (workers/exactness.py), whatever the configs.
 
         The run's attention and cache settings with a small chunk and window, so each press
         scores, decides and evicts within a few forwards; no torch.compile (presses run eagerly
