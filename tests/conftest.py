@@ -10,6 +10,17 @@ from transformers import LlamaForCausalLM
 from tests.helpers import tiny_llama
 from workers.models import EMBEDDED_MODEL, load_model, load_tokenizer
 
+# Fixtures that make a test slow: a real Ray job, or the embedded 135M-parameter model.
+SLOW_FIXTURES = frozenset({"local_ray", "smollm2"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``slow`` every test that starts Ray jobs or runs the embedded model, so
+    ``pytest -m "not slow"`` is the fast loop of tiny models built in memory."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture
 def tiny_model() -> LlamaForCausalLM:
