@@ -12,6 +12,10 @@ both must give the same numbers"); they differ in the memory they hold.
   compacted together at the chunk's end, so the buffers' new lengths cost one device sync per
   chunk, not one per layer.
 
+On a sliding-window layer both hide what lies outside the window from each query; the compact
+cache still holds the keys a press kept there (so ``kv_cache_bytes`` overstates such a layer),
+because a rescoring press may read them while they are undecided.
+
 Either way the engine's keep-mask and score buffers stay full length (one bool and one float
 per position, no head dim): the presses' bookkeeping and the density columns read them.
 """
