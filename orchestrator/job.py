@@ -19,7 +19,7 @@ from importlib import metadata
 import pyarrow as pa
 import ray
 
-from orchestrator import batching, calibration, driver, incomplete
+from orchestrator import batching, calibration, compile_check, driver, incomplete
 from orchestrator.corpus import load_corpus
 from orchestrator.errors import KvorchError
 from orchestrator.lake import Lake
@@ -126,7 +126,10 @@ def _run(
             f"run {run_id} was computed in {previous.get('dtype_resolved')}, this pool would use {dtype}; "
             f"pass --dtype {previous.get('dtype_resolved')} to resume it"
         )
-    engine = spec.engine_for(pool.device)
+    engine = compile_check.resolve_compile(spec.engine_for(pool.device), spec.compile, pool.device)
+    note = compile_check.eager_note(engine, list(spec.configs))
+    if note:
+        print(f"kvorch: {note}", file=sys.stderr)
     settings = WorkerSettings(spec.model, dtype, pool.device, pool.threads, engine)
     n_shards = previous["n_shards"] if previous else default_shards(pool.n_actors)
     batch_configs = previous["batch_configs_resolved"] if previous else batching.resolve(spec, pool, dtype)

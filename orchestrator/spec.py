@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.corpus import EMBEDDED_CORPUS
 from orchestrator.errors import KvorchError
-from workers.attention import BACKENDS
+from workers.attention import check_backend
 from workers.configs import POLICIES, EvalConfig
 from workers.engine import EngineSettings
 from workers.models import DTYPES, EMBEDDED_MODEL
@@ -23,7 +23,7 @@ DEFAULT_MAX_TOKENS = 1024
 DEFAULT_CHUNK_SIZE = EngineSettings.chunk_size
 DEFAULT_WINDOW = EngineSettings.window
 DEFAULT_COMPACT = EngineSettings.compact
-# auto: compile on CUDA, where it pays; on CPU compiling costs minutes and buys nothing.
+# auto: compile on CUDA, where it pays (orchestrator/compile_check.py confirms it can); see README.
 COMPILE_MODES = ("auto", "on", "off")
 
 
@@ -63,8 +63,10 @@ class JobSpec:
             raise KvorchError(f"--compile {self.compile!r} is unknown; use one of {', '.join(COMPILE_MODES)}")
         if self.bos not in BOS_MODES:
             raise KvorchError(f"--bos {self.bos!r} is unknown; use one of {', '.join(BOS_MODES)}")
-        if self.attn not in BACKENDS:
-            raise KvorchError(f"--attn {self.attn!r} is unknown; use one of {', '.join(BACKENDS)}")
+        try:
+            check_backend(self.attn)
+        except ValueError as exc:
+            raise KvorchError(str(exc).replace("attention backend", "--attn", 1)) from None
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise KvorchError(f"--dtype {self.dtype!r} is unknown; use auto or one of {', '.join(DTYPES)}")
         try:

@@ -22,7 +22,7 @@ from tests.families import (
     tiny_decoder,
 )
 from tests.helpers import full_forward_nll
-from workers import kv_cache
+from workers import attention, kv_cache
 from workers.actor import MODEL_LEVEL, EvalWorker, WorkerSettings
 from workers.attention import UnsupportedAttention, kvorch_attention
 from workers.configs import EvalConfig
@@ -169,7 +169,8 @@ def test_the_preflight_refuses_a_model_whose_attention_kvorch_gets_wrong(monkeyp
     def causal_only(query_positions, key_positions, variant):
         return query_positions[:, None] >= key_positions[None, :]
 
-    monkeypatch.setattr(kv_cache, "band", causal_only)
+    monkeypatch.setattr(kv_cache, "band", causal_only)  # the eager engine's masks
+    monkeypatch.setattr(attention, "band", causal_only)  # the chunk step's
     worker = EvalWorker("w", WorkerSettings(str(path), "float32", "cpu", 1, SETTINGS))
     [(label, reason)] = worker.preflight([EvalConfig(REGISTRY["baseline"]())])
     assert label == MODEL_LEVEL and "differs from the model's own forward" in reason

@@ -15,6 +15,7 @@ from orchestrator.spec import JobSpec
 from tests.helpers import write_head_table
 from tests.test_engine import by_config, default_configs
 from workers import memory
+from workers.chunk_step import padded_length
 from workers.configs import EvalConfig
 from workers.engine import Engine, EngineSettings
 from workers.presses import ALL_METHODS, REGISTRY, parse_method
@@ -96,7 +97,7 @@ def test_compact_cache_refuses_a_press_that_reads_evicted_keys(tiny_model, token
 @pytest.mark.parametrize("chunk", [16, 64])
 def test_compact_memory_tracks_the_kept_keys(tiny_model, tokens, chunk):
     """StreamingLLM keeps exactly sinks + window: the compact cache holds those plus the chunk,
-    the masked one the whole document, whatever the density."""
+    the masked one the whole document (padded to its length bucket), whatever the density."""
     window, layers, kv_heads, head_dim, fp32 = 40, 2, 2, 8, 4
     config = [EvalConfig(parse_method("streaming_llm"))]
     per_entry = layers * kv_heads * head_dim * 2 * fp32  # keys + values of one position, all layers
@@ -106,7 +107,7 @@ def test_compact_memory_tracks_the_kept_keys(tiny_model, tokens, chunk):
         s, e = r["chunk_start"], r["chunk_end"]
         held = len(set(range(min(4, s))) | set(range(max(0, s - window), s)))
         assert r["kv_cache_bytes"] == (held + e - s) * per_entry
-    assert set(masked.column("kv_cache_bytes").to_pylist()) == {len(tokens) * per_entry}
+    assert set(masked.column("kv_cache_bytes").to_pylist()) == {padded_length(len(tokens), chunk) * per_entry}
 
 
 class CountingBackend:
@@ -120,10 +121,11 @@ class CountingBackend:
         return graph.forward
 
 
-def test_compiled_forward_compiles_once_per_batch_shape_and_gives_the_same_rows(tiny_model):
-    """8 chunks, the last one short: compiled graphs are made in the first chunk and once more
-    when the batch grows from the shared prefix's 1 row to every config's; never per chunk, and
-    not again for the next document. Rows equal the uncompiled engine's."""
+def test_eager_engines_compiled_forward_compiles_once_per_batch_shape_and_gives_the_same_rows(tiny_model):
+    """The eager per-layer engine (kept for --compact and presses without a tensor form) compiles
+    the model's forward around its attention. 8 chunks, the last one short: compiled graphs are
+    made in the first chunk and once more when the batch grows from the shared prefix's 1 row to
+    every config's; never per chunk, and not again for the next document. Rows equal the uncompiled engine's."""
     tokens = torch.randint(0, 97, (250,), generator=torch.Generator().manual_seed(2))
     configs = [
         EvalConfig(parse_method("baseline")),
@@ -131,11 +133,11 @@ def test_compiled_forward_compiles_once_per_batch_shape_and_gives_the_same_rows(
         EvalConfig(parse_method("h2o:protected_window=16"), 0.5),
         EvalConfig(parse_method("expected_attention"), 0.05),
     ]
-    settings = EngineSettings(32, 32)
+    settings = EngineSettings(32, 32, graph=False)
     expected = Engine(tiny_model, settings).evaluate("d", tokens, configs).to_pylist()
     torch._dynamo.reset()
     backend = CountingBackend()
-    engine = Engine(tiny_model, EngineSettings(32, 32, compile=True), compile_backend=backend)
+    engine = Engine(tiny_model, EngineSettings(32, 32, compile=True, graph=False), compile_backend=backend)
     compiled_by_chunk: list[int] = []
     rows = engine.evaluate("d", tokens, configs, lambda: compiled_by_chunk.append(backend.graphs)).to_pylist()
     assert len(compiled_by_chunk) == 8

@@ -25,7 +25,10 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 ATTENTION_NAME = "kvorch"
-BACKENDS = ("eager", "sdpa")
+# flex: FlexAttention over a block mask built from the keep-mask, in the chunk step only (the
+# eager engine's per-layer path runs sdpa's math for it).
+BACKENDS = ("eager", "sdpa", "flex")
+FLEX_MIN_TORCH = "2.5"
 # Keyword arguments transformers' decoders pass that change nothing kvorch computes: mask
 # helpers, cache bookkeeping and flash-attention plumbing that kvorch's own masking replaces.
 _INERT_KWARGS = frozenset(
@@ -47,6 +50,25 @@ _INERT_KWARGS = frozenset(
         "target_dtype",
     }
 )
+
+
+def check_backend(name: str) -> None:
+    """A one-line ValueError for a backend that is unknown or that this torch cannot run."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; use one of {', '.join(BACKENDS)}")
+    if name == "flex" and not flex_available():
+        raise ValueError(
+            f"--attn flex needs torch >= {FLEX_MIN_TORCH} (FlexAttention); this is torch {torch.__version__}: "
+            "upgrade torch or use --attn sdpa"
+        )
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class UnsupportedAttention(ValueError):
@@ -79,10 +101,6 @@ class AttentionVariant:
 GLOBAL = AttentionVariant()
 
 
-# Never traced by torch.compile (the engine's compiled forward breaks its graph here): the
-# engine's attention and presses are Python over per-chunk bounds that would be specialized into
-# a new graph every chunk; the model's projections, MLPs and norms around it stay compiled.
-@torch.compiler.disable
 def kvorch_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -156,7 +174,7 @@ def grouped_attention(
     groups = h // hkv
     q = query.reshape(b, hkv, groups * c, d)
     mask = visible[:, :, None].expand(b, hkv, groups, c, visible.shape[-1]).reshape(b, hkv, groups * c, -1)
-    if backend == "sdpa" and variant.softcap is None:
+    if backend in ("sdpa", "flex") and variant.softcap is None:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
         return out.reshape(b, h, c, d), None
     logits = _logits(q, keys, scaling, variant)
@@ -179,3 +197,42 @@ def attention_probabilities(
     logits = _logits(q, keys.float(), scaling, variant)
     logits = logits.view(b, hkv, h // hkv, c, -1).masked_fill(~visible[:, :, None], float("-inf"))
     return torch.softmax(logits, dim=-1).reshape(b, h, c, -1)
+
+
+def flex_grouped_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    keep: torch.Tensor,
+    query_positions: torch.Tensor,
+    scaling: float,
+    variant: AttentionVariant,
+) -> torch.Tensor:
+    """:func:`grouped_attention` as one FlexAttention kernel, never materializing the [B, Hkv, c, T]
+    mask: the block mask is built from ``keep`` [B, Hkv, T] and the chunk's ``query_positions``
+    [c] (causal, and the layer's sliding window), so fully evicted blocks are skipped, and the
+    soft-cap is a score modification. GQA is native. Returns [B, H, c, D]."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    b, h, c, _ = query.shape
+    groups = h // keys.shape[1]
+    window = variant.sliding_window
+
+    def mask_mod(batch: torch.Tensor, head: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        position = query_positions[q]
+        visible = keep[batch, head // groups, k] & (k <= position)
+        if window is not None:
+            visible = visible & (position - k < window)
+        return visible
+
+    score_mod = None
+    if variant.softcap is not None:
+        cap = variant.softcap
+
+        def score_mod(score: torch.Tensor, batch, head, q, k) -> torch.Tensor:
+            return torch.tanh(score / cap) * cap
+
+    block_mask = create_block_mask(mask_mod, b, h, c, keys.shape[2], device=query.device)
+    return flex_attention(
+        query, keys, values, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=True
+    )

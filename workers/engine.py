@@ -39,8 +39,10 @@ import torch
 import torch.nn.functional as F
 
 from workers import attention
+from workers.chunk_step import ChunkStep, padded_length
 from workers.configs import EvalConfig
 from workers.kv_cache import LayerView, make_cache
+from workers.nll import token_nll
 from workers.presses import LayerContext, Press
 from workers.rope import LayerRotary, model_rotate
 from workers.schema import ROW_SCHEMA
@@ -53,14 +55,16 @@ class EngineSettings:
     attn: str = "sdpa"
     compile: bool = False
     compact: bool = False
+    # Run batches whose presses all have a tensor form through the one-graph chunk step
+    # (workers/chunk_step.py); False forces the eager per-layer engine (tests compare the two).
+    graph: bool = True
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
             raise ValueError(f"chunk size must be >= 1, got {self.chunk_size}")
         if self.window < 0:
             raise ValueError(f"window must be >= 0, got {self.window}")
-        if self.attn not in attention.BACKENDS:
-            raise ValueError(f"unknown attention backend {self.attn!r}; use one of {', '.join(attention.BACKENDS)}")
+        attention.check_backend(self.attn)
 
 
 def doc_seed(doc_id: str) -> int:
@@ -79,7 +83,11 @@ class Engine:
         self.model = model.eval()
         self.model.set_attn_implementation(attention.ATTENTION_NAME)
         self.settings = settings
+        self.compile_backend = compile_backend
         self.forward = torch.compile(model, backend=compile_backend) if settings.compile else model
+        # One compiled chunk step per (batch of configs, cache length), reused across documents.
+        self.steps: dict[tuple[tuple[str, ...], int], ChunkStep] = {}
+        self._variants: list[attention.AttentionVariant] | None = None
         self.worker = worker
         self.device = next(model.parameters()).device
         self.model_type = str(getattr(model.config, "model_type", type(model).__name__))
@@ -96,6 +104,33 @@ class Engine:
     def _capture_hidden_states(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self.hidden_states[module.layer_idx] = args[0] if args else kwargs["hidden_states"]
 
+    def runs_in_graph(self, configs: list[EvalConfig]) -> bool:
+        """Whether this batch runs through the one-graph chunk step: every press has a tensor form
+        and the cache is the masked one (``--compact`` compacts between chunks, eagerly)."""
+        return self.settings.graph and not self.settings.compact and all(c.press.in_graph for c in configs)
+
+    def variants(self, token_ids: torch.Tensor) -> list[attention.AttentionVariant]:
+        """Each layer's attention variant, from a one-token forward that records what every layer
+        asks for; a layer that never reaches kvorch's attention is refused here."""
+        if self._variants is None:
+            probe = _VariantProbe(self.model.config.num_hidden_layers)
+            self.model(input_ids=token_ids[:1][None].to(self.device), use_cache=False, kvorch_run=probe)
+            self.hidden_states.clear()
+            self._variants = check_every_layer_attended(self.model_type, probe.variants)
+        return self._variants
+
+    def step_for(self, configs: list[EvalConfig], token_ids: torch.Tensor) -> tuple[ChunkStep, DocumentLayout]:
+        """The compiled step for this batch at the document's length bucket (built on first use),
+        and the document's own layout (windows clamped to its length, for the density columns)."""
+        n = int(token_ids.shape[0])
+        layout = DocumentLayout(self, configs, n)
+        n_positions = padded_length(n, self.settings.chunk_size)
+        key = (tuple(c.label for c in layout.configs), n_positions)
+        if key not in self.steps:
+            variants = self.variants(token_ids)
+            self.steps[key] = ChunkStep(self, DocumentLayout(self, configs, n_positions), n_positions, variants)
+        return self.steps[key], layout
+
     @torch.inference_mode()
     def evaluate(
         self,
@@ -109,6 +144,10 @@ class Engine:
         ``on_chunk`` is called after every chunk: the actor counts progress (and fires its test
         fault hook) there, at the only granularity finer than a document.
         """
+        if self.runs_in_graph(configs):
+            step, layout = self.step_for(configs, token_ids)
+            nll, correct, kept, seconds = step.run(doc_seed(doc_id), token_ids.to(self.device), on_chunk)
+            return layout.rows(doc_id, step.variants, nll, correct, kept, seconds, [step.kv_bytes] * len(seconds))
         run = _DocumentRun(self, doc_id, token_ids.to(self.device), configs)
         return run.execute(on_chunk)
 
@@ -117,12 +156,19 @@ class Engine:
         self, doc_id: str, token_ids: torch.Tensor, configs: list[EvalConfig]
     ) -> tuple[pa.Table, DocumentScores]:
         """The rows plus every key's last score and final keep decision, for ``kvorch scores``."""
-        run = _DocumentRun(self, doc_id, token_ids.to(self.device), configs)
-        rows = run.execute()
+        n = int(token_ids.shape[0])
+        if self.runs_in_graph(configs):
+            rows = self.evaluate(doc_id, token_ids, configs)
+            step, layout = self.step_for(configs, token_ids)
+            final_scores, final_keep = step.state["scores"], step.state["keep"]
+        else:
+            run = _DocumentRun(self, doc_id, token_ids.to(self.device), configs)
+            rows = run.execute()
+            layout, final_scores, final_keep = run.layout, run.scores, run.keep
         scores = DocumentScores(
-            configs=[c.label for c in run.configs],
-            scores=torch.stack(run.scores, dim=1).cpu(),
-            kept=torch.stack(run.keep, dim=1).cpu(),
+            configs=[c.label for c in layout.configs],
+            scores=torch.stack(final_scores, dim=1)[..., :n].cpu(),
+            kept=torch.stack(final_keep, dim=1)[..., :n].cpu(),
         )
         return rows, scores
 
@@ -213,23 +259,19 @@ class HeadWindows:
         return int(in_window.sum()), int((torch.minimum(window, held) + sinks_outside).sum())
 
 
-class _DocumentRun:
-    """The KV state of one document under a batch of configs; the attention run of the engine."""
+class DocumentLayout:
+    """The batch rows of a document run and what the density columns need: configs ordered so
+    each press's rows are contiguous (presses then work on slices), grouped by (press, policy),
+    with each group's windows clamped to ``n`` positions. Both engines build one; the eager one
+    adds the press states."""
 
-    def __init__(self, engine: Engine, doc_id: str, token_ids: torch.Tensor, configs: list[EvalConfig]) -> None:
+    def __init__(self, engine: Engine, configs: list[EvalConfig], n: int) -> None:
         cfg = engine.model.config
+        device = engine.device
         self.engine = engine
-        self.settings = engine.settings
-        self.doc_id = doc_id
-        self.seed = doc_seed(doc_id)
-        self.tokens = token_ids
-        self.n = n = int(token_ids.shape[0])
+        self.n = n
         self.n_layers = cfg.num_hidden_layers
         self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        device, dtype = engine.device, next(engine.model.parameters()).dtype
-
-        # Rows ordered so each press's configs are contiguous: presses then work on slices.
         by_press: dict[tuple[Press, str], list[int]] = {}
         for i, config in enumerate(configs):
             by_press.setdefault((config.press, config.policy), []).append(i)
@@ -248,13 +290,95 @@ class _DocumentRun:
                     rows=slice(first, first + len(rows)),
                     thresholds=taus.view(-1, 1, 1),
                     keep_fraction=(1.0 - ratios),
-                    state=press.init_state(len(rows), self.n_layers, self.n_kv_heads, n, device),
-                    windows=HeadWindows.of(press, self.settings.window, head_shape, n, device),
+                    state=None,
+                    windows=HeadWindows.of(press, engine.settings.window, head_shape, n, device),
                 )
             )
             if policy == "ratio" and not self.groups[-1].windows.uniform:
                 raise ValueError(f"{press.label()} has per-head windows: use it under the threshold policy")
             first += len(rows)
+
+    def rows(
+        self,
+        doc_id: str,
+        variants: list[attention.AttentionVariant | None],
+        nll: torch.Tensor,
+        correct: torch.Tensor,
+        kept: torch.Tensor,
+        seconds: list[float],
+        kv_bytes: list[int],
+    ) -> pa.Table:
+        """One row per (chunk, config) in ROW_SCHEMA, from the per-chunk [chunks, B] results."""
+        chunk = self.engine.settings.chunk_size
+        bounds = [(s, min(s + chunk, self.n)) for s in range(0, self.n, chunk)]
+        group_of = {}
+        for group in self.groups:
+            for r in range(group.rows.start, group.rows.stop):
+                group_of[r] = group
+        columns: dict[str, list] = {f.name: [] for f in ROW_SCHEMA}
+        variants = [variant or attention.GLOBAL for variant in variants]
+        for k, (s, e) in enumerate(bounds):
+            first_held = torch.tensor([[held_from(s, v)] for v in variants], dtype=torch.int64)  # [layers, 1]
+            keys_total = int((s - first_held).sum()) * self.n_kv_heads
+            counted = {id(g): g.windows.at(s, g.press.n_sink, first_held) for g in self.groups}
+            for r, config in enumerate(self.configs):
+                group = group_of[r]
+                in_window, protected = counted[id(group)]
+                n_kept = int(kept[k, r])
+                row = {
+                    "doc_id": doc_id,
+                    "chunk_index": k,
+                    "chunk_start": s,
+                    "chunk_end": e,
+                    "config": config.label,
+                    "method_params": config.press.params_json(),
+                    "threshold": config.threshold,
+                    "policy": config.policy,
+                    "ratio": config.ratio,
+                    "window": group.windows.mean,
+                    "n_sink": config.press.n_sink,
+                    "protected_window": config.press.protected_window,
+                    "nll_sum": float(nll[k, r]),
+                    "n_tokens": max(0, min(e, self.n - 1) - s),
+                    "n_correct": int(correct[k, r]),
+                    "keys_total": keys_total,
+                    "keys_in_window": in_window,
+                    "keys_outside_window": keys_total - in_window,
+                    "keys_kept": n_kept,
+                    "keys_discarded_outside_window": keys_total - n_kept,
+                    "keys_protected": protected,
+                    "keys_kept_unprotected": n_kept - protected,
+                    "forward_seconds": seconds[k],
+                    "kv_cache_bytes": kv_bytes[k],
+                    "batch_size": len(self.configs),
+                    "worker": self.engine.worker,
+                    "device": str(self.engine.device),
+                    "method": config.method,
+                }
+                for name, value in row.items():
+                    columns[name].append(value)
+        return pa.Table.from_pydict(columns, schema=ROW_SCHEMA)
+
+
+class _DocumentRun:
+    """The KV state of one document under a batch of configs; the attention run of the engine."""
+
+    def __init__(self, engine: Engine, doc_id: str, token_ids: torch.Tensor, configs: list[EvalConfig]) -> None:
+        cfg = engine.model.config
+        self.engine = engine
+        self.settings = engine.settings
+        self.doc_id = doc_id
+        self.seed = doc_seed(doc_id)
+        self.tokens = token_ids
+        self.n = n = int(token_ids.shape[0])
+        self.layout = DocumentLayout(engine, configs, n)
+        self.n_layers, self.n_kv_heads = self.layout.n_layers, self.layout.n_kv_heads
+        self.configs, self.groups = self.layout.configs, self.layout.groups
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        device, dtype = engine.device, next(engine.model.parameters()).dtype
+        for group in self.groups:
+            n_rows = group.rows.stop - group.rows.start
+            group.state = group.press.init_state(n_rows, self.n_layers, self.n_kv_heads, n, device)
 
         b = len(configs)
         shape = (b, self.n_kv_heads, n)
@@ -319,13 +443,7 @@ class _DocumentRun:
         return self._rows(bounds, nll.cpu(), correct.cpu(), kept.cpu(), seconds)
 
     def _check_every_layer_attended(self) -> None:
-        """A layer whose attention never reached kvorch's would attend unmasked: refuse the model."""
-        missing = [layer for layer, variant in enumerate(self.variants) if variant is None]
-        if missing:
-            raise attention.UnsupportedAttention(
-                f"{self.engine.model_type}: layer(s) {missing} do not run their attention through transformers' "
-                "attention interface, so kvorch cannot apply its keep-mask to them"
-            )
+        check_every_layer_attended(self.engine.model_type, self.variants)
 
     def _model_inputs(self, s: int, e: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and position ids of chunk [s, e). A compiled forward gets every chunk at the
@@ -339,6 +457,10 @@ class _DocumentRun:
         ids = torch.cat((ids, ids[-1:].expand(self.settings.chunk_size - (e - s))))
         return ids, torch.arange(s, s + self.settings.chunk_size, device=positions.device)
 
+    # Never traced: this engine slices by Python chunk bounds, which a compiler would specialize
+    # into a new graph per chunk. Its compiled forward (--compact, or presses without a tensor
+    # form) breaks its graph here; workers/chunk_step.py is the engine that compiles whole.
+    @torch.compiler.disable
     def attend(
         self,
         layer: int,
@@ -491,53 +613,40 @@ class _DocumentRun:
         kept: torch.Tensor,
         seconds: list[float],
     ) -> pa.Table:
-        group_of = {}
-        for group in self.groups:
-            for r in range(group.rows.start, group.rows.stop):
-                group_of[r] = group
-        columns: dict[str, list] = {f.name: [] for f in ROW_SCHEMA}
-        variants = [variant or attention.GLOBAL for variant in self.variants]
-        for k, (s, e) in enumerate(bounds):
-            first_held = torch.tensor([[held_from(s, v)] for v in variants], dtype=torch.int64)  # [layers, 1]
-            keys_total = int((s - first_held).sum()) * self.n_kv_heads
-            counted = {id(g): g.windows.at(s, g.press.n_sink, first_held) for g in self.groups}
-            for r, config in enumerate(self.configs):
-                group = group_of[r]
-                in_window, protected = counted[id(group)]
-                n_kept = int(kept[k, r])
-                row = {
-                    "doc_id": self.doc_id,
-                    "chunk_index": k,
-                    "chunk_start": s,
-                    "chunk_end": e,
-                    "config": config.label,
-                    "method_params": config.press.params_json(),
-                    "threshold": config.threshold,
-                    "policy": config.policy,
-                    "ratio": config.ratio,
-                    "window": group.windows.mean,
-                    "n_sink": config.press.n_sink,
-                    "protected_window": config.press.protected_window,
-                    "nll_sum": float(nll[k, r]),
-                    "n_tokens": max(0, min(e, self.n - 1) - s),
-                    "n_correct": int(correct[k, r]),
-                    "keys_total": keys_total,
-                    "keys_in_window": in_window,
-                    "keys_outside_window": keys_total - in_window,
-                    "keys_kept": n_kept,
-                    "keys_discarded_outside_window": keys_total - n_kept,
-                    "keys_protected": protected,
-                    "keys_kept_unprotected": n_kept - protected,
-                    "forward_seconds": seconds[k],
-                    "kv_cache_bytes": self.kv_bytes[k],
-                    "batch_size": len(self.configs),
-                    "worker": self.engine.worker,
-                    "device": str(self.engine.device),
-                    "method": config.method,
-                }
-                for name, value in row.items():
-                    columns[name].append(value)
-        return pa.Table.from_pydict(columns, schema=ROW_SCHEMA)
+        return self.layout.rows(self.doc_id, self.variants, nll, correct, kept, seconds, self.kv_bytes)
+
+
+def check_every_layer_attended(
+    model_type: str, variants: list[attention.AttentionVariant | None]
+) -> list[attention.AttentionVariant]:
+    """A layer whose attention never reached kvorch's would attend unmasked: refuse the model."""
+    missing = [layer for layer, variant in enumerate(variants) if variant is None]
+    if missing:
+        raise attention.UnsupportedAttention(
+            f"{model_type}: layer(s) {missing} do not run their attention through transformers' "
+            "attention interface, so kvorch cannot apply its keep-mask to them"
+        )
+    return list(variants)
+
+
+class _VariantProbe:
+    """An attention run that only records each layer's variant (and returns zeros)."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.variants: list[attention.AttentionVariant | None] = [None] * n_layers
+
+    def attend(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+        variant: attention.AttentionVariant,
+    ) -> torch.Tensor:
+        self.variants[layer] = variant
+        b, h, c, _ = query.shape
+        return query.new_zeros(b, c, h, value.shape[-1])
 
 
 def held_from(start: int, variant: attention.AttentionVariant) -> int:
@@ -546,17 +655,6 @@ def held_from(start: int, variant: attention.AttentionVariant) -> int:
     if variant.sliding_window is None:
         return 0
     return max(0, start - variant.sliding_window + 1)
-
-
-def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token NLL [B, n] float64 from float32 logits [B, n, V].
-
-    ``logsumexp - target logit`` over the vocabulary's contiguous last axis, subtracted in float64:
-    within 1e-8 relative of a float64 log-softmax, with no float64 copy of the logits.
-    (F.cross_entropy over the transposed [B, V, n] layout was 2e-4 nats/token off on CPU.)
-    """
-    target = logits.gather(-1, targets[..., None])[..., 0]
-    return torch.logsumexp(logits, dim=-1).double() - target.double()
 
 
 def _layer_rotaries(model: torch.nn.Module, model_type: str, device: torch.device) -> list[LayerRotary]:

@@ -90,7 +90,8 @@ def _default(name: str) -> object:
     "--attn",
     type=click.Choice(BACKENDS),
     default=_default("attn"),
-    help="Attention kernel inside kvorch's attention function.",
+    help="Attention kernel: sdpa, eager (materialized softmax), or flex (FlexAttention over a block mask "
+    "built from the keep-mask; torch >= 2.5).",
 )
 @click.option(
     "--dtype",
@@ -123,7 +124,8 @@ def _default(name: str) -> object:
     "compile_",
     type=click.Choice(COMPILE_MODES),
     default=_default("compile"),
-    help="torch.compile the model forward (static chunk shapes); auto: on for CUDA, off on CPU.",
+    help="torch.compile the whole chunk step (forward, attention, presses, decisions) as one graph; "
+    "auto: on for CUDA, off on CPU; on: fail before any task if this machine cannot compile.",
 )
 @click.option(
     "--compact/--no-compact",

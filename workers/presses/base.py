@@ -18,6 +18,63 @@ import torch
 from workers.rope import LayerRotary
 
 
+@dataclass(frozen=True)
+class StateShape:
+    """What a press's compiled-step state is sized by: its batch rows, the model, the cache length."""
+
+    rows: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    positions: int
+    device: torch.device
+
+
+@dataclass
+class ChunkTensors:
+    """What the compiled chunk step (workers/chunk_step.py) gives a press for one layer: the same
+    facts as :class:`LayerContext`, with every chunk-dependent bound a tensor, so one traced graph
+    serves every chunk and document.
+
+    Keys are the whole preallocated cache (``N`` positions, padded past the document; entries at
+    or after ``end`` are not real yet). The chunk has a static ``c`` query rows; those at or past
+    ``end`` pad the document's last chunk and must not count. Shapes as in LayerContext.
+    """
+
+    layer: int
+    start: torch.Tensor  # 0-d int64: first position of the chunk
+    end: torch.Tensor  # 0-d int64: one past its last real position
+    score_from: torch.Tensor  # 0-d int64: first position whose score a rescoring press must return
+    positions: torch.Tensor  # [N] int64: key positions (0..N-1)
+    query_positions: torch.Tensor  # [c] int64: start + 0..c-1 (pad rows past ``end``)
+    keys: torch.Tensor  # [B, Hkv, N, D] post-RoPE keys, this chunk's already written
+    values: torch.Tensor  # [B, Hkv, N, D]
+    new_keys: torch.Tensor  # [B, Hkv, c, D] this chunk's keys
+    queries: torch.Tensor  # [B, H, c, D] post-RoPE
+    doc_seed: torch.Tensor  # 0-d int64
+    # [S] int64: the positions whose scores the press returns, S static. The chunk's own positions
+    # for a press that does not rescore; for one that does, ``score_from`` onward, as many as can
+    # be undecided (clamped to N - 1: repeats, like positions at or past ``end``, are ignored).
+    scored: torch.Tensor | None = None
+    # With needs_attention: [B, H, q, N] probabilities of the press's q observing queries (the last
+    # ``attention_queries`` real ones, or all c), rows that are not real queries all zero.
+    attention: torch.Tensor | None = None
+    attention_rows: torch.Tensor | None = None  # [q] bool: which attention rows are real queries
+    prerope_queries: torch.Tensor | None = None  # [B, H, c, D] with needs_prerope_queries
+    hidden_states: torch.Tensor | None = None  # [B, c, hidden] with needs_hidden_states
+    rotary: LayerRotary | None = None
+
+    @property
+    def n_groups(self) -> int:
+        return self.queries.shape[1] // self.keys.shape[1]
+
+    @property
+    def real_queries(self) -> torch.Tensor:
+        """[c] bool: query rows that are document positions (not the last chunk's padding)."""
+        return self.query_positions < self.end
+
+
 @dataclass
 class LayerContext:
     """What the engine captured for one layer and one chunk, sliced to one press's batch rows.
@@ -105,6 +162,13 @@ class Press:
         """Per-document state, created fresh for every document (stateless presses: None)."""
         return None
 
+    @property
+    def in_graph(self) -> bool:
+        """Whether the press has a tensor form (:meth:`score_chunk`), so its batches run in the one
+        compiled chunk step; presses without one (the kvpress adapter, a user's press that only
+        defines ``score``) run on the eager per-layer engine."""
+        return type(self).score_chunk is not Press.score_chunk
+
     def head_windows(self, n_layers: int, n_heads: int, n_kv_heads: int) -> torch.Tensor | None:
         """Per-(layer, kv-head) windows [n_layers, n_kv_heads] that *replace* the engine's DMS
         window for this press (head-aware windows), or None for the uniform DMS window.
@@ -118,6 +182,17 @@ class Press:
     def score(self, ctx: LayerContext, state: Any) -> torch.Tensor:
         """Scores of positions ``[ctx.score_from, ctx.end)``: shape [B, Hkv, end - score_from]."""
         raise NotImplementedError
+
+    def init_chunk_state(self, shape: StateShape) -> Any:
+        """State for :meth:`score_chunk`: tensors only, updated in place, so the compiled step keeps
+        no Python state between chunks (stateless presses: None)."""
+        return None
+
+    def score_chunk(self, ctx: ChunkTensors, state: Any) -> torch.Tensor:
+        """The same scores as :meth:`score`, as branch-free tensor code for the compiled step:
+        [B, Hkv, S], the scores of positions ``ctx.scored`` (those outside ``[score_from, end)``
+        are ignored and may be anything)."""
+        raise NotImplementedError(f"{self.name} has no tensor form")
 
     def params(self) -> dict[str, Any]:
         """The parameters that differ from the defaults: they label the config in the lake."""
@@ -148,3 +223,9 @@ def constant_scores(ctx: LayerContext, value: float) -> torch.Tensor:
     """Same score for every scored key: the structural presses (baseline, window, sinks)."""
     b, h = ctx.keys.shape[:2]
     return torch.full((b, h, ctx.end - ctx.score_from), value, device=ctx.keys.device)
+
+
+def constant_chunk_scores(ctx: ChunkTensors, value: float) -> torch.Tensor:
+    """:func:`constant_scores` in the compiled step's shapes."""
+    b, h = ctx.keys.shape[:2]
+    return torch.full((b, h, ctx.scored.shape[0]), value, device=ctx.keys.device)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.presses.base import LayerContext, Press
+from workers.presses.base import ChunkTensors, LayerContext, Press, StateShape
 from workers.rope import LayerRotary
 
 
@@ -51,6 +51,19 @@ class QueryStatistics:
             future = torch.arange(ctx.end, ctx.end + n_future, device=ctx.keys.device)
             cached = self.rotations[ctx.rotary] = (ctx.end, ctx.rotary.mean_rotation(future, head_dim))
         return cached[1]
+
+
+@dataclass
+class QueryTensors:
+    """:class:`QueryStatistics` as fixed-shape tensors for the compiled step, per layer in the
+    first axis. Window: the last ``query_window`` non-sink queries (positions -1 = empty slot),
+    in position order. Running: count, mean and M2 (Chan merge)."""
+
+    recent: torch.Tensor | None = None  # [L, B, H, Q, D]
+    recent_positions: torch.Tensor | None = None  # [L, Q] int64
+    count: torch.Tensor | None = None  # [L] int64
+    mean: torch.Tensor | None = None  # [L, B, H, D]
+    m2: torch.Tensor | None = None  # [L, B, H, D, D]
 
 
 @dataclass(frozen=True)
@@ -133,3 +146,76 @@ class ExpectedAttentionPress(Press):
                 scores = (scores + self.epsilon) * values.norm(dim=-1)
         sinks = torch.full((b, hkv, n_sinks_scored), float("inf"), device=keys.device)
         return torch.cat((sinks, scores), dim=2)
+
+    # --- the compiled step's form: the same statistics and scores over fixed shapes --------------
+
+    def init_chunk_state(self, shape: StateShape) -> QueryTensors:
+        lead = (shape.layers, shape.rows, shape.heads)
+        zeros = dict(device=shape.device, dtype=torch.float32)
+        if self.stats == "window":
+            return QueryTensors(
+                recent=torch.zeros(*lead, self.query_window, shape.head_dim, **zeros),
+                recent_positions=torch.full((shape.layers, self.query_window), -1, device=shape.device),
+            )
+        return QueryTensors(
+            count=torch.zeros(shape.layers, dtype=torch.int64, device=shape.device),
+            mean=torch.zeros(*lead, shape.head_dim, **zeros),
+            m2=torch.zeros(*lead, shape.head_dim, shape.head_dim, **zeros),
+        )
+
+    def _update_chunk_statistics(
+        self, ctx: ChunkTensors, st: QueryTensors
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean [B,H,D], cov [B,H,D,D], whether any query was seen) after adding the chunk's real
+        non-sink queries; masked sums where :meth:`_update_statistics` slices."""
+        layer = ctx.layer
+        q = ctx.prerope_queries.float()
+        new = ctx.real_queries & (ctx.query_positions >= self.n_sink)  # [c]
+        if self.stats == "window":
+            queries = torch.cat((st.recent[layer], q), dim=2)
+            positions = torch.cat((st.recent_positions[layer], torch.where(new, ctx.query_positions, -1)))
+            last = torch.argsort(positions, stable=True)[-self.query_window :]
+            st.recent[layer].copy_(queries.index_select(2, last))
+            st.recent_positions[layer].copy_(positions[last])
+            held = (st.recent_positions[layer] >= 0).float()  # [Q]
+            count = held.sum()
+            window = st.recent[layer]
+            mean = (window * held[:, None]).sum(dim=2) / count.clamp(min=1)
+            centered = (window - mean[:, :, None]) * held[:, None]
+            return mean, centered.transpose(2, 3) @ centered / count.clamp(min=1), count > 0
+        weight = new.float()
+        n_new = new.sum()
+        mean_new = (q * weight[:, None]).sum(dim=2) / n_new.clamp(min=1)
+        centered = (q - mean_new[:, :, None]) * weight[:, None]
+        m2_new = centered.transpose(2, 3) @ centered
+        n_old = st.count[layer]
+        n = (n_old + n_new).clamp(min=1)
+        delta = mean_new - st.mean[layer]
+        merged_mean = st.mean[layer] + delta * (n_new / n)
+        merged_m2 = st.m2[layer] + m2_new + delta[..., :, None] * delta[..., None, :] * (n_old * n_new / n)
+        added = n_new > 0
+        st.mean[layer].copy_(torch.where(added, merged_mean, st.mean[layer]))
+        st.m2[layer].copy_(torch.where(added, merged_m2, st.m2[layer]))
+        st.count[layer] += n_new
+        count = st.count[layer]
+        return st.mean[layer], st.m2[layer] / count.clamp(min=1), count > 0
+
+    def score_chunk(self, ctx: ChunkTensors, state: QueryTensors) -> torch.Tensor:
+        mean, cov, has_stats = self._update_chunk_statistics(ctx, state)
+        b, hkv, _, d = ctx.keys.shape
+        keys = ctx.keys.index_select(2, ctx.scored).float()  # [B, Hkv, S, D]
+        in_softmax = (ctx.scored >= torch.clamp(ctx.score_from, min=self.n_sink)) & (ctx.scored < ctx.end)
+        future = ctx.end + torch.arange(self.n_future_positions, device=keys.device)
+        rot = ctx.rotary.mean_rotation(future, d)
+        mu = (mean @ rot.T).view(b, hkv, ctx.n_groups, d)
+        logits = torch.einsum("bhnd,bhgd->bhgn", keys, mu) / math.sqrt(d)
+        if self.use_covariance:
+            sigma = (rot @ cov @ rot.T).view(b, hkv, ctx.n_groups, d, d)
+            projected = torch.einsum("bhnd,bhgde->bhgne", keys, sigma)
+            logits = logits + (projected * keys[:, :, None]).sum(dim=-1) / d / 2
+        scores = torch.softmax(logits.masked_fill(~in_softmax, float("-inf")), dim=-1).mean(dim=2)
+        if self.use_vnorm:
+            values = ctx.values.index_select(2, ctx.scored).float()
+            scores = (scores + self.epsilon) * values.norm(dim=-1)
+        scores = torch.where(in_softmax & has_stats, scores, 0.0)
+        return torch.where(ctx.scored < self.n_sink, float("inf"), scores)

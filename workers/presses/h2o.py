@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.presses.base import LayerContext, Press
+from workers.presses.base import ChunkTensors, LayerContext, Press, StateShape
 from workers.presses.observed_attention import AttentionSums
 
 
@@ -31,3 +31,9 @@ class H2OPress(Press):
 
     def score(self, ctx: LayerContext, state: AttentionSums) -> torch.Tensor:
         return state.add(ctx)[:, :, ctx.score_from :].clone()
+
+    def init_chunk_state(self, shape: StateShape) -> AttentionSums:
+        return AttentionSums.zeros(shape.rows, shape.layers, shape.kv_heads, shape.positions, shape.device)
+
+    def score_chunk(self, ctx: ChunkTensors, state: AttentionSums) -> torch.Tensor:
+        return state.add_chunk(ctx)[:, :, ctx.scored]

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from workers.presses.base import LayerContext, Press
+from workers.presses.base import ChunkTensors, LayerContext, Press, StateShape
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -119,3 +119,19 @@ class KVzapPress(Press):
         if scores.shape[1] != ctx.keys.shape[1]:
             raise ValueError(f"kvzap: {self.path} scores {scores.shape[1]} kv-heads, the model has {ctx.keys.shape[1]}")
         return scores[:, :, ctx.score_from - ctx.start :]
+
+    def init_chunk_state(self, shape: StateShape) -> nn.ModuleList:
+        """The surrogate, checked against the model and moved to its device once, before the
+        compiled step (which cannot move modules)."""
+        surrogate = load_surrogate(self.path)
+        if len(surrogate) < shape.layers:
+            raise ValueError(
+                f"kvzap: {self.path} has {len(surrogate)} layers, the model {shape.layers}; train one for this model"
+            )
+        return surrogate.to(shape.device)
+
+    def score_chunk(self, ctx: ChunkTensors, state: nn.ModuleList) -> torch.Tensor:
+        scores = state[ctx.layer](ctx.hidden_states.float()).transpose(1, 2)  # [B, Hkv, c]
+        if scores.shape[1] != ctx.keys.shape[1]:
+            raise ValueError(f"kvzap: {self.path} scores {scores.shape[1]} kv-heads, the model has {ctx.keys.shape[1]}")
+        return scores

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.presses.base import LayerContext, Press
+from workers.presses.base import ChunkTensors, LayerContext, Press, StateShape
 
 
 @dataclass
@@ -36,6 +36,14 @@ class AttentionSums:
         total += received
         return total
 
+    def add_chunk(self, ctx: ChunkTensors) -> torch.Tensor:
+        """:meth:`add` in the compiled step: every position, pad query rows being all zero."""
+        b, hkv, n = ctx.keys.shape[:3]
+        received = ctx.attention.float().sum(dim=2).view(b, hkv, ctx.n_groups, n).mean(dim=2)
+        total = self.sums[ctx.layer]
+        total += received
+        return total
+
 
 @dataclass(frozen=True)
 class ObservedAttentionPress(Press):
@@ -53,3 +61,10 @@ class ObservedAttentionPress(Press):
         total = state.add(ctx)[:, :, ctx.score_from :]
         seen_by = torch.arange(ctx.end - ctx.score_from, 0, -1, device=total.device)
         return total / seen_by
+
+    def init_chunk_state(self, shape: StateShape) -> AttentionSums:
+        return AttentionSums.zeros(shape.rows, shape.layers, shape.kv_heads, shape.positions, shape.device)
+
+    def score_chunk(self, ctx: ChunkTensors, state: AttentionSums) -> torch.Tensor:
+        total = state.add_chunk(ctx)[:, :, ctx.scored]
+        return total / (ctx.end - ctx.scored).clamp(min=1)

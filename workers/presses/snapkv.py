@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from workers.presses.base import LayerContext, Press
+from workers.presses.base import ChunkTensors, LayerContext, Press
 
 
 @dataclass(frozen=True)
@@ -51,3 +51,14 @@ class SnapKVPress(Press):
             pooled = F.avg_pool1d(observed, self.kernel_size, stride=1, padding=self.kernel_size // 2)
             scores[:, :, :first_observer] = pooled.view(b, hkv, ctx.n_groups, first_observer).mean(dim=2)
         return scores[:, :, ctx.score_from :]
+
+    def score_chunk(self, ctx: ChunkTensors, state: None) -> torch.Tensor:
+        b, hkv, n = ctx.keys.shape[:3]
+        n_observers = torch.minimum(ctx.end - ctx.start, torch.tensor(self.window_size, device=ctx.end.device))
+        first_observer = ctx.end - n_observers
+        before_window = ctx.positions < first_observer
+        observed = ctx.attention.float().sum(dim=2) / n_observers  # [B, H, N]; non-observer rows are zero
+        observed = torch.where(before_window, observed, 0.0)  # the window's own columns are cut, as in kvpress
+        pooled = F.avg_pool1d(observed, self.kernel_size, stride=1, padding=self.kernel_size // 2)
+        scores = torch.where(before_window, pooled.view(b, hkv, ctx.n_groups, n).mean(dim=2), float("inf"))
+        return scores[:, :, ctx.scored]

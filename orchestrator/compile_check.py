@@ -1,0 +1,65 @@
+"""Checks, in the driver before any task starts, that what the job asks of torch can run here.
+
+``--compile on`` must fail before an actor is started, not in the middle of one; ``--compile
+auto`` falls back to eager with a note instead. And presses without a tensor form are named once,
+since their batches run on the eager per-layer engine instead of the one compiled graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import torch
+
+from orchestrator.errors import KvorchError
+from workers.configs import EvalConfig
+from workers.engine import EngineSettings
+
+
+def compiler_problem(device: str) -> str | None:
+    """Why torch.compile (inductor) cannot compile on ``device`` in this process, or None: a tiny
+    function is compiled and run, which needs what a real step needs (a C++ compiler on CPU,
+    triton on CUDA)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        device = "cpu"  # a driver without the workers' GPU still checks its toolchain
+    torch._dynamo.reset()
+    try:
+        probe = torch.compile(lambda x: torch.relu(x) * 2 + 1, backend="inductor", fullgraph=True)
+        probe(torch.ones(8, device=device))
+    except Exception as exc:  # noqa: BLE001 - any failure to compile is the answer
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        return f"{type(exc).__name__}: {first_line}"
+    finally:
+        torch._dynamo.reset()
+    return None
+
+
+def resolve_compile(settings: EngineSettings, requested: str, device: str) -> EngineSettings:
+    """The engine settings with compile confirmed: an impossible ``--compile on`` is a KvorchError,
+    an impossible ``auto`` runs eager with a note."""
+    if not settings.compile:
+        return settings
+    problem = compiler_problem(device)
+    if problem is None:
+        return settings
+    if requested == "on":
+        raise KvorchError(
+            f"--compile on: torch.compile cannot compile on this machine ({problem}); "
+            "install a C++ compiler (CPU) or triton (CUDA), or pass --compile off"
+        )
+    print(f"kvorch: --compile auto: compiling is not possible here ({problem}); running eager", file=sys.stderr)
+    return dataclasses.replace(settings, compile=False)
+
+
+def eager_note(settings: EngineSettings, configs: list[EvalConfig]) -> str | None:
+    """One line naming the presses (or the setting) that keep batches off the compiled chunk step."""
+    if settings.compact:
+        return "--compact compacts the cache between chunks, so every batch runs on the eager per-layer engine"
+    eager = sorted({c.press.label() for c in configs if not c.press.in_graph})
+    if not eager:
+        return None
+    return (
+        f"{', '.join(eager)} has no tensor form: batches with it run on the eager per-layer engine, "
+        "not the one compiled chunk step"
+    )

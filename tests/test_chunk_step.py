@@ -1,0 +1,178 @@
+"""The one-graph chunk step (workers/chunk_step.py) against the eager per-layer engine.
+
+The eager engine is the reference: its presses are checked against naive formulas and kvpress
+elsewhere (test_press_references.py, tests_kvpress/). Here every built-in press, under both
+policies, must keep exactly the same keys on the chunk step, with NLL within 1e-6 relative, under
+every attention kernel, compiled whole (fullgraph) or not, and the compiled step must never
+recompile per chunk or per document of one length bucket.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from orchestrator import compile_check
+from orchestrator.errors import KvorchError
+from orchestrator.spec import JobSpec, build_configs
+from tests.helpers import tiny_llama
+from workers import attention
+from workers.chunk_step import padded_length
+from workers.configs import EvalConfig
+from workers.engine import Engine, EngineSettings
+from workers.presses import REGISTRY, parse_method
+from workers.presses.kvzap import build_surrogate, save_surrogate
+
+CHUNK, WINDOW = 32, 32
+
+
+def every_builtin_config(surrogate_dir: str) -> list[EvalConfig]:
+    """Every built-in press with a tensor form, under the threshold policy and, for the scorers,
+    the ratio policy; the two expected-attention statistics; per-head windows; a KVzap surrogate."""
+    configs = build_configs(("all",), ())
+    configs += [  # thresholds at which the tiny model's keys are evicted
+        EvalConfig(parse_method("observed_attention"), 0.02),
+        EvalConfig(parse_method("snapkv"), 0.02),
+        EvalConfig(parse_method("tova"), 0.02),
+        EvalConfig(parse_method("expected_attention:stats=running"), 0.01),
+        EvalConfig(parse_method("h2o:protected_window=16"), 0.5),
+        EvalConfig(parse_method("head_aware:base=40"), None),
+        EvalConfig(parse_method(f"kvzap:path={surrogate_dir}"), 0.0),
+        EvalConfig(parse_method("kvzap:path=" + surrogate_dir), 0.3),
+    ]
+    for method in ("knorm", "observed_attention", "h2o:protected_window=16", "snapkv", "tova", "random"):
+        configs.append(EvalConfig(parse_method(method), ratio=0.5))
+    configs.append(EvalConfig(parse_method("expected_attention"), ratio=0.3))
+    return configs
+
+
+@pytest.fixture(scope="module")
+def surrogate_dir(tmp_path_factory) -> str:
+    torch.manual_seed(3)
+    modules = build_surrogate(32, 2, None, 2)  # tiny_llama: hidden 32, 2 kv-heads, 2 layers
+    for module in modules:
+        nn.init.normal_(module.weight, std=0.5)
+    path = tmp_path_factory.mktemp("kvzap")
+    save_surrogate(modules, path, None)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def document() -> torch.Tensor:
+    return torch.randint(0, 97, (250,), generator=torch.Generator().manual_seed(2))  # 8 chunks, last short
+
+
+def assert_same_numbers(expected: list[dict], got: list[dict]) -> None:
+    assert [r["config"] for r in expected] == [r["config"] for r in got]
+    for a, b in zip(expected, got, strict=True):
+        where = (a["config"], a["chunk_index"])
+        assert b["keys_kept"] == a["keys_kept"], where
+        assert b["n_correct"] == a["n_correct"], where
+        assert b["nll_sum"] == pytest.approx(a["nll_sum"], rel=1e-6, abs=1e-9), where
+        for column in ("keys_total", "keys_in_window", "keys_protected", "n_tokens", "window"):
+            assert b[column] == a[column], (where, column)
+
+
+def test_every_registered_press_but_the_kvpress_adapter_has_a_tensor_form(surrogate_dir):
+    covered = {c.method for c in every_builtin_config(surrogate_dir)}
+    assert covered == set(REGISTRY) - {"kvpress"}
+    assert all(c.press.in_graph for c in every_builtin_config(surrogate_dir))
+    assert not parse_method("kvpress:KnormPress").in_graph
+
+
+@pytest.mark.parametrize("attn", attention.BACKENDS)
+def test_chunk_step_keeps_the_eager_engines_keys(model, document, surrogate_dir, attn):
+    configs = every_builtin_config(surrogate_dir)
+    eager = Engine(model, EngineSettings(CHUNK, WINDOW, attn, graph=False)).evaluate("d", document, configs)
+    engine = Engine(model, EngineSettings(CHUNK, WINDOW, attn))
+    assert engine.runs_in_graph(configs)
+    rows = engine.evaluate("d", document, configs).to_pylist()
+    assert_same_numbers(eager.to_pylist(), rows)
+    evicting = {r["config"] for r in rows if r["keys_kept"] < r["keys_total"]}
+    assert len(evicting) >= 19, "the comparison must cover presses that evict"
+
+
+def test_inspect_gives_the_eager_engines_final_scores_and_keep_masks(model, document):
+    configs = build_configs(("all",), ())
+    _, eager = Engine(model, EngineSettings(CHUNK, WINDOW, graph=False)).inspect("d", document, configs)
+    _, graph = Engine(model, EngineSettings(CHUNK, WINDOW)).inspect("d", document, configs)
+    assert graph.configs == eager.configs
+    assert torch.equal(graph.kept, eager.kept)
+    assert graph.scores.shape == eager.scores.shape == (len(configs), 2, 2, 250)
+
+
+class CountingBackend:
+    """A torch.compile backend that counts the graphs it is given and runs them as traced."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        self.graphs += 1
+        from torch._dynamo.backends.common import aot_autograd
+
+        return aot_autograd(fw_compiler=lambda g, _: g.forward)(graph, example_inputs)
+
+
+def test_the_step_compiles_whole_once_and_never_again_in_its_length_bucket(model, document, surrogate_dir):
+    """fullgraph=True: one graph for every press and both policies, traced in the first chunk;
+    no recompile in later chunks (bounds are tensors) or for a second document whose length pads
+    to the same bucket; the numbers are the eager engine's."""
+    configs = every_builtin_config(surrogate_dir)
+    expected = Engine(model, EngineSettings(CHUNK, WINDOW, graph=False)).evaluate("d", document, configs).to_pylist()
+    torch._dynamo.reset()
+    backend = CountingBackend()
+    engine = Engine(model, EngineSettings(CHUNK, WINDOW, compile=True), compile_backend=backend)
+    graphs_after_chunk: list[int] = []
+    rows = engine.evaluate("d", document, configs, lambda: graphs_after_chunk.append(backend.graphs)).to_pylist()
+    assert graphs_after_chunk == [1] * 8
+    assert_same_numbers(expected, rows)
+
+    other = document[:200]  # 7 chunks: the same 256-position bucket
+    assert padded_length(200, CHUNK) == padded_length(250, CHUNK)
+    second = engine.evaluate("e", other, configs).to_pylist()
+    assert backend.graphs == 1
+    eager_second = Engine(model, EngineSettings(CHUNK, WINDOW, graph=False)).evaluate("e", other, configs)
+    assert_same_numbers(eager_second.to_pylist(), second)
+    torch._dynamo.reset()
+
+
+def test_padded_length_rounds_to_power_of_two_chunk_counts():
+    assert [padded_length(n, 32) for n in (1, 32, 33, 64, 65, 250, 256, 257)] == [32, 32, 64, 64, 128, 256, 256, 512]
+
+
+def test_the_kvpress_adapter_and_compact_stay_on_the_eager_engine_and_are_named_once():
+    settings = EngineSettings(CHUNK, WINDOW)
+    configs = [EvalConfig(parse_method("baseline")), EvalConfig(parse_method("kvpress:KnormPress"), 0.0)]
+    note = compile_check.eager_note(settings, configs)
+    assert note.startswith("kvpress:KnormPress has no tensor form")
+    assert compile_check.eager_note(settings, configs[:1]) is None
+    assert "--compact" in compile_check.eager_note(EngineSettings(CHUNK, WINDOW, compact=True), configs[:1])
+    assert not Engine(tiny_llama(), settings).runs_in_graph(configs)
+
+
+def test_flex_without_flexattention_is_a_one_line_error_naming_the_torch_needed(monkeypatch):
+    monkeypatch.setattr(attention, "flex_available", lambda: False)
+    with pytest.raises(KvorchError, match=r"--attn flex needs torch >= 2\.5") as excinfo:
+        JobSpec(attn="flex")
+    assert "\n" not in str(excinfo.value)
+
+
+def test_compile_on_that_cannot_compile_fails_in_the_driver_and_auto_falls_back(monkeypatch, capsys):
+    monkeypatch.setattr(compile_check, "compiler_problem", lambda device: "CppCompileError: no C++ compiler")
+    settings = EngineSettings(CHUNK, WINDOW, compile=True)
+    with pytest.raises(KvorchError, match="--compile on: torch.compile cannot compile on this machine"):
+        compile_check.resolve_compile(settings, "on", "cpu")
+    assert compile_check.resolve_compile(settings, "auto", "cpu").compile is False
+    assert "running eager" in capsys.readouterr().err
+
+
+def test_this_machine_can_compile():
+    """The check itself, on a machine that has a C++ compiler: a real tiny inductor compile."""
+    assert compile_check.compiler_problem("cpu") is None

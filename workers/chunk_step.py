@@ -1,0 +1,368 @@
+"""The chunk step as one graph: every layer's forward, attention over the masked cache, every
+press's scoring and every config's keep decisions, traced whole by ``torch.compile(fullgraph=True)``.
+
+The eager engine (workers/engine.py, ``_DocumentRun``) slices by Python chunk bounds, which a
+compiler would specialize into a new graph per chunk, so it had to run attention and presses
+outside the compiled forward: one graph break per layer, every press as per-layer Python. Here
+nothing chunk-dependent is a Python value:
+
+- the chunk index is a 0-d tensor in the document state, advanced inside the step, so a chunk's
+  bounds, positions and token ids are tensors and the host only calls the step once per chunk;
+- shapes are static: the cache holds ``N`` positions (the document length rounded up to a
+  length bucket, :func:`padded_length`), the last chunk is padded to the chunk size, and every
+  slice of the eager engine is a mask over those fixed shapes;
+- presses score through :meth:`Press.score_chunk`, branch-free tensor code over the positions
+  the step names (``ChunkTensors.scored``).
+
+So one compiled graph serves every chunk of every document of a bucket, and per-chunk results
+(NLL, top-1, kept keys) accumulate in device tensors read back once per document.
+The numbers are the eager engine's (tests/test_chunk_step.py): the same keys kept, NLL within
+float rounding. ``--compact`` and presses without a tensor form (the kvpress adapter) stay on
+the eager engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from workers import attention
+from workers.attention import AttentionVariant
+from workers.nll import token_nll
+from workers.presses import ChunkTensors, StateShape
+
+if TYPE_CHECKING:
+    from workers.engine import DocumentLayout, Engine, _RowGroup
+
+
+def padded_length(n: int, chunk: int) -> int:
+    """The cache length a document of ``n`` tokens runs at: whole chunks, rounded up to a power of
+    two of chunks, so documents of similar length share one compiled graph (a few buckets per
+    corpus, not one per length) at the cost of attending over at most twice the padding."""
+    chunks = -(-n // chunk)
+    return chunk * (1 << max(0, chunks - 1).bit_length())
+
+
+@dataclass
+class _GroupPlan:
+    """What the traced step knows of one press group: static Python values per layer (so the graph
+    specializes on them once) and constant tensors."""
+
+    group: _RowGroup
+    state: Any
+    rows: slice
+    n_sink: int
+    rescores: bool
+    ratio: bool
+    widest: list[int]  # per layer: the widest protected window (clamped to N)
+    narrowest: list[int]
+    protected: torch.Tensor  # [layers, kv-heads, 1] int64 on the device
+    n_scored: list[int]  # per layer: how many positions the press returns scores for
+    attention_queries: int  # observing queries per chunk (needs_attention)
+
+
+class ChunkStep:
+    """The compiled step of one batch of configs at one cache length ``N``; reused for every
+    document of that length bucket (the engine keeps one per (configs, N))."""
+
+    def __init__(self, engine: Engine, layout: DocumentLayout, n_positions: int, variants: list[AttentionVariant]):
+        self.engine = engine
+        self.layout = layout
+        self.variants = variants
+        self.n = n_positions
+        model = engine.model
+        cfg = model.config
+        self.chunk = engine.settings.chunk_size
+        self.batch = len(layout.configs)
+        self.n_layers = layout.n_layers
+        self.n_kv_heads = layout.n_kv_heads
+        self.n_heads = cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.device = engine.device
+        self.dtype = next(model.parameters()).dtype
+        self.backend = engine.settings.attn
+        self.groups = [self._plan(group) for group in layout.groups]
+        step = self._step
+        if engine.settings.compile:
+            step = torch.compile(step, backend=engine.compile_backend, fullgraph=True, dynamic=False)
+        self.compiled = step
+        self.state: dict[str, Any] = {}
+
+    def _plan(self, group: _RowGroup) -> _GroupPlan:
+        press, c = group.press, self.chunk
+        ranges = group.windows.ranges
+        widest = [hi for _, hi in ranges]
+        if not press.rescores:
+            n_scored = [c] * self.n_layers
+        elif group.policy == "ratio":
+            n_scored = [self.n] * self.n_layers
+        else:
+            n_scored = [min(self.n, hi + c) for hi in widest]
+        n_rows = group.rows.stop - group.rows.start
+        shape = StateShape(n_rows, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim, self.n, self.device)
+        return _GroupPlan(
+            group=group,
+            state=press.init_chunk_state(shape),
+            rows=group.rows,
+            n_sink=press.n_sink,
+            rescores=press.rescores,
+            ratio=group.policy == "ratio",
+            widest=widest,
+            narrowest=[lo for lo, _ in ranges],
+            protected=group.windows.protected_on_device,
+            n_scored=n_scored,
+            attention_queries=min(press.attention_queries or c, c),
+        )
+
+    # --- per document ------------------------------------------------------------------------
+
+    def reset(self, doc_seed: int, token_ids: torch.Tensor) -> None:
+        """Fresh document state in the step's fixed shapes (tensors the traced step reads and
+        mutates; new tensors of the same shapes never recompile)."""
+        n_doc = int(token_ids.shape[0])
+        b, hkv, n, d = self.batch, self.n_kv_heads, self.n, self.head_dim
+        kw = dict(device=self.device)
+        tokens = torch.zeros(n + 1, dtype=torch.int64, **kw)
+        tokens[:n_doc] = token_ids
+        k_chunks = n // self.chunk
+        for plan in self.groups:
+            n_rows = plan.rows.stop - plan.rows.start
+            plan.state = plan.group.press.init_chunk_state(
+                StateShape(n_rows, self.n_layers, self.n_heads, hkv, d, n, self.device)
+            )
+        self.state = {
+            "keys": [torch.zeros(b, hkv, n, d, dtype=self.dtype, **kw) for _ in range(self.n_layers)],
+            "values": [torch.zeros(b, hkv, n, d, dtype=self.dtype, **kw) for _ in range(self.n_layers)],
+            "keep": [torch.ones(b, hkv, n, dtype=torch.bool, **kw) for _ in range(self.n_layers)],
+            "scores": [torch.zeros(b, hkv, n, **kw) for _ in range(self.n_layers)],
+            "tokens": tokens,
+            "length": torch.tensor(n_doc, dtype=torch.int64, **kw),
+            "doc_seed": torch.tensor(doc_seed, dtype=torch.int64, **kw),
+            "chunk": torch.zeros((), dtype=torch.int64, **kw),
+            "nll": torch.zeros(k_chunks, b, dtype=torch.float64, **kw),
+            "correct": torch.zeros(k_chunks, b, dtype=torch.int64, **kw),
+            "kept": torch.zeros(k_chunks, b, dtype=torch.int64, **kw),
+            "press_states": [plan.state for plan in self.groups],
+        }
+
+    def run(
+        self, doc_seed: int, token_ids: torch.Tensor, on_chunk: Callable[[], None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
+        """Run every chunk of one document: (nll, correct, kept) [chunks, B] on the CPU, and each
+        chunk's seconds (the document's time split evenly: timing a chunk alone would need a
+        device sync per chunk)."""
+        self.reset(doc_seed, token_ids)
+        n_chunks = -(-int(token_ids.shape[0]) // self.chunk)
+        tic = time.perf_counter()
+        for _ in range(n_chunks):
+            self.compiled(self.state)
+            if on_chunk is not None:
+                on_chunk()
+        nll, correct, kept = (self.state[k][:n_chunks].cpu() for k in ("nll", "correct", "kept"))
+        seconds = (time.perf_counter() - tic) / n_chunks
+        return nll, correct, kept, [seconds] * n_chunks
+
+    @property
+    def kv_bytes(self) -> int:
+        """Keys + values the cache holds, over all layers (the masked cache: every position)."""
+        per_layer = self.batch * self.n_kv_heads * self.n * self.head_dim * 2
+        return per_layer * self.n_layers * torch.finfo(self.dtype).bits // 8
+
+    # --- the traced step ---------------------------------------------------------------------
+
+    def _step(self, state: dict[str, Any]) -> None:
+        c, b = self.chunk, self.batch
+        chunk = state["chunk"]
+        start = chunk * c
+        end = torch.minimum(start + c, state["length"])
+        query_positions = start + torch.arange(c, device=self.device)
+        ids = state["tokens"][query_positions]
+        run = _StepRun(self, state, start, end, query_positions)
+        logits = self.engine.model(
+            input_ids=ids[None].expand(b, -1),
+            position_ids=query_positions[None],
+            use_cache=False,
+            kvorch_run=run,
+        ).logits
+        targets = state["tokens"][query_positions + 1][None].expand(b, -1)
+        has_target = (query_positions + 1 < state["length"])[None]
+        pred = logits.float()
+        nll = torch.where(has_target, token_nll(pred, targets), 0.0).sum(dim=1)
+        correct = ((pred.argmax(dim=-1) == targets) & has_target).sum(dim=1)
+        state["nll"].index_copy_(0, chunk[None], nll[None])
+        state["correct"].index_copy_(0, chunk[None], correct[None])
+        state["kept"].index_copy_(0, chunk[None], run.kept[None])
+        self.engine.hidden_states.clear()
+        chunk.add_(1)
+
+
+class _StepRun:
+    """The attention run of one traced step (``kvorch_run`` of workers/attention.py): writes the
+    chunk's keys, attends over the masked cache, scores and decides, all as tensor code."""
+
+    def __init__(
+        self,
+        step: ChunkStep,
+        state: dict[str, Any],
+        start: torch.Tensor,
+        end: torch.Tensor,
+        query_positions: torch.Tensor,
+    ) -> None:
+        self.step = step
+        self.state = state
+        self.start = start
+        self.end = end
+        self.query_positions = query_positions
+        self.positions = torch.arange(step.n, device=step.device)
+        self.kept = torch.zeros(step.batch, dtype=torch.int64, device=step.device)
+        self.chunk_rope: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def attend(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+        variant: AttentionVariant,
+    ) -> torch.Tensor:
+        step, s = self.step, self.start
+        keys, values, keep = self.state["keys"][layer], self.state["values"][layer], self.state["keep"][layer]
+        keys.index_copy_(2, self.query_positions, key)
+        values.index_copy_(2, self.query_positions, value)
+        first_held = (s - variant.sliding_window + 1).clamp(min=0) if variant.sliding_window else 0
+        counted = keep & (self.positions >= first_held) & (self.positions < s)
+        self.kept += counted.sum(dim=(1, 2))
+        pattern = attention.band(self.query_positions, self.positions, variant)  # [c, N]
+        if step.backend == "flex":
+            out = attention.flex_grouped_attention(query, keys, values, keep, self.query_positions, scaling, variant)
+            probs = None
+        else:
+            visible = keep[:, :, None, :] & pattern
+            out, probs = attention.grouped_attention(query, keys, values, visible, scaling, step.backend, variant)
+        for plan in step.groups:
+            self._score_and_decide(layer, plan, query, keys, values, key, probs, pattern, scaling, variant)
+        return out.transpose(1, 2)
+
+    def _attention(
+        self,
+        plan: _GroupPlan,
+        layer: int,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        probs: torch.Tensor | None,
+        pattern: torch.Tensor,
+        scaling: float,
+        variant: AttentionVariant,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """([R, H, q, N] probabilities of the press's q observing queries, [q] which are real):
+        the last q real queries of the chunk; rows that are not real are zero."""
+        q = plan.attention_queries
+        index = (self.end - self.start) - q + torch.arange(q, device=query.device)
+        real = index >= 0
+        index = index.clamp(min=0)
+        rows = plan.rows
+        if probs is not None:
+            chosen = probs[rows].index_select(2, index)
+        else:
+            visible = self.state["keep"][layer][rows][:, :, None, :] & pattern.index_select(0, index)
+            chosen = attention.attention_probabilities(
+                query[rows].index_select(2, index), keys[rows], visible, scaling, variant
+            )
+        return chosen * real[:, None].to(chosen.dtype), real
+
+    def _score_and_decide(
+        self,
+        layer: int,
+        plan: _GroupPlan,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        new_keys: torch.Tensor,
+        probs: torch.Tensor | None,
+        pattern: torch.Tensor,
+        scaling: float,
+        variant: AttentionVariant,
+    ) -> None:
+        step, s, e, rows = self.step, self.start, self.end, plan.rows
+        press = plan.group.press
+        if not plan.rescores:
+            score_from = s
+            scored = self.query_positions
+        elif plan.ratio:
+            score_from = torch.zeros_like(s)
+            scored = self.positions
+        else:
+            score_from = (s - plan.widest[layer]).clamp(min=0)
+            scored = (score_from + torch.arange(plan.n_scored[layer], device=s.device)).clamp(max=step.n - 1)
+        attention_probs = attention_rows = None
+        if press.needs_attention:
+            attention_probs, attention_rows = self._attention(
+                plan, layer, query, keys, probs, pattern, scaling, variant
+            )
+        rotary = step.engine.layer_rotaries[layer]
+        prerope = None
+        if press.needs_prerope_queries:
+            if rotary not in self.chunk_rope:
+                self.chunk_rope[rotary] = rotary(self.query_positions)
+            prerope = rotary.unrotate(query[rows], *self.chunk_rope[rotary])
+        ctx = ChunkTensors(
+            layer=layer,
+            start=s,
+            end=e,
+            score_from=score_from,
+            positions=self.positions,
+            query_positions=self.query_positions,
+            keys=keys[rows],
+            values=values[rows],
+            new_keys=new_keys[rows],
+            queries=query[rows],
+            doc_seed=self.state["doc_seed"],
+            scored=scored,
+            attention=attention_probs,
+            attention_rows=attention_rows,
+            prerope_queries=prerope,
+            hidden_states=step.engine.hidden_states[layer][rows] if press.needs_hidden_states else None,
+            rotary=rotary,
+        )
+        new = press.score_chunk(ctx, plan.state).float()
+        scores = self.state["scores"][layer][rows]
+        index = scored.expand_as(new)
+        updated = (scored >= score_from) & (scored < e)
+        scores.scatter_(2, index, torch.where(updated, new, scores.gather(2, index)))
+        if plan.ratio:
+            self._decide_by_budget(layer, plan, scores)
+        else:
+            self._decide_by_threshold(layer, plan, scores)
+
+    def _decide_by_threshold(self, layer: int, plan: _GroupPlan, scores: torch.Tensor) -> None:
+        """Keys leaving their head's protected window this chunk, [start - w, end - w), are kept
+        for good iff score >= threshold (sinks always): the eager engine's rule as a mask."""
+        window = plan.protected[layer]  # [kv-heads, 1]
+        leaving = (self.positions >= self.start - window) & (self.positions < self.end - window)
+        decision = (scores >= plan.group.thresholds) | (self.positions < plan.n_sink)
+        keep = self.state["keep"][layer][plan.rows]
+        keep.copy_(torch.where(leaving, decision, keep))
+
+    def _decide_by_budget(self, layer: int, plan: _GroupPlan, scores: torch.Tensor) -> None:
+        """The eager engine's budget rule over [n_sink, boundary) as masks: ranks come from a
+        stable sort by score then a stable sort that moves positions outside the range last, so
+        every in-range key gets the rank it has in the eager engine's slice."""
+        n_sink, e = plan.n_sink, self.end
+        boundary = (e - plan.narrowest[layer]).clamp(min=0)
+        protected = n_sink + (e - boundary)
+        allowed = (torch.ceil(plan.group.keep_fraction * e).long() - protected).clamp(min=0)  # [rows]
+        in_range = (self.positions >= n_sink) & (self.positions < boundary)
+        keep = self.state["keep"][layer][plan.rows]
+        ranked = torch.where(in_range & keep, scores, float("-inf"))
+        by_score = ranked.argsort(dim=-1, descending=True, stable=True)
+        outside_last = (~in_range)[by_score].to(torch.uint8).argsort(dim=-1, stable=True)
+        order = by_score.gather(-1, outside_last)
+        rank = torch.empty_like(order).scatter_(
+            -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
+        )
+        keep.copy_(keep & ((rank < allowed.view(-1, 1, 1)) | ~in_range))
