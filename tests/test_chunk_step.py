@@ -90,7 +90,7 @@ def test_every_registered_press_but_the_kvpress_adapter_has_a_tensor_form(surrog
 def test_chunk_step_keeps_the_eager_engines_keys(model, document, surrogate_dir, attn):
     configs = every_builtin_config(surrogate_dir)
     eager = Engine(model, EngineSettings(CHUNK, WINDOW, attn, graph=False)).evaluate("d", document, configs)
-    engine = Engine(model, EngineSettings(CHUNK, WINDOW, attn))
+    engine = Engine(model, EngineSettings(CHUNK, WINDOW, attn, graph=True))
     assert engine.runs_in_graph(configs)
     rows = engine.evaluate("d", document, configs).to_pylist()
     assert_same_numbers(eager.to_pylist(), rows)
@@ -101,7 +101,7 @@ def test_chunk_step_keeps_the_eager_engines_keys(model, document, surrogate_dir,
 def test_inspect_gives_the_eager_engines_final_scores_and_keep_masks(model, document):
     configs = build_configs(("all",), ())
     _, eager = Engine(model, EngineSettings(CHUNK, WINDOW, graph=False)).inspect("d", document, configs)
-    _, graph = Engine(model, EngineSettings(CHUNK, WINDOW)).inspect("d", document, configs)
+    _, graph = Engine(model, EngineSettings(CHUNK, WINDOW, graph=True)).inspect("d", document, configs)
     assert graph.configs == eager.configs
     assert torch.equal(graph.kept, eager.kept)
     assert graph.scores.shape == eager.scores.shape == (len(configs), 2, 2, 250)
@@ -148,13 +148,15 @@ def test_padded_length_rounds_to_power_of_two_chunk_counts():
 
 
 def test_the_kvpress_adapter_and_compact_stay_on_the_eager_engine_and_are_named_once():
-    settings = EngineSettings(CHUNK, WINDOW)
+    settings = EngineSettings(CHUNK, WINDOW, compile=True)
     configs = [EvalConfig(parse_method("baseline")), EvalConfig(parse_method("kvpress:KnormPress"), 0.0)]
     note = compile_check.eager_note(settings, configs)
     assert note.startswith("kvpress:KnormPress has no tensor form")
     assert compile_check.eager_note(settings, configs[:1]) is None
     assert "--compact" in compile_check.eager_note(EngineSettings(CHUNK, WINDOW, compact=True), configs[:1])
-    assert not Engine(tiny_llama(), settings).runs_in_graph(configs)
+    engine = Engine(tiny_llama(), settings)
+    assert engine.runs_in_graph(configs[:1]) and not engine.runs_in_graph(configs)
+    assert not Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW)).runs_in_graph(configs[:1])  # uncompiled: eager
 
 
 def test_flex_without_flexattention_is_a_one_line_error_naming_the_torch_needed(monkeypatch):

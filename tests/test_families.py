@@ -14,6 +14,7 @@ import transformers as T
 from tests.families import (
     FAMILIES,
     N_TOKENS,
+    PRESSES,
     SETTINGS,
     baseline_error,
     document,
@@ -40,11 +41,28 @@ SLIDING = {"mistral": [16, 16], "gemma2": [16, None], "gemma3": [16, None]}
         SETTINGS,
         EngineSettings(chunk_size=16, window=8, attn="eager"),
         EngineSettings(chunk_size=16, window=8, compact=True),
+        EngineSettings(chunk_size=16, window=8, graph=True),
+        EngineSettings(chunk_size=16, window=8, attn="flex", graph=True),
     ],
-    ids=["sdpa", "eager", "compact"],
+    ids=["sdpa", "eager", "compact", "step-sdpa", "step-flex"],
 )
 def test_baseline_equals_the_families_full_forward(family, settings):
     assert baseline_error(tiny_decoder(family), document(), settings) < 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_chunk_step_keeps_the_eager_engines_keys_on_every_family(family):
+    """Every press the family supports, through the one-graph chunk step and the eager engine:
+    the same keys kept and the same NLL, with each family's windows, soft-caps and RoPE."""
+    model, tokens = tiny_decoder(family), document()
+    has_rope = getattr(model.base_model, "rotary_emb", None) is not None
+    presses = [p for p in PRESSES if has_rope or p != "expected_attention"]  # refused without RoPE
+    configs = [EvalConfig(REGISTRY[p](), REGISTRY[p].default_thresholds[0]) for p in presses]
+    eager = Engine(model, EngineSettings(16, 8, graph=False)).evaluate("d", tokens, configs).to_pylist()
+    step = Engine(model, EngineSettings(16, 8, graph=True)).evaluate("d", tokens, configs).to_pylist()
+    for a, b in zip(eager, step, strict=True):
+        assert (b["config"], b["keys_kept"], b["n_correct"]) == (a["config"], a["keys_kept"], a["n_correct"])
+        assert b["nll_sum"] == pytest.approx(a["nll_sum"], rel=1e-6, abs=1e-9)
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3"])

@@ -204,14 +204,17 @@ def flex_grouped_attention(
     keys: torch.Tensor,
     values: torch.Tensor,
     keep: torch.Tensor,
-    query_positions: torch.Tensor,
+    chunk_index: torch.Tensor,
     scaling: float,
     variant: AttentionVariant,
 ) -> torch.Tensor:
     """:func:`grouped_attention` as one FlexAttention kernel, never materializing the [B, Hkv, c, T]
-    mask: the block mask is built from ``keep`` [B, Hkv, T] and the chunk's ``query_positions``
-    [c] (causal, and the layer's sliding window), so fully evicted blocks are skipped, and the
-    soft-cap is a score modification. GQA is native. Returns [B, H, c, D]."""
+    mask: the block mask is built from ``keep`` [B, Hkv, T] and the chunk's position (query q of
+    chunk k is at ``k * c + q``; causal, and the layer's sliding window), so fully evicted blocks
+    are skipped, and the soft-cap is a score modification. GQA is native. Returns [B, H, c, D].
+
+    The mask reads only the step's inputs (``keep`` and the 0-d ``chunk_index``): inductor's CPU
+    template refuses masks over tensors computed inside the graph."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     b, h, c, _ = query.shape
@@ -219,7 +222,7 @@ def flex_grouped_attention(
     window = variant.sliding_window
 
     def mask_mod(batch: torch.Tensor, head: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        position = query_positions[q]
+        position = chunk_index * c + q
         visible = keep[batch, head // groups, k] & (k <= position)
         if window is not None:
             visible = visible & (position - k < window)

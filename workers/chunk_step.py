@@ -239,7 +239,7 @@ class _StepRun:
         self.kept += counted.sum(dim=(1, 2))
         pattern = attention.band(self.query_positions, self.positions, variant)  # [c, N]
         if step.backend == "flex":
-            out = attention.flex_grouped_attention(query, keys, values, keep, self.query_positions, scaling, variant)
+            out = attention.flex_grouped_attention(query, keys, values, keep, self.state["chunk"], scaling, variant)
             probs = None
         else:
             visible = keep[:, :, None, :] & pattern

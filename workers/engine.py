@@ -56,8 +56,10 @@ class EngineSettings:
     compile: bool = False
     compact: bool = False
     # Run batches whose presses all have a tensor form through the one-graph chunk step
-    # (workers/chunk_step.py); False forces the eager per-layer engine (tests compare the two).
-    graph: bool = True
+    # (workers/chunk_step.py). None: when compiling, which is what the step is for; uncompiled, the
+    # eager per-layer engine is faster (it attends over [0, end) and runs the shared prefix once).
+    # True/False force one engine (tests compare the two).
+    graph: bool | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -107,7 +109,8 @@ class Engine:
     def runs_in_graph(self, configs: list[EvalConfig]) -> bool:
         """Whether this batch runs through the one-graph chunk step: every press has a tensor form
         and the cache is the masked one (``--compact`` compacts between chunks, eagerly)."""
-        return self.settings.graph and not self.settings.compact and all(c.press.in_graph for c in configs)
+        graph = self.settings.compile if self.settings.graph is None else self.settings.graph
+        return graph and not self.settings.compact and all(c.press.in_graph for c in configs)
 
     def variants(self, token_ids: torch.Tensor) -> list[attention.AttentionVariant]:
         """Each layer's attention variant, from a one-token forward that records what every layer
