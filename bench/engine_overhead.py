@@ -1,16 +1,19 @@
 """Per-chunk overhead of the engine on CPU: a 16-layer Llama with hidden size 64, so matrix work
 is negligible and what is timed is the engine's own work per layer and chunk.
 
-Three rows, measured side by side in one process: a plain transformers chunked loop (DynamicCache,
-SDPA, batch 1), kvorch with the baseline config alone, and kvorch with the `all` sweep batched.
-Best of ``--repeat`` runs over one document, 1 thread.
+Rows measured side by side in one process: a plain transformers chunked loop (DynamicCache, SDPA,
+batch 1), then each kvorch engine with the baseline config alone and with the `all` sweep batched:
+the eager per-layer engine (what runs uncompiled) and the one-graph chunk step compiled by inductor
+(what ``--compile on`` runs; its compile time is printed, not counted). Best of ``--repeat`` runs
+over one document, 1 thread.
 
-    python bench/engine_overhead.py [--tokens 1024] [--chunk 128] [--repeat 3]
+    python bench/engine_overhead.py [--tokens 1024] [--chunk 128] [--repeat 3] [--attn sdpa]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import time
 
@@ -43,7 +46,7 @@ def plain_loop(model: LlamaForCausalLM, ids: torch.Tensor, chunk: int) -> None:
 
 
 def best_seconds(fn, repeat: int) -> float:
-    fn()  # warm-up
+    fn()  # warm-up (a compiled engine's first run already compiled)
     times = []
     for _ in range(repeat):
         tic = time.perf_counter()
@@ -57,6 +60,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--chunk", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--attn", choices=("sdpa", "eager", "flex"), default="sdpa", help="the chunk step's kernel")
     args = parser.parse_args()
     torch.set_num_threads(1)
     ids = torch.randint(0, 1000, (args.tokens,), generator=torch.Generator().manual_seed(0))
@@ -64,25 +68,36 @@ def main() -> None:
 
     plain_model = narrow_llama().to(torch.float32)
     plain_model.set_attn_implementation("sdpa")
-    engine = Engine(narrow_llama(), EngineSettings(chunk_size=args.chunk, window=args.chunk))
     baseline, sweep = build_configs(("baseline",), ()), build_configs(("all",), ())
-    rows = [
-        ("plain transformers loop", 1, best_seconds(lambda: plain_loop(plain_model, ids, args.chunk), args.repeat)),
-        ("kvorch, baseline", 1, best_seconds(lambda: engine.evaluate("d", ids, baseline), args.repeat)),
-        (
-            f"kvorch, all ({len(sweep)} configs)",
-            len(sweep),
-            best_seconds(lambda: engine.evaluate("d", ids, sweep), args.repeat),
+    engines = {
+        "eager engine": Engine(narrow_llama(), EngineSettings(chunk_size=args.chunk, window=args.chunk)),
+        "chunk step": Engine(
+            narrow_llama(), EngineSettings(chunk_size=args.chunk, window=args.chunk, attn=args.attn, compile=True)
         ),
-    ]
+    }
+    rows = [("plain transformers loop", 1, best_seconds(lambda: plain_loop(plain_model, ids, args.chunk), args.repeat))]
+    compile_seconds = {}
+    for name, engine in engines.items():
+        for configs in (baseline, sweep):
+            tic = time.perf_counter()
+            engine.evaluate("d", ids, configs)  # the first run compiles
+            compile_seconds[(name, len(configs))] = time.perf_counter() - tic
+            run = functools.partial(engine.evaluate, "d", ids, configs)
+            rows.append((f"kvorch {name}", len(configs), best_seconds(run, args.repeat)))
     print(
         f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, "
-        f"{args.tokens} tokens, chunk {args.chunk}"
+        f"{args.tokens} tokens, chunk {args.chunk}, chunk step attn {args.attn} (inductor)"
     )
-    print(f"{'path':<28} {'configs':>7} {'ms/chunk':>9} {'vs plain':>9}")
+    print(f"{'path':<26} {'configs':>7} {'ms/chunk':>9} {'vs plain':>9} {'vs 1 config':>11} {'first run s':>11}")
     plain = rows[0][2]
+    one = {}
     for name, n, seconds in rows:
-        print(f"{name:<28} {n:>7} {1000 * seconds / chunks:>9.1f} {seconds / plain:>8.2f}x")
+        one.setdefault(name, seconds)
+        first = compile_seconds.get((name.removeprefix("kvorch "), n), 0.0)
+        print(
+            f"{name:<26} {n:>7} {1000 * seconds / chunks:>9.1f} {seconds / plain:>8.2f}x "
+            f"{seconds / one[name]:>10.2f}x {first:>11.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ the eager engine.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,9 +87,13 @@ class ChunkStep:
         self.dtype = next(model.parameters()).dtype
         self.backend = engine.settings.attn
         self.groups = [self._plan(group) for group in layout.groups]
+        # On CUDA the compiled step can replay as one CUDA graph ("reduce-overhead"): a chunk is one
+        # launch. Its state then lives at static addresses, refilled in place per document.
+        self.cuda_graphs = engine.settings.compile and engine.settings.cuda_graphs and self.device.type == "cuda"
         step = self._step
         if engine.settings.compile:
-            step = torch.compile(step, backend=engine.compile_backend, fullgraph=True, dynamic=False)
+            mode = "reduce-overhead" if self.cuda_graphs else None
+            step = torch.compile(step, backend=engine.compile_backend, fullgraph=True, dynamic=False, mode=mode)
         self.compiled = step
         self.state: dict[str, Any] = {}
 
@@ -102,11 +107,9 @@ class ChunkStep:
             n_scored = [self.n] * self.n_layers
         else:
             n_scored = [min(self.n, hi + c) for hi in widest]
-        n_rows = group.rows.stop - group.rows.start
-        shape = StateShape(n_rows, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim, self.n, self.device)
         return _GroupPlan(
             group=group,
-            state=press.init_chunk_state(shape),
+            state=None,  # per document, in reset()
             rows=group.rows,
             n_sink=press.n_sink,
             rescores=press.rescores,
@@ -121,32 +124,51 @@ class ChunkStep:
     # --- per document ------------------------------------------------------------------------
 
     def reset(self, doc_seed: int, token_ids: torch.Tensor) -> None:
-        """Fresh document state in the step's fixed shapes (tensors the traced step reads and
-        mutates; new tensors of the same shapes never recompile)."""
+        """Fresh document state in the step's fixed shapes. The first document allocates it; later
+        ones refill the same tensors in place, so a CUDA graph replays over the same addresses and
+        nothing is reallocated per document."""
         n_doc = int(token_ids.shape[0])
+        shape = StateShape(0, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim, self.n, self.device)
+        press_states = [
+            plan.group.press.init_chunk_state(dataclasses.replace(shape, rows=plan.rows.stop - plan.rows.start))
+            for plan in self.groups
+        ]
+        if not self.state:
+            self.state = self._allocate(press_states)
+            if self.cuda_graphs:
+                for tensor in _tensors(self.state):
+                    torch._dynamo.mark_static_address(tensor)
+        else:
+            for name in ("keys", "values", "scores"):
+                for tensor in self.state[name]:
+                    tensor.zero_()
+            for tensor in self.state["keep"]:
+                tensor.fill_(True)
+            for name in ("tokens", "chunk", "nll", "correct", "kept"):
+                self.state[name].zero_()
+            _refill(self.state["press_states"], press_states)
+        self.state["tokens"][:n_doc] = token_ids
+        self.state["length"].fill_(n_doc)
+        self.state["doc_seed"].fill_(doc_seed)
+        for plan, state in zip(self.groups, self.state["press_states"], strict=True):
+            plan.state = state
+
+    def _allocate(self, press_states: list[Any]) -> dict[str, Any]:
         b, hkv, n, d = self.batch, self.n_kv_heads, self.n, self.head_dim
         kw = dict(device=self.device)
-        tokens = torch.zeros(n + 1, dtype=torch.int64, **kw)
-        tokens[:n_doc] = token_ids
-        k_chunks = n // self.chunk
-        for plan in self.groups:
-            n_rows = plan.rows.stop - plan.rows.start
-            plan.state = plan.group.press.init_chunk_state(
-                StateShape(n_rows, self.n_layers, self.n_heads, hkv, d, n, self.device)
-            )
-        self.state = {
+        return {
             "keys": [torch.zeros(b, hkv, n, d, dtype=self.dtype, **kw) for _ in range(self.n_layers)],
             "values": [torch.zeros(b, hkv, n, d, dtype=self.dtype, **kw) for _ in range(self.n_layers)],
             "keep": [torch.ones(b, hkv, n, dtype=torch.bool, **kw) for _ in range(self.n_layers)],
             "scores": [torch.zeros(b, hkv, n, **kw) for _ in range(self.n_layers)],
-            "tokens": tokens,
-            "length": torch.tensor(n_doc, dtype=torch.int64, **kw),
-            "doc_seed": torch.tensor(doc_seed, dtype=torch.int64, **kw),
+            "tokens": torch.zeros(n + 1, dtype=torch.int64, **kw),
+            "length": torch.zeros((), dtype=torch.int64, **kw),
+            "doc_seed": torch.zeros((), dtype=torch.int64, **kw),
             "chunk": torch.zeros((), dtype=torch.int64, **kw),
-            "nll": torch.zeros(k_chunks, b, dtype=torch.float64, **kw),
-            "correct": torch.zeros(k_chunks, b, dtype=torch.int64, **kw),
-            "kept": torch.zeros(k_chunks, b, dtype=torch.int64, **kw),
-            "press_states": [plan.state for plan in self.groups],
+            "nll": torch.zeros(n // self.chunk, b, dtype=torch.float64, **kw),
+            "correct": torch.zeros(n // self.chunk, b, dtype=torch.int64, **kw),
+            "kept": torch.zeros(n // self.chunk, b, dtype=torch.int64, **kw),
+            "press_states": press_states,
         }
 
     def run(
@@ -198,6 +220,25 @@ class ChunkStep:
         state["kept"].index_copy_(0, chunk[None], run.kept[None])
         self.engine.hidden_states.clear()
         chunk.add_(1)
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    """Every tensor in a state tree (dicts, lists, dataclasses of tensors; modules are skipped)."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for value in tree.values() for t in _tensors(value)]
+    if isinstance(tree, (list, tuple)):
+        return [t for value in tree for t in _tensors(value)]
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return [t for f in dataclasses.fields(tree) for t in _tensors(getattr(tree, f.name))]
+    return []
+
+
+def _refill(old: Any, new: Any) -> None:
+    """Copy a fresh state tree into an existing one of the same structure and shapes."""
+    for target, source in zip(_tensors(old), _tensors(new), strict=True):
+        target.copy_(source)
 
 
 class _StepRun:

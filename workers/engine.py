@@ -19,10 +19,17 @@ that: ``keys_total`` sums what each layer holds uncompressed, and a kept key out
 sliding window is not counted as kept (the model no longer holds it). So the baseline's density is
 1 on every family, and a press's density is "kept / what the uncompressed model holds".
 
-Chunk rows (NLL, top-1, density) are accumulated on the device and read
-back once per document. With ``compile`` the model's forward runs under ``torch.compile`` with
-static chunk shapes (the last chunk is padded); attention and presses stay eager
-(workers/attention.py), so chunk bounds never reach compiled code and nothing recompiles per chunk.
+Chunk rows (NLL, top-1, density) are accumulated on the device and read back once per document.
+
+Two engines implement this protocol and give the same rows (tests/test_chunk_step.py):
+- the chunk step (workers/chunk_step.py): the whole step, every layer, attention, presses and
+  decisions, as one graph ``torch.compile`` takes with ``fullgraph=True``; bounds are tensors and
+  shapes static, so it never recompiles per chunk. It runs whenever compiling (``--compile``, on
+  by default on CUDA).
+- the eager per-layer engine (``_DocumentRun`` below): slices by Python bounds and runs a
+  batch-1 shared prefix; faster uncompiled (the CPU default), and the engine for ``--compact``,
+  for ``observe`` (head statistics) and for presses without a tensor form (the kvpress adapter).
+  Compiled, its forward breaks its graph at every attention call.
 """
 
 from __future__ import annotations
@@ -60,6 +67,9 @@ class EngineSettings:
     # eager per-layer engine is faster (it attends over [0, end) and runs the shared prefix once).
     # True/False force one engine (tests compare the two).
     graph: bool | None = None
+    # With compile on CUDA: replay the compiled step as a CUDA graph (torch.compile's
+    # "reduce-overhead"). Off until measured on a GPU (BENCHMARKS.md).
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
