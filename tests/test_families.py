@@ -4,6 +4,7 @@ attention variant is honoured (and matters), and every built-in press runs or is
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -174,21 +175,24 @@ def test_the_preflights_exactness_check_passes_every_family(family):
     assert inexact_reason(Engine(tiny_decoder(family), SETTINGS), document()) is None
 
 
-def test_the_preflight_refuses_a_model_whose_attention_kvorch_gets_wrong(monkeypatch, tmp_path):
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager-engine", "chunk-step"])
+def test_the_preflight_refuses_a_model_whose_attention_kvorch_gets_wrong(monkeypatch, tmp_path, compile_):
     """Dropping the sliding window (the bug kvorch had on Mistral) is caught on the actor before the
-    sweep, on its tiny preflight document, with a model-level reason."""
+    sweep, on its tiny preflight document, with a model-level reason; on the engine the sweep will
+    run (the chunk step when compiling, checked uncompiled)."""
     path = tmp_path / "mistral"
     config = T.MistralConfig(**dict(FAMILIES["mistral"][1], sliding_window=4))
     torch.manual_seed(0)
     T.MistralForCausalLM(config).save_pretrained(path)
-    worker = EvalWorker("w", WorkerSettings(str(path), "float32", "cpu", 1, SETTINGS))
+    settings = dataclasses.replace(SETTINGS, compile=compile_)
+    worker = EvalWorker("w", WorkerSettings(str(path), "float32", "cpu", 1, settings))
     assert worker.preflight([EvalConfig(REGISTRY["baseline"]())]) == []
 
     def causal_only(query_positions, key_positions, variant):
         return query_positions[:, None] >= key_positions[None, :]
 
-    monkeypatch.setattr(kv_cache, "band", causal_only)  # the eager engine's masks
-    monkeypatch.setattr(attention, "band", causal_only)  # the chunk step's
-    worker = EvalWorker("w", WorkerSettings(str(path), "float32", "cpu", 1, SETTINGS))
+    # Only the masks of the engine under test: the other engine's would pass the check.
+    monkeypatch.setattr(attention if compile_ else kv_cache, "band", causal_only)
+    worker = EvalWorker("w", WorkerSettings(str(path), "float32", "cpu", 1, settings))
     [(label, reason)] = worker.preflight([EvalConfig(REGISTRY["baseline"]())])
     assert label == MODEL_LEVEL and "differs from the model's own forward" in reason

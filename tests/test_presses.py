@@ -8,8 +8,9 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from tests.helpers import tiny_llama
 from workers.configs import EvalConfig
-from workers.engine import Engine, EngineSettings
+from workers.engine import Engine, EngineSettings, doc_seed
 from workers.presses import REGISTRY, parse_method
+from workers.presses.random import uniform_scores
 from workers.rope import mean_rotation, unrotate
 
 
@@ -110,3 +111,24 @@ def test_knorm_evicts_exactly_the_long_keys(tokens):
     kept_naive = [int(sum((n[:, :s] <= -tau).sum() for n in norms)) for s in range(len(ids))]
     assert [r["keys_kept"] for r in rows.to_pylist()] == kept_naive
     assert 0 < kept_naive[-1] < 2 * (len(ids) - 1)
+
+
+def test_random_scores_are_uniform_and_independent_per_layer_head_and_document():
+    """The counter-based hash behind ``random``: U(0, 1) by its moments and deciles, and no
+    correlation between neighbouring layers, heads, documents or positions."""
+    positions = torch.arange(200_000)
+    scores = uniform_scores(0, doc_seed("doc-a"), 3, 2, positions)
+    assert scores.shape == (2, 200_000) and scores.min() >= 0 and scores.max() < 1
+    assert abs(float(scores.mean()) - 0.5) < 0.005
+    assert abs(float(scores.var()) - 1 / 12) < 0.002
+    deciles = torch.histc(scores[0], bins=10, min=0, max=1) / 200_000
+    assert torch.allclose(deciles, torch.full((10,), 0.1), atol=0.005)
+    others = [
+        scores[1],  # the next head
+        uniform_scores(0, doc_seed("doc-a"), 4, 2, positions)[0],  # the next layer
+        uniform_scores(0, doc_seed("doc-b"), 3, 2, positions)[0],  # another document
+        uniform_scores(1, doc_seed("doc-a"), 3, 2, positions)[0],  # another seed
+        scores[0].roll(1),  # the next position
+    ]
+    for other in others:
+        assert abs(float(torch.corrcoef(torch.stack((scores[0], other)))[0, 1])) < 0.01

@@ -169,13 +169,16 @@ class EvalWorker:
         reproduce the model's own forward (workers/exactness.py), whatever the configs.
 
         The run's attention and cache settings with a small chunk and window, so each press
-        scores, decides and evicts within a few forwards; no torch.compile (presses run eagerly
-        either way). Its engine runs on the module copy taken before the sweep's engine hooked
+        scores, decides and evicts within a few forwards, on the engine the sweep will use (the
+        chunk step when compiling) but uncompiled: the same code, without a compile per press.
+        Its engine runs on the module copy taken before the sweep's engine hooked
         the model, so neither engine's hooks ever see the other's forwards.
         """
         if self._preflight_engine is None:
+            engine = self.settings.engine
+            graph = engine.compile if engine.graph is None else engine.graph
             settings = dataclasses.replace(
-                self.settings.engine, chunk_size=PREFLIGHT_CHUNK, window=PREFLIGHT_WINDOW, compile=False
+                engine, chunk_size=PREFLIGHT_CHUNK, window=PREFLIGHT_WINDOW, compile=False, graph=graph
             )
             self._preflight_engine = Engine(self._preflight_model, settings, worker=self.name)
         generator = torch.Generator().manual_seed(0)

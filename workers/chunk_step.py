@@ -40,6 +40,10 @@ if TYPE_CHECKING:
     from workers.engine import DocumentLayout, Engine, _RowGroup
 
 
+# Compiled steps one process may hold (batches of configs x length buckets).
+MAX_COMPILED_STEPS = 64
+
+
 def padded_length(n: int, chunk: int) -> int:
     """The cache length a document of ``n`` tokens runs at: whole chunks, rounded up to a power of
     two of chunks, so documents of similar length share one compiled graph (a few buckets per
@@ -92,6 +96,9 @@ class ChunkStep:
         self.cuda_graphs = engine.settings.compile and engine.settings.cuda_graphs and self.device.type == "cuda"
         step = self._step
         if engine.settings.compile:
+            # Every (batch of configs, length bucket) is one more graph of the same code object;
+            # dynamo's default limit of 8 would silently run the rest uncompiled.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_COMPILED_STEPS)
             mode = "reduce-overhead" if self.cuda_graphs else None
             step = torch.compile(step, backend=engine.compile_backend, fullgraph=True, dynamic=False, mode=mode)
         self.compiled = step

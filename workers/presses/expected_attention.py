@@ -123,6 +123,20 @@ class ExpectedAttentionPress(Press):
             return None
         return st.mean[layer], st.m2[layer] / st.count[layer]
 
+    def _expected_logits(
+        self, keys: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor, rot: torch.Tensor, n_groups: int
+    ) -> torch.Tensor:
+        """[B, Hkv, groups, n] expected logits of keys [B, Hkv, n, D] under the query Gaussian
+        (mean [B, H, D], cov [B, H, D, D]) rotated by the averaged future RoPE ``rot``."""
+        b, hkv, _, d = keys.shape
+        mu = (mean @ rot.T).view(b, hkv, n_groups, d)
+        logits = torch.einsum("bhnd,bhgd->bhgn", keys, mu) / math.sqrt(d)
+        if self.use_covariance:
+            sigma = (rot @ cov @ rot.T).view(b, hkv, n_groups, d, d)
+            projected = torch.einsum("bhnd,bhgde->bhgne", keys, sigma)
+            logits = logits + (projected * keys[:, :, None]).sum(dim=-1) / d / 2
+        return logits
+
     def score(self, ctx: LayerContext, state: QueryStatistics) -> torch.Tensor:
         stats = self._update_statistics(ctx, state)
         b, hkv, _, d = ctx.keys.shape
@@ -132,15 +146,8 @@ class ExpectedAttentionPress(Press):
         if stats is None or keys.shape[2] == 0:
             scores = torch.zeros(b, hkv, keys.shape[2], device=keys.device)
         else:
-            mean, cov = stats
             rot = state.future_rotation(ctx, self.n_future_positions, d)
-            mu = (mean @ rot.T).view(b, hkv, ctx.n_groups, d)
-            logits = torch.einsum("bhnd,bhgd->bhgn", keys, mu) / math.sqrt(d)
-            if self.use_covariance:
-                sigma = (rot @ cov @ rot.T).view(b, hkv, ctx.n_groups, d, d)
-                projected = torch.einsum("bhnd,bhgde->bhgne", keys, sigma)
-                logits = logits + (projected * keys[:, :, None]).sum(dim=-1) / d / 2
-            scores = torch.softmax(logits, dim=-1).mean(dim=2)
+            scores = torch.softmax(self._expected_logits(keys, *stats, rot, ctx.n_groups), dim=-1).mean(dim=2)
             if self.use_vnorm:
                 values = ctx.values_at(lo, ctx.end).float()
                 scores = (scores + self.epsilon) * values.norm(dim=-1)
@@ -206,13 +213,7 @@ class ExpectedAttentionPress(Press):
         keys = ctx.keys.index_select(2, ctx.scored).float()  # [B, Hkv, S, D]
         in_softmax = (ctx.scored >= torch.clamp(ctx.score_from, min=self.n_sink)) & (ctx.scored < ctx.end)
         future = ctx.end + torch.arange(self.n_future_positions, device=keys.device)
-        rot = ctx.rotary.mean_rotation(future, d)
-        mu = (mean @ rot.T).view(b, hkv, ctx.n_groups, d)
-        logits = torch.einsum("bhnd,bhgd->bhgn", keys, mu) / math.sqrt(d)
-        if self.use_covariance:
-            sigma = (rot @ cov @ rot.T).view(b, hkv, ctx.n_groups, d, d)
-            projected = torch.einsum("bhnd,bhgde->bhgne", keys, sigma)
-            logits = logits + (projected * keys[:, :, None]).sum(dim=-1) / d / 2
+        logits = self._expected_logits(keys, mean, cov, ctx.rotary.mean_rotation(future, d), ctx.n_groups)
         scores = torch.softmax(logits.masked_fill(~in_softmax, float("-inf")), dim=-1).mean(dim=2)
         if self.use_vnorm:
             values = ctx.values.index_select(2, ctx.scored).float()
