@@ -97,7 +97,8 @@ def test_compact_cache_refuses_a_press_that_reads_evicted_keys(tiny_model, token
 @pytest.mark.parametrize("chunk", [16, 64])
 def test_compact_memory_tracks_the_kept_keys(tiny_model, tokens, chunk):
     """StreamingLLM keeps exactly sinks + window: the compact cache holds those plus the chunk,
-    the masked one the whole document (padded to its length bucket), whatever the density."""
+    the masked one the whole document (the chunk step: padded to its length bucket), whatever
+    the density."""
     window, layers, kv_heads, head_dim, fp32 = 40, 2, 2, 8, 4
     config = [EvalConfig(parse_method("streaming_llm"))]
     per_entry = layers * kv_heads * head_dim * 2 * fp32  # keys + values of one position, all layers
@@ -107,7 +108,9 @@ def test_compact_memory_tracks_the_kept_keys(tiny_model, tokens, chunk):
         s, e = r["chunk_start"], r["chunk_end"]
         held = len(set(range(min(4, s))) | set(range(max(0, s - window), s)))
         assert r["kv_cache_bytes"] == (held + e - s) * per_entry
-    assert set(masked.column("kv_cache_bytes").to_pylist()) == {padded_length(len(tokens), chunk) * per_entry}
+    assert set(masked.column("kv_cache_bytes").to_pylist()) == {len(tokens) * per_entry}
+    step = Engine(tiny_model, EngineSettings(chunk, window, graph=True)).evaluate("d", tokens, config)
+    assert set(step.column("kv_cache_bytes").to_pylist()) == {padded_length(len(tokens), chunk) * per_entry}
 
 
 class CountingBackend:
