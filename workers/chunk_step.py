@@ -24,6 +24,7 @@ the eager engine.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,6 +103,7 @@ class ChunkStep:
             mode = "reduce-overhead" if self.cuda_graphs else None
             step = torch.compile(step, backend=engine.compile_backend, fullgraph=True, dynamic=False, mode=mode)
         self.compiled = step
+        self.compiled_once = False
         self.state: dict[str, Any] = {}
 
     def _plan(self, group: _RowGroup) -> _GroupPlan:
@@ -186,6 +188,17 @@ class ChunkStep:
         device sync per chunk)."""
         self.reset(doc_seed, token_ids)
         n_chunks = -(-int(token_ids.shape[0]) // self.chunk)
+        if self.engine.settings.compile and not self.compiled_once:
+            # The first call compiles the whole unrolled step: seconds on a GPU, minutes on a
+            # CPU (11 min cold for 10 configs x 16 layers on 2 cores). Say so where it is waited on
+            # (the actor's log, the Ray dashboard), or the first chunk looks like a hang.
+            print(
+                f"kvorch: {self.engine.worker}: compiling the chunk step ({self.batch} configs x {self.n} "
+                f"positions, {self.n_layers} layers); the first chunk waits for it",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.compiled_once = True
         tic = time.perf_counter()
         for _ in range(n_chunks):
             self.compiled(self.state)
