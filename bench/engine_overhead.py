@@ -24,12 +24,12 @@ from orchestrator.spec import build_configs
 from workers.engine import Engine, EngineSettings
 
 
-def narrow_llama() -> LlamaForCausalLM:
+def narrow_llama(layers: int = 16) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=16,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=1000,
@@ -61,18 +61,24 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--attn", choices=("sdpa", "eager", "flex"), default="sdpa", help="the chunk step's kernel")
+    parser.add_argument("--layers", type=int, default=16, help="decoder layers (the smoke test uses 2)")
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend (the smoke test: aot_eager, no C++)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     ids = torch.randint(0, 1000, (args.tokens,), generator=torch.Generator().manual_seed(0))
     chunks = -(-args.tokens // args.chunk)
 
-    plain_model = narrow_llama().to(torch.float32)
+    plain_model = narrow_llama(args.layers).to(torch.float32)
     plain_model.set_attn_implementation("sdpa")
     baseline, sweep = build_configs(("baseline",), ()), build_configs(("all",), ())
     engines = {
-        "eager engine": Engine(narrow_llama(), EngineSettings(chunk_size=args.chunk, window=args.chunk)),
+        "eager engine": Engine(narrow_llama(args.layers), EngineSettings(chunk_size=args.chunk, window=args.chunk)),
         "chunk step": Engine(
-            narrow_llama(), EngineSettings(chunk_size=args.chunk, window=args.chunk, attn=args.attn, compile=True)
+            narrow_llama(args.layers),
+            EngineSettings(chunk_size=args.chunk, window=args.chunk, attn=args.attn, compile=True),
+            compile_backend=args.compile_backend,
         ),
     }
     rows = [("plain transformers loop", 1, best_seconds(lambda: plain_loop(plain_model, ids, args.chunk), args.repeat))]

@@ -47,6 +47,18 @@ def configs() -> list[tuple[str, str, float | None, float]]:
     return out
 
 
+def schema_table(columns: dict[str, object], n: int) -> pa.Table:
+    """A table in ROW_SCHEMA from the columns this generator makes up: a column of the schema it
+    does not make is null when the schema allows it, else an error naming it, so a new column
+    in workers/schema.py never breaks the bench silently or with a KeyError."""
+    missing = [f for f in ROW_SCHEMA if f.name not in columns]
+    required = [f.name for f in missing if not f.nullable]
+    if required:
+        raise SystemExit(f"report_bench: ROW_SCHEMA has non-nullable column(s) {', '.join(required)}; generate them")
+    filled = {**columns, **{f.name: pa.nulls(n, f.type) for f in missing}}
+    return pa.table({f.name: filled[f.name] for f in ROW_SCHEMA}, schema=ROW_SCHEMA)
+
+
 def generate(lake: Lake, run_id: str, n_docs: int) -> int:
     rng = np.random.default_rng(0)
     lake.write_spec(run_id, {"model": "synthetic", "configs": [c[1] for c in configs()]})
@@ -66,7 +78,7 @@ def generate(lake: Lake, run_id: str, n_docs: int) -> int:
             nll = base_nll[docs].ravel() * (1 + (1 - density) * rng.uniform(0.0, 0.2, size=doc.size))
             n = doc.size
             parts.append(
-                pa.table(
+                schema_table(
                     {
                         "doc_id": pa.array(doc_ids[doc], pa.string()),
                         "chunk_index": chunk,
@@ -96,7 +108,7 @@ def generate(lake: Lake, run_id: str, n_docs: int) -> int:
                         "device": pa.array(["cuda:0"] * n, pa.string()),
                         "method": pa.array([method] * n, pa.string()),
                     },
-                    schema=ROW_SCHEMA,
+                    n,
                 )
             )
         written += lake.write_rows(run_id, f"s{shard:04d}", pa.concat_tables(parts))

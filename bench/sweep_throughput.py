@@ -45,6 +45,8 @@ from workers.models import DTYPES, EMBEDDED_MODEL, load_model, resolve_dtype
 # Llama-3.2-1B / -3B shapes (tied embeddings) with SmolLM2's vocabulary: 1.07B / 2.97B parameters.
 LLAMA_SHAPES = {
     # The CPU proxy of bench/engine_overhead.py: llama-1b's 16 layers at hidden size 64.
+    # The smoke test's: 2 layers at hidden size 32.
+    "tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64},
     "narrow": {"hidden_size": 64, "num_hidden_layers": 16, "num_attention_heads": 4, "intermediate_size": 128},
     "llama-1b": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "intermediate_size": 8192},
     "llama-3b": {"hidden_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 24, "intermediate_size": 8192},
@@ -68,7 +70,7 @@ def build_llama(name: str, dtype: str, device: str) -> torch.nn.Module:
     """A random-weight Llama, created directly on ``device`` in ``dtype`` (no fp32 CPU detour)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    kv_heads = 2 if name == "narrow" else 8
+    kv_heads = 2 if name in ("tiny", "narrow") else 8
     config = LlamaConfig(
         vocab_size=49152, num_key_value_heads=kv_heads, max_position_embeddings=131072, tie_word_embeddings=True,
         **LLAMA_SHAPES[name],
@@ -189,6 +191,9 @@ def main() -> None:
     parser.add_argument("--attn", choices=("sdpa", "flex", "eager"), default="sdpa", help="the chunk step's kernel")
     parser.add_argument("--cuda-graphs", action="store_true", help="replay the compiled step as a CUDA graph")
     parser.add_argument("--no-compile", action="store_true", help="run the chunk step uncompiled")
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend (the smoke test: aot_eager, no C++)"
+    )
     parser.add_argument("--fit-tokens", type=int, default=16384, help="fit check: document length (0: skip)")
     parser.add_argument("--fit-configs", type=int, default=32, help="fit check: configs batched")
     parser.add_argument("--skip-eager", action="store_true", help="leave out the eager engine's rows")
@@ -226,6 +231,7 @@ def main() -> None:
     step = Engine(
         model,
         EngineSettings(args.chunk, args.window, args.attn, compile=compile_, graph=True, cuda_graphs=args.cuda_graphs),
+        compile_backend=args.compile_backend,
     )
     eager = Engine(model, EngineSettings(args.chunk, args.window, "sdpa", graph=False))
     rows: list[tuple[str, int, float, float]] = []

@@ -1,0 +1,89 @@
+"""Every bench/ script runs at a tiny size and prints its table with finite numbers, so the
+figures BENCHMARKS.md quotes can always be re-measured (issue "Benchmarks that cannot rot").
+Each runs in a fresh process, as a user runs it; the sizes are the smallest that still take
+every code path (both engines, the compiled chunk step, the fit check, the report commands)."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, *args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, f"bench/{script}", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def numbers(line: str) -> list[float]:
+    return [float(x) for x in re.findall(r"-?\d+\.?\d*(?:e[-+]?\d+)?", line)]
+
+
+def test_engine_overhead_prints_both_engines():
+    out = run_bench(
+        "engine_overhead.py", "--tokens", "96", "--chunk", "32", "--repeat", "1", "--layers", "2",
+        "--compile-backend", "aot_eager",
+    )  # fmt: skip
+    rows = [line for line in out.splitlines() if line.startswith(("plain", "kvorch"))]
+    assert [r.split("  ")[0] for r in rows] == ["plain transformers loop"] + ["kvorch eager engine"] * 2 + [
+        "kvorch chunk step"
+    ] * 2
+    assert "ms/chunk" in out
+    for row in rows:
+        assert all(math.isfinite(x) and x >= 0 for x in numbers(row))
+
+
+def test_sweep_throughput_prints_every_figure_and_the_fit_check():
+    out = run_bench(
+        "sweep_throughput.py", "--model", "tiny", "--tokens", "96", "--chunk", "32", "--window", "32",
+        "--threads", "1", "--configs", "3", "--fit-tokens", "128", "--fit-configs", "12",
+        "--compile-backend", "aot_eager", "--hbm-gbps", "100", "--tflops", "1",
+    )  # fmt: skip
+    table = [line for line in out.splitlines() if re.match(r"(naive loop|kvorch (eager|chunk step)) +\d", line)]
+    assert len(table) == 6
+    for row in table:
+        assert all(math.isfinite(x) and x >= 0 for x in numbers(row))
+    assert "faster than the naive loop" in out
+    assert "weight-streaming bound" in out and "compute bound at 1 TFLOP/s" in out
+    assert re.search(r"fit: 12 configs x 128 tokens ran in [\d.]+ s", out)
+
+
+def test_report_bench_builds_its_lake_from_the_schema_and_times_the_reports(tmp_path):
+    out = run_bench("report_bench.py", "--lake", str(tmp_path / "lake"), "--rows", "5000", "--repeat", "1")
+    assert re.search(r"lake: [\d,]+ rows", out)
+    timings = [line for line in out.splitlines() if line.startswith("kvorch report")]
+    assert len(timings) == 2 and all("s wall" in line for line in timings)
+
+
+def test_report_bench_names_a_required_column_it_does_not_generate(monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import report_bench
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    schema = report_bench.ROW_SCHEMA.append(pa.field("new_required", pa.int64(), nullable=False))
+    monkeypatch.setattr(report_bench, "ROW_SCHEMA", schema)
+    with pytest.raises(SystemExit, match="new_required"):
+        report_bench.schema_table({"doc_id": pa.array(["d"])}, 1)
+
+
+@pytest.mark.slow  # a kvorch submit in a fresh process: Ray start and the embedded model's load
+def test_orchestration_overhead_prints_its_table():
+    out = run_bench(
+        "orchestration_overhead.py", "--max-docs", "1", "--max-tokens", "64", "--methods", "baseline,knorm",
+        "--chunk-size", "32", "--window", "32",
+    )  # fmt: skip
+    assert "kvorch submit + report" in out and "bare engine total" in out
+    assert re.search(r"orchestration overhead: [\d.]+ s = [\d.]+%", out)
