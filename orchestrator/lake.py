@@ -9,16 +9,26 @@
 <lake>/heads/run_id=<id>/analysis.json    what was analysed, and how
 ```
 Parts are written under a name readers do not match (``*.parquet.tmp-*``) and renamed when
-complete, so a reader never sees half a file. A part is named by its task id, so a re-run task
-renames over its own part and never duplicates rows; runs live under their own ``run_id=``
-directories, so concurrent runs never touch each other's files. On filesystems without atomic
-rename, a crash can still leave a damaged part: :meth:`Lake.valid_parts` checks every footer and
-readers and resumes skip what fails. The lake is any pyarrow filesystem URI; plain paths are local.
+complete, so a reader never sees half a file; a failed write removes its temporary. A part is
+named by its task id, so a re-run task renames over its own part and never duplicates rows; runs
+live under their own ``run_id=`` directories, so concurrent runs never touch each other's files.
+
+Every Parquet file is committed with a checksum file next to it (``part-<task>.parquet.sha256``:
+sha256, bytes, rows), written after the part. A truncated part, a flipped byte inside a value
+(which a Parquet footer does not notice), or a part whose checksum never got written (a crash
+between the two renames) all fail :meth:`Lake.verify_part`; ``orchestrator/integrity.py`` turns
+that into what readers may count and what a resume must redo.
+
+Run ids become directory names, so they are checked against :data:`RUN_ID_PATTERN` wherever a
+path is built from one: no id can leave the lake or nest partitions. The lake is any pyarrow
+filesystem URI; plain paths are local.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import uuid
 from datetime import datetime, timezone
 
@@ -31,15 +41,33 @@ from orchestrator.errors import KvorchError
 from workers.schema import CHUNK_COLUMNS_BY_VERSION, CHUNK_SCHEMA, DOC_SCHEMA, PARTITION_COLUMNS
 
 DEFAULT_LAKE = "./kvorch-lake"
+# A run id is one safe path component: never "..", never "/", never longer than a file name can be.
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+CHECKSUM_SUFFIX = ".sha256"
+
+
+def check_run_id(run_id: str, what: str = "--run-id") -> str:
+    """``run_id`` if it is a safe directory name, else a one-line KvorchError naming the rule."""
+    if not RUN_ID_PATTERN.fullmatch(run_id):
+        raise KvorchError(
+            f"{what} {run_id[:60]!r}{'...' if len(run_id) > 60 else ''} is not a valid run id: use 1 to 128 "
+            "letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return run_id
 
 
 class Lake:
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, filesystem: pafs.FileSystem | None = None) -> None:
+        """``uri``: a directory or a pyarrow filesystem URI. ``filesystem`` overrides the one the
+        URI implies, with ``uri`` then a path on it (a wrapped or instrumented filesystem)."""
         self.uri = uri
-        try:
-            self.fs, self.root = pafs.FileSystem.from_uri(uri)
-        except (pa.ArrowInvalid, ValueError):
-            self.fs, self.root = pafs.LocalFileSystem(), _absolute(uri)
+        if filesystem is not None:
+            self.fs, self.root = filesystem, _absolute(uri)
+        else:
+            try:
+                self.fs, self.root = pafs.FileSystem.from_uri(uri)
+            except (pa.ArrowInvalid, ValueError):
+                self.fs, self.root = pafs.LocalFileSystem(), _absolute(uri)
         self.root = self.root.rstrip("/") or "/"
 
     # --- layout ---------------------------------------------------------------------------
@@ -48,13 +76,15 @@ class Lake:
         return "/".join((self.root, *parts))
 
     def run_dir(self, run_id: str) -> str:
-        return self.path("runs", f"run_id={run_id}")
+        return self.path("runs", f"run_id={check_run_id(run_id, 'run id')}")
 
     def part_path(self, run_id: str, method: str, task_id: str) -> str:
-        return self.path("chunks", f"run_id={run_id}", f"method={method}", f"part-{task_id}.parquet")
+        return self.path(
+            "chunks", f"run_id={check_run_id(run_id, 'run id')}", f"method={method}", f"part-{task_id}.parquet"
+        )
 
     def heads_dir(self, analysis_id: str) -> str:
-        return self.path("heads", f"run_id={analysis_id}")
+        return self.path("heads", f"run_id={check_run_id(analysis_id, 'analysis id')}")
 
     def glob(self, table: str) -> str:
         """The glob DuckDB reads a table from (local lakes)."""
@@ -71,33 +101,62 @@ class Lake:
     # --- checks ---------------------------------------------------------------------------
 
     def ensure_writable(self) -> None:
-        """Fail before any work when the lake cannot be written; touches nothing existing."""
+        """Fail before any work when the lake cannot be written. Leaves the filesystem as it
+        found it: the probe file goes, and so do the directories it had to create, so a job
+        refused later (a bad method, an unreachable cluster) leaves no empty lake behind."""
         probe = self.path(f".kvorch-write-probe-{uuid.uuid4().hex}")
+        created = self._first_missing(self.root)
         try:
             self.fs.create_dir(self.root, recursive=True)
             with self.fs.open_output_stream(probe) as out:
                 out.write(b"ok")
-            self.fs.delete_file(probe)
         except OSError as exc:
             raise KvorchError(
                 f"cannot write to lake {self.uri} ({exc.strerror or exc}); pass a writable --lake"
             ) from None
+        finally:
+            self._discard(probe)
+            if created is not None:
+                try:
+                    self.fs.delete_dir(created)
+                except OSError:
+                    pass
+
+    def _first_missing(self, path: str) -> str | None:
+        """The outermost directory of ``path`` that does not exist yet (None: it all exists)."""
+        missing = None
+        while path and self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+            missing, parent = path, path.rsplit("/", 1)[0]
+            if parent == path:
+                break
+            path = parent
+        return missing
 
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
 
-    def read_json(self, path: str) -> dict | None:
+    def read_json(self, path: str, missing_ok: bool = True, damaged_ok: bool = False) -> dict | None:
+        """A JSON file of the lake; None when it is missing (``missing_ok``) or, with
+        ``damaged_ok``, not valid JSON. A damaged one is otherwise a one-line KvorchError."""
         try:
             with self.fs.open_input_stream(path) as src:
                 return json.loads(src.read())
         except FileNotFoundError:
-            return None
+            if missing_ok:
+                return None
+            raise KvorchError(f"{path} is missing") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            if damaged_ok:
+                return None
+            raise KvorchError(f"{path} is damaged (not JSON: {exc}); restore it or remove that run") from None
 
     def read_spec(self, run_id: str) -> dict | None:
         return self.read_json(self.run_dir(run_id) + "/spec.json")
 
-    def read_status(self, run_id: str) -> dict | None:
-        return self.read_json(self.run_dir(run_id) + "/status.json")
+    def read_status(self, run_id: str, damaged_ok: bool = True) -> dict | None:
+        """status.json; a damaged one (a crash mid-write on a filesystem without atomic
+        rename) reads as no status, which every reader treats as "not finished"."""
+        return self.read_json(self.run_dir(run_id) + "/status.json", damaged_ok=damaged_ok)
 
     def parts(self, run_id: str | None = None) -> list[str]:
         """Every complete-named part of ``run_id`` (default: all runs), temporaries excluded."""
@@ -109,42 +168,62 @@ class Lake:
             if info.type == pafs.FileType.File and info.base_name.startswith("part-") and info.path.endswith(".parquet")
         )
 
-    def part_rows(self, path: str) -> int | None:
-        """A part's row count from its footer, or None when the part is damaged (truncated,
-        not Parquet, or not the lake's schema under any readable version). An empty part is
-        valid: a method whose every config failed on every document of its task."""
+    def verify_part(self, path: str, checksum_required: bool = True) -> tuple[int | None, str]:
+        """(rows, "") for a sound part, (None, why) for a damaged one.
+
+        Sound means: its bytes hash to its checksum file's sha256, and its footer has the lake's
+        columns under a readable schema version. ``checksum_required=False`` is for runs written
+        before checksums existed, whose parts have none: the footer check alone then decides.
+        An empty part is sound: a method whose every config failed on every document of its task.
+        """
         try:
-            meta = pq.read_metadata(path, filesystem=self.fs)
+            with self.fs.open_input_stream(path) as src:
+                data = src.read()
+        except OSError as exc:
+            return None, f"unreadable ({exc.strerror or exc})"
+        recorded = self.read_json(path + CHECKSUM_SUFFIX, missing_ok=True, damaged_ok=True)
+        if recorded is None and checksum_required:
+            return None, "its checksum file is missing (a write that did not finish)"
+        if recorded is not None and recorded.get("sha256") != hashlib.sha256(data).hexdigest():
+            return None, f"checksum mismatch ({len(data)} bytes, {recorded.get('bytes')} committed)"
+        try:
+            meta = pq.read_metadata(pa.BufferReader(data))
         except (OSError, pa.ArrowException):
-            return None
+            return None, "not a readable Parquet file"
         columns = meta.schema.to_arrow_schema().remove_metadata()
-        ok = any(columns.equals(known) for known in CHUNK_COLUMNS_BY_VERSION.values())
-        return meta.num_rows if ok else None
+        if not any(columns.equals(known) for known in CHUNK_COLUMNS_BY_VERSION.values()):
+            return None, "not the lake's chunk schema"
+        return meta.num_rows, ""
 
-    def valid_parts(self, run_id: str | None = None) -> list[str]:
-        return [p for p in self.parts(run_id) if self.part_rows(p) is not None]
+    @staticmethod
+    def part_key(path: str) -> tuple[str, str]:
+        """(task_id, method) of a part path."""
+        method = path.rsplit("/", 2)[-2].split("=", 1)[1]
+        return path.rsplit("/", 1)[-1][len("part-") : -len(".parquet")], method
 
-    def inventory(self, run_id: str) -> tuple[dict[tuple[str, str], int], list[str]]:
-        """Valid parts of a run as {(task_id, method): rows}, and the paths of damaged ones."""
-        valid: dict[tuple[str, str], int] = {}
-        damaged = []
-        for path in self.parts(run_id):
-            rows = self.part_rows(path)
-            if rows is None:
-                damaged.append(path)
-                continue
-            method = path.rsplit("/", 2)[-2].split("=", 1)[1]
-            valid[(path.rsplit("/", 1)[-1][len("part-") : -len(".parquet")], method)] = rows
-        return valid, damaged
+    @staticmethod
+    def part_run_id(path: str) -> str:
+        return path.rsplit("/", 3)[-3].split("=", 1)[1]
 
     def delete(self, paths: list[str]) -> None:
+        """Delete ``paths`` and, for parts, their checksum files."""
         for path in paths:
-            self.fs.delete_file(path)
+            self._discard(path)
+            if path.endswith(".parquet"):
+                self._discard(path + CHECKSUM_SUFFIX)
 
-    def temporaries(self, run_id: str) -> list[str]:
-        """Leftovers of a killed writer of this run (``*.tmp-*``): never read, removed on resume."""
+    def leftovers(self, run_id: str) -> list[str]:
+        """What a killed or failed writer of this run left: temporaries (``*.tmp-*``, never
+        read) and checksum files whose part is gone. Removed on resume."""
         selector = pafs.FileSelector(self.path("chunks", f"run_id={run_id}"), recursive=True, allow_not_found=True)
-        return [i.path for i in self.fs.get_file_info(selector) if ".tmp-" in i.base_name]
+        infos = self.fs.get_file_info(selector)
+        present = {i.path for i in infos}
+        return [
+            i.path
+            for i in infos
+            if ".tmp-" in i.base_name
+            or (i.base_name.endswith(CHECKSUM_SUFFIX) and i.path[: -len(CHECKSUM_SUFFIX)] not in present)
+        ]
 
     def run_ids(self) -> list[str]:
         selector = pafs.FileSelector(self.path("runs"), allow_not_found=True)
@@ -160,7 +239,10 @@ class Lake:
         self._atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
 
     def write_spec(self, run_id: str, spec: dict) -> None:
-        self.write_json(self.run_dir(run_id) + "/spec.json", {**spec, "run_id": run_id, "created_at": _now()})
+        """spec.json; ``part_checksums`` tells readers that every part of this run has a
+        checksum file, so one without is damaged (runs from before checksums have none)."""
+        payload = {**spec, "run_id": run_id, "created_at": _now(), "part_checksums": "sha256"}
+        self.write_json(self.run_dir(run_id) + "/spec.json", payload)
 
     def write_status(self, run_id: str, status: dict) -> None:
         self.write_json(self.run_dir(run_id) + "/status.json", {**status, "run_id": run_id, "finished_at": _now()})
@@ -185,17 +267,34 @@ class Lake:
         self._atomic_parquet(path, table)
 
     def _atomic_parquet(self, path: str, table: pa.Table) -> None:
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        pq.write_table(table, tmp, filesystem=self.fs)
-        self.fs.move(tmp, path)
+        """The part, then its checksum file: a crash between the two leaves a part without a
+        checksum, which :meth:`verify_part` calls damaged, so a resume redoes its task."""
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        data = sink.getvalue().to_pybytes()
+        self._atomic(path, data)
+        checksum = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "rows": table.num_rows}
+        self._atomic(path + CHECKSUM_SUFFIX, json.dumps(checksum, sort_keys=True).encode())
 
     def _atomic(self, path: str, data: bytes) -> None:
+        """Write under a temporary name, then rename; a failed write (disk full) removes its
+        temporary, so nothing half-written outlives it."""
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with self.fs.open_output_stream(tmp) as out:
-            out.write(data)
-        self.fs.move(tmp, path)
+        try:
+            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            with self.fs.open_output_stream(tmp) as out:
+                out.write(data)
+            self.fs.move(tmp, path)
+        except BaseException:
+            self._discard(tmp)
+            raise
+
+    def _discard(self, path: str) -> None:
+        """Delete ``path`` if it is there; a cleanup must never hide the error that caused it."""
+        try:
+            self.fs.delete_file(path)
+        except OSError:
+            pass
 
 
 def new_run_id() -> str:

@@ -8,7 +8,9 @@ from importlib import resources
 import duckdb
 import pyarrow as pa
 
+from orchestrator import integrity
 from orchestrator.errors import KvorchError
+from orchestrator.integrity import RunAudit
 from orchestrator.lake import Lake
 from workers.schema import (
     CHUNK_SCHEMA,
@@ -47,17 +49,22 @@ def query_text(name: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with the lake's tables as views (hive partitions as columns).
+def connect(lake: Lake, audits: dict[str, RunAudit] | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory, read-only DuckDB with the lake's tables as views (hive partitions as columns).
 
-    A table with no files yet (a run still starting) is an empty view of its schema, so
-    queries fail only on what they ask, never on what is merely not written yet. Parts written
-    under a schema this kvorch cannot read stop here, with the fix, before any query runs.
+    ``chunks`` holds only parts whose checksum verifies and whose task is done
+    (``orchestrator/integrity.py``; ``audits`` when the caller already has them), so a damaged
+    part or a task cut short never enters a number. A table with no files yet (a run still
+    starting) is an empty view of its schema, so queries fail only on what they ask, never on
+    what is merely not written yet. Parts written under a schema this kvorch cannot read stop
+    here, with the fix, before any query runs. Once the views exist the connection is locked
+    (:func:`lock_down`): queries read the lake and nothing else.
     """
     if not lake.run_ids() and not lake.exists("scores") and not lake.exists("heads"):
         raise KvorchError(f"lake {lake.uri} has no runs; run kvorch submit --lake {lake.uri} first")
     con = duckdb.connect()
-    parts = lake.valid_parts()  # a part damaged by a crash is skipped here, and redone by a resume
+    audits = integrity.audit_lake(lake) if audits is None else audits
+    parts = sorted(path for run in audits.values() for path in run.readable)
     try:
         doc_files = [row[0] for row in con.execute("SELECT file FROM glob($g)", {"g": lake.glob("docs")}).fetchall()]
     except duckdb.IOException:
@@ -81,7 +88,41 @@ def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
         con.execute(f"CREATE VIEW statuses AS {_EMPTY_STATUSES}")
     con.execute("CREATE VIEW workers AS SELECT run_id, unnest(workers, recursive := true) FROM statuses")
     _create_macros(con)
+    lock_down(con, lake)
     return con
+
+
+def lock_down(con: duckdb.DuckDBPyConnection, lake: Lake) -> None:
+    """From here on the connection reads files inside the lake only, installs and loads no
+    extension, and cannot undo this (``lock_configuration``). DuckDB's own guards, not ours:
+    ``read_csv('/etc/passwd')`` or ``ATTACH`` fail with a permission error. Writes into the lake
+    (``COPY ... TO``) are still possible at this level; ``kvorch sql`` refuses every statement
+    but a query (:func:`check_read_only`)."""
+    con.execute(f"SET allowed_directories = [{_quote(lake.root.rstrip('/') + '/')}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET lock_configuration = true")
+
+
+# Statements that only read: a query, or the plan of one. DESCRIBE, SHOW and SUMMARIZE parse as SELECT.
+READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")
+
+
+def check_read_only(sql: str) -> None:
+    """A one-line KvorchError unless every statement of ``sql`` only reads (COPY, CREATE,
+    INSERT, ATTACH, SET, INSTALL, ... are refused before anything runs)."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise KvorchError(f"query failed: {str(exc).splitlines()[0]}") from None
+    for statement in statements:
+        kind = statement.type.name
+        if kind not in READ_ONLY_STATEMENTS:
+            raise KvorchError(
+                f"kvorch sql is read-only: {kind} statements are refused ({statement.query.strip()[:60]!r}); "
+                "use SELECT queries over the views chunks, docs, runs, statuses, workers, scores, heads"
+            )
 
 
 def metrics_of(rows: pa.Table) -> list[dict]:

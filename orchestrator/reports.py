@@ -13,11 +13,11 @@ from typing import Any
 
 import duckdb
 
-from orchestrator import incomplete
+from orchestrator import incomplete, integrity
 from orchestrator.densities import DEFAULT_DENSITIES, parse_densities
 from orchestrator.errors import KvorchError
 from orchestrator.formatting import render
-from orchestrator.lake import Lake
+from orchestrator.lake import Lake, check_run_id
 from orchestrator.queries import connect, latest_run, run_named
 
 # Report table -> what it shows; each is sql/<name>.sql.
@@ -43,14 +43,35 @@ class Table:
 
 
 class RunReport:
-    """One run of a lake, open for queries; validates the run and the report parameters once."""
+    """One run of a lake, open for queries; validates the run and the report parameters once.
 
-    def __init__(self, lake: Lake, run_id: str | None = None) -> None:
+    A run with damaged parts or tasks not done is refused: its means would silently cover other
+    documents than a complete run's (a truncated baseline part once turned +2.5 % into -30 %).
+    ``allow_incomplete`` reports what it has, and :meth:`incomplete_mark` says so.
+    """
+
+    def __init__(self, lake: Lake, run_id: str | None = None, allow_incomplete: bool = False) -> None:
         self.lake = lake
-        self.con = connect(lake)
-        self.run_id = run_id or latest_run(self.con)
+        audits = integrity.audit_lake(lake)
+        self.con = connect(lake, audits)
+        self.run_id = check_run_id(run_id, "--run") if run_id is not None else latest_run(self.con)
         if self.run_id not in lake.run_ids():
             raise KvorchError(f"run {self.run_id!r} is not in lake {lake.uri}; runs there: {', '.join(lake.run_ids())}")
+        self.audit = audits.get(self.run_id) or integrity.audit(lake, self.run_id)
+        if not self.audit.complete and not allow_incomplete:
+            raise KvorchError(
+                f"run {self.run_id} is incomplete: {self.audit.problem()}; {integrity.repair_hint(self.run_id)}, "
+                "or pass --allow-incomplete to report what it has"
+            )
+
+    def incomplete_mark(self) -> str:
+        """One line for a report over an incomplete run ("" for a complete one)."""
+        if self.audit.complete:
+            return ""
+        return (
+            f"INCOMPLETE RUN {self.run_id}: {self.audit.problem()}; these numbers cover only its "
+            f"{len(self.audit.done)} done task(s)"
+        )
 
     def table(
         self, name: str, densities: Sequence[float] = parse_densities(DEFAULT_DENSITIES), reference: str = "baseline"

@@ -2,8 +2,9 @@
 
 A run is identified by the canonical hash of what determines its rows (the spec minus pure
 scheduling choices, plus each document's content hash), stored in spec.json. A resume
-computes only the tasks whose parts are not all present and valid; a different spec under the
-same run id is refused, because mixing rows of two specs in one run would corrupt it.
+computes only the tasks whose parts are not all present and sound (``orchestrator/integrity.py``);
+a different spec under the same run id is refused, because mixing rows of two specs in one run
+would corrupt it. A finished run whose parts were damaged since is resumed too: that repairs it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from orchestrator import integrity
 from orchestrator.errors import KvorchError
 from orchestrator.lake import Lake, new_run_id
 
@@ -63,21 +65,9 @@ def choose_run(lake: Lake, run_id: str | None, fingerprint: str, spec_json: dict
         return Target(run_id, stored)
     for candidate in reversed(lake.run_ids()):
         stored = lake.read_spec(candidate)
-        if stored and stored.get("spec_hash") == fingerprint and _resumable(lake.read_status(candidate)):
+        if stored and stored.get("spec_hash") == fingerprint and _resumable(lake, candidate):
             return Target(candidate, stored)
     return Target(new_run_id(), None)
-
-
-def done_tasks(valid_parts: dict[tuple[str, str], int], tasks: dict[str, list[str]] | list[str]) -> set[str]:
-    """Tasks whose every part (one per method) is present and valid. A task with a part missing
-    or damaged is not done: its re-run writes all its parts again, renaming over the old ones.
-
-    ``tasks`` is spec.json's ``{task_id: [methods]}``; runs from before resumable runs stored a
-    bare list of ids, for which any valid part counts (they are never resumed, only shown).
-    """
-    if isinstance(tasks, list):
-        return {t for t, _ in valid_parts if t in tasks}
-    return {t for t, methods in tasks.items() if all((t, m) in valid_parts for m in methods)}
 
 
 def running_status() -> dict:
@@ -85,18 +75,35 @@ def running_status() -> dict:
     return {"status": "running", "driver": {"host": platform.node(), "pid": os.getpid()}, "heartbeat": time.time()}
 
 
-def _resumable(status: dict | None) -> bool:
-    """Unfinished, and not being worked on by a live driver."""
-    if status is None:
-        return True
-    if status.get("status") == "finished":
+def driver_alive(status: dict | None) -> bool:
+    """Whether the driver a ``running`` status names is still at work: on this host, its pid
+    lives; on another, its heartbeat is recent. False for any other status."""
+    if not status or status.get("status") != "running":
         return False
-    if status.get("status") != "running":
-        return True
     driver = status.get("driver", {})
     if driver.get("host") == platform.node():
-        return not _pid_alive(int(driver.get("pid", 0)))
-    return time.time() - float(status.get("heartbeat", 0)) > STALE_AFTER_SECONDS
+        return _pid_alive(int(driver.get("pid", 0)))
+    return time.time() - float(status.get("heartbeat", 0)) <= STALE_AFTER_SECONDS
+
+
+def shown_state(status: dict | None) -> str:
+    """A run's state as ``kvorch status`` shows it: a running run whose driver died (SIGKILL,
+    a lost host) is ``interrupted (driver gone)``, not running forever."""
+    state = (status or {}).get("status", "unknown")
+    if state == "running" and not driver_alive(status):
+        return "interrupted (driver gone)"
+    return state
+
+
+def _resumable(lake: Lake, run_id: str) -> bool:
+    """Not being worked on by a live driver, and unfinished or finished but since damaged (a
+    part that no longer verifies): the same command then repairs it instead of starting over."""
+    status = lake.read_status(run_id, damaged_ok=True)
+    if driver_alive(status):
+        return False
+    if status is None or status.get("status") != "finished":
+        return True
+    return not integrity.audit(lake, run_id).complete
 
 
 def _pid_alive(pid: int) -> bool:

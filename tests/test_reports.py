@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.densities import parse_densities
 from orchestrator.errors import KvorchError
+from orchestrator.integrity import audit
 from orchestrator.lake import Lake
 from orchestrator.queries import connect
 from orchestrator.reports import RunReport
@@ -324,7 +324,7 @@ def test_parts_of_another_schema_version_fail_clearly(tmp_path, version, message
     metadata = {} if version is None else {"kvorch_schema_version": version}
     table = pa.Table.from_pylist(three_doc_rows()[:1], schema=ROW_SCHEMA).drop_columns(["method"])
     foreign = table.cast(CHUNK_SCHEMA.with_metadata(metadata) if metadata else CHUNK_SCHEMA.remove_metadata())
-    pq.write_table(foreign, lake.part_path("r", "baseline", "old"))
+    lake.write_table(lake.part_path("r", "baseline", "old"), foreign)  # committed, checksum and all
     before = snapshot(tmp_path / "lake")
     with pytest.raises(KvorchError, match=message):
         connect(lake)
@@ -342,7 +342,8 @@ def test_parts_of_schema_version_1_are_still_read(tmp_path):
     lake.write_table(
         lake.part_path("old", "baseline", "t0"), old.replace_schema_metadata({"kvorch_schema_version": "1"})
     )
-    assert lake.inventory("old") == ({("t0", "baseline"): len(old)}, [])
+    found = audit(lake, "old")
+    assert (found.sound, found.damaged) == ({("t0", "baseline"): len(old)}, {})
     assert RunReport(lake, "old").table("compare").records()
     con = connect(lake)
     by_run = dict(con.execute("SELECT run_id, max(kv_cache_bytes) FROM chunks GROUP BY run_id").fetchall())

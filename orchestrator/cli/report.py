@@ -10,9 +10,21 @@ from orchestrator.lake import Lake
 from orchestrator.reports import TABLES, RunReport, render_tables
 
 
-def comparison(lake: Lake, run_id: str | None, fmt: str) -> str:
+def comparison(lake: Lake, run_id: str | None, fmt: str, allow_incomplete: bool = False) -> str:
     """The rendered comparison table of ``run_id`` (default: the newest run in the lake)."""
-    return render_tables([RunReport(lake, run_id).table("compare")], fmt)
+    report = RunReport(lake, run_id, allow_incomplete)
+    return marked(report, render_tables([report.table("compare")], fmt), fmt)
+
+
+def marked(report: RunReport, rendered: str, fmt: str) -> str:
+    """``rendered`` with the run's incomplete mark on top; machine formats (csv, json) stay
+    parseable and get the mark on stderr only."""
+    mark = report.incomplete_mark()
+    if mark:
+        click.echo(f"kvorch: warning: {mark}", err=True)
+        if fmt in ("table", "markdown"):
+            return f"{mark}\n{rendered}"
+    return rendered
 
 
 @click.command("report")
@@ -42,6 +54,12 @@ def comparison(lake: Lake, run_id: str | None, fmt: str) -> str:
     default=None,
     help="Also write frontier.png, by_position.png and index.html into this directory (default: no plots).",
 )
+@click.option(
+    "--allow-incomplete",
+    is_flag=True,
+    default=False,
+    help="Report a run with damaged parts or unfinished tasks anyway, marked as incomplete.",
+)
 @format_option
 @click.pass_context
 def command(
@@ -52,6 +70,7 @@ def command(
     densities: str,
     reference: str,
     plot_dir: str | None,
+    allow_incomplete: bool,
     fmt: str,
 ) -> None:
     """Print report tables of a run (default: the comparison table of the newest run).
@@ -62,8 +81,8 @@ def command(
     names = list(TABLES) if "all" in tables else list(dict.fromkeys(tables))
     if ctx.get_parameter_source("densities") is not click.core.ParameterSource.DEFAULT and "frontier" not in names:
         names.append("frontier")
-    report = RunReport(Lake(lake), run_id)
-    click.echo(render_tables([report.table(n, targets, reference) for n in names], fmt))
+    report = RunReport(Lake(lake), run_id, allow_incomplete)
+    click.echo(marked(report, render_tables([report.table(n, targets, reference) for n in names], fmt), fmt))
     for line in report.incomplete_warnings():
         click.echo(line, err=True)
     if plot_dir is not None:

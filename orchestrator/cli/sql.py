@@ -1,15 +1,22 @@
-"""``kvorch sql``: any query over the lake, with views chunks, runs and docs."""
+"""``kvorch sql``: any read-only query over the lake's views.
+
+The lake holds hours of GPU time, so this command can read it and nothing else: statements other
+than queries are refused, and DuckDB itself is locked to the lake's directory with no extension
+installs (``orchestrator/queries.py``). Runs with damaged parts or unfinished tasks are named on
+stderr: their missing rows are left out of ``chunks``, never half counted.
+"""
 
 from __future__ import annotations
 
 import click
 import duckdb
 
+from orchestrator import integrity
 from orchestrator.cli.options import format_option, lake_option
 from orchestrator.errors import KvorchError
 from orchestrator.formatting import render
 from orchestrator.lake import Lake
-from orchestrator.queries import connect
+from orchestrator.queries import check_read_only, connect
 
 
 @click.command("sql")
@@ -17,8 +24,18 @@ from orchestrator.queries import connect
 @format_option
 @click.argument("query")
 def command(lake: str, fmt: str, query: str) -> None:
-    """Run QUERY (DuckDB SQL) over the lake's views chunks, runs and docs."""
-    con = connect(Lake(lake))
+    """Run QUERY (read-only DuckDB SQL) over the lake's views.
+
+    Views: chunks, docs, runs, statuses, workers, scores, heads, and the macros of sql/_macros.sql.
+    Only SELECT (with DESCRIBE, SHOW, SUMMARIZE) and EXPLAIN run; files outside the lake cannot be read.
+    """
+    check_read_only(query)
+    target = Lake(lake)
+    audits = integrity.audit_lake(target)
+    con = connect(target, audits)
+    for run_id, audit in audits.items():
+        if audit.damaged:
+            click.echo(f"kvorch: warning: run {run_id}: {audit.problem()}; its rows are left out of chunks", err=True)
     try:
         result = con.execute(query)
     except duckdb.Error as exc:

@@ -1,4 +1,4 @@
-"""``kvorch status``: a run's progress from the lake alone (spec.json's tasks vs valid parts).
+"""``kvorch status``: a run's progress from the lake alone (spec.json's tasks vs verified parts).
 
 It needs no Ray and no driver, so it works from any machine that can read the lake, while a
 run is going, after a crash, or for a job submitted with ``--detach``.
@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import click
 
-from orchestrator import incomplete
+from orchestrator import incomplete, integrity
 from orchestrator.cli.options import format_option, lake_option
 from orchestrator.errors import KvorchError
 from orchestrator.formatting import render
-from orchestrator.lake import Lake
-from orchestrator.resume import done_tasks
+from orchestrator.integrity import RunAudit
+from orchestrator.lake import Lake, check_run_id
+from orchestrator.resume import shown_state
 
 COLUMNS = [
     "run_id",
@@ -28,29 +29,28 @@ COLUMNS = [
 ]
 
 
-def run_progress(lake: Lake, run_id: str) -> list:
-    """One row of COLUMNS for ``run_id``."""
+def run_progress(lake: Lake, run_id: str, audit: RunAudit) -> list:
+    """One row of COLUMNS for ``run_id``: every count from the verified parts, none from memory."""
     spec = lake.read_spec(run_id)
     if spec is None:
         raise KvorchError(
             f"run {run_id!r} has no spec.json in lake {lake.uri}; runs there: {', '.join(lake.run_ids())}"
         )
-    tasks = spec.get("tasks", {})
-    valid, damaged = lake.inventory(run_id)
     status = lake.read_status(run_id) or {}
-    state = status.get("status", "unknown")
-    done = done_tasks(valid, tasks)
-    if state == "running" and len(done) == len(tasks):
+    state = shown_state(status)
+    if state == "running" and not audit.missing:
         state = "running (all parts written)"
+    if state == "finished" and not audit.complete:
+        state = "finished, then damaged"
     return [
         run_id,
         state,
-        len(done),
-        len(tasks),
-        sum(valid.values()),
+        len(audit.done),
+        len(audit.planned),
+        audit.rows,
         len(status.get("failures", {})),
         len(incomplete.by_config(incomplete.recorded(status))),
-        len(damaged),
+        len(audit.damaged),
         spec.get("created_at"),
     ]
 
@@ -62,12 +62,17 @@ def run_progress(lake: Lake, run_id: str) -> list:
 def command(lake: str, run_id: str | None, fmt: str) -> None:
     """Show runs' progress from the lake alone: tasks done / planned, rows, failures, incomplete configs."""
     target = Lake(lake)
-    runs = [run_id] if run_id else target.run_ids()
+    runs = [check_run_id(run_id, "--run")] if run_id is not None else target.run_ids()
     if not runs:
         raise KvorchError(f"lake {target.uri} has no runs; run kvorch submit --lake {target.uri} first")
-    click.echo(render(COLUMNS, [run_progress(target, r) for r in runs], fmt))
+    audits = {r: integrity.audit(target, r) for r in runs}
+    click.echo(render(COLUMNS, [run_progress(target, r, audits[r]) for r in runs], fmt))
     for r in runs:
         status = target.read_status(r) or {}
+        if status.get("reason"):
+            click.echo(f"{r} {status.get('status')}: {status['reason']}", err=True)
+        for path, why in sorted(audits[r].damaged.items()):
+            click.echo(f"{r} damaged part {path}: {why}; {integrity.repair_hint(r)}", err=True)
         for task_id, error in status.get("failures", {}).items():
             click.echo(f"{r} {task_id} failed: {error}", err=True)
         for record in incomplete.recorded(status):
