@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.errors import KvorchError
@@ -74,8 +75,9 @@ def _embedded() -> list[Document]:
 
 def _jsonl(path: Path) -> list[Document]:
     docs = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            line = _decode(raw, f"{path}:{number}")
             if not line.strip():
                 continue
             try:
@@ -92,10 +94,18 @@ def _jsonl(path: Path) -> list[Document]:
 
 
 def _parquet(path: Path) -> list[Document]:
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise KvorchError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
     if "text" not in table.column_names:
         raise KvorchError(
             f"{path}: no column 'text'; the Parquet corpus needs a string column 'text' (and optionally 'id')"
+        )
+    text_type = table.schema.field("text").type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise KvorchError(
+            f"{path}: column 'text' holds {text_type}, not strings; store the documents' text as a string column"
         )
     texts = table.column("text").to_pylist()
     ids = (
@@ -110,4 +120,15 @@ def _text_dir(path: Path) -> list[Document]:
     files = sorted(path.glob("*.txt"))
     if not files:
         raise KvorchError(f"{path} has no .txt files; put one document per .txt file there")
-    return [Document(f.stem, f.read_text(encoding="utf-8", errors="replace"), str(f)) for f in files]
+    return [Document(f.stem, _decode(f.read_bytes(), str(f)), str(f)) for f in files]
+
+
+def _decode(data: bytes, where: str) -> str:
+    """UTF-8 text, or a KvorchError naming the file (and line) and the first bad byte: replacing
+    bad bytes silently would evaluate, and hash, a text the user never wrote."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise KvorchError(
+            f"{where}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); save the corpus as UTF-8"
+        ) from None

@@ -30,6 +30,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
 from orchestrator import incomplete
+from orchestrator.cluster_connect import DEFAULT_CONNECT_TIMEOUT, join_cluster
 from orchestrator.errors import KvorchError
 from workers.actor import MODEL_LEVEL, EvalWorker, Task, TaskResult, WorkerSettings
 from workers.configs import EvalConfig
@@ -63,8 +64,9 @@ class PoolResult:
     workers: list[dict] = field(default_factory=list)
 
 
-def start_ray(address: str | None, namespace: str) -> bool:
-    """Join ``address`` (a cluster) or start an embedded local Ray; returns whether it started one.
+def start_ray(address: str | None, namespace: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> bool:
+    """Join ``address`` (a cluster, within ``connect_timeout`` s) or start an embedded local Ray;
+    returns whether it started one.
 
     The embedded Ray starts its dashboard on 127.0.0.1 when ``ray[default]`` is installed and
     prints its URL. Already initialized (tests, notebooks): nothing to do.
@@ -72,7 +74,7 @@ def start_ray(address: str | None, namespace: str) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, namespace=namespace, log_to_driver=False)
+        join_cluster(address, namespace, connect_timeout)
         return False
     # address="local": a new Ray of our own, never a cluster someone `ray start`-ed on this host.
     context = ray.init(

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 
 from orchestrator import driver
+from orchestrator.cluster_connect import DEFAULT_CONNECT_TIMEOUT
 from orchestrator.corpus import load_corpus
 from orchestrator.errors import KvorchError
 from orchestrator.head_analysis import ClassifierSettings, head_table
@@ -86,7 +87,9 @@ class Analysis:
     n_docs: int
 
 
-def analyze(spec: AnalysisSpec, lake: Lake, address: str | None) -> Analysis:
+def analyze(
+    spec: AnalysisSpec, lake: Lake, address: str | None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+) -> Analysis:
     """Measure, classify and write one head table; returns where it is."""
     try:
         resolve_model(spec.model)
@@ -105,7 +108,7 @@ def analyze(spec: AnalysisSpec, lake: Lake, address: str | None) -> Analysis:
             f"no document of corpus {spec.corpus} (after the first {spec.skip_docs}) is longer than "
             f"--min-position {spec.probe.min_position} tokens; lower --min-position or use longer documents"
         )
-    driver.start_ray(address, namespace="kvorch-heads")
+    driver.start_ray(address, "kvorch-heads", connect_timeout)
     pool = driver.plan_pool(spec.actors, spec.device)
     settings = WorkerSettings(
         spec.model,

@@ -19,13 +19,16 @@ from importlib import metadata
 import pyarrow as pa
 import ray
 
-from orchestrator import batching, calibration, compile_check, driver, incomplete
+from orchestrator import batching, calibration, compile_check, driver, incomplete, integrity
+from orchestrator.cluster_connect import DEFAULT_CONNECT_TIMEOUT
 from orchestrator.corpus import load_corpus
+from orchestrator.endings import ending, failed_tasks_line, interrupts_as_exceptions, write_final_status
 from orchestrator.errors import KvorchError
-from orchestrator.lake import Lake
+from orchestrator.lake import Lake, check_run_id
 from orchestrator.planner import TokenizedDocument, check_lengths, default_shards, plan_tasks
 from orchestrator.progress import Progress
-from orchestrator.resume import HEARTBEAT_SECONDS, choose_run, done_tasks, running_status, spec_hash
+from orchestrator.resume import HEARTBEAT_SECONDS, choose_run, running_status, spec_hash
+from orchestrator.run_lock import RunLock
 from orchestrator.spec import JobSpec
 from workers import tokenization
 from workers.actor import Task, WorkerSettings
@@ -52,13 +55,17 @@ def submit(
     resume: bool = False,
     max_retries: int = driver.DEFAULT_MAX_RETRIES,
     gpus_per_actor: float | None = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> JobResult:
     """Run ``spec`` into ``lake``: a fresh run, or the missing tasks of an unfinished one.
 
-    ``resume`` means ``run_id`` must already exist. Ctrl-C (KeyboardInterrupt) keeps every
-    finished part, records the run as interrupted, shuts down an embedded Ray and re-raises.
+    ``resume`` means ``run_id`` must already exist. Ctrl-C or SIGTERM (``endings.interrupts_as_exceptions``)
+    keeps every finished part, records the run as interrupted, shuts down an embedded Ray and
+    re-raises. One driver per run: a run another live driver computes is refused (``RunLock``).
     """
     tic = time.perf_counter()
+    if run_id is not None:
+        check_run_id(run_id, "--resume" if resume else "--run-id")
     try:
         resolve_model(spec.model)
     except ValueError as exc:
@@ -81,26 +88,29 @@ def submit(
     target = choose_run(lake, run_id, fingerprint, spec_json, must_exist=resume)
     run_id, previous = target.run_id, target.previous
 
-    started_ray = driver.start_ray(address, namespace=f"kvorch-{run_id}")
-    try:
-        return _run(
-            spec,
-            lake,
-            run_id,
-            previous,
-            fingerprint,
-            recorded,
-            docs,
-            docs_table,
-            held_out,
-            tic,
-            show_progress=show_progress,
-            max_retries=max_retries,
-            gpus_per_actor=gpus_per_actor,
-        )
-    finally:
-        if started_ray:
-            ray.shutdown()
+    with RunLock(lake, run_id):
+        started_ray = driver.start_ray(address, f"kvorch-{run_id}", connect_timeout)
+        # After Ray starts: its core worker installs a SIGTERM handler of its own, which ours replaces.
+        try:
+            with interrupts_as_exceptions():
+                return _run(
+                    spec,
+                    lake,
+                    run_id,
+                    previous,
+                    fingerprint,
+                    recorded,
+                    docs,
+                    docs_table,
+                    held_out,
+                    tic,
+                    show_progress=show_progress,
+                    max_retries=max_retries,
+                    gpus_per_actor=gpus_per_actor,
+                )
+        finally:
+            if started_ray:
+                ray.shutdown()
 
 
 def _run(
@@ -149,9 +159,11 @@ def _run(
         # Claim the run before spec.json exists, so no other submission takes it for an abandoned one.
         lake.write_status(run_id, {**running_status(), incomplete.STATUS_KEY: incomplete.recorded(earlier)})
         if previous:
-            valid, damaged = lake.inventory(run_id)
-            lake.delete(damaged + lake.temporaries(run_id))
-            done = done_tasks(valid, previous["tasks"])
+            # Damaged parts (checksum, truncation, a write cut short) and leftovers go; their
+            # tasks are not done, so they run again and end with exactly a clean run's rows.
+            found = integrity.audit(lake, run_id)
+            lake.delete(sorted(found.damaged) + lake.leftovers(run_id))
+            done = found.done
         else:
             done = set()
             lake.write_spec(
@@ -186,7 +198,13 @@ def _run(
         recorded = 0
 
         def on_rows(task: Task, rows: pa.Table) -> int:
-            return lake.write_rows(run_id, task.task_id, rows, [c.method for c in task.configs])
+            try:
+                return lake.write_rows(run_id, task.task_id, rows, [c.method for c in task.configs])
+            except OSError as exc:  # disk full, quota, a lost mount: stop, keep what is written
+                raise KvorchError(
+                    f"cannot write to lake {lake.uri} ({exc.strerror or exc}); free space or fix the lake, "
+                    "then run the same command again: finished tasks are kept"
+                ) from None
 
         def on_progress(task: Task, succeeded: bool, state: driver.PoolResult) -> None:
             nonlocal last_beat, recorded
@@ -198,21 +216,24 @@ def _run(
                 lake.write_status(run_id, {**running_status(), incomplete.STATUS_KEY: failures})
                 last_beat, recorded = time.monotonic(), len(state.config_failures)
 
-        status = "interrupted"
+        status, reason = "interrupted", "the driver stopped"
         result = driver.PoolResult()
         try:
             if todo:
                 driver.run_pool(todo, workers, result, on_rows, on_progress, max_retries)
             status = "failed" if result.failures else "finished"
-        except KvorchError:
-            status = "failed"
+            reason = failed_tasks_line(result.failures, len(tasks)) if result.failures else ""
+        except BaseException as exc:
+            status, reason = ending(exc)
             raise
         finally:
             progress.close()
-            lake.write_status(
+            write_final_status(
+                lake,
                 run_id,
                 {
                     "status": status,
+                    "reason": reason,
                     "rows": result.rows_written,
                     "tasks_total": len(tasks),
                     "tasks_resumed": len(done),

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from orchestrator import driver
+from orchestrator.cluster_connect import DEFAULT_CONNECT_TIMEOUT
 from orchestrator.corpus import load_corpus
 from orchestrator.errors import KvorchError
 from workers import tokenization
@@ -92,9 +93,14 @@ def prepare_documents(spec: TrainSpec) -> list[TargetDocument]:
     return docs
 
 
-def extract(docs: list[TargetDocument], spec: TrainSpec, address: str | None) -> list[TargetSamples]:
+def extract(
+    docs: list[TargetDocument],
+    spec: TrainSpec,
+    address: str | None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+) -> list[TargetSamples]:
     """Targets of every document on a Ray pool of named actors, one document in flight per actor."""
-    driver.start_ray(address, namespace="kvorch-kvzap")
+    driver.start_ray(address, "kvorch-kvzap", connect_timeout)
     pool = driver.plan_pool(spec.actors, spec.device)
     return driver.map_on_pool(
         TargetWorker,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from orchestrator.cluster_connect import DEFAULT_CONNECT_TIMEOUT
 from orchestrator.corpus import load_corpus
 from orchestrator.errors import KvorchError
 from orchestrator.head_analysis import ClassifierSettings
@@ -49,7 +50,9 @@ def head_ablation_methods(heads: str) -> tuple[str, ...]:
     return tuple(method.format(heads=heads) for method in _HEAD_ABLATION_GRID)
 
 
-def analyze_held_out_heads(spec: JobSpec, lake: Lake, address: str | None) -> str:
+def analyze_held_out_heads(
+    spec: JobSpec, lake: Lake, address: str | None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+) -> str:
     """Classify the model's heads on the corpus documents after the evaluated ones; the table's path."""
     skip = spec.max_docs or 0
     if spec.max_docs is None or len(load_corpus(spec.corpus)) <= skip:
@@ -75,4 +78,4 @@ def analyze_held_out_heads(spec: JobSpec, lake: Lake, address: str | None) -> st
         actors=spec.actors,
         bos=spec.bos,
     )
-    return analyze(analysis, lake, address).path
+    return analyze(analysis, lake, address, connect_timeout).path

@@ -20,6 +20,7 @@ from ray.cluster_utils import Cluster
 from orchestrator.cli import main
 from orchestrator.lake import Lake
 from orchestrator.queries import connect
+from tests.full_disk import full_disk
 from workers.faults import FAULT_ENV
 
 KVORCH = str(Path(sys.executable).parent / "kvorch")
@@ -131,7 +132,7 @@ def test_a_task_that_always_fails_is_recorded_and_the_rest_completes(reference, 
     }
 
 
-def test_a_truncated_part_is_ignored_by_readers_and_redone(reference, tmp_path, tiny_model_dir):
+def test_a_damaged_part_is_never_counted_and_the_same_command_repairs_the_run(reference, tmp_path, tiny_model_dir):
     lake = tmp_path / "lake"
     shutil.copytree(reference[0], lake)
     part = sorted((lake / "chunks" / "run_id=ref" / "method=h2o").glob("part-*.parquet"))[0]
@@ -140,15 +141,46 @@ def test_a_truncated_part_is_ignored_by_readers_and_redone(reference, tmp_path, 
     stray.write_bytes(b"half a file")
 
     readable = rows(lake, "ref")
-    assert len(readable) == len(reference[1]) - 2  # the damaged part's two chunks, nothing else
-    table = json.loads(kvorch("status", "--lake", str(lake), "--run", "ref", "--format", "json").stdout)
-    assert (table[0]["tasks_done"], table[0]["damaged_parts"]) == (2, 1)
+    assert len(readable) == len(reference[1]) - 6  # the damaged part's task, every method of it, nothing else
+    status_result = kvorch("status", "--lake", str(lake), "--run", "ref", "--format", "json")
+    table = json.loads(status_result.stdout)
+    assert (table[0]["status"], table[0]["tasks_done"], table[0]["damaged_parts"]) == ("finished, then damaged", 2, 1)
+    assert f"damaged part {part}" in status_result.stderr
 
-    result = kvorch(*job_args(tiny_model_dir, lake, "--resume", "ref"))
+    # The same command again, without a run id, finds the damaged run and repairs it in place.
+    result = kvorch(*job_args(tiny_model_dir, lake))
     assert result.exit_code == 0, result.output
-    assert "(2 done, 1 to go)" in result.output
+    assert "run ref:" in result.output and "(2 done, 1 to go)" in result.output
     assert rows(lake, "ref") == reference[1]
     assert not stray.exists()
+    assert [p.name for p in (lake / "runs").iterdir()] == ["run_id=ref"]
+
+
+def test_a_disk_that_fills_mid_run_fails_in_one_line_and_the_same_command_resumes(
+    reference, tmp_path, tiny_model_dir, monkeypatch
+):
+    lake = tmp_path / "lake"
+    args = job_args(tiny_model_dir, lake, "--run-id", "r", "--actors", "1")
+    # The disk fills while the second task writes its second part (methods go in name order).
+    disk = full_disk(fills_at=lambda path: "part-s0001-g000.parquet" in path and "method=h2o" in path)
+    monkeypatch.setattr("orchestrator.cli.submit.Lake", lambda uri: Lake(uri, filesystem=disk))
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert errors == [
+        f"Error: cannot write to lake {lake} (No space left on device); free space or fix the lake, "
+        "then run the same command again: finished tasks are kept"
+    ]
+    assert not [p for p in lake.rglob("*") if ".tmp-" in p.name]  # no failed write left a temporary
+    first_task = rows(lake, "r")  # the first task, whole; none of the second task's written part
+    assert len(first_task) == 6 and first_task == [r for r in reference[1] if r[0] == first_task[0][0]]
+
+    monkeypatch.undo()
+    result = kvorch(*args)
+    assert result.exit_code == 0, result.output
+    assert "(1 done, 2 to go)" in result.output
+    assert rows(lake, "r") == reference[1]
+    assert status(lake, "r")["status"] == "finished"
 
 
 def test_a_changed_spec_under_the_same_run_id_is_refused(reference, tmp_path, tiny_model_dir):
@@ -186,21 +218,34 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_keeps_finished_parts_and_records_an_interrupted_run(local_ray, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize(
+    ("sent", "code", "said", "reason"),
+    [
+        (signal.SIGINT, 130, "kvorch: interrupted; finished parts are kept", "interrupted by Ctrl-C"),
+        (signal.SIGTERM, 143, "kvorch: SIGTERM; finished parts are kept", "terminated by SIGTERM"),
+    ],
+)
+def test_ctrl_c_or_sigterm_keeps_finished_parts_and_records_why(
+    local_ray, tmp_path, tiny_model_dir, sent, code, said, reason
+):
     lake = tmp_path / "lake"
     env = {**os.environ, FAULT_ENV: "hang:task=s0001-g000"}
     args = [*job_args(tiny_model_dir, lake, "--run-id", "r", "--actors", "1"), "--address", start_address()]
     proc = subprocess.Popen([KVORCH, *args], env=env, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         wait_for_first_task(proc, lake)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sent)
         _, err = proc.communicate(timeout=120)
     finally:
-        proc.kill()  # a driver that missed Ctrl-C must not hold the shared Ray's CPUs for later tests
-    assert proc.returncode == 130, err
-    assert "interrupted; finished parts are kept" in err
-    assert status(lake, "r")["status"] == "interrupted" and status(lake, "r")["tasks_done"] == ["s0000-g000"]
+        proc.kill()  # a driver that missed the signal must not hold the shared Ray's CPUs for later tests
+    assert proc.returncode == code, err
+    assert said in err
+    recorded = status(lake, "r")
+    assert recorded["status"] == "interrupted" and recorded["tasks_done"] == ["s0000-g000"]
+    assert recorded["reason"].startswith(reason)
     assert len(list(lake.glob("chunks/*/*/part-s0000-g000.parquet"))) == 3
+    shown = json.loads(kvorch("status", "--lake", str(lake), "--format", "json").stdout)
+    assert shown[0]["status"] == "interrupted"
 
 
 @pytest.fixture(scope="module")

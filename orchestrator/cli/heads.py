@@ -79,6 +79,7 @@ def analyze_command(
     device: str,
     actors: int | None,
     address: str | None,
+    connect_timeout: float,
     fmt: str,
 ) -> None:
     """Measure every head's attention over the corpus on Ray, classify it, store heads/ in the lake."""
@@ -103,7 +104,7 @@ def analyze_command(
         bos=bos,
     )
     the_lake = Lake(lake)
-    result = analyze(spec, the_lake, address)
+    result = analyze(spec, the_lake, address, connect_timeout)
     click.echo(summary(connect(the_lake), result.analysis_id, fmt))
     if result.n_docs < FEW_DOCS:
         click.echo(f"note: {result.n_docs} document(s) analysed; confidences are optimistic below {FEW_DOCS}")

@@ -67,6 +67,7 @@ def train(
     device: str,
     actors: int | None,
     address: str | None,
+    connect_timeout: float,
     seed: int,
 ) -> None:
     """Extract KVzip+ targets over the corpus on Ray, fit per layer, write the published format."""
@@ -94,7 +95,7 @@ def train(
         bos=bos,
     )
     docs = prepare_documents(spec)
-    samples = extract(docs, spec, address)
+    samples = extract(docs, spec, address, connect_timeout)
     fitted = fit(samples, spec)
     header = (
         f"model `{model}`, corpus `{corpus}`: {len(docs)} documents x {max_tokens} tokens max (--bos {bos}), "

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import click
 
+from orchestrator.cluster_connect import DEFAULT_CONNECT_TIMEOUT
 from orchestrator.corpus import EMBEDDED_CORPUS
 from orchestrator.formatting import FORMATS
 from orchestrator.lake import DEFAULT_LAKE
@@ -26,11 +29,24 @@ device_option = click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="auto: GPU actors when Ray has GPUs."
 )
 actors_option = click.option("--actors", type=int, default=None, help="Ray actors (default: one per GPU, else one).")
-address_option = click.option(
+_address = click.option(
     "--address",
     default=None,
     help="Ray cluster: 'auto', HOST:6379 or ray://HOST:10001 (default: start an embedded local Ray).",
 )
+_connect_timeout = click.option(
+    "--connect-timeout",
+    type=float,
+    default=DEFAULT_CONNECT_TIMEOUT,
+    help="Seconds to wait for the cluster at --address before failing with what to check.",
+)
+
+
+def address_option(command: Callable) -> Callable:
+    """--address and its --connect-timeout, which always go together."""
+    return _address(_connect_timeout(command))
+
+
 bos_option = click.option(
     "--bos",
     type=click.Choice(BOS_MODES),

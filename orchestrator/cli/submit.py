@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 
 import click
 from click.core import ParameterSource
@@ -18,11 +19,12 @@ from orchestrator.cli.options import (
     lake_option,
     model_option,
 )
-from orchestrator.cli.report import comparison
+from orchestrator.cli.report import comparison, marked
 from orchestrator.densities import parse_densities
 from orchestrator.driver import DEFAULT_MAX_RETRIES
+from orchestrator.endings import stopping_signal
 from orchestrator.errors import KvorchError
-from orchestrator.lake import Lake, new_run_id
+from orchestrator.lake import Lake, check_run_id, new_run_id
 from orchestrator.presets import (
     HEAD_ABLATION,
     PRESET_CHUNK_SIZE,
@@ -188,6 +190,7 @@ def command(
     heads: str | None,
     resume_id: str | None,
     address: str | None,
+    connect_timeout: float,
     detach: bool,
     progress: bool,
     fmt: str,
@@ -201,6 +204,10 @@ def command(
         raise KvorchError("--gpus-per-actor asks for GPUs but --device is cpu; drop one of them")
     if max_retries < 0:
         raise KvorchError(f"--max-retries must be >= 0, got {max_retries}")
+    if run_id is not None:
+        check_run_id(run_id, "--run-id")
+    if resume_id is not None:
+        check_run_id(resume_id, "--resume")
     if resume_id and run_id and resume_id != run_id:
         raise KvorchError(f"--resume {resume_id} and --run-id {run_id} disagree; pass one of them")
     if heads and not preset:
@@ -233,7 +240,7 @@ def command(
     )
     target = Lake(lake)
     if preset and not detach:
-        heads = heads or analyze_held_out_heads(spec, target, address)
+        heads = heads or analyze_held_out_heads(spec, target, address, connect_timeout)
         spec = dataclasses.replace(spec, methods=head_ablation_methods(heads), configs=())
     if detach:
         run_id = resume_id or run_id or new_run_id()
@@ -251,14 +258,20 @@ def command(
             resume=resume_id is not None,
             max_retries=max_retries,
             gpus_per_actor=gpus_per_actor,
+            connect_timeout=connect_timeout,
         )
     except KeyboardInterrupt:
+        if stopping_signal() == "SIGTERM":
+            click.echo("kvorch: SIGTERM; finished parts are kept, run the same command again to resume", err=True)
+            ctx.exit(128 + signal.SIGTERM)
         click.echo("kvorch: interrupted; finished parts are kept, run the same command again to resume", err=True)
         ctx.exit(130)
+    # The run's own table even when tasks failed: marked incomplete, with the failure below.
     if preset:
-        click.echo(render_tables([RunReport(target, result.run_id).table("head_ablation")], fmt))
+        report = RunReport(target, result.run_id, allow_incomplete=True)
+        click.echo(marked(report, render_tables([report.table("head_ablation")], fmt), fmt))
     else:
-        click.echo(comparison(target, result.run_id, fmt))
+        click.echo(comparison(target, result.run_id, fmt, allow_incomplete=True))
     click.echo(f"run {result.run_id}: {result.rows_written} rows in {result.seconds:.1f} s -> {target.uri}", err=True)
     for line in incomplete.warnings(result.run_id, result.config_failures):
         click.echo(line, err=True)

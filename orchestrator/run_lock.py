@@ -1,0 +1,86 @@
+"""One driver per run id: a second ``kvorch submit`` on a run that a live driver is computing is
+refused, instead of both running every task.
+
+On a local lake the claim is an exclusive ``flock`` on ``<lake>/.locks/run_id=<id>.lock``. The
+kernel drops it when the driver exits, however it exits (SIGKILL included), so a claim never
+outlives its driver and never needs a timeout. Other filesystems (object stores) have no locks:
+there a ``running`` status.json whose driver still beats (``resume.driver_alive``) refuses the
+second driver, which is as good as the heartbeat.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+from types import TracebackType
+
+import pyarrow.fs as pafs
+
+from orchestrator.errors import KvorchError
+from orchestrator.lake import Lake, check_run_id
+from orchestrator.resume import driver_alive
+
+LOCKS_DIR = ".locks"
+
+
+class RunLock:
+    """Held for a driver's whole run; a context manager that releases it and removes its file."""
+
+    def __init__(self, lake: Lake, run_id: str) -> None:
+        self.lake, self.run_id = lake, check_run_id(run_id, "run id")
+        self.local = isinstance(lake.fs, pafs.LocalFileSystem)
+        self.path = os.path.join(lake.root, LOCKS_DIR, f"run_id={run_id}.lock")
+        self._fd: int | None = None
+        self._created: list[str] = []
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        if not self.local:
+            status = self.lake.read_status(self.run_id)
+            if driver_alive(status):
+                self._refuse(status.get("driver", {}))
+            return
+        self._created = [d for d in (self.lake.root, os.path.dirname(self.path)) if not os.path.isdir(d)]
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").split()
+                os.close(fd)
+                self._refuse({"pid": holder[0] if holder else "?", "host": holder[1] if len(holder) > 1 else "?"})
+            # The holder before us may have unlinked the file between our open and our lock:
+            # then we hold a lock on a name no one else sees, and must take the new file.
+            if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {platform.node()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        os.unlink(self.path)  # while still locked: a waiter then re-opens a fresh file
+        os.close(self._fd)
+        self._fd = None
+        for directory in reversed(self._created):
+            try:
+                os.rmdir(directory)  # only if empty: a lake the run wrote into stays
+            except OSError:
+                break
+
+    def _refuse(self, driver: dict) -> None:
+        raise KvorchError(
+            f"run {self.run_id} in lake {self.lake.uri} is being computed by another driver "
+            f"(pid {driver.get('pid', '?')} on {driver.get('host', '?')}); wait for it to finish, stop it, "
+            "or pass another --run-id"
+        )
