@@ -1,6 +1,6 @@
 """Named studies that ``kvorch submit --preset`` runs as one command.
 
-``head-ablation`` is the head-aware ablation (seeds/head-aware-ablation-pythia.md) on any
+``head-ablation`` is the head-aware ablation (docs/DESIGN.md, "The head-aware ablation") on any
 model: uniform sinks + window at four contexts, window only, per-class, per-head recommended
 (with and without sinks), confidence-gated and inverse head-aware windows, plus the baseline.
 Its head table comes from ``--heads``, or is analysed first on held-out corpus documents (the

@@ -15,7 +15,7 @@ CREATE OR REPLACE MACRO run_rows(rid) AS TABLE
     ) b USING (doc_id, chunk_index)
     WHERE r.run_id = rid;
 
--- One row per config of a run (DESIGN.md, "Density"):
+-- One row per config of a run (docs/DESIGN.md, "Density"):
 --   press                  the config label without its threshold: one threshold sweep of one
 --                          method with one set of parameters
 --   delta_nll_pct          ΔNLL % vs baseline, summed over the (document, chunk) rows both have

@@ -1,7 +1,7 @@
 -- Method comparison: one row per config of a run. The metrics are defined once, in
 -- _macros.sql (config_metrics): ΔNLL % vs baseline on the same (document, chunk) rows, so a
 -- config evaluated on fewer chunks is neither flattered nor punished by which chunks it saw;
--- the three densities of DESIGN.md; effective context = mean visible keys per query and
+-- the three densities of docs/DESIGN.md, "Density"; effective context = mean visible keys per query and
 -- (layer, kv-head).
 SELECT
     method,

@@ -1,5 +1,5 @@
 """The evaluation protocol against independent references: full-sequence forwards with explicit
-masks, the invariants of DESIGN.md, and batching/backend independence."""
+masks, the invariants of docs/DESIGN.md ("Invariants"), and batching/backend independence."""
 
 from __future__ import annotations
 

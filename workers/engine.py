@@ -1,4 +1,4 @@
-"""The evaluation protocol of DESIGN.md, implemented once.
+"""The evaluation protocol of docs/DESIGN.md ("The evaluation protocol"), implemented once.
 
 A document is fed in chunks; each config of the batch is one batch row with its own
 keep-mask per (layer, kv-head, position). For chunk [s, e) every layer:

@@ -1,7 +1,7 @@
 """The KV cache of one document run: masked (the default) or compact (``--compact``).
 
 Both show a chunk's queries exactly the kept keys before the chunk plus ordinary causal
-attention inside it, so both give the same rows (DESIGN.md: "masking or physical removal —
+attention inside it, so both give the same rows (docs/DESIGN.md: "masking or physical removal —
 both must give the same numbers"); they differ in the memory they hold.
 
 - Masked: one preallocated [B, Hkv, N, D] buffer per layer; evicted entries stay in it and

@@ -37,7 +37,7 @@ CHUNK_SCHEMA = pa.schema(
         pa.field("nll_sum", pa.float64(), nullable=False),
         pa.field("n_tokens", pa.int32(), nullable=False),
         pa.field("n_correct", pa.int32(), nullable=False),
-        # What this chunk's queries could see, summed over layers x kv-heads (DESIGN.md).
+        # What this chunk's queries could see, summed over layers x kv-heads (docs/DESIGN.md, "Density").
         pa.field("keys_total", pa.int64(), nullable=False),
         pa.field("keys_in_window", pa.int64(), nullable=False),
         pa.field("keys_outside_window", pa.int64(), nullable=False),

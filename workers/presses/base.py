@@ -3,7 +3,7 @@
 A press never evicts and never counts. The engine calls :meth:`Press.score` once per
 (layer, chunk) with a :class:`LayerContext` holding what it captured for that layer, writes
 the returned scores into its score buffer, and decides each key once, when the key leaves the
-protected window (DESIGN.md, threshold policy). Higher score = keep.
+protected window (docs/DESIGN.md, "Eviction policies"). Higher score = keep.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Head-aware windows: each attention head keeps its own number of recent keys, plus sinks.
 
-The policies of the head-aware ablation (seeds/head-aware-ablation-pythia.md), with its letters:
+The policies of the head-aware ablation (docs/DESIGN.md, "The head-aware ablation"), with its letters:
 
 - ``uniform``: every head ``base``. A is ``n_sink=0`` (window only), B the default (sinks + window).
 - ``class``: a context per head class (``positional`` / ``mixed`` / ``gathering``): C/D; E is
