@@ -3,9 +3,10 @@
 The policies of the head-aware ablation (docs/DESIGN.md, "The head-aware ablation"), with its letters:
 
 - ``uniform``: every head ``base``. A is ``n_sink=0`` (window only), B the default (sinks + window).
-- ``class``: a context per head class (``positional`` / ``mixed`` / ``gathering``): C/D; E is
-  the same without sinks.
-- ``recommended``: each head's recommended context from the head table: F.
+- ``class``: a context per head class (``positional`` / ``mixed`` / ``gathering``): C/D (named
+  ``C_..._no_sink`` without sinks).
+- ``recommended``: each head's recommended context from the head table: F; E is the same
+  without sinks (``n_sink=0``), as ``sql/head_ablation.sql`` names it.
 - ``gated``: class contexts only for heads classified with confidence >= ``confidence``,
   ``base`` for the rest: G.
 - ``inverse``: ``base`` everywhere, ``gathering`` for confidently gathering heads: H.
