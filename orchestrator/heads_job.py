@@ -23,6 +23,7 @@ from orchestrator.corpus import load_corpus
 from orchestrator.errors import KvorchError
 from orchestrator.head_analysis import ClassifierSettings, head_table
 from orchestrator.lake import Lake
+from orchestrator.spec import engine_settings
 from workers import tokenization
 from workers.actor import EvalWorker, TaskDocument, WorkerSettings
 from workers.engine import EngineSettings
@@ -55,8 +56,14 @@ class AnalysisSpec:
                 f"--max-tokens {self.max_tokens} leaves no query past --min-position {self.probe.min_position}; "
                 "raise --max-tokens or lower --min-position"
             )
-        if self.max_docs < 1 or self.chunk_size < 1:
-            raise KvorchError("--max-docs and --chunk-size must be >= 1")
+        if self.max_docs < 1:
+            raise KvorchError(f"--max-docs must be >= 1, got {self.max_docs}")
+        self.engine_settings()
+
+    def engine_settings(self) -> EngineSettings:
+        """The probe evicts nothing (every key scores +inf), so the window changes no number; it
+        is the chunk size only so that no key is ever outside it."""
+        return engine_settings(chunk_size=self.chunk_size, window=self.chunk_size)
 
     def identity(self) -> dict:
         """What determines the table (not where or on how many actors it is computed)."""
@@ -115,7 +122,7 @@ def analyze(
         resolve_dtype(spec.dtype, pool.device),
         pool.device,
         pool.threads,
-        EngineSettings(spec.chunk_size, spec.chunk_size),
+        spec.engine_settings(),
     )
     stats = driver.map_on_pool(
         EvalWorker,

@@ -69,10 +69,7 @@ class JobSpec:
             raise KvorchError(str(exc).replace("attention backend", "--attn", 1)) from None
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise KvorchError(f"--dtype {self.dtype!r} is unknown; use auto or one of {', '.join(DTYPES)}")
-        try:
-            EngineSettings(self.chunk_size, self.window, self.attn)
-        except ValueError as exc:
-            raise KvorchError(f"{exc}; fix --chunk-size/--window") from None
+        engine_settings(self.chunk_size, self.window, self.attn)
         if not self.configs:
             configs = build_configs(self.methods, self.thresholds, self.policy, self.ratios)
             object.__setattr__(self, "configs", tuple(configs))
@@ -92,7 +89,7 @@ class JobSpec:
     def engine_for(self, device: str) -> EngineSettings:
         """The engine settings on a pool of ``device`` ("cuda" or "cpu"), --compile auto resolved."""
         compile_ = self.compile == "on" or (self.compile == "auto" and device == "cuda")
-        return EngineSettings(self.chunk_size, self.window, self.attn, compile=compile_, compact=self.compact)
+        return engine_settings(self.chunk_size, self.window, self.attn, compile=compile_, compact=self.compact)
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "configs"}
@@ -230,3 +227,13 @@ def _json_float(value: float | None) -> float | str | None:
     if value is None or math.isfinite(value):
         return value
     return str(value)
+
+
+def engine_settings(chunk_size: int, window: int, attn: str = "sdpa", **options: object) -> EngineSettings:
+    """The engine's settings, or a one-line KvorchError naming the options to fix. The engine
+    owns the rules (``EngineSettings.__post_init__``); every command builds its settings here, so
+    a chunk size or window is validated in that one place and reported the same way."""
+    try:
+        return EngineSettings(chunk_size, window, attn, **options)
+    except ValueError as exc:
+        raise KvorchError(f"{exc}; fix --chunk-size/--window") from None

@@ -7,12 +7,10 @@ from pathlib import Path
 import click
 
 from orchestrator.cli.options import bos_option, corpus_option, lake_option, model_option
-from orchestrator.errors import KvorchError
 from orchestrator.inspection import draw_heatmaps, score_document, scores_table, write_scores
 from orchestrator.lake import Lake, new_run_id
-from orchestrator.spec import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_TOKENS, DEFAULT_WINDOW, build_configs
+from orchestrator.spec import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_TOKENS, DEFAULT_WINDOW, build_configs, engine_settings
 from workers.attention import BACKENDS
-from workers.engine import EngineSettings
 
 
 @click.command("scores")
@@ -44,10 +42,7 @@ def command(
 ) -> None:
     """Write the score and keep/evict decision of every (layer, kv-head, position) of one document."""
     configs = build_configs(methods, thresholds)
-    try:
-        settings = EngineSettings(chunk_size, window, attn)
-    except ValueError as exc:
-        raise KvorchError(f"{exc}; fix --chunk-size/--window") from None
+    settings = engine_settings(chunk_size, window, attn)
     target = Lake(lake)
     target.ensure_writable()
     doc, dump = score_document(model, corpus, doc_id, configs, settings, max_tokens, bos)
