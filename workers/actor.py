@@ -87,20 +87,38 @@ class WorkerSettings:
 
 
 class EvalWorker:
-    def __init__(self, name: str, settings: WorkerSettings) -> None:
+    def __init__(self, name: str, settings: WorkerSettings, load: bool = True) -> None:
+        """``load=False`` defers the model to the first call that needs it (``load``), so a
+        Ray actor answers ``placed`` as soon as its process is up: the driver's placement
+        timeout then never counts the minutes a large model takes to load."""
         torch.set_num_threads(max(1, settings.threads))
         self.name = name
         self.settings = settings
-        self.model = load_model(settings.model, settings.dtype, settings.device)
-        # Taken before the engine hooks the model: the preflight builds its own engine on it.
-        self._preflight_model = _sharing_weights(self.model)
-        self._preflight_engine: Engine | None = None
-        self.engine = Engine(self.model, settings.engine, worker=name)
         self.fault = Fault.from_env()
         self.metrics = _Metrics(name) if ray.is_initialized() else None
+        self._preflight_engine: Engine | None = None
+        self._loaded = False
+        if load:
+            self.load()
+
+    def load(self) -> None:
+        """Load the model and build the engine, once."""
+        if self._loaded:
+            return
+        self.model = load_model(self.settings.model, self.settings.dtype, self.settings.device)
+        # Taken before the engine hooks the model: the preflight builds its own engine on it.
+        self._preflight_model = _sharing_weights(self.model)
+        self.engine = Engine(self.model, self.settings.engine, worker=self.name)
+        self._loaded = True
+
+    def placed(self) -> str:
+        """The Ray node this actor runs on; it needs no model, so it answers once Ray has
+        placed the actor (or placed it again after a restart)."""
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else platform.node()
 
     def describe(self) -> dict:
-        """Where this worker runs: recorded in the run spec."""
+        """Where this worker runs: recorded in the run spec. Loads the model first."""
+        self.load()
         device = self.engine.device
         return {
             "worker": self.name,
@@ -120,6 +138,7 @@ class EvalWorker:
         document is evaluated again config by config (only then, so a healthy batch pays
         nothing), and the configs that still raise come back as :class:`ConfigFailure`.
         """
+        self.load()
         tic = time.perf_counter()
         chunks = 0
 
@@ -174,6 +193,7 @@ class EvalWorker:
         Its engine runs on the module copy taken before the sweep's engine hooked
         the model, so neither engine's hooks ever see the other's forwards.
         """
+        self.load()
         if self._preflight_engine is None:
             engine = self.settings.engine
             graph = engine.compile if engine.graph is None else engine.graph
@@ -196,6 +216,7 @@ class EvalWorker:
 
     def head_statistics(self, doc: TaskDocument, probe: HeadStatsProbe) -> DocumentHeadStats:
         """Attention statistics per (chunk, layer, head) of one document, for ``kvorch heads analyze``."""
+        self.load()
         return self.engine.observe(doc.doc_id, torch.tensor(doc.token_ids), probe).units(doc.doc_id)
 
 

@@ -8,7 +8,8 @@ actor consults :class:`Fault` after each chunk. Grammar: ``action[:key=value,...
   ``hang`` (the task never returns);
 - ``after=k``: fire once the task has evaluated k chunks (default 0: before the first);
 - ``task=ID``: only in that task;
-- ``once=PATH``: only if PATH does not exist yet, creating it, so a re-run attempt succeeds.
+- ``once=PATH``: only if PATH does not exist yet, creating it, so a re-run attempt succeeds;
+  PATH then holds the Ray node id of the actor it fired in, so a test can kill that node.
 
 Example: ``KVORCH_TEST_FAULT=exit:after=1,once=/tmp/marker``.
 """
@@ -19,6 +20,8 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import ray
 
 ENV_PREFIX = "KVORCH_TEST_"
 FAULT_ENV = ENV_PREFIX + "FAULT"
@@ -49,7 +52,8 @@ class Fault:
             return
         if self.once is not None:
             try:
-                Path(self.once).touch(exist_ok=False)
+                with Path(self.once).open("x") as marker:
+                    marker.write(_node_id())
             except FileExistsError:
                 return
         if self.action == "exit":
@@ -58,6 +62,11 @@ class Fault:
             while True:
                 time.sleep(3600)
         raise RuntimeError(f"{FAULT_ENV}: injected failure in task {task_id} after {chunks_done} chunks")
+
+
+def _node_id() -> str:
+    """The Ray node this process runs on ('' outside Ray)."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def forwarded_env() -> dict[str, str]:
