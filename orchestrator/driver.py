@@ -6,37 +6,53 @@ Arrow tables through the object store and are written to the lake as each task c
 The same actors first run the preflight (every config alone on a tiny document, on the first
 actor that is ready) and the calibration, so each actor loads the model once per job.
 
+No step waits for every actor: each takes tasks as soon as it has loaded the model, and an
+actor Ray cannot place within ``--actor-timeout`` is given up (a cluster short of room runs on
+what it has).
+
 Faults: a config that raises on a document costs only its own rows of that document; the actor
 reports it with the task's rows (``TaskResult.failures``) and the task succeeds. An actor that
-dies (OOM, preemption, a killed process) is restarted by Ray under the same name and handle
-(``max_restarts``) and gets work again once a health check says it is back; its task goes back
-to the front of the queue for the next live actor. A task that raises is retried too. A task
-that fails more than ``max_retries`` times is recorded as failed and the rest of the job goes
-on. Workers never write to the lake, so a dead attempt leaves nothing behind, and a re-run
-task's part replaces, never duplicates, its rows.
+dies (OOM, preemption, a killed process, a lost node) is restarted by Ray under the same name
+and handle (``max_restarts``) and gets work again once it is placed and has loaded the model;
+its task goes back to the front of the queue for the next live actor. A lost actor that Ray
+cannot place again within ``--actor-timeout`` leaves the pool. The pool ends as soon as every
+task is recorded: a restart still in progress never keeps it waiting. A task that raises is
+retried too. A task that fails more than ``max_retries`` times is recorded as failed and the
+rest of the job goes on. Workers never write to the lake, so a dead attempt leaves nothing
+behind, and a re-run task's part replaces, never duplicates, its rows. Every fault event is
+told in kvorch's words (orchestrator/pool_events.py).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
 import pyarrow as pa
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from tqdm import tqdm
 
-from orchestrator import incomplete
+from orchestrator import incomplete, pool_events
 from orchestrator.cluster_connect import DEFAULT_CONNECT_TIMEOUT, join_cluster
 from orchestrator.errors import KvorchError
+from orchestrator.pool_events import EventLog
 from workers.actor import MODEL_LEVEL, EvalWorker, Task, TaskResult, WorkerSettings
 from workers.configs import EvalConfig
 from workers.faults import forwarded_env
 
 DEFAULT_MAX_RETRIES = 3
+# Seconds Ray has to place an actor (at the start, or again after a loss) before it leaves the pool.
+DEFAULT_ACTOR_TIMEOUT = 120.0
+# A call to a restarting actor fails at once: a lost worker's restart is checked this often.
+RESTART_POLL_SECONDS = 1.0
+PLACING, LOADING, IDLE, BUSY, GONE = "placing", "loading", "idle", "busy", "gone"
 
 
 @dataclass(frozen=True)
@@ -62,6 +78,8 @@ class PoolResult:
     config_failures: list[dict] = field(default_factory=list)
     retries: int = 0
     workers: list[dict] = field(default_factory=list)
+    # Fault events in order (orchestrator/pool_events.py): {"time", "kind", "detail"}.
+    events: list[dict] = field(default_factory=list)
 
 
 def start_ray(address: str | None, namespace: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> bool:
@@ -158,14 +176,50 @@ def map_on_pool(
     return [results[i] for i in range(len(calls))]
 
 
+@dataclass(eq=False)
+class Worker:
+    """One actor of the pool and where it stands.
+
+    ``placing``: Ray has not started it yet, or not again after a loss, and it has until
+    ``deadline``; ``loading``: it is up and loads the model; ``idle`` and ``busy`` (a task in
+    flight): it works; ``gone``: given up, or dead for good.
+    """
+
+    index: int
+    actor: ray.actor.ActorHandle
+    state: str = PLACING
+    ref: ray.ObjectRef | None = None  # its readiness call in flight: placed(), then describe()
+    deadline: float = math.inf  # monotonic time by which Ray must have placed it
+    retry_at: float | None = None  # when a lost worker's restart is checked again
+    node: str | None = None  # the Ray node it was last placed on
+    description: dict | None = None
+    losses: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"kvorch-worker-{self.index}"
+
+
 class WorkerPool:
     """The job's named actors (``kvorch-worker-<i>``): started once, they run the preflight, the
     calibration and the sweep, each loading the model once. A context manager: leaving it
-    kills them.
+    kills them, so no actor (nor a pending restart) outlives the job.
+
+    Nothing waits for every actor: each one takes work as soon as it has loaded the model. An
+    actor Ray cannot place within ``actor_timeout`` seconds (at the start, or again after its
+    node was lost) leaves the pool with a notice; the actors load the model only once placed
+    (``EvalWorker.placed``), so the timeout never counts the model's loading time.
     """
 
-    def __init__(self, settings: WorkerSettings, plan: PoolPlan) -> None:
-        remote_worker = ray.remote(EvalWorker)
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        plan: PoolPlan,
+        actor_timeout: float = DEFAULT_ACTOR_TIMEOUT,
+        worker_class: type = EvalWorker,
+    ) -> None:
+        """``worker_class``: EvalWorker, or a stand-in with its ``placed``/``describe``/``run`` (tests)."""
+        remote_worker = ray.remote(worker_class)
         env = forwarded_env()
 
         def start_actor(i: int) -> ray.actor.ActorHandle:
@@ -175,27 +229,48 @@ class WorkerPool:
             options = {"name": name, "num_gpus": plan.num_gpus, "num_cpus": plan.num_cpus, "max_restarts": -1}
             if env:
                 options["runtime_env"] = {"env_vars": env}
-            return remote_worker.options(**options).remote(name, settings)
+            return remote_worker.options(**options).remote(name, settings, load=False)
 
-        self.actors = [start_actor(i) for i in range(plan.n_actors)]
-        # Each actor's description, ready once it has loaded the model.
-        self._described = [actor.describe.remote() for actor in self.actors]
+        self.plan = plan
+        self.actor_timeout = actor_timeout
+        self.log = EventLog()
+        self.workers = [Worker(i, start_actor(i)) for i in range(plan.n_actors)]
+        self._dead_nodes: set[str] = set()
+        deadline = time.monotonic() + actor_timeout
+        for worker in self.workers:
+            worker.deadline = deadline
+            worker.ref = worker.actor.placed.remote()
 
     def __enter__(self) -> WorkerPool:
         return self
 
     def __exit__(self, kind: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
+        for worker in self.workers:
+            ray.kill(worker.actor)
 
-    def describe(self) -> list[dict]:
-        """Every actor's description (waits until all have loaded the model)."""
-        return [self._started(ref) for ref in self._described]
+    @property
+    def events(self) -> list[dict]:
+        return self.log.events
+
+    def idle(self) -> list[Worker]:
+        return [w for w in self.workers if w.state == IDLE]
+
+    def live(self) -> int:
+        """Workers still in the pool, working or on their way."""
+        return sum(w.state != GONE for w in self.workers)
+
+    def descriptions(self) -> list[dict]:
+        """Every worker that has loaded the model, as it last described itself."""
+        return [w.description for w in self.workers if w.description is not None]
 
     def first_ready(self) -> tuple[ray.actor.ActorHandle, dict]:
         """The first actor to have loaded the model, and its description."""
-        [ref], _ = ray.wait(list(self._described), num_returns=1)
-        return self.actors[self._described.index(ref)], self._started(ref)
+        while not self.idle():
+            if not self.live():
+                raise self.none_left()
+            self.wait([])
+        worker = self.idle()[0]
+        return worker.actor, worker.description
 
     def preflight(self, configs: list[EvalConfig]) -> None:
         """Stop the job, before anything is written, if a config cannot run on the model: each
@@ -216,14 +291,131 @@ class WorkerPool:
                 )
             )
 
-    @staticmethod
-    def _started(ref: ray.ObjectRef) -> dict:
+    def assign(self, worker: Worker, task: Task) -> ray.ObjectRef:
+        worker.state = BUSY
+        return worker.actor.run.options(name=f"kvorch-task-{task.task_id}").remote(task)
+
+    def release(self, worker: Worker) -> None:
+        worker.state = IDLE
+
+    def wait(self, tasks: list[ray.ObjectRef]) -> ray.ObjectRef | None:
+        """Until one of ``tasks`` finishes (returned) or a worker's readiness changes (handled
+        here: placed, loaded, given up, checked again; None). Only these workers' own calls
+        are waited on: a restart in progress never holds up a finished pool."""
+        readiness = {w.ref: w for w in self.workers if w.ref is not None}
+        refs = [*tasks, *readiness]
+        timeout = self._next_timer()
+        if refs:
+            done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        elif timeout is not None:
+            time.sleep(timeout)
+            done = []
+        else:
+            raise self.none_left()
+        finished = done[0] if done else None
+        if finished in readiness:
+            self._ready(readiness[finished], finished)
+            finished = None
+        self._on_timers()
+        return finished
+
+    def lose(self, worker: Worker, exc: RayActorError) -> None:
+        """``worker``'s actor died (its process or its node): Ray restarts it if it can place it,
+        and the driver checks for that until ``actor_timeout`` has passed."""
+        now = time.monotonic()
+        worker.state, worker.ref, worker.losses = PLACING, None, worker.losses + 1
+        worker.deadline, worker.retry_at = now + self.actor_timeout, now + RESTART_POLL_SECONDS
+        self.log.pool_size(self._working())
+        self.log.record(
+            pool_events.ACTOR_LOST,
+            f"worker {worker.name} lost ({_actor_error(exc)}); "
+            f"waiting up to {self.actor_timeout:g} s for Ray to restart it",
+        )
+        self._check_node(worker)
+
+    def none_left(self, unrun: int | None = None) -> KvorchError:
+        """The error when no worker is left to run the remaining tasks."""
+        tail = f"; {unrun} task(s) not run, run the same command again to resume" if unrun else ""
+        if not self.descriptions():
+            return KvorchError(
+                f"no worker could be placed within --actor-timeout {self.actor_timeout:g} s (each asks Ray for "
+                f"{self.plan.num_cpus:g} CPU, {self.plan.num_gpus:g} GPU); free room on the cluster, or pass a "
+                f"longer --actor-timeout when it autoscales{tail}"
+            )
+        return KvorchError(
+            f"every worker was lost and none could be placed again within --actor-timeout "
+            f"{self.actor_timeout:g} s{tail}"
+        )
+
+    def _working(self) -> int:
+        return sum(w.state in (IDLE, BUSY) for w in self.workers)
+
+    def _ready(self, worker: Worker, ref: ray.ObjectRef) -> None:
+        """``worker``'s readiness call returned: placed (then it loads the model), or loaded."""
+        worker.ref = None
         try:
-            return ray.get(ref)
+            answer = ray.get(ref)
+        except RayTaskError as exc:
+            raise _failed_to_start(exc) from None
         except RayActorError as exc:
-            raise KvorchError(
-                f"a worker failed to start: {str(exc).splitlines()[-1]}; check --model/--device"
-            ) from None
+            if worker.state == LOADING:
+                self.lose(worker, exc)  # died while loading the model: placed again, or given up
+            elif isinstance(exc, ActorUnavailableError):
+                worker.retry_at = time.monotonic() + RESTART_POLL_SECONDS  # still restarting: ask again soon
+            elif worker.losses:
+                self._drop(worker, pool_events.POOL_SHRUNK, f"died for good ({_actor_error(exc)})")
+            else:
+                raise _failed_to_start(exc) from None
+            return
+        if worker.state == PLACING:
+            worker.state, worker.node = LOADING, answer
+            worker.ref = worker.actor.describe.remote()
+            if worker.losses:
+                self.log.record(
+                    pool_events.ACTOR_RESTARTED,
+                    f"worker {worker.name} restarted on node {answer[:8]}; loading the model",
+                )
+            return
+        worker.state, worker.description = IDLE, answer
+        self.log.pool_size(self._working())
+
+    def _next_timer(self) -> float | None:
+        """Seconds until the next placement deadline or restart check, None when there is none."""
+        times = [w.deadline for w in self.workers if w.state == PLACING]
+        times += [w.retry_at for w in self.workers if w.state == PLACING and w.ref is None and w.retry_at is not None]
+        return max(0.0, min(times) - time.monotonic()) if times else None
+
+    def _on_timers(self) -> None:
+        """Give up workers past their deadline; check lost ones for a restart again."""
+        now = time.monotonic()
+        for worker in self.workers:
+            if worker.state != PLACING:
+                continue
+            if now >= worker.deadline:
+                how = "placed again" if worker.losses else "placed"
+                kind = pool_events.POOL_SHRUNK if worker.losses else pool_events.ACTOR_GIVEN_UP
+                self._drop(worker, kind, f"could not be {how} within --actor-timeout {self.actor_timeout:g} s")
+            elif worker.ref is None and worker.retry_at is not None and now >= worker.retry_at:
+                self._check_node(worker)
+                worker.retry_at, worker.ref = None, worker.actor.placed.remote()
+
+    def _drop(self, worker: Worker, kind: str, why: str) -> None:
+        """``worker`` leaves the pool for good; its actor is killed, so a restart Ray places later
+        does not take resources from anyone."""
+        ray.kill(worker.actor)
+        worker.state, worker.ref = GONE, None
+        self.log.pool_size(self._working())
+        self.log.record(kind, f"worker {worker.name} {why}; pool shrunk to {self.live()}")
+
+    def _check_node(self, worker: Worker) -> None:
+        """Say so once when the node a lost worker ran on is gone."""
+        if worker.node is None or worker.node in self._dead_nodes:
+            return
+        node = next((n for n in ray.nodes() if n["NodeID"] == worker.node), None)
+        if node is None or not node["Alive"]:
+            self._dead_nodes.add(worker.node)
+            where = f" ({node['NodeManagerAddress']})" if node else ""
+            self.log.record(pool_events.NODE_LOST, f"node {worker.node[:8]}{where} lost, with worker {worker.name}")
 
 
 def run_pool(
@@ -237,54 +429,83 @@ def run_pool(
     """Run every task on the pool; failures are retried, then recorded per task, never dropped.
 
     ``result`` is filled as tasks finish, so an interrupted pool still tells what it finished.
+    The loop ends as soon as every task is recorded, whatever actors are still starting or
+    restarting; a pool left with no worker at all stops the job with a KvorchError.
     """
-    actors = workers.actors
     pending = list(tasks)  # already longest first
     attempts: dict[str, int] = {}
-    # A ref maps to (actor, its task), or (actor, None) for a restarted actor's health check.
-    in_flight: dict[ray.ObjectRef, tuple[int, Task | None]] = {}
-    idle = list(range(len(actors)))
-    result.workers = workers.describe()
-    while pending or in_flight:
-        while idle and pending:
-            i, task = idle.pop(0), pending.pop(0)
-            ref = actors[i].run.options(name=f"kvorch-task-{task.task_id}").remote(task)
-            in_flight[ref] = (i, task)
-        if not in_flight:
-            break  # every actor is gone for good
-        [done], _ = ray.wait(list(in_flight), num_returns=1)
-        i, task = in_flight.pop(done)
-        try:
-            out: TaskResult = ray.get(done)
-        except (RayActorError, RayTaskError) as exc:
-            if task is None:
-                continue  # the actor could not be restarted: it leaves the pool
-            if isinstance(exc, RayActorError):
-                reason = f"worker kvorch-worker-{i} died: {_first_line(exc)}"
-                # Back in the pool once Ray has restarted it: the check waits for that.
-                in_flight[actors[i].describe.options(max_task_retries=-1).remote()] = (i, None)
+    running: dict[ray.ObjectRef, tuple[Worker, Task]] = {}
+    result.events = workers.events
+    try:
+        while pending or running:
+            for worker in workers.idle()[: len(pending)]:
+                task = pending.pop(0)
+                running[workers.assign(worker, task)] = (worker, task)
+            if not running and not workers.live():
+                for task in pending:
+                    result.failures[task.task_id] = "no live worker left to run it"
+                raise workers.none_left(len(pending))
+            done = workers.wait(list(running))
+            if done is None:
+                continue
+            worker, task = running.pop(done)
+            try:
+                out: TaskResult = ray.get(done)
+            except RayActorError as exc:
+                workers.lose(worker, exc)
+                reason, cause = f"worker {worker.name} died: {_first_line(exc)}", f"its worker {worker.name} was lost"
+            except RayTaskError as exc:
+                workers.release(worker)
+                reason = cause = _first_line(exc.cause or exc)
             else:
-                reason = _first_line(exc.cause or exc)
-                idle.append(i)
-            attempts[task.task_id] = attempts.get(task.task_id, 0) + 1
-            if attempts[task.task_id] > max_retries:
-                result.failures[task.task_id] = f"{reason} (after {attempts[task.task_id]} attempts)"
-            else:
-                result.retries += 1
-                pending.insert(0, task)
+                workers.release(worker)
+                result.rows_written += on_rows(task, out.rows)
+                result.config_failures.extend(incomplete.record(task.task_id, f) for f in out.failures)
+                result.tasks_done.append(task.task_id)
+                on_progress(task, True, result)
+                continue
+            _retry_or_fail(task, reason, cause, attempts, max_retries, pending, result, workers.log)
             on_progress(task, False, result)
-            continue
-        idle.append(i)
-        if task is None:
-            continue  # a restarted actor is back
-        result.rows_written += on_rows(task, out.rows)
-        result.config_failures.extend(incomplete.record(task.task_id, f) for f in out.failures)
-        result.tasks_done.append(task.task_id)
-        on_progress(task, True, result)
-    for task in pending:
-        result.failures[task.task_id] = "no live worker left to run it"
+    finally:
+        result.workers = workers.descriptions()
+
+
+def _retry_or_fail(
+    task: Task,
+    reason: str,
+    cause: str,
+    attempts: dict[str, int],
+    max_retries: int,
+    pending: list[Task],
+    result: PoolResult,
+    log: EventLog,
+) -> None:
+    """A failed attempt: back to the front of the queue, or failed for good after ``max_retries``."""
+    attempts[task.task_id] = attempts.get(task.task_id, 0) + 1
+    if attempts[task.task_id] > max_retries:
+        result.failures[task.task_id] = f"{reason} (after {attempts[task.task_id]} attempts)"
+        return
+    result.retries += 1
+    pending.insert(0, task)
+    log.record(
+        pool_events.TASK_REQUEUED,
+        f"task {task.task_id} re-queued (attempt {attempts[task.task_id] + 1} of {max_retries + 1}): {cause[:160]}",
+    )
 
 
 def _first_line(exc: BaseException) -> str:
     lines = [line for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+def _actor_error(exc: RayActorError) -> str:
+    """Ray's first line about a dead actor, without the actor id and the boilerplate."""
+    line = re.sub(r"^The actor [0-9a-f]+ ", "the actor ", _first_line(exc))
+    return line.split(" The task may or may not")[0][:200]
+
+
+def _failed_to_start(exc: BaseException) -> KvorchError:
+    """The error for an actor whose start (or model loading) raised: Ray's last line is the cause."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    cause = lines[-1] if lines else type(exc).__name__
+    return KvorchError(f"a worker failed to start: {cause}; check --model/--device")

@@ -56,12 +56,14 @@ def submit(
     max_retries: int = driver.DEFAULT_MAX_RETRIES,
     gpus_per_actor: float | None = None,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    actor_timeout: float = driver.DEFAULT_ACTOR_TIMEOUT,
 ) -> JobResult:
     """Run ``spec`` into ``lake``: a fresh run, or the missing tasks of an unfinished one.
 
     ``resume`` means ``run_id`` must already exist. Ctrl-C or SIGTERM (``endings.interrupts_as_exceptions``)
     keeps every finished part, records the run as interrupted, shuts down an embedded Ray and
     re-raises. One driver per run: a run another live driver computes is refused (``RunLock``).
+    ``actor_timeout``: seconds Ray has to place an actor before the pool goes on without it.
     """
     tic = time.perf_counter()
     if run_id is not None:
@@ -107,6 +109,7 @@ def submit(
                     show_progress=show_progress,
                     max_retries=max_retries,
                     gpus_per_actor=gpus_per_actor,
+                    actor_timeout=actor_timeout,
                 )
         finally:
             if started_ray:
@@ -128,6 +131,7 @@ def _run(
     show_progress: bool,
     max_retries: int,
     gpus_per_actor: float | None,
+    actor_timeout: float,
 ) -> JobResult:
     pool = driver.plan_pool(spec.actors, spec.device, gpus_per_actor)
     dtype = resolve_dtype(spec.dtype, pool.device)
@@ -143,7 +147,7 @@ def _run(
     settings = WorkerSettings(spec.model, dtype, pool.device, pool.threads, engine)
     n_shards = previous["n_shards"] if previous else default_shards(pool.n_actors)
     batch_configs = previous["batch_configs_resolved"] if previous else batching.resolve(spec, pool, dtype)
-    with driver.WorkerPool(settings, pool) as workers:
+    with driver.WorkerPool(settings, pool, actor_timeout) as workers:
         # Still nothing written: a config that cannot run on this model stops the job here.
         workers.preflight(list(spec.configs))
         # Calibration is deterministic for a given spec, documents and dtype: a resumed run redoes

@@ -21,7 +21,7 @@ from orchestrator.cli.options import (
 )
 from orchestrator.cli.report import comparison, marked
 from orchestrator.densities import parse_densities
-from orchestrator.driver import DEFAULT_MAX_RETRIES
+from orchestrator.driver import DEFAULT_ACTOR_TIMEOUT, DEFAULT_MAX_RETRIES
 from orchestrator.endings import stopping_signal
 from orchestrator.errors import KvorchError
 from orchestrator.lake import Lake, check_run_id, new_run_id
@@ -116,6 +116,15 @@ def _default(name: str) -> object:
     help="Re-runs of a task whose worker died or raised before it is recorded as failed.",
 )
 @click.option(
+    "--actor-timeout",
+    type=float,
+    default=DEFAULT_ACTOR_TIMEOUT,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds Ray has to place an actor (at the start, or again after its node was lost) before the run "
+    "goes on without it; longer when the cluster autoscales. Model loading does not count.",
+)
+@click.option(
     "--batch-configs",
     default=_default("batch_configs"),
     help="Configs evaluated together in one batched forward; auto: as many as half the worker's free "
@@ -181,6 +190,7 @@ def command(
     actors: int | None,
     gpus_per_actor: float | None,
     max_retries: int,
+    actor_timeout: float,
     batch_configs: str,
     compile_: str,
     compact: bool,
@@ -204,6 +214,8 @@ def command(
         raise KvorchError("--gpus-per-actor asks for GPUs but --device is cpu; drop one of them")
     if max_retries < 0:
         raise KvorchError(f"--max-retries must be >= 0, got {max_retries}")
+    if actor_timeout <= 0:
+        raise KvorchError(f"--actor-timeout must be > 0 seconds, got {actor_timeout:g}")
     if run_id is not None:
         check_run_id(run_id, "--run-id")
     if resume_id is not None:
@@ -259,6 +271,7 @@ def command(
             max_retries=max_retries,
             gpus_per_actor=gpus_per_actor,
             connect_timeout=connect_timeout,
+            actor_timeout=actor_timeout,
         )
     except KeyboardInterrupt:
         if stopping_signal() == "SIGTERM":
