@@ -19,7 +19,7 @@ from importlib import metadata
 import pyarrow as pa
 import ray
 
-from orchestrator import batching, calibration, compile_check, driver, incomplete, integrity
+from orchestrator import attempts, batching, calibration, compile_check, driver, incomplete, integrity
 from orchestrator.cluster_connect import DEFAULT_CONNECT_TIMEOUT
 from orchestrator.corpus import load_corpus
 from orchestrator.endings import ending, failed_tasks_line, interrupts_as_exceptions, write_final_status
@@ -214,11 +214,13 @@ def _run(
             nonlocal last_beat, recorded
             progress.update(task, succeeded, state)
             # A new incomplete config is recorded at once: a killed driver must not lose it,
-            # since the resume keeps the task's rows and never runs it again.
-            if time.monotonic() - last_beat > HEARTBEAT_SECONDS or len(state.config_failures) > recorded:
+            # since the resume keeps the task's rows and never runs it again; so is a fault event.
+            news = len(state.config_failures) + len(state.events)
+            if time.monotonic() - last_beat > HEARTBEAT_SECONDS or news > recorded:
                 failures = incomplete.merged(kept, state.config_failures)
-                lake.write_status(run_id, {**running_status(), incomplete.STATUS_KEY: failures})
-                last_beat, recorded = time.monotonic(), len(state.config_failures)
+                history = attempts.running(earlier, state)
+                lake.write_status(run_id, {**running_status(), incomplete.STATUS_KEY: failures, **history})
+                last_beat, recorded = time.monotonic(), news
 
         status, reason = "interrupted", "the driver stopped"
         result = driver.PoolResult()
@@ -238,14 +240,13 @@ def _run(
                 {
                     "status": status,
                     "reason": reason,
-                    "rows": result.rows_written,
                     "tasks_total": len(tasks),
                     "tasks_resumed": len(done),
-                    "tasks_done": result.tasks_done,
                     "failures": result.failures,
                     incomplete.STATUS_KEY: incomplete.merged(kept, result.config_failures),
-                    "retries": result.retries,
                     "workers": result.workers,
+                    # rows, tasks_done, retries and events of the whole run; this attempt's under "attempt"
+                    **attempts.totals(lake, run_id, earlier, done, result),
                     "seconds": round(time.perf_counter() - tic, 3),
                 },
             )

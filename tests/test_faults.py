@@ -154,6 +154,10 @@ def test_a_damaged_part_is_never_counted_and_the_same_command_repairs_the_run(re
     assert rows(lake, "ref") == reference[1]
     assert not stray.exists()
     assert [p.name for p in (lake / "runs").iterdir()] == ["run_id=ref"]
+    # The status counts the whole run, this attempt's own figures apart.
+    recorded = status(lake, "ref")
+    assert (recorded["rows"], len(recorded["tasks_done"]), recorded["tasks_resumed"]) == (len(reference[1]), 3, 2)
+    assert recorded["attempt"] == {"number": 2, "rows": 2 * 3, "tasks_done": 1, "retries": 0}
 
 
 def test_a_disk_that_fills_mid_run_fails_in_one_line_and_the_same_command_resumes(
@@ -210,6 +214,8 @@ def test_a_killed_driver_resumes_with_only_the_missing_tasks(reference, tmp_path
     assert f"run {run_id}:" in result.output and "(1 done, 2 to go)" in result.output
     assert rows(lake, run_id) == reference[1]
     assert [p.name for p in (lake / "runs").iterdir()] == [run_dir.name]
+    recorded = status(lake, run_id)
+    assert (recorded["rows"], len(recorded["tasks_done"]), recorded["attempt"]["number"]) == (len(reference[1]), 3, 2)
 
 
 def default_sigint() -> None:

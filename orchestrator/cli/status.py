@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from orchestrator import incomplete, integrity
+from orchestrator import incomplete, integrity, pool_events
 from orchestrator.cli.options import format_option, lake_option
 from orchestrator.errors import KvorchError
 from orchestrator.formatting import render
@@ -60,7 +60,9 @@ def run_progress(lake: Lake, run_id: str, audit: RunAudit) -> list:
 @click.option("--run", "run_id", default=None, help="Run id (default: every run in the lake).")
 @format_option
 def command(lake: str, run_id: str | None, fmt: str) -> None:
-    """Show runs' progress from the lake alone: tasks done / planned, rows, failures, incomplete configs."""
+    """Show runs' progress from the lake alone: tasks done / planned, rows, failures, incomplete configs;
+    then, on stderr, failed tasks, incomplete configs and fault events (lost nodes and workers, restarts,
+    re-queued tasks, a shrunk pool)."""
     target = Lake(lake)
     runs = [check_run_id(run_id, "--run")] if run_id is not None else target.run_ids()
     if not runs:
@@ -77,3 +79,5 @@ def command(lake: str, run_id: str | None, fmt: str) -> None:
             click.echo(f"{r} {task_id} failed: {error}", err=True)
         for record in incomplete.recorded(status):
             click.echo(incomplete.status_line(r, record), err=True)
+        for event in status.get("events", []):
+            click.echo(pool_events.status_line(r, event), err=True)
