@@ -1,20 +1,25 @@
 """Faults on a real local Ray: dying actors, a killed driver, failing tasks, damaged parts, two
-runs into one lake on a two-node cluster. Every surviving lake must equal an undisturbed run."""
+runs into one lake on a two-node cluster, a lost node and a pool larger than the cluster. Every
+surviving lake must equal an undisturbed run."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import ray
 from click.testing import CliRunner
+from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
 from orchestrator.cli import main
@@ -26,6 +31,11 @@ from workers.faults import FAULT_ENV
 KVORCH = str(Path(sys.executable).parent / "kvorch")
 # Timing, placement and the run's own id differ between runs; everything else in a row must not.
 VOLATILE = ("forward_seconds", "worker", "run_id")
+# Simulated clusters live on loopback: Ray's nodes, and every driver that joins them.
+LOOPBACK = "127.0.0.1"
+LOOPBACK_ENV = {ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}
+# How long a driver may take from writing its last part to exiting (status, table, disconnect).
+EXIT_SECONDS = 10
 
 
 def job_args(model: str, lake: Path, *extra: str) -> list[str]:
@@ -254,22 +264,61 @@ def test_ctrl_c_or_sigterm_keeps_finished_parts_and_records_why(
     assert shown[0]["status"] == "interrupted"
 
 
-@pytest.fixture(scope="module")
-def two_nodes():
-    """A Ray cluster of two simulated one-CPU nodes, in processes of its own."""
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
+@contextmanager
+def on_loopback() -> Iterator[None]:
+    """Ray nodes started here (and their processes) take 127.0.0.1, not the host's routed address."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
+        patch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+        yield
+
+
+def add_node(cluster: Cluster) -> None:
+    with on_loopback():
+        cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK)
     cluster.wait_for_nodes()
+
+
+@pytest.fixture(scope="module")
+def two_nodes() -> Iterator[Cluster]:
+    """A Ray cluster of two simulated one-CPU nodes and a head without CPUs (as cluster.yaml's), in
+    processes of its own. A test that adds a node removes one."""
+    with on_loopback():
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 0, "include_dashboard": False, "node_ip_address": LOOPBACK},
+        )
+    for _ in range(2):
+        add_node(cluster)
     yield cluster
     cluster.shutdown()
+
+
+def join(cluster: Cluster, args: list[str]) -> list[str]:
+    """``kvorch`` with ``args`` as a driver of ``cluster``."""
+    return [KVORCH, *args, "--address", cluster.address]
+
+
+def last_part_written(lake: Path) -> float:
+    return max(p.stat().st_mtime for p in lake.glob("chunks/*/*/part-*.parquet"))
+
+
+def wait_for_marker(proc: subprocess.Popen, marker: Path) -> str:
+    """The Ray node id a fault hook wrote into ``marker`` when it fired."""
+    tic = time.perf_counter()
+    while not (marker.exists() and marker.read_text()):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.perf_counter() - tic < 120, "the fault never fired"
+        time.sleep(0.2)
+    return marker.read_text()
 
 
 def test_two_runs_into_one_lake_at_once_on_two_nodes(reference, two_nodes, tmp_path, tiny_model_dir):
     lake = tmp_path / "lake"
     procs = [
         subprocess.Popen(
-            [KVORCH, *job_args(tiny_model_dir, lake, "--run-id", run_id, "--actors", "1")]
-            + ["--address", two_nodes.address],
+            join(two_nodes, job_args(tiny_model_dir, lake, "--run-id", run_id, "--actors", "1")),
+            env={**os.environ, **LOOPBACK_ENV},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -282,3 +331,56 @@ def test_two_runs_into_one_lake_at_once_on_two_nodes(reference, two_nodes, tmp_p
     for run_id in ("a", "b"):
         assert rows(lake, run_id) == reference[1]
         assert status(lake, run_id)["status"] == "finished"
+
+
+def test_a_lost_node_without_spare_room_costs_one_retry_and_the_run_ends_by_itself(
+    reference, two_nodes, tmp_path, tiny_model_dir
+):
+    add_node(two_nodes)  # three one-CPU nodes, one actor on each: no room for a restart
+    marker, lake = tmp_path / "hung", tmp_path / "lake"
+    args = job_args(tiny_model_dir, lake, "--run-id", "r", "--actors", "3", "--actor-timeout", "60")
+    env = {**os.environ, **LOOPBACK_ENV, FAULT_ENV: f"hang:task=s0000-g000,once={marker}"}
+    proc = subprocess.Popen(
+        join(two_nodes, args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        node_id = wait_for_marker(proc, marker)  # the first attempt of s0000-g000 hangs on that node
+        (node,) = [n for n in two_nodes.worker_nodes if n.node_id == node_id]
+        two_nodes.remove_node(node)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    exited = time.time()
+    assert proc.returncode == 0, err
+    assert rows(lake, "r") == reference[1]
+    # The lost actor's restart has most of its 60 s left; nothing waits for it.
+    assert exited - last_part_written(lake) < EXIT_SECONDS
+    worker = re.search(r"kvorch: worker (kvorch-worker-\d) lost \(", err).group(1)
+    assert f"kvorch: task s0000-g000 re-queued (attempt 2 of 4): its worker {worker} was lost" in err
+    recorded = status(lake, "r")
+    assert recorded["status"] == "finished" and recorded["retries"] == 1
+    assert [e["kind"] for e in recorded["events"] if e["kind"] != "node_lost"] == ["actor_lost", "task_requeued"]
+    shown = CliRunner().invoke(main, ["status", "--lake", str(lake), "--run", "r"])
+    assert re.search(rf"^r .+ \(attempt 1\) actor_lost: worker {worker} lost \(", shown.stderr, re.MULTILINE)
+
+
+def test_a_pool_larger_than_the_cluster_starts_on_the_actors_that_fit_and_finishes(
+    reference, two_nodes, tmp_path, tiny_model_dir
+):
+    lake = tmp_path / "lake"
+    args = job_args(tiny_model_dir, lake, "--run-id", "r", "--actors", "3", "--actor-timeout", "60")
+    proc = subprocess.run(
+        join(two_nodes, args),
+        env={**os.environ, **LOOPBACK_ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
+    exited = time.time()
+    assert proc.returncode == 0, proc.stderr
+    assert "on 3 cpu actor(s)" in proc.stderr
+    assert rows(lake, "r") == reference[1]
+    # The third actor can never be placed and has most of its 60 s left; nothing waits for it.
+    assert exited - last_part_written(lake) < EXIT_SECONDS
+    assert len(status(lake, "r")["workers"]) == 2
