@@ -24,10 +24,11 @@ from orchestrator.cluster_connect import DEFAULT_CONNECT_TIMEOUT
 from orchestrator.corpus import load_corpus
 from orchestrator.endings import ending, failed_tasks_line, interrupts_as_exceptions, write_final_status
 from orchestrator.errors import KvorchError
+from orchestrator.heartbeat import Heartbeat
 from orchestrator.lake import Lake, check_run_id
 from orchestrator.planner import TokenizedDocument, check_lengths, default_shards, plan_tasks
 from orchestrator.progress import Progress
-from orchestrator.resume import HEARTBEAT_SECONDS, choose_run, running_status, spec_hash
+from orchestrator.resume import choose_run, running_status, spec_hash
 from orchestrator.run_lock import RunLock
 from orchestrator.spec import JobSpec
 from workers import tokenization
@@ -198,7 +199,13 @@ def _run(
         )
 
         progress = Progress(tasks, done, show_progress)
-        last_beat = time.monotonic()
+        result = driver.PoolResult()
+
+        def running(state: driver.PoolResult) -> dict:
+            failures = incomplete.merged(kept, state.config_failures)
+            return {incomplete.STATUS_KEY: failures, **attempts.running(earlier, state)}
+
+        beat = Heartbeat(lake, run_id, running(result))
         recorded = 0
 
         def on_rows(task: Task, rows: pa.Table) -> int:
@@ -211,22 +218,21 @@ def _run(
                 ) from None
 
         def on_progress(task: Task, succeeded: bool, state: driver.PoolResult) -> None:
-            nonlocal last_beat, recorded
+            nonlocal recorded
             progress.update(task, succeeded, state)
             # A new incomplete config is recorded at once: a killed driver must not lose it,
             # since the resume keeps the task's rows and never runs it again; so is a fault event.
+            # The heartbeat thread refreshes the status in between.
             news = len(state.config_failures) + len(state.events)
-            if time.monotonic() - last_beat > HEARTBEAT_SECONDS or news > recorded:
-                failures = incomplete.merged(kept, state.config_failures)
-                history = attempts.running(earlier, state)
-                lake.write_status(run_id, {**running_status(), incomplete.STATUS_KEY: failures, **history})
-                last_beat, recorded = time.monotonic(), news
+            if news > recorded:
+                beat.update(running(state))
+                recorded = news
 
         status, reason = "interrupted", "the driver stopped"
-        result = driver.PoolResult()
         try:
-            if todo:
-                driver.run_pool(todo, workers, result, on_rows, on_progress, max_retries)
+            with beat:
+                if todo:
+                    driver.run_pool(todo, workers, result, on_rows, on_progress, max_retries)
             status = "failed" if result.failures else "finished"
             reason = failed_tasks_line(result.failures, len(tasks)) if result.failures else ""
         except BaseException as exc:

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from orchestrator.cli import main
 from orchestrator.corpus import load_corpus
 from orchestrator.errors import KvorchError
+from orchestrator.heartbeat import Heartbeat
 from orchestrator.integrity import audit
 from orchestrator.lake import Lake
 from orchestrator.queries import connect
@@ -279,3 +280,17 @@ def test_corpus_errors_name_the_file_and_line(tmp_path):
     (texts / "bad.txt").write_bytes(b"\xff\xfe broken")
     with pytest.raises(KvorchError, match=r"bad.txt: not valid UTF-8 \(byte 0xff at offset 0\)"):
         load_corpus(str(texts))
+
+
+def test_the_heartbeat_keeps_a_running_status_fresh_between_task_ends(tmp_path):
+    lake = two_task_lake(tmp_path / "lake")
+    with Heartbeat(lake, "r", {"events": ["x"]}, period=0.05) as beat:
+        first = lake.read_status("r")["heartbeat"]
+        time.sleep(0.3)  # no task ends meanwhile, as while long tasks run
+        later = lake.read_status("r")
+        assert later["heartbeat"] > first and later["events"] == ["x"] and later["status"] == "running"
+        beat.update({"events": ["x", "y"]})
+        assert lake.read_status("r")["events"] == ["x", "y"]
+    lake.write_status("r", {"status": "finished"})
+    time.sleep(0.2)  # stopped: the final status is never overwritten by a late beat
+    assert lake.read_status("r")["status"] == "finished"
