@@ -20,7 +20,7 @@ import time
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from orchestrator.spec import build_configs
+from orchestrator.sweep.spec import build_configs
 from workers.engine import Engine, EngineSettings
 
 

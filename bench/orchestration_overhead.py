@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from orchestrator.corpus import EMBEDDED_CORPUS, load_corpus
-from orchestrator.planner import group_configs
-from orchestrator.spec import build_configs
+from orchestrator.sweep.planner import group_configs
+from orchestrator.sweep.spec import build_configs
 from workers import tokenization
 from workers.engine import Engine, EngineSettings
 from workers.models import EMBEDDED_MODEL, load_model

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from orchestrator.lake import Lake
+from orchestrator.lake.store import Lake
 from workers.schema import ROW_SCHEMA
 
 CHUNKS, CHUNK, HEADS, WINDOW, SHARDS = 64, 128, 30 * 3, 128, 16

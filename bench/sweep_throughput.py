@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from orchestrator.spec import build_configs
+from orchestrator.sweep.spec import build_configs
 from workers.engine import Engine, EngineSettings
 from workers.models import DTYPES, EMBEDDED_MODEL, load_model, resolve_dtype
 

@@ -15,6 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.errors import KvorchError
+from workers import tokenization
+from workers.models import resolve_model
 
 EMBEDDED_CORPUS = "pydoc"
 EMBEDDED_DOC_CHARS = 12_000
@@ -132,3 +134,19 @@ def _decode(data: bytes, where: str) -> str:
         raise KvorchError(
             f"{where}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); save the corpus as UTF-8"
         ) from None
+
+
+def model_inputs(model: str, corpus: str, bos: str) -> tuple[tokenization.Tokenization, list[Document]]:
+    """The preamble of every command that evaluates documents (submit, heads analyze, kvzap
+    train): the model id checked, its tokenizer loaded with ``--bos`` resolved, and the whole
+    corpus (callers take their slice: the sweep's documents, held-out ones, skipped ones).
+    Each problem is a one-line KvorchError before anything starts."""
+    try:
+        resolve_model(model)
+    except ValueError as exc:
+        raise KvorchError(f"--model: {exc}") from None
+    try:
+        tokens = tokenization.load(model, bos)
+    except ValueError as exc:
+        raise KvorchError(str(exc)) from None
+    return tokens, load_corpus(corpus)

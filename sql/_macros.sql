@@ -16,8 +16,10 @@ CREATE OR REPLACE MACRO run_rows(rid) AS TABLE
     WHERE r.run_id = rid;
 
 -- One row per config of a run (docs/DESIGN.md, "Density"):
---   press                  the config label without its threshold: one threshold sweep of one
---                          method with one set of parameters
+--   press                  the config's press without its threshold or ratio: one sweep of one
+--                          method with one set of parameters (the press column; parts older
+--                          than schema version 3 lack it, and only for them it is the label
+--                          cut at its last '@')
 --   delta_nll_pct          ΔNLL % vs baseline, summed over the (document, chunk) rows both have
 --   density_with_window    kept / total
 --   density_without_window 1 - discarded outside the DMS window / keys outside it
@@ -34,9 +36,10 @@ CREATE OR REPLACE MACRO run_rows(rid) AS TABLE
 CREATE OR REPLACE MACRO config_metrics(rid) AS TABLE
     SELECT
         method,
-        CASE
-            WHEN any_value(threshold) IS NULL THEN config ELSE regexp_replace(config, '@[^@]*$', '')
-        END AS press,
+        coalesce(
+            any_value(press),
+            CASE WHEN any_value(threshold) IS NULL THEN config ELSE regexp_replace(config, '@[^@]*$', '') END
+        ) AS press,
         config,
         any_value(threshold) AS threshold,
         count(DISTINCT doc_id) AS docs,

@@ -1,4 +1,4 @@
-"""A run's status across attempts (orchestrator/attempts.py) and its fault events in
+"""A run's status across attempts (orchestrator/sweep/attempts.py) and its fault events in
 ``kvorch status``, without Ray: the lake and the statuses are written by hand."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import re
 import pyarrow as pa
 from click.testing import CliRunner
 
-from orchestrator import attempts
 from orchestrator.cli import main
-from orchestrator.driver import PoolResult
-from orchestrator.lake import Lake
+from orchestrator.lake.store import Lake
+from orchestrator.pool.actors import PoolResult
+from orchestrator.sweep import attempts
 from tests.test_reports import chunk_row
 from workers.schema import ROW_SCHEMA
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from orchestrator import calibration
-from orchestrator.calibration import TOLERANCE, calibrate, calibrated_spec, compressible_density
 from orchestrator.cli import main
 from orchestrator.corpus import Document, load_corpus
 from orchestrator.errors import KvorchError
-from orchestrator.spec import JobSpec
+from orchestrator.sweep import calibration
+from orchestrator.sweep.calibration import TOLERANCE, calibrate, calibrated_spec, compressible_density
+from orchestrator.sweep.spec import JobSpec
 from tests.conftest import tiny_llama
 from workers.configs import EvalConfig
 from workers.engine import Engine, EngineSettings

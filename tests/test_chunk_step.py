@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator import compile_check
 from orchestrator.errors import KvorchError
-from orchestrator.spec import JobSpec, build_configs
+from orchestrator.sweep import compile_check
+from orchestrator.sweep.spec import JobSpec, build_configs
 from tests.helpers import tiny_llama
 from workers import attention
 from workers.chunk_step import padded_length

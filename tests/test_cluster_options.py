@@ -10,8 +10,8 @@ import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from orchestrator import driver, ray_jobs
 from orchestrator.cli.submit import command
+from orchestrator.pool import actors, ray_jobs
 
 
 def fake_cluster(monkeypatch, gpus: float, node_cpus: list[int]) -> None:
@@ -22,17 +22,17 @@ def fake_cluster(monkeypatch, gpus: float, node_cpus: list[int]) -> None:
 
 def test_pool_sizes_gpu_fractions_and_cpu_nodes(monkeypatch):
     fake_cluster(monkeypatch, gpus=2, node_cpus=[8, 8])
-    assert driver.plan_pool(None, "auto") == driver.PoolPlan(2, num_gpus=1.0, num_cpus=1, device="cuda")
-    assert driver.plan_pool(None, "auto", gpus_per_actor=0.5) == driver.PoolPlan(4, 0.5, 1, "cuda")
-    assert driver.plan_pool(3, "auto", gpus_per_actor=0.25) == driver.PoolPlan(3, 0.25, 1, "cuda")
-    assert driver.plan_pool(3, "auto") == driver.PoolPlan(3, num_gpus=2 / 3, num_cpus=1, device="cuda")
-    assert driver.plan_pool(2, "cpu") == driver.PoolPlan(2, num_gpus=0, num_cpus=8, device="cpu")
+    assert actors.plan_pool(None, "auto") == actors.PoolPlan(2, num_gpus=1.0, num_cpus=1, device="cuda")
+    assert actors.plan_pool(None, "auto", gpus_per_actor=0.5) == actors.PoolPlan(4, 0.5, 1, "cuda")
+    assert actors.plan_pool(3, "auto", gpus_per_actor=0.25) == actors.PoolPlan(3, 0.25, 1, "cuda")
+    assert actors.plan_pool(3, "auto") == actors.PoolPlan(3, num_gpus=2 / 3, num_cpus=1, device="cuda")
+    assert actors.plan_pool(2, "cpu") == actors.PoolPlan(2, num_gpus=0, num_cpus=8, device="cpu")
     fake_cluster(monkeypatch, gpus=0, node_cpus=[8])
     # --device cuda on a cluster scaled to zero GPU nodes: whole GPUs, so the autoscaler adds nodes.
-    assert driver.plan_pool(2, "cuda") == driver.PoolPlan(2, num_gpus=1.0, num_cpus=1, device="cuda")
+    assert actors.plan_pool(2, "cuda") == actors.PoolPlan(2, num_gpus=1.0, num_cpus=1, device="cuda")
     fake_cluster(monkeypatch, gpus=0, node_cpus=[1, 1])
     # One actor may not ask for more cores than one node has, or Ray could never place it.
-    assert driver.plan_pool(None, "auto") == driver.PoolPlan(1, num_gpus=0, num_cpus=1, device="cpu")
+    assert actors.plan_pool(None, "auto") == actors.PoolPlan(1, num_gpus=0, num_cpus=1, device="cpu")
 
 
 def test_detached_entrypoint_repeats_the_users_options():

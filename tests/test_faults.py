@@ -23,8 +23,8 @@ from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
 from orchestrator.cli import main
-from orchestrator.lake import Lake
-from orchestrator.queries import connect
+from orchestrator.lake.queries import connect
+from orchestrator.lake.store import Lake
 from tests.full_disk import full_disk
 from workers.faults import FAULT_ENV
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.queries import metrics_of
+from orchestrator.lake.queries import metrics_of
 from tests.helpers import chunk_sums, full_forward_nll, write_head_table
 from workers.configs import EvalConfig
 from workers.engine import Engine, EngineSettings

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from orchestrator.cli import main
-from orchestrator.head_analysis import ClassifierSettings, head_table
+from orchestrator.heads.classify import ClassifierSettings, head_table
 from workers.engine import Engine, EngineSettings
 from workers.head_stats import N_DISTANCE_BINS, SCALAR_FEATURES, DocumentHeadStats, HeadStatsProbe, recommended_window
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from orchestrator import incomplete
 from orchestrator.cli import main
 from orchestrator.corpus import load_corpus
+from orchestrator.lake import incomplete
 from tests.helpers import FailingPress, chunk_sums, full_forward_nll, tiny_gpt2
 from workers.actor import PREFLIGHT_DOC_ID, ConfigFailure, EvalWorker, Task, TaskDocument, WorkerSettings
 from workers.configs import EvalConfig

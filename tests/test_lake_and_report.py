@@ -10,9 +10,9 @@ import pytest
 
 from orchestrator.cli.report import comparison
 from orchestrator.errors import KvorchError
-from orchestrator.formatting import render
-from orchestrator.lake import Lake
-from orchestrator.queries import connect, run_named
+from orchestrator.lake.queries import connect, run_named
+from orchestrator.lake.store import Lake
+from orchestrator.reports.formatting import render
 from workers.schema import ROW_SCHEMA, SCHEMA_VERSION
 
 

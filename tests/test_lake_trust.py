@@ -21,12 +21,12 @@ from click.testing import CliRunner
 from orchestrator.cli import main
 from orchestrator.corpus import load_corpus
 from orchestrator.errors import KvorchError
-from orchestrator.heartbeat import Heartbeat
-from orchestrator.integrity import audit
-from orchestrator.lake import Lake
-from orchestrator.queries import connect
-from orchestrator.resume import shown_state
-from orchestrator.run_lock import RunLock
+from orchestrator.lake.integrity import audit
+from orchestrator.lake.queries import connect
+from orchestrator.lake.store import Lake
+from orchestrator.sweep.heartbeat import Heartbeat
+from orchestrator.sweep.resume import shown_state
+from orchestrator.sweep.run_lock import RunLock
 from tests.full_disk import full_disk
 from tests.test_cli import snapshot
 from tests.test_reports import chunk_row
@@ -229,8 +229,9 @@ def test_a_second_driver_on_a_run_is_refused_while_the_first_holds_it(tmp_path):
 def test_a_second_driver_in_another_process_is_refused(tmp_path):
     lake = two_task_lake(tmp_path / "lake")
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from orchestrator.run_lock import RunLock; from orchestrator.lake import Lake; "
-         f"l = RunLock(Lake({str(lake.uri)!r}), 'r'); l.acquire(); print('held', flush=True); input()"],
+        [sys.executable, "-c", "from orchestrator.sweep.run_lock import RunLock; "
+         f"from orchestrator.lake.store import Lake; l = RunLock(Lake({str(lake.uri)!r}), 'r'); l.acquire(); "
+         "print('held', flush=True); input()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

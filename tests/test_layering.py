@@ -1,6 +1,8 @@
 """The three floors import only downwards: bench/ -> orchestrator/ -> workers/ (docs/DESIGN.md,
 "Architecture"). workers/ runs inside Ray actors and must not drag the driver's code (DuckDB,
-the lake, the CLI) into them; orchestrator/ must not depend on benchmark scripts."""
+the lake, the CLI) into them; orchestrator/ must not depend on benchmark scripts. Inside
+orchestrator/, the feature packages import only the ones below them (each package's docstring
+says which)."""
 
 from __future__ import annotations
 
@@ -32,3 +34,30 @@ def test_every_import_points_down(floor):
         for path in sorted((ROOT / floor).rglob("*.py"))
     }
     assert {file: names for file, names in upward.items() if names} == {}
+
+
+# orchestrator/'s rooms, bottom first: a room may import only rooms of a lower rank.
+RANKS = {
+    "errors": 0, "corpus": 1, "lake": 2, "pool": 3, "reports": 3, "sweep": 4, "kvzap": 4, "scores": 4,
+    "heads": 5, "cli": 6,
+}  # fmt: skip
+
+
+def test_orchestrator_packages_import_only_downwards():
+    upward = []
+    for path in sorted((ROOT / "orchestrator").rglob("*.py")):
+        parts = path.relative_to(ROOT / "orchestrator").parts
+        room = parts[0] if len(parts) > 1 else path.stem
+        if room == "__init__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("orchestrator."):
+                target = node.module.split(".")[1]
+                if target != room and RANKS[target] >= RANKS[room]:
+                    upward.append(f"{path.relative_to(ROOT)} imports {node.module}")
+    assert upward == []
+    assert set(RANKS) == {
+        p.stem if p.is_file() else p.name
+        for p in (ROOT / "orchestrator").iterdir()
+        if p.name not in ("__init__.py", "__pycache__")
+    }  # every room is ranked

@@ -9,10 +9,10 @@ import pytest
 import torch
 import transformers as T
 
-from orchestrator import batching
-from orchestrator.driver import PoolPlan
 from orchestrator.errors import KvorchError
-from orchestrator.spec import JobSpec
+from orchestrator.pool.actors import PoolPlan
+from orchestrator.sweep import batching
+from orchestrator.sweep.spec import JobSpec
 from workers import memory
 
 VOCAB = 101

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from orchestrator.driver import PoolPlan, PoolResult, WorkerPool, run_pool
 from orchestrator.errors import KvorchError
+from orchestrator.pool.actors import PoolPlan, PoolResult, WorkerPool, run_pool
 from tests.fake_worker import Behaviour, FakeTask, FakeWorker
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("local_ray")
 
 def pool(n_actors: int, behaviour: Behaviour, timeout: float, cpus: int = 1) -> WorkerPool:
     plan = PoolPlan(n_actors, num_gpus=0, num_cpus=cpus, device="cpu")
-    return WorkerPool(behaviour, plan, timeout, worker_class=FakeWorker)  # type: ignore[arg-type]
+    return WorkerPool(plan, FakeWorker, (behaviour,), timeout)
 
 
 def run(workers: WorkerPool, n_tasks: int, result: PoolResult) -> None:

@@ -15,12 +15,12 @@ import pytest
 from click.testing import CliRunner
 
 from orchestrator.cli import main
-from orchestrator.densities import parse_densities
 from orchestrator.errors import KvorchError
-from orchestrator.integrity import audit
-from orchestrator.lake import Lake
-from orchestrator.queries import connect
-from orchestrator.reports import RunReport
+from orchestrator.lake.integrity import audit
+from orchestrator.lake.queries import connect
+from orchestrator.lake.store import Lake
+from orchestrator.reports.densities import parse_densities
+from orchestrator.reports.tables import RunReport
 from tests.test_cli import snapshot
 from workers.schema import CHUNK_SCHEMA, ROW_SCHEMA
 
@@ -38,6 +38,7 @@ def chunk_row(doc, start, config, nll, *, n=10, end=None, kept=None, protected=0
         "chunk_start": start,
         "chunk_end": start + 10 if end is None else end,
         "config": config,
+        "press": config.split("@")[0],  # as the engine writes it: the label without threshold or ratio
         "method_params": "{}",
         "threshold": threshold,
         "policy": "threshold",
@@ -317,7 +318,7 @@ def test_runs_lists_and_compares(tmp_path):
 
 @pytest.mark.parametrize(
     ("version", "message"),
-    [("3", "newer than this kvorch reads"), ("0", "no longer reads"), (None, "no kvorch schema version")],
+    [("4", "newer than this kvorch reads"), ("0", "no longer reads"), (None, "no kvorch schema version")],
 )
 def test_parts_of_another_schema_version_fail_clearly(tmp_path, version, message):
     lake = make_lake(tmp_path / "lake", {"r": three_doc_rows()})
@@ -337,7 +338,7 @@ def test_parts_of_schema_version_1_are_still_read(tmp_path):
     """A lake written before kv_cache_bytes existed: its parts stay valid (resume keeps them),
     and the column reads as null, alone or next to version-2 parts of another run."""
     lake = make_lake(tmp_path / "lake", {"new": [chunk_row("a", 0, "baseline", 1.0, kv_cache_bytes=64)]})
-    old = pa.Table.from_pylist(three_doc_rows(), schema=ROW_SCHEMA).drop_columns(["method", "kv_cache_bytes"])
+    old = pa.Table.from_pylist(three_doc_rows(), schema=ROW_SCHEMA).drop_columns(["method", "kv_cache_bytes", "press"])
     lake.write_spec("old", {"model": "m"})
     lake.write_table(
         lake.part_path("old", "baseline", "t0"), old.replace_schema_metadata({"kvorch_schema_version": "1"})
@@ -350,6 +351,20 @@ def test_parts_of_schema_version_1_are_still_read(tmp_path):
     assert by_run == {"old": None, "new": 64}
     lake.delete(lake.parts("new"))
     assert connect(lake).execute("SELECT count(*), max(kv_cache_bytes) FROM chunks").fetchone() == (len(old), None)
+
+
+def test_press_is_read_from_its_column_and_derived_from_the_label_only_for_older_parts(tmp_path):
+    new = [chunk_row("a", 0, "knorm@-2", 1.0, threshold=-2.0, press="the column, not the label")]
+    lake = make_lake(tmp_path / "lake", {"new": new})
+    v2 = pa.Table.from_pylist([chunk_row("a", 0, "knorm:k=1@-2", 1.0, threshold=-2.0)], schema=ROW_SCHEMA)
+    lake.write_spec("v2", {"model": "m"})
+    lake.write_table(
+        lake.part_path("v2", "knorm", "t0"),
+        v2.drop_columns(["method", "press"]).replace_schema_metadata({"kvorch_schema_version": "2"}),
+    )
+    con = connect(lake)
+    assert con.execute("SELECT press FROM config_metrics('new')").fetchall() == [("the column, not the label",)]
+    assert con.execute("SELECT press FROM config_metrics('v2')").fetchall() == [("knorm:k=1",)]
 
 
 # --- the report command and its plots -----------------------------------------------------------

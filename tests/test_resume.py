@@ -10,9 +10,9 @@ import pyarrow as pa
 import pytest
 
 from orchestrator.errors import KvorchError
-from orchestrator.integrity import done_tasks
-from orchestrator.lake import Lake
-from orchestrator.resume import choose_run, spec_hash
+from orchestrator.lake.integrity import done_tasks
+from orchestrator.lake.store import Lake
+from orchestrator.sweep.resume import choose_run, spec_hash
 
 SPEC = {"model": "m", "window": 32, "actors": None, "methods": ["baseline"]}
 

@@ -10,8 +10,8 @@ import pytest
 
 from orchestrator.corpus import load_corpus
 from orchestrator.errors import KvorchError
-from orchestrator.planner import group_configs, shard
-from orchestrator.spec import JobSpec, build_configs
+from orchestrator.sweep.planner import group_configs, shard
+from orchestrator.sweep.spec import JobSpec, build_configs
 from workers.presses import ALL_METHODS, REGISTRY
 
 
@@ -92,7 +92,7 @@ def test_spec_json_round_trips_infinite_thresholds():
 def test_bos_is_part_of_the_spec_and_of_its_hash():
     """--bos changes the token ids, so it is in spec.json and a submission with another --bos
     never resumes this one's run."""
-    from orchestrator.resume import spec_hash
+    from orchestrator.sweep.resume import spec_hash
 
     docs = pa.table({"doc_id": ["d"], "sha256": ["x"]})
     assert JobSpec(methods=("baseline",)).to_json()["bos"] == "auto"
@@ -151,7 +151,7 @@ def test_missing_corpus_and_parquet_without_text(tmp_path):
 
 def test_shards_balance_tokens_and_keep_every_document():
     from orchestrator.corpus import Document
-    from orchestrator.planner import TokenizedDocument
+    from orchestrator.sweep.planner import TokenizedDocument
 
     docs = [TokenizedDocument(Document(f"d{i}", "", ""), [0] * n) for i, n in enumerate([900, 500, 400, 300, 200, 100])]
     shards = shard(docs, 3)

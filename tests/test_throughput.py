@@ -11,7 +11,7 @@ import torch
 import torch._dynamo
 
 from orchestrator.errors import KvorchError
-from orchestrator.spec import JobSpec
+from orchestrator.sweep.spec import JobSpec
 from tests.helpers import write_head_table
 from tests.test_engine import by_config, default_configs
 from workers import memory

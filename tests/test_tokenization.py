@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from orchestrator.corpus import load_corpus
 from orchestrator.errors import KvorchError
-from orchestrator.spec import JobSpec
+from orchestrator.sweep.spec import JobSpec
 from workers import tokenization
 from workers.tokenization import difference, resolve
 

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from workers import attention
 from workers.chunk_step import ChunkStep, padded_length
 from workers.configs import EvalConfig
+from workers.decisions import decide_by_budget, decide_by_threshold
 from workers.kv_cache import LayerView, make_cache
 from workers.nll import token_nll
 from workers.presses import LayerContext, Press
@@ -344,6 +345,7 @@ class DocumentLayout:
                     "chunk_start": s,
                     "chunk_end": e,
                     "config": config.label,
+                    "press": config.press.label(),
                     "method_params": config.press.params_json(),
                     "threshold": config.threshold,
                     "policy": config.policy,
@@ -577,44 +579,30 @@ class _DocumentRun:
             self._decide_by_budget(layer, group, max(0, e - narrowest))
 
     def _decide_by_threshold(self, layer: int, group: _RowGroup, decided: int, newly_decided: int) -> None:
-        """Keys that just left the protected window: kept for good iff score >= threshold.
-
-        With per-head windows, [decided, newly_decided) spans every head's range and each head
-        takes only its own [s - window, e - window) from it.
-        """
-        if newly_decided <= decided:
-            return
-        rows = group.rows
-        decision = self.scores[layer][rows, :, decided:newly_decided] >= group.thresholds
-        n_protected_sinks = min(group.press.n_sink, newly_decided) - decided
-        if n_protected_sinks > 0:
-            decision[:, :, :n_protected_sinks] = True
+        """The threshold rule (workers/decisions.py) on this layer's keys of ``group``; with
+        per-head windows each head decides only the keys leaving its own window."""
+        leaving = None
         narrowest, widest = group.windows.ranges[layer]
-        if narrowest != widest:
-            positions = torch.arange(decided, newly_decided, device=decision.device)
+        if narrowest != widest and newly_decided > decided:
+            positions = torch.arange(decided, newly_decided, device=self.engine.device)
             window = group.windows.protected_on_device[layer]  # [kv-heads, 1]
             leaving = (positions >= self.start - window) & (positions < self.end - window)
-            decision = torch.where(leaving, decision, self.keep[layer][rows, :, decided:newly_decided])
-        self.keep[layer][rows, :, decided:newly_decided] = decision
+        rows = group.rows
+        decide_by_threshold(
+            self.keep[layer][rows], self.scores[layer][rows], group.thresholds, group.press.n_sink, decided,
+            newly_decided, leaving,
+        )  # fmt: skip
 
     def _decide_by_budget(self, layer: int, group: _RowGroup, boundary: int) -> None:
-        """Keep the best-scoring keys so kept <= ceil((1 - r) * end) per (layer, kv-head).
-
-        Sinks and the protected window are always kept and count toward the budget; the rest
-        of the budget goes to the highest scores among keys still kept (evictions are final).
-        """
-        n_sink, e, rows = group.press.n_sink, self.end, group.rows
-        if boundary <= n_sink:
-            return
-        protected = n_sink + (e - boundary)
-        allowed = (torch.ceil(group.keep_fraction * e).long() - protected).clamp(min=0)  # [n_rows]
-        keep = self.keep[layer][rows, :, n_sink:boundary]
-        scores = self.scores[layer][rows, :, n_sink:boundary].masked_fill(~keep, float("-inf"))
-        order = scores.argsort(dim=-1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(
-            -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
+        rows = group.rows
+        decide_by_budget(
+            self.keep[layer][rows],
+            self.scores[layer][rows],
+            group.keep_fraction,
+            group.press.n_sink,
+            self.end,
+            boundary,
         )
-        keep &= rank < allowed.view(-1, 1, 1)
 
     # --- rows ------------------------------------------------------------------------------
 

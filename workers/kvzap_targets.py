@@ -18,8 +18,10 @@ kept, which bounds memory per document.
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 
+import ray
 import torch
 
 from workers.models import load_model
@@ -135,11 +137,29 @@ def extract_targets(model: torch.nn.Module, doc: TargetDocument, n_samples: int,
 
 
 class TargetWorker:
-    """The body of a target-extraction actor: loads the model once, then extracts per document."""
+    """The body of a target-extraction actor: loads the model once, then extracts per document.
 
-    def __init__(self, model: str, device: str, threads: int) -> None:
+    It speaks the pool's readiness protocol (``placed``, then ``describe``, which loads the
+    model), like EvalWorker, so the driver's pool places, times out and replaces it the same way.
+    """
+
+    def __init__(self, name: str, model: str, device: str, threads: int, load: bool = True) -> None:
         torch.set_num_threads(max(1, threads))
-        self.model = load_model(model, "float32", device)
+        self.name, self.model_id, self.device = name, model, device
+        self.model: torch.nn.Module | None = None
+        if load:
+            self.describe()
+
+    def placed(self) -> str:
+        """The Ray node this actor runs on (answers before the model is loaded)."""
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else platform.node()
+
+    def describe(self) -> dict:
+        """Loads the model (once) and says where it runs."""
+        if self.model is None:
+            self.model = load_model(self.model_id, "float32", self.device)
+        return {"worker": self.name, "host": platform.node(), "device": self.device}
 
     def run(self, doc: TargetDocument, n_samples: int, seed: int) -> TargetSamples:
+        self.describe()
         return extract_targets(self.model, doc, n_samples, seed)

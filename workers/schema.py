@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Versions whose lakes this code reads (queries refuse others with the fix). Version 1 already
 # holds everything the reports derive, e.g. layers x kv-heads = keys_total / chunk_start;
-# version 2 adds kv_cache_bytes, which reads as null in version-1 parts.
-READABLE_SCHEMA_VERSIONS = frozenset({1, 2})
+# version 2 adds kv_cache_bytes and version 3 press, which read as null in older parts.
+READABLE_SCHEMA_VERSIONS = frozenset({1, 2, 3})
 
 PARTITION_COLUMNS = ("run_id", "method")
 
@@ -26,6 +26,9 @@ CHUNK_SCHEMA = pa.schema(
         # Config identity: one label per (method, parameters, threshold); the same method with
         # other parameters is another config.
         pa.field("config", pa.string(), nullable=False),
+        # The config's press without its threshold or ratio (``method[:params]``): one sweep.
+        # Since schema version 3; sql/_macros.sql derives it from the label for older parts.
+        pa.field("press", pa.string()),
         pa.field("method_params", pa.string(), nullable=False),  # canonical JSON
         pa.field("threshold", pa.float64()),  # null for methods without a threshold
         pa.field("policy", pa.string(), nullable=False),  # "threshold" or "ratio"
@@ -59,9 +62,11 @@ CHUNK_SCHEMA = pa.schema(
 )
 # The columns of a part under each readable version: readers accept any of them, and the
 # columns an older part lacks read as null.
+_V2 = CHUNK_SCHEMA.remove_metadata().remove(CHUNK_SCHEMA.get_field_index("press"))
 CHUNK_COLUMNS_BY_VERSION = {
-    2: CHUNK_SCHEMA.remove_metadata(),
-    1: CHUNK_SCHEMA.remove_metadata().remove(CHUNK_SCHEMA.get_field_index("kv_cache_bytes")),
+    3: CHUNK_SCHEMA.remove_metadata(),
+    2: _V2,
+    1: _V2.remove(_V2.get_field_index("kv_cache_bytes")),
 }
 
 DOC_SCHEMA = pa.schema(

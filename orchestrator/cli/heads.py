@@ -9,20 +9,24 @@ from orchestrator.cli.options import (
     actors_option,
     address_option,
     bos_option,
+    chunk_size_option,
     corpus_option,
     device_option,
+    dtype_option,
     format_option,
     lake_option,
+    max_docs_option,
+    max_tokens_option,
     model_option,
+    spec_default,
 )
 from orchestrator.errors import KvorchError
-from orchestrator.formatting import render
-from orchestrator.head_analysis import ClassifierSettings
-from orchestrator.heads_job import FEW_DOCS, AnalysisSpec, analyze
-from orchestrator.lake import Lake
-from orchestrator.queries import connect, run_named
+from orchestrator.heads.analysis import FEW_DOCS, AnalysisSpec, analyze
+from orchestrator.heads.classify import ClassifierSettings
+from orchestrator.lake.queries import connect, run_named
+from orchestrator.lake.store import Lake
+from orchestrator.reports.formatting import render
 from workers.head_stats import HeadStatsProbe
-from workers.models import DTYPES
 from workers.schema import HEAD_CLASSES
 
 _PROBE = HeadStatsProbe()
@@ -38,11 +42,16 @@ def command() -> None:
 @model_option
 @corpus_option
 @lake_option
-@click.option("--max-docs", type=int, default=8, help="Documents analysed.")
-@click.option("--skip-docs", type=int, default=0, help="Corpus documents skipped first (keep evaluation docs out).")
-@click.option("--max-tokens", type=int, default=1024, help="Tokens per document.")
+@max_docs_option(spec_default(AnalysisSpec, "max_docs"), help="Documents analysed.")
+@click.option(
+    "--skip-docs",
+    type=int,
+    default=spec_default(AnalysisSpec, "skip_docs"),
+    help="Corpus documents skipped first (keep evaluation docs out).",
+)
+@max_tokens_option(spec_default(AnalysisSpec, "max_tokens"))
 @bos_option
-@click.option("--chunk-size", type=int, default=128, help="Chunk length: the unit the bootstrap resamples.")
+@chunk_size_option(spec_default(AnalysisSpec, "chunk_size"), help="Chunk length: the unit the bootstrap resamples.")
 @click.option("--n-sink", type=int, default=_PROBE.n_sink, help="Sink positions (their mass is sink_mass).")
 @click.option("--recent", type=int, default=_PROBE.recent, help="Recent window (tokens) of recent_mass / far_mass.")
 @click.option("--min-position", type=int, default=_PROBE.min_position, help="Only queries at or after this position.")
@@ -53,7 +62,7 @@ def command() -> None:
 @click.option("--tail", type=float, default=_CLASSIFIER.tail, help="Attention share a recommended window may miss.")
 @click.option("--bootstrap", type=int, default=_CLASSIFIER.bootstrap, help="Bootstrap resamples for the confidence.")
 @click.option("--seed", type=int, default=_CLASSIFIER.seed, help="Bootstrap seed.")
-@click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", help="auto: bf16 on GPU, fp32 on CPU.")
+@dtype_option
 @device_option
 @actors_option
 @address_option

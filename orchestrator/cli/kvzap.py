@@ -12,12 +12,15 @@ from orchestrator.cli.options import (
     bos_option,
     corpus_option,
     device_option,
+    max_docs_option,
+    max_tokens_option,
     model_option,
+    spec_default,
 )
 from orchestrator.errors import KvorchError
-from orchestrator.kvzap_job import KINDS, TrainSpec, extract, fit, prepare_documents
-from orchestrator.kvzap_report import r2_table, thresholds_text, write_report
-from workers.kvzap_fit import MLPSettings
+from orchestrator.kvzap.extraction import KINDS, TrainSpec, extract, fit, prepare_documents
+from orchestrator.kvzap.fit import MLPSettings
+from orchestrator.kvzap.report import r2_table, thresholds_text, write_report
 
 _MLP = MLPSettings()
 
@@ -37,19 +40,33 @@ def command() -> None:
     default="both",
     help="linear (ridge) or mlp (2-layer GELU); both writes OUT/linear and OUT/mlp.",
 )
-@click.option("--max-docs", type=int, default=8, help="Documents taken from the corpus (last ones held out).")
-@click.option("--max-tokens", type=int, default=512, help="Context tokens per document (the pass is ~2x that).")
+@max_docs_option(spec_default(TrainSpec, "max_docs"), help="Documents taken from the corpus (last ones held out).")
+@max_tokens_option(spec_default(TrainSpec, "max_tokens"), help="Context tokens per document (the pass is ~2x that).")
 @bos_option
-@click.option("--positions", type=int, default=256, help="Context positions sampled per document (bounds memory).")
-@click.option("--heldout-fraction", type=float, default=0.25, help="Share of documents held out for R².")
-@click.option("--ridge-alpha", type=float, default=1.0, help="L2 penalty of the ridge fit.")
+@click.option(
+    "--positions",
+    type=int,
+    default=spec_default(TrainSpec, "positions"),
+    help="Context positions sampled per document (bounds memory).",
+)
+@click.option(
+    "--heldout-fraction",
+    type=float,
+    default=spec_default(TrainSpec, "heldout_fraction"),
+    help="Share of documents held out for R².",
+)
+@click.option(
+    "--ridge-alpha", type=float, default=spec_default(TrainSpec, "ridge_alpha"), help="L2 penalty of the ridge fit."
+)
 @click.option("--hidden-dim", type=int, default=_MLP.hidden_dim, help="Hidden width of the MLP.")
 @click.option("--epochs", type=int, default=_MLP.epochs, help="MLP training epochs.")
 @click.option("--lr", type=float, default=_MLP.lr, help="MLP peak learning rate (AdamW, cosine to 0).")
 @device_option
 @actors_option
 @address_option
-@click.option("--seed", type=int, default=0, help="Seed of position sampling and MLP training.")
+@click.option(
+    "--seed", type=int, default=spec_default(TrainSpec, "seed"), help="Seed of position sampling and MLP training."
+)
 def train(
     model: str,
     corpus: str,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 
 from orchestrator.cli.options import format_option, lake_option
-from orchestrator.densities import DEFAULT_DENSITIES, parse_densities
-from orchestrator.lake import Lake
-from orchestrator.reports import TABLES, RunReport, render_tables
+from orchestrator.lake.store import Lake
+from orchestrator.reports.densities import DEFAULT_DENSITIES, parse_densities
+from orchestrator.reports.tables import TABLES, RunReport, render_tables
 
 
 def comparison(lake: Lake, run_id: str | None, fmt: str, allow_incomplete: bool = False) -> str:
@@ -86,7 +86,7 @@ def command(
     for line in report.incomplete_warnings():
         click.echo(line, err=True)
     if plot_dir is not None:
-        from orchestrator.plots import write_plots
+        from orchestrator.reports.plots import write_plots
 
         written = write_plots(
             plot_dir,

@@ -8,9 +8,9 @@ import duckdb
 
 from orchestrator.cli.options import format_option, lake_option
 from orchestrator.errors import KvorchError
-from orchestrator.formatting import render
-from orchestrator.lake import Lake
-from orchestrator.queries import connect, run_named
+from orchestrator.lake.queries import connect, run_named
+from orchestrator.lake.store import Lake
+from orchestrator.reports.formatting import render
 from workers.tokenization import difference
 
 

@@ -6,24 +6,36 @@ from pathlib import Path
 
 import click
 
-from orchestrator.cli.options import bos_option, corpus_option, lake_option, model_option
-from orchestrator.inspection import draw_heatmaps, score_document, scores_table, write_scores
-from orchestrator.lake import Lake, new_run_id
-from orchestrator.spec import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_TOKENS, DEFAULT_WINDOW, build_configs, engine_settings
-from workers.attention import BACKENDS
+from orchestrator.cli.options import (
+    attn_option,
+    bos_option,
+    chunk_size_option,
+    corpus_option,
+    lake_option,
+    max_tokens_option,
+    methods_option,
+    model_option,
+    thresholds_option,
+    window_option,
+)
+from orchestrator.lake.store import Lake, new_run_id
+from orchestrator.scores import DEFAULT_SCORED_METHODS, draw_heatmaps, score_document, scores_table, write_scores
+from orchestrator.sweep.spec import build_configs, engine_settings
 
 
 @click.command("scores")
 @model_option
 @corpus_option
 @click.option("--doc", "doc_id", default=None, help="Document id (default: the corpus's first document).")
-@click.option("--methods", multiple=True, default=["expected_attention"], help="Methods, as for submit.")
-@click.option("--thresholds", multiple=True, default=[], help="Threshold overrides, as for submit.")
-@click.option("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="The document is cut to this many tokens.")
+@methods_option(
+    DEFAULT_SCORED_METHODS, help="Methods, as for submit (default: the one whose scores are most often asked for)."
+)
+@thresholds_option
+@max_tokens_option()
 @bos_option
-@click.option("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="Tokens per forward.")
-@click.option("--window", type=int, default=DEFAULT_WINDOW, help="Sliding window never evicted.")
-@click.option("--attn", type=click.Choice(BACKENDS), default="sdpa", help="Attention kernel.")
+@chunk_size_option()
+@window_option
+@attn_option
 @lake_option
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Directory for the heatmap PNGs.")
 def command(

@@ -2,7 +2,7 @@
 
 The lake holds hours of GPU time, so this command can read it and nothing else: statements other
 than queries are refused, and DuckDB itself is locked to the lake's directory with no extension
-installs (``orchestrator/queries.py``). Runs with damaged parts or unfinished tasks are named on
+installs (``orchestrator/lake/queries.py``). Runs with damaged parts or unfinished tasks are named on
 stderr: their missing rows are left out of ``chunks``, never half counted.
 """
 
@@ -11,12 +11,12 @@ from __future__ import annotations
 import click
 import duckdb
 
-from orchestrator import integrity
 from orchestrator.cli.options import format_option, lake_option
 from orchestrator.errors import KvorchError
-from orchestrator.formatting import render
-from orchestrator.lake import Lake
-from orchestrator.queries import check_read_only, connect
+from orchestrator.lake import integrity
+from orchestrator.lake.queries import check_read_only, connect
+from orchestrator.lake.store import Lake
+from orchestrator.reports.formatting import render
 
 
 @click.command("sql")

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import click
 
-from orchestrator import incomplete, integrity, pool_events
 from orchestrator.cli.options import format_option, lake_option
 from orchestrator.errors import KvorchError
-from orchestrator.formatting import render
-from orchestrator.integrity import RunAudit
-from orchestrator.lake import Lake, check_run_id
-from orchestrator.resume import shown_state
+from orchestrator.lake import incomplete, integrity
+from orchestrator.lake.integrity import RunAudit
+from orchestrator.lake.store import Lake, check_run_id
+from orchestrator.pool import events as pool_events
+from orchestrator.reports.formatting import render
+from orchestrator.sweep.resume import shown_state
 
 COLUMNS = [
     "run_id",

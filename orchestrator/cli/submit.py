@@ -4,63 +4,60 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+from typing import Any
 
 import click
 from click.core import ParameterSource
 
-from orchestrator import incomplete, job, ray_jobs
 from orchestrator.cli.options import (
     actors_option,
     address_option,
+    attn_option,
     bos_option,
+    chunk_size_option,
     corpus_option,
     device_option,
+    dtype_option,
     format_option,
     lake_option,
+    max_docs_option,
+    max_tokens_option,
+    methods_option,
     model_option,
+    spec_default,
+    thresholds_option,
+    window_option,
 )
 from orchestrator.cli.report import comparison, marked
-from orchestrator.densities import parse_densities
-from orchestrator.driver import DEFAULT_ACTOR_TIMEOUT, DEFAULT_MAX_RETRIES
-from orchestrator.endings import stopping_signal
 from orchestrator.errors import KvorchError
-from orchestrator.lake import Lake, check_run_id, new_run_id
-from orchestrator.presets import (
+from orchestrator.heads.presets import (
     HEAD_ABLATION,
     PRESET_CHUNK_SIZE,
     PRESETS,
     analyze_held_out_heads,
     head_ablation_methods,
 )
-from orchestrator.reports import RunReport, render_tables
-from orchestrator.spec import COMPILE_MODES, JobSpec
-from workers.attention import BACKENDS
+from orchestrator.lake import incomplete
+from orchestrator.lake.store import Lake, check_run_id, new_run_id
+from orchestrator.pool import ray_jobs
+from orchestrator.pool.actors import DEFAULT_ACTOR_TIMEOUT, DEFAULT_MAX_RETRIES
+from orchestrator.reports.densities import parse_densities
+from orchestrator.reports.tables import RunReport, render_tables
+from orchestrator.sweep import submission
+from orchestrator.sweep.endings import stopping_signal
+from orchestrator.sweep.spec import COMPILE_MODES, JobSpec
 from workers.configs import POLICIES
-from workers.models import DTYPES
-from workers.presses import ALL_METHODS
-
-_DEFAULTS = JobSpec.__dataclass_fields__
 
 
 def _default(name: str) -> object:
-    return _DEFAULTS[name].default
+    return spec_default(JobSpec, name)
 
 
 @click.command("submit")
 @model_option
 @corpus_option
-@click.option(
-    "--methods",
-    multiple=True,
-    default=["all"],
-    help=f"Comma list of methods, each name[:key=value,...]; 'all' = {', '.join(ALL_METHODS)}.",
-)
-@click.option(
-    "--thresholds",
-    multiple=True,
-    default=[],
-    help="Override thresholds: 'method=t1,t2' (repeat or separate with ';') or 't1,t2' for every thresholded method.",
-)
+@methods_option()
+@thresholds_option
 @click.option(
     "--policy",
     type=click.Choice(POLICIES),
@@ -79,28 +76,13 @@ def _default(name: str) -> object:
     "thresholds to them on held-out documents (those after --max-docs), then run the sweep at those "
     "thresholds (default: no calibration).",
 )
-@click.option("--max-docs", type=int, default=_default("max_docs"), help="Documents taken from the corpus.")
-@click.option(
-    "--max-tokens", type=int, default=_default("max_tokens"), help="Each document is cut to this many tokens."
-)
+@max_docs_option(spec_default(JobSpec, "max_docs"))
+@max_tokens_option()
 @bos_option
-@click.option("--chunk-size", type=int, default=_default("chunk_size"), help="Tokens per forward (1 = decode-like).")
-@click.option(
-    "--window", type=int, default=_default("window"), help="Sliding window of recent keys that are never evicted."
-)
-@click.option(
-    "--attn",
-    type=click.Choice(BACKENDS),
-    default=_default("attn"),
-    help="Attention kernel: sdpa, eager (materialized softmax), or flex (FlexAttention over a block mask "
-    "built from the keep-mask; torch >= 2.5).",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", *DTYPES]),
-    default=_default("dtype"),
-    help="auto: bfloat16 on GPU, float32 on CPU.",
-)
+@chunk_size_option()
+@window_option
+@attn_option
+@dtype_option
 @device_option
 @actors_option
 @click.option(
@@ -170,108 +152,95 @@ def _default(name: str) -> object:
 @click.option("--progress/--no-progress", default=True, help="Show a live progress bar.")
 @format_option
 @click.pass_context
-def command(
-    ctx: click.Context,
-    model: str,
-    corpus: str,
-    methods: tuple[str, ...],
-    thresholds: tuple[str, ...],
-    policy: str,
-    ratios: str,
-    densities: str | None,
-    max_docs: int,
-    max_tokens: int,
-    bos: str,
-    chunk_size: int,
-    window: int,
-    attn: str,
-    dtype: str,
-    device: str,
-    actors: int | None,
-    gpus_per_actor: float | None,
-    max_retries: int,
-    actor_timeout: float,
-    batch_configs: str,
-    compile_: str,
-    compact: bool,
-    lake: str,
-    run_id: str | None,
-    preset: str | None,
-    heads: str | None,
-    resume_id: str | None,
-    address: str | None,
-    connect_timeout: float,
-    detach: bool,
-    progress: bool,
-    fmt: str,
-) -> None:
+def command(ctx: click.Context, **options: Any) -> None:
     """Evaluate every chosen method on the corpus and print the comparison table."""
+    _check_scheduling(options)
+    spec = _job_spec(ctx, options)
+    target = Lake(options["lake"])
+    if options["detach"]:
+        _detach(ctx, target, options)
+        return
+    if options["preset"]:
+        heads = options["heads"] or analyze_held_out_heads(spec, target, options["address"], options["connect_timeout"])
+        spec = dataclasses.replace(spec, methods=head_ablation_methods(heads), configs=())
+    result = _submit(ctx, spec, target, options)
+    _print_outcome(target, result, options)
+
+
+# JobSpec fields that are options of the same name (the rest are converted in _job_spec).
+_SPEC_OPTIONS = (
+    "model", "corpus", "methods", "thresholds", "policy", "max_docs", "max_tokens", "bos", "chunk_size",
+    "window", "attn", "dtype", "device", "actors", "batch_configs", "compact",
+)  # fmt: skip
+
+
+def _job_spec(ctx: click.Context, options: dict[str, Any]) -> JobSpec:
+    """The JobSpec the options describe (it validates its own fields); a preset sets the methods
+    and, unless given, the chunk size."""
+    values = {name: options[name] for name in _SPEC_OPTIONS}
+    preset = options["preset"]
+    if options["heads"] and not preset:
+        raise KvorchError(f"--heads goes with --preset {HEAD_ABLATION}; otherwise pass head_aware:heads=PATH")
+    if preset:
+        if ctx.get_parameter_source("methods") != ParameterSource.DEFAULT:
+            raise KvorchError(f"--preset {preset} sets the methods; drop --methods or --preset")
+        if ctx.get_parameter_source("chunk_size") == ParameterSource.DEFAULT:
+            values["chunk_size"] = PRESET_CHUNK_SIZE
+    densities = options["densities"]
+    return JobSpec(
+        **values,
+        ratios=_parse_ratios(options["ratios"]),
+        densities=parse_densities(densities) if densities is not None else (),
+        compile=options["compile_"],
+    )
+
+
+def _check_scheduling(options: dict[str, Any]) -> None:
+    """Options that are not part of the spec: how and where the job runs."""
+    actors, gpus, retries = options["actors"], options["gpus_per_actor"], options["max_retries"]
     if actors is not None and actors < 1:
         raise KvorchError(f"--actors must be >= 1, got {actors}")
-    if gpus_per_actor is not None and gpus_per_actor <= 0:
-        raise KvorchError(f"--gpus-per-actor must be > 0, got {gpus_per_actor}")
-    if gpus_per_actor is not None and device == "cpu":
+    if gpus is not None and gpus <= 0:
+        raise KvorchError(f"--gpus-per-actor must be > 0, got {gpus}")
+    if gpus is not None and options["device"] == "cpu":
         raise KvorchError("--gpus-per-actor asks for GPUs but --device is cpu; drop one of them")
-    if max_retries < 0:
-        raise KvorchError(f"--max-retries must be >= 0, got {max_retries}")
-    if actor_timeout <= 0:
-        raise KvorchError(f"--actor-timeout must be > 0 seconds, got {actor_timeout:g}")
+    if retries < 0:
+        raise KvorchError(f"--max-retries must be >= 0, got {retries}")
+    if options["actor_timeout"] <= 0:
+        raise KvorchError(f"--actor-timeout must be > 0 seconds, got {options['actor_timeout']:g}")
+    run_id, resume_id = options["run_id"], options["resume_id"]
     if run_id is not None:
         check_run_id(run_id, "--run-id")
     if resume_id is not None:
         check_run_id(resume_id, "--resume")
     if resume_id and run_id and resume_id != run_id:
         raise KvorchError(f"--resume {resume_id} and --run-id {run_id} disagree; pass one of them")
-    if heads and not preset:
-        raise KvorchError(f"--heads goes with --preset {HEAD_ABLATION}; otherwise pass head_aware:heads=PATH")
-    if preset:
-        if ctx.get_parameter_source("methods") != ParameterSource.DEFAULT:
-            raise KvorchError(f"--preset {preset} sets the methods; drop --methods or --preset")
-        if ctx.get_parameter_source("chunk_size") == ParameterSource.DEFAULT:
-            chunk_size = PRESET_CHUNK_SIZE
-    spec = JobSpec(
-        model=model,
-        corpus=corpus,
-        methods=methods,
-        thresholds=thresholds,
-        policy=policy,
-        ratios=_parse_ratios(ratios),
-        densities=parse_densities(densities) if densities is not None else (),
-        max_docs=max_docs,
-        max_tokens=max_tokens,
-        bos=bos,
-        chunk_size=chunk_size,
-        window=window,
-        attn=attn,
-        dtype=dtype,
-        device=device,
-        actors=actors,
-        batch_configs=batch_configs,
-        compile=compile_,
-        compact=compact,
+
+
+def _detach(ctx: click.Context, target: Lake, options: dict[str, Any]) -> None:
+    """Submit this same command through the Ray Jobs API and return its job id."""
+    run_id = options["resume_id"] or options["run_id"] or new_run_id()
+    job_id = ray_jobs.submit_job(options["address"], ray_jobs.entrypoint(ctx, target.uri, run_id), f"kvorch-{run_id}")
+    click.echo(job_id)
+    click.echo(
+        f"run {run_id} submitted as Ray job {job_id}; follow it with: kvorch status --lake {options['lake']}", err=True
     )
-    target = Lake(lake)
-    if preset and not detach:
-        heads = heads or analyze_held_out_heads(spec, target, address, connect_timeout)
-        spec = dataclasses.replace(spec, methods=head_ablation_methods(heads), configs=())
-    if detach:
-        run_id = resume_id or run_id or new_run_id()
-        job_id = ray_jobs.submit_job(address, ray_jobs.entrypoint(ctx, target.uri, run_id), f"kvorch-{run_id}")
-        click.echo(job_id)
-        click.echo(f"run {run_id} submitted as Ray job {job_id}; follow it with: kvorch status --lake {lake}", err=True)
-        return
+
+
+def _submit(ctx: click.Context, spec: JobSpec, target: Lake, options: dict[str, Any]) -> submission.JobResult:
+    """Run the job; Ctrl-C or SIGTERM exit with the resume hint (130, 143)."""
     try:
-        result = job.submit(
+        return submission.submit(
             spec,
             target,
-            run_id=resume_id or run_id,
-            address=address,
-            show_progress=progress,
-            resume=resume_id is not None,
-            max_retries=max_retries,
-            gpus_per_actor=gpus_per_actor,
-            connect_timeout=connect_timeout,
-            actor_timeout=actor_timeout,
+            run_id=options["resume_id"] or options["run_id"],
+            address=options["address"],
+            show_progress=options["progress"],
+            resume=options["resume_id"] is not None,
+            max_retries=options["max_retries"],
+            gpus_per_actor=options["gpus_per_actor"],
+            connect_timeout=options["connect_timeout"],
+            actor_timeout=options["actor_timeout"],
         )
     except KeyboardInterrupt:
         if stopping_signal() == "SIGTERM":
@@ -279,8 +248,13 @@ def command(
             ctx.exit(128 + signal.SIGTERM)
         click.echo("kvorch: interrupted; finished parts are kept, run the same command again to resume", err=True)
         ctx.exit(130)
-    # The run's own table even when tasks failed: marked incomplete, with the failure below.
-    if preset:
+        raise  # not reached: ctx.exit raises
+
+
+def _print_outcome(target: Lake, result: submission.JobResult, options: dict[str, Any]) -> None:
+    """The run's own table even when tasks failed (marked incomplete), then what failed."""
+    fmt = options["fmt"]
+    if options["preset"]:
         report = RunReport(target, result.run_id, allow_incomplete=True)
         click.echo(marked(report, render_tables([report.table("head_ablation")], fmt), fmt))
     else:

@@ -11,8 +11,8 @@ import html
 from pathlib import Path
 
 from orchestrator.errors import KvorchError
-from orchestrator.formatting import cell
-from orchestrator.reports import Table
+from orchestrator.reports.formatting import cell
+from orchestrator.reports.tables import Table
 
 
 def write_plots(directory: str, run_id: str, pareto: Table, by_position: Table, frontier: Table) -> list[Path]:

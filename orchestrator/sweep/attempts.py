@@ -2,16 +2,16 @@
 
 A run may take several attempts (a killed driver, Ctrl-C, a lost cluster); each resume computes
 only the missing tasks. Its status must still describe the run, not the last attempt: ``rows``
-are the rows readers count (orchestrator/integrity.py: verified parts of done tasks),
+are the rows readers count (orchestrator/lake/integrity.py: verified parts of done tasks),
 ``tasks_done`` every task done so far, ``retries`` and ``events`` add up over the attempts.
 What the last attempt did alone is kept under ``attempt``.
 """
 
 from __future__ import annotations
 
-from orchestrator import integrity
-from orchestrator.driver import PoolResult
-from orchestrator.lake import Lake
+from orchestrator.lake import integrity
+from orchestrator.lake.store import Lake
+from orchestrator.pool.actors import PoolResult
 
 
 def number(earlier: dict | None) -> int:

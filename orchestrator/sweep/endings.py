@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from orchestrator.errors import KvorchError
-from orchestrator.lake import Lake
+from orchestrator.lake.store import Lake
 
 # Signals that stopped the driver, newest last. A flag, not an exception subclass: Ray's
 # ray.get/ray.wait turn any KeyboardInterrupt raised inside them into a plain one.

@@ -15,14 +15,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from orchestrator import driver
-from orchestrator.cluster_connect import DEFAULT_CONNECT_TIMEOUT
-from orchestrator.corpus import load_corpus
+from orchestrator.corpus import model_inputs
 from orchestrator.errors import KvorchError
+from orchestrator.kvzap.fit import MLPSettings, fit_mlp, fit_ridge, r2_score
+from orchestrator.pool import actors
+from orchestrator.pool.connect import DEFAULT_CONNECT_TIMEOUT
 from workers import tokenization
-from workers.kvzap_fit import MLPSettings, fit_mlp, fit_ridge, r2_score
 from workers.kvzap_targets import TargetDocument, TargetSamples, TargetWorker
-from workers.models import resolve_model
 from workers.presses.kvzap import save_surrogate
 
 REPEAT_PROMPT = "Repeat the previous context exactly."
@@ -38,16 +37,16 @@ class TrainSpec:
     model: str
     corpus: str
     out: str
-    kinds: tuple[str, ...]
-    max_docs: int
-    max_tokens: int
-    positions: int
-    heldout_fraction: float
-    ridge_alpha: float
-    mlp: MLPSettings
-    device: str
-    actors: int | None
-    seed: int
+    kinds: tuple[str, ...] = KINDS
+    max_docs: int = 8  # the last ones are held out
+    max_tokens: int = 512  # context tokens per document; the pass is about twice that
+    positions: int = 256  # context positions sampled per document: bounds memory
+    heldout_fraction: float = 0.25
+    ridge_alpha: float = 1.0
+    mlp: MLPSettings = MLPSettings()
+    device: str = "auto"
+    actors: int | None = None
+    seed: int = 0
     bos: str = tokenization.DEFAULT_BOS
 
 
@@ -74,17 +73,10 @@ def prompt_ids(tokenizer) -> list[int]:
 def prepare_documents(spec: TrainSpec) -> list[TargetDocument]:
     """Tokenize the corpus: each context (BOS first as ``--bos`` resolves), the shared prompt, and
     the context again without BOS."""
-    try:
-        resolve_model(spec.model)
-    except ValueError as exc:
-        raise KvorchError(f"--model: {exc}") from None
-    try:
-        tokens = tokenization.load(spec.model, spec.bos)
-    except ValueError as exc:
-        raise KvorchError(str(exc)) from None
+    tokens, corpus = model_inputs(spec.model, spec.corpus, spec.bos)
     prompt = prompt_ids(tokens.tokenizer)
     docs = []
-    for document in load_corpus(spec.corpus)[: spec.max_docs]:
+    for document in corpus[: spec.max_docs]:
         context = tokens.ids(document.text, spec.max_tokens)
         repeat = context[1:] if tokens.bos_id is not None else context
         docs.append(TargetDocument(document.doc_id, context, prompt, repeat))
@@ -100,11 +92,11 @@ def extract(
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> list[TargetSamples]:
     """Targets of every document on a Ray pool of named actors, one document in flight per actor."""
-    driver.start_ray(address, "kvorch-kvzap", connect_timeout)
-    pool = driver.plan_pool(spec.actors, spec.device)
-    return driver.map_on_pool(
+    actors.start_ray(address, "kvorch-kvzap", connect_timeout)
+    pool = actors.plan_pool(spec.actors, spec.device)
+    return actors.map_on_pool(
         TargetWorker,
-        lambda name: (spec.model, pool.device, pool.threads),
+        (spec.model, pool.device, pool.threads),
         "run",
         [(d.doc_id, (d, spec.positions, spec.seed + i), len(d.context_ids)) for i, d in enumerate(docs)],
         pool,

@@ -2,7 +2,7 @@
 
 A run is identified by the canonical hash of what determines its rows (the spec minus pure
 scheduling choices, plus each document's content hash), stored in spec.json. A resume
-computes only the tasks whose parts are not all present and sound (``orchestrator/integrity.py``);
+computes only the tasks whose parts are not all present and sound (``orchestrator/lake/integrity.py``);
 a different spec under the same run id is refused, because mixing rows of two specs in one run
 would corrupt it. A finished run whose parts were damaged since is resumed too: that repairs it.
 """
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from orchestrator import integrity
 from orchestrator.errors import KvorchError
-from orchestrator.lake import Lake, new_run_id
+from orchestrator.lake import integrity
+from orchestrator.lake.store import Lake, new_run_id
 
 # Scheduling choices: they change where and how fast rows are computed, never their values.
 SCHEDULING_FIELDS = ("actors",)

@@ -20,7 +20,7 @@ task is recorded: a restart still in progress never keeps it waiting. A task tha
 retried too. A task that fails more than ``max_retries`` times is recorded as failed and the
 rest of the job goes on. Workers never write to the lake, so a dead attempt leaves nothing
 behind, and a re-run task's part replaces, never duplicates, its rows. Every fault event is
-told in kvorch's words (orchestrator/pool_events.py).
+told in kvorch's words (orchestrator/pool/events.py).
 """
 
 from __future__ import annotations
@@ -39,11 +39,12 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from tqdm import tqdm
 
-from orchestrator import incomplete, pool_events
-from orchestrator.cluster_connect import DEFAULT_CONNECT_TIMEOUT, join_cluster
 from orchestrator.errors import KvorchError
-from orchestrator.pool_events import EventLog
-from workers.actor import MODEL_LEVEL, EvalWorker, Task, TaskResult, WorkerSettings
+from orchestrator.lake import incomplete
+from orchestrator.pool import events as pool_events
+from orchestrator.pool.connect import DEFAULT_CONNECT_TIMEOUT, join_cluster
+from orchestrator.pool.events import EventLog
+from workers.actor import MODEL_LEVEL, Task, TaskResult
 from workers.configs import EvalConfig
 from workers.faults import forwarded_env
 
@@ -74,11 +75,11 @@ class PoolResult:
     rows_written: int = 0
     tasks_done: list[str] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
-    # Configs that raised on a document of a task that succeeded (orchestrator/incomplete.py records).
+    # Configs that raised on a document of a task that succeeded (orchestrator/lake/incomplete.py records).
     config_failures: list[dict] = field(default_factory=list)
     retries: int = 0
     workers: list[dict] = field(default_factory=list)
-    # Fault events in order (orchestrator/pool_events.py): {"time", "kind", "detail"}.
+    # Fault events in order (orchestrator/pool/events.py): {"time", "kind", "detail"}.
     events: list[dict] = field(default_factory=list)
 
 
@@ -127,53 +128,43 @@ def plan_pool(actors: int | None, device: str, gpus_per_actor: float | None = No
     )
 
 
+@dataclass(frozen=True)
+class Call:
+    """One call the pool makes: ``method(*args)`` on whichever actor is free. ``key`` names it
+    in Ray (``kvorch-<label>-<key>``, as the dashboard lists it) and in messages."""
+
+    key: str
+    method: str
+    args: tuple
+
+
 def map_on_pool(
-    actor_class: type,
-    actor_args: Callable[[str], tuple],
+    worker_class: type,
+    worker_args: tuple,
     method: str,
     calls: list[tuple[str, tuple, int]],
-    pool: PoolPlan,
+    plan: PoolPlan,
     label: str,
     hint: str,
+    actor_timeout: float = DEFAULT_ACTOR_TIMEOUT,
 ) -> list:
-    """``actor.method(*args)`` for every ``(name, args, cost)`` of ``calls`` on a pool of named
-    actors, costliest first, one call in flight per actor; results in ``calls`` order.
+    """``method(*args)`` for every ``(key, args, cost)`` of ``calls`` on a pool of named actors of
+    ``worker_class(name, *worker_args)``, costliest first; results in ``calls`` order.
 
-    For the analysis jobs (head statistics, KVzap targets) whose results are small and go back
-    to the driver: a failure stops the job with a one-line error naming the item and ``hint``.
+    For the analysis jobs (head statistics, KVzap targets), whose results are small and go back
+    to the driver. They run on the same pool loop as the sweep (:func:`run_calls`): an actor is
+    used as soon as it is ready, a lost one's call is re-queued; a call that raises stops the job
+    with a one-line error naming the item and ``hint``.
     """
-    remote = ray.remote(actor_class)
-    actors = [
-        remote.options(name=f"kvorch-{label}-{i}", num_gpus=pool.num_gpus, num_cpus=pool.num_cpus).remote(
-            *actor_args(f"kvorch-{label}-{i}")
-        )
-        for i in range(pool.n_actors)
-    ]
-    order = sorted(range(len(calls)), key=lambda i: -calls[i][2])
-    results: dict[int, object] = {}
-    in_flight: dict[ray.ObjectRef, tuple[ray.actor.ActorHandle, int]] = {}
-    idle = list(actors)
-    bar = tqdm(total=len(calls), unit="doc", desc=label, file=sys.stderr)
-    try:
-        while order or in_flight:
-            while idle and order:
-                actor, index = idle.pop(0), order.pop(0)
-                name, args, _ = calls[index]
-                ref = getattr(actor, method).options(name=f"kvorch-{label}-{name}").remote(*args)
-                in_flight[ref] = (actor, index)
-            [done], _ = ray.wait(list(in_flight), num_returns=1)
-            actor, index = in_flight.pop(done)
-            try:
-                results[index] = ray.get(done)
-            except (RayActorError, RayTaskError) as exc:
-                raise KvorchError(f"{label} failed on {calls[index][0]}: {str(exc).splitlines()[-1]}; {hint}") from None
-            idle.append(actor)
-            bar.update(1)
-    finally:
-        bar.close()
-        for actor in actors:
-            ray.kill(actor)
-    return [results[i] for i in range(len(calls))]
+    order = sorted(calls, key=lambda c: -c[2])
+    with WorkerPool(plan, worker_class, worker_args, actor_timeout, label=label) as pool:
+        bar = tqdm(total=len(calls), unit="doc", desc=label, file=sys.stderr)
+        try:
+            results = pool.map([Call(key, method, args) for key, args, _ in order], hint, bar.update)
+        finally:
+            bar.close()
+    by_key = dict(zip((key for key, _, _ in order), results, strict=True))
+    return [by_key[key] for key, _, _ in calls]
 
 
 @dataclass(eq=False)
@@ -185,7 +176,7 @@ class Worker:
     flight): it works; ``gone``: given up, or dead for good.
     """
 
-    index: int
+    name: str
     actor: ray.actor.ActorHandle
     state: str = PLACING
     ref: ray.ObjectRef | None = None  # its readiness call in flight: placed(), then describe()
@@ -194,10 +185,6 @@ class Worker:
     node: str | None = None  # the Ray node it was last placed on
     description: dict | None = None
     losses: int = 0
-
-    @property
-    def name(self) -> str:
-        return f"kvorch-worker-{self.index}"
 
 
 class WorkerPool:
@@ -213,28 +200,32 @@ class WorkerPool:
 
     def __init__(
         self,
-        settings: WorkerSettings,
         plan: PoolPlan,
+        worker_class: type,
+        worker_args: tuple,
         actor_timeout: float = DEFAULT_ACTOR_TIMEOUT,
-        worker_class: type = EvalWorker,
+        label: str = "worker",
     ) -> None:
-        """``worker_class``: EvalWorker, or a stand-in with its ``placed``/``describe``/``run`` (tests)."""
+        """Actors ``kvorch-<label>-<i>`` of ``worker_class(name, *worker_args, load=False)``: an
+        EvalWorker (the sweep, head statistics), a TargetWorker (KVzap), or a stand-in (tests);
+        each has ``placed``, and ``describe`` that loads its model."""
         remote_worker = ray.remote(worker_class)
         env = forwarded_env()
+        self.label = label
 
-        def start_actor(i: int) -> ray.actor.ActorHandle:
-            name = f"kvorch-worker-{i}"
-            # Ray restarts a dead actor; the driver, not Ray, re-runs its task (max_task_retries=0),
+        def start_actor(name: str) -> ray.actor.ActorHandle:
+            # Ray restarts a dead actor; the driver, not Ray, re-runs its call (max_task_retries=0),
             # so every attempt is counted against --max-retries and recorded.
             options = {"name": name, "num_gpus": plan.num_gpus, "num_cpus": plan.num_cpus, "max_restarts": -1}
             if env:
                 options["runtime_env"] = {"env_vars": env}
-            return remote_worker.options(**options).remote(name, settings, load=False)
+            return remote_worker.options(**options).remote(name, *worker_args, load=False)
 
         self.plan = plan
         self.actor_timeout = actor_timeout
         self.log = EventLog()
-        self.workers = [Worker(i, start_actor(i)) for i in range(plan.n_actors)]
+        names = [f"kvorch-{label}-{i}" for i in range(plan.n_actors)]
+        self.workers = [Worker(name, start_actor(name)) for name in names]
         self._dead_nodes: set[str] = set()
         deadline = time.monotonic() + actor_timeout
         for worker in self.workers:
@@ -291,9 +282,33 @@ class WorkerPool:
                 )
             )
 
-    def assign(self, worker: Worker, task: Task) -> ray.ObjectRef:
+    def assign(self, worker: Worker, call: Call) -> ray.ObjectRef:
         worker.state = BUSY
-        return worker.actor.run.options(name=f"kvorch-task-{task.task_id}").remote(task)
+        return (
+            getattr(worker.actor, call.method).options(name=f"kvorch-{self.task_label}-{call.key}").remote(*call.args)
+        )
+
+    @property
+    def task_label(self) -> str:
+        """How the pool's calls are named in Ray: ``kvorch-task-<task id>`` for the sweep."""
+        return "task" if self.label == "worker" else self.label
+
+    def map(self, calls: list[Call], hint: str, on_each: Callable[[], object] = lambda: None) -> list:
+        """Every call's result, in ``calls`` order, spread over the ready actors. A call that
+        raises stops with a one-line KvorchError naming it and ``hint``; a lost actor's call is
+        re-queued like a sweep task."""
+        results: dict[str, object] = {}
+
+        def done(call: Call, out: object) -> None:
+            results[call.key] = out
+            on_each()
+
+        def failed(call: Call, reason: str, final: bool) -> None:
+            if final:
+                raise KvorchError(f"{self.label} failed on {call.key}: {reason}; {hint}")
+
+        run_calls(self, calls, done, failed, DEFAULT_MAX_RETRIES, retry_errors=False)
+        return [results[call.key] for call in calls]
 
     def release(self, worker: Worker) -> None:
         worker.state = IDLE
@@ -418,6 +433,68 @@ class WorkerPool:
             self.log.record(pool_events.NODE_LOST, f"node {worker.node[:8]}{where} lost, with worker {worker.name}")
 
 
+def run_calls(
+    pool: WorkerPool,
+    calls: list[Call],
+    on_done: Callable[[Call, object], None],
+    on_failed: Callable[[Call, str, bool], None],
+    max_retries: int,
+    retry_errors: bool = True,
+    on_abandoned: Callable[[list[Call]], None] = lambda calls: None,
+) -> None:
+    """The one pool loop, for the sweep, calibration and the analysis jobs: each ready actor
+    takes the next call (``calls`` in order), a finished call goes to ``on_done``.
+
+    A failed attempt goes to ``on_failed(call, reason, final)``: a lost actor's call (and, with
+    ``retry_errors``, one that raised) goes back to the front of the queue until it has failed
+    ``max_retries`` + 1 times, then ``final``. The loop ends as soon as every call is recorded,
+    whatever actors are still starting or restarting; a pool left with no worker at all hands
+    the calls not run to ``on_abandoned`` and raises a KvorchError.
+    """
+    pending = list(calls)
+    attempts: dict[str, int] = {}
+    running: dict[ray.ObjectRef, tuple[Worker, Call]] = {}
+    while pending or running:
+        for worker in pool.idle()[: len(pending)]:
+            call = pending.pop(0)
+            running[pool.assign(worker, call)] = (worker, call)
+        if not running and not pool.live():
+            on_abandoned(pending)
+            raise pool.none_left(len(pending))
+        done = pool.wait(list(running))
+        if done is None:
+            continue
+        worker, call = running.pop(done)
+        try:
+            out = ray.get(done)
+        except RayActorError as exc:
+            pool.lose(worker, exc)
+            reason, cause, retry = (
+                f"worker {worker.name} died: {_first_line(exc)}",
+                f"its worker {worker.name} was lost",
+                True,
+            )
+        except RayTaskError as exc:
+            pool.release(worker)
+            reason = cause = _first_line(exc.cause or exc)
+            retry = retry_errors
+        else:
+            pool.release(worker)
+            on_done(call, out)
+            continue
+        attempts[call.key] = attempts.get(call.key, 0) + 1
+        final = not retry or attempts[call.key] > max_retries
+        if final:
+            on_failed(call, f"{reason} (after {attempts[call.key]} attempts)" if retry else reason, True)
+            continue
+        pending.insert(0, call)
+        pool.log.record(
+            pool_events.TASK_REQUEUED,
+            f"task {call.key} re-queued (attempt {attempts[call.key] + 1} of {max_retries + 1}): {cause[:160]}",
+        )
+        on_failed(call, reason, False)
+
+
 def run_pool(
     tasks: list[Task],
     workers: WorkerPool,
@@ -426,71 +503,35 @@ def run_pool(
     on_progress: Callable[[Task, bool, PoolResult], None],
     max_retries: int = DEFAULT_MAX_RETRIES,
 ) -> None:
-    """Run every task on the pool; failures are retried, then recorded per task, never dropped.
-
-    ``result`` is filled as tasks finish, so an interrupted pool still tells what it finished.
-    The loop ends as soon as every task is recorded, whatever actors are still starting or
-    restarting; a pool left with no worker at all stops the job with a KvorchError.
-    """
-    pending = list(tasks)  # already longest first
-    attempts: dict[str, int] = {}
-    running: dict[ray.ObjectRef, tuple[Worker, Task]] = {}
+    """Run every task of the sweep on the pool; failures are retried, then recorded per task,
+    never dropped. ``result`` is filled as tasks finish, so an interrupted pool still tells what
+    it finished."""
+    by_key = {task.task_id: task for task in tasks}
     result.events = workers.events
+
+    def done(call: Call, out: TaskResult) -> None:
+        task = by_key[call.key]
+        result.rows_written += on_rows(task, out.rows)
+        result.config_failures.extend(incomplete.record(task.task_id, f) for f in out.failures)
+        result.tasks_done.append(task.task_id)
+        on_progress(task, True, result)
+
+    def failed(call: Call, reason: str, final: bool) -> None:
+        if final:
+            result.failures[call.key] = reason
+        else:
+            result.retries += 1
+        on_progress(by_key[call.key], False, result)
+
+    def abandoned(calls: list[Call]) -> None:
+        for call in calls:
+            result.failures[call.key] = "no live worker left to run it"
+
     try:
-        while pending or running:
-            for worker in workers.idle()[: len(pending)]:
-                task = pending.pop(0)
-                running[workers.assign(worker, task)] = (worker, task)
-            if not running and not workers.live():
-                for task in pending:
-                    result.failures[task.task_id] = "no live worker left to run it"
-                raise workers.none_left(len(pending))
-            done = workers.wait(list(running))
-            if done is None:
-                continue
-            worker, task = running.pop(done)
-            try:
-                out: TaskResult = ray.get(done)
-            except RayActorError as exc:
-                workers.lose(worker, exc)
-                reason, cause = f"worker {worker.name} died: {_first_line(exc)}", f"its worker {worker.name} was lost"
-            except RayTaskError as exc:
-                workers.release(worker)
-                reason = cause = _first_line(exc.cause or exc)
-            else:
-                workers.release(worker)
-                result.rows_written += on_rows(task, out.rows)
-                result.config_failures.extend(incomplete.record(task.task_id, f) for f in out.failures)
-                result.tasks_done.append(task.task_id)
-                on_progress(task, True, result)
-                continue
-            _retry_or_fail(task, reason, cause, attempts, max_retries, pending, result, workers.log)
-            on_progress(task, False, result)
+        calls = [Call(task.task_id, "run", (task,)) for task in tasks]  # already longest first
+        run_calls(workers, calls, done, failed, max_retries, on_abandoned=abandoned)
     finally:
         result.workers = workers.descriptions()
-
-
-def _retry_or_fail(
-    task: Task,
-    reason: str,
-    cause: str,
-    attempts: dict[str, int],
-    max_retries: int,
-    pending: list[Task],
-    result: PoolResult,
-    log: EventLog,
-) -> None:
-    """A failed attempt: back to the front of the queue, or failed for good after ``max_retries``."""
-    attempts[task.task_id] = attempts.get(task.task_id, 0) + 1
-    if attempts[task.task_id] > max_retries:
-        result.failures[task.task_id] = f"{reason} (after {attempts[task.task_id]} attempts)"
-        return
-    result.retries += 1
-    pending.insert(0, task)
-    log.record(
-        pool_events.TASK_REQUEUED,
-        f"task {task.task_id} re-queued (attempt {attempts[task.task_id] + 1} of {max_retries + 1}): {cause[:160]}",
-    )
 
 
 def _first_line(exc: BaseException) -> str:

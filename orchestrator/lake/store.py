@@ -16,7 +16,7 @@ live under their own ``run_id=`` directories, so concurrent runs never touch eac
 Every Parquet file is committed with a checksum file next to it (``part-<task>.parquet.sha256``:
 sha256, bytes, rows), written after the part. A truncated part, a flipped byte inside a value
 (which a Parquet footer does not notice), or a part whose checksum never got written (a crash
-between the two renames) all fail :meth:`Lake.verify_part`; ``orchestrator/integrity.py`` turns
+between the two renames) all fail :meth:`Lake.verify_part`; ``orchestrator/lake/integrity.py`` turns
 that into what readers may count and what a resume must redo.
 
 Run ids become directory names, so they are checked against :data:`RUN_ID_PATTERN` wherever a

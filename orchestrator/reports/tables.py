@@ -13,12 +13,12 @@ from typing import Any
 
 import duckdb
 
-from orchestrator import incomplete, integrity
-from orchestrator.densities import DEFAULT_DENSITIES, parse_densities
 from orchestrator.errors import KvorchError
-from orchestrator.formatting import render
-from orchestrator.lake import Lake, check_run_id
-from orchestrator.queries import connect, latest_run, run_named
+from orchestrator.lake import incomplete, integrity
+from orchestrator.lake.queries import connect, latest_run, run_named
+from orchestrator.lake.store import Lake, check_run_id
+from orchestrator.reports.densities import DEFAULT_DENSITIES, parse_densities
+from orchestrator.reports.formatting import render
 
 # Report table -> what it shows; each is sql/<name>.sql.
 TABLES = {

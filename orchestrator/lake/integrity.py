@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestrator.lake import RUN_ID_PATTERN, Lake
+from orchestrator.lake.store import RUN_ID_PATTERN, Lake
 
 
 @dataclass(frozen=True)

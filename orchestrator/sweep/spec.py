@@ -23,7 +23,7 @@ DEFAULT_MAX_TOKENS = 1024
 DEFAULT_CHUNK_SIZE = EngineSettings.chunk_size
 DEFAULT_WINDOW = EngineSettings.window
 DEFAULT_COMPACT = EngineSettings.compact
-# auto: compile on CUDA, where it pays (orchestrator/compile_check.py confirms it can); see README.
+# auto: compile on CUDA, where it pays (orchestrator/sweep/compile_check.py confirms it can); see README.
 COMPILE_MODES = ("auto", "on", "off")
 
 
@@ -43,13 +43,13 @@ class JobSpec:
     dtype: str = "auto"
     device: str = "auto"
     actors: int | None = None
-    # Configs per batched forward; "auto" fits them to the worker's free memory (orchestrator/batching.py).
+    # Configs per batched forward; "auto" fits them to the worker's free memory (orchestrator/sweep/batching.py).
     batch_configs: int | str = "auto"
     compile: str = "auto"
     compact: bool = DEFAULT_COMPACT
     # BOS first in every document: auto|on|off, resolved against the tokenizer (workers/tokenization.py).
     bos: str = DEFAULT_BOS
-    # Target compressible densities: thresholds are calibrated to them (orchestrator/calibration.py).
+    # Target compressible densities: thresholds are calibrated to them (orchestrator/sweep/calibration.py).
     densities: tuple[float, ...] = ()
     configs: tuple[EvalConfig, ...] = field(default=(), compare=False)
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import ray
 
-from orchestrator.driver import PoolPlan
 from orchestrator.errors import KvorchError
-from orchestrator.spec import JobSpec
+from orchestrator.pool.actors import PoolPlan
+from orchestrator.sweep.spec import JobSpec
 from workers import memory
 from workers.models import DTYPES
 

@@ -23,13 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
-import ray
 
 from orchestrator.corpus import Document
 from orchestrator.errors import KvorchError
-from orchestrator.planner import TokenizedDocument, check_lengths
-from orchestrator.queries import metrics_of
-from orchestrator.spec import JobSpec
+from orchestrator.lake.queries import metrics_of
+from orchestrator.pool.actors import Call, WorkerPool
+from orchestrator.sweep.planner import TokenizedDocument, check_lengths
+from orchestrator.sweep.spec import JobSpec
 from workers.actor import Task, TaskDocument
 from workers.configs import EvalConfig
 from workers.presses import Press
@@ -114,19 +114,17 @@ def calibrate(presses: list[Press], targets: tuple[float, ...], measure: Measure
     return out
 
 
-def run(
-    spec: JobSpec, held_out: list[TokenizedDocument], actor: ray.actor.ActorHandle, batch_configs: int
-) -> list[Calibrated]:
-    """Calibrate every thresholded press of ``spec`` to ``spec.densities`` on ``actor`` (an
-    :class:`EvalWorker` of the run's pool), ``batch_configs`` configs per forward (the run's
-    resolved count)."""
+def run(spec: JobSpec, held_out: list[TokenizedDocument], workers: WorkerPool, batch_configs: int) -> list[Calibrated]:
+    """Calibrate every thresholded press of ``spec`` to ``spec.densities`` on the run's pool
+    (its batches spread over the ready actors, re-queued if one is lost), ``batch_configs``
+    configs per forward (the run's resolved count)."""
     presses = thresholded(list(spec.configs))
     print(
         f"kvorch: calibrating {len(presses)} method(s) to densities {', '.join(map(str, spec.densities))} "
         f"on {len(held_out)} held-out document(s)",
         file=sys.stderr,
     )
-    measure = ray_measure(held_out, actor, batch_configs)
+    measure = pool_measure(held_out, workers, batch_configs)
 
     def logged(configs: list[EvalConfig]) -> dict[str, float]:
         densities = measure(configs)
@@ -134,12 +132,7 @@ def run(
         print(f"kvorch: calibration: {shown}", file=sys.stderr)
         return densities
 
-    try:
-        results = calibrate(presses, spec.densities, logged)
-    except ray.exceptions.RayActorError as exc:
-        raise KvorchError(
-            f"the calibration worker failed: {str(exc).splitlines()[-1]}; check --model/--device"
-        ) from None
+    results = calibrate(presses, spec.densities, logged)
     for r in results:
         if not r.within_tolerance:
             print(
@@ -175,8 +168,8 @@ def calibrated_spec(spec: JobSpec, results: list[Calibrated]) -> JobSpec:
     return dataclasses.replace(spec, configs=tuple(configs))
 
 
-def ray_measure(docs: list[TokenizedDocument], actor: ray.actor.ActorHandle, batch_configs: int) -> Measure:
-    """A :data:`Measure` that evaluates the held-out documents on ``actor``.
+def pool_measure(docs: list[TokenizedDocument], workers: WorkerPool, batch_configs: int) -> Measure:
+    """A :data:`Measure` that evaluates the held-out documents on the pool.
 
     A config that raises there stops the calibration: a threshold cannot be searched on a
     density that was not measured.
@@ -185,7 +178,10 @@ def ray_measure(docs: list[TokenizedDocument], actor: ray.actor.ActorHandle, bat
 
     def measure(configs: list[EvalConfig]) -> dict[str, float]:
         batches = [tuple(configs[i : i + batch_configs]) for i in range(0, len(configs), batch_configs)]
-        results = ray.get([actor.run.remote(Task(f"calibration-{i}", task_docs, b)) for i, b in enumerate(batches)])
+        calls = [
+            Call(f"calibration-{i}", "run", (Task(f"calibration-{i}", task_docs, b),)) for i, b in enumerate(batches)
+        ]
+        results = workers.map(calls, hint="check --model/--device")
         failed = [f for r in results for f in r.failures]
         if failed:
             first = failed[0]

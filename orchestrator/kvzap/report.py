@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.kvzap_job import FittedKind
+from orchestrator.kvzap.extraction import FittedKind
 
 REPORT_FILE = "report.md"
 PLOT_FILE = "r2_per_layer.png"

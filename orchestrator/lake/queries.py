@@ -8,10 +8,10 @@ from importlib import resources
 import duckdb
 import pyarrow as pa
 
-from orchestrator import integrity
 from orchestrator.errors import KvorchError
-from orchestrator.integrity import RunAudit
-from orchestrator.lake import Lake
+from orchestrator.lake import integrity
+from orchestrator.lake.integrity import RunAudit
+from orchestrator.lake.store import Lake
 from workers.schema import (
     CHUNK_SCHEMA,
     DOC_SCHEMA,
@@ -22,7 +22,7 @@ from workers.schema import (
     SCORES_SCHEMA,
 )
 
-# What kvorch reads from status.json: fields a run's end writes (orchestrator/job.py).
+# What kvorch reads from status.json: fields a run's end writes (orchestrator/sweep/submission.py).
 _STATUS_COLUMNS = (
     "{run_id: 'VARCHAR', status: 'VARCHAR', finished_at: 'VARCHAR', rows: 'BIGINT', "
     "workers: 'STRUCT(worker VARCHAR, host VARCHAR, device VARCHAR, device_name VARCHAR)[]'}"
@@ -53,7 +53,7 @@ def connect(lake: Lake, audits: dict[str, RunAudit] | None = None) -> duckdb.Duc
     """An in-memory, read-only DuckDB with the lake's tables as views (hive partitions as columns).
 
     ``chunks`` holds only parts whose checksum verifies and whose task is done
-    (``orchestrator/integrity.py``; ``audits`` when the caller already has them), so a damaged
+    (``orchestrator/lake/integrity.py``; ``audits`` when the caller already has them), so a damaged
     part or a task cut short never enters a number. A table with no files yet (a run still
     starting) is an empty view of its schema, so queries fail only on what they ask, never on
     what is merely not written yet. Parts written under a schema this kvorch cannot read stop

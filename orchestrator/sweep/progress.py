@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-from orchestrator.driver import PoolResult
+from orchestrator.pool.actors import PoolResult
 from workers.actor import Task
 
 

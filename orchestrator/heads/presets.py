@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from orchestrator.cluster_connect import DEFAULT_CONNECT_TIMEOUT
 from orchestrator.corpus import load_corpus
 from orchestrator.errors import KvorchError
-from orchestrator.head_analysis import ClassifierSettings
-from orchestrator.heads_job import AnalysisSpec, analyze
-from orchestrator.lake import Lake
-from orchestrator.spec import JobSpec
+from orchestrator.heads.analysis import AnalysisSpec, analyze
+from orchestrator.heads.classify import ClassifierSettings
+from orchestrator.lake.store import Lake
+from orchestrator.pool.connect import DEFAULT_CONNECT_TIMEOUT
+from orchestrator.sweep.spec import JobSpec
 from workers.engine import EngineSettings
 from workers.head_stats import HeadStatsProbe
 

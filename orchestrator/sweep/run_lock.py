@@ -18,8 +18,8 @@ from types import TracebackType
 import pyarrow.fs as pafs
 
 from orchestrator.errors import KvorchError
-from orchestrator.lake import Lake, check_run_id
-from orchestrator.resume import driver_alive
+from orchestrator.lake.store import Lake, check_run_id
+from orchestrator.sweep.resume import driver_alive
 
 LOCKS_DIR = ".locks"
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import threading
 from types import TracebackType
 
-from orchestrator.lake import Lake
-from orchestrator.resume import HEARTBEAT_SECONDS, running_status
+from orchestrator.lake.store import Lake
+from orchestrator.sweep.resume import HEARTBEAT_SECONDS, running_status
 
 
 class Heartbeat:

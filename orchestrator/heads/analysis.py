@@ -3,7 +3,7 @@
 Statistics are the expensive part (a baseline forward per document plus the attention
 probabilities of every analysed query), so documents are spread over the same kind of actor
 pool as ``submit``. Classification and the bootstrap are cheap and run on the driver
-(orchestrator/head_analysis.py). An analysis is identified by a hash of what was analysed and
+(orchestrator/heads/classify.py). An analysis is identified by a hash of what was analysed and
 how, so repeating one rewrites the same ``heads/run_id=<id>/`` instead of piling up copies.
 """
 
@@ -17,18 +17,18 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from orchestrator import driver
-from orchestrator.cluster_connect import DEFAULT_CONNECT_TIMEOUT
-from orchestrator.corpus import load_corpus
+from orchestrator.corpus import model_inputs
 from orchestrator.errors import KvorchError
-from orchestrator.head_analysis import ClassifierSettings, head_table
-from orchestrator.lake import Lake
-from orchestrator.spec import engine_settings
+from orchestrator.heads.classify import ClassifierSettings, head_table
+from orchestrator.lake.store import Lake
+from orchestrator.pool import actors
+from orchestrator.pool.connect import DEFAULT_CONNECT_TIMEOUT
+from orchestrator.sweep.spec import engine_settings
 from workers import tokenization
 from workers.actor import EvalWorker, TaskDocument, WorkerSettings
 from workers.engine import EngineSettings
 from workers.head_stats import HeadStatsProbe
-from workers.models import resolve_dtype, resolve_model
+from workers.models import resolve_dtype
 
 HEADS_FILE = "heads.parquet"
 # Below this many documents the bootstrap over chunks is optimistic (chunks of one document agree).
@@ -39,12 +39,12 @@ FEW_DOCS = 4
 class AnalysisSpec:
     model: str
     corpus: str
-    skip_docs: int  # corpus documents before the analysed ones (the preset analyses held-out ones)
-    max_docs: int
-    max_tokens: int
-    chunk_size: int
-    probe: HeadStatsProbe
-    classifier: ClassifierSettings
+    probe: HeadStatsProbe = HeadStatsProbe()
+    classifier: ClassifierSettings = ClassifierSettings()
+    skip_docs: int = 0  # corpus documents before the analysed ones (the preset analyses held-out ones)
+    max_docs: int = 8
+    max_tokens: int = 1024
+    chunk_size: int = 128  # the unit the bootstrap resamples
     dtype: str = "auto"
     device: str = "auto"
     actors: int | None = None
@@ -98,16 +98,9 @@ def analyze(
     spec: AnalysisSpec, lake: Lake, address: str | None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
 ) -> Analysis:
     """Measure, classify and write one head table; returns where it is."""
-    try:
-        resolve_model(spec.model)
-    except ValueError as exc:
-        raise KvorchError(f"--model: {exc}") from None
-    try:
-        tokens = tokenization.load(spec.model, spec.bos)
-    except ValueError as exc:
-        raise KvorchError(str(exc)) from None
+    tokens, everything = model_inputs(spec.model, spec.corpus, spec.bos)
     lake.ensure_writable()
-    corpus = load_corpus(spec.corpus)[spec.skip_docs : spec.skip_docs + spec.max_docs]
+    corpus = everything[spec.skip_docs : spec.skip_docs + spec.max_docs]
     docs = [TaskDocument(d.doc_id, tokens.ids(d.text, spec.max_tokens)) for d in corpus]
     docs = [d for d in docs if len(d.token_ids) > spec.probe.min_position]
     if not docs:
@@ -115,8 +108,8 @@ def analyze(
             f"no document of corpus {spec.corpus} (after the first {spec.skip_docs}) is longer than "
             f"--min-position {spec.probe.min_position} tokens; lower --min-position or use longer documents"
         )
-    driver.start_ray(address, "kvorch-heads", connect_timeout)
-    pool = driver.plan_pool(spec.actors, spec.device)
+    actors.start_ray(address, "kvorch-heads", connect_timeout)
+    pool = actors.plan_pool(spec.actors, spec.device)
     settings = WorkerSettings(
         spec.model,
         resolve_dtype(spec.dtype, pool.device),
@@ -124,9 +117,9 @@ def analyze(
         pool.threads,
         spec.engine_settings(),
     )
-    stats = driver.map_on_pool(
+    stats = actors.map_on_pool(
         EvalWorker,
-        lambda name: (name, settings),
+        (settings,),
         "head_statistics",
         [(d.doc_id, (d, spec.probe), len(d.token_ids)) for d in docs],
         pool,
