@@ -85,6 +85,7 @@ def generate(lake: Lake, run_id: str, n_docs: int) -> int:
                         "chunk_start": start,
                         "chunk_end": start + CHUNK,
                         "config": pa.array([config] * n, pa.string()),
+                        "press": pa.array([config.split("@")[0]] * n, pa.string()),
                         "method_params": pa.array(["{}"] * n, pa.string()),
                         "threshold": pa.array([tau] * n, pa.float64()),
                         "policy": pa.array(["threshold"] * n, pa.string()),
