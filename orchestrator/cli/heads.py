@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import duckdb
 
-from orchestrator.cli.options import (
+from orchestrator.cli.job_options import (
     actors_option,
     address_option,
     bos_option,
@@ -13,13 +13,12 @@ from orchestrator.cli.options import (
     corpus_option,
     device_option,
     dtype_option,
-    format_option,
-    lake_option,
     max_docs_option,
     max_tokens_option,
     model_option,
     spec_default,
 )
+from orchestrator.cli.options import format_option, lake_option
 from orchestrator.errors import KvorchError
 from orchestrator.heads.analysis import FEW_DOCS, AnalysisSpec, analyze
 from orchestrator.heads.classify import ClassifierSettings

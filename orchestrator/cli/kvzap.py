@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from orchestrator.cli.options import (
+from orchestrator.cli.job_options import (
     actors_option,
     address_option,
     bos_option,

@@ -6,18 +6,18 @@ from pathlib import Path
 
 import click
 
-from orchestrator.cli.options import (
+from orchestrator.cli.job_options import (
     attn_option,
     bos_option,
     chunk_size_option,
     corpus_option,
-    lake_option,
     max_tokens_option,
     methods_option,
     model_option,
     thresholds_option,
     window_option,
 )
+from orchestrator.cli.options import lake_option
 from orchestrator.lake.store import Lake, new_run_id
 from orchestrator.scores import DEFAULT_SCORED_METHODS, draw_heatmaps, score_document, scores_table, write_scores
 from orchestrator.sweep.spec import build_configs, engine_settings

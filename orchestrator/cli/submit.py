@@ -9,7 +9,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from orchestrator.cli.options import (
+from orchestrator.cli.job_options import (
     actors_option,
     address_option,
     attn_option,
@@ -18,8 +18,6 @@ from orchestrator.cli.options import (
     corpus_option,
     device_option,
     dtype_option,
-    format_option,
-    lake_option,
     max_docs_option,
     max_tokens_option,
     methods_option,
@@ -28,6 +26,7 @@ from orchestrator.cli.options import (
     thresholds_option,
     window_option,
 )
+from orchestrator.cli.options import format_option, lake_option
 from orchestrator.cli.report import comparison, marked
 from orchestrator.errors import KvorchError
 from orchestrator.heads.presets import (
