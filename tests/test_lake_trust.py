@@ -91,6 +91,9 @@ def test_a_refused_job_leaves_no_lake_directory_behind(tmp_path):
     with RunLock(lake, "r"):
         assert (tmp_path / "new" / "lake" / ".locks").is_dir()
     assert not (tmp_path / "new" / "lake").exists()
+    with RunLock(lake, "r"):  # another submission writes into the new lake meanwhile: it stays
+        (tmp_path / "new" / "lake" / "theirs").write_text("x")
+    assert [p.name for p in (tmp_path / "new" / "lake").iterdir()] == ["theirs"]
 
 
 # --- integrity -------------------------------------------------------------------------------

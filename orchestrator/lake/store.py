@@ -105,7 +105,7 @@ class Lake:
         found it: the probe file goes, and so do the directories it had to create, so a job
         refused later (a bad method, an unreachable cluster) leaves no empty lake behind."""
         probe = self.path(f".kvorch-write-probe-{uuid.uuid4().hex}")
-        created = self._first_missing(self.root)
+        created = self.first_missing(self.root)
         try:
             self.fs.create_dir(self.root, recursive=True)
             with self.fs.open_output_stream(probe) as out:
@@ -117,12 +117,23 @@ class Lake:
         finally:
             self._discard(probe)
             if created is not None:
-                try:
-                    self.fs.delete_dir(created)
-                except OSError:
-                    pass
+                self.remove_empty_dirs(self.root, up_to=created)
 
-    def _first_missing(self, path: str) -> str | None:
+    def remove_empty_dirs(self, path: str, up_to: str) -> None:
+        """Remove ``path`` and its parents up to ``up_to`` while each is empty. Never a recursive
+        delete: another submission may have started writing into a lake this one just created."""
+        while True:
+            if self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+                return
+            try:
+                self.fs.delete_dir(path)
+            except OSError:
+                return
+            if path == up_to or "/" not in path.rstrip("/"):
+                return
+            path = path.rsplit("/", 1)[0]
+
+    def first_missing(self, path: str) -> str | None:
         """The outermost directory of ``path`` that does not exist yet (None: it all exists)."""
         missing = None
         while path and self.fs.get_file_info(path).type == pafs.FileType.NotFound:

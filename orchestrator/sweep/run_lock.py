@@ -32,7 +32,7 @@ class RunLock:
         self.local = isinstance(lake.fs, pafs.LocalFileSystem)
         self.path = os.path.join(lake.root, LOCKS_DIR, f"run_id={run_id}.lock")
         self._fd: int | None = None
-        self._created: list[str] = []
+        self._created: str | None = None  # the outermost directory acquire() had to create
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -47,7 +47,7 @@ class RunLock:
             if driver_alive(status):
                 self._refuse(status.get("driver", {}))
             return
-        self._created = [d for d in (self.lake.root, os.path.dirname(self.path)) if not os.path.isdir(d)]
+        self._created = self.lake.first_missing(os.path.dirname(self.path))
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -72,11 +72,8 @@ class RunLock:
         os.unlink(self.path)  # while still locked: a waiter then re-opens a fresh file
         os.close(self._fd)
         self._fd = None
-        for directory in reversed(self._created):
-            try:
-                os.rmdir(directory)  # only if empty: a lake the run wrote into stays
-            except OSError:
-                break
+        if self._created is not None:  # only while empty: a lake the run wrote into stays
+            self.lake.remove_empty_dirs(os.path.dirname(self.path), up_to=self._created)
 
     def _refuse(self, driver: dict) -> None:
         raise KvorchError(
