@@ -39,7 +39,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from tqdm import tqdm
 
-from orchestrator.errors import KvorchError
+from orchestrator.errors import KvorchError, first_line
 from orchestrator.lake import incomplete
 from orchestrator.pool import events as pool_events
 from orchestrator.pool.connect import DEFAULT_CONNECT_TIMEOUT, join_cluster
@@ -270,7 +270,7 @@ class WorkerPool:
         try:
             failed = ray.get(actor.preflight.options(name="kvorch-preflight").remote(configs))
         except RayActorError as exc:
-            raise KvorchError(f"the preflight worker died: {_first_line(exc)}; check --model/--device") from None
+            raise KvorchError(f"the preflight worker died: {first_line(exc)}; check --model/--device") from None
         if failed:
             model_type = description["model_type"]
             raise KvorchError(
@@ -470,13 +470,13 @@ def run_calls(
         except RayActorError as exc:
             pool.lose(worker, exc)
             reason, cause, retry = (
-                f"worker {worker.name} died: {_first_line(exc)}",
+                f"worker {worker.name} died: {first_line(exc)}",
                 f"its worker {worker.name} was lost",
                 True,
             )
         except RayTaskError as exc:
             pool.release(worker)
-            reason = cause = _first_line(exc.cause or exc)
+            reason = cause = first_line(exc.cause or exc)
             retry = retry_errors
         else:
             pool.release(worker)
@@ -534,14 +534,9 @@ def run_pool(
         result.workers = workers.descriptions()
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
 def _actor_error(exc: RayActorError) -> str:
     """Ray's first line about a dead actor, without the actor id and the boilerplate."""
-    line = re.sub(r"^The actor [0-9a-f]+ ", "the actor ", _first_line(exc))
+    line = re.sub(r"^The actor [0-9a-f]+ ", "the actor ", first_line(exc))
     return line.split(" The task may or may not")[0][:200]
 
 

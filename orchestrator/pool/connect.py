@@ -16,7 +16,7 @@ import time
 
 import ray
 
-from orchestrator.errors import KvorchError
+from orchestrator.errors import KvorchError, first_line
 
 DEFAULT_CONNECT_TIMEOUT = 30.0
 # Where a bare "host" points: the GCS of `ray start --head`, or Ray Client for ray:// addresses.
@@ -56,8 +56,7 @@ def join_cluster(address: str, namespace: str, timeout: float) -> None:
         )
     error = outcome["error"]
     if error is not None:
-        first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise KvorchError(f"--address {address}: cannot join the Ray cluster: {first}") from None
+        raise KvorchError(f"--address {address}: cannot join the Ray cluster: {first_line(error)}") from None
 
 
 class _DropMessage(logging.Filter):

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from orchestrator.errors import KvorchError
+from orchestrator.errors import KvorchError, first_line
 from orchestrator.lake.store import Lake
 
 # Signals that stopped the driver, newest last. A flag, not an exception subclass: Ray's
@@ -59,8 +59,8 @@ def ending(exc: BaseException) -> tuple[str, str]:
         return "interrupted", f"the driver exited (code {exc.code})"
     if isinstance(exc, KvorchError):
         return "failed", str(exc).splitlines()[0]
-    first = next((line for line in str(exc).splitlines() if line.strip()), "")
-    return "failed", f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    first = first_line(exc)
+    return "failed", type(exc).__name__ if first == type(exc).__name__ else f"{type(exc).__name__}: {first}"
 
 
 def failed_tasks_line(failures: dict[str, str], total: int) -> str:
