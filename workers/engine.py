@@ -331,6 +331,8 @@ class DocumentLayout:
                 group_of[r] = group
         columns: dict[str, list] = {f.name: [] for f in ROW_SCHEMA}
         variants = [variant or attention.GLOBAL for variant in variants]
+        # A config's identity columns, formatted once, not once per chunk.
+        names = [(c.label, c.press.label(), c.press.params_json()) for c in self.configs]
         for k, (s, e) in enumerate(bounds):
             first_held = torch.tensor([[held_from(s, v)] for v in variants], dtype=torch.int64)  # [layers, 1]
             keys_total = int((s - first_held).sum()) * self.n_kv_heads
@@ -344,9 +346,9 @@ class DocumentLayout:
                     "chunk_index": k,
                     "chunk_start": s,
                     "chunk_end": e,
-                    "config": config.label,
-                    "press": config.press.label(),
-                    "method_params": config.press.params_json(),
+                    "config": names[r][0],
+                    "press": names[r][1],
+                    "method_params": names[r][2],
                     "threshold": config.threshold,
                     "policy": config.policy,
                     "ratio": config.ratio,
