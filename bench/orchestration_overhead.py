@@ -27,8 +27,10 @@ from orchestrator.corpus import EMBEDDED_CORPUS, load_corpus
 from orchestrator.sweep.planner import group_configs
 from orchestrator.sweep.spec import build_configs
 from workers import tokenization
+from workers.configs import EvalConfig
 from workers.engine import Engine, EngineSettings
 from workers.models import EMBEDDED_MODEL, load_model
+from workers.presses.baseline import BaselinePress
 
 KVORCH = [sys.executable, "-c", "import sys; from orchestrator.cli import main; sys.exit(main())"]
 
@@ -50,13 +52,28 @@ def bare_engine(spec: dict, corpus: str) -> tuple[float, float]:
     loaded = time.perf_counter() - tic
     documents = load_corpus(corpus)[: spec["max_docs"]]
     docs = [(d.doc_id, tokens.ids(d.text, spec["max_tokens"])) for d in documents]
-    configs = build_configs(tuple(spec["methods"]), tuple(spec["thresholds"]), spec["policy"], tuple(spec["ratios"]))
+    configs = build_configs(
+        tuple(spec["methods"]),
+        tuple(spec["thresholds"]),
+        spec["policy"],
+        tuple(spec["ratios"]),
+        tuple(spec.get("budgets", ())),
+        spec["window"],
+    )
+    agreement = spec.get("agreement", False)
+    if agreement and not any(c.is_baseline for c in configs):
+        configs.insert(0, EvalConfig(BaselinePress()))
     settings = EngineSettings(
-        spec["chunk_size"], spec["window"], spec["attn"], compile=spec["compile_resolved"], compact=spec["compact"]
+        spec["chunk_size"],
+        spec["window"],
+        spec["attn"],
+        compile=spec["compile_resolved"],
+        compact=spec["compact"],
+        agreement=agreement,
     )
     engine = Engine(model, settings)
     tic = time.perf_counter()
-    for group in group_configs(configs, spec["batch_configs_resolved"]):
+    for group in group_configs(configs, spec["batch_configs_resolved"], agreement):
         for doc_id, ids in docs:
             engine.evaluate(doc_id, torch.tensor(ids), group)
     return loaded, time.perf_counter() - tic

@@ -24,6 +24,10 @@ CREATE OR REPLACE MACRO run_rows(rid) AS TABLE
 --   density_with_window    kept / total
 --   density_without_window 1 - discarded outside the DMS window / keys outside it
 --   density_compressible   kept outside every protected region / keys outside it
+--   kl                     mean per-token KL(baseline || config) of the next-token
+--                          distributions, in nats (null when the run recorded no agreement)
+--   top1_agreement         fraction of positions whose argmax is the baseline's
+--   top5_overlap           mean |top-5 ∩ baseline's top-5| / 5
 --   effective_context      mean keys a target token's query saw, per (layer, kv-head): the
 --                          keys kept before its chunk plus the causal keys inside the chunk.
 --                          For target position i of chunk [s, e) that is
@@ -42,6 +46,8 @@ CREATE OR REPLACE MACRO config_metrics(rid) AS TABLE
         ) AS press,
         config,
         any_value(threshold) AS threshold,
+        any_value(ratio) AS ratio,
+        any_value(budget) AS budget,
         count(DISTINCT doc_id) AS docs,
         sum(n_tokens) AS tokens,
         exp(sum(nll_sum) / sum(n_tokens)) AS ppl,
@@ -50,6 +56,9 @@ CREATE OR REPLACE MACRO config_metrics(rid) AS TABLE
         sum(keys_kept) / nullif(sum(keys_total), 0) AS density_with_window,
         1 - sum(keys_discarded_outside_window) / nullif(sum(keys_outside_window), 0) AS density_without_window,
         sum(keys_kept_unprotected) / nullif(sum(keys_total - keys_protected), 0) AS density_compressible,
+        sum(kl_sum) / nullif(sum(n_tokens) FILTER (WHERE kl_sum IS NOT NULL), 0) AS kl,
+        sum(top1_agree) / nullif(sum(n_tokens) FILTER (WHERE top1_agree IS NOT NULL), 0) AS top1_agreement,
+        sum(top5_overlap_sum) / nullif(sum(n_tokens) FILTER (WHERE top5_overlap_sum IS NOT NULL), 0) AS top5_overlap,
         sum(
             CASE WHEN keys_total = 0 THEN 0 ELSE n_tokens * keys_kept * chunk_start / keys_total END
             + n_tokens * (n_tokens + 1) / 2

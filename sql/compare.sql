@@ -1,7 +1,8 @@
 -- Method comparison: one row per config of a run. The metrics are defined once, in
 -- _macros.sql (config_metrics): ΔNLL % vs baseline on the same (document, chunk) rows, so a
 -- config evaluated on fewer chunks is neither flattered nor punished by which chunks it saw;
--- the three densities of docs/DESIGN.md, "Density"; effective context = mean visible keys per query and
+-- the three densities of docs/DESIGN.md, "Density"; agreement with the uncompressed model (KL,
+-- top-1, top-5; null for runs without it); effective context = mean visible keys per query and
 -- (layer, kv-head).
 SELECT
     method,
@@ -12,6 +13,9 @@ SELECT
     ppl,
     delta_nll_pct,
     accuracy,
+    kl,
+    top1_agreement,
+    top5_overlap,
     density_with_window,
     density_without_window,
     density_compressible,

@@ -7,11 +7,12 @@
 -- its two neighbours, unlike a spline). No extrapolation: a target outside the sweep's
 -- density range has no value and status 'out of range'. `best` marks, per target density,
 -- the sweep(s) with the lowest ΔNLL among those in range: the iso-density frontier.
--- Only thresholded configs form sweeps; fixed methods are points in pareto.sql.
+-- Configs with a threshold, a ratio or a token budget form sweeps; fixed methods are points in
+-- pareto.sql.
 WITH points AS MATERIALIZED (
     SELECT press, any_value(method) AS method, density_compressible AS density, avg(delta_nll_pct) AS delta
     FROM config_metrics($run_id)
-    WHERE threshold IS NOT NULL AND density_compressible IS NOT NULL AND delta_nll_pct IS NOT NULL
+    WHERE coalesce(threshold, ratio, budget) IS NOT NULL AND density_compressible IS NOT NULL AND delta_nll_pct IS NOT NULL
     GROUP BY press, density_compressible
 ),
 targets AS (

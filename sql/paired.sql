@@ -4,12 +4,17 @@
 -- freedom, beyond that the Cornish-Fisher expansion, within 2e-4 of the exact quantile).
 -- wins / losses / ties count documents where the config's ΔNLL is lower / higher / equal
 -- than the reference config's ($reference) on the same document.
+-- The agreement with the uncompressed model gets the same treatment: each document's mean
+-- per-token KL and top-1 agreement, then their mean over documents with a 95 % t interval
+-- (null for runs recorded without agreement).
 WITH per_doc AS (
     SELECT
         method,
         config,
         doc_id,
-        100 * (sum(nll_sum) - sum(base_nll)) / nullif(sum(base_nll), 0) AS delta_nll_pct
+        100 * (sum(nll_sum) - sum(base_nll)) / nullif(sum(base_nll), 0) AS delta_nll_pct,
+        sum(kl_sum) / nullif(sum(n_tokens), 0) AS kl,
+        sum(top1_agree) / nullif(sum(n_tokens), 0) AS top1
     FROM run_rows($run_id)
     WHERE base_nll IS NOT NULL
     GROUP BY method, config, doc_id
@@ -32,6 +37,10 @@ stats AS (
         count(*) AS docs,
         avg(p.delta_nll_pct) AS mean_delta_nll_pct,
         stddev_samp(p.delta_nll_pct) / sqrt(count(*)) AS stderr,
+        avg(p.kl) AS mean_kl,
+        stddev_samp(p.kl) / sqrt(count(p.kl)) AS kl_stderr,
+        avg(p.top1) AS mean_top1_agreement,
+        stddev_samp(p.top1) / sqrt(count(p.top1)) AS top1_stderr,
         count(*) FILTER (WHERE p.delta_nll_pct < r.reference_pct) AS wins,
         count(*) FILTER (WHERE p.delta_nll_pct > r.reference_pct) AS losses,
         count(*) FILTER (WHERE p.delta_nll_pct = r.reference_pct) AS ties
@@ -50,7 +59,13 @@ SELECT
     s.mean_delta_nll_pct + q.t * s.stderr AS ci95_high,
     s.wins,
     s.losses,
-    s.ties
+    s.ties,
+    s.mean_kl,
+    s.mean_kl - q.t * s.kl_stderr AS kl_ci95_low,
+    s.mean_kl + q.t * s.kl_stderr AS kl_ci95_high,
+    s.mean_top1_agreement,
+    s.mean_top1_agreement - q.t * s.top1_stderr AS top1_ci95_low,
+    s.mean_top1_agreement + q.t * s.top1_stderr AS top1_ci95_high
 FROM stats s
 LEFT JOIN (
     SELECT

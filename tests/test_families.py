@@ -28,8 +28,9 @@ from workers import attention, kv_cache
 from workers.actor import MODEL_LEVEL, EvalWorker, WorkerSettings
 from workers.attention import UnsupportedAttention, kvorch_attention
 from workers.configs import EvalConfig
-from workers.engine import Engine, EngineSettings, token_nll
+from workers.engine import Engine, EngineSettings
 from workers.exactness import inexact_reason
+from workers.nll import token_nll
 from workers.presses import REGISTRY
 
 SLIDING = {"mistral": [16, 16], "gemma2": [16, None], "gemma3": [16, None]}

@@ -23,7 +23,9 @@ from workers.models import load_model
 from workers.presses import REGISTRY, BaselinePress, KnormPress
 
 REASON = "RuntimeError: failing press: refuses this document"
-ENGINE = EngineSettings(chunk_size=16, window=8)
+# Without the agreement columns: a config alone is then a batch of 1 (with them, baseline joins
+# it as the reference row; tests/test_agreement.py covers that).
+ENGINE = EngineSettings(chunk_size=16, window=8, agreement=False)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from orchestrator.lake.store import Lake
 from orchestrator.reports.densities import parse_densities
 from orchestrator.reports.tables import RunReport
 from tests.test_cli import snapshot
-from workers.schema import CHUNK_SCHEMA, ROW_SCHEMA
+from workers.schema import CHUNK_COLUMNS_BY_VERSION, CHUNK_SCHEMA, ROW_SCHEMA
 
 HEADS = 4  # layers x kv-heads of the synthetic rows
 
@@ -318,7 +318,7 @@ def test_runs_lists_and_compares(tmp_path):
 
 @pytest.mark.parametrize(
     ("version", "message"),
-    [("4", "newer than this kvorch reads"), ("0", "no longer reads"), (None, "no kvorch schema version")],
+    [("5", "newer than this kvorch reads"), ("0", "no longer reads"), (None, "no kvorch schema version")],
 )
 def test_parts_of_another_schema_version_fail_clearly(tmp_path, version, message):
     lake = make_lake(tmp_path / "lake", {"r": three_doc_rows()})
@@ -338,7 +338,7 @@ def test_parts_of_schema_version_1_are_still_read(tmp_path):
     """A lake written before kv_cache_bytes existed: its parts stay valid (resume keeps them),
     and the column reads as null, alone or next to version-2 parts of another run."""
     lake = make_lake(tmp_path / "lake", {"new": [chunk_row("a", 0, "baseline", 1.0, kv_cache_bytes=64)]})
-    old = pa.Table.from_pylist(three_doc_rows(), schema=ROW_SCHEMA).drop_columns(["method", "kv_cache_bytes", "press"])
+    old = pa.Table.from_pylist(three_doc_rows(), schema=ROW_SCHEMA).select(CHUNK_COLUMNS_BY_VERSION[1].names)
     lake.write_spec("old", {"model": "m"})
     lake.write_table(
         lake.part_path("old", "baseline", "t0"), old.replace_schema_metadata({"kvorch_schema_version": "1"})
@@ -360,7 +360,7 @@ def test_press_is_read_from_its_column_and_derived_from_the_label_only_for_older
     lake.write_spec("v2", {"model": "m"})
     lake.write_table(
         lake.part_path("v2", "knorm", "t0"),
-        v2.drop_columns(["method", "press"]).replace_schema_metadata({"kvorch_schema_version": "2"}),
+        v2.select(CHUNK_COLUMNS_BY_VERSION[2].names).replace_schema_metadata({"kvorch_schema_version": "2"}),
     )
     con = connect(lake)
     assert con.execute("SELECT press FROM config_metrics('new')").fetchall() == [("the column, not the label",)]

@@ -75,7 +75,7 @@ def test_bad_methods_and_thresholds_say_what_to_fix(methods, thresholds, fragmen
 
 
 def test_spec_json_round_trips_infinite_thresholds():
-    spec = JobSpec(methods=("knorm",), thresholds=("-inf",))
+    spec = JobSpec(methods=("knorm",), thresholds=("-inf",), agreement=False)
     payload = json.loads(json.dumps(spec.to_json()))
     assert payload["configs"] == [
         {
@@ -85,6 +85,7 @@ def test_spec_json_round_trips_infinite_thresholds():
             "policy": "threshold",
             "threshold": "-inf",
             "ratio": None,
+            "budget": None,
         }
     ]
 

@@ -102,14 +102,17 @@ def test_compact_memory_tracks_the_kept_keys(tiny_model, tokens, chunk):
     window, layers, kv_heads, head_dim, fp32 = 40, 2, 2, 8, 4
     config = [EvalConfig(parse_method("streaming_llm"))]
     per_entry = layers * kv_heads * head_dim * 2 * fp32  # keys + values of one position, all layers
-    compact = Engine(tiny_model, EngineSettings(chunk, window, compact=True)).evaluate("d", tokens, config)
-    masked = Engine(tiny_model, EngineSettings(chunk, window)).evaluate("d", tokens, config)
+    # One config alone (no reference row for the agreement columns): memory of that config only.
+    compact = Engine(tiny_model, EngineSettings(chunk, window, compact=True, agreement=False)).evaluate(
+        "d", tokens, config
+    )
+    masked = Engine(tiny_model, EngineSettings(chunk, window, agreement=False)).evaluate("d", tokens, config)
     for r in compact.to_pylist():
         s, e = r["chunk_start"], r["chunk_end"]
         held = len(set(range(min(4, s))) | set(range(max(0, s - window), s)))
         assert r["kv_cache_bytes"] == (held + e - s) * per_entry
     assert set(masked.column("kv_cache_bytes").to_pylist()) == {len(tokens) * per_entry}
-    step = Engine(tiny_model, EngineSettings(chunk, window, graph=True)).evaluate("d", tokens, config)
+    step = Engine(tiny_model, EngineSettings(chunk, window, graph=True, agreement=False)).evaluate("d", tokens, config)
     assert set(step.column("kv_cache_bytes").to_pylist()) == {padded_length(len(tokens), chunk) * per_entry}
 
 

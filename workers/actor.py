@@ -27,6 +27,7 @@ from workers.exactness import inexact_reason
 from workers.faults import Fault
 from workers.head_stats import DocumentHeadStats, HeadStatsProbe
 from workers.models import load_model
+from workers.nll import AnswerSpan
 from workers.schema import ROW_SCHEMA
 
 # The preflight's document: a few chunks past a small window, so every press scores, decides
@@ -43,6 +44,14 @@ MODEL_LEVEL = ""
 class TaskDocument:
     doc_id: str
     token_ids: list[int]
+    # A retrieval probe's answer: its last ``answer_tokens`` tokens (0: a corpus document).
+    answer_tokens: int = 0
+
+    @property
+    def answer(self) -> AnswerSpan | None:
+        if not self.answer_tokens:
+            return None
+        return AnswerSpan(len(self.token_ids) - self.answer_tokens, self.answer_tokens)
 
 
 @dataclass(frozen=True)
@@ -169,14 +178,14 @@ class EvalWorker:
         config alone: the rows of those that succeed and one failure per config that raises."""
         token_ids = torch.tensor(doc.token_ids)
         try:
-            return self.engine.evaluate(doc.doc_id, token_ids, configs, on_chunk), []
+            return self.engine.evaluate(doc.doc_id, token_ids, configs, on_chunk, doc.answer), []
         except Exception as exc:  # a press may raise anything: it is reported per config below
             if len(configs) == 1:
                 return ROW_SCHEMA.empty_table(), [ConfigFailure(doc.doc_id, configs[0].label, error_line(exc))]
         tables, failures = [], []
         for config in configs:
             try:
-                tables.append(self.engine.evaluate(doc.doc_id, token_ids, [config], on_chunk))
+                tables.append(self.engine.evaluate(doc.doc_id, token_ids, [config], on_chunk, doc.answer))
             except Exception as exc:
                 failures.append(ConfigFailure(doc.doc_id, config.label, error_line(exc)))
         return (pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()), failures

@@ -15,7 +15,7 @@ nothing chunk-dependent is a Python value:
   the step names (``ChunkTensors.scored``).
 
 So one compiled graph serves every chunk of every document of a bucket, and per-chunk results
-(NLL, top-1, kept keys) accumulate in device tensors read back once per document.
+(NLL, top-1, agreement, answer span, kept keys) accumulate in device tensors read back once per document.
 The numbers are the eager engine's (tests/test_chunk_step.py): the same keys kept, NLL within
 float rounding. ``--compact`` and presses without a tensor form (the kvpress adapter) stay on
 the eager engine.
@@ -34,7 +34,10 @@ import torch
 
 from workers import attention
 from workers.attention import AttentionVariant
-from workers.nll import token_nll
+from workers.chunk_results import ChunkResults, prediction_sums
+from workers.configs import RANKED_POLICIES
+from workers.decisions import keep_limit
+from workers.nll import AnswerSpan
 from workers.presses import ChunkTensors, StateShape
 
 if TYPE_CHECKING:
@@ -63,7 +66,7 @@ class _GroupPlan:
     rows: slice
     n_sink: int
     rescores: bool
-    ratio: bool
+    ranked: bool  # ratio or budget policy: keys ranked by score against a keep limit
     widest: list[int]  # per layer: the widest protected window (clamped to N)
     narrowest: list[int]
     protected: torch.Tensor  # [layers, kv-heads, 1] int64 on the device
@@ -112,7 +115,7 @@ class ChunkStep:
         widest = [hi for _, hi in ranges]
         if not press.rescores:
             n_scored = [c] * self.n_layers
-        elif group.policy == "ratio":
+        elif group.policy in RANKED_POLICIES:
             n_scored = [self.n] * self.n_layers
         else:
             n_scored = [min(self.n, hi + c) for hi in widest]
@@ -122,7 +125,7 @@ class ChunkStep:
             rows=group.rows,
             n_sink=press.n_sink,
             rescores=press.rescores,
-            ratio=group.policy == "ratio",
+            ranked=group.policy in RANKED_POLICIES,
             widest=widest,
             narrowest=[lo for lo, _ in ranges],
             protected=group.windows.protected_on_device,
@@ -132,7 +135,7 @@ class ChunkStep:
 
     # --- per document ------------------------------------------------------------------------
 
-    def reset(self, doc_seed: int, token_ids: torch.Tensor) -> None:
+    def reset(self, doc_seed: int, token_ids: torch.Tensor, answer: AnswerSpan | None = None) -> None:
         """Fresh document state in the step's fixed shapes. The first document allocates it; later
         ones refill the same tensors in place, so a CUDA graph replays over the same addresses and
         nothing is reallocated per document."""
@@ -153,12 +156,17 @@ class ChunkStep:
                     tensor.zero_()
             for tensor in self.state["keep"]:
                 tensor.fill_(True)
-            for name in ("tokens", "chunk", "nll", "correct", "kept"):
+            for name in ("tokens", "chunk"):
                 self.state[name].zero_()
+            for tensor in self.state["results"].fields().values():
+                tensor.zero_()
             _refill(self.state["press_states"], press_states)
         self.state["tokens"][:n_doc] = token_ids
         self.state["length"].fill_(n_doc)
         self.state["doc_seed"].fill_(doc_seed)
+        # The positions whose predictions are answer tokens: none for a document that is no probe.
+        self.state["answer_from"].fill_(answer.predicted_from if answer else 0)
+        self.state["answer_to"].fill_(answer.predicted_from + answer.tokens if answer else 0)
         for plan, state in zip(self.groups, self.state["press_states"], strict=True):
             plan.state = state
 
@@ -174,19 +182,24 @@ class ChunkStep:
             "length": torch.zeros((), dtype=torch.int64, **kw),
             "doc_seed": torch.zeros((), dtype=torch.int64, **kw),
             "chunk": torch.zeros((), dtype=torch.int64, **kw),
-            "nll": torch.zeros(n // self.chunk, b, dtype=torch.float64, **kw),
-            "correct": torch.zeros(n // self.chunk, b, dtype=torch.int64, **kw),
-            "kept": torch.zeros(n // self.chunk, b, dtype=torch.int64, **kw),
+            "answer_from": torch.zeros((), dtype=torch.int64, **kw),
+            "answer_to": torch.zeros((), dtype=torch.int64, **kw),
+            # Answer sums always, so probes and corpus documents share one graph.
+            "results": ChunkResults.zeros(n // self.chunk, b, self.device, self.layout.reference is not None, True),
             "press_states": press_states,
         }
 
     def run(
-        self, doc_seed: int, token_ids: torch.Tensor, on_chunk: Callable[[], None] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
-        """Run every chunk of one document: (nll, correct, kept) [chunks, B] on the CPU, and each
-        chunk's seconds (the document's time split evenly: timing a chunk alone would need a
-        device sync per chunk)."""
-        self.reset(doc_seed, token_ids)
+        self,
+        doc_seed: int,
+        token_ids: torch.Tensor,
+        on_chunk: Callable[[], None] | None = None,
+        answer: AnswerSpan | None = None,
+    ) -> tuple[ChunkResults, list[float]]:
+        """Run every chunk of one document: its results [chunks, B] on the CPU, and each chunk's
+        seconds (the document's time split evenly: timing a chunk alone would need a device sync
+        per chunk)."""
+        self.reset(doc_seed, token_ids, answer)
         n_chunks = -(-int(token_ids.shape[0]) // self.chunk)
         if self.engine.settings.compile and not self.compiled_once:
             # The first call compiles the whole unrolled step: seconds on a GPU, minutes on a
@@ -204,9 +217,9 @@ class ChunkStep:
             self.compiled(self.state)
             if on_chunk is not None:
                 on_chunk()
-        nll, correct, kept = (self.state[k][:n_chunks].cpu() for k in ("nll", "correct", "kept"))
+        results = self.state["results"].head(n_chunks, answer is not None)
         seconds = (time.perf_counter() - tic) / n_chunks
-        return nll, correct, kept, [seconds] * n_chunks
+        return results, [seconds] * n_chunks
 
     @property
     def kv_bytes(self) -> int:
@@ -231,13 +244,12 @@ class ChunkStep:
             kvorch_run=run,
         ).logits
         targets = state["tokens"][query_positions + 1][None].expand(b, -1)
-        has_target = (query_positions + 1 < state["length"])[None]
-        pred = logits.float()
-        nll = torch.where(has_target, token_nll(pred, targets), 0.0).sum(dim=1)
-        correct = ((pred.argmax(dim=-1) == targets) & has_target).sum(dim=1)
-        state["nll"].index_copy_(0, chunk[None], nll[None])
-        state["correct"].index_copy_(0, chunk[None], correct[None])
-        state["kept"].index_copy_(0, chunk[None], run.kept[None])
+        has_target = query_positions + 1 < state["length"]
+        in_answer = (query_positions >= state["answer_from"]) & (query_positions < state["answer_to"])
+        sums = prediction_sums(logits.float(), targets, has_target, self.layout.reference, in_answer)
+        results = state["results"]
+        for name, value in [*sums.items(), ("kept", run.kept)]:
+            getattr(results, name).index_copy_(0, chunk[None], value[None])
         self.engine.hidden_states.clear()
         chunk.add_(1)
 
@@ -354,7 +366,7 @@ class _StepRun:
         if not plan.rescores:
             score_from = s
             scored = self.query_positions
-        elif plan.ratio:
+        elif plan.ranked:
             score_from = torch.zeros_like(s)
             scored = self.positions
         else:
@@ -395,7 +407,7 @@ class _StepRun:
         index = scored.expand_as(new)
         updated = (scored >= score_from) & (scored < e)
         scores.scatter_(2, index, torch.where(updated, new, scores.gather(2, index)))
-        if plan.ratio:
+        if plan.ranked:
             self._decide_by_budget(layer, plan, scores)
         else:
             self._decide_by_threshold(layer, plan, scores)
@@ -416,7 +428,7 @@ class _StepRun:
         n_sink, e = plan.n_sink, self.end
         boundary = (e - plan.narrowest[layer]).clamp(min=0)
         protected = n_sink + (e - boundary)
-        allowed = (torch.ceil(plan.group.keep_fraction * e).long() - protected).clamp(min=0)  # [rows]
+        allowed = (keep_limit(plan.group.keep_fraction, plan.group.budgets, e) - protected).clamp(min=0)  # [rows]
         in_range = (self.positions >= n_sink) & (self.positions < boundary)
         keep = self.state["keep"][layer][plan.rows]
         ranked = torch.where(in_range & keep, scores, float("-inf"))

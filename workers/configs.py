@@ -7,26 +7,33 @@ from dataclasses import dataclass
 
 from workers.presses import Press
 
-POLICIES = ("threshold", "ratio")
+POLICIES = ("threshold", "ratio", "budget")
+# Policies that keep each (layer, kv-head)'s best-scoring keys up to a number, rather than
+# deciding each key alone against a threshold (workers/decisions.py, decide_by_rank).
+RANKED_POLICIES = ("ratio", "budget")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """A press at a threshold (DMS-style, the default) or at a compression ratio (budget).
+    """A press at a threshold (DMS-style, the default), at a compression ratio, or at a token
+    budget: at most ``budget`` keys per (layer, kv-head), sinks and window included.
 
-    ``threshold=None`` and ``ratio=None`` is the press's structural behaviour (baseline,
-    window, streaming_llm score +-inf, so no threshold changes them).
+    None for all three is the press's structural behaviour (baseline, window, streaming_llm
+    score +-inf, so no threshold changes them).
     """
 
     press: Press
     threshold: float | None = None
     ratio: float | None = None
+    budget: int | None = None
 
     def __post_init__(self) -> None:
-        if self.ratio is not None and self.threshold is not None:
-            raise ValueError("a config has a threshold or a ratio, not both")
+        if sum(v is not None for v in (self.threshold, self.ratio, self.budget)) > 1:
+            raise ValueError("a config has one of a threshold, a ratio or a budget, not several")
         if self.ratio is not None and not (0.0 <= self.ratio < 1.0):
             raise ValueError(f"compression ratio must be in [0, 1), got {self.ratio}")
+        if self.budget is not None and self.budget < 1:
+            raise ValueError(f"token budget must be >= 1, got {self.budget}")
         if self.threshold is not None and math.isnan(self.threshold):
             raise ValueError("threshold must be a number, not NaN")
 
@@ -36,7 +43,14 @@ class EvalConfig:
 
     @property
     def policy(self) -> str:
-        return "ratio" if self.ratio is not None else "threshold"
+        if self.ratio is not None:
+            return "ratio"
+        return "budget" if self.budget is not None else "threshold"
+
+    @property
+    def is_baseline(self) -> bool:
+        """The uncompressed model: the reference of the agreement columns."""
+        return self.press.name == "baseline"
 
     @property
     def label(self) -> str:
@@ -44,14 +58,16 @@ class EvalConfig:
         base = self.press.label()
         if self.ratio is not None:
             return f"{base}@ratio={self.ratio:g}"
+        if self.budget is not None:
+            return f"{base}@budget={self.budget}"
         return base if self.threshold is None else f"{base}@{self.threshold:g}"
 
     @property
     def needs_evicted_keys(self) -> bool:
-        """Under the ratio policy a rescoring press rescores every kept key each chunk, also those
-        the budget evicted earlier; one that reads keys to score then reads evicted ones, which
-        only the masked cache still holds (so not with --compact)."""
-        return self.policy == "ratio" and self.press.rescores and self.press.reads_keys
+        """Under a ranked policy (ratio, budget) a rescoring press rescores every kept key each
+        chunk, also those the budget evicted earlier; one that reads keys to score then reads
+        evicted ones, which only the masked cache still holds (so not with --compact)."""
+        return self.policy in RANKED_POLICIES and self.press.rescores and self.press.reads_keys
 
     @property
     def engine_threshold(self) -> float:

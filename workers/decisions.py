@@ -37,19 +37,30 @@ def decide_by_threshold(
     keep[:, :, decided:newly_decided] = decision
 
 
+def keep_limit(keep_fraction: torch.Tensor, budgets: torch.Tensor, end: int | torch.Tensor) -> torch.Tensor:
+    """Keys each row may hold per (layer, kv-head) once [0, end) is seen: ceil((1 - r) * end)
+    under the ratio policy, the token budget B under the budget policy. [rows] int64.
+
+    Each row carries both (``keep_fraction`` 1 under budget, ``budgets`` unbounded under ratio),
+    so one formula serves a group of either policy with no branch on the host.
+    """
+    return torch.minimum(torch.ceil(keep_fraction * end).long(), budgets)
+
+
 def decide_by_budget(
-    keep: torch.Tensor, scores: torch.Tensor, keep_fraction: torch.Tensor, n_sink: int, end: int, boundary: int
+    keep: torch.Tensor, scores: torch.Tensor, limit: torch.Tensor, n_sink: int, end: int, boundary: int
 ) -> None:
-    """Keep the best-scoring keys so kept <= ceil((1 - r) * end) per (layer, kv-head).
+    """Keep the best-scoring keys so kept <= ``limit`` [rows] per (layer, kv-head)
+    (:func:`keep_limit`: the ratio or token-budget policy).
 
     Sinks and the protected window ([boundary, end)) are always kept and count toward the
     budget; the rest of it goes to the highest scores among keys still kept, since evictions are
-    final. ``keep_fraction`` [rows] is 1 - r; ties go to the earlier position (a stable sort).
+    final. Ties go to the earlier position (a stable sort).
     """
     if boundary <= n_sink:
         return
     protected = n_sink + (end - boundary)
-    allowed = (torch.ceil(keep_fraction * end).long() - protected).clamp(min=0)  # [rows]
+    allowed = (limit - protected).clamp(min=0)  # [rows]
     candidates = keep[:, :, n_sink:boundary]
     ranked = scores[:, :, n_sink:boundary].masked_fill(~candidates, float("-inf"))
     order = ranked.argsort(dim=-1, descending=True, stable=True)

@@ -46,12 +46,14 @@ import torch
 import torch.nn.functional as F
 
 from workers import attention
+from workers.chunk_results import ChunkResults, prediction_sums
 from workers.chunk_step import ChunkStep, padded_length
-from workers.configs import EvalConfig
-from workers.decisions import decide_by_budget, decide_by_threshold
+from workers.configs import RANKED_POLICIES, EvalConfig
+from workers.decisions import decide_by_budget, decide_by_threshold, keep_limit
 from workers.kv_cache import LayerView, make_cache
-from workers.nll import token_nll
+from workers.nll import AnswerSpan
 from workers.presses import LayerContext, Press
+from workers.presses.baseline import BaselinePress
 from workers.rope import LayerRotary, model_rotate
 from workers.schema import ROW_SCHEMA
 
@@ -71,6 +73,10 @@ class EngineSettings:
     # With compile on CUDA: replay the compiled step as a CUDA graph (torch.compile's
     # "reduce-overhead"). Off until measured on a GPU (BENCHMARKS.md).
     cuda_graphs: bool = False
+    # Record each config's agreement with the uncompressed model (KL, top-1, top-5; the
+    # kl_sum/top1_agree/top5_overlap_sum columns). A batch without baseline then runs it as a
+    # hidden extra row: its logits are the reference.
+    agreement: bool = True
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -133,16 +139,20 @@ class Engine:
             self._variants = check_every_layer_attended(self.model_type, probe.variants)
         return self._variants
 
-    def step_for(self, configs: list[EvalConfig], token_ids: torch.Tensor) -> tuple[ChunkStep, DocumentLayout]:
+    def step_for(
+        self, configs: list[EvalConfig], token_ids: torch.Tensor, agreement: bool
+    ) -> tuple[ChunkStep, DocumentLayout]:
         """The compiled step for this batch at the document's length bucket (built on first use),
         and the document's own layout (windows clamped to its length, for the density columns)."""
         n = int(token_ids.shape[0])
-        layout = DocumentLayout(self, configs, n)
+        layout = DocumentLayout(self, configs, n, agreement)
         n_positions = padded_length(n, self.settings.chunk_size)
-        key = (tuple(c.label for c in layout.configs), n_positions)
+        key = (tuple(c.label for c in layout.configs), n_positions, layout.reference)
         if key not in self.steps:
             variants = self.variants(token_ids)
-            self.steps[key] = ChunkStep(self, DocumentLayout(self, configs, n_positions), n_positions, variants)
+            self.steps[key] = ChunkStep(
+                self, DocumentLayout(self, configs, n_positions, agreement), n_positions, variants
+            )
         return self.steps[key], layout
 
     @torch.inference_mode()
@@ -152,17 +162,20 @@ class Engine:
         token_ids: torch.Tensor,
         configs: list[EvalConfig],
         on_chunk: Callable[[], None] | None = None,
+        answer: AnswerSpan | None = None,
     ) -> pa.Table:
         """One row per (chunk, config) of this document, in ROW_SCHEMA.
 
         ``on_chunk`` is called after every chunk: the actor counts progress (and fires its test
-        fault hook) there, at the only granularity finer than a document.
+        fault hook) there, at the only granularity finer than a document. ``answer``: a retrieval
+        probe's answer span, whose own NLL and hits fill the answer columns.
         """
+        agreement = self.settings.agreement
         if self.runs_in_graph(configs):
-            step, layout = self.step_for(configs, token_ids)
-            nll, correct, kept, seconds = step.run(doc_seed(doc_id), token_ids.to(self.device), on_chunk)
-            return layout.rows(doc_id, step.variants, nll, correct, kept, seconds, [step.kv_bytes] * len(seconds))
-        run = _DocumentRun(self, doc_id, token_ids.to(self.device), configs)
+            step, layout = self.step_for(configs, token_ids, agreement)
+            results, seconds = step.run(doc_seed(doc_id), token_ids.to(self.device), on_chunk, answer)
+            return layout.rows(doc_id, step.variants, results, seconds, [step.kv_bytes] * len(seconds), answer)
+        run = _DocumentRun(self, doc_id, token_ids.to(self.device), configs, agreement, answer)
         return run.execute(on_chunk)
 
     @torch.inference_mode()
@@ -172,8 +185,9 @@ class Engine:
         """The rows plus every key's last score and final keep decision, for ``kvorch scores``."""
         n = int(token_ids.shape[0])
         if self.runs_in_graph(configs):
-            rows = self.evaluate(doc_id, token_ids, configs)
-            step, layout = self.step_for(configs, token_ids)
+            step, layout = self.step_for(configs, token_ids, agreement=False)
+            results, seconds = step.run(doc_seed(doc_id), token_ids.to(self.device))
+            rows = layout.rows(doc_id, step.variants, results, seconds, [step.kv_bytes] * len(seconds))
             final_scores, final_keep = step.state["scores"], step.state["keep"]
         else:
             run = _DocumentRun(self, doc_id, token_ids.to(self.device), configs)
@@ -213,7 +227,8 @@ class _RowGroup:
     policy: str  # "threshold" or "ratio"
     rows: slice
     thresholds: torch.Tensor  # [n_rows, 1, 1]
-    keep_fraction: torch.Tensor  # [n_rows] float64: 1 - compression ratio (ratio policy)
+    keep_fraction: torch.Tensor  # [n_rows] float64: 1 - compression ratio (ratio policy), else 1
+    budgets: torch.Tensor  # [n_rows] int64: the token budget (budget policy), else unbounded
     state: Any
     windows: HeadWindows
 
@@ -277,10 +292,18 @@ class DocumentLayout:
     """The batch rows of a document run and what the density columns need: configs ordered so
     each press's rows are contiguous (presses then work on slices), grouped by (press, policy),
     with each group's windows clamped to ``n`` positions. Both engines build one; the eager one
-    adds the press states."""
+    adds the press states.
 
-    def __init__(self, engine: Engine, configs: list[EvalConfig], n: int) -> None:
+    With ``agreement`` the baseline's row is the ``reference`` of the agreement columns; a batch
+    without one gets it as an extra ``hidden`` row, run like any other but never written (the
+    run's own baseline rows come from the batch that asked for it).
+    """
+
+    def __init__(self, engine: Engine, configs: list[EvalConfig], n: int, agreement: bool = False) -> None:
         cfg = engine.model.config
+        add_reference = agreement and not any(c.is_baseline for c in configs)
+        if add_reference:
+            configs = [*configs, EvalConfig(BaselinePress())]
         device = engine.device
         self.engine = engine
         self.n = n
@@ -291,12 +314,16 @@ class DocumentLayout:
             by_press.setdefault((config.press, config.policy), []).append(i)
         self.order = [i for rows in by_press.values() for i in rows]
         self.configs = [configs[i] for i in self.order]
+        self.reference = next((r for r, c in enumerate(self.configs) if c.is_baseline), None) if agreement else None
+        self.hidden = self.reference if add_reference else None
         self.groups: list[_RowGroup] = []
         head_shape = (self.n_layers, cfg.num_attention_heads, self.n_kv_heads)
         first = 0
         for (press, policy), rows in by_press.items():
             taus = torch.tensor([configs[i].engine_threshold for i in rows], device=device)
             ratios = torch.tensor([configs[i].ratio or 0.0 for i in rows], device=device, dtype=torch.float64)
+            budgets = [configs[i].budget for i in rows]
+            unbounded = torch.iinfo(torch.int64).max
             self.groups.append(
                 _RowGroup(
                     press=press,
@@ -304,11 +331,12 @@ class DocumentLayout:
                     rows=slice(first, first + len(rows)),
                     thresholds=taus.view(-1, 1, 1),
                     keep_fraction=(1.0 - ratios),
+                    budgets=torch.tensor([unbounded if b is None else b for b in budgets], device=device),
                     state=None,
                     windows=HeadWindows.of(press, engine.settings.window, head_shape, n, device),
                 )
             )
-            if policy == "ratio" and not self.groups[-1].windows.uniform:
+            if policy in RANKED_POLICIES and not self.groups[-1].windows.uniform:
                 raise ValueError(f"{press.label()} has per-head windows: use it under the threshold policy")
             first += len(rows)
 
@@ -316,13 +344,13 @@ class DocumentLayout:
         self,
         doc_id: str,
         variants: list[attention.AttentionVariant | None],
-        nll: torch.Tensor,
-        correct: torch.Tensor,
-        kept: torch.Tensor,
+        results: ChunkResults,
         seconds: list[float],
         kv_bytes: list[int],
+        answer: AnswerSpan | None = None,
     ) -> pa.Table:
-        """One row per (chunk, config) in ROW_SCHEMA, from the per-chunk [chunks, B] results."""
+        """One row per (chunk, config) in ROW_SCHEMA, from the per-chunk [chunks, B] results
+        (on the CPU). The hidden reference row, if any, is not written."""
         chunk = self.engine.settings.chunk_size
         bounds = [(s, min(s + chunk, self.n)) for s in range(0, self.n, chunk)]
         group_of = {}
@@ -337,10 +365,13 @@ class DocumentLayout:
             first_held = torch.tensor([[held_from(s, v)] for v in variants], dtype=torch.int64)  # [layers, 1]
             keys_total = int((s - first_held).sum()) * self.n_kv_heads
             counted = {id(g): g.windows.at(s, g.press.n_sink, first_held) for g in self.groups}
+            n_targets = max(0, min(e, self.n - 1) - s)
             for r, config in enumerate(self.configs):
+                if r == self.hidden:
+                    continue
                 group = group_of[r]
                 in_window, protected = counted[id(group)]
-                n_kept = int(kept[k, r])
+                n_kept = int(results.kept[k, r])
                 row = {
                     "doc_id": doc_id,
                     "chunk_index": k,
@@ -352,12 +383,13 @@ class DocumentLayout:
                     "threshold": config.threshold,
                     "policy": config.policy,
                     "ratio": config.ratio,
+                    "budget": config.budget,
                     "window": group.windows.mean,
                     "n_sink": config.press.n_sink,
                     "protected_window": config.press.protected_window,
-                    "nll_sum": float(nll[k, r]),
-                    "n_tokens": max(0, min(e, self.n - 1) - s),
-                    "n_correct": int(correct[k, r]),
+                    "nll_sum": float(results.nll[k, r]),
+                    "n_tokens": n_targets,
+                    "n_correct": int(results.correct[k, r]),
                     "keys_total": keys_total,
                     "keys_in_window": in_window,
                     "keys_outside_window": keys_total - in_window,
@@ -371,16 +403,39 @@ class DocumentLayout:
                     "worker": self.engine.worker,
                     "device": str(self.engine.device),
                     "method": config.method,
+                    **_optional_columns(results, k, r, answer.targets_in(s, n_targets) if answer else None),
                 }
                 for name, value in row.items():
                     columns[name].append(value)
         return pa.Table.from_pydict(columns, schema=ROW_SCHEMA)
 
 
+def _optional_columns(results: ChunkResults, k: int, r: int, answer_tokens: int | None) -> dict:
+    """The agreement and answer columns of row (chunk k, config r): null when not recorded."""
+    agreement = results.kl is not None
+    answer = answer_tokens is not None
+    return {
+        "kl_sum": float(results.kl[k, r]) if agreement else None,
+        "top1_agree": int(results.top1[k, r]) if agreement else None,
+        "top5_overlap_sum": float(results.top5[k, r]) if agreement else None,
+        "answer_nll_sum": float(results.answer_nll[k, r]) if answer else None,
+        "answer_tokens": answer_tokens,
+        "answer_correct": int(results.answer_correct[k, r]) if answer else None,
+    }
+
+
 class _DocumentRun:
     """The KV state of one document under a batch of configs; the attention run of the engine."""
 
-    def __init__(self, engine: Engine, doc_id: str, token_ids: torch.Tensor, configs: list[EvalConfig]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        doc_id: str,
+        token_ids: torch.Tensor,
+        configs: list[EvalConfig],
+        agreement: bool = False,
+        answer: AnswerSpan | None = None,
+    ) -> None:
         cfg = engine.model.config
         self.engine = engine
         self.settings = engine.settings
@@ -388,7 +443,8 @@ class _DocumentRun:
         self.seed = doc_seed(doc_id)
         self.tokens = token_ids
         self.n = n = int(token_ids.shape[0])
-        self.layout = DocumentLayout(engine, configs, n)
+        self.answer = answer
+        self.layout = DocumentLayout(engine, configs, n, agreement)
         self.n_layers, self.n_kv_heads = self.layout.n_layers, self.layout.n_kv_heads
         self.configs, self.groups = self.layout.configs, self.layout.groups
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -397,7 +453,7 @@ class _DocumentRun:
             n_rows = group.rows.stop - group.rows.start
             group.state = group.press.init_state(n_rows, self.n_layers, self.n_kv_heads, n, device)
 
-        b = len(configs)
+        b = len(self.configs)
         shape = (b, self.n_kv_heads, n)
         self.cache = make_cache(self.settings.compact, self.n_layers, shape, head_dim, device, dtype)
         self.keep = [torch.ones(shape, device=device, dtype=torch.bool) for _ in range(self.n_layers)]
@@ -421,9 +477,8 @@ class _DocumentRun:
         b = len(self.configs)
         device = self.engine.device
         bounds = [(s, min(s + chunk, self.n)) for s in range(0, self.n, chunk)]
-        nll = torch.zeros(len(bounds), b, device=device, dtype=torch.float64)
-        correct = torch.zeros(len(bounds), b, device=device, dtype=torch.int64)
-        kept = torch.zeros(len(bounds), b, device=device, dtype=torch.int64)
+        reference = self.layout.reference
+        results = ChunkResults.zeros(len(bounds), b, device, reference is not None, self.answer is not None)
         seconds = []
         for k, (s, e) in enumerate(bounds):
             tic = time.perf_counter()
@@ -448,16 +503,25 @@ class _DocumentRun:
             if n_targets > 0:
                 pred = logits[:, :n_targets].float()
                 targets = self.tokens[s + 1 : s + 1 + n_targets][None].expand(pred.shape[0], -1)
-                nll[k] = token_nll(pred, targets).sum(dim=1)  # broadcasts a shared chunk to every row
-                correct[k] = (pred.argmax(dim=-1) == targets).sum(dim=1)
-            kept[k] = self.kept
+                in_answer = None
+                if self.answer is not None:
+                    offsets = torch.arange(s, s + n_targets, device=device) - self.answer.predicted_from
+                    in_answer = (offsets >= 0) & (offsets < self.answer.tokens)
+                # A shared chunk is one row, the same for every config (so its own reference).
+                row_reference = None if reference is None else (0 if self.shared else reference)
+                sums = prediction_sums(pred, targets, None, row_reference, in_answer)
+                for name, value in sums.items():
+                    getattr(results, name)[k] = value  # broadcasts a shared chunk to every row
+            results.kept[k] = self.kept
             self.engine.hidden_states.clear()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds.append(time.perf_counter() - tic)
             if on_chunk is not None:
                 on_chunk()
-        return self._rows(bounds, nll.cpu(), correct.cpu(), kept.cpu(), seconds)
+        return self.layout.rows(
+            self.doc_id, self.variants, results.head(len(bounds)), seconds, self.kv_bytes, self.answer
+        )
 
     def _check_every_layer_attended(self) -> None:
         check_every_layer_attended(self.engine.model_type, self.variants)
@@ -530,7 +594,7 @@ class _DocumentRun:
         narrowest, widest = group.windows.ranges[layer]
         decided = max(0, s - widest)  # keys before this were decided after earlier chunks, in every head
         if press.rescores:
-            # Under the ratio policy every kept key stays a candidate, so all are rescored.
+            # Under a ranked policy every kept key stays a candidate, so all are rescored.
             score_from = decided if group.policy == "threshold" else 0
         else:
             score_from = s
@@ -600,23 +664,11 @@ class _DocumentRun:
         decide_by_budget(
             self.keep[layer][rows],
             self.scores[layer][rows],
-            group.keep_fraction,
+            keep_limit(group.keep_fraction, group.budgets, self.end),
             group.press.n_sink,
             self.end,
             boundary,
         )
-
-    # --- rows ------------------------------------------------------------------------------
-
-    def _rows(
-        self,
-        bounds: list[tuple[int, int]],
-        nll: torch.Tensor,
-        correct: torch.Tensor,
-        kept: torch.Tensor,
-        seconds: list[float],
-    ) -> pa.Table:
-        return self.layout.rows(self.doc_id, self.variants, nll, correct, kept, seconds, self.kv_bytes)
 
 
 def check_every_layer_attended(

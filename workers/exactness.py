@@ -15,7 +15,8 @@ import torch
 
 from workers.attention import ATTENTION_NAME
 from workers.configs import EvalConfig
-from workers.engine import Engine, token_nll
+from workers.engine import Engine
+from workers.nll import token_nll
 from workers.presses.baseline import BaselinePress
 
 # Relative NLL error allowed per dtype: float32 reorders sums at ~1e-7 per op; 16-bit formats

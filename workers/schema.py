@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Versions whose lakes this code reads (queries refuse others with the fix). Version 1 already
 # holds everything the reports derive, e.g. layers x kv-heads = keys_total / chunk_start;
-# version 2 adds kv_cache_bytes and version 3 press, which read as null in older parts.
-READABLE_SCHEMA_VERSIONS = frozenset({1, 2, 3})
+# version 2 adds kv_cache_bytes, version 3 press, version 4 the budget, agreement and answer
+# columns (and the docs' probe columns); each reads as null in older parts.
+READABLE_SCHEMA_VERSIONS = frozenset({1, 2, 3, 4})
 
 PARTITION_COLUMNS = ("run_id", "method")
 
@@ -31,7 +32,7 @@ CHUNK_SCHEMA = pa.schema(
         pa.field("press", pa.string()),
         pa.field("method_params", pa.string(), nullable=False),  # canonical JSON
         pa.field("threshold", pa.float64()),  # null for methods without a threshold
-        pa.field("policy", pa.string(), nullable=False),  # "threshold" or "ratio"
+        pa.field("policy", pa.string(), nullable=False),  # "threshold", "ratio" or "budget"
         pa.field("ratio", pa.float64()),  # compression ratio under the ratio policy, else null
         pa.field("window", pa.int32(), nullable=False),
         pa.field("n_sink", pa.int32(), nullable=False),
@@ -57,14 +58,31 @@ CHUNK_SCHEMA = pa.schema(
         # `batch_size` configs): the preallocated cache when masked, the kept entries (padded per
         # layer) plus the chunk's with --compact. Since schema version 2 (null in older parts).
         pa.field("kv_cache_bytes", pa.int64()),
+        # --- since schema version 4 (null in older parts) ---
+        # Keys kept per (layer, kv-head) under the budget policy, sinks and window included.
+        pa.field("budget", pa.int64()),
+        # Agreement with the uncompressed model over this chunk's n_tokens predictions, summed
+        # (docs/DESIGN.md, "Agreement"): KL(baseline || config) in nats, positions whose argmax is
+        # the baseline's, and |top-5 ∩ baseline's top-5| / 5. Null when agreement is off.
+        pa.field("kl_sum", pa.float64()),
+        pa.field("top1_agree", pa.int32()),
+        pa.field("top5_overlap_sum", pa.float64()),
+        # A retrieval probe's teacher-forced answer: the answer tokens predicted in this chunk,
+        # their NLL and how many were the top-1 prediction. Null for corpus documents.
+        pa.field("answer_nll_sum", pa.float64()),
+        pa.field("answer_tokens", pa.int32()),
+        pa.field("answer_correct", pa.int32()),
     ],
     metadata={"kvorch_schema_version": str(SCHEMA_VERSION)},
 )
 # The columns of a part under each readable version: readers accept any of them, and the
 # columns an older part lacks read as null.
-_V2 = CHUNK_SCHEMA.remove_metadata().remove(CHUNK_SCHEMA.get_field_index("press"))
+_V4 = CHUNK_SCHEMA.remove_metadata()
+_V3 = pa.schema(list(_V4)[: _V4.get_field_index("budget")])
+_V2 = _V3.remove(_V3.get_field_index("press"))
 CHUNK_COLUMNS_BY_VERSION = {
-    3: CHUNK_SCHEMA.remove_metadata(),
+    4: _V4,
+    3: _V3,
     2: _V2,
     1: _V2.remove(_V2.get_field_index("kv_cache_bytes")),
 }
@@ -76,6 +94,13 @@ DOC_SCHEMA = pa.schema(
         pa.field("n_chars", pa.int64(), nullable=False),
         pa.field("n_tokens", pa.int64(), nullable=False),
         pa.field("sha256", pa.string(), nullable=False),
+        # A retrieval probe's identity (orchestrator/probes/), since schema version 4; null for
+        # corpus documents. The answer is the document's last answer_tokens tokens.
+        pa.field("task", pa.string()),
+        pa.field("context_length", pa.int32()),
+        pa.field("depth", pa.float64()),
+        pa.field("answer", pa.string()),
+        pa.field("answer_tokens", pa.int32()),
     ],
     metadata={"kvorch_schema_version": str(SCHEMA_VERSION)},
 )

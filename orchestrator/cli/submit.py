@@ -61,12 +61,24 @@ def _default(name: str) -> object:
     "--policy",
     type=click.Choice(POLICIES),
     default=_default("policy"),
-    help="threshold: DMS-style, a key is judged once when it leaves the window; ratio: keep a budget per head.",
+    help="threshold: DMS-style, a key is judged once when it leaves the window; ratio: keep a fraction of the "
+    "keys seen per head; budget: keep at most B keys per head.",
 )
 @click.option(
     "--ratios",
     default="",
     help="With --policy ratio: compression ratios, e.g. 0.3,0.5 (kept <= ceil((1-r)*seen) per layer and head).",
+)
+@click.option(
+    "--budgets",
+    default="",
+    help="With --policy budget: keys kept per layer and kv-head, sinks and window included, e.g. 256,512,1024.",
+)
+@click.option(
+    "--agreement/--no-agreement",
+    default=_default("agreement"),
+    help="Record each config's KL, top-1 agreement and top-5 overlap with the uncompressed model "
+    "(adds baseline to the run when not among --methods).",
 )
 @click.option(
     "--densities",
@@ -189,6 +201,8 @@ def _job_spec(ctx: click.Context, options: dict[str, Any]) -> JobSpec:
     return JobSpec(
         **values,
         ratios=_parse_ratios(options["ratios"]),
+        budgets=_parse_budgets(options["budgets"]),
+        agreement=options["agreement"],
         densities=parse_densities(densities) if densities is not None else (),
         compile=options["compile_"],
     )
@@ -274,3 +288,10 @@ def _parse_ratios(text: str) -> tuple[float, ...]:
         return tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise KvorchError(f"--ratios {text!r}: use comma-separated numbers in [0, 1), e.g. 0.3,0.5") from None
+
+
+def _parse_budgets(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise KvorchError(f"--budgets {text!r}: use comma-separated whole numbers of keys, e.g. 256,512,1024") from None

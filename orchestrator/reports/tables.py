@@ -22,13 +22,16 @@ from orchestrator.reports.formatting import render
 
 # Report table -> what it shows; each is sql/<name>.sql.
 TABLES = {
-    "compare": "per config: ppl, ΔNLL % vs baseline, accuracy, three densities, effective context",
-    "paired": "per config: per-document paired ΔNLL %, mean, stderr, 95 % t interval, wins/losses vs --reference",
+    "compare": "per config: ppl, ΔNLL % vs baseline, accuracy, KL and top-1/top-5 agreement with baseline, "
+    "three densities, effective context",
+    "paired": "per config: per-document paired ΔNLL %, mean, stderr, 95 % t interval, wins/losses vs --reference; "
+    "KL and top-1 agreement with their 95 % t intervals",
     "by_position": "per config and position bucket (0-512, 512-1k, 1k-2k, ...): NLL and ΔNLL %",
     "frontier": "per threshold sweep: ΔNLL % interpolated at each of --densities (compressible density)",
     "pareto": "every config as (compressible density, ΔNLL %), marked when on the Pareto frontier",
     "throughput": "token-configs/s per worker, per method, per device type",
     "head_ablation": "head_aware configs under the ablation's names: ppl, accuracy, effective context, vs B_128",
+    "retrieval": "retrieval probes (--task): exact-match accuracy and answer NLL per config, length and depth",
 }
 
 

@@ -45,13 +45,25 @@ def shard(docs: list[TokenizedDocument], n_shards: int) -> list[list[TokenizedDo
     return shards
 
 
-def group_configs(configs: list[EvalConfig], batch_configs: int) -> list[list[EvalConfig]]:
-    """Consecutive groups of at most ``batch_configs``, configs of one press kept adjacent."""
+def group_configs(configs: list[EvalConfig], batch_configs: int, agreement: bool = False) -> list[list[EvalConfig]]:
+    """Consecutive groups of at most ``batch_configs``, configs of one press kept adjacent.
+
+    With ``agreement`` every forward needs the baseline as its reference row: it joins the first
+    group, and the engine adds it, unwritten, to every other one, so those take one config less
+    and no forward runs more than ``batch_configs`` rows.
+    """
     first_seen: dict = {}
     for config in configs:
         first_seen.setdefault(config.press, len(first_seen))
     ordered = sorted(configs, key=lambda c: first_seen[c.press])
-    return [ordered[i : i + batch_configs] for i in range(0, len(ordered), batch_configs)]
+    baseline = [c for c in ordered if c.is_baseline] if agreement else []
+    if not baseline:
+        return [ordered[i : i + batch_configs] for i in range(0, len(ordered), batch_configs)]
+    others = [c for c in ordered if not c.is_baseline]
+    size = max(1, batch_configs - 1)
+    groups = [others[i : i + size] for i in range(0, len(others), size)] or [[]]
+    groups[0] = baseline + groups[0]
+    return groups
 
 
 def default_shards(n_actors: int) -> int:
@@ -60,7 +72,11 @@ def default_shards(n_actors: int) -> int:
 
 
 def plan_tasks(
-    docs: list[TokenizedDocument], configs: list[EvalConfig], n_shards: int, batch_configs: int
+    docs: list[TokenizedDocument],
+    configs: list[EvalConfig],
+    n_shards: int,
+    batch_configs: int,
+    agreement: bool = False,
 ) -> list[Task]:
     """Tasks ordered longest first, the order in which actors pull them.
 
@@ -74,6 +90,6 @@ def plan_tasks(
             configs=tuple(group),
         )
         for si, shard_docs in enumerate(shard(docs, n_shards))
-        for gi, group in enumerate(group_configs(configs, batch_configs))
+        for gi, group in enumerate(group_configs(configs, batch_configs, agreement))
     ]
     return sorted(tasks, key=lambda t: (-t.cost, t.task_id))

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from orchestrator.corpus import EMBEDDED_CORPUS
 from orchestrator.errors import KvorchError
 from workers.attention import check_backend
-from workers.configs import POLICIES, EvalConfig
+from workers.configs import POLICIES, RANKED_POLICIES, EvalConfig
 from workers.engine import EngineSettings
 from workers.models import DTYPES, EMBEDDED_MODEL
 from workers.presses import ALL_METHODS, REGISTRY, Press, parse_method
+from workers.presses.baseline import BaselinePress
 from workers.tokenization import BOS_MODES, DEFAULT_BOS
 
 DEFAULT_MAX_DOCS = 4
@@ -35,6 +36,10 @@ class JobSpec:
     thresholds: tuple[str, ...] = ()
     policy: str = "threshold"
     ratios: tuple[float, ...] = ()
+    budgets: tuple[int, ...] = ()
+    # Record each config's KL, top-1 agreement and top-5 overlap with the uncompressed model
+    # (workers/agreement.py); the run then always holds baseline, added when not requested.
+    agreement: bool = EngineSettings.agreement
     max_docs: int | None = DEFAULT_MAX_DOCS
     max_tokens: int = DEFAULT_MAX_TOKENS
     chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -71,7 +76,9 @@ class JobSpec:
             raise KvorchError(f"--dtype {self.dtype!r} is unknown; use auto or one of {', '.join(DTYPES)}")
         engine_settings(self.chunk_size, self.window, self.attn)
         if not self.configs:
-            configs = build_configs(self.methods, self.thresholds, self.policy, self.ratios)
+            configs = build_configs(self.methods, self.thresholds, self.policy, self.ratios, self.budgets, self.window)
+            if self.agreement and not any(c.is_baseline for c in configs):
+                configs.insert(0, EvalConfig(BaselinePress()))
             object.__setattr__(self, "configs", tuple(configs))
         evicted_readers = [c.label for c in self.configs if c.needs_evicted_keys] if self.compact else []
         if evicted_readers:
@@ -89,11 +96,14 @@ class JobSpec:
     def engine_for(self, device: str) -> EngineSettings:
         """The engine settings on a pool of ``device`` ("cuda" or "cpu"), --compile auto resolved."""
         compile_ = self.compile == "on" or (self.compile == "auto" and device == "cuda")
-        return engine_settings(self.chunk_size, self.window, self.attn, compile=compile_, compact=self.compact)
+        return engine_settings(
+            self.chunk_size, self.window, self.attn, compile=compile_, compact=self.compact, agreement=self.agreement
+        )
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "configs"}
         out["methods"], out["thresholds"], out["ratios"] = list(self.methods), list(self.thresholds), list(self.ratios)
+        out["budgets"] = list(self.budgets)
         out["configs"] = [
             {
                 "config": c.label,
@@ -102,6 +112,7 @@ class JobSpec:
                 "policy": c.policy,
                 "threshold": _json_float(c.threshold),
                 "ratio": c.ratio,
+                "budget": c.budget,
             }
             for c in self.configs
         ]
@@ -113,33 +124,64 @@ def build_configs(
     thresholds: tuple[str, ...],
     policy: str = "threshold",
     ratios: tuple[float, ...] = (),
+    budgets: tuple[int, ...] = (),
+    window: int = DEFAULT_WINDOW,
 ) -> list[EvalConfig]:
     """The config grid: each method at its thresholds (user's, else the method's defaults), or
-    under ``policy="ratio"`` each scoring method at each compression ratio."""
+    under ``policy="ratio"`` / ``"budget"`` each scoring method at each compression ratio or
+    token budget (methods without a score, such as baseline and window, once as they are)."""
     presses = _parse_methods(methods)
     if policy not in POLICIES:
         raise KvorchError(f"--policy {policy!r} is unknown; use one of {', '.join(POLICIES)}")
-    if policy == "ratio":
-        if thresholds:
-            raise KvorchError("--thresholds apply to --policy threshold; with --policy ratio give --ratios only")
-        if not ratios:
-            raise KvorchError("--policy ratio needs --ratios, e.g. --ratios 0.3,0.5")
-        bad = [r for r in ratios if not 0.0 <= r < 1.0]
-        if bad:
-            raise KvorchError(f"--ratios must lie in [0, 1), got {bad[0]:g}; e.g. 0.5 evicts half the keys")
-        return [
-            EvalConfig(press, ratio=ratio) if press.default_thresholds != (None,) else EvalConfig(press)
-            for press in presses
-            for ratio in (ratios if press.default_thresholds != (None,) else ratios[:1])
-        ]
-    if ratios:
+    if ratios and policy != "ratio":
         raise KvorchError("--ratios needs --policy ratio")
+    if budgets and policy != "budget":
+        raise KvorchError("--budgets needs --policy budget")
+    if policy in RANKED_POLICIES:
+        if thresholds:
+            raise KvorchError(f"--thresholds apply to --policy threshold; with --policy {policy} give --{policy}s only")
+        if policy == "ratio":
+            settings = [{"ratio": r} for r in _check_ratios(ratios)]
+        else:
+            settings = [{"budget": b} for b in _check_budgets(budgets, presses, window)]
+        return [
+            EvalConfig(press, **setting) if press.default_thresholds != (None,) else EvalConfig(press)
+            for press in presses
+            for setting in (settings if press.default_thresholds != (None,) else settings[:1])
+        ]
     overrides = _parse_thresholds(thresholds, presses)
     configs = []
     for press in presses:
         taus = overrides.get(press, press.default_thresholds)
         configs.extend(EvalConfig(press, tau) for tau in taus)
     return configs
+
+
+def _check_ratios(ratios: tuple[float, ...]) -> tuple[float, ...]:
+    if not ratios:
+        raise KvorchError("--policy ratio needs --ratios, e.g. --ratios 0.3,0.5")
+    bad = [r for r in ratios if not 0.0 <= r < 1.0]
+    if bad:
+        raise KvorchError(f"--ratios must lie in [0, 1), got {bad[0]:g}; e.g. 0.5 evicts half the keys")
+    return ratios
+
+
+def _check_budgets(budgets: tuple[int, ...], presses: list[Press], window: int) -> tuple[int, ...]:
+    """Budgets count every key a (layer, kv-head) holds, sinks and protected window included, so
+    a budget below a press's sinks + window could never be met: refused, naming the press."""
+    if not budgets:
+        raise KvorchError("--policy budget needs --budgets, e.g. --budgets 128,256,1024 (keys per layer and head)")
+    for press in (p for p in presses if p.default_thresholds != (None,)):
+        protected = max(window, press.protected_window)
+        floor = press.n_sink + protected
+        low = [b for b in budgets if b < floor]
+        if low:
+            raise KvorchError(
+                f"--budgets {low[0]} is below {press.label()}'s sinks + window "
+                f"({press.n_sink} + {protected} = {floor}); use budgets >= {floor}, or a smaller --window"
+                + (f" (or {press.name}:protected_window=N)" if press.protected_window > window else "")
+            )
+    return budgets
 
 
 def _parse_methods(methods: tuple[str, ...]) -> list[Press]:

@@ -149,7 +149,7 @@ def _run(
         calibrated = calibration.run(spec, held_out, workers, batch_configs) if spec.densities else []
         if calibrated:
             spec = calibration.calibrated_spec(spec, calibrated)
-        tasks = plan_tasks(docs, list(spec.configs), n_shards, batch_configs)
+        tasks = plan_tasks(docs, list(spec.configs), n_shards, batch_configs, spec.agreement)
         recorded_spec = {
             **spec.to_json(),
             "tokenization": recorded_tokenization,
