@@ -13,7 +13,8 @@ from orchestrator.errors import KvorchError
 from orchestrator.lake.queries import connect, run_named
 from orchestrator.lake.store import Lake
 from orchestrator.reports.formatting import render
-from workers.schema import ROW_SCHEMA, SCHEMA_VERSION
+from orchestrator.reports.tables import RunReport
+from workers.schema import ROW_SCHEMA, SCHEMA_VERSION, SCORES_SCHEMA
 
 
 def row(doc, chunk, method, config, nll, n, correct, total, kept, in_window, protected, threshold=None):
@@ -112,6 +113,22 @@ def test_empty_or_unwritable_lake_is_a_clear_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(KvorchError, match="cannot write to lake"):
         Lake(str(blocker / "lake")).ensure_writable()
+
+
+def test_arrow_is_the_same_table_with_whole_sums_as_int64(lake):
+    report = RunReport(lake)
+    for name in ("compare", "by_position", "throughput"):  # each has a sum of integers (HUGEINT in DuckDB)
+        arrow = report.arrow(name)
+        assert arrow.to_pylist() == report.table(name).records()
+        assert not any(pa.types.is_decimal(t) for t in arrow.schema.types), arrow.schema
+    assert report.arrow("compare").schema.field("tokens").type == pa.int64()
+
+
+def test_a_lake_without_runs_is_a_clear_error_for_report(tmp_path):
+    only_scores = Lake(str(tmp_path / "lake"))
+    only_scores.write_table(only_scores.path("scores", "run_id=s", "scores.parquet"), SCORES_SCHEMA.empty_table())
+    with pytest.raises(KvorchError, match="has no runs; run kvorch submit"):  # was a TypeError
+        RunReport(only_scores)
 
 
 def test_duckdb_sees_schema_version(lake):

@@ -1,8 +1,9 @@
-"""The three floors import only downwards: bench/ -> orchestrator/ -> workers/ (docs/DESIGN.md,
+"""The floors import only downwards: bench/ -> kvorch/ -> orchestrator/ -> workers/ (docs/DESIGN.md,
 "Architecture"). workers/ runs inside Ray actors and must not drag the driver's code (DuckDB,
-the lake, the CLI) into them; orchestrator/ must not depend on benchmark scripts. Inside
-orchestrator/, the feature packages import only the ones below them (each package's docstring
-says which)."""
+the lake, the CLI) into them; orchestrator/ must not depend on benchmark scripts or on the
+notebook API; kvorch/ (the notebook API) reads the lake through orchestrator's lake and reports
+only, so importing it stays fast (no torch, transformers or Ray). Inside orchestrator/, the
+feature packages import only the ones below them (each package's docstring says which)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # floor -> the top-level packages it must never import
-FORBIDDEN = {"workers": {"orchestrator", "bench", "sql"}, "orchestrator": {"bench"}, "sql": {"orchestrator", "workers"}}
+FORBIDDEN = {
+    "workers": {"orchestrator", "bench", "sql", "kvorch"},
+    "orchestrator": {"bench", "kvorch"},
+    "sql": {"orchestrator", "workers", "kvorch"},
+    "kvorch": {"bench", "workers", "torch", "transformers", "ray"},
+}
+# The rooms of orchestrator/ that kvorch/ may import (its own rank sits above them, beside cli).
+KVORCH_READS = {"errors", "lake", "reports"}
 
 
 def imported_packages(path: Path) -> set[str]:
@@ -61,3 +69,27 @@ def test_orchestrator_packages_import_only_downwards():
         for p in (ROOT / "orchestrator").iterdir()
         if p.name not in ("__init__.py", "__pycache__")
     }  # every room is ranked
+
+
+def orchestrator_rooms(path: Path) -> set[str]:
+    """The rooms of orchestrator/ a file imports ("*" for the bare package, which reaches all)."""
+    rooms = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module == "orchestrator":
+            modules = [f"orchestrator.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules = [node.module]
+        else:
+            continue
+        rooms |= {m.split(".")[1] if "." in m else "*" for m in modules if m.split(".")[0] == "orchestrator"}
+    return rooms
+
+
+def test_kvorch_reads_only_the_lake_and_the_reports():
+    reached = {
+        str(path.relative_to(ROOT)): orchestrator_rooms(path) for path in sorted((ROOT / "kvorch").rglob("*.py"))
+    }
+    assert {file: rooms - KVORCH_READS for file, rooms in reached.items() if rooms - KVORCH_READS} == {}
+    assert set().union(*reached.values()) == KVORCH_READS <= set(RANKS)

@@ -33,9 +33,8 @@ def command(lake: str, fmt: str, query: str) -> None:
     target = Lake(lake)
     audits = integrity.audit_lake(target)
     con = connect(target, audits)
-    for run_id, audit in audits.items():
-        if audit.damaged:
-            click.echo(f"kvorch: warning: run {run_id}: {audit.problem()}; its rows are left out of chunks", err=True)
+    for line in integrity.left_out(audits):
+        click.echo(f"kvorch: warning: {line}", err=True)
     try:
         result = con.execute(query)
     except duckdb.Error as exc:

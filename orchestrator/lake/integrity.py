@@ -102,6 +102,16 @@ def _audit(lake: Lake, run_id: str, parts: list[str]) -> RunAudit:
     return RunAudit(run_id, spec.get("tasks") or {}, sound, paths, damaged)
 
 
+def left_out(audits: dict[str, RunAudit]) -> list[str]:
+    """One line per run with damaged parts, for readers of ``chunks`` (``kvorch sql``, the notebook
+    API): the rows of its unsound parts, and of their tasks, are not in the view."""
+    return [
+        f"run {run_id}: {audit.problem()}; its rows are left out of chunks"
+        for run_id, audit in audits.items()
+        if audit.damaged
+    ]
+
+
 def repair_hint(run_id: str) -> str:
     """What repairs a run: its own submit command again (a resume redoes exactly what is missing)."""
     return f"run its kvorch submit command again (same options; --resume {run_id} names the run) to redo it"

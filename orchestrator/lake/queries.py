@@ -61,7 +61,7 @@ def connect(lake: Lake, audits: dict[str, RunAudit] | None = None) -> duckdb.Duc
     (:func:`lock_down`): queries read the lake and nothing else.
     """
     if not lake.run_ids() and not lake.exists("scores") and not lake.exists("heads"):
-        raise KvorchError(f"lake {lake.uri} has no runs; run kvorch submit --lake {lake.uri} first")
+        raise no_runs(lake)
     con = duckdb.connect()
     audits = integrity.audit_lake(lake) if audits is None else audits
     parts = sorted(path for run in audits.values() for path in run.readable)
@@ -90,6 +90,11 @@ def connect(lake: Lake, audits: dict[str, RunAudit] | None = None) -> duckdb.Duc
     _create_macros(con)
     lock_down(con, lake)
     return con
+
+
+def no_runs(lake: Lake) -> KvorchError:
+    """The error for a lake without runs: what to run first."""
+    return KvorchError(f"lake {lake.uri} has no runs; run kvorch submit --lake {lake.uri} first")
 
 
 def lock_down(con: duckdb.DuckDBPyConnection, lake: Lake) -> None:
@@ -190,13 +195,44 @@ def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, files: list[str], s
         )
 
 
-def latest_run(con: duckdb.DuckDBPyConnection) -> str:
-    row = con.execute("SELECT run_id FROM runs ORDER BY created_at DESC, run_id DESC LIMIT 1").fetchone()
-    return row[0]
+def run_order(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """The lake's run ids (``runs``: those with a spec.json), oldest first by ``created_at``, then
+    by id; the last one is the newest, which reports show when no run is named."""
+    rows = con.execute("SELECT run_id FROM runs ORDER BY created_at NULLS FIRST, run_id").fetchall()
+    return [row[0] for row in rows]
+
+
+def latest_run(con: duckdb.DuckDBPyConnection) -> str | None:
+    """The newest run (None in a lake without runs, e.g. one with only ``kvorch scores`` output)."""
+    runs = run_order(con)
+    return runs[-1] if runs else None
 
 
 def run_named(con: duckdb.DuckDBPyConnection, name: str, params: dict) -> duckdb.DuckDBPyRelation:
     return con.execute(query_text(name), params)
+
+
+def named_relation(con: duckdb.DuckDBPyConnection, name: str, params: dict) -> duckdb.DuckDBPyRelation:
+    """Named query ``name`` as a relation: run when fetched, as Python rows (``fetchall``) or as
+    Arrow (:func:`arrow_of`)."""
+    return con.sql(query_text(name), params=params)
+
+
+def arrow_of(relation: duckdb.DuckDBPyRelation) -> pa.Table:
+    """``relation`` fetched as an Arrow table straight from DuckDB (no Python rows in between).
+
+    DuckDB's sums of integers are HUGEINT, which Arrow receives as ``decimal128(38, 0)`` (pandas
+    would hold Decimal objects); whole-number decimal columns become int64 when every value fits,
+    as the rows path gives Python ints. A column with a larger value keeps its exact decimals.
+    """
+    table = relation.to_arrow_table()
+    for i, field in enumerate(table.schema):
+        if pa.types.is_decimal(field.type) and field.type.scale == 0:
+            try:
+                table = table.set_column(i, field.with_type(pa.int64()), table.column(i).cast(pa.int64()))
+            except pa.ArrowInvalid:
+                pass
+    return table
 
 
 def _quote(text: str) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable
 
 from orchestrator.errors import KvorchError
 
@@ -16,12 +18,28 @@ def parse_densities(text: str) -> tuple[float, ...]:
         if not piece:
             continue
         try:
-            value = float(piece)
+            values.append(float(piece))
         except ValueError:
             raise KvorchError(f"--densities: {piece!r} is not a number; use fractions like 0.1,0.25,0.5") from None
+    return check_densities(values)
+
+
+def check_densities(values: str | float | Iterable[float]) -> tuple[float, ...]:
+    """``values`` (one number, several, or the ``--densities`` text) as :func:`parse_densities` returns them."""
+    if isinstance(values, str):
+        return parse_densities(values)
+    if isinstance(values, numbers.Real):
+        values = [values]
+    checked = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise KvorchError(f"--densities: {value!r} is not a number; use fractions like 0.1,0.25,0.5")
         if not math.isfinite(value) or not 0 < value <= 1:
-            raise KvorchError(f"--densities: {piece} is outside (0, 1]; densities are fractions like 0.1,0.25,0.5")
-        values.append(value)
-    if not values:
+            raise KvorchError(f"--densities: {value:g} is outside (0, 1]; densities are fractions like 0.1,0.25,0.5")
+        checked.append(float(value))
+    if not checked:
         raise KvorchError("--densities is empty; use fractions like 0.1,0.25,0.5")
-    return tuple(sorted(set(values)))
+    return tuple(sorted(set(checked)))
+
+
+DEFAULT_TARGETS = parse_densities(DEFAULT_DENSITIES)

@@ -1,23 +1,26 @@
 """The report tables of a run: which ``sql/`` file each is, its parameters, and its rendering.
 
-The CLI (``kvorch report``, ``kvorch submit``) and the plots read tables through here, so a
-table's query and parameters are named in one place.
+The CLI (``kvorch report``, ``kvorch submit``), the plots and the notebook API (``kvorch/``) read
+tables through here, so a table's query and parameters are named in one place
+(:meth:`RunReport.relation`); :meth:`RunReport.table` fetches it as rows, :meth:`RunReport.arrow`
+as an Arrow table.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
 from orchestrator.errors import KvorchError
 from orchestrator.lake import incomplete, integrity
-from orchestrator.lake.queries import connect, latest_run, run_named
+from orchestrator.lake.queries import arrow_of, connect, latest_run, named_relation, no_runs
 from orchestrator.lake.store import Lake, check_run_id
-from orchestrator.reports.densities import DEFAULT_DENSITIES, parse_densities
+from orchestrator.reports.densities import DEFAULT_TARGETS, check_densities
 from orchestrator.reports.formatting import render
 
 # Report table -> what it shows; each is sql/<name>.sql.
@@ -33,6 +36,15 @@ TABLES = {
     "head_ablation": "head_aware configs under the ablation's names: ppl, accuracy, effective context, vs B_128",
     "retrieval": "retrieval probes (--task): exact-match accuracy and answer NLL per config, length and depth",
 }
+# Report table -> the parameters its query takes besides $run_id (RunReport.relation fills them in).
+TABLE_PARAMETERS = {"frontier": ("densities",), "paired": ("reference",)}
+
+
+def table_parameters(name: str) -> tuple[str, ...]:
+    """The parameters report table ``name`` takes besides the run; a KvorchError for a name not in TABLES."""
+    if name not in TABLES:
+        raise KvorchError(f"no report table {name!r}; tables: {', '.join(TABLES)}")
+    return TABLE_PARAMETERS.get(name, ())
 
 
 @dataclass(frozen=True)
@@ -53,11 +65,22 @@ class RunReport:
     ``allow_incomplete`` reports what it has, and :meth:`incomplete_mark` says so.
     """
 
-    def __init__(self, lake: Lake, run_id: str | None = None, allow_incomplete: bool = False) -> None:
+    def __init__(
+        self,
+        lake: Lake,
+        run_id: str | None = None,
+        allow_incomplete: bool = False,
+        con: duckdb.DuckDBPyConnection | None = None,
+        audits: dict[str, integrity.RunAudit] | None = None,
+    ) -> None:
+        """``con`` and ``audits``: a connection already opened by ``connect(lake, audits)``, which
+        several reports then share (the notebook API's one per open lake); by default, a new one."""
         self.lake = lake
-        audits = integrity.audit_lake(lake)
-        self.con = connect(lake, audits)
+        audits = integrity.audit_lake(lake) if audits is None else audits
+        self.con = connect(lake, audits) if con is None else con
         self.run_id = check_run_id(run_id, "--run") if run_id is not None else latest_run(self.con)
+        if self.run_id is None:  # a lake with only `kvorch scores` or `kvorch heads` output
+            raise no_runs(lake)
         if self.run_id not in lake.run_ids():
             raise KvorchError(f"run {self.run_id!r} is not in lake {lake.uri}; runs there: {', '.join(lake.run_ids())}")
         self.audit = audits.get(self.run_id) or integrity.audit(lake, self.run_id)
@@ -76,21 +99,37 @@ class RunReport:
             f"{len(self.audit.done)} done task(s)"
         )
 
-    def table(
-        self, name: str, densities: Sequence[float] = parse_densities(DEFAULT_DENSITIES), reference: str = "baseline"
-    ) -> Table:
+    def relation(
+        self, name: str, densities: Sequence[float] = DEFAULT_TARGETS, reference: str = "baseline"
+    ) -> duckdb.DuckDBPyRelation:
+        """Report table ``name`` of this run, not yet fetched: ``sql/<name>.sql`` with ``$run_id`` and
+        the parameters :data:`TABLE_PARAMETERS` names (a table ignores the others)."""
+        wanted = table_parameters(name)
         params: dict[str, Any] = {"run_id": self.run_id}
-        if name == "frontier":
-            params["densities"] = list(densities)
-        if name == "paired":
+        if "densities" in wanted:
+            params["densities"] = list(check_densities(densities))
+        if "reference" in wanted:
             params["reference"] = self.resolve_config(reference)
+        return self._read(lambda: named_relation(self.con, name, params))
+
+    def table(self, name: str, densities: Sequence[float] = DEFAULT_TARGETS, reference: str = "baseline") -> Table:
+        """Report table ``name`` as Python rows (what the CLI renders)."""
+        relation = self.relation(name, densities, reference)
+        return Table(name, list(relation.columns), self._read(relation.fetchall))
+
+    def arrow(self, name: str, densities: Sequence[float] = DEFAULT_TARGETS, reference: str = "baseline") -> pa.Table:
+        """Report table ``name`` as an Arrow table straight from DuckDB: the query and parameters of :meth:`table`."""
+        relation = self.relation(name, densities, reference)
+        return self._read(lambda: arrow_of(relation))
+
+    def _read(self, step: Callable[[], Any]) -> Any:
+        """``step()``, with a DuckDB error (while planning or while fetching) as a one-line KvorchError."""
         try:
-            result = run_named(self.con, name, params)
+            return step()
         except duckdb.Error as exc:
             raise KvorchError(
                 f"cannot read run {self.run_id} from {self.lake.uri}: {str(exc).splitlines()[0]}"
             ) from None
-        return Table(name, [d[0] for d in result.description], result.fetchall())
 
     def incomplete_warnings(self) -> list[str]:
         """One line per config that failed on some documents (status.json): its means cover
