@@ -8,8 +8,10 @@ documents of at least :data:`EMBEDDED_DOC_CHARS` characters, so ids are determin
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -77,9 +79,21 @@ def _embedded() -> list[Document]:
 
 def _jsonl(path: Path) -> list[Document]:
     docs = []
+    for number, record in jsonl_records(path, "the corpus"):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise KvorchError(f"{path}:{number}: no string field 'text'; each line needs {{\"text\": ...}}")
+        doc_id = str(record.get("id", f"{path.stem}-{number:06d}"))
+        docs.append(Document(doc_id, record["text"], str(path)))
+    return docs
+
+
+def jsonl_records(path: Path, what: str) -> Iterator[tuple[int, Any]]:
+    """Each non-blank line of a JSONL file as (line number, parsed value). Every JSONL input (a
+    corpus, a probe file) reports bad bytes and bad JSON the same way: one line naming file:line
+    and the fix; ``what`` names the file in the UTF-8 fix ("the corpus")."""
     with path.open("rb") as lines:
         for number, raw in enumerate(lines, start=1):
-            line = _decode(raw, f"{path}:{number}")
+            line = _decode(raw, f"{path}:{number}", what)
             if not line.strip():
                 continue
             try:
@@ -88,11 +102,7 @@ def _jsonl(path: Path) -> list[Document]:
                 raise KvorchError(
                     f"{path}:{number}: not valid JSON ({exc.msg}); each line must be one JSON object"
                 ) from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise KvorchError(f"{path}:{number}: no string field 'text'; each line needs {{\"text\": ...}}")
-            doc_id = str(record.get("id", f"{path.stem}-{number:06d}"))
-            docs.append(Document(doc_id, record["text"], str(path)))
-    return docs
+            yield number, record
 
 
 def _parquet(path: Path) -> list[Document]:
@@ -125,14 +135,14 @@ def _text_dir(path: Path) -> list[Document]:
     return [Document(f.stem, _decode(f.read_bytes(), str(f)), str(f)) for f in files]
 
 
-def _decode(data: bytes, where: str) -> str:
+def _decode(data: bytes, where: str, what: str = "the corpus") -> str:
     """UTF-8 text, or a KvorchError naming the file (and line) and the first bad byte: replacing
     bad bytes silently would evaluate, and hash, a text the user never wrote."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise KvorchError(
-            f"{where}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); save the corpus as UTF-8"
+            f"{where}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); save {what} as UTF-8"
         ) from None
 
 

@@ -46,7 +46,7 @@ def test_every_import_points_down(floor):
 
 # orchestrator/'s rooms, bottom first: a room may import only rooms of a lower rank.
 RANKS = {
-    "errors": 0, "corpus": 1, "lake": 2, "pool": 3, "reports": 3, "sweep": 4, "kvzap": 4, "scores": 4,
+    "errors": 0, "corpus": 1, "lake": 2, "probes": 2, "pool": 3, "reports": 3, "sweep": 4, "kvzap": 4, "scores": 4,
     "heads": 5, "cli": 6,
 }  # fmt: skip
 
