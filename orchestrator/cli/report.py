@@ -86,13 +86,7 @@ def command(
     for line in report.incomplete_warnings():
         click.echo(line, err=True)
     if plot_dir is not None:
-        from orchestrator.reports.plots import write_plots
+        from orchestrator.reports.plots import PLOTTED_TABLES, write_plots
 
-        written = write_plots(
-            plot_dir,
-            report.run_id,
-            report.table("pareto"),
-            report.table("by_position"),
-            report.table("frontier", targets),
-        )
+        written = write_plots(plot_dir, report.run_id, {n: report.table(n, targets) for n in PLOTTED_TABLES})
         click.echo(f"plots: {', '.join(str(p) for p in written)}", err=True)

@@ -27,7 +27,7 @@ from orchestrator.cli.job_options import (
     window_option,
 )
 from orchestrator.cli.options import format_option, lake_option
-from orchestrator.cli.report import comparison, marked
+from orchestrator.cli.report import marked
 from orchestrator.errors import KvorchError
 from orchestrator.heads.presets import (
     HEAD_ABLATION,
@@ -40,6 +40,8 @@ from orchestrator.lake import incomplete
 from orchestrator.lake.store import Lake, check_run_id, new_run_id
 from orchestrator.pool import ray_jobs
 from orchestrator.pool.actors import DEFAULT_ACTOR_TIMEOUT, DEFAULT_MAX_RETRIES
+from orchestrator.probes import DEFAULT_DEPTHS, DEFAULT_LENGTHS, check_task, parse_depths, parse_lengths
+from orchestrator.probes.spec import is_custom
 from orchestrator.reports.densities import parse_densities
 from orchestrator.reports.tables import RunReport, render_tables
 from orchestrator.sweep import submission
@@ -87,6 +89,26 @@ def _default(name: str) -> object:
     "thresholds to them on held-out documents (those after --max-docs), then run the sweep at those "
     "thresholds (default: no calibration).",
 )
+@click.option(
+    "--task",
+    default=None,
+    help="Retrieval probes instead of corpus documents: passkey, needle (a fact in the corpus text), kv "
+    "(multi-key key-value), or a .jsonl of context/question/answer. Prints the accuracy table.",
+)
+@click.option(
+    "--lengths",
+    default=None,
+    help="With --task: probe lengths in tokens, e.g. 1k,4k,16k "
+    f"(default: {','.join(str(n) for n in DEFAULT_LENGTHS)}).",
+)
+@click.option(
+    "--depths",
+    default=None,
+    help="With --task: where the fact sits in the context, 0 (start) to 1 (just before the question) "
+    f"(default: {','.join(f'{d:g}' for d in DEFAULT_DEPTHS)}).",
+)
+@click.option("--samples", type=int, default=None, help="With --task: probes per length and depth (default: 1).")
+@click.option("--seed", type=int, default=None, help="With --task: the probes' seed (default: 0).")
 @max_docs_option(spec_default(JobSpec, "max_docs"))
 @max_tokens_option()
 @bos_option
@@ -200,12 +222,40 @@ def _job_spec(ctx: click.Context, options: dict[str, Any]) -> JobSpec:
     densities = options["densities"]
     return JobSpec(
         **values,
+        **_probe_options(ctx, options),
         ratios=_parse_ratios(options["ratios"]),
         budgets=_parse_budgets(options["budgets"]),
         agreement=options["agreement"],
         densities=parse_densities(densities) if densities is not None else (),
         compile=options["compile_"],
     )
+
+
+_PROBE_OPTIONS = ("lengths", "depths", "samples", "seed")
+
+
+def _probe_options(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
+    """The JobSpec fields of --task and its options; options that cannot apply are refused."""
+    task = options["task"]
+    given = [name for name in _PROBE_OPTIONS if options[name] is not None]
+    if task is None:
+        if given:
+            raise KvorchError(f"--{given[0]} goes with --task; add --task passkey, needle or kv")
+        return {}
+    corpus_only = [n for n in ("max_docs", "max_tokens") if ctx.get_parameter_source(n) != ParameterSource.DEFAULT]
+    if corpus_only:
+        name = corpus_only[0].replace("_", "-")
+        raise KvorchError(f"--{name} chooses corpus documents, not probes; with --task use --lengths and --samples")
+    check_task(task)
+    if is_custom(task) and given:
+        raise KvorchError(f"--{given[0]} applies to the built-in tasks; a .jsonl task brings its own probes")
+    fields: dict[str, Any] = {"task": task}
+    if options["lengths"] is not None:
+        fields["lengths"] = parse_lengths(options["lengths"])
+    if options["depths"] is not None:
+        fields["depths"] = parse_depths(options["depths"])
+    fields.update({name: options[name] for name in ("samples", "seed") if options[name] is not None})
+    return fields
 
 
 def _check_scheduling(options: dict[str, Any]) -> None:
@@ -267,11 +317,12 @@ def _submit(ctx: click.Context, spec: JobSpec, target: Lake, options: dict[str, 
 def _print_outcome(target: Lake, result: submission.JobResult, options: dict[str, Any]) -> None:
     """The run's own table even when tasks failed (marked incomplete), then what failed."""
     fmt = options["fmt"]
+    report = RunReport(target, result.run_id, allow_incomplete=True)
     if options["preset"]:
-        report = RunReport(target, result.run_id, allow_incomplete=True)
-        click.echo(marked(report, render_tables([report.table("head_ablation")], fmt), fmt))
+        names = ["head_ablation"]
     else:
-        click.echo(comparison(target, result.run_id, fmt, allow_incomplete=True))
+        names = ["compare", "retrieval"] if options["task"] else ["compare"]
+    click.echo(marked(report, render_tables([report.table(name) for name in names], fmt), fmt))
     click.echo(f"run {result.run_id}: {result.rows_written} rows in {result.seconds:.1f} s -> {target.uri}", err=True)
     for line in incomplete.warnings(result.run_id, result.config_failures):
         click.echo(line, err=True)

@@ -1,5 +1,6 @@
-"""``kvorch report --plot DIR``: the density-ΔNLL frontier and NLL by position as PNGs, and an
-HTML page that shows both with the tables they are drawn from.
+"""``kvorch report --plot DIR``: the density-ΔNLL frontier, density vs KL with confidence
+intervals, NLL by position and, for probe runs, the retrieval heatmap as PNGs, and an HTML page
+that shows them with the tables they are drawn from.
 
 matplotlib runs on its Agg backend (files only, no display), so plotting works on headless
 clusters and in tests.
@@ -8,15 +9,22 @@ clusters and in tests.
 from __future__ import annotations
 
 import html
+import math
+from collections.abc import Mapping
 from pathlib import Path
 
 from orchestrator.errors import KvorchError
 from orchestrator.reports.formatting import cell
 from orchestrator.reports.tables import Table
 
+# The report tables the plots are drawn from.
+PLOTTED_TABLES = ("pareto", "frontier", "paired", "by_position", "retrieval")
 
-def write_plots(directory: str, run_id: str, pareto: Table, by_position: Table, frontier: Table) -> list[Path]:
-    """Write frontier.png, by_position.png and index.html into ``directory``; returns their paths."""
+
+def write_plots(directory: str, run_id: str, tables: Mapping[str, Table]) -> list[Path]:
+    """Write frontier.png, by_position.png, kl.png (runs with agreement), retrieval.png (probe
+    runs) and index.html into ``directory``, from ``tables`` (each of PLOTTED_TABLES by name);
+    returns the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,12 +35,20 @@ def write_plots(directory: str, run_id: str, pareto: Table, by_position: Table, 
         raise KvorchError(
             f"cannot create plot directory {directory} ({exc.strerror}); pass a writable --plot"
         ) from None
-    paths = [
-        _frontier_png(out / "frontier.png", run_id, pareto, frontier),
-        _by_position_png(out / "by_position.png", run_id, by_position),
-    ]
+    pareto, frontier, paired = tables["pareto"], tables["frontier"], tables["paired"]
+    by_position, retrieval = tables["by_position"], tables["retrieval"]
+    paths = [_frontier_png(out / "frontier.png", run_id, pareto, frontier)]
+    shown = [frontier, pareto]
+    if any(r["mean_kl"] is not None for r in paired.records()):
+        paths.append(_kl_png(out / "kl.png", run_id, pareto, paired))
+        shown.append(paired)
+    paths.append(_by_position_png(out / "by_position.png", run_id, by_position))
+    shown.append(by_position)
+    if retrieval.rows:
+        paths.append(_retrieval_png(out / "retrieval.png", run_id, retrieval))
+        shown.append(retrieval)
     page = out / "index.html"
-    page.write_text(_html(run_id, paths, [frontier, pareto, by_position]), encoding="utf-8")
+    page.write_text(_html(run_id, paths, shown), encoding="utf-8")
     return [*paths, page]
 
 
@@ -68,6 +84,85 @@ def _frontier_png(path: Path, run_id: str, pareto: Table, frontier: Table) -> Pa
     ax.set_ylabel("ΔNLL vs baseline (%)")
     ax.set_title(f"Density-ΔNLL frontier, run {run_id} (dotted: --densities)")
     return _save(fig, ax, path)
+
+
+def _kl_png(path: Path, run_id: str, pareto: Table, paired: Table) -> Path:
+    """Density vs KL(baseline || config): each sweep a line, each config's per-document mean KL
+    with its 95 % t interval as an error bar (clipped at 0, where a KL cannot go)."""
+    import matplotlib.pyplot as plt
+
+    kl = {r["config"]: r for r in paired.records() if r["mean_kl"] is not None}
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
+    sweeps: dict[str, list[tuple[float, dict]]] = {}
+    for point in pareto.records():
+        if point["config"] in kl:
+            sweeps.setdefault(point["press"], []).append((point["density_compressible"], kl[point["config"]]))
+    for press, points in sorted(sweeps.items()):
+        points.sort(key=lambda p: p[0])
+        means = [r["mean_kl"] for _, r in points]
+        low = [m - _finite(r["kl_ci95_low"], m) for m, (_, r) in zip(means, points, strict=True)]
+        high = [_finite(r["kl_ci95_high"], m) - m for m, (_, r) in zip(means, points, strict=True)]
+        low = [min(d, m) for d, m in zip(low, means, strict=True)]  # the interval stops at KL = 0
+        ax.errorbar([d for d, _ in points], means, yerr=[low, high], marker="o", capsize=3, label=press)
+    ax.set_xlabel("compressible density (kept / keys outside every protected region)")
+    ax.set_ylabel("KL(baseline || config) per token (nats)")
+    ax.set_title(f"Density vs KL(baseline || config), run {run_id}\n(bars: 95 % t interval over documents)")
+    return _save(fig, ax, path)
+
+
+def _finite(value: float | None, fallback: float) -> float:
+    """An interval end, or the mean itself when there is none (one document: no interval)."""
+    return fallback if value is None or not math.isfinite(value) else value
+
+
+def _retrieval_png(path: Path, run_id: str, retrieval: Table) -> Path:
+    """The needle-in-a-haystack heatmap: insertion depth (rows) x context length (columns), one
+    panel per config, each cell the share of probes answered exactly."""
+    import matplotlib.pyplot as plt
+
+    records = retrieval.records()
+    configs = sorted({r["config"] for r in records})
+    lengths = sorted({r["context_length"] for r in records})
+    depths = sorted({r["depth"] for r in records}, key=lambda d: (d is None, d))
+    cells = {(r["config"], r["context_length"], r["depth"]): r["accuracy"] for r in records}
+    columns = min(4, len(configs))
+    rows = -(-len(configs) // columns)
+    fig, axes = plt.subplots(
+        rows,
+        columns,
+        figsize=(3.2 * columns + 1.2, 2.6 * rows + 0.9),
+        dpi=110,
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
+    )
+    image = None
+    for ax, config in zip(axes.flat, configs, strict=False):
+        grid = [[cells.get((config, n, d), math.nan) for n in lengths] for d in depths]
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+        for i, line in enumerate(grid):
+            for j, value in enumerate(line):
+                if not math.isnan(value):
+                    ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize="x-small")
+        ax.set_title(config, fontsize="small")
+        ax.set_xticks(range(len(lengths)), [_length_label(n) for n in lengths], fontsize="x-small")
+        ax.set_yticks(range(len(depths)), ["-" if d is None else f"{d:g}" for d in depths], fontsize="x-small")
+    for ax in list(axes.flat)[len(configs) :]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("depth")
+    for ax in axes[-1, :]:
+        ax.set_xlabel("context length (tokens)")
+    task = ", ".join(sorted({str(r["task"]) for r in records}))
+    fig.suptitle(f"Retrieval ({task}): exact-match accuracy by depth and length, run {run_id}")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy")
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _length_label(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
 def _by_position_png(path: Path, run_id: str, by_position: Table) -> Path:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from orchestrator.corpus import Document
 from orchestrator.errors import KvorchError
+from orchestrator.probes import Probe
 from workers.actor import Task, TaskDocument
 from workers.configs import EvalConfig
 
@@ -21,6 +22,7 @@ SHARDS_PER_ACTOR = 4
 class TokenizedDocument:
     document: Document
     token_ids: list[int]
+    probe: Probe | None = None  # a retrieval probe (--task): its answer is the last tokens
 
 
 def check_lengths(docs: list[TokenizedDocument], chunk_size: int) -> None:
@@ -86,7 +88,10 @@ def plan_tasks(
     tasks = [
         Task(
             task_id=f"s{si:04d}-g{gi:03d}",
-            documents=tuple(TaskDocument(d.document.doc_id, d.token_ids) for d in shard_docs),
+            documents=tuple(
+                TaskDocument(d.document.doc_id, d.token_ids, d.probe.answer_tokens if d.probe else 0)
+                for d in shard_docs
+            ),
             configs=tuple(group),
         )
         for si, shard_docs in enumerate(shard(docs, n_shards))

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from orchestrator.corpus import EMBEDDED_CORPUS
 from orchestrator.errors import KvorchError
+from orchestrator.probes import DEFAULT_DEPTHS, DEFAULT_LENGTHS, ProbeSpec, check_task
+from orchestrator.probes.spec import check_spec
 from workers.attention import check_backend
 from workers.configs import POLICIES, RANKED_POLICIES, EvalConfig
 from workers.engine import EngineSettings
@@ -56,6 +58,14 @@ class JobSpec:
     bos: str = DEFAULT_BOS
     # Target compressible densities: thresholds are calibrated to them (orchestrator/sweep/calibration.py).
     densities: tuple[float, ...] = ()
+    # Retrieval probes instead of corpus documents (orchestrator/probes/): a built-in task or a
+    # .jsonl of context/question/answer; the corpus is then needle's haystack, and --max-docs
+    # and --max-tokens do not apply.
+    task: str | None = None
+    lengths: tuple[int, ...] = DEFAULT_LENGTHS
+    depths: tuple[float, ...] = DEFAULT_DEPTHS
+    samples: int = 1
+    seed: int = 0
     configs: tuple[EvalConfig, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -75,6 +85,9 @@ class JobSpec:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise KvorchError(f"--dtype {self.dtype!r} is unknown; use auto or one of {', '.join(DTYPES)}")
         engine_settings(self.chunk_size, self.window, self.attn)
+        if self.task is not None:
+            check_task(self.task)
+            check_spec(ProbeSpec(self.task, self.lengths, self.depths, self.samples, self.seed), None)
         if not self.configs:
             configs = build_configs(self.methods, self.thresholds, self.policy, self.ratios, self.budgets, self.window)
             if self.agreement and not any(c.is_baseline for c in configs):
@@ -104,6 +117,7 @@ class JobSpec:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "configs"}
         out["methods"], out["thresholds"], out["ratios"] = list(self.methods), list(self.thresholds), list(self.ratios)
         out["budgets"] = list(self.budgets)
+        out["lengths"], out["depths"] = list(self.lengths), list(self.depths)
         out["configs"] = [
             {
                 "config": c.label,

@@ -9,7 +9,6 @@ computes only that run's missing tasks.
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import sys
 import time
@@ -25,7 +24,8 @@ from orchestrator.lake import incomplete, integrity
 from orchestrator.lake.store import Lake, check_run_id
 from orchestrator.pool import actors
 from orchestrator.pool.connect import DEFAULT_CONNECT_TIMEOUT
-from orchestrator.sweep import attempts, batching, calibration, compile_check
+from orchestrator.sweep import attempts, batching, calibration, compile_check, documents
+from orchestrator.sweep.documents import run_documents
 from orchestrator.sweep.endings import ending, failed_tasks_line, interrupts_as_exceptions, write_final_status
 from orchestrator.sweep.heartbeat import Heartbeat
 from orchestrator.sweep.planner import TokenizedDocument, check_lengths, default_shards, plan_tasks
@@ -35,7 +35,7 @@ from orchestrator.sweep.run_lock import RunLock
 from orchestrator.sweep.spec import JobSpec
 from workers.actor import EvalWorker, Task, WorkerSettings
 from workers.models import resolve_dtype
-from workers.schema import DOC_SCHEMA, SCHEMA_VERSION
+from workers.schema import SCHEMA_VERSION
 
 
 @dataclass(frozen=True)
@@ -71,12 +71,11 @@ def submit(
     if run_id is not None:
         check_run_id(run_id, "--resume" if resume else "--run-id")
     tokens, corpus = model_inputs(spec.model, spec.corpus, spec.bos)
-    documents = corpus[: spec.max_docs]
-    docs = [TokenizedDocument(d, tokens.ids(d.text, spec.max_tokens)) for d in documents]
+    docs = run_documents(spec, tokens, corpus)
     check_lengths(docs, spec.chunk_size)
     held_out = calibration.held_out_documents(corpus, spec, tokens) if spec.densities else []
     lake.ensure_writable()
-    docs_table = _docs_table(docs)
+    docs_table = documents.docs_table(docs)
     # The token ids are part of what a run is: a resume under another tokenization would mix rows.
     recorded = tokens.fingerprint(d.token_ids for d in docs)
     spec_json = {**spec.to_json(), "tokenization": recorded}
@@ -282,22 +281,6 @@ def _sweep(attempt: _Attempt, workers: actors.WorkerPool, show_progress: bool, m
             },
         )
     return result
-
-
-def _docs_table(docs: list[TokenizedDocument]) -> pa.Table:
-    return pa.Table.from_pylist(
-        [
-            {
-                "doc_id": d.document.doc_id,
-                "source": d.document.source,
-                "n_chars": len(d.document.text),
-                "n_tokens": len(d.token_ids),
-                "sha256": hashlib.sha256(d.document.text.encode()).hexdigest(),
-            }
-            for d in docs
-        ],
-        schema=DOC_SCHEMA,
-    )
 
 
 def _versions() -> dict:
