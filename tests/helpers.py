@@ -54,8 +54,8 @@ class FailingPress(Press):
         return constant_scores(ctx, INF)
 
 
-def full_forward_nll(model, ids: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-position NLL of t[i+1] from one eager forward over the whole sequence.
+def full_forward_logits(model, ids: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+    """[n, V] float64 logits of one eager forward over the whole sequence.
 
     ``visible[i, j]`` (bool) is the explicit attention pattern, shared by every head, or
     ``visible[h, i, j]`` one per query head; None means the model's own (causal) mask.
@@ -66,8 +66,23 @@ def full_forward_nll(model, ids: torch.Tensor, visible: torch.Tensor | None = No
         mask = torch.zeros(visible.shape).masked_fill(~visible, -INF)
         mask = mask[None, None] if visible.dim() == 2 else mask[None]
     with torch.no_grad():
-        logits = model(ids[None], attention_mask=mask).logits[0, :-1].double()
+        return model(ids[None], attention_mask=mask).logits[0].double()
+
+
+def full_forward_nll(model, ids: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-position NLL of t[i+1] from one eager forward over the whole sequence (see
+    :func:`full_forward_logits` for ``visible``)."""
+    logits = full_forward_logits(model, ids, visible)[:-1]
     return torch.logsumexp(logits, -1) - logits.gather(-1, ids[1:, None])[:, 0]
+
+
+def window_visible(n: int, chunk: int, window: int, n_sink: int = 0) -> torch.Tensor:
+    """[n, n] what a query sees under the protocol with a press that evicts every key leaving the
+    window: in chunk [s, e) the keys from s - window on (and the sinks), causally."""
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    start = (i // chunk) * chunk
+    return (j <= i) & ((j >= start - window) | (j < n_sink))
 
 
 def chunk_sums(per_position: torch.Tensor, n: int, chunk: int) -> list[float]:
