@@ -73,6 +73,23 @@ def test_long_context_puts_the_sweep_next_to_the_plain_loop_at_each_length():
         assert all(math.isfinite(r) and r > 0 for r in rates)
 
 
+def test_agreement_cost_times_both_sets_off_and_on_and_checks_the_numbers_agree():
+    out = run_bench(
+        "agreement_cost.py", "--model", "tiny", "--docs", "1", "--tokens", "64", "--chunk", "32", "--window", "32",
+        "--repeat", "1", "--threads", "1",
+    )  # fmt: skip
+    rows = {line.split()[0]: line for line in out.splitlines() if re.match(r"(all|knorm,streaming_llm,h2o) +\d", line)}
+    assert list(rows) == ["all", "knorm,streaming_llm,h2o"]
+    # all holds baseline; the set without it runs the reference as a hidden fourth row.
+    assert rows["all"].split()[2] == "10/10" and rows["knorm,streaming_llm,h2o"].split()[2] == "3/4"
+    for row in rows.values():
+        off, on, off_rate, on_rate, ratio, low, high = numbers(" ".join(row.split()[3:]))
+        assert off > 0 and on > 0 and ratio > 0 and math.isfinite(ratio)
+        assert off_rate > 0 and on_rate > 0 and ratio == pytest.approx(off_rate / on_rate, rel=0.01)
+        assert 0 < low <= ratio <= high  # one repeat of one document: the median is its one pair
+    assert "identical with agreement off and on: checked" in out
+
+
 def test_report_bench_builds_its_lake_from_the_schema_and_times_the_reports(tmp_path):
     out = run_bench("report_bench.py", "--lake", str(tmp_path / "lake"), "--rows", "5000", "--repeat", "1")
     assert re.search(r"lake: [\d,]+ rows", out)

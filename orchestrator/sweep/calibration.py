@@ -124,7 +124,8 @@ def run(spec: JobSpec, held_out: list[TokenizedDocument], workers: WorkerPool, b
         f"on {len(held_out)} held-out document(s)",
         file=sys.stderr,
     )
-    measure = pool_measure(held_out, workers, batch_configs)
+    # With agreement on, the engine adds a baseline reference row to every batch without one.
+    measure = pool_measure(held_out, workers, max(1, batch_configs - 1) if spec.agreement else batch_configs)
 
     def logged(configs: list[EvalConfig]) -> dict[str, float]:
         densities = measure(configs)
