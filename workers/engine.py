@@ -224,7 +224,7 @@ class _RowGroup:
     """Consecutive batch rows that share one press and policy (differing by threshold or ratio)."""
 
     press: Press
-    policy: str  # "threshold" or "ratio"
+    policy: str  # one of workers.configs.POLICIES
     rows: slice
     thresholds: torch.Tensor  # [n_rows, 1, 1]
     keep_fraction: torch.Tensor  # [n_rows] float64: 1 - compression ratio (ratio policy), else 1
