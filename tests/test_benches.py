@@ -83,10 +83,11 @@ def test_agreement_cost_times_both_sets_off_and_on_and_checks_the_numbers_agree(
     # all holds baseline; the set without it runs the reference as a hidden fourth row.
     assert rows["all"].split()[2] == "10/10" and rows["knorm,streaming_llm,h2o"].split()[2] == "3/4"
     for row in rows.values():
-        off, on, off_rate, on_rate, ratio, low, high = numbers(" ".join(row.split()[3:]))
+        off, on, off_rate, on_rate, ratio, low, high, sums, share = numbers(" ".join(row.split()[3:]))
         assert off > 0 and on > 0 and ratio > 0 and math.isfinite(ratio)
         assert off_rate > 0 and on_rate > 0 and ratio == pytest.approx(off_rate / on_rate, rel=0.01)
         assert 0 < low <= ratio <= high  # one repeat of one document: the median is its one pair
+        assert sums > 0 and 0 < share < 1  # the timer saw agreement_sums run, inside the on run
     assert "identical with agreement off and on: checked" in out
 
 
