@@ -69,7 +69,10 @@ def test_long_context_puts_the_sweep_next_to_the_plain_loop_at_each_length():
     rows = [numbers(line) for line in out.splitlines() if re.match(r" +\d+ +2 ", line)]
     assert [row[0] for row in rows] == [64, 96]
     for _tokens, _configs, plain, kvorch, ratio, *rates in rows:
-        assert plain > 0 and kvorch > 0 and ratio == pytest.approx(kvorch / plain, abs=0.05)
+        # The seconds are printed to 3 decimals and the ratio to 2, from the unrounded times: at
+        # these tiny sizes the rounding alone moves kvorch / plain by several hundredths.
+        assert plain > 0 and kvorch > 0
+        assert (kvorch - 5e-4) / (plain + 5e-4) - 5e-3 <= ratio <= (kvorch + 5e-4) / (plain - 5e-4) + 5e-3
         assert all(math.isfinite(r) and r > 0 for r in rates)
 
 

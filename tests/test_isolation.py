@@ -146,8 +146,10 @@ def test_a_failing_config_leaves_every_other_row_and_is_reported(
     lake = tmp_path / "lake"
     clean = kvorch(*job_args(tiny_model_dir, lake, "baseline,window,h2o", "--run-id", "clean"))
     assert clean.exit_code == 0, clean.output
-    # Batches of 2: [baseline, failing on d0], [failing on d1, window], [h2o]: each failure hits a
-    # batch, and leaves its task's part of method "failing" empty (one document per task).
+    # Batches of 2 rows: [baseline, failing on d0], then failing on d1, window and h2o each beside
+    # the hidden baseline reference row of the agreement columns (4 groups x 3 documents = 12
+    # tasks). Each failure hits a batch and leaves its task's part of method "failing" empty
+    # (one document per task); the task of failing-on-d1 alone evaluates no config on d1.
     methods = f"baseline,failing:doc={d0},failing:doc={d1},window,h2o"
     result = kvorch(*job_args(tiny_model_dir, lake, methods, "--run-id", "r"))
     assert result.exit_code == 0, result.output
@@ -180,7 +182,8 @@ def test_a_failing_config_leaves_every_other_row_and_is_reported(
 
     status = CliRunner().invoke(main, ["status", "--lake", str(lake), "--run", "r", "--format", "json"])
     table = json.loads(status.stdout)[0]
-    assert (table["status"], table["tasks_done"], table["failed"], table["incomplete_configs"]) == ("finished", 9, 0, 2)
+    summary = (table["status"], table["tasks_done"], table["failed"], table["incomplete_configs"])
+    assert summary == ("finished", 12, 0, 2)
     lines = [line for line in status.stderr.splitlines() if "incomplete on" in line]
     assert lines == [
         f"r failing:doc={d0} incomplete on {d0} (task {records[0]['task_id']}): {REASON}",
@@ -199,7 +202,7 @@ def test_a_failing_config_leaves_every_other_row_and_is_reported(
     (lake / "chunks" / "run_id=r" / "method=baseline" / f"part-{rerun}.parquet").unlink()
     resumed = kvorch(*job_args(tiny_model_dir, lake, methods, "--resume", "r"))
     assert resumed.exit_code == 0, resumed.output
-    assert "(8 done, 1 to go)" in resumed.output
+    assert "(11 done, 1 to go)" in resumed.output
     assert status_json(lake, "r")["config_failures"] == records
     assert lake_rows(lake, "r") == got
 

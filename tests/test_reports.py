@@ -393,7 +393,9 @@ def test_report_table_selection_and_bad_input(sweep_lake):
     tables = json.loads(frontier.stdout)
     assert set(tables) == {"compare", "frontier"} and [r["density"] for r in tables["frontier"]] == [0.5, 0.5]
     every = json.loads(kvorch("report", "--lake", sweep_lake.uri, "--table", "all", "--format", "json").stdout)
-    assert list(every) == ["compare", "paired", "by_position", "frontier", "pareto", "throughput", "head_ablation"]
+    assert list(every) == [
+        "compare", "paired", "by_position", "frontier", "pareto", "throughput", "head_ablation", "retrieval"
+    ]  # fmt: skip
     markdown = kvorch(
         "report", "--lake", sweep_lake.uri, "--table", "pareto", "--table", "paired", "--format", "markdown"
     )

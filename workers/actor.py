@@ -259,7 +259,8 @@ class _Metrics:
             metric.set_default_tags(tags)
 
     def document(self, token_configs: int, rows: pa.Table) -> None:
-        self.tokens.inc(token_configs)
+        if token_configs:  # Ray's counters refuse 0: a document on which every config failed
+            self.tokens.inc(token_configs)
         for method, n in Counter(rows.column("method").to_pylist()).items():
             self.chunks.inc(n, tags={"method": method})
 
