@@ -25,7 +25,6 @@ from orchestrator.lake.store import Lake, check_run_id
 from orchestrator.pool import actors
 from orchestrator.pool.connect import DEFAULT_CONNECT_TIMEOUT
 from orchestrator.sweep import attempts, batching, calibration, compile_check, documents
-from orchestrator.sweep.documents import run_documents
 from orchestrator.sweep.endings import ending, failed_tasks_line, interrupts_as_exceptions, write_final_status
 from orchestrator.sweep.heartbeat import Heartbeat
 from orchestrator.sweep.planner import TokenizedDocument, check_lengths, default_shards, plan_tasks
@@ -71,7 +70,7 @@ def submit(
     if run_id is not None:
         check_run_id(run_id, "--resume" if resume else "--run-id")
     tokens, corpus = model_inputs(spec.model, spec.corpus, spec.bos)
-    docs = run_documents(spec, tokens, corpus)
+    docs = documents.run_documents(spec, tokens, corpus)
     check_lengths(docs, spec.chunk_size)
     held_out = calibration.held_out_documents(corpus, spec, tokens) if spec.densities else []
     lake.ensure_writable()
