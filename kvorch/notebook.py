@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from orchestrator.errors import KvorchError
 from orchestrator.lake import integrity
-from orchestrator.lake.queries import arrow_of, check_read_only, connect, no_runs, run_order
+from orchestrator.lake.queries import arrow_of, check_read_only, connect, nearby_hint, no_runs, run_order
 from orchestrator.lake.store import Lake
 from orchestrator.reports.densities import DEFAULT_TARGETS
 from orchestrator.reports.tables import RunReport, table_parameters
@@ -49,7 +49,9 @@ class LakeReader:
         self._lake = Lake(os.fspath(path))
         self.uri = self._lake.uri
         if not self._lake.exists():
-            raise KvorchError(f"no lake at {self.uri}; pass the directory kvorch submit --lake wrote to")
+            hint = nearby_hint(self._lake, "kvorch.open_lake({!r})")
+            hint = hint or "pass the directory kvorch submit --lake wrote to"
+            raise KvorchError(f"no lake at {self.uri}; {hint}")
         self.allow_incomplete = allow_incomplete
         self._audits = integrity.audit_lake(self._lake)
         self._con: duckdb.DuckDBPyConnection | None = connect(self._lake, self._audits)

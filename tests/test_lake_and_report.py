@@ -7,7 +7,9 @@ import math
 import duckdb
 import pyarrow as pa
 import pytest
+from click.testing import CliRunner
 
+from orchestrator.cli import main
 from orchestrator.cli.report import comparison
 from orchestrator.errors import KvorchError
 from orchestrator.lake.queries import connect, run_named
@@ -124,11 +126,29 @@ def test_arrow_is_the_same_table_with_whole_sums_as_int64(lake):
     assert report.arrow("compare").schema.field("tokens").type == pa.int64()
 
 
-def test_a_lake_without_runs_is_a_clear_error_for_report(tmp_path):
+def test_a_lake_without_runs_is_a_clear_error_for_report(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     only_scores = Lake(str(tmp_path / "lake"))
     only_scores.write_table(only_scores.path("scores", "run_id=s", "scores.parquet"), SCORES_SCHEMA.empty_table())
     with pytest.raises(KvorchError, match="has no runs; run kvorch submit"):  # was a TypeError
         RunReport(only_scores)
+
+
+def test_a_lake_without_runs_names_the_lakes_with_runs_nearby(tmp_path, monkeypatch):
+    """A copied command's --lake ./lake, where the first run wrote ./kvorch-lake: the error names it."""
+    monkeypatch.chdir(tmp_path)
+    written = Lake(str(tmp_path / "kvorch-lake"))
+    written.write_json(written.path("runs", "run_id=r1", "spec.json"), {"run_id": "r1"})
+    written.write_json(written.path("runs", "run_id=r2", "spec.json"), {"run_id": "r2"})
+    (tmp_path / "empty-dir" / "runs").mkdir(parents=True)  # no run in it: not named
+    with pytest.raises(KvorchError) as raised:
+        RunReport(Lake("./lake"))
+    assert str(raised.value) == (
+        "lake ./lake has no runs; lakes with runs nearby: ./kvorch-lake (2 runs); pass --lake ./kvorch-lake, "
+        "or run kvorch submit --lake ./lake first"
+    )
+    result = CliRunner().invoke(main, ["status", "--lake", "./lake"])
+    assert result.exit_code == 1 and "lakes with runs nearby: ./kvorch-lake (2 runs)" in result.output
 
 
 def test_duckdb_sees_schema_version(lake):

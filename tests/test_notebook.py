@@ -258,7 +258,8 @@ def test_sql_warns_that_a_damaged_runs_rows_are_left_out(tmp_path):
 # --- errors and lifetime ----------------------------------------------------------------------------
 
 
-def test_errors_are_one_line(lake, tmp_path):
+def test_errors_are_one_line(lake, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert "no lake at" in one_line_error(lambda: kvorch.open_lake(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
     assert "has no runs; run kvorch submit" in one_line_error(lambda: kvorch.open_lake(tmp_path / "empty"))
@@ -302,3 +303,23 @@ def test_importing_and_reading_never_imports_torch_transformers_or_ray(lake):
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_to_pandas_without_pandas_says_what_to_install(lake, tmp_path):
+    """pyarrow's to_pandas() with pandas missing: the error names the extra, in a fresh process
+    where pandas cannot be found (whatever this environment has)."""
+    code = (
+        "import sys, importlib.machinery as m\n"
+        "sys.path_importer_cache.clear()\n"
+        "real = m.PathFinder.find_spec\n"
+        "m.PathFinder.find_spec = classmethod(lambda cls, n, p=None, t=None: None if n == 'pandas' "
+        "else real(n, p, t))\n"
+        "import kvorch\n"
+        f"with kvorch.open_lake({lake.uri!r}) as nb:\n"
+        "    nb.compare().to_pandas()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("ModuleNotFoundError: No module named 'pandas'"), last
+    assert "pip install 'kvorch[notebook]'" in last

@@ -12,6 +12,7 @@ from orchestrator.cli.options import format_option, lake_option
 from orchestrator.errors import KvorchError
 from orchestrator.lake import incomplete, integrity
 from orchestrator.lake.integrity import RunAudit
+from orchestrator.lake.queries import no_runs
 from orchestrator.lake.store import Lake, check_run_id
 from orchestrator.pool import events as pool_events
 from orchestrator.reports.formatting import render
@@ -67,7 +68,7 @@ def command(lake: str, run_id: str | None, fmt: str) -> None:
     target = Lake(lake)
     runs = [check_run_id(run_id, "--run")] if run_id is not None else target.run_ids()
     if not runs:
-        raise KvorchError(f"lake {target.uri} has no runs; run kvorch submit --lake {target.uri} first")
+        raise no_runs(target)
     audits = {r: integrity.audit(target, r) for r in runs}
     click.echo(render(COLUMNS, [run_progress(target, r, audits[r]) for r in runs], fmt))
     for r in runs:

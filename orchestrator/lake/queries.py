@@ -3,10 +3,12 @@ the shared macros of ``sql/_macros.sql``, and the named queries of ``sql/``."""
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 
 import duckdb
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from orchestrator.errors import KvorchError
 from orchestrator.lake import integrity
@@ -93,8 +95,55 @@ def connect(lake: Lake, audits: dict[str, RunAudit] | None = None) -> duckdb.Duc
 
 
 def no_runs(lake: Lake) -> KvorchError:
-    """The error for a lake without runs: what to run first."""
-    return KvorchError(f"lake {lake.uri} has no runs; run kvorch submit --lake {lake.uri} first")
+    """The error for a lake without runs: what to run first, and the lakes with runs nearby (a
+    copied command's ``--lake`` is often not where the first ``kvorch submit`` wrote)."""
+    first = f"run kvorch submit --lake {lake.uri} first"
+    hint = nearby_hint(lake, "--lake {}")
+    return KvorchError(f"lake {lake.uri} has no runs; {hint + ', or ' + first if hint else first}")
+
+
+def nearby_hint(lake: Lake, how: str) -> str:
+    """"lakes with runs nearby: ./kvorch-lake (1 run); pass <how>" ("" when there is none), with
+    ``how`` formatted with the first lake's path."""
+    nearby = nearby_lakes(lake)
+    if not nearby:
+        return ""
+    shown = ", ".join(f"{path} ({n} run{'s' if n != 1 else ''})" for path, n in nearby)
+    return f"lakes with runs nearby: {shown}; pass {how.format(nearby[0][0])}"
+
+
+def nearby_lakes(lake: Lake, limit: int = 5) -> list[tuple[str, int]]:
+    """(path, runs) of the local lakes with runs next to ``lake`` and in the working directory
+    (their direct subdirectories that hold ``runs/run_id=*``), as paths to pass to ``--lake``;
+    none for a lake on an object store."""
+    if not isinstance(lake.fs, pafs.LocalFileSystem):
+        return []
+    here = os.getcwd()
+    found: dict[str, int] = {}
+    for folder in dict.fromkeys([here, os.path.dirname(lake.root)]):
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            path = os.path.abspath(entry.path)
+            if path == lake.root or path in found or not entry.is_dir(follow_symlinks=False):
+                continue
+            runs = os.path.join(path, "runs")
+            try:
+                n = sum(1 for e in os.scandir(runs) if e.name.startswith("run_id="))
+            except OSError:
+                continue
+            if n:
+                found[path] = n
+    shown = [(_shown_path(path, here), n) for path, n in found.items()]
+    return shown[:limit]
+
+
+def _shown_path(path: str, here: str) -> str:
+    """``./name`` for a path under the working directory, else the absolute path."""
+    relative = os.path.relpath(path, here)
+    return path if relative.startswith("..") else f"./{relative}"
 
 
 def lock_down(con: duckdb.DuckDBPyConnection, lake: Lake) -> None:

@@ -1,0 +1,200 @@
+"""The README's commands, as a newcomer copies them: every ``bash`` and ``python`` block is
+extracted; every kvorch command in it parses (its options and their values, and its ``--help``);
+the cheap ones run, in order, in a folder whose ``./kvorch-lake`` holds a run of the README's
+first command (``kvorch submit --methods all``). Commands that start long jobs are only parsed.
+
+``KVORCH_README_LAKE=DIR`` runs them against an existing lake of the full default run instead of
+the smaller run of the same command made here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from orchestrator.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
+# kvorch commands that start a job of minutes (a Ray job on the model): parsed and --help only.
+LONG = {("submit",), ("heads", "analyze"), ("kvzap", "train"), ("scores",)}
+# Shell commands other than kvorch's, by their first words: what the test does with them.
+RUN_SHELL = ("python3 -c",)  # cheap: run as written
+NOT_RUN = {
+    "python3 -m venv": "the first command: the fixture's lake stands in for its run",
+    ". .venv/bin/activate": "the first command: the tests run in that environment",
+    "bash .ci/run": "the whole test suite",
+    ".venv/bin/pytest": "the test suite",
+    "pip install": "installs into the environment the tests run in",
+    ".venv/bin/pip install": "installs into the environment the tests run in",
+    "ray up": "starts a cloud cluster",
+    "ray dashboard": "needs a cloud cluster",
+    "ray down": "needs a cloud cluster",
+    "export RAY_ADDRESS": "points at a cloud cluster",
+    "aws s3": "needs a bucket",
+}
+FENCE = re.compile(r"^( *)```(\w*)\s*$")
+
+
+def blocks(path: Path) -> list[tuple[str, int, str]]:
+    """(language, first line number, text) of every fenced block of ``path``."""
+    found, lines, open_at = [], path.read_text(encoding="utf-8").splitlines(), None
+    for number, line in enumerate(lines, 1):
+        fence = FENCE.match(line)
+        if not fence:
+            continue
+        if open_at is None:
+            open_at, language, indent = number, fence.group(2), len(fence.group(1))
+        else:
+            body = "\n".join(text[indent:] for text in lines[open_at : number - 1])
+            found.append((language, open_at + 1, body))
+            open_at = None
+    return found
+
+
+def shell_commands(text: str) -> list[str]:
+    """The commands of a bash block: continuation lines joined, comments dropped, ``&&`` split;
+    redirections and pipes stay shell syntax."""
+    commands = []
+    for line in text.replace("\\\n", " ").splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        command: list[str] = []
+        for word in [*lexer, "&&"]:
+            if word == "&&":
+                if command:
+                    commands.append(" ".join(command))
+                command = []
+            else:
+                command.append(word if set(word) <= set("();<>|&") else shlex.quote(word))
+    return commands
+
+
+def documented() -> list[tuple[str, str, str]]:
+    """(where, language, command or code) of every block of the docs, in order."""
+    out = []
+    for path in DOCS:
+        for language, line, text in blocks(path):
+            where = f"{path.name}:{line}"
+            if language == "bash":
+                out.extend((where, "bash", command) for command in shell_commands(text))
+            elif language == "python":
+                out.append((where, "python", text))
+    return out
+
+
+def kvorch_path(args: list[str]) -> tuple[tuple[str, ...], click.Context]:
+    """The subcommand path of ``kvorch ARGS`` and its parsed context: every option, choice and
+    type is checked as Click checks it before running, so a stale option fails here."""
+    command: click.Command = main
+    ctx = main.make_context("kvorch", list(args), resilient_parsing=False)
+    path: list[str] = []
+    while isinstance(command, click.Group):
+        protected = getattr(ctx, "_protected_args", None)  # Click >= 8.2 keeps the subcommand here
+        args = [*protected, *ctx.args] if protected is not None else [*ctx.protected_args, *ctx.args]
+        name, sub, rest = command.resolve_command(ctx, args)
+        assert sub is not None, f"no command {name!r}"
+        path.append(name)
+        command, ctx = sub, sub.make_context(name, rest, parent=ctx)
+    return tuple(path), ctx
+
+
+def classify(command: str) -> str:
+    """'run', 'parse' (a long kvorch job) or the reason it is not run."""
+    words = shlex.split(command)
+    if words[0] == "kvorch":
+        path, _ = kvorch_path(words[1:])
+        if path in LONG or any(w.startswith(("s3://", "gs://")) for w in words):
+            return "parse"
+        return "run"
+    if command.startswith(RUN_SHELL):
+        return "run"
+    reason = next((why for start, why in NOT_RUN.items() if command.startswith(start)), None)
+    assert reason, f"README command {command!r} is neither run nor named in NOT_RUN: classify it"
+    return reason
+
+
+def test_every_documented_kvorch_command_parses_and_has_help():
+    """Every kvorch command of README.md, CONTRIBUTING.md and docs/ parses as written (a renamed
+    or removed option fails), and its command's --help works."""
+    seen = set()
+    for where, language, command in documented():
+        if language != "bash" or not command.startswith("kvorch"):
+            continue
+        path, _ = kvorch_path(shlex.split(command)[1:])
+        seen.add(path)
+        assert classify(command), where
+    for path in sorted(seen):
+        result = CliRunner().invoke(main, [*path, "--help"], prog_name="kvorch")
+        assert result.exit_code == 0, (path, result.output)
+        assert "Usage: kvorch " + " ".join(path) in result.output
+
+
+def test_a_stale_option_fails_the_parse():
+    """The check above would catch a README command whose option no longer exists."""
+    with pytest.raises(click.NoSuchOption):
+        kvorch_path(["report", "--no-such-option"])
+    with pytest.raises(click.BadParameter):
+        kvorch_path(["report", "--format", "yaml"])
+
+
+def test_every_shell_command_of_the_readme_is_classified():
+    """A new kind of command in the README needs a decision here: run it, or say why not."""
+    commands = [c for _, language, c in documented() if language == "bash"]
+    assert any(c.startswith("kvorch report") for c in commands)
+    for command in commands:
+        assert classify(command)
+
+
+@pytest.fixture(scope="module")
+def readme_folder(tmp_path_factory, local_ray) -> Path:
+    """A folder holding ``./kvorch-lake`` with a run of the README's first command (fewer and
+    shorter documents than the default run, the same methods), or KVORCH_README_LAKE's lake."""
+    folder = tmp_path_factory.mktemp("newcomer")
+    given = os.environ.get("KVORCH_README_LAKE")
+    if given:
+        shutil.copytree(given, folder / "kvorch-lake")
+        return folder
+    lake = str(folder / "kvorch-lake")
+    args = ["submit", "--methods", "all", "--max-docs", "2", "--max-tokens", "256", "--lake", lake]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def test_the_readme_runs_top_to_bottom(readme_folder):
+    """Every cheap command of the README and its Python block, in order, after the first
+    command: none fails. Long jobs are parsed only (above)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    ran = []
+    for where, language, command in documented():
+        if not where.startswith("README"):
+            continue
+        if language == "python":
+            argv = [sys.executable, "-c", command]
+        elif classify(command) == "run":
+            argv = ["bash", "-c", command]
+        else:
+            continue
+        done = subprocess.run(argv, cwd=readme_folder, env=env, capture_output=True, text=True, timeout=300)
+        if language == "python" and done.returncode and "No module named 'pandas'" in done.stderr:
+            # This environment lacks the notebook extra: the error must say what to install.
+            assert "kvorch[notebook]" in done.stderr, done.stderr
+            done = subprocess.run(
+                [sys.executable, "-c", command.replace(".to_pandas()", "")],
+                cwd=readme_folder, env=env, capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+        assert done.returncode == 0, f"{where}: {command}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        ran.append(command)
+    assert any(c.startswith("kvorch report --table all") for c in ran)
+    assert (readme_folder / "plots" / "index.html").is_file()
+    assert (readme_folder / "my_docs.jsonl").stat().st_size > 0
