@@ -21,10 +21,6 @@ from workers.engine import DocumentScores, Engine, EngineSettings
 from workers.models import load_model
 from workers.schema import SCORES_SCHEMA
 
-# What `kvorch scores` shows when no --methods is given: the press whose per-key scores users
-# most often want to look at (it is also the default method of the project's seeds).
-DEFAULT_SCORED_METHODS = ("expected_attention",)
-
 
 def score_document(
     model: str,

@@ -24,10 +24,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from workers import defaults
+
 ATTENTION_NAME = "kvorch"
 # flex: FlexAttention over a block mask built from the keep-mask, in the chunk step only (the
 # eager engine's per-layer path runs sdpa's math for it).
-BACKENDS = ("eager", "sdpa", "flex")
+BACKENDS = defaults.BACKENDS
 FLEX_MIN_TORCH = "2.5"
 # Keyword arguments transformers' decoders pass that change nothing kvorch computes: mask
 # helpers, cache bookkeeping and flash-attention plumbing that kvorch's own masking replaces.

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from workers.presses import Press
+if TYPE_CHECKING:  # kept out of the import: the CLI's options read POLICIES without torch
+    from workers.presses import Press
 
 POLICIES = ("threshold", "ratio", "budget")
 # Policies that keep each (layer, kv-head)'s best-scoring keys up to a number, rather than

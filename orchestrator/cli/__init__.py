@@ -1,12 +1,17 @@
 """The ``kvorch`` command group; one module per command.
 
-Command modules are imported when their command runs, so ``kvorch report`` does not pay for
-importing torch, transformers and Ray (seconds) that only ``kvorch submit`` needs.
+Command modules are imported when their command runs, and import torch, transformers and Ray
+only inside the command's body, so ``kvorch --help`` and every command's ``--help`` start in a
+fraction of a second (``tests/test_fast_help.py`` checks what they import). ``kvorch --help``
+imports no command module at all: each summary is read from its module's source.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
+import inspect
 
 import click
 
@@ -36,6 +41,12 @@ class KvorchGroup(click.Group):
             return None
         return importlib.import_module(COMMANDS[name]).command
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Every command with its whole summary (the first paragraph of its docstring), wrapped
+        rather than cut at "...", and without importing the command modules."""
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, summary(name)) for name in COMMANDS])
+
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
@@ -46,3 +57,14 @@ class KvorchGroup(click.Group):
 @click.group(cls=KvorchGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 def main() -> None:
     """Measure what KV-cache compression costs: submit jobs, query the result lake."""
+
+
+def summary(name: str) -> str:
+    """The first paragraph of command ``name``'s docstring, read from its module's source."""
+    spec = importlib.util.find_spec(COMMANDS[name])
+    source = spec.loader.get_source(spec.name) if spec and spec.loader else None
+    for node in ast.parse(source or "").body:
+        if isinstance(node, ast.FunctionDef) and node.name == "command":
+            doc = inspect.cleandoc(ast.get_docstring(node) or "")
+            return " ".join(doc.split("\n\n")[0].split())
+    return ""

@@ -20,15 +20,12 @@ from orchestrator.cli.job_options import (
 )
 from orchestrator.cli.options import format_option, lake_option
 from orchestrator.errors import KvorchError
-from orchestrator.heads.analysis import FEW_DOCS, AnalysisSpec, analyze
-from orchestrator.heads.classify import ClassifierSettings
+from orchestrator.heads.settings import FEW_DOCS, PROBE_DEFAULTS, AnalysisSpec, ClassifierSettings
 from orchestrator.lake.queries import connect, run_named
 from orchestrator.lake.store import Lake
 from orchestrator.reports.formatting import render
-from workers.head_stats import HeadStatsProbe
 from workers.schema import HEAD_CLASSES
 
-_PROBE = HeadStatsProbe()
 _CLASSIFIER = ClassifierSettings()
 
 
@@ -51,9 +48,13 @@ def command() -> None:
 @max_tokens_option(spec_default(AnalysisSpec, "max_tokens"))
 @bos_option
 @chunk_size_option(spec_default(AnalysisSpec, "chunk_size"), help="Chunk length: the unit the bootstrap resamples.")
-@click.option("--n-sink", type=int, default=_PROBE.n_sink, help="Sink positions (their mass is sink_mass).")
-@click.option("--recent", type=int, default=_PROBE.recent, help="Recent window (tokens) of recent_mass / far_mass.")
-@click.option("--min-position", type=int, default=_PROBE.min_position, help="Only queries at or after this position.")
+@click.option("--n-sink", type=int, default=PROBE_DEFAULTS["n_sink"], help="Sink positions (their mass is sink_mass).")
+@click.option(
+    "--recent", type=int, default=PROBE_DEFAULTS["recent"], help="Recent window (tokens) of recent_mass / far_mass."
+)
+@click.option(
+    "--min-position", type=int, default=PROBE_DEFAULTS["min_position"], help="Only queries at or after this position."
+)
 @click.option(
     "--positional-below", type=float, default=_CLASSIFIER.positional_below, help="far_mass below: positional."
 )
@@ -91,6 +92,10 @@ def analyze_command(
     fmt: str,
 ) -> None:
     """Measure every head's attention over the corpus on Ray, classify it, store heads/ in the lake."""
+    # torch, transformers and Ray: imported once the command runs, never for --help.
+    from orchestrator.heads.analysis import analyze
+    from workers.head_stats import HeadStatsProbe
+
     if n_sink < 0 or recent < 1 or min_position < recent + n_sink:
         raise KvorchError("need --n-sink >= 0, --recent >= 1 and --min-position >= --recent + --n-sink")
     try:

@@ -11,11 +11,10 @@ from collections.abc import Callable
 import click
 
 from orchestrator.corpus import EMBEDDED_CORPUS
-from orchestrator.pool.connect import DEFAULT_CONNECT_TIMEOUT
+from orchestrator.pool import DEFAULT_CONNECT_TIMEOUT
 from orchestrator.sweep.spec import JobSpec
-from workers.attention import BACKENDS
-from workers.models import DTYPES, EMBEDDED_MODEL
-from workers.presses import ALL_METHODS
+from workers.defaults import ALL_METHODS, BACKENDS
+from workers.models import DTYPE_NAMES, EMBEDDED_MODEL
 from workers.tokenization import BOS_MODES, DEFAULT_BOS
 
 model_option = click.option(
@@ -113,7 +112,7 @@ attn_option = click.option(
 )
 dtype_option = click.option(
     "--dtype",
-    type=click.Choice(["auto", *DTYPES]),
+    type=click.Choice(["auto", *DTYPE_NAMES]),
     default=spec_default(JobSpec, "dtype"),
     help="auto: bfloat16 on GPU, float32 on CPU.",
 )

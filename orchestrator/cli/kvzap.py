@@ -18,9 +18,7 @@ from orchestrator.cli.job_options import (
     spec_default,
 )
 from orchestrator.errors import KvorchError
-from orchestrator.kvzap.extraction import KINDS, TrainSpec, extract, fit, prepare_documents
-from orchestrator.kvzap.fit import MLPSettings
-from orchestrator.kvzap.report import r2_table, thresholds_text, write_report
+from orchestrator.kvzap.settings import KINDS, MLPSettings, TrainSpec
 
 _MLP = MLPSettings()
 
@@ -88,6 +86,10 @@ def train(
     seed: int,
 ) -> None:
     """Extract KVzip+ targets over the corpus on Ray, fit per layer, write the published format."""
+    # torch, transformers and Ray: imported once the command runs, never for --help.
+    from orchestrator.kvzap.extraction import extract, fit, prepare_documents
+    from orchestrator.kvzap.report import r2_table, thresholds_text, write_report
+
     for name, value in (("--max-docs", max_docs), ("--max-tokens", max_tokens), ("--positions", positions)):
         if value < 2:
             raise KvorchError(f"{name} must be at least 2 (got {value})")

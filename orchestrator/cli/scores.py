@@ -19,8 +19,11 @@ from orchestrator.cli.job_options import (
 )
 from orchestrator.cli.options import lake_option
 from orchestrator.lake.store import Lake, new_run_id
-from orchestrator.scores import DEFAULT_SCORED_METHODS, draw_heatmaps, score_document, scores_table, write_scores
 from orchestrator.sweep.spec import build_configs, engine_settings
+
+# What `kvorch scores` shows when no --methods is given: the press whose per-key scores users
+# most often want to look at (it is also the default method of the project's seeds).
+DEFAULT_SCORED_METHODS = ("expected_attention",)
 
 
 @click.command("scores")
@@ -53,6 +56,8 @@ def command(
     out: str | None,
 ) -> None:
     """Write the score and keep/evict decision of every (layer, kv-head, position) of one document."""
+    from orchestrator.scores import draw_heatmaps, score_document, scores_table, write_scores  # torch: when run
+
     configs = build_configs(methods, thresholds)
     settings = engine_settings(chunk_size, window, attn)
     target = Lake(lake)

@@ -14,7 +14,6 @@ from orchestrator.lake import incomplete, integrity
 from orchestrator.lake.integrity import RunAudit
 from orchestrator.lake.queries import no_runs
 from orchestrator.lake.store import Lake, check_run_id
-from orchestrator.pool import events as pool_events
 from orchestrator.reports.formatting import render
 from orchestrator.sweep.resume import shown_state
 
@@ -62,9 +61,12 @@ def run_progress(lake: Lake, run_id: str, audit: RunAudit) -> list:
 @click.option("--run", "run_id", default=None, help="Run id (default: every run in the lake).")
 @format_option
 def command(lake: str, run_id: str | None, fmt: str) -> None:
-    """Show runs' progress from the lake alone: tasks done / planned, rows, failures, incomplete configs;
-    then, on stderr, failed tasks, incomplete configs and fault events (lost nodes and workers, restarts,
-    re-queued tasks, a shrunk pool)."""
+    """Show runs' progress from the lake alone: tasks done / planned, rows, failures, incomplete configs.
+
+    Then, on stderr, failed tasks, incomplete configs and fault events (lost nodes and workers,
+    restarts, re-queued tasks, a shrunk pool)."""
+    from orchestrator.pool import events as pool_events  # Ray: not for --help
+
     target = Lake(lake)
     runs = [check_run_id(run_id, "--run")] if run_id is not None else target.run_ids()
     if not runs:

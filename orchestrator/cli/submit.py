@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from click.core import ParameterSource
@@ -38,16 +38,17 @@ from orchestrator.heads.presets import (
 )
 from orchestrator.lake import incomplete
 from orchestrator.lake.store import Lake, check_run_id, new_run_id
-from orchestrator.pool import ray_jobs
-from orchestrator.pool.actors import DEFAULT_ACTOR_TIMEOUT, DEFAULT_MAX_RETRIES
+from orchestrator.pool import DEFAULT_ACTOR_TIMEOUT, DEFAULT_MAX_RETRIES, ray_jobs
 from orchestrator.probes import DEFAULT_DEPTHS, DEFAULT_LENGTHS, check_task, parse_depths, parse_lengths
 from orchestrator.probes.spec import is_custom
 from orchestrator.reports.densities import parse_densities
 from orchestrator.reports.tables import RunReport, render_tables
-from orchestrator.sweep import submission
 from orchestrator.sweep.endings import stopping_signal
 from orchestrator.sweep.spec import COMPILE_MODES, JobSpec
 from workers.configs import POLICIES
+
+if TYPE_CHECKING:
+    from orchestrator.sweep import submission
 
 
 def _default(name: str) -> object:
@@ -292,6 +293,8 @@ def _detach(ctx: click.Context, target: Lake, options: dict[str, Any]) -> None:
 
 def _submit(ctx: click.Context, spec: JobSpec, target: Lake, options: dict[str, Any]) -> submission.JobResult:
     """Run the job; Ctrl-C or SIGTERM exit with the resume hint (130, 143)."""
+    from orchestrator.sweep import submission  # torch, transformers and Ray: only once a job runs
+
     try:
         return submission.submit(
             spec,

@@ -9,9 +9,6 @@ how, so repeating one rewrites the same ``heads/run_id=<id>/`` instead of piling
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -19,71 +16,17 @@ import pyarrow as pa
 
 from orchestrator.corpus import model_inputs
 from orchestrator.errors import KvorchError
-from orchestrator.heads.classify import ClassifierSettings, head_table
+from orchestrator.heads.classify import head_table
+from orchestrator.heads.settings import FEW_DOCS, AnalysisSpec, ClassifierSettings
 from orchestrator.lake.store import Lake
 from orchestrator.pool import actors
 from orchestrator.pool.connect import DEFAULT_CONNECT_TIMEOUT
-from orchestrator.sweep.spec import engine_settings
-from workers import tokenization
 from workers.actor import EvalWorker, TaskDocument, WorkerSettings
-from workers.engine import EngineSettings
-from workers.head_stats import HeadStatsProbe
 from workers.models import resolve_dtype
 
+__all__ = ["FEW_DOCS", "HEADS_FILE", "Analysis", "AnalysisSpec", "ClassifierSettings", "analyze"]
+
 HEADS_FILE = "heads.parquet"
-# Below this many documents the bootstrap over chunks is optimistic (chunks of one document agree).
-FEW_DOCS = 4
-
-
-@dataclass(frozen=True)
-class AnalysisSpec:
-    model: str
-    corpus: str
-    probe: HeadStatsProbe = HeadStatsProbe()
-    classifier: ClassifierSettings = ClassifierSettings()
-    skip_docs: int = 0  # corpus documents before the analysed ones (the preset analyses held-out ones)
-    max_docs: int = 8
-    max_tokens: int = 1024
-    chunk_size: int = 128  # the unit the bootstrap resamples
-    dtype: str = "auto"
-    device: str = "auto"
-    actors: int | None = None
-    bos: str = tokenization.DEFAULT_BOS
-
-    def __post_init__(self) -> None:
-        if self.max_tokens <= self.probe.min_position:
-            raise KvorchError(
-                f"--max-tokens {self.max_tokens} leaves no query past --min-position {self.probe.min_position}; "
-                "raise --max-tokens or lower --min-position"
-            )
-        if self.max_docs < 1:
-            raise KvorchError(f"--max-docs must be >= 1, got {self.max_docs}")
-        self.engine_settings()
-
-    def engine_settings(self) -> EngineSettings:
-        """The probe evicts nothing (every key scores +inf), so the window changes no number; it
-        is the chunk size only so that no key is ever outside it."""
-        return engine_settings(chunk_size=self.chunk_size, window=self.chunk_size)
-
-    def identity(self) -> dict:
-        """What determines the table (not where or on how many actors it is computed)."""
-        return {
-            "model": self.model,
-            "corpus": self.corpus,
-            "skip_docs": self.skip_docs,
-            "max_docs": self.max_docs,
-            "max_tokens": self.max_tokens,
-            "chunk_size": self.chunk_size,
-            "probe": self.probe.all_params(),
-            "classifier": dataclasses.asdict(self.classifier),
-            "dtype": self.dtype,
-            "bos": self.bos,
-        }
-
-    @property
-    def analysis_id(self) -> str:
-        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
-        return f"heads-{digest[:12]}"
 
 
 @dataclass(frozen=True)

@@ -23,30 +23,16 @@ documents than you need to trust it (the CLI warns below 4).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pyarrow as pa
 import torch
 
+from orchestrator.heads.settings import ClassifierSettings
 from workers.head_stats import SCALAR_FEATURES, DocumentHeadStats, recommended_window
 from workers.schema import HEAD_CLASSES, HEADS_SCHEMA
 
+__all__ = ["ClassifierSettings", "classify", "head_table"]
+
 _ENTROPY, _DISTANCE, _SINK, _RECENT = range(len(SCALAR_FEATURES))
-
-
-@dataclass(frozen=True)
-class ClassifierSettings:
-    positional_below: float = 0.05
-    gathering_above: float = 0.3
-    tail: float = 0.05  # attention share a recommended window may leave out
-    bootstrap: int = 1000
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.positional_below <= self.gathering_above <= 1:
-            raise ValueError("need 0 <= positional_below <= gathering_above <= 1")
-        if not 0 < self.tail < 1 or self.bootstrap < 1:
-            raise ValueError("need 0 < tail < 1 and bootstrap >= 1")
 
 
 def classify(far_mass: torch.Tensor, settings: ClassifierSettings) -> torch.Tensor:

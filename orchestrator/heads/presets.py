@@ -14,13 +14,9 @@ import dataclasses
 
 from orchestrator.corpus import load_corpus
 from orchestrator.errors import KvorchError
-from orchestrator.heads.analysis import AnalysisSpec, analyze
-from orchestrator.heads.classify import ClassifierSettings
 from orchestrator.lake.store import Lake
-from orchestrator.pool.connect import DEFAULT_CONNECT_TIMEOUT
+from orchestrator.pool import DEFAULT_CONNECT_TIMEOUT
 from orchestrator.sweep.spec import JobSpec
-from workers.engine import EngineSettings
-from workers.head_stats import HeadStatsProbe
 
 HEAD_ABLATION = "head-ablation"
 PRESETS = (HEAD_ABLATION,)
@@ -54,6 +50,12 @@ def analyze_held_out_heads(
     spec: JobSpec, lake: Lake, address: str | None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
 ) -> str:
     """Classify the model's heads on the corpus documents after the evaluated ones; the table's path."""
+    # Imported here: `kvorch submit --help` reads this module's names without loading torch.
+    from orchestrator.heads.analysis import AnalysisSpec, analyze
+    from orchestrator.heads.classify import ClassifierSettings
+    from workers.engine import EngineSettings
+    from workers.head_stats import HeadStatsProbe
+
     skip = spec.max_docs or 0
     if spec.max_docs is None or len(load_corpus(spec.corpus)) <= skip:
         raise KvorchError(

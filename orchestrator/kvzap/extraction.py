@@ -17,37 +17,20 @@ from tqdm import tqdm
 
 from orchestrator.corpus import model_inputs
 from orchestrator.errors import KvorchError
-from orchestrator.kvzap.fit import MLPSettings, fit_mlp, fit_ridge, r2_score
+from orchestrator.kvzap.fit import fit_mlp, fit_ridge, r2_score
+from orchestrator.kvzap.settings import KINDS, MLPSettings, TrainSpec
 from orchestrator.pool import actors
 from orchestrator.pool.connect import DEFAULT_CONNECT_TIMEOUT
-from workers import tokenization
 from workers.kvzap_targets import TargetDocument, TargetSamples, TargetWorker
 from workers.presses.kvzap import save_surrogate
 
+__all__ = ["KINDS", "MLPSettings", "TrainSpec", "extract", "fit", "prepare_documents"]
+
 REPEAT_PROMPT = "Repeat the previous context exactly."
-KINDS = ("linear", "mlp")
 # Fractions of held-out keys a suggested threshold keeps: low, moderate and high densities.
 SUGGESTED_DENSITIES = (0.25, 0.5, 0.75)
 # The one recorded in config.json as the press default: a moderate density.
 DEFAULT_DENSITY = 0.5
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    model: str
-    corpus: str
-    out: str
-    kinds: tuple[str, ...] = KINDS
-    max_docs: int = 8  # the last ones are held out
-    max_tokens: int = 512  # context tokens per document; the pass is about twice that
-    positions: int = 256  # context positions sampled per document: bounds memory
-    heldout_fraction: float = 0.25
-    ridge_alpha: float = 1.0
-    mlp: MLPSettings = MLPSettings()
-    device: str = "auto"
-    actors: int | None = None
-    seed: int = 0
-    bos: str = tokenization.DEFAULT_BOS
 
 
 @dataclass(frozen=True)

@@ -8,22 +8,13 @@ module to raw hidden states and reads raw log-scores.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from orchestrator.kvzap.settings import MLPSettings
 
-@dataclass(frozen=True)
-class MLPSettings:
-    hidden_dim: int = 256
-    epochs: int = 60
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
-    grad_clip: float = 1.0
-    val_fraction: float = 0.1
-    seed: int = 0
+__all__ = ["MLPSettings", "fit_mlp", "fit_ridge", "r2_score"]
 
 
 def r2_score(pred: torch.Tensor, target: torch.Tensor) -> float:

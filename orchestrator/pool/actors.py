@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from orchestrator.errors import KvorchError, first_line
 from orchestrator.lake import incomplete
+from orchestrator.pool import DEFAULT_ACTOR_TIMEOUT, DEFAULT_MAX_RETRIES
 from orchestrator.pool import events as pool_events
 from orchestrator.pool.connect import DEFAULT_CONNECT_TIMEOUT, join_cluster
 from orchestrator.pool.events import EventLog
@@ -48,9 +49,6 @@ from workers.actor import MODEL_LEVEL, Task, TaskResult
 from workers.configs import EvalConfig
 from workers.faults import forwarded_env
 
-DEFAULT_MAX_RETRIES = 3
-# Seconds Ray has to place an actor (at the start, or again after a loss) before it leaves the pool.
-DEFAULT_ACTOR_TIMEOUT = 120.0
 # A call to a restarting actor fails at once: a lost worker's restart is checked this often.
 RESTART_POLL_SECONDS = 1.0
 PLACING, LOADING, IDLE, BUSY, GONE = "placing", "loading", "idle", "busy", "gone"

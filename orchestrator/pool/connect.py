@@ -17,8 +17,9 @@ import time
 import ray
 
 from orchestrator.errors import KvorchError, first_line
+from orchestrator.pool import DEFAULT_CONNECT_TIMEOUT
 
-DEFAULT_CONNECT_TIMEOUT = 30.0
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "join_cluster"]
 # Where a bare "host" points: the GCS of `ray start --head`, or Ray Client for ray:// addresses.
 _DEFAULT_PORTS = {"ray": 10001, "": 6379}
 

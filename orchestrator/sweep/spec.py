@@ -8,24 +8,28 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from orchestrator.corpus import EMBEDDED_CORPUS
 from orchestrator.errors import KvorchError
 from orchestrator.probes import DEFAULT_DEPTHS, DEFAULT_LENGTHS, ProbeSpec, check_task
 from orchestrator.probes.spec import check_spec
-from workers.attention import check_backend
+from workers import defaults
 from workers.configs import POLICIES, RANKED_POLICIES, EvalConfig
-from workers.engine import EngineSettings
-from workers.models import DTYPES, EMBEDDED_MODEL
-from workers.presses import ALL_METHODS, REGISTRY, Press, parse_method
-from workers.presses.baseline import BaselinePress
+from workers.models import DTYPE_NAMES, EMBEDDED_MODEL
 from workers.tokenization import BOS_MODES, DEFAULT_BOS
+
+if TYPE_CHECKING:
+    from workers.engine import EngineSettings
+    from workers.presses import Press
 
 DEFAULT_MAX_DOCS = 4
 DEFAULT_MAX_TOKENS = 1024
-DEFAULT_CHUNK_SIZE = EngineSettings.chunk_size
-DEFAULT_WINDOW = EngineSettings.window
-DEFAULT_COMPACT = EngineSettings.compact
+# The engine's defaults (workers/defaults.py mirrors EngineSettings' without importing torch, so
+# the CLI's --help stays fast).
+DEFAULT_CHUNK_SIZE = defaults.CHUNK_SIZE
+DEFAULT_WINDOW = defaults.WINDOW
+DEFAULT_COMPACT = defaults.COMPACT
 # auto: compile on CUDA, where it pays (orchestrator/sweep/compile_check.py confirms it can); see README.
 COMPILE_MODES = ("auto", "on", "off")
 
@@ -41,7 +45,7 @@ class JobSpec:
     budgets: tuple[int, ...] = ()
     # Record each config's KL, top-1 agreement and top-5 overlap with the uncompressed model
     # (workers/agreement.py); the run then always holds baseline, added when not requested.
-    agreement: bool = EngineSettings.agreement
+    agreement: bool = defaults.AGREEMENT
     max_docs: int | None = DEFAULT_MAX_DOCS
     max_tokens: int = DEFAULT_MAX_TOKENS
     chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -78,12 +82,14 @@ class JobSpec:
             raise KvorchError(f"--compile {self.compile!r} is unknown; use one of {', '.join(COMPILE_MODES)}")
         if self.bos not in BOS_MODES:
             raise KvorchError(f"--bos {self.bos!r} is unknown; use one of {', '.join(BOS_MODES)}")
+        from workers.attention import check_backend
+
         try:
             check_backend(self.attn)
         except ValueError as exc:
             raise KvorchError(str(exc).replace("attention backend", "--attn", 1)) from None
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise KvorchError(f"--dtype {self.dtype!r} is unknown; use auto or one of {', '.join(DTYPES)}")
+        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
+            raise KvorchError(f"--dtype {self.dtype!r} is unknown; use auto or one of {', '.join(DTYPE_NAMES)}")
         engine_settings(self.chunk_size, self.window, self.attn)
         if self.task is not None:
             check_task(self.task)
@@ -91,6 +97,8 @@ class JobSpec:
         if not self.configs:
             configs = build_configs(self.methods, self.thresholds, self.policy, self.ratios, self.budgets, self.window)
             if self.agreement and not any(c.is_baseline for c in configs):
+                from workers.presses.baseline import BaselinePress
+
                 configs.insert(0, EvalConfig(BaselinePress()))
             object.__setattr__(self, "configs", tuple(configs))
         evicted_readers = [c.label for c in self.configs if c.needs_evicted_keys] if self.compact else []
@@ -199,6 +207,8 @@ def _check_budgets(budgets: tuple[int, ...], presses: list[Press], window: int) 
 
 
 def _parse_methods(methods: tuple[str, ...]) -> list[Press]:
+    from workers.presses import ALL_METHODS, REGISTRY, parse_method
+
     texts = [m.strip() for item in methods for m in _split_methods(item)]
     if not texts:
         raise KvorchError(f"no methods given; pass --methods all or some of: {', '.join(REGISTRY)}")
@@ -289,6 +299,8 @@ def engine_settings(chunk_size: int, window: int, attn: str = "sdpa", **options:
     """The engine's settings, or a one-line KvorchError naming the options to fix. The engine
     owns the rules (``EngineSettings.__post_init__``); every command builds its settings here, so
     a chunk size or window is validated in that one place and reported the same way."""
+    from workers.engine import EngineSettings
+
     try:
         return EngineSettings(chunk_size, window, attn, **options)
     except ValueError as exc:
