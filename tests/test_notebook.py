@@ -323,3 +323,24 @@ def test_to_pandas_without_pandas_says_what_to_install(lake, tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("ModuleNotFoundError: No module named 'pandas'"), last
     assert "pip install 'kvorch[notebook]'" in last
+
+
+def test_every_report_names_its_run_and_runs_shows_each_kind(tmp_path):
+    """After a probe run, a plain `kvorch report` reads it (the newest): stderr says which run,
+    what it evaluated and when; `kvorch runs` shows each run's kind."""
+    lake = Lake(str(tmp_path / "lake"))
+    write_run(lake, "prose", run_rows(1), "2024-01-01T00:00:00+00:00")
+    write_run(lake, "probe", run_rows(1), "2024-06-01T00:00:00+00:00")
+    for run_id, task in (("prose", None), ("probe", "needle")):
+        extra = {"corpus": "pydoc", "task": task}
+        path = lake.run_dir(run_id) + "/spec.json"
+        lake.write_json(path, {**lake.read_json(path), **extra})
+    result = CliRunner().invoke(main, ["report", "--lake", lake.uri])
+    assert result.exit_code == 0, result.output
+    said = "kvorch: report of run probe (task needle, created 2024-06-01T00:00:00+00:00)"
+    assert result.stderr.splitlines()[0] == said
+    other = CliRunner().invoke(main, ["report", "--lake", lake.uri, "--run", "prose"])
+    assert "report of run prose (corpus pydoc," in other.stderr
+    listed = CliRunner().invoke(main, ["runs", "--lake", lake.uri, "--format", "csv"]).output.splitlines()
+    assert listed[0].startswith("run_id,kind,created_at")
+    assert [line.split(",")[:2] for line in listed[1:]] == [["prose", "corpus pydoc"], ["probe", "task needle"]]

@@ -82,7 +82,9 @@ def command(
     if ctx.get_parameter_source("densities") is not click.core.ParameterSource.DEFAULT and "frontier" not in names:
         names.append("frontier")
     report = RunReport(Lake(lake), run_id, allow_incomplete)
-    click.echo(marked(report, render_tables([report.table(n, targets, reference) for n in names], fmt), fmt))
+    rendered = render_tables([report.table(n, targets, reference) for n in names], fmt)
+    click.echo(f"kvorch: report of {report.describe()}", err=True)  # after any error: errors stay one line
+    click.echo(marked(report, rendered, fmt))
     for line in report.incomplete_warnings():
         click.echo(line, err=True)
     if plot_dir is not None:

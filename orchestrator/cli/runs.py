@@ -11,6 +11,7 @@ from orchestrator.errors import KvorchError
 from orchestrator.lake.queries import connect, run_named
 from orchestrator.lake.store import Lake
 from orchestrator.reports.formatting import render
+from orchestrator.reports.tables import run_kind
 from workers.tokenization import difference
 
 
@@ -42,7 +43,11 @@ def command(lake: str, pair: tuple[str, str] | None, fmt: str) -> None:
         result = run_named(con, name, params)
     except duckdb.Error as exc:
         raise KvorchError(f"cannot read lake {target.uri}: {str(exc).splitlines()[0]}") from None
-    click.echo(render([d[0] for d in result.description], result.fetchall(), fmt))
+    columns, rows = [d[0] for d in result.description], result.fetchall()
+    if not pair:  # what each run evaluated: a corpus or a probe task (spec.json)
+        columns.insert(1, "kind")
+        rows = [(row[0], run_kind(target.read_spec(row[0]) or {}), *row[1:]) for row in rows]
+    click.echo(render(columns, rows, fmt))
     if pair:
         _note_tokenization(target, *pair)
 

@@ -90,6 +90,13 @@ class RunReport:
                 "or pass --allow-incomplete to report what it has"
             )
 
+    def describe(self) -> str:
+        """Which run this is, for stderr: ``run R (corpus pydoc, created ...)``; a plain
+        ``kvorch report`` reads the newest run, which a probe run may have just become."""
+        spec = self.lake.read_spec(self.run_id) or {}
+        created = spec.get("created_at") or "unknown"
+        return f"run {self.run_id} ({run_kind(spec)}, created {created})"
+
     def incomplete_mark(self) -> str:
         """One line for a report over an incomplete run ("" for a complete one)."""
         if self.audit.complete:
@@ -156,6 +163,13 @@ class RunReport:
         raise KvorchError(
             f"--reference {name!r} is not a config of run {self.run_id}; use one of: {', '.join(configs)}"
         )
+
+
+def run_kind(spec: dict) -> str:
+    """What a run evaluated, from its spec.json: ``task needle`` for probes, else ``corpus NAME``."""
+    if spec.get("task"):
+        return f"task {spec['task']}"
+    return f"corpus {spec.get('corpus') or 'unknown'}"
 
 
 def render_tables(tables: Sequence[Table], fmt: str) -> str:
