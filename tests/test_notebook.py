@@ -344,3 +344,27 @@ def test_every_report_names_its_run_and_runs_shows_each_kind(tmp_path):
     listed = CliRunner().invoke(main, ["runs", "--lake", lake.uri, "--format", "csv"]).output.splitlines()
     assert listed[0].startswith("run_id,kind,created_at")
     assert [line.split(",")[:2] for line in listed[1:]] == [["prose", "corpus pydoc"], ["probe", "task needle"]]
+
+
+def test_table_all_and_index_html_show_only_tables_with_content(tmp_path):
+    """A run whose methods have one threshold each (as the default run): --table all leaves out
+    frontier, head_ablation and retrieval, one line each saying why; index.html opens with
+    compare. The same lake with a two-point sweep keeps frontier."""
+    single = Lake(str(tmp_path / "single"))
+    write_run(single, "r", [r for r in run_rows(1) if r["method"] != "knorm"], "2024-01-01T00:00:00+00:00")
+    result = CliRunner().invoke(main, ["report", "--lake", single.uri, "--table", "all", "--plot", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    assert [line for line in result.output.splitlines() if line.startswith("== ")] == [
+        "== compare ==", "== paired ==", "== by_position ==", "== pareto ==", "== throughput ==",
+    ]  # fmt: skip
+    left = [line for line in result.stderr.splitlines() if line.startswith("kvorch: left out ")]
+    assert [line.split(":")[1].split()[-1] for line in left] == ["frontier", "head_ablation", "retrieval"]
+    assert "each method has one threshold; pass --thresholds or --densities" in left[0]
+    page = (tmp_path / "p" / "index.html").read_text()
+    headings = [part.split("</h2>")[0] for part in page.split("<h2>")[1:]]
+    assert headings[0] == "compare" and "frontier" not in headings
+    assert "left out frontier: each method has one threshold" in page
+    swept = Lake(str(tmp_path / "swept"))
+    write_run(swept, "r", run_rows(1), "2024-01-01T00:00:00+00:00")
+    result = CliRunner().invoke(main, ["report", "--lake", swept.uri, "--table", "all"])
+    assert "== frontier ==" in result.output and "left out frontier" not in result.stderr

@@ -7,7 +7,7 @@ import click
 from orchestrator.cli.options import format_option, lake_option
 from orchestrator.lake.store import Lake
 from orchestrator.reports.densities import DEFAULT_DENSITIES, parse_densities
-from orchestrator.reports.tables import TABLES, RunReport, render_tables
+from orchestrator.reports.tables import TABLES, RunReport, left_out, render_tables
 
 
 def comparison(lake: Lake, run_id: str | None, fmt: str, allow_incomplete: bool = False) -> str:
@@ -52,7 +52,8 @@ def marked(report: RunReport, rendered: str, fmt: str) -> str:
     "--plot",
     "plot_dir",
     default=None,
-    help="Also write frontier.png, by_position.png and index.html into this directory (default: no plots).",
+    help="Also write frontier.png, kl.png (runs with agreement), by_position.png, retrieval.png (probe runs) and "
+    "index.html (the tables with content, compare first) into this directory (default: no plots).",
 )
 @click.option(
     "--allow-incomplete",
@@ -82,13 +83,21 @@ def command(
     if ctx.get_parameter_source("densities") is not click.core.ParameterSource.DEFAULT and "frontier" not in names:
         names.append("frontier")
     report = RunReport(Lake(lake), run_id, allow_incomplete)
-    rendered = render_tables([report.table(n, targets, reference) for n in names], fmt)
+    chosen = [report.table(n, targets, reference) for n in names]
+    reasons = {t.name: left_out(t) for t in chosen}
+    if "all" in tables:  # only the tables with content; one line for each one left out
+        chosen = [t for t in chosen if reasons[t.name] is None] or chosen[:1]
+    rendered = render_tables(chosen, fmt)
     click.echo(f"kvorch: report of {report.describe()}", err=True)  # after any error: errors stay one line
     click.echo(marked(report, rendered, fmt))
+    for reason in filter(None, reasons.values()):
+        shown = any(t.name == reason.split(":")[0] for t in chosen)
+        click.echo(f"kvorch: {'empty' if shown else 'left out'} {reason}", err=True)
     for line in report.incomplete_warnings():
         click.echo(line, err=True)
     if plot_dir is not None:
         from orchestrator.reports.plots import PLOTTED_TABLES, write_plots
 
-        written = write_plots(plot_dir, report.run_id, {n: report.table(n, targets) for n in PLOTTED_TABLES})
+        plotted = {n: report.table(n, targets) for n in ("compare", *PLOTTED_TABLES)}
+        written = write_plots(plot_dir, report.run_id, plotted)
         click.echo(f"plots: {', '.join(str(p) for p in written)}", err=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from orchestrator.errors import KvorchError
 from orchestrator.reports.formatting import cell
-from orchestrator.reports.tables import Table
+from orchestrator.reports.tables import Table, left_out
 
 # The report tables the plots are drawn from.
 PLOTTED_TABLES = ("pareto", "frontier", "paired", "by_position", "retrieval")
@@ -38,7 +38,7 @@ def write_plots(directory: str, run_id: str, tables: Mapping[str, Table]) -> lis
     pareto, frontier, paired = tables["pareto"], tables["frontier"], tables["paired"]
     by_position, retrieval = tables["by_position"], tables["retrieval"]
     paths = [_frontier_png(out / "frontier.png", run_id, pareto, frontier)]
-    shown = [frontier, pareto]
+    shown = [t for t in (tables.get("compare"), frontier, pareto) if t is not None]
     if any(r["mean_kl"] is not None for r in paired.records()):
         paths.append(_kl_png(out / "kl.png", run_id, pareto, paired))
         shown.append(paired)
@@ -48,7 +48,11 @@ def write_plots(directory: str, run_id: str, tables: Mapping[str, Table]) -> lis
         paths.append(_retrieval_png(out / "retrieval.png", run_id, retrieval))
         shown.append(retrieval)
     page = out / "index.html"
-    page.write_text(_html(run_id, paths, shown), encoding="utf-8")
+    notes = [reason for t in shown if (reason := left_out(t))]
+    if not retrieval.rows:
+        notes.append(left_out(retrieval))
+    shown = [t for t in shown if left_out(t) is None]
+    page.write_text(_html(run_id, paths, shown, notes), encoding="utf-8")
     return [*paths, page]
 
 
@@ -196,7 +200,7 @@ def _save(fig, ax, path: Path) -> Path:
     return path
 
 
-def _html(run_id: str, images: list[Path], tables: list[Table]) -> str:
+def _html(run_id: str, images: list[Path], tables: list[Table], notes: list[str] = ()) -> str:
     parts = [
         "<!doctype html>",
         '<html><head><meta charset="utf-8">',
@@ -206,6 +210,8 @@ def _html(run_id: str, images: list[Path], tables: list[Table]) -> str:
         f"</head><body><h1>kvorch report: run {html.escape(run_id)}</h1>",
     ]
     parts += [f'<img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}">' for p in images]
+    if notes:  # the tables left out, and why
+        parts.append("<ul>" + "".join(f"<li>left out {html.escape(n)}</li>" for n in notes) + "</ul>")
     for table in tables:
         parts.append(f"<h2>{html.escape(table.name)}</h2><table><tr>")
         parts += [f"<th>{html.escape(c)}</th>" for c in table.columns]

@@ -165,6 +165,24 @@ class RunReport:
         )
 
 
+def left_out(table: Table) -> str | None:
+    """Why ``table`` has nothing to show for this run (one line, naming what would fill it), or
+    None when it has content: ``--table all`` and index.html show only tables with content."""
+    records = table.records()
+    if table.name == "frontier":
+        if records and all((r["sweep_points"] or 0) < 2 for r in records):
+            return "frontier: each method has one threshold; pass --thresholds or --densities to kvorch submit to sweep"
+        if records and all(r["delta_nll_pct"] is None for r in records):
+            return "frontier: no sweep reaches any of --densities; pass densities inside the sweeps' range"
+    if table.name == "head_ablation" and not any(r["name"] != "baseline_full_cache" for r in records):
+        return "head_ablation: no head_aware configs in this run; run kvorch submit --preset head-ablation"
+    if table.name == "retrieval" and not records:
+        return "retrieval: not a probe run; run kvorch submit --task needle (or passkey, kv)"
+    if not records:
+        return f"{table.name}: no rows in this run"
+    return None
+
+
 def run_kind(spec: dict) -> str:
     """What a run evaluated, from its spec.json: ``task needle`` for probes, else ``corpus NAME``."""
     if spec.get("task"):
