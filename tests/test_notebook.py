@@ -368,3 +368,17 @@ def test_table_all_and_index_html_show_only_tables_with_content(tmp_path):
     write_run(swept, "r", run_rows(1), "2024-01-01T00:00:00+00:00")
     result = CliRunner().invoke(main, ["report", "--lake", swept.uri, "--table", "all"])
     assert "== frontier ==" in result.output and "left out frontier" not in result.stderr
+
+
+def test_the_default_table_fits_120_columns_and_names_what_it_left_out(lake):
+    """--format table fits 120 characters (--wide: every column); csv keeps every column."""
+    narrow = CliRunner().invoke(main, ["report", "--lake", lake.uri, "--table", "all"]).stdout
+    assert max(len(line) for line in narrow.splitlines()) <= 120
+    assert "density_compressible" in narrow.splitlines()[1].split()  # the density to compare on stays
+    assert "left out for width: " in narrow and "--wide shows every column" in narrow
+    wide = CliRunner().invoke(main, ["report", "--lake", lake.uri, "--wide"]).stdout
+    header = wide.splitlines()[0].split()
+    csv_header = CliRunner().invoke(main, ["report", "--lake", lake.uri, "--format", "csv"]).stdout.splitlines()[0]
+    assert header == csv_header.split(",") and max(len(line) for line in wide.splitlines()) > 120
+    for column in ("method", "threshold", "density_with_window", "effective_context"):
+        assert column in header

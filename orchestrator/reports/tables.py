@@ -21,7 +21,7 @@ from orchestrator.lake import incomplete, integrity
 from orchestrator.lake.queries import arrow_of, connect, latest_run, named_relation, no_runs
 from orchestrator.lake.store import Lake, check_run_id
 from orchestrator.reports.densities import DEFAULT_TARGETS, check_densities
-from orchestrator.reports.formatting import render
+from orchestrator.reports.formatting import fit, render
 
 # Report table -> what it shows; each is sql/<name>.sql.
 TABLES = {
@@ -190,11 +190,19 @@ def run_kind(spec: dict) -> str:
     return f"corpus {spec.get('corpus') or 'unknown'}"
 
 
-def render_tables(tables: Sequence[Table], fmt: str) -> str:
-    """One table as :func:`render` prints it; several, each under its name."""
+def render_tables(tables: Sequence[Table], fmt: str, width: int | None = None) -> str:
+    """One table as :func:`render` prints it; several, each under its name. ``width``: a
+    terminal table (``fmt`` table) keeps the columns that fit and says which it left out."""
+    if fmt == "table" and width is not None:
+        fitted = []
+        for t in tables:
+            columns, rows, note = fit(t.columns, t.rows, width)
+            fitted.append((t.name, render(columns, rows, fmt) + (f"\n{note}" if note else "")))
+    else:
+        fitted = [(t.name, render(t.columns, t.rows, fmt)) for t in tables]
     if len(tables) == 1:
-        return render(tables[0].columns, tables[0].rows, fmt)
+        return fitted[0][1]
     if fmt == "json":
-        return "{\n" + ",\n".join(f"{json.dumps(t.name)}: {render(t.columns, t.rows, 'json')}" for t in tables) + "\n}"
+        return "{\n" + ",\n".join(f"{json.dumps(name)}: {text}" for name, text in fitted) + "\n}"
     heading = {"csv": "# {}", "markdown": "## {}", "table": "== {} =="}[fmt]
-    return "\n\n".join(heading.format(t.name) + "\n" + render(t.columns, t.rows, fmt) for t in tables)
+    return "\n\n".join(heading.format(name) + "\n" + text for name, text in fitted)
