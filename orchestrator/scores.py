@@ -17,7 +17,8 @@ from orchestrator.errors import KvorchError
 from orchestrator.lake.store import Lake
 from workers import tokenization
 from workers.configs import EvalConfig
-from workers.engine import DocumentScores, Engine, EngineSettings
+from workers.engine.core import DocumentScores, Engine
+from workers.engine.settings import EngineSettings
 from workers.models import load_model
 from workers.schema import SCORES_SCHEMA
 

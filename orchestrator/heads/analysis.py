@@ -25,10 +25,11 @@ from orchestrator.pool import actors
 from orchestrator.pool.connect import DEFAULT_CONNECT_TIMEOUT
 from orchestrator.sweep.spec import engine_settings
 from workers import tokenization
-from workers.actor import EvalWorker, TaskDocument, WorkerSettings
-from workers.engine import EngineSettings
+from workers.actor import EvalWorker
+from workers.engine.settings import EngineSettings
 from workers.head_stats import HeadStatsProbe
 from workers.models import resolve_dtype
+from workers.plan import TaskDocument, WorkerSettings
 
 HEADS_FILE = "heads.parquet"
 # Below this many documents the bootstrap over chunks is optimistic (chunks of one document agree).
@@ -44,7 +45,7 @@ class AnalysisSpec:
     skip_docs: int = 0  # corpus documents before the analysed ones (the preset analyses held-out ones)
     max_docs: int = 8
     max_tokens: int = 1024
-    chunk_size: int = 128  # the unit the bootstrap resamples
+    chunk_size: int = EngineSettings.chunk_size  # the unit the bootstrap resamples
     dtype: str = "auto"
     device: str = "auto"
     actors: int | None = None

@@ -19,7 +19,7 @@ from orchestrator.heads.classify import ClassifierSettings
 from orchestrator.lake.store import Lake
 from orchestrator.pool.connect import DEFAULT_CONNECT_TIMEOUT
 from orchestrator.sweep.spec import JobSpec
-from workers.engine import EngineSettings
+from workers.engine.settings import EngineSettings
 from workers.head_stats import HeadStatsProbe
 
 HEAD_ABLATION = "head-ablation"

@@ -44,9 +44,9 @@ from orchestrator.lake import incomplete
 from orchestrator.pool import events as pool_events
 from orchestrator.pool.connect import DEFAULT_CONNECT_TIMEOUT, join_cluster
 from orchestrator.pool.events import EventLog
-from workers.actor import MODEL_LEVEL, Task, TaskResult
 from workers.configs import EvalConfig
 from workers.faults import forwarded_env
+from workers.plan import MODEL_LEVEL, Task, TaskResult
 
 DEFAULT_MAX_RETRIES = 3
 # Seconds Ray has to place an actor (at the start, or again after a loss) before it leaves the pool.

@@ -15,7 +15,7 @@ from orchestrator.probes import DEFAULT_DEPTHS, DEFAULT_LENGTHS, ProbeSpec, chec
 from orchestrator.probes.spec import check_spec
 from workers.attention import check_backend
 from workers.configs import POLICIES, RANKED_POLICIES, EvalConfig
-from workers.engine import EngineSettings
+from workers.engine.settings import EngineSettings
 from workers.models import DTYPES, EMBEDDED_MODEL
 from workers.presses import ALL_METHODS, REGISTRY, Press, parse_method
 from workers.presses.baseline import BaselinePress
@@ -25,7 +25,6 @@ DEFAULT_MAX_DOCS = 4
 DEFAULT_MAX_TOKENS = 1024
 DEFAULT_CHUNK_SIZE = EngineSettings.chunk_size
 DEFAULT_WINDOW = EngineSettings.window
-DEFAULT_COMPACT = EngineSettings.compact
 # auto: compile on CUDA, where it pays (orchestrator/sweep/compile_check.py confirms it can); see README.
 COMPILE_MODES = ("auto", "on", "off")
 
@@ -53,7 +52,8 @@ class JobSpec:
     # Configs per batched forward; "auto" fits them to the worker's free memory (orchestrator/sweep/batching.py).
     batch_configs: int | str = "auto"
     compile: str = "auto"
-    compact: bool = DEFAULT_COMPACT
+    # With the compiled step on CUDA, replay it as a CUDA graph (EngineSettings.cuda_graphs).
+    cuda_graphs: bool = EngineSettings.cuda_graphs
     # BOS first in every document: auto|on|off, resolved against the tokenizer (workers/tokenization.py).
     bos: str = DEFAULT_BOS
     # Target compressible densities: thresholds are calibrated to them (orchestrator/sweep/calibration.py).
@@ -76,6 +76,8 @@ class JobSpec:
         object.__setattr__(self, "batch_configs", _parse_batch_configs(self.batch_configs))
         if self.compile not in COMPILE_MODES:
             raise KvorchError(f"--compile {self.compile!r} is unknown; use one of {', '.join(COMPILE_MODES)}")
+        if self.cuda_graphs and self.compile == "off":
+            raise KvorchError("--cuda-graphs replays the compiled chunk step; it needs --compile auto or on, not off")
         if self.bos not in BOS_MODES:
             raise KvorchError(f"--bos {self.bos!r} is unknown; use one of {', '.join(BOS_MODES)}")
         try:
@@ -93,12 +95,6 @@ class JobSpec:
             if self.agreement and not any(c.is_baseline for c in configs):
                 configs.insert(0, EvalConfig(BaselinePress()))
             object.__setattr__(self, "configs", tuple(configs))
-        evicted_readers = [c.label for c in self.configs if c.needs_evicted_keys] if self.compact else []
-        if evicted_readers:
-            raise KvorchError(
-                f"--compact drops evicted keys, but {evicted_readers[0]} rescores from keys the budget may have "
-                "evicted; run it without --compact or with --policy threshold"
-            )
         if self.densities and self.thresholds:
             raise KvorchError("--densities and --thresholds both choose thresholds; pass only one of them")
         if self.densities and self.policy != "threshold":
@@ -110,13 +106,21 @@ class JobSpec:
         """The engine settings on a pool of ``device`` ("cuda" or "cpu"), --compile auto resolved."""
         compile_ = self.compile == "on" or (self.compile == "auto" and device == "cuda")
         return engine_settings(
-            self.chunk_size, self.window, self.attn, compile=compile_, compact=self.compact, agreement=self.agreement
+            self.chunk_size,
+            self.window,
+            self.attn,
+            compile=compile_,
+            cuda_graphs=self.cuda_graphs and compile_ and device == "cuda",
+            agreement=self.agreement,
         )
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "configs"}
         out["methods"], out["thresholds"], out["ratios"] = list(self.methods), list(self.thresholds), list(self.ratios)
         out["budgets"] = list(self.budgets)
+        # Every run's cache is the masked one since --compact was removed; the key stays so that
+        # runs made before then still match their fingerprint and resume.
+        out["compact"] = False
         out["lengths"], out["depths"] = list(self.lengths), list(self.depths)
         out["configs"] = [
             {
@@ -186,7 +190,7 @@ def _check_budgets(budgets: tuple[int, ...], presses: list[Press], window: int) 
     if not budgets:
         raise KvorchError("--policy budget needs --budgets, e.g. --budgets 128,256,1024 (keys per layer and head)")
     for press in (p for p in presses if p.default_thresholds != (None,)):
-        protected = max(window, press.protected_window)
+        protected = press.protected(window)
         floor = press.n_sink + protected
         low = [b for b in budgets if b < floor]
         if low:
