@@ -176,7 +176,7 @@ def main() -> None:
         True: Engine(twin, dataclasses.replace(settings, agreement=True)),
     }
     for engine in engines.values():  # one hidden-state hook per attention module: its own engine's
-        assert all(len(m._forward_pre_hooks) == 1 for m in engine.attention_modules.values())
+        assert all(len(m._forward_pre_hooks) == 1 for m in engine.hooked.attention_modules.values())
     assert all(p is q for p, q in zip(model.parameters(), twin.parameters(), strict=True))
 
     def timed(on: bool, i: int, configs: list) -> tuple[float, pa.Table]:

@@ -124,7 +124,7 @@ def test_presses_get_each_layers_own_rope(family):
     apply = sys.modules[type(model).__module__].apply_rotary_pos_emb
     x = torch.randn(1, 4, 20, 8)
     for layer, (cos, sin) in received.items():
-        rotary = engine.layer_rotaries[layer]
+        rotary = engine.hooked.layer_rotaries[layer]
         ours = rotary(positions)
         torch.testing.assert_close(ours[0], cos[0].float())
         torch.testing.assert_close(ours[1], sin[0].float())

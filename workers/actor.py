@@ -27,7 +27,7 @@ from workers.exactness import inexact_reason
 from workers.faults import Fault
 from workers.head_stats import DocumentHeadStats, HeadStatsProbe
 from workers.models import load_model
-from workers.plan import MODEL_LEVEL, ConfigFailure, Task, TaskDocument, TaskResult, WorkerSettings
+from workers.plan import MODEL_LEVEL, ConfigFailure, DocumentScores, Task, TaskDocument, TaskResult, WorkerSettings
 from workers.schema import ROW_SCHEMA
 
 # The preflight's document: a few chunks past a small window, so every press scores, decides
@@ -164,6 +164,11 @@ class EvalWorker:
             except Exception as exc:  # every reason goes back to the user
                 failed.append((config.label, error_line(exc)))
         return failed
+
+    def scores(self, doc: TaskDocument, configs: list[EvalConfig]) -> DocumentScores:
+        """Every key's last score and final keep decision under each config, for ``kvorch scores``."""
+        self.load()
+        return self.engine.inspect(doc.doc_id, torch.tensor(doc.token_ids), configs)[1]
 
     def head_statistics(self, doc: TaskDocument, probe: HeadStatsProbe) -> DocumentHeadStats:
         """Attention statistics per (chunk, layer, head) of one document, for ``kvorch heads analyze``."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
+import torch
 
 from workers.configs import EvalConfig
 from workers.engine.settings import EngineSettings
@@ -70,3 +71,13 @@ class WorkerSettings:
     device: str
     threads: int
     engine: EngineSettings
+
+
+@dataclass(frozen=True)
+class DocumentScores:
+    """Per config (in ``configs`` order): [layers, kv-heads, positions] of the last score each key
+    got and whether it was still kept when the document ended."""
+
+    configs: list[str]
+    scores: torch.Tensor  # [configs, layers, kv-heads, positions] float32
+    kept: torch.Tensor  # same shape, bool

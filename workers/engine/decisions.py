@@ -11,25 +11,24 @@ from __future__ import annotations
 import torch
 
 
-def decide_by_threshold(
-    keep: torch.Tensor,
-    scores: torch.Tensor,
-    positions: torch.Tensor,
-    start: torch.Tensor,
-    end: torch.Tensor,
-    window: torch.Tensor,
-    thresholds: torch.Tensor,
-    n_sink: int,
-) -> None:
-    """Keys leaving their head's protected window this chunk, [start - w, end - w), are kept for
-    good iff score >= threshold; the first ``n_sink`` positions always are.
+def leaving_window(
+    positions: torch.Tensor, start: torch.Tensor, end: torch.Tensor, window: int | torch.Tensor
+) -> torch.Tensor:
+    """The keys that leave a protected window of ``window`` keys during chunk [start, end):
+    [start - w, end - w). [T] for one window, [kv-heads, T] for ``window`` [kv-heads, 1]."""
+    return (positions >= start - window) & (positions < end - window)
 
-    ``keep`` [rows, kv-heads, span] is written in place; ``scores`` the same shape; ``positions``
-    [span]; ``window`` [kv-heads, 1] each head's protected window; ``thresholds`` [rows, 1, 1].
-    A key is decided exactly once, in the chunk that moves it out of its window.
+
+def decide_by_threshold(
+    keep: torch.Tensor, scores: torch.Tensor, leaving: torch.Tensor, thresholds: torch.Tensor, sinks: torch.Tensor
+) -> None:
+    """Keys leaving their head's protected window this chunk (``leaving``, :func:`leaving_window`)
+    are kept for good iff score >= threshold; ``sinks`` (the document's first positions) always are.
+
+    ``keep`` [rows, kv-heads, T] is written in place; ``scores`` the same shape; ``thresholds``
+    [rows, 1, 1]. A key is decided exactly once, in the chunk that moves it out of its window.
     """
-    leaving = (positions >= start - window) & (positions < end - window)
-    decision = (scores >= thresholds) | (positions < n_sink)
+    decision = (scores >= thresholds) | sinks
     keep.copy_(torch.where(leaving, decision, keep))
 
 

@@ -11,7 +11,7 @@ sliding window is not counted as kept (the model no longer holds it). So the bas
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import pyarrow as pa
 import torch
@@ -19,14 +19,11 @@ import torch
 from workers import attention
 from workers.chunk_results import ChunkResults
 from workers.configs import RANKED_POLICIES, EvalConfig
-from workers.engine.settings import chunk_bounds
+from workers.engine.settings import EngineSettings, chunk_bounds
 from workers.nll import AnswerSpan
 from workers.presses import Press
 from workers.presses.baseline import BaselinePress
 from workers.schema import ROW_SCHEMA
-
-if TYPE_CHECKING:
-    from workers.engine.core import Engine
 
 
 @dataclass
@@ -106,13 +103,21 @@ class DocumentLayout:
     run's own baseline rows come from the batch that asked for it).
     """
 
-    def __init__(self, engine: Engine, configs: list[EvalConfig], n: int, agreement: bool = False) -> None:
-        cfg = engine.model.config
+    def __init__(
+        self,
+        model_config: Any,
+        settings: EngineSettings,
+        configs: list[EvalConfig],
+        n: int,
+        agreement: bool,
+        device: torch.device,
+        worker: str,
+    ) -> None:
+        cfg = model_config
         add_reference = agreement and not any(c.is_baseline for c in configs)
         if add_reference:
             configs = [*configs, EvalConfig(BaselinePress())]
-        device = engine.device
-        self.engine = engine
+        self.settings, self.device, self.worker = settings, device, worker
         self.n = n
         self.n_layers = cfg.num_hidden_layers
         self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -139,7 +144,7 @@ class DocumentLayout:
                     thresholds=taus.view(-1, 1, 1),
                     keep_fraction=(1.0 - ratios),
                     budgets=torch.tensor([unbounded if b is None else b for b in budgets], device=device),
-                    windows=HeadWindows.of(press, engine.settings.window, head_shape, n, device),
+                    windows=HeadWindows.of(press, settings.window, head_shape, n, device),
                 )
             )
             if policy in RANKED_POLICIES and not self.groups[-1].windows.uniform:
@@ -157,7 +162,7 @@ class DocumentLayout:
     ) -> pa.Table:
         """One row per (chunk, config) in ROW_SCHEMA, from the per-chunk [chunks, B] results
         (on the CPU). The hidden reference row, if any, is not written."""
-        bounds = chunk_bounds(self.n, self.engine.settings.chunk_size)
+        bounds = chunk_bounds(self.n, self.settings.chunk_size)
         group_of = {}
         for group in self.groups:
             for r in range(group.rows.start, group.rows.stop):
@@ -205,8 +210,8 @@ class DocumentLayout:
                     "forward_seconds": seconds[k],
                     "kv_cache_bytes": kv_bytes[k],
                     "batch_size": len(self.configs),
-                    "worker": self.engine.worker,
-                    "device": str(self.engine.device),
+                    "worker": self.worker,
+                    "device": str(self.device),
                     "method": config.method,
                     **_optional_columns(results, k, r, answer.targets_in(s, n_targets) if answer else None),
                 }

@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -41,15 +41,12 @@ from workers import attention
 from workers.attention import AttentionVariant
 from workers.chunk_results import ChunkResults, prediction_sums
 from workers.configs import RANKED_POLICIES
-from workers.engine.decisions import decide_by_budget, decide_by_threshold, keep_limit
+from workers.engine.decisions import decide_by_budget, decide_by_threshold, keep_limit, leaving_window
+from workers.engine.hooks import HookedModel
 from workers.engine.layout import DocumentLayout, RowGroup
-from workers.engine.settings import chunk_bounds
+from workers.engine.settings import EngineSettings, chunk_bounds
 from workers.nll import AnswerSpan
 from workers.presses import LayerContext, StateShape
-
-if TYPE_CHECKING:
-    from workers.engine.core import Engine
-
 
 # Compiled steps one process may hold (batches of configs x length buckets).
 MAX_COMPILED_STEPS = 64
@@ -88,21 +85,34 @@ class ChunkStep:
     """The step of one batch of configs at one cache length; with static shapes it is reused for
     every document of that length bucket (the engine keeps one per (configs, N))."""
 
-    def __init__(self, engine: Engine, layout: DocumentLayout, n_positions: int, static: bool, compiled: bool):
-        self.engine = engine
+    def __init__(
+        self,
+        hooked: HookedModel,
+        settings: EngineSettings,
+        layout: DocumentLayout,
+        n_positions: int,
+        static: bool,
+        compiled: bool,
+        worker: str,
+        compile_backend: str,
+    ) -> None:
+        """``compile_backend``: torch.compile's backend when ``compiled`` (inductor; tests count
+        graphs with their own); ``worker`` names the actor in the compile notice."""
+        self.hooked = hooked
+        self.worker = worker
         self.layout = layout
         self.static = static
         self.n = n_positions
-        cfg = engine.model.config
-        self.chunk = engine.settings.chunk_size
+        cfg = hooked.model.config
+        self.chunk = settings.chunk_size
         self.batch = len(layout.configs)
         self.n_layers = layout.n_layers
         self.n_kv_heads = layout.n_kv_heads
         self.n_heads = cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.device = engine.device
-        self.dtype = next(engine.model.parameters()).dtype
-        self.backend = engine.settings.attn
+        self.device = hooked.device
+        self.dtype = hooked.dtype
+        self.backend = settings.attn
         self.groups = [self._plan(group) for group in layout.groups]
         self.positions = torch.arange(self.n, device=self.device)
         # Until a chunk starts past every group's protected window nothing can have been evicted,
@@ -111,14 +121,14 @@ class ChunkStep:
         # On CUDA the compiled step can replay as one CUDA graph ("reduce-overhead"): a chunk is one
         # launch. Its state then lives at static addresses, refilled in place per document.
         self.compiled = compiled
-        self.cuda_graphs = compiled and engine.settings.cuda_graphs and self.device.type == "cuda"
+        self.cuda_graphs = compiled and settings.cuda_graphs and self.device.type == "cuda"
         step = self._static_step
         if compiled:
             # Every (batch of configs, length bucket) is one more graph of the same code object;
             # dynamo's default limit of 8 would silently run the rest uncompiled.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_COMPILED_STEPS)
             mode = "reduce-overhead" if self.cuda_graphs else None
-            step = torch.compile(step, backend=engine.compile_backend, fullgraph=True, dynamic=False, mode=mode)
+            step = torch.compile(step, backend=compile_backend, fullgraph=True, dynamic=False, mode=mode)
         self.static_step = step
         self.compiled_once = False
         self.state: dict[str, Any] = {}
@@ -212,7 +222,7 @@ class ChunkStep:
             # CPU (11 min cold for 10 configs x 16 layers on 2 cores). Say so where it is waited on
             # (the actor's log, the Ray dashboard), or the first chunk looks like a hang.
             print(
-                f"kvorch: {self.engine.worker}: compiling the chunk step ({self.batch} configs x {self.n} "
+                f"kvorch: {self.worker}: compiling the chunk step ({self.batch} configs x {self.n} "
                 f"positions, {self.n_layers} layers); the first chunk waits for it",
                 file=sys.stderr,
                 flush=True,
@@ -269,7 +279,7 @@ class ChunkStep:
         forward_rows = 1 if chunk.shared else b
         ids = state["tokens"][chunk.query_positions]
         run = _StepRun(self, chunk)
-        logits = self.engine.model(
+        logits = self.hooked.model(
             input_ids=ids[None].expand(forward_rows, -1),
             position_ids=chunk.query_positions[None],
             use_cache=False,
@@ -284,7 +294,7 @@ class ChunkStep:
         results = state["results"]
         for name, value in [*sums.items(), ("kept", run.kept)]:
             getattr(results, name).index_copy_(0, chunk.index[None], value.expand(b)[None])
-        self.engine.hidden_states.clear()
+        self.hooked.hidden_states.clear()
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
@@ -317,6 +327,7 @@ class _StepRun:
         self.kept = torch.zeros(step.batch, dtype=torch.int64, device=step.device)
         self.chunk_rope: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
         self.chunk_memo: dict = {}
+        self.patterns: dict[AttentionVariant, torch.Tensor] = {}
 
     def attend(
         self,
@@ -337,10 +348,13 @@ class _StepRun:
         values_all.index_copy_(2, chunk.query_positions, value.expand(b, -1, -1, -1))
         keys, values = keys_all[:, :, :span], values_all[:, :, :span]
         keep = self.state["keep"][layer][:, :, :span]
-        first_held = (s - variant.sliding_window + 1).clamp(min=0) if variant.sliding_window else 0
-        counted = keep & (positions >= first_held) & (positions < s)
-        self.kept += counted.sum(dim=(1, 2))
-        pattern = attention.band(chunk.query_positions, positions, variant)  # [c, T]
+        held = positions < s
+        if variant.sliding_window:  # such a layer holds, uncompressed, only what its window sees
+            held = held & (positions >= s - variant.sliding_window + 1)
+        self.kept += (keep & held).sum(dim=(1, 2))
+        if variant not in self.patterns:  # shared by every layer of this variant in the chunk
+            self.patterns[variant] = attention.band(chunk.query_positions, positions, variant)  # [c, T]
+        pattern = self.patterns[variant]
         rows = query.shape[0]
         if step.backend == "flex" and step.static:
             out = attention.flex_grouped_attention(query, keys, values, keep, chunk.index, scaling, variant)
@@ -350,63 +364,68 @@ class _StepRun:
             out, probs = attention.grouped_attention(
                 query, keys[:rows], values[:rows], visible, scaling, step.backend, variant
             )
-        hidden = step.engine.hidden_states
+        hidden = step.hooked.hidden_states
         if chunk.shared:
             query = query.expand(b, -1, -1, -1)
             key, value = key.expand(b, -1, -1, -1), value.expand(b, -1, -1, -1)
             probs = None if probs is None else probs.expand(b, -1, -1, -1)
             if layer in hidden:
                 hidden[layer] = hidden[layer].expand(b, -1, -1)
+        layer_tensors = _Layer(layer, query, keys, values, key, value, keep, self.state["scores"][layer][:, :, :span],
+                               probs, pattern, scaling, variant)  # fmt: skip
         for plan, press_state in zip(step.groups, step.press_states, strict=True):
-            self._score_and_decide(layer, plan, press_state, query, keys, values, key, value, probs, pattern, scaling,
-                                   variant)  # fmt: skip
+            self._score_and_decide(plan, press_state, layer_tensors)
         return out.transpose(1, 2)
 
-    def _attention(
-        self,
-        plan: _GroupPlan,
-        layer: int,
-        query: torch.Tensor,
-        keys: torch.Tensor,
-        probs: torch.Tensor | None,
-        pattern: torch.Tensor,
-        scaling: float,
-        variant: AttentionVariant,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _observers(self, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([q] query rows, [q] which are real): the chunk's last q real queries (rows of a padded
+        last chunk that are not real point at row 0 and are zeroed). Once per chunk and q."""
+        key = ("observers", q)
+        if key not in self.chunk_memo:
+            chunk = self.chunk
+            index = (chunk.end - chunk.start) - q + torch.arange(q, device=chunk.start.device)
+            self.chunk_memo[key] = (index.clamp(min=0), index >= 0)
+        return self.chunk_memo[key]
+
+    def _attention(self, plan: _GroupPlan, t: _Layer) -> tuple[torch.Tensor, torch.Tensor]:
         """([R, H, q, T] probabilities of the press's q observing queries, [q] which are real):
         the last q real queries of the chunk; rows that are not real are zero."""
-        chunk = self.chunk
-        q = min(plan.attention_queries, chunk.query_positions.shape[0])  # exact shapes: no pad rows
-        index = (chunk.end - chunk.start) - q + torch.arange(q, device=query.device)
-        real = index >= 0
-        index = index.clamp(min=0)
+        q = min(plan.attention_queries, self.chunk.query_positions.shape[0])  # exact shapes: no pad rows
+        index, real = self._observers(q)
         rows = plan.rows
-        if probs is not None:
-            chosen = probs[rows].index_select(2, index)
+        if t.probs is not None:
+            chosen = t.probs[rows].index_select(2, index)
         else:
-            span = chunk.positions.shape[0]
-            visible = self.state["keep"][layer][rows, :, None, :span] & pattern.index_select(0, index)
+            pattern_key = ("pattern", t.variant, q)
+            if pattern_key not in self.chunk_memo:
+                self.chunk_memo[pattern_key] = t.pattern.index_select(0, index)
+            visible = t.keep[rows, :, None, :] & self.chunk_memo[pattern_key]
             chosen = attention.attention_probabilities(
-                query[rows].index_select(2, index), keys[rows], visible, scaling, variant
+                t.query[rows].index_select(2, index), t.keys[rows], visible, t.scaling, t.variant
             )
         return chosen * real[:, None].to(chosen.dtype), real
 
-    def _score_and_decide(
-        self,
-        layer: int,
-        plan: _GroupPlan,
-        press_state: Any,
-        query: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        new_keys: torch.Tensor,
-        new_values: torch.Tensor,
-        probs: torch.Tensor | None,
-        pattern: torch.Tensor,
-        scaling: float,
-        variant: AttentionVariant,
-    ) -> None:
-        step, chunk, rows = self.step, self.chunk, plan.rows
+    def _leaving(self, plan: _GroupPlan, layer: int) -> torch.Tensor:
+        """Keys leaving the group's protected window in this chunk: [T] for a window shared by every
+        kv-head (once per chunk and window), [kv-heads, T] for per-head windows."""
+        chunk = self.chunk
+        narrowest, widest = plan.narrowest[layer], plan.widest[layer]
+        if narrowest != widest:
+            return leaving_window(chunk.positions, chunk.start, chunk.end, plan.protected[layer])
+        key = ("leaving", narrowest)
+        if key not in self.chunk_memo:
+            self.chunk_memo[key] = leaving_window(chunk.positions, chunk.start, chunk.end, narrowest)
+        return self.chunk_memo[key]
+
+    def _sinks(self, n_sink: int) -> torch.Tensor:
+        """[T] the document's first ``n_sink`` positions, always kept (once per chunk)."""
+        key = ("sinks", n_sink)
+        if key not in self.chunk_memo:
+            self.chunk_memo[key] = self.chunk.positions < n_sink
+        return self.chunk_memo[key]
+
+    def _score_and_decide(self, plan: _GroupPlan, press_state: Any, t: _Layer) -> None:
+        step, chunk, rows, layer = self.step, self.chunk, plan.rows, t.layer
         s, e, positions = chunk.start, chunk.end, chunk.positions
         span = positions.shape[0]
         press = plan.group.press
@@ -420,16 +439,14 @@ class _StepRun:
             scored = (score_from + torch.arange(n_scored, device=s.device)).clamp(max=span - 1)
         attention_probs = attention_rows = None
         if press.needs_attention:
-            attention_probs, attention_rows = self._attention(
-                plan, layer, query, keys, probs, pattern, scaling, variant
-            )
-        rotary = step.engine.layer_rotaries[layer]
+            attention_probs, attention_rows = self._attention(plan, t)
+        rotary = step.hooked.layer_rotaries[layer]
         prerope = None
         if press.needs_prerope_queries:
             if rotary not in self.chunk_rope:
                 self.chunk_rope[rotary] = rotary(chunk.query_positions)
-            prerope = rotary.unrotate(query[rows], *self.chunk_rope[rotary])
-        hidden = step.engine.hidden_states
+            prerope = rotary.unrotate(t.query[rows], *self.chunk_rope[rotary])
+        hidden = step.hooked.hidden_states
         ctx = LayerContext(
             layer=layer,
             start=s,
@@ -437,11 +454,11 @@ class _StepRun:
             score_from=score_from,
             positions=positions,
             query_positions=chunk.query_positions,
-            keys=keys[rows],
-            values=values[rows],
-            new_keys=new_keys[rows],
-            new_values=new_values[rows],
-            queries=query[rows],
+            keys=t.keys[rows],
+            values=t.values[rows],
+            new_keys=t.new_keys[rows],
+            new_values=t.new_values[rows],
+            queries=t.query[rows],
             doc_seed=self.state["doc_seed"],
             scored=scored,
             attention=attention_probs,
@@ -449,18 +466,34 @@ class _StepRun:
             prerope_queries=prerope,
             hidden_states=hidden[layer][rows] if press.needs_hidden_states else None,
             rotary=rotary,
-            module=None if press.traceable else step.engine.attention_modules.get(layer),
+            module=None if press.traceable else step.hooked.attention_modules.get(layer),
             chunk_memo=self.chunk_memo,
         )
-        new = press.score(ctx, press_state).float()
-        scores = self.state["scores"][layer][rows, :, :span]
-        index = scored.expand_as(new)
-        updated = (scored >= score_from) & (scored < e)
-        scores.scatter_(2, index, torch.where(updated, new, scores.gather(2, index)))
-        keep = self.state["keep"][layer][rows, :, :span]
+        # Positions in ``scored`` are distinct and start at score_from; those at or past ``end``
+        # (future keys, a padded chunk's rows) get scores that are rewritten before any rule reads them.
+        scores, keep = t.scores[rows], t.keep[rows]
+        scores.index_copy_(2, scored, press.score(ctx, press_state).float())
         group = plan.group
         if plan.ranked:
             limit = keep_limit(group.keep_fraction, group.budgets, e)
             decide_by_budget(keep, scores, positions, e, plan.narrowest[layer], limit, plan.n_sink)
         else:
-            decide_by_threshold(keep, scores, positions, s, e, plan.protected[layer], group.thresholds, plan.n_sink)
+            decide_by_threshold(keep, scores, self._leaving(plan, layer), group.thresholds, self._sinks(plan.n_sink))
+
+
+@dataclass
+class _Layer:
+    """What one layer's attention hands every press group in this chunk."""
+
+    layer: int
+    query: torch.Tensor  # [B, H, c, D]
+    keys: torch.Tensor  # [B, Hkv, T, D] the cache, this chunk's keys written
+    values: torch.Tensor
+    new_keys: torch.Tensor  # [B, Hkv, c, D]
+    new_values: torch.Tensor
+    keep: torch.Tensor  # [B, Hkv, T] bool, a view of the layer's keep-mask (written in place)
+    scores: torch.Tensor  # [B, Hkv, T] float32, a view of the layer's scores (written in place)
+    probs: torch.Tensor | None  # [B, H, c, T] when the eager math ran
+    pattern: torch.Tensor  # [c, T] causal (and sliding-window) band
+    scaling: float
+    variant: AttentionVariant
