@@ -5,7 +5,7 @@ With agreement on, each chunk's logits also go through the baseline row's softma
 is already there for the NLL), a KL against every row and a top-5 over every row
 (workers/agreement.py): reductions over [rows, chunk, vocabulary], no extra forward when the batch
 holds baseline, as ``all`` does. A batch without baseline gets it as a hidden extra batch row
-(workers/engine.py DocumentLayout), one more row in every forward after the shared chunks. This
+(workers/engine/layout.py DocumentLayout), one more row in every forward after the shared chunks. This
 bench measures both cases:
 
 - ``all``: the default grid, baseline in the batch (only the reductions are extra);
@@ -54,7 +54,8 @@ from sweep_throughput import build_llama
 
 import workers.chunk_results as chunk_results
 from orchestrator.sweep.spec import build_configs
-from workers.engine import Engine, EngineSettings
+from workers.engine.core import Engine
+from workers.engine.settings import EngineSettings
 from workers.models import EMBEDDED_MODEL, load_model
 
 # Columns that depend on the wall clock, on the forward's rows (one more with a hidden reference
@@ -168,14 +169,14 @@ def main() -> None:
     }
     if any(c.is_baseline for c in sets[args.hidden_methods]):
         raise SystemExit(f"--hidden-methods {args.hidden_methods!r} includes baseline; it is the set without it")
-    settings = EngineSettings(args.chunk, args.window, "sdpa", graph=False)
+    settings = EngineSettings(args.chunk, args.window, "sdpa", static=False)
     twin = sharing_weights(model)  # taken before an engine hooks the model, or the copy carries its hooks
     engines = {
         False: Engine(model, dataclasses.replace(settings, agreement=False)),
         True: Engine(twin, dataclasses.replace(settings, agreement=True)),
     }
     for engine in engines.values():  # one hidden-state hook per attention module: its own engine's
-        assert all(len(m._forward_pre_hooks) == 1 for m in engine.attention_modules.values())
+        assert all(len(m._forward_pre_hooks) == 1 for m in engine.hooked.attention_modules.values())
     assert all(p is q for p, q in zip(model.parameters(), twin.parameters(), strict=True))
 
     def timed(on: bool, i: int, configs: list) -> tuple[float, pa.Table]:

@@ -3,7 +3,7 @@ is negligible and what is timed is the engine's own work per layer and chunk.
 
 Rows measured side by side in one process: a plain transformers chunked loop (DynamicCache, SDPA,
 batch 1), then each kvorch engine with the baseline config alone and with the `all` sweep batched:
-the eager per-layer engine (what runs uncompiled) and the one-graph chunk step compiled by inductor
+the chunk step uncompiled at exact shapes (the CPU default) and compiled by inductor
 (what ``--compile on`` runs; its compile time is printed, not counted). Best of ``--repeat`` runs
 over one document, 1 thread.
 
@@ -21,7 +21,8 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from orchestrator.sweep.spec import build_configs
-from workers.engine import Engine, EngineSettings
+from workers.engine.core import Engine
+from workers.engine.settings import EngineSettings
 
 
 def narrow_llama(layers: int = 16) -> LlamaForCausalLM:

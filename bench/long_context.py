@@ -21,7 +21,8 @@ import time
 import torch
 from sweep_throughput import LLAMA_SHAPES, build_llama, document_ids, naive_config, sweep_configs
 
-from workers.engine import Engine, EngineSettings
+from workers.engine.core import Engine
+from workers.engine.settings import EngineSettings
 from workers.models import EMBEDDED_MODEL, load_model
 
 
@@ -43,7 +44,7 @@ def main() -> None:
         args.model, "float32", "cpu"
     )  # fmt: skip
     configs = sweep_configs(args.configs)
-    engine = Engine(model, EngineSettings(args.chunk, args.window, "sdpa", graph=False))
+    engine = Engine(model, EngineSettings(args.chunk, args.window, "sdpa", static=False))
     where = platform.processor() or platform.machine()
     print(f"# {where}, {args.threads} threads, torch {torch.__version__}, {args.model} fp32, chunk {args.chunk}, "
           f"window {args.window}, configs: {', '.join(c.label for c in configs)}", flush=True)  # fmt: skip

@@ -28,7 +28,8 @@ from orchestrator.sweep.planner import group_configs
 from orchestrator.sweep.spec import build_configs
 from workers import tokenization
 from workers.configs import EvalConfig
-from workers.engine import Engine, EngineSettings
+from workers.engine.core import Engine
+from workers.engine.settings import EngineSettings
 from workers.models import EMBEDDED_MODEL, load_model
 from workers.presses.baseline import BaselinePress
 
@@ -68,7 +69,6 @@ def bare_engine(spec: dict, corpus: str) -> tuple[float, float]:
         spec["window"],
         spec["attn"],
         compile=spec["compile_resolved"],
-        compact=spec["compact"],
         agreement=agreement,
     )
     engine = Engine(model, settings)
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=1024)
     parser.add_argument("--chunk-size", type=int, default=128)
     parser.add_argument("--window", type=int, default=128)
-    parser.add_argument("--extra", default="", help="More submit options, e.g. '--compact --batch-configs 4'.")
+    parser.add_argument("--extra", default="", help="More submit options, e.g. '--compile on --batch-configs 4'.")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="kvorch-overhead-") as tmp:
@@ -106,7 +106,7 @@ def main() -> None:
           f"{spec['hardware']['cpus_per_actor']} threads, torch {torch.__version__}, {spec['dtype_resolved']}, "
           f"{args.max_docs} docs x {args.max_tokens} tokens, {len(spec['configs'])} configs "
           f"({spec['batch_configs_resolved']} per forward), chunk {args.chunk_size}, window {args.window}, "
-          f"compile {spec['compile_resolved']}, compact {spec['compact']}")  # fmt: skip
+          f"compile {spec['compile_resolved']}")  # fmt: skip
     table = [
         ("kvorch submit (fresh process)", submit),
         ("kvorch report (fresh process)", report),

@@ -5,9 +5,9 @@ Rows, measured side by side in one process over one document:
   (DynamicCache, batch 1), eager attention with ``output_attentions`` for presses that need
   attention weights, and a pass over the cached keys for scoring. It evicts nothing, so its time
   is a lower bound on a real naive harness: a speed-up above 1 here is conservative.
-- kvorch eager engine: the per-layer engine (attention and presses as eager Python per layer;
-  what runs for --compact and presses without a tensor form).
-- kvorch chunk step: the one compiled graph per chunk (workers/chunk_step.py) with ``--attn``.
+- kvorch uncompiled: the chunk step at exact shapes (what runs on CPU, and for presses that
+  cannot be traced).
+- kvorch chunk step: the one compiled graph per chunk (workers/engine/step.py) with ``--attn``.
 Each for the sweep (the 10 configs of ``all``, or ``--configs``) and for one config (baseline).
 Then the fit check: the chunk step with ``--fit-configs`` configs over ``--fit-tokens`` tokens,
 its time and peak memory. Per chunk, the chunk step is put against two bounds: weight streaming
@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from orchestrator.sweep.spec import build_configs
-from workers.engine import Engine, EngineSettings
+from workers.engine.core import Engine
+from workers.engine.settings import EngineSettings
 from workers.models import DTYPES, EMBEDDED_MODEL, load_model, resolve_dtype
 
 # Llama-3.2-1B / -3B shapes (tied embeddings) with SmolLM2's vocabulary: 1.07B / 2.97B parameters.
@@ -230,10 +231,10 @@ def main() -> None:
 
     step = Engine(
         model,
-        EngineSettings(args.chunk, args.window, args.attn, compile=compile_, graph=True, cuda_graphs=args.cuda_graphs),
+        EngineSettings(args.chunk, args.window, args.attn, compile=compile_, static=True, cuda_graphs=args.cuda_graphs),
         compile_backend=args.compile_backend,
     )
-    eager = Engine(model, EngineSettings(args.chunk, args.window, "sdpa", graph=False))
+    eager = Engine(model, EngineSettings(args.chunk, args.window, "sdpa", static=False))
     rows: list[tuple[str, int, float, float]] = []
 
     def measure(name: str, configs: list, fn) -> float:

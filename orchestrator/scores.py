@@ -16,9 +16,10 @@ from orchestrator.corpus import load_corpus
 from orchestrator.errors import KvorchError
 from orchestrator.lake.store import Lake
 from workers import tokenization
+from workers.actor import EvalWorker
 from workers.configs import EvalConfig
-from workers.engine import DocumentScores, Engine, EngineSettings
-from workers.models import load_model
+from workers.engine.settings import EngineSettings
+from workers.plan import DocumentScores, TaskDocument, WorkerSettings
 from workers.schema import SCORES_SCHEMA
 
 
@@ -41,8 +42,8 @@ def score_document(
     except ValueError as exc:
         raise KvorchError(str(exc)) from None
     ids = tokens.ids(doc.text, max_tokens)
-    _, scores = Engine(load_model(model), settings).inspect(doc.doc_id, torch.tensor(ids), configs)
-    return doc.doc_id, scores
+    worker = EvalWorker("scores", WorkerSettings(model, "float32", "cpu", torch.get_num_threads(), settings))
+    return doc.doc_id, worker.scores(TaskDocument(doc.doc_id, ids), configs)
 
 
 def scores_table(doc_id: str, dump: DocumentScores) -> pa.Table:

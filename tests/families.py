@@ -17,7 +17,8 @@ import transformers as T
 
 from tests.helpers import full_forward_nll
 from workers.configs import EvalConfig
-from workers.engine import Engine, EngineSettings
+from workers.engine.core import Engine
+from workers.engine.settings import EngineSettings
 from workers.presses import ALL_METHODS, REGISTRY
 
 VOCAB = 97

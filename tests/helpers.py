@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from workers.engine import doc_seed
+from workers.engine.core import doc_seed
 from workers.presses import LayerContext, Press
 from workers.presses.base import constant_scores
 
@@ -46,6 +46,7 @@ class FailingPress(Press):
 
     name = "failing"
     in_all = False
+    traceable = False  # raises by a host-side test of the document
     doc: str = ""
 
     def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
@@ -124,3 +125,34 @@ def write_head_table(path, head_class: list[list[str]], confidence: list[list[fl
             )
     pq.write_table(pa.Table.from_pylist(rows, schema=HEADS_SCHEMA), path)
     return str(path)
+
+
+def layer_context(
+    start: int,
+    end: int,
+    score_from: int,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    queries: torch.Tensor,
+    layer: int = 0,
+    **extra: object,
+) -> LayerContext:
+    """A LayerContext at exact shapes (keys of positions [0, end), the chunk's queries exact), as
+    the uncompiled step builds it, from Python bounds: for testing a press's score alone."""
+    positions = torch.arange(end)
+    return LayerContext(
+        layer=layer,
+        start=torch.tensor(start),
+        end=torch.tensor(end),
+        score_from=torch.tensor(score_from),
+        positions=positions,
+        query_positions=positions[start:end],
+        keys=keys,
+        values=values,
+        new_keys=keys[:, :, start:end],
+        new_values=values[:, :, start:end],
+        queries=queries,
+        doc_seed=torch.tensor(0),
+        scored=positions[score_from:end],
+        **extra,
+    )

@@ -10,7 +10,8 @@ import torch
 from tests.helpers import full_forward_logits, window_visible
 from workers.agreement import TOP_K, agreement_sums
 from workers.configs import EvalConfig
-from workers.engine import Engine, EngineSettings
+from workers.engine.core import Engine
+from workers.engine.settings import EngineSettings
 from workers.presses import parse_method
 from workers.presses.baseline import BaselinePress
 from workers.tokenization import resolve
@@ -77,7 +78,7 @@ def test_window_rows_equal_a_full_forward_under_the_protocols_visibility(tiny_mo
 
 @pytest.mark.parametrize("graph", [False, True])
 def test_a_batch_without_baseline_gets_it_as_a_hidden_reference(tiny_model, tokens, graph):
-    settings = EngineSettings(16, 8, graph=graph)
+    settings = EngineSettings(16, 8, static=graph)
     with_baseline = by_config(Engine(tiny_model, settings).evaluate("d", tokens, [BASELINE, WINDOW, KNORM]))
     hidden = by_config(Engine(tiny_model, settings).evaluate("d", tokens, [WINDOW, KNORM]))
     assert set(hidden) == {"window", "knorm@-1"}  # the reference row is not written

@@ -12,7 +12,8 @@ from orchestrator.reports.tables import RunReport
 from orchestrator.sweep.spec import JobSpec, build_configs
 from tests.test_reports import chunk_row, make_lake
 from workers.configs import EvalConfig
-from workers.engine import Engine, EngineSettings
+from workers.engine.core import Engine
+from workers.engine.settings import EngineSettings
 from workers.presses import parse_method
 
 
@@ -22,7 +23,7 @@ def test_budget_keeps_the_window_and_the_best_scored_keys_up_to_b(tiny_model, to
     plus the B - window best-scored older keys: computed here from the final scores alone."""
     chunk, window, budget = 16, 8, 40
     config = EvalConfig(parse_method("knorm"), budget=budget)
-    engine = Engine(tiny_model, EngineSettings(chunk, window, graph=graph, agreement=False))
+    engine = Engine(tiny_model, EngineSettings(chunk, window, static=graph, agreement=False))
     rows, scores = engine.inspect("d", tokens, [config])
     n = len(tokens)
     kept = scores.kept[0]  # [layers, kv-heads, positions]
@@ -102,7 +103,7 @@ def test_budget_sweeps_are_on_the_frontier_like_threshold_sweeps(tmp_path):
 
 
 def test_torch_budget_limit_takes_the_smaller_of_ratio_and_budget():
-    from workers.decisions import keep_limit
+    from workers.engine.decisions import keep_limit
 
     limit = keep_limit(torch.tensor([0.5, 1.0], dtype=torch.float64), torch.tensor([10**9, 40]), 101)
     assert limit.tolist() == [51, 40]

@@ -18,7 +18,8 @@ from orchestrator.sweep.calibration import TOLERANCE, calibrate, calibrated_spec
 from orchestrator.sweep.spec import JobSpec
 from tests.conftest import tiny_llama
 from workers.configs import EvalConfig
-from workers.engine import Engine, EngineSettings
+from workers.engine.core import Engine
+from workers.engine.settings import EngineSettings
 from workers.presses import H2OPress, KnormPress, RandomPress
 from workers.tokenization import resolve
 

@@ -1,9 +1,10 @@
-"""The one-graph chunk step (workers/chunk_step.py) against the eager per-layer engine.
+"""The chunk step's two shapes (workers/engine/step.py): exact (uncompiled) against static
+(what torch.compile traces), compiled whole or not.
 
-The eager engine is the reference: its presses are checked against naive formulas and kvpress
-elsewhere (test_press_references.py, tests_kvpress/). Here every built-in press, under both
-policies, must keep exactly the same keys on the chunk step, with NLL within 1e-6 relative, under
-every attention kernel, compiled whole (fullgraph) or not, and the compiled step must never
+The exact path is the reference: its presses are checked against naive formulas and kvpress
+elsewhere (test_press_references.py, tests_kvpress/). Here every built-in press, under every
+policy, must keep exactly the same keys at static shapes, with the same scores (relative 1e-6)
+and NLL within 1e-6 relative, under every attention kernel, and the compiled step must never
 recompile per chunk or per document of one length bucket.
 """
 
@@ -18,9 +19,10 @@ from orchestrator.sweep import compile_check
 from orchestrator.sweep.spec import JobSpec, build_configs
 from tests.helpers import tiny_llama
 from workers import attention
-from workers.chunk_step import padded_length
 from workers.configs import EvalConfig
-from workers.engine import Engine, EngineSettings
+from workers.engine.core import Engine, ExecutionPath
+from workers.engine.settings import EngineSettings, chunk_bounds, padded_length
+from workers.head_stats import HeadStatsProbe
 from workers.presses import REGISTRY, parse_method
 from workers.presses.kvzap import build_surrogate, save_surrogate
 
@@ -84,32 +86,41 @@ def assert_same_numbers(expected: list[dict], got: list[dict]) -> None:
             assert b[column] == pytest.approx(a[column], rel=1e-4, abs=1e-4), (where, column)
 
 
-def test_every_registered_press_but_the_kvpress_adapter_has_a_tensor_form(surrogate_dir):
+def test_every_registered_press_but_the_kvpress_adapter_is_traceable(surrogate_dir):
     covered = {c.method for c in every_builtin_config(surrogate_dir)}
     assert covered == set(REGISTRY) - {"kvpress"}
-    assert all(c.press.in_graph for c in every_builtin_config(surrogate_dir))
-    assert not parse_method("kvpress:KnormPress").in_graph
+    assert all(c.press.traceable for c in every_builtin_config(surrogate_dir))
+    assert not parse_method("kvpress:KnormPress").traceable
+    assert not HeadStatsProbe().traceable
+
+
+def assert_every_press_evicts(rows: list[dict], configs: list[EvalConfig]) -> None:
+    """The comparison must cover eviction: every method but baseline evicts in some config."""
+    evicting = {r["config"] for r in rows if r["keys_kept"] < r["keys_total"]}
+    methods = {c.method for c in configs} - {"baseline"}
+    assert methods == {c.method for c in configs if c.label in evicting}
 
 
 @pytest.mark.parametrize("attn", attention.BACKENDS)
-def test_chunk_step_keeps_the_eager_engines_keys(model, document, surrogate_dir, attn):
+def test_static_shapes_give_the_exact_paths_rows_scores_and_keep_masks(model, document, surrogate_dir, attn):
+    """Every built-in press, under every policy: the static-shape step (padded cache, padded last
+    chunk, the layout torch.compile traces) against the exact one. Rows as numbers, and every
+    key's final score and keep decision by value (float32: relative 1e-6)."""
     configs = every_builtin_config(surrogate_dir)
-    eager = Engine(model, EngineSettings(CHUNK, WINDOW, attn, graph=False)).evaluate("d", document, configs)
-    engine = Engine(model, EngineSettings(CHUNK, WINDOW, attn, graph=True))
-    assert engine.runs_in_graph(configs)
-    rows = engine.evaluate("d", document, configs).to_pylist()
-    assert_same_numbers(eager.to_pylist(), rows)
-    evicting = {r["config"] for r in rows if r["keys_kept"] < r["keys_total"]}
-    assert len(evicting) >= 19, "the comparison must cover presses that evict"
-
-
-def test_inspect_gives_the_eager_engines_final_scores_and_keep_masks(model, document):
-    configs = build_configs(("all",), ())
-    _, eager = Engine(model, EngineSettings(CHUNK, WINDOW, graph=False)).inspect("d", document, configs)
-    _, graph = Engine(model, EngineSettings(CHUNK, WINDOW, graph=True)).inspect("d", document, configs)
-    assert graph.configs == eager.configs
-    assert torch.equal(graph.kept, eager.kept)
-    assert graph.scores.shape == eager.scores.shape == (len(configs), 2, 2, 250)
+    exact = Engine(model, EngineSettings(CHUNK, WINDOW, attn, static=False))
+    static = Engine(model, EngineSettings(CHUNK, WINDOW, attn, static=True))
+    assert exact.path(configs) == ExecutionPath(compiled=False, static=False)
+    assert static.path(configs) == ExecutionPath(compiled=False, static=True)
+    expected = exact.evaluate("d", document, configs).to_pylist()
+    rows = static.evaluate("d", document, configs).to_pylist()
+    assert_same_numbers(expected, rows)
+    assert_every_press_evicts(rows, configs)
+    _, exact_scores = exact.inspect("d", document, configs)
+    _, static_scores = static.inspect("d", document, configs)
+    assert static_scores.configs == exact_scores.configs
+    assert torch.equal(static_scores.kept, exact_scores.kept)
+    assert exact_scores.scores.shape == (len(configs), 2, 2, 250)
+    torch.testing.assert_close(static_scores.scores, exact_scores.scores, rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
 class CountingBackend:
@@ -126,14 +137,16 @@ class CountingBackend:
 
 
 def test_the_step_compiles_whole_once_and_never_again_in_its_length_bucket(model, document, surrogate_dir):
-    """fullgraph=True: one graph for every press and both policies, traced in the first chunk;
+    """fullgraph=True: one graph for every press and every policy, traced in the first chunk;
     no recompile in later chunks (bounds are tensors) or for a second document whose length pads
-    to the same bucket; the numbers are the eager engine's."""
+    to the same bucket; the numbers are the exact path's."""
     configs = every_builtin_config(surrogate_dir)
-    expected = Engine(model, EngineSettings(CHUNK, WINDOW, graph=False)).evaluate("d", document, configs).to_pylist()
+    exact = Engine(model, EngineSettings(CHUNK, WINDOW, static=False))
+    expected = exact.evaluate("d", document, configs).to_pylist()
     torch._dynamo.reset()
     backend = CountingBackend()
     engine = Engine(model, EngineSettings(CHUNK, WINDOW, compile=True), compile_backend=backend)
+    assert engine.path(configs) == ExecutionPath(compiled=True, static=True)
     graphs_after_chunk: list[int] = []
     rows = engine.evaluate("d", document, configs, lambda: graphs_after_chunk.append(backend.graphs)).to_pylist()
     assert graphs_after_chunk == [1] * 8
@@ -143,8 +156,7 @@ def test_the_step_compiles_whole_once_and_never_again_in_its_length_bucket(model
     assert padded_length(200, CHUNK) == padded_length(250, CHUNK)
     second = engine.evaluate("e", other, configs).to_pylist()
     assert backend.graphs == 1
-    eager_second = Engine(model, EngineSettings(CHUNK, WINDOW, graph=False)).evaluate("e", other, configs)
-    assert_same_numbers(eager_second.to_pylist(), second)
+    assert_same_numbers(exact.evaluate("e", other, configs).to_pylist(), second)
     torch._dynamo.reset()
 
 
@@ -152,16 +164,21 @@ def test_padded_length_rounds_to_power_of_two_chunk_counts():
     assert [padded_length(n, 32) for n in (1, 32, 33, 64, 65, 250, 256, 257)] == [32, 32, 64, 64, 128, 256, 256, 512]
 
 
-def test_the_kvpress_adapter_and_compact_stay_on_the_eager_engine_and_are_named_once():
+def test_chunk_bounds_cover_the_document_once():
+    assert chunk_bounds(70, 32) == [(0, 32), (32, 64), (64, 70)]
+    assert chunk_bounds(64, 32) == [(0, 32), (32, 64)]
+
+
+def test_the_kvpress_adapter_runs_uncompiled_and_is_named_once():
     settings = EngineSettings(CHUNK, WINDOW, compile=True)
     configs = [EvalConfig(parse_method("baseline")), EvalConfig(parse_method("kvpress:KnormPress"), 0.0)]
     note = compile_check.eager_note(settings, configs)
-    assert note.startswith("kvpress:KnormPress has no tensor form")
+    assert note.startswith("kvpress:KnormPress cannot be traced") and "\n" not in note
     assert compile_check.eager_note(settings, configs[:1]) is None
-    assert "--compact" in compile_check.eager_note(EngineSettings(CHUNK, WINDOW, compact=True), configs[:1])
     engine = Engine(tiny_llama(), settings)
-    assert engine.runs_in_graph(configs[:1]) and not engine.runs_in_graph(configs)
-    assert not Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW)).runs_in_graph(configs[:1])  # uncompiled: eager
+    assert engine.path(configs[:1]) == ExecutionPath(compiled=True, static=True)
+    assert engine.path(configs) == ExecutionPath(compiled=False, static=False)
+    assert Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW)).path(configs[:1]) == ExecutionPath(False, False)
 
 
 def test_flex_without_flexattention_is_a_one_line_error_naming_the_torch_needed(monkeypatch):

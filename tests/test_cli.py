@@ -170,28 +170,30 @@ def test_bad_input_is_one_line_and_leaves_the_lake_alone(populated_lake, tmp_pat
     assert blocker.read_text().startswith("a file")
 
 
-def test_compact_run_records_its_settings_and_gives_the_masked_rows(populated_lake, tiny_model_dir):
-    """The same job as the fixture's (masked, --batch-configs auto), with --compact."""
-    args = ["--model", tiny_model_dir, "--max-docs", "2", "--max-tokens", "128", "--chunk-size", "64"]
-    args += ["--window", "32", "--methods", "baseline,window,h2o", "--lake", str(populated_lake)]
-    result = kvorch("submit", *args, "--compact", "--run-id", "compact", "--no-progress")
-    assert result.exit_code == 0, result.output
-    for run_id, compact in (("first", False), ("compact", True)):
-        spec = json.loads((populated_lake / "runs" / f"run_id={run_id}" / "spec.json").read_text())
-        assert (spec["compact"], spec["compile"], spec["compile_resolved"]) == (compact, "auto", False)
-        assert spec["batch_configs"] == "auto" and 1 <= spec["batch_configs_resolved"] <= 32
-    query = (
-        "SELECT run_id, config, doc_id, chunk_index, nll_sum, keys_kept, kv_cache_bytes FROM chunks "
-        "ORDER BY config, doc_id, chunk_index"
+def test_the_removed_compact_flag_is_one_line_and_writes_nothing(tmp_path):
+    lake = tmp_path / "lake"
+    result = CliRunner().invoke(main, ["submit", "--methods", "baseline", "--compact", "--lake", str(lake)])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert lines[-1] == (
+        "Error: --compact was removed: it gave the default masked cache's rows and measured no faster "
+        "(BENCHMARKS.md); drop the flag"
     )
-    rows = json.loads(kvorch("sql", "--lake", str(populated_lake), "--format", "json", query).stdout)
-    masked = [r for r in rows if r["run_id"] == "first"]
-    compact = [r for r in rows if r["run_id"] == "compact"]
-    assert len(masked) == len(compact) > 0
-    for m, c in zip(masked, compact, strict=True):
-        assert (c["config"], c["doc_id"], c["keys_kept"]) == (m["config"], m["doc_id"], m["keys_kept"])
-        assert c["nll_sum"] == pytest.approx(m["nll_sum"], rel=1e-5)
-        assert 0 < c["kv_cache_bytes"] <= m["kv_cache_bytes"]
+    assert not lake.exists()
+
+
+def test_cuda_graphs_reach_the_engine_only_when_compiling_on_cuda_and_never_change_the_fingerprint():
+    from orchestrator.errors import KvorchError
+    from orchestrator.sweep.resume import SCHEDULING_FIELDS
+    from orchestrator.sweep.spec import JobSpec
+
+    spec = JobSpec(methods=("baseline",), cuda_graphs=True)
+    assert spec.engine_for("cuda").cuda_graphs and spec.engine_for("cuda").compile
+    assert not spec.engine_for("cpu").cuda_graphs  # auto compiles only on CUDA
+    assert not JobSpec(methods=("baseline",)).engine_for("cuda").cuda_graphs  # off by default
+    assert "cuda_graphs" in SCHEDULING_FIELDS and spec.to_json()["cuda_graphs"] is True
+    with pytest.raises(KvorchError, match="--cuda-graphs replays the compiled chunk step; it needs --compile"):
+        JobSpec(methods=("baseline",), cuda_graphs=True, compile="off")
 
 
 def test_spec_records_the_tokenization_and_compare_notes_a_difference(

@@ -13,7 +13,8 @@ import torch
 from tests.helpers import chunk_sums, full_forward_nll
 from workers.attention import BACKENDS, attention_probabilities, grouped_attention
 from workers.configs import EvalConfig
-from workers.engine import Engine, EngineSettings
+from workers.engine.core import Engine
+from workers.engine.settings import EngineSettings
 from workers.presses import ALL_METHODS, REGISTRY, LayerContext, Press, parse_method
 
 INF = float("inf")
@@ -84,12 +85,17 @@ class SpyPress(Press):
 
     name: ClassVar[str] = "spy"
     rescores: ClassVar[bool] = True
+    needs_attention: ClassVar[bool] = True
+    traceable: ClassVar[bool] = False  # Python lists
     seen: list = field(default_factory=list, compare=False, hash=False)  # (layer, start, visible)
 
     def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
-        self.seen.append((ctx.layer, ctx.start, ctx.visible[0, :, : ctx.start].clone()))
-        generator = torch.Generator().manual_seed(ctx.start * 31 + ctx.layer)
-        return torch.rand(ctx.keys.shape[0], ctx.keys.shape[1], ctx.end - ctx.score_from, generator=generator)
+        """Records which keys before the chunk its first query attended to (probability > 0: an
+        evicted key is masked to exactly 0), per query head."""
+        start = int(ctx.start)
+        self.seen.append((ctx.layer, start, ctx.attention[0, :, 0, :start] > 0))
+        generator = torch.Generator().manual_seed(start * 31 + ctx.layer)
+        return torch.rand(ctx.keys.shape[0], ctx.keys.shape[1], ctx.scored.shape[0], generator=generator)
 
 
 def test_evictions_are_irreversible(tiny_model, tokens):

@@ -24,13 +24,15 @@ from tests.families import (
     tiny_decoder,
 )
 from tests.helpers import full_forward_nll
-from workers import attention, kv_cache
-from workers.actor import MODEL_LEVEL, EvalWorker, WorkerSettings
+from workers import attention
+from workers.actor import EvalWorker
 from workers.attention import UnsupportedAttention, kvorch_attention
 from workers.configs import EvalConfig
-from workers.engine import Engine, EngineSettings
+from workers.engine.core import Engine
+from workers.engine.settings import EngineSettings
 from workers.exactness import inexact_reason
 from workers.nll import token_nll
+from workers.plan import MODEL_LEVEL, WorkerSettings
 from workers.presses import REGISTRY
 
 SLIDING = {"mistral": [16, 16], "gemma2": [16, None], "gemma3": [16, None]}
@@ -42,26 +44,25 @@ SLIDING = {"mistral": [16, 16], "gemma2": [16, None], "gemma3": [16, None]}
     [
         SETTINGS,
         EngineSettings(chunk_size=16, window=8, attn="eager"),
-        EngineSettings(chunk_size=16, window=8, compact=True),
-        EngineSettings(chunk_size=16, window=8, graph=True),
-        EngineSettings(chunk_size=16, window=8, attn="flex", graph=True),
+        EngineSettings(chunk_size=16, window=8, static=True),
+        EngineSettings(chunk_size=16, window=8, attn="flex", static=True),
     ],
-    ids=["sdpa", "eager", "compact", "step-sdpa", "step-flex"],
+    ids=["sdpa", "eager", "static-sdpa", "static-flex"],
 )
 def test_baseline_equals_the_families_full_forward(family, settings):
     assert baseline_error(tiny_decoder(family), document(), settings) < 1e-5
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_chunk_step_keeps_the_eager_engines_keys_on_every_family(family):
-    """Every press the family supports, through the one-graph chunk step and the eager engine:
+def test_static_shapes_keep_the_exact_paths_keys_on_every_family(family):
+    """Every press the family supports, at the compiled step's static shapes and at exact ones:
     the same keys kept and the same NLL, with each family's windows, soft-caps and RoPE."""
     model, tokens = tiny_decoder(family), document()
     has_rope = getattr(model.base_model, "rotary_emb", None) is not None
     presses = [p for p in PRESSES if has_rope or p != "expected_attention"]  # refused without RoPE
     configs = [EvalConfig(REGISTRY[p](), REGISTRY[p].default_thresholds[0]) for p in presses]
-    eager = Engine(model, EngineSettings(16, 8, graph=False)).evaluate("d", tokens, configs).to_pylist()
-    step = Engine(model, EngineSettings(16, 8, graph=True)).evaluate("d", tokens, configs).to_pylist()
+    eager = Engine(model, EngineSettings(16, 8, static=False)).evaluate("d", tokens, configs).to_pylist()
+    step = Engine(model, EngineSettings(16, 8, static=True)).evaluate("d", tokens, configs).to_pylist()
     for a, b in zip(eager, step, strict=True):
         assert (b["config"], b["keys_kept"], b["n_correct"]) == (a["config"], a["keys_kept"], a["n_correct"])
         assert b["nll_sum"] == pytest.approx(a["nll_sum"], rel=1e-6, abs=1e-9)
@@ -123,7 +124,7 @@ def test_presses_get_each_layers_own_rope(family):
     apply = sys.modules[type(model).__module__].apply_rotary_pos_emb
     x = torch.randn(1, 4, 20, 8)
     for layer, (cos, sin) in received.items():
-        rotary = engine.layer_rotaries[layer]
+        rotary = engine.hooked.layer_rotaries[layer]
         ours = rotary(positions)
         torch.testing.assert_close(ours[0], cos[0].float())
         torch.testing.assert_close(ours[1], sin[0].float())
@@ -176,11 +177,11 @@ def test_the_preflights_exactness_check_passes_every_family(family):
     assert inexact_reason(Engine(tiny_decoder(family), SETTINGS), document()) is None
 
 
-@pytest.mark.parametrize("compile_", [False, True], ids=["eager-engine", "chunk-step"])
+@pytest.mark.parametrize("compile_", [False, True], ids=["exact", "static"])
 def test_the_preflight_refuses_a_model_whose_attention_kvorch_gets_wrong(monkeypatch, tmp_path, compile_):
     """Dropping the sliding window (the bug kvorch had on Mistral) is caught on the actor before the
-    sweep, on its tiny preflight document, with a model-level reason; on the engine the sweep will
-    run (the chunk step when compiling, checked uncompiled)."""
+    sweep, on its tiny preflight document, with a model-level reason; at the shapes the sweep will
+    run (static when compiling, checked uncompiled)."""
     path = tmp_path / "mistral"
     config = T.MistralConfig(**dict(FAMILIES["mistral"][1], sliding_window=4))
     torch.manual_seed(0)
@@ -192,8 +193,7 @@ def test_the_preflight_refuses_a_model_whose_attention_kvorch_gets_wrong(monkeyp
     def causal_only(query_positions, key_positions, variant):
         return query_positions[:, None] >= key_positions[None, :]
 
-    # Only the masks of the engine under test: the other engine's would pass the check.
-    monkeypatch.setattr(attention if compile_ else kv_cache, "band", causal_only)
+    monkeypatch.setattr(attention, "band", causal_only)
     worker = EvalWorker("w", WorkerSettings(str(path), "float32", "cpu", 1, settings))
     [(label, reason)] = worker.preflight([EvalConfig(REGISTRY["baseline"]())])
     assert label == MODEL_LEVEL and "differs from the model's own forward" in reason

@@ -73,17 +73,9 @@ def test_light_defaults_equal_their_owners():
     from orchestrator.heads.settings import PROBE_DEFAULTS, AnalysisSpec
     from workers import defaults
     from workers.attention import BACKENDS
-    from workers.engine import EngineSettings
     from workers.head_stats import HeadStatsProbe
     from workers.presses import ALL_METHODS
 
-    settings = EngineSettings()
-    assert (defaults.CHUNK_SIZE, defaults.WINDOW, defaults.COMPACT, defaults.AGREEMENT) == (
-        settings.chunk_size,
-        settings.window,
-        settings.compact,
-        settings.agreement,
-    )
     assert defaults.ALL_METHODS == ALL_METHODS
     assert defaults.BACKENDS == BACKENDS
     probe = HeadStatsProbe()

@@ -16,7 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from orchestrator.cli import main
 from orchestrator.heads.classify import ClassifierSettings, head_table
-from workers.engine import Engine, EngineSettings
+from workers.engine.core import Engine
+from workers.engine.settings import EngineSettings
 from workers.head_stats import N_DISTANCE_BINS, SCALAR_FEATURES, DocumentHeadStats, HeadStatsProbe, recommended_window
 
 

@@ -93,3 +93,50 @@ def test_kvorch_reads_only_the_lake_and_the_reports():
     }
     assert {file: rooms - KVORCH_READS for file, rooms in reached.items() if rooms - KVORCH_READS} == {}
     assert set().union(*reached.values()) == KVORCH_READS <= set(RANKS)
+
+
+def workers_imports(path: Path) -> set[str]:
+    """The ``workers.*`` modules a file imports (module names, dotted)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("workers.")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "workers":
+                found |= {f"workers.{alias.name}" for alias in node.names}
+            elif node.module.startswith("workers."):
+                found.add(node.module)
+    return found
+
+
+def test_the_driver_takes_only_settings_from_the_engine_package():
+    """Plan types come from workers/plan.py, settings from workers/engine/settings.py; the rest of
+    the engine is the actor's business."""
+    reached = {
+        str(path.relative_to(ROOT)): {m for m in workers_imports(path) if m.startswith("workers.engine")}
+        for floor in ("orchestrator", "kvorch")
+        for path in sorted((ROOT / floor).rglob("*.py"))
+    }
+    assert {f: m - {"workers.engine.settings"} for f, m in reached.items() if m - {"workers.engine.settings"}} == {}
+
+
+def test_workers_have_no_import_circle():
+    """Module-level imports between workers/ modules, TYPE_CHECKING ones included, form no cycle."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "workers").rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        edges = set()
+        top = [*tree.body, *(n for block in tree.body if isinstance(block, ast.If) for n in block.body)]
+        for node in top:  # module level only: function-local imports break cycles on purpose
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("workers"):
+                edges.add(node.module)
+        graph[module] = edges
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in graph.get(start, ()):
+            if nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})):
+                return True
+        return False
+
+    assert sorted(m for m in graph if reaches(m, m, {m})) == []

@@ -91,8 +91,8 @@ def test_gpt2_and_opt_estimates_by_hand():
     t, c, b = 256, 32, 2  # max_tokens, chunk_size, dtype bytes
     gpt2 = 2 * 4 * t * 8 * 2 * b + 2 * 4 * t * 5 + c * (4 * 32 + 2 * 128) * b + c * VOCAB * (b + 4) + 4 * c * t * 4
     opt = 2 * 4 * t * 8 * 2 * b + 2 * 4 * t * 5 + c * (4 * 32 + 2 * 56) * b + c * VOCAB * (b + 4) + 4 * c * t * 4
-    assert memory.config_bytes(tiny_config("gpt2"), t, c, b) == gpt2
-    assert memory.config_bytes(tiny_config("opt"), t, c, b) == opt
+    assert memory.config_bytes(tiny_config("gpt2"), t, c, b, static=False) == gpt2
+    assert memory.config_bytes(tiny_config("opt"), t, c, b, static=False) == opt
 
 
 def test_multi_query_configs_have_one_kv_head():
@@ -114,7 +114,7 @@ def test_multi_query_configs_have_one_kv_head():
 )
 def test_a_config_missing_a_size_names_it(fields, fragment):
     with pytest.raises(ValueError, match=fragment):
-        memory.config_bytes(SimpleNamespace(**fields), 64, 16, 4)
+        memory.config_bytes(SimpleNamespace(**fields), 64, 16, 4, static=False)
 
 
 CPU_POOL = PoolPlan(n_actors=1, num_gpus=0, num_cpus=1, device="cpu")
@@ -123,7 +123,8 @@ CPU_POOL = PoolPlan(n_actors=1, num_gpus=0, num_cpus=1, device="cpu")
 def test_auto_sizes_a_saved_gpt2_dir(local_ray, tmp_path):
     tiny_config("gpt2").save_pretrained(tmp_path)
     spec = JobSpec(model=str(tmp_path), methods=("baseline",), max_tokens=128, chunk_size=32)
-    assert 1 <= batching.resolve(spec, CPU_POOL, "float32") <= memory.MAX_CONFIGS_PER_FORWARD
+    engine = spec.engine_for("cpu")
+    assert 1 <= batching.resolve(spec, CPU_POOL, "float32", engine, 128) <= memory.MAX_CONFIGS_PER_FORWARD
 
 
 @pytest.mark.parametrize(
@@ -138,7 +139,41 @@ def test_auto_that_cannot_size_is_one_line(tmp_path, config, fragment):
     (tmp_path / "config.json").write_text(json.dumps(config))
     spec = JobSpec(model=str(tmp_path), methods=("baseline",))
     with pytest.raises(KvorchError) as error:
-        batching.resolve(spec, CPU_POOL, "float32")
+        batching.resolve(spec, CPU_POOL, "float32", spec.engine_for("cpu"), 1024)
     message = str(error.value)
     assert "\n" not in message and fragment in message
     assert message.startswith("--batch-configs auto cannot size") and "pass --batch-configs N" in message
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["exact", "static"])
+@pytest.mark.parametrize("n", [200, 256], ids=["corpus-document", "probe"])
+def test_the_estimate_sizes_the_cache_the_step_really_holds(static, n):
+    """The batch-size estimate's cache is the bytes of the key and value tensors the step
+    allocates, on each path: a 200-token document (exact: 200 positions; static: its 256-position
+    bucket) and a 256-token retrieval probe, whose answer span changes nothing of the cache.
+    The ``kv_cache_bytes`` column reports the same tensors."""
+    from tests.helpers import tiny_llama
+    from workers.configs import EvalConfig
+    from workers.engine.core import Engine
+    from workers.engine.settings import EngineSettings
+    from workers.nll import AnswerSpan
+    from workers.presses import parse_method
+
+    model = tiny_llama()
+    configs = [EvalConfig(parse_method("baseline")), EvalConfig(parse_method("knorm"), -16.0)]
+    engine = Engine(model, EngineSettings(32, 32, static=static, agreement=False))
+    tokens = torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(0))
+    answer = AnswerSpan(n - 4, 4) if n == 256 else None
+    step, _ = engine.step_for(configs, tokens, agreement=False)
+    step.run(0, tokens, None, answer)
+    state = step.state
+    held = sum(t.nbytes for name in ("keys", "values", "keep", "scores") for t in state[name]) // len(configs)
+    positions = 256 if static else n
+    assert state["keys"][0].shape[2] == positions
+    dims = memory.model_dims(model.config)
+    assert held == memory.cache_bytes(dims, positions, 4)
+    per_config = memory.config_bytes(model.config, n, 32, 4, static=static)
+    assert memory.cache_bytes(dims, positions, 4) < per_config < 4 * memory.cache_bytes(dims, positions, 4)
+    rows = engine.evaluate("d", tokens, configs, answer=answer).to_pylist()
+    keys_and_values = sum(t.nbytes for name in ("keys", "values") for t in state[name])
+    assert {r["kv_cache_bytes"] for r in rows} == {keys_and_values}

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import tiny_llama
+from tests.helpers import layer_context, tiny_llama
 from workers.configs import EvalConfig
-from workers.engine import Engine, EngineSettings
-from workers.presses import LayerContext, parse_method
-from workers.presses.expected_attention import QueryStatistics
+from workers.engine.core import Engine
+from workers.engine.settings import EngineSettings
+from workers.presses import StateShape, parse_method
 from workers.rope import LayerRotary, rotate_half
 
 N = 192
@@ -147,9 +147,8 @@ def _ea_context(n_future: int):
         [0.5, -0.3, 0.2, 0.1, 0, 0.4, -0.2, 0.3]
     )
     keys = 0.6 * torch.randn(1, 2, end, d, generator=g)
-    ctx = LayerContext(
-        layer=0, start=start, end=end, score_from=end - 30, keys=keys, values=torch.ones(1, 2, end, d),
-        queries=queries, visible=torch.ones(1, 2, end, dtype=torch.bool), doc_seed=0,
+    ctx = layer_context(
+        start, end, end - 30, keys, torch.ones(1, 2, end, d), queries,
         prerope_queries=queries, rotary=LayerRotary(cos_sin, rotate_half),
     )  # fmt: skip
     return ctx, cos_sin
@@ -162,7 +161,8 @@ def test_expected_attention_matches_monte_carlo(n_future):
     normalised over the scored keys and averaged over the GQA group as kvpress does."""
     ctx, cos_sin = _ea_context(n_future)
     press = parse_method(f"expected_attention:n_future_positions={n_future},use_vnorm=false,n_sink=0")
-    scores = press.score(ctx, press.init_state(1, 1, 2, ctx.end, torch.device("cpu")))[0].double()
+    shape = StateShape(1, 1, 4, 2, 8, int(ctx.end), torch.device("cpu"))
+    scores = press.score(ctx, press.init_state(shape))[0].double()  # [Hkv, 30]: the scored positions
 
     q = ctx.prerope_queries[0].double()  # [H, c, d]
     mu = q.mean(dim=1)
@@ -178,7 +178,7 @@ def test_expected_attention_matches_monte_carlo(n_future):
         rot_half = torch.cat((-samples[..., half:], samples[..., :half]), dim=-1)
         rotated += samples * c + rot_half * s
     rotated /= n_future
-    keys = ctx.keys_at(ctx.score_from, ctx.end)[0].double()  # [Hkv, n, d]
+    keys = ctx.keys[0, :, ctx.score_from : ctx.end].double()  # [Hkv, n, d]
     heads_per_kv = 2
     expected = []
     for kv in range(2):
@@ -192,17 +192,15 @@ def test_expected_attention_matches_monte_carlo(n_future):
 
 def test_running_statistics_equal_numpy_over_all_queries():
     press = parse_method("expected_attention:stats=running")
-    state = QueryStatistics.empty(1)
+    state = press.init_state(StateShape(1, 1, 3, 1, 4, 200, torch.device("cpu")))
     g = torch.Generator().manual_seed(2)
     seen = []
     for start in range(0, 200, 50):
         q = torch.randn(1, 3, 50, 4, generator=g) * torch.tensor([1.0, 2.0, 0.5, 1.5]) + 3
-        ctx = LayerContext(
-            layer=0, start=start, end=start + 50, score_from=start, keys=torch.zeros(1, 1, start + 50, 4),
-            values=torch.zeros(1, 1, start + 50, 4), queries=q, visible=torch.ones(1, 1, start + 50, dtype=torch.bool),
-            doc_seed=0, prerope_queries=q,
-        )  # fmt: skip
-        mean, cov = press._update_statistics(ctx, state)
+        keys = torch.zeros(1, 1, start + 50, 4)
+        ctx = layer_context(start, start + 50, start, keys, keys, q, prerope_queries=q)
+        mean, cov, seen_any = press._update_statistics(ctx, state)
+        assert seen_any
         seen.append(q[0, :, max(0, press.n_sink - start) :].numpy())
     all_queries = np.concatenate(seen, axis=1)  # [H, n, d]
     for h in range(3):

@@ -8,7 +8,8 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from tests.helpers import tiny_llama
 from workers.configs import EvalConfig
-from workers.engine import Engine, EngineSettings, doc_seed
+from workers.engine.core import Engine, doc_seed
+from workers.engine.settings import EngineSettings
 from workers.presses import REGISTRY, parse_method
 from workers.presses.random import uniform_scores
 from workers.rope import mean_rotation, unrotate

@@ -17,7 +17,8 @@ from orchestrator.sweep.documents import docs_table, run_documents
 from orchestrator.sweep.spec import JobSpec
 from tests.helpers import full_forward_logits, window_visible
 from workers.configs import EvalConfig
-from workers.engine import Engine, EngineSettings
+from workers.engine.core import Engine
+from workers.engine.settings import EngineSettings
 from workers.nll import AnswerSpan
 from workers.presses import parse_method
 from workers.presses.baseline import BaselinePress
@@ -35,7 +36,7 @@ def test_answer_columns_equal_a_full_forward_over_the_answer_tokens(tiny_model, 
     chunk, window, n = 16, 8, len(tokens)
     answer = AnswerSpan(start=n - 20, tokens=20)  # targets n-20 .. n-1, predicted at n-21 .. n-2
     configs = [EvalConfig(BaselinePress()), EvalConfig(parse_method("window"))]
-    rows = Engine(tiny_model, EngineSettings(chunk, window, graph=graph)).evaluate("d", tokens, configs, None, answer)
+    rows = Engine(tiny_model, EngineSettings(chunk, window, static=graph)).evaluate("d", tokens, configs, None, answer)
     visible = {"baseline": None, "window": window_visible(n, chunk, window)}
     for config, mask in visible.items():
         logits = full_forward_logits(tiny_model, tokens, mask)[n - 21 : n - 1]

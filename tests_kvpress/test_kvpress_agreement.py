@@ -20,7 +20,8 @@ from transformers import DynamicCache
 
 from tests.helpers import tiny_llama
 from workers.configs import EvalConfig
-from workers.engine import Engine, EngineSettings
+from workers.engine.core import Engine
+from workers.engine.settings import EngineSettings
 from workers.presses import parse_method
 
 N = 192

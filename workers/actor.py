@@ -14,7 +14,6 @@ import platform
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import pyarrow as pa
 import ray
@@ -22,12 +21,13 @@ import torch
 from ray.util import metrics
 
 from workers.configs import EvalConfig
-from workers.engine import Engine, EngineSettings
+from workers.engine.core import Engine
+from workers.errors import error_line
 from workers.exactness import inexact_reason
 from workers.faults import Fault
 from workers.head_stats import DocumentHeadStats, HeadStatsProbe
 from workers.models import load_model
-from workers.nll import AnswerSpan
+from workers.plan import MODEL_LEVEL, ConfigFailure, DocumentScores, Task, TaskDocument, TaskResult, WorkerSettings
 from workers.schema import ROW_SCHEMA
 
 # The preflight's document: a few chunks past a small window, so every press scores, decides
@@ -36,63 +36,6 @@ PREFLIGHT_DOC_ID = "kvorch-preflight"
 PREFLIGHT_TOKENS = 16
 PREFLIGHT_CHUNK = 4
 PREFLIGHT_WINDOW = 4
-# The label of a preflight failure that concerns the model, not one config.
-MODEL_LEVEL = ""
-
-
-@dataclass(frozen=True)
-class TaskDocument:
-    doc_id: str
-    token_ids: list[int]
-    # A retrieval probe's answer: its last ``answer_tokens`` tokens (0: a corpus document).
-    answer_tokens: int = 0
-
-    @property
-    def answer(self) -> AnswerSpan | None:
-        if not self.answer_tokens:
-            return None
-        return AnswerSpan(len(self.token_ids) - self.answer_tokens, self.answer_tokens)
-
-
-@dataclass(frozen=True)
-class Task:
-    """A shard of documents under a group of configs: the unit of scheduling and of part files."""
-
-    task_id: str
-    documents: tuple[TaskDocument, ...]
-    configs: tuple[EvalConfig, ...]
-
-    @property
-    def cost(self) -> int:
-        """Token-configs to evaluate: what the scheduler balances and orders by."""
-        return sum(len(d.token_ids) for d in self.documents) * len(self.configs)
-
-
-@dataclass(frozen=True)
-class ConfigFailure:
-    """A config that raised on one document: only its rows of that document are missing."""
-
-    doc_id: str
-    config: str  # the config's label
-    reason: str  # "ExceptionType: first line of its message"
-
-
-@dataclass(frozen=True)
-class TaskResult:
-    """What a task sends back: its rows (one Arrow table, through the object store) and the
-    configs that failed on some of its documents, whose rows are absent from ``rows``."""
-
-    rows: pa.Table
-    failures: tuple[ConfigFailure, ...] = ()
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    model: str
-    dtype: str
-    device: str
-    threads: int
-    engine: EngineSettings
 
 
 class EvalWorker:
@@ -205,9 +148,8 @@ class EvalWorker:
         self.load()
         if self._preflight_engine is None:
             engine = self.settings.engine
-            graph = engine.compile if engine.graph is None else engine.graph
             settings = dataclasses.replace(
-                engine, chunk_size=PREFLIGHT_CHUNK, window=PREFLIGHT_WINDOW, compile=False, graph=graph
+                engine, chunk_size=PREFLIGHT_CHUNK, window=PREFLIGHT_WINDOW, compile=False, static=engine.static_shapes
             )
             self._preflight_engine = Engine(self._preflight_model, settings, worker=self.name)
         generator = torch.Generator().manual_seed(0)
@@ -223,16 +165,15 @@ class EvalWorker:
                 failed.append((config.label, error_line(exc)))
         return failed
 
+    def scores(self, doc: TaskDocument, configs: list[EvalConfig]) -> DocumentScores:
+        """Every key's last score and final keep decision under each config, for ``kvorch scores``."""
+        self.load()
+        return self.engine.inspect(doc.doc_id, torch.tensor(doc.token_ids), configs)[1]
+
     def head_statistics(self, doc: TaskDocument, probe: HeadStatsProbe) -> DocumentHeadStats:
         """Attention statistics per (chunk, layer, head) of one document, for ``kvorch heads analyze``."""
         self.load()
         return self.engine.observe(doc.doc_id, torch.tensor(doc.token_ids), probe).units(doc.doc_id)
-
-
-def error_line(exc: BaseException) -> str:
-    """``Type: first line of the message``: why a config failed, on one line."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
 
 
 def _sharing_weights(model: torch.nn.Module) -> torch.nn.Module:

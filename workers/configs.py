@@ -11,7 +11,7 @@ if TYPE_CHECKING:  # kept out of the import: the CLI's options read POLICIES wit
 
 POLICIES = ("threshold", "ratio", "budget")
 # Policies that keep each (layer, kv-head)'s best-scoring keys up to a number, rather than
-# deciding each key alone against a threshold (workers/decisions.py, decide_by_rank).
+# deciding each key alone against a threshold (workers/engine/decisions.py, decide_by_budget).
 RANKED_POLICIES = ("ratio", "budget")
 
 
@@ -63,13 +63,6 @@ class EvalConfig:
         if self.budget is not None:
             return f"{base}@budget={self.budget}"
         return base if self.threshold is None else f"{base}@{self.threshold:g}"
-
-    @property
-    def needs_evicted_keys(self) -> bool:
-        """Under a ranked policy (ratio, budget) a rescoring press rescores every kept key each
-        chunk, also those the budget evicted earlier; one that reads keys to score then reads
-        evicted ones, which only the masked cache still holds (so not with --compact)."""
-        return self.policy in RANKED_POLICIES and self.press.rescores and self.press.reads_keys
 
     @property
     def engine_threshold(self) -> float:

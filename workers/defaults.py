@@ -1,9 +1,9 @@
 """Names and defaults the driver's options need, as plain values, free of torch: ``kvorch --help``
 and every command's ``--help`` read them without loading torch or transformers.
 
-``BACKENDS`` lives here (workers/attention.py imports it). The others mirror what their owner
-defines, since the owner imports torch:
-``tests/test_fast_help.py`` holds each equal to it.
+``BACKENDS`` lives here (workers/attention.py imports it). ``ALL_METHODS`` mirrors the press
+registry, which imports torch; ``tests/test_fast_help.py`` holds it equal. The engine's defaults
+need no copy: workers/engine/settings.py loads no torch.
 """
 
 from __future__ import annotations
@@ -23,8 +23,3 @@ ALL_METHODS = (
     "snapkv",
     "tova",
 )
-# workers.engine.EngineSettings' defaults.
-CHUNK_SIZE = 128
-WINDOW = 128
-COMPACT = False
-AGREEMENT = True

@@ -15,7 +15,7 @@ import torch
 
 from workers.attention import ATTENTION_NAME
 from workers.configs import EvalConfig
-from workers.engine import Engine
+from workers.engine.core import Engine
 from workers.nll import token_nll
 from workers.presses.baseline import BaselinePress
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.presses.base import LayerContext, Press, constant_scores
+from workers.presses.base import LayerContext, Press, StateShape, constant_scores
 
 N_DISTANCE_BINS = 21  # up to 2^20 tokens back
 # Feature layout of the per-unit sums: these scalars, then the distance bins.
@@ -64,22 +64,26 @@ class HeadStatsProbe(Press):
     name = "head_stats"
     needs_attention = True
     in_all = False
+    traceable = False
 
     n_sink: int = 4
     recent: int = 64
     min_position: int = 256
 
-    def init_state(self, n_rows, n_layers, n_kv_heads, n_positions, device) -> HeadStatsState:
+    def init_state(self, shape: StateShape) -> HeadStatsState:
         return HeadStatsState()
 
     def score(self, ctx: LayerContext, state: HeadStatsState) -> torch.Tensor:
+        """Python lists of per-chunk sums: not traceable, so it runs uncompiled at exact shapes
+        (query row i is position start + i, the keys are [0, end))."""
         state.n_kv_heads = ctx.keys.shape[1]
-        first = max(ctx.start, self.min_position)
-        if first < ctx.end:
-            probs = ctx.attention[0, :, first - ctx.start :].double()  # [H, q, end]
+        s, e = int(ctx.start), int(ctx.end)
+        first = max(s, self.min_position)
+        if first < e:
+            probs = ctx.attention[0, :, first - s : e - s, :e].double()  # [H, q, end]
             state.sums.setdefault(ctx.layer, []).append(self.chunk_sums(probs, first))
             if ctx.layer == 0:
-                state.queries.append(ctx.end - first)
+                state.queries.append(e - first)
         return constant_scores(ctx, float("inf"))
 
     def chunk_sums(self, probs: torch.Tensor, first: int) -> torch.Tensor:

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from workers.engine.settings import cache_positions
+
 # Of the memory free on the worker's device, the part the batch may plan for.
 SAFETY_FRACTION = 0.5
 # More configs per forward stops paying once the matmuls are large; smaller groups also give
@@ -63,22 +65,30 @@ def model_dims(model_config: Any) -> ModelDims:
     return ModelDims(layers, heads, kv_heads, head_dim, hidden, intermediate, _size(model_config, _VOCAB))
 
 
-def config_bytes(model_config: Any, max_tokens: int, chunk_size: int, dtype_bytes: int) -> int:
+def config_bytes(model_config: Any, max_tokens: int, chunk_size: int, dtype_bytes: int, static: bool) -> int:
     """Device bytes one more config (batch row) needs for a document of ``max_tokens``.
 
-    KV cache: layers x kv-heads x max_tokens x head_dim x 2 (keys, values) x dtype bytes; the
+    The cache holds what the chunk step allocates (settings.cache_positions: the document's
+    length uncompiled, its power-of-two length bucket with a compiled step's ``static`` shapes),
+    P positions: KV cache layers x kv-heads x P x head_dim x 2 (keys, values) x dtype bytes; the
     engine's keep-mask and scores: 5 bytes per (layer, kv-head, position); activations of one
     chunk: hidden states and MLP intermediates, float32 logits and one layer's attention
-    probabilities over the document (the eager backend and attention-reading presses).
+    probabilities over the P positions (the eager backend and attention-reading presses).
     ValueError when the config lacks a size (see :func:`model_dims`).
     """
     d = model_dims(model_config)
-    kv_cache = d.layers * d.kv_heads * max_tokens * d.head_dim * 2 * dtype_bytes
-    bookkeeping = d.layers * d.kv_heads * max_tokens * (4 + 1)
+    positions = cache_positions(max_tokens, chunk_size, static)
     hidden = chunk_size * (4 * d.hidden + 2 * d.intermediate) * dtype_bytes
     logits = chunk_size * d.vocab * (dtype_bytes + 4)
-    probabilities = d.heads * chunk_size * max_tokens * 4
-    return kv_cache + bookkeeping + hidden + logits + probabilities
+    probabilities = d.heads * chunk_size * positions * 4
+    return cache_bytes(d, positions, dtype_bytes) + hidden + logits + probabilities
+
+
+def cache_bytes(dims: ModelDims, positions: int, dtype_bytes: int) -> int:
+    """What the step allocates per config for ``positions`` per (layer, kv-head): keys and values
+    (head_dim x 2 x dtype bytes each) plus the keep-mask and scores (1 + 4 bytes); the first part
+    is what the ``kv_cache_bytes`` column reports. tests/test_memory.py reads both off the tensors."""
+    return dims.layers * dims.kv_heads * positions * (dims.head_dim * 2 * dtype_bytes + 1 + 4)
 
 
 def configs_per_forward(per_config: int, available: int, cap: int = MAX_CONFIGS_PER_FORWARD) -> int:

@@ -155,10 +155,12 @@ def _default(name: str) -> object:
     "auto: on for CUDA, off on CPU; on: fail before any task if this machine cannot compile.",
 )
 @click.option(
-    "--compact/--no-compact",
-    default=_default("compact"),
-    help="Evicted keys physically leave the cache, so KV memory tracks density (same numbers as masking).",
+    "--cuda-graphs/--no-cuda-graphs",
+    default=_default("cuda_graphs"),
+    help="With the compiled chunk step on CUDA, replay each chunk as one CUDA graph; ignored on CPU. "
+    "Off until measured on a GPU (BENCHMARKS.md).",
 )
+@click.option("--compact", is_flag=True, hidden=True, expose_value=False, callback=lambda _c, _p, on: _no_compact(on))
 @lake_option
 @click.option(
     "--run-id",
@@ -204,8 +206,17 @@ def command(ctx: click.Context, **options: Any) -> None:
 # JobSpec fields that are options of the same name (the rest are converted in _job_spec).
 _SPEC_OPTIONS = (
     "model", "corpus", "methods", "thresholds", "policy", "max_docs", "max_tokens", "bos", "chunk_size",
-    "window", "attn", "dtype", "device", "actors", "batch_configs", "compact",
+    "window", "attn", "dtype", "device", "actors", "batch_configs", "cuda_graphs",
 )  # fmt: skip
+
+
+def _no_compact(given: bool) -> None:
+    """``--compact`` is gone; a script that still passes it is told so, in one line."""
+    if given:
+        raise click.UsageError(
+            "--compact was removed: it gave the default masked cache's rows and measured no faster "
+            "(BENCHMARKS.md); drop the flag"
+        )
 
 
 def _job_spec(ctx: click.Context, options: dict[str, Any]) -> JobSpec:

@@ -21,8 +21,9 @@ from orchestrator.heads.settings import FEW_DOCS, AnalysisSpec, ClassifierSettin
 from orchestrator.lake.store import Lake
 from orchestrator.pool import actors
 from orchestrator.pool.connect import DEFAULT_CONNECT_TIMEOUT
-from workers.actor import EvalWorker, TaskDocument, WorkerSettings
+from workers.actor import EvalWorker
 from workers.models import resolve_dtype
+from workers.plan import TaskDocument, WorkerSettings
 
 __all__ = ["FEW_DOCS", "HEADS_FILE", "Analysis", "AnalysisSpec", "ClassifierSettings", "analyze"]
 

@@ -17,6 +17,7 @@ from orchestrator.errors import KvorchError
 from orchestrator.lake.store import Lake
 from orchestrator.pool import DEFAULT_CONNECT_TIMEOUT
 from orchestrator.sweep.spec import JobSpec
+from workers.engine.settings import EngineSettings
 
 HEAD_ABLATION = "head-ablation"
 PRESETS = (HEAD_ABLATION,)
@@ -53,7 +54,6 @@ def analyze_held_out_heads(
     # Imported here: `kvorch submit --help` reads this module's names without loading torch.
     from orchestrator.heads.analysis import AnalysisSpec, analyze
     from orchestrator.heads.classify import ClassifierSettings
-    from workers.engine import EngineSettings
     from workers.head_stats import HeadStatsProbe
 
     skip = spec.max_docs or 0

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 
 from orchestrator.errors import KvorchError
 from workers import tokenization
+from workers.engine.settings import EngineSettings
 
 if TYPE_CHECKING:
-    from workers.engine import EngineSettings
     from workers.head_stats import HeadStatsProbe
 
 # Below this many documents the bootstrap over chunks is optimistic (chunks of one document agree).
@@ -54,7 +54,7 @@ class AnalysisSpec:
     skip_docs: int = 0  # corpus documents before the analysed ones (the preset analyses held-out ones)
     max_docs: int = 8
     max_tokens: int = 1024
-    chunk_size: int = 128  # the unit the bootstrap resamples
+    chunk_size: int = EngineSettings.chunk_size  # the unit the bootstrap resamples
     dtype: str = "auto"
     device: str = "auto"
     actors: int | None = None

@@ -12,16 +12,22 @@ from orchestrator.errors import KvorchError
 from orchestrator.pool.actors import PoolPlan
 from orchestrator.sweep.spec import JobSpec
 from workers import memory
+from workers.engine.settings import EngineSettings
 from workers.models import DTYPES
 
 
-def resolve(spec: JobSpec, pool: PoolPlan, dtype: str) -> int:
-    """``spec.batch_configs`` as a number: as given, or what one worker's free memory holds."""
+def resolve(spec: JobSpec, pool: PoolPlan, dtype: str, engine: EngineSettings, longest: int) -> int:
+    """``spec.batch_configs`` as a number: as given, or what one worker's free memory holds for
+    the run's ``longest`` document (a corpus document or a probe) on the path ``engine`` runs."""
     if spec.batch_configs != "auto":
         return spec.batch_configs
     try:
         per_config = memory.config_bytes(
-            memory.model_config(spec.model), spec.max_tokens, spec.chunk_size, DTYPES[dtype].itemsize
+            memory.model_config(spec.model),
+            longest,
+            engine.chunk_size,
+            DTYPES[dtype].itemsize,
+            static=engine.static_shapes,
         )
     except ValueError as exc:  # memory.model_config and memory.config_bytes raise only this
         reason = " ".join(str(exc).split())

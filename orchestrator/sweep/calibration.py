@@ -30,8 +30,8 @@ from orchestrator.lake.queries import metrics_of
 from orchestrator.pool.actors import Call, WorkerPool
 from orchestrator.sweep.planner import TokenizedDocument, check_lengths
 from orchestrator.sweep.spec import JobSpec
-from workers.actor import Task, TaskDocument
 from workers.configs import EvalConfig
+from workers.plan import Task, TaskDocument
 from workers.presses import Press
 from workers.tokenization import Tokenization
 

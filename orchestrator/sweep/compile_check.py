@@ -1,8 +1,8 @@
 """Checks, in the driver before any task starts, that what the job asks of torch can run here.
 
 ``--compile on`` must fail before an actor is started, not in the middle of one; ``--compile
-auto`` falls back to eager with a note instead. And presses without a tensor form are named once,
-since their batches run on the eager per-layer engine instead of the one compiled graph.
+auto`` falls back to eager with a note instead. And presses that cannot be traced are named once,
+since their batches run the chunk step uncompiled.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import torch
 
 from orchestrator.errors import KvorchError
 from workers.configs import EvalConfig
-from workers.engine import EngineSettings
+from workers.engine.settings import EngineSettings
+from workers.errors import error_line
 
 
 def compiler_problem(device: str) -> str | None:
@@ -28,8 +29,7 @@ def compiler_problem(device: str) -> str | None:
         probe = torch.compile(lambda x: torch.relu(x) * 2 + 1, backend="inductor", fullgraph=True)
         probe(torch.ones(8, device=device))
     except Exception as exc:  # noqa: BLE001 - any failure to compile is the answer
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-        return f"{type(exc).__name__}: {first_line}"
+        return error_line(exc)[:200]
     finally:
         torch._dynamo.reset()
     return None
@@ -53,13 +53,10 @@ def resolve_compile(settings: EngineSettings, requested: str, device: str) -> En
 
 
 def eager_note(settings: EngineSettings, configs: list[EvalConfig]) -> str | None:
-    """One line naming the presses (or the setting) that keep batches off the compiled chunk step."""
-    if settings.compact:
-        return "--compact compacts the cache between chunks, so every batch runs on the eager per-layer engine"
-    eager = sorted({c.press.label() for c in configs if not c.press.in_graph})
+    """One line naming the presses that keep batches off the compiled chunk step."""
+    eager = sorted({c.press.label() for c in configs if not c.press.traceable})
     if not eager:
         return None
     return (
-        f"{', '.join(eager)} has no tensor form: batches with it run on the eager per-layer engine, "
-        "not the one compiled chunk step"
+        f"{', '.join(eager)} cannot be traced by torch.compile: batches with it run the chunk step uncompiled"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tqdm import tqdm
 
 from orchestrator.pool.actors import PoolResult
-from workers.actor import Task
+from workers.plan import Task
 
 
 class Progress:

@@ -23,7 +23,8 @@ from orchestrator.lake import integrity
 from orchestrator.lake.store import Lake, new_run_id
 
 # Scheduling choices: they change where and how fast rows are computed, never their values.
-SCHEDULING_FIELDS = ("actors",)
+# Fields that change how a run is scheduled or executed, never a number: a run resumes across them.
+SCHEDULING_FIELDS = ("actors", "cuda_graphs")
 HEARTBEAT_SECONDS = 30
 STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS
 

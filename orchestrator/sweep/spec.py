@@ -14,22 +14,18 @@ from orchestrator.corpus import EMBEDDED_CORPUS
 from orchestrator.errors import KvorchError
 from orchestrator.probes import DEFAULT_DEPTHS, DEFAULT_LENGTHS, ProbeSpec, check_task
 from orchestrator.probes.spec import check_spec
-from workers import defaults
 from workers.configs import POLICIES, RANKED_POLICIES, EvalConfig
+from workers.engine.settings import EngineSettings
 from workers.models import DTYPE_NAMES, EMBEDDED_MODEL
 from workers.tokenization import BOS_MODES, DEFAULT_BOS
 
 if TYPE_CHECKING:
-    from workers.engine import EngineSettings
     from workers.presses import Press
 
 DEFAULT_MAX_DOCS = 4
 DEFAULT_MAX_TOKENS = 1024
-# The engine's defaults (workers/defaults.py mirrors EngineSettings' without importing torch, so
-# the CLI's --help stays fast).
-DEFAULT_CHUNK_SIZE = defaults.CHUNK_SIZE
-DEFAULT_WINDOW = defaults.WINDOW
-DEFAULT_COMPACT = defaults.COMPACT
+DEFAULT_CHUNK_SIZE = EngineSettings.chunk_size
+DEFAULT_WINDOW = EngineSettings.window
 # auto: compile on CUDA, where it pays (orchestrator/sweep/compile_check.py confirms it can); see README.
 COMPILE_MODES = ("auto", "on", "off")
 
@@ -45,7 +41,7 @@ class JobSpec:
     budgets: tuple[int, ...] = ()
     # Record each config's KL, top-1 agreement and top-5 overlap with the uncompressed model
     # (workers/agreement.py); the run then always holds baseline, added when not requested.
-    agreement: bool = defaults.AGREEMENT
+    agreement: bool = EngineSettings.agreement
     max_docs: int | None = DEFAULT_MAX_DOCS
     max_tokens: int = DEFAULT_MAX_TOKENS
     chunk_size: int = DEFAULT_CHUNK_SIZE
@@ -57,7 +53,8 @@ class JobSpec:
     # Configs per batched forward; "auto" fits them to the worker's free memory (orchestrator/sweep/batching.py).
     batch_configs: int | str = "auto"
     compile: str = "auto"
-    compact: bool = DEFAULT_COMPACT
+    # With the compiled step on CUDA, replay it as a CUDA graph (EngineSettings.cuda_graphs).
+    cuda_graphs: bool = EngineSettings.cuda_graphs
     # BOS first in every document: auto|on|off, resolved against the tokenizer (workers/tokenization.py).
     bos: str = DEFAULT_BOS
     # Target compressible densities: thresholds are calibrated to them (orchestrator/sweep/calibration.py).
@@ -80,6 +77,8 @@ class JobSpec:
         object.__setattr__(self, "batch_configs", _parse_batch_configs(self.batch_configs))
         if self.compile not in COMPILE_MODES:
             raise KvorchError(f"--compile {self.compile!r} is unknown; use one of {', '.join(COMPILE_MODES)}")
+        if self.cuda_graphs and self.compile == "off":
+            raise KvorchError("--cuda-graphs replays the compiled chunk step; it needs --compile auto or on, not off")
         if self.bos not in BOS_MODES:
             raise KvorchError(f"--bos {self.bos!r} is unknown; use one of {', '.join(BOS_MODES)}")
         from workers.attention import check_backend
@@ -101,12 +100,6 @@ class JobSpec:
 
                 configs.insert(0, EvalConfig(BaselinePress()))
             object.__setattr__(self, "configs", tuple(configs))
-        evicted_readers = [c.label for c in self.configs if c.needs_evicted_keys] if self.compact else []
-        if evicted_readers:
-            raise KvorchError(
-                f"--compact drops evicted keys, but {evicted_readers[0]} rescores from keys the budget may have "
-                "evicted; run it without --compact or with --policy threshold"
-            )
         if self.densities and self.thresholds:
             raise KvorchError("--densities and --thresholds both choose thresholds; pass only one of them")
         if self.densities and self.policy != "threshold":
@@ -118,13 +111,21 @@ class JobSpec:
         """The engine settings on a pool of ``device`` ("cuda" or "cpu"), --compile auto resolved."""
         compile_ = self.compile == "on" or (self.compile == "auto" and device == "cuda")
         return engine_settings(
-            self.chunk_size, self.window, self.attn, compile=compile_, compact=self.compact, agreement=self.agreement
+            self.chunk_size,
+            self.window,
+            self.attn,
+            compile=compile_,
+            cuda_graphs=self.cuda_graphs and compile_ and device == "cuda",
+            agreement=self.agreement,
         )
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "configs"}
         out["methods"], out["thresholds"], out["ratios"] = list(self.methods), list(self.thresholds), list(self.ratios)
         out["budgets"] = list(self.budgets)
+        # Every run's cache is the masked one since --compact was removed; the key stays so that
+        # runs made before then still match their fingerprint and resume.
+        out["compact"] = False
         out["lengths"], out["depths"] = list(self.lengths), list(self.depths)
         out["configs"] = [
             {
@@ -194,7 +195,7 @@ def _check_budgets(budgets: tuple[int, ...], presses: list[Press], window: int) 
     if not budgets:
         raise KvorchError("--policy budget needs --budgets, e.g. --budgets 128,256,1024 (keys per layer and head)")
     for press in (p for p in presses if p.default_thresholds != (None,)):
-        protected = max(window, press.protected_window)
+        protected = press.protected(window)
         floor = press.n_sink + protected
         low = [b for b in budgets if b < floor]
         if low:
@@ -299,7 +300,6 @@ def engine_settings(chunk_size: int, window: int, attn: str = "sdpa", **options:
     """The engine's settings, or a one-line KvorchError naming the options to fix. The engine
     owns the rules (``EngineSettings.__post_init__``); every command builds its settings here, so
     a chunk size or window is validated in that one place and reported the same way."""
-    from workers.engine import EngineSettings
 
     try:
         return EngineSettings(chunk_size, window, attn, **options)

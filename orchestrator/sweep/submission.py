@@ -32,8 +32,9 @@ from orchestrator.sweep.progress import Progress
 from orchestrator.sweep.resume import choose_run, running_status, spec_hash
 from orchestrator.sweep.run_lock import RunLock
 from orchestrator.sweep.spec import JobSpec
-from workers.actor import EvalWorker, Task, WorkerSettings
+from workers.actor import EvalWorker
 from workers.models import resolve_dtype
+from workers.plan import Task, WorkerSettings
 from workers.schema import SCHEMA_VERSION
 
 
@@ -138,7 +139,11 @@ def _run(
         print(f"kvorch: {note}", file=sys.stderr)
     settings = WorkerSettings(spec.model, dtype, pool.device, pool.threads, engine)
     n_shards = previous["n_shards"] if previous else default_shards(pool.n_actors)
-    batch_configs = previous["batch_configs_resolved"] if previous else batching.resolve(spec, pool, dtype)
+    if previous:
+        batch_configs = previous["batch_configs_resolved"]
+    else:
+        longest = max(len(d.token_ids) for d in [*docs, *held_out])
+        batch_configs = batching.resolve(spec, pool, dtype, engine, longest)
     with actors.WorkerPool(pool, EvalWorker, (settings,), actor_timeout) as workers:
         # Still nothing written: a config that cannot run on this model stops the job here.
         workers.preflight(list(spec.configs))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from workers.presses.base import ChunkTensors, LayerContext, Press, StateShape
+from workers.presses.base import LayerContext, Press, StateShape
 from workers.presses.baseline import BaselinePress
 from workers.presses.expected_attention import ExpectedAttentionPress
 from workers.presses.h2o import H2OPress
@@ -45,7 +45,7 @@ REGISTRY: dict[str, type[Press]] = {
 # What `--methods all` means: every method that runs without required parameters.
 ALL_METHODS: tuple[str, ...] = tuple(name for name, cls in REGISTRY.items() if cls.in_all)
 
-__all__ = ["ALL_METHODS", "REGISTRY", "ChunkTensors", "LayerContext", "Press", "StateShape", "parse_method"]
+__all__ = ["ALL_METHODS", "REGISTRY", "LayerContext", "Press", "StateShape", "parse_method"]
 
 
 def parse_method(text: str) -> Press:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.presses.base import ChunkTensors, LayerContext, Press, constant_chunk_scores, constant_scores
+from workers.presses.base import LayerContext, Press, constant_scores
 
 
 @dataclass(frozen=True)
@@ -15,6 +15,3 @@ class BaselinePress(Press):
 
     def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
         return constant_scores(ctx, float("inf"))
-
-    def score_chunk(self, ctx: ChunkTensors, state: None) -> torch.Tensor:
-        return constant_chunk_scores(ctx, float("inf"))

@@ -21,42 +21,17 @@ would accumulate.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from workers.presses.base import ChunkTensors, LayerContext, Press, StateShape
-from workers.rope import LayerRotary
-
-
-@dataclass
-class QueryStatistics:
-    """Per layer: the recent queries (window) or count/mean/M2 (running), per row and head."""
-
-    recent: list[torch.Tensor | None]
-    count: list[int]
-    mean: list[torch.Tensor | None]
-    m2: list[torch.Tensor | None]
-    # Per RoPE (one per layer type: Gemma 3's local and global layers differ), the chunk end and
-    # averaged RoPE matrix of that end: the same for every layer of the type, so computed once per chunk.
-    rotations: dict[LayerRotary, tuple[int, torch.Tensor]] = field(default_factory=dict)
-
-    @classmethod
-    def empty(cls, n_layers: int) -> QueryStatistics:
-        return cls([None] * n_layers, [0] * n_layers, [None] * n_layers, [None] * n_layers)
-
-    def future_rotation(self, ctx: LayerContext, n_future: int, head_dim: int) -> torch.Tensor:
-        cached = self.rotations.get(ctx.rotary)
-        if cached is None or cached[0] != ctx.end:
-            future = torch.arange(ctx.end, ctx.end + n_future, device=ctx.keys.device)
-            cached = self.rotations[ctx.rotary] = (ctx.end, ctx.rotary.mean_rotation(future, head_dim))
-        return cached[1]
+from workers.presses.base import LayerContext, Press, StateShape
 
 
 @dataclass
 class QueryTensors:
-    """:class:`QueryStatistics` as fixed-shape tensors for the compiled step, per layer in the
-    first axis. Window: the last ``query_window`` non-sink queries (positions -1 = empty slot),
+    """The query statistics of every layer, as fixed-shape tensors updated in place (layer in the
+    first axis). Window: the last ``query_window`` non-sink queries (positions -1 = empty slot),
     in position order. Running: count, mean and M2 (Chan merge)."""
 
     recent: torch.Tensor | None = None  # [L, B, H, Q, D]
@@ -85,43 +60,14 @@ class ExpectedAttentionPress(Press):
         if self.stats not in ("window", "running"):
             raise ValueError(f"expected_attention: stats must be 'window' or 'running', got {self.stats!r}")
 
-    def init_state(
-        self, n_rows: int, n_layers: int, n_kv_heads: int, n_positions: int, device: torch.device
-    ) -> QueryStatistics:
-        return QueryStatistics.empty(n_layers)
-
-    def _update_statistics(self, ctx: LayerContext, st: QueryStatistics) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Add this chunk's non-sink queries; return (mean [B,H,D], cov [B,H,D,D]) or None."""
-        layer = ctx.layer
-        q = ctx.prerope_queries[:, :, max(0, self.n_sink - ctx.start) :].float()
-        if self.stats == "window":
-            if q.shape[2]:
-                prev = st.recent[layer]
-                q = q if prev is None else torch.cat((prev, q), dim=2)
-                st.recent[layer] = q[:, :, -self.query_window :]
-            window = st.recent[layer]
-            if window is None:
-                return None
-            mean = window.mean(dim=2)
-            centered = window - mean[:, :, None]
-            return mean, centered.transpose(2, 3) @ centered / window.shape[2]
-        n_new = q.shape[2]
-        if n_new:
-            mean_new = q.mean(dim=2)
-            centered = q - mean_new[:, :, None]
-            m2_new = centered.transpose(2, 3) @ centered
-            n_old = st.count[layer]
-            if n_old == 0:
-                st.mean[layer], st.m2[layer] = mean_new, m2_new
-            else:
-                n = n_old + n_new
-                delta = mean_new - st.mean[layer]
-                st.mean[layer] = st.mean[layer] + delta * (n_new / n)
-                st.m2[layer] = st.m2[layer] + m2_new + delta[..., :, None] * delta[..., None, :] * (n_old * n_new / n)
-            st.count[layer] += n_new
-        if st.count[layer] == 0:
-            return None
-        return st.mean[layer], st.m2[layer] / st.count[layer]
+    def _future_rotation(self, ctx: LayerContext, head_dim: int) -> torch.Tensor:
+        """The RoPE matrix averaged over the next ``n_future_positions`` positions: the same for
+        every layer of one rotary (Gemma 3's local and global layers differ), so once per chunk."""
+        key = (self.name, ctx.rotary, self.n_future_positions, head_dim)
+        if key not in ctx.chunk_memo:
+            future = ctx.end + torch.arange(self.n_future_positions, device=ctx.keys.device)
+            ctx.chunk_memo[key] = ctx.rotary.mean_rotation(future, head_dim)
+        return ctx.chunk_memo[key]
 
     def _expected_logits(
         self, keys: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor, rot: torch.Tensor, n_groups: int
@@ -137,26 +83,7 @@ class ExpectedAttentionPress(Press):
             logits = logits + (projected * keys[:, :, None]).sum(dim=-1) / d / 2
         return logits
 
-    def score(self, ctx: LayerContext, state: QueryStatistics) -> torch.Tensor:
-        stats = self._update_statistics(ctx, state)
-        b, hkv, _, d = ctx.keys.shape
-        lo = max(ctx.score_from, self.n_sink)
-        n_sinks_scored = lo - ctx.score_from
-        keys = ctx.keys_at(lo, ctx.end).float()
-        if stats is None or keys.shape[2] == 0:
-            scores = torch.zeros(b, hkv, keys.shape[2], device=keys.device)
-        else:
-            rot = state.future_rotation(ctx, self.n_future_positions, d)
-            scores = torch.softmax(self._expected_logits(keys, *stats, rot, ctx.n_groups), dim=-1).mean(dim=2)
-            if self.use_vnorm:
-                values = ctx.values_at(lo, ctx.end).float()
-                scores = (scores + self.epsilon) * values.norm(dim=-1)
-        sinks = torch.full((b, hkv, n_sinks_scored), float("inf"), device=keys.device)
-        return torch.cat((sinks, scores), dim=2)
-
-    # --- the compiled step's form: the same statistics and scores over fixed shapes --------------
-
-    def init_chunk_state(self, shape: StateShape) -> QueryTensors:
+    def init_state(self, shape: StateShape) -> QueryTensors:
         lead = (shape.layers, shape.rows, shape.heads)
         zeros = dict(device=shape.device, dtype=torch.float32)
         if self.stats == "window":
@@ -170,11 +97,11 @@ class ExpectedAttentionPress(Press):
             m2=torch.zeros(*lead, shape.head_dim, shape.head_dim, **zeros),
         )
 
-    def _update_chunk_statistics(
-        self, ctx: ChunkTensors, st: QueryTensors
+    def _update_statistics(
+        self, ctx: LayerContext, st: QueryTensors
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean [B,H,D], cov [B,H,D,D], whether any query was seen) after adding the chunk's real
-        non-sink queries; masked sums where :meth:`_update_statistics` slices."""
+        non-sink queries, as masked sums over the chunk's fixed query rows."""
         layer = ctx.layer
         q = ctx.prerope_queries.float()
         new = ctx.real_queries & (ctx.query_positions >= self.n_sink)  # [c]
@@ -207,13 +134,12 @@ class ExpectedAttentionPress(Press):
         count = st.count[layer]
         return st.mean[layer], st.m2[layer] / count.clamp(min=1), count > 0
 
-    def score_chunk(self, ctx: ChunkTensors, state: QueryTensors) -> torch.Tensor:
-        mean, cov, has_stats = self._update_chunk_statistics(ctx, state)
+    def score(self, ctx: LayerContext, state: QueryTensors) -> torch.Tensor:
+        mean, cov, has_stats = self._update_statistics(ctx, state)
         b, hkv, _, d = ctx.keys.shape
         keys = ctx.keys.index_select(2, ctx.scored).float()  # [B, Hkv, S, D]
         in_softmax = (ctx.scored >= torch.clamp(ctx.score_from, min=self.n_sink)) & (ctx.scored < ctx.end)
-        future = ctx.end + torch.arange(self.n_future_positions, device=keys.device)
-        logits = self._expected_logits(keys, mean, cov, ctx.rotary.mean_rotation(future, d), ctx.n_groups)
+        logits = self._expected_logits(keys, mean, cov, self._future_rotation(ctx, d), ctx.n_groups)
         scores = torch.softmax(logits.masked_fill(~in_softmax, float("-inf")), dim=-1).mean(dim=2)
         if self.use_vnorm:
             values = ctx.values.index_select(2, ctx.scored).float()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.presses.base import ChunkTensors, LayerContext, Press, StateShape
+from workers.presses.base import LayerContext, Press, StateShape
 from workers.presses.observed_attention import AttentionSums
 
 
@@ -24,16 +24,8 @@ class H2OPress(Press):
     needs_attention = True
     protected_window: int = 512
 
-    def init_state(
-        self, n_rows: int, n_layers: int, n_kv_heads: int, n_positions: int, device: torch.device
-    ) -> AttentionSums:
-        return AttentionSums.zeros(n_rows, n_layers, n_kv_heads, n_positions, device)
-
-    def score(self, ctx: LayerContext, state: AttentionSums) -> torch.Tensor:
-        return state.add(ctx)[:, :, ctx.score_from :].clone()
-
-    def init_chunk_state(self, shape: StateShape) -> AttentionSums:
+    def init_state(self, shape: StateShape) -> AttentionSums:
         return AttentionSums.zeros(shape.rows, shape.layers, shape.kv_heads, shape.positions, shape.device)
 
-    def score_chunk(self, ctx: ChunkTensors, state: AttentionSums) -> torch.Tensor:
-        return state.add_chunk(ctx)[:, :, ctx.scored]
+    def score(self, ctx: LayerContext, state: AttentionSums) -> torch.Tensor:
+        return state.add(ctx)[:, :, ctx.scored]

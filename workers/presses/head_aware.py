@@ -27,7 +27,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from workers.presses.base import ChunkTensors, LayerContext, Press, constant_chunk_scores, constant_scores
+from workers.presses.base import LayerContext, Press, constant_scores
 from workers.schema import HEAD_CLASSES
 
 HEAD_POLICIES = ("uniform", "class", "recommended", "gated", "inverse")
@@ -122,6 +122,3 @@ class HeadAwarePress(Press):
 
     def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
         return constant_scores(ctx, float("-inf"))
-
-    def score_chunk(self, ctx: ChunkTensors, state: None) -> torch.Tensor:
-        return constant_chunk_scores(ctx, float("-inf"))

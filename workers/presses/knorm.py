@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.presses.base import ChunkTensors, LayerContext, Press
+from workers.presses.base import LayerContext, Press
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,4 @@ class KnormPress(Press):
     reads_keys = True
 
     def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
-        return -ctx.keys_at(ctx.score_from, ctx.end).float().norm(dim=-1)
-
-    def score_chunk(self, ctx: ChunkTensors, state: None) -> torch.Tensor:
         return -ctx.new_keys.float().norm(dim=-1)

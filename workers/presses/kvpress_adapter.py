@@ -47,6 +47,7 @@ class KVPressAdapter(Press):
     needs_hidden_states = True
     reads_keys = True
     in_all = False
+    traceable = False
     press_class: str = ""
     options: str = ""  # canonical "key=value,..." passed to the kvpress class
 
@@ -67,14 +68,16 @@ class KVPressAdapter(Press):
         return f"kvpress:{self.press_class}" + (f":{self.options}" if self.options else "")
 
     def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
+        """kvpress's own scores of the chunk's new keys. Not traceable (kvpress is Python over
+        Python ints), so the engine runs it uncompiled, at exact shapes: every query row is real."""
         press = kvpress_instance(self.press_class, self.options)
-        s, e = ctx.start, ctx.end
-        cos, sin = ctx.rotary(torch.arange(s, e, device=ctx.keys.device))
+        s, e = int(ctx.start), int(ctx.end)
+        cos, sin = ctx.rotary(ctx.query_positions)
         scores = press.score(
             _ModuleView(ctx.module, ctx.rotary),
             ctx.hidden_states,
-            ctx.keys_at(s, e),
-            ctx.values_at(s, e),
+            ctx.new_keys,
+            ctx.new_values,
             ctx.attention[..., s:e],
             {"position_embeddings": (cos[None], sin[None]), "attention_mask": None},
         )

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from workers.presses.base import ChunkTensors, LayerContext, Press, StateShape
+from workers.presses.base import LayerContext, Press, StateShape
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -108,19 +108,7 @@ class KVzapPress(Press):
         """Per surrogate, not per class: a trained surrogate carries the threshold of its scale."""
         return (surrogate_threshold(self.path),)
 
-    def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
-        surrogate = load_surrogate(self.path)
-        if ctx.layer >= len(surrogate):
-            raise ValueError(
-                f"kvzap: {self.path} has {len(surrogate)} layers, the model more; train one for this model"
-            )
-        module = surrogate[ctx.layer].to(ctx.hidden_states.device)
-        scores = module(ctx.hidden_states.float()).transpose(1, 2)  # [B, Hkv, c]
-        if scores.shape[1] != ctx.keys.shape[1]:
-            raise ValueError(f"kvzap: {self.path} scores {scores.shape[1]} kv-heads, the model has {ctx.keys.shape[1]}")
-        return scores[:, :, ctx.score_from - ctx.start :]
-
-    def init_chunk_state(self, shape: StateShape) -> nn.ModuleList:
+    def init_state(self, shape: StateShape) -> nn.ModuleList:
         """The surrogate, checked against the model and moved to its device once, before the
         compiled step (which cannot move modules)."""
         surrogate = load_surrogate(self.path)
@@ -130,7 +118,7 @@ class KVzapPress(Press):
             )
         return surrogate.to(shape.device)
 
-    def score_chunk(self, ctx: ChunkTensors, state: nn.ModuleList) -> torch.Tensor:
+    def score(self, ctx: LayerContext, state: nn.ModuleList) -> torch.Tensor:
         scores = state[ctx.layer](ctx.hidden_states.float()).transpose(1, 2)  # [B, Hkv, c]
         if scores.shape[1] != ctx.keys.shape[1]:
             raise ValueError(f"kvzap: {self.path} scores {scores.shape[1]} kv-heads, the model has {ctx.keys.shape[1]}")

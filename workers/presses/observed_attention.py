@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.presses.base import ChunkTensors, LayerContext, Press, StateShape
+from workers.presses.base import LayerContext, Press, StateShape
 
 
 @dataclass
@@ -28,19 +28,11 @@ class AttentionSums:
         return cls([torch.zeros(n_rows, n_kv_heads, n_positions, device=device) for _ in range(n_layers)])
 
     def add(self, ctx: LayerContext) -> torch.Tensor:
-        """Accumulate this chunk's attention; returns the running sums of positions [0, end)."""
-        b, hkv = ctx.keys.shape[:2]
-        received = ctx.attention.float().sum(dim=2)  # [B, H, end]
-        received = received.view(b, hkv, ctx.n_groups, ctx.end).mean(dim=2)
-        total = self.sums[ctx.layer][:, :, : ctx.end]
-        total += received
-        return total
-
-    def add_chunk(self, ctx: ChunkTensors) -> torch.Tensor:
-        """:meth:`add` in the compiled step: every position, pad query rows being all zero."""
-        b, hkv, n = ctx.keys.shape[:3]
-        received = ctx.attention.float().sum(dim=2).view(b, hkv, ctx.n_groups, n).mean(dim=2)
-        total = self.sums[ctx.layer]
+        """Accumulate this chunk's attention (pad query rows are all zero); returns the running
+        sums over the step's positions [B, Hkv, T]."""
+        b, hkv, t = ctx.keys.shape[:3]
+        received = ctx.attention.float().sum(dim=2).view(b, hkv, ctx.n_groups, t).mean(dim=2)
+        total = self.sums[ctx.layer][:, :, :t]
         total += received
         return total
 
@@ -52,19 +44,9 @@ class ObservedAttentionPress(Press):
     rescores = True
     needs_attention = True
 
-    def init_state(
-        self, n_rows: int, n_layers: int, n_kv_heads: int, n_positions: int, device: torch.device
-    ) -> AttentionSums:
-        return AttentionSums.zeros(n_rows, n_layers, n_kv_heads, n_positions, device)
-
-    def score(self, ctx: LayerContext, state: AttentionSums) -> torch.Tensor:
-        total = state.add(ctx)[:, :, ctx.score_from :]
-        seen_by = torch.arange(ctx.end - ctx.score_from, 0, -1, device=total.device)
-        return total / seen_by
-
-    def init_chunk_state(self, shape: StateShape) -> AttentionSums:
+    def init_state(self, shape: StateShape) -> AttentionSums:
         return AttentionSums.zeros(shape.rows, shape.layers, shape.kv_heads, shape.positions, shape.device)
 
-    def score_chunk(self, ctx: ChunkTensors, state: AttentionSums) -> torch.Tensor:
-        total = state.add_chunk(ctx)[:, :, ctx.scored]
+    def score(self, ctx: LayerContext, state: AttentionSums) -> torch.Tensor:
+        total = state.add(ctx)[:, :, ctx.scored]
         return total / (ctx.end - ctx.scored).clamp(min=1)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.presses.base import ChunkTensors, LayerContext, Press
+from workers.presses.base import LayerContext, Press
 
 _LOW32 = 0xFFFF_FFFF
 
@@ -51,10 +51,5 @@ class RandomPress(Press):
     seed: int = 0
 
     def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
-        b, h = ctx.keys.shape[:2]
-        positions = torch.arange(ctx.score_from, ctx.end, device=ctx.keys.device)
-        return uniform_scores(self.seed, ctx.doc_seed, ctx.layer, h, positions).expand(b, -1, -1)
-
-    def score_chunk(self, ctx: ChunkTensors, state: None) -> torch.Tensor:
         b, h = ctx.keys.shape[:2]
         return uniform_scores(self.seed, ctx.doc_seed, ctx.layer, h, ctx.scored).expand(b, -1, -1)

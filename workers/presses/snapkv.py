@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from workers.presses.base import ChunkTensors, LayerContext, Press
+from workers.presses.base import LayerContext, Press
 
 
 @dataclass(frozen=True)
@@ -40,19 +40,6 @@ class SnapKVPress(Press):
             raise ValueError(f"snapkv: kernel_size must be odd and >= 1, got {self.kernel_size}")
 
     def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
-        b, hkv = ctx.keys.shape[:2]
-        # The observation window: the chunk's last min(window_size, chunk length) queries.
-        first_observer = ctx.end - min(self.window_size, ctx.end - ctx.start)
-        scores = torch.full((b, hkv, ctx.end), float("inf"), device=ctx.attention.device)
-        if first_observer > 0:
-            observed = (
-                ctx.attention[:, :, -self.window_size :, :first_observer].float().mean(dim=2)
-            )  # [B, H, first_observer]
-            pooled = F.avg_pool1d(observed, self.kernel_size, stride=1, padding=self.kernel_size // 2)
-            scores[:, :, :first_observer] = pooled.view(b, hkv, ctx.n_groups, first_observer).mean(dim=2)
-        return scores[:, :, ctx.score_from :]
-
-    def score_chunk(self, ctx: ChunkTensors, state: None) -> torch.Tensor:
         b, hkv, n = ctx.keys.shape[:3]
         n_observers = torch.minimum(ctx.end - ctx.start, torch.tensor(self.window_size, device=ctx.end.device))
         first_observer = ctx.end - n_observers

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.presses.base import ChunkTensors, LayerContext, Press, constant_chunk_scores, constant_scores
+from workers.presses.base import LayerContext, Press, constant_scores
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,3 @@ class StreamingLLMPress(Press):
 
     def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
         return constant_scores(ctx, float("-inf"))
-
-    def score_chunk(self, ctx: ChunkTensors, state: None) -> torch.Tensor:
-        return constant_chunk_scores(ctx, float("-inf"))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.presses.base import ChunkTensors, LayerContext, Press
+from workers.presses.base import LayerContext, Press
 
 
 @dataclass(frozen=True)
@@ -23,12 +23,6 @@ class TOVAPress(Press):
     attention_queries = 1
 
     def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
-        hkv = ctx.keys.shape[1]
-        last = ctx.attention[:, :, -1].float().mean(dim=1)  # [B, end]
-        last[:, -1] = float("inf")
-        return last[:, None, ctx.score_from :].expand(-1, hkv, -1)
-
-    def score_chunk(self, ctx: ChunkTensors, state: None) -> torch.Tensor:
         hkv = ctx.keys.shape[1]
         last = ctx.attention[:, :, -1].float().mean(dim=1)  # [B, N]: the last real query
         last = torch.where(ctx.positions == ctx.end - 1, float("inf"), last)

@@ -1,0 +1,64 @@
+"""The engine's settings and the facts about a document's shape that the driver also needs.
+
+This module imports no torch at load time, so the driver (spec, CLI, planner) can take the
+defaults and the cache-length rule from here without loading the engine. Every default the
+CLI, the presets and the actor show is read from :class:`EngineSettings`'s fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    chunk_size: int = 128
+    window: int = 128
+    attn: str = "sdpa"
+    # Run the chunk step under torch.compile (``--compile``; on by default on CUDA).
+    compile: bool = False
+    # The compiled step's static shapes (cache padded to a length bucket, every chunk padded to
+    # the chunk size, bounds as tensors). None: exactly when compiling. The preflight sets it
+    # without compiling, to try each press on the very code path a compiled sweep will trace.
+    static: bool | None = None
+    # With compile on CUDA: replay the compiled step as a CUDA graph (torch.compile's
+    # "reduce-overhead", ``--cuda-graphs``). Off until measured on a GPU (BENCHMARKS.md).
+    cuda_graphs: bool = False
+    # Record each config's agreement with the uncompressed model (KL, top-1, top-5; the
+    # kl_sum/top1_agree/top5_overlap_sum columns). A batch without baseline then runs it as a
+    # hidden extra row: its logits are the reference.
+    agreement: bool = True
+
+    def __post_init__(self) -> None:
+        from workers import attention  # torch: only when settings are built, not when imported
+
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk size must be >= 1, got {self.chunk_size}")
+        if self.window < 0:
+            raise ValueError(f"window must be >= 0, got {self.window}")
+        attention.check_backend(self.attn)
+
+    @property
+    def static_shapes(self) -> bool:
+        return self.compile if self.static is None else self.static
+
+
+def chunk_bounds(n: int, chunk: int) -> list[tuple[int, int]]:
+    """The chunks [s, e) a document of ``n`` tokens is fed in: the one place they are computed."""
+    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+
+def padded_length(n: int, chunk: int) -> int:
+    """The cache length a document of ``n`` tokens runs at with static shapes: whole chunks,
+    rounded up to a power of two of chunks, so documents of similar length share one compiled
+    graph (a few buckets per corpus, not one per length) at the cost of attending over at most
+    twice the padding."""
+    chunks = -(-n // chunk)
+    return chunk * (1 << max(0, chunks - 1).bit_length())
+
+
+def cache_positions(n: int, chunk: int, static: bool) -> int:
+    """Positions the cache allocates per (config, layer, kv-head) for a document of ``n`` tokens:
+    the length bucket with static shapes, the document itself otherwise. The step allocates
+    exactly this and the batch-size estimate (workers/memory.py) plans for exactly this."""
+    return padded_length(n, chunk) if static else n

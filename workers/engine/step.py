@@ -1,0 +1,499 @@
+"""The chunk step: the one implementation of the evaluation protocol's per-chunk work.
+
+For chunk [s, e) every layer of the batched forward (one batch row per config):
+  1. writes the chunk's keys/values into the preallocated cache at absolute positions,
+  2. attends over the kept keys before s plus ordinary causal attention inside the chunk (the
+     layer's own variant: sliding window, soft-cap),
+  3. lets each press score keys (new ones, or every undecided one for rescoring presses),
+  4. decides, once and for good, the keys that just left the protected window
+     (workers/engine/decisions.py).
+
+Every chunk-dependent bound is a 0-d tensor and every rule a mask over the positions the step
+attends over, so the same code runs two ways (:class:`Shapes`):
+
+- **static** (what ``torch.compile`` traces, ``fullgraph=True``): the cache holds ``N``
+  positions, the document length rounded up to a length bucket (settings.padded_length), every
+  chunk has ``c`` query rows (the last one padded), the chunk index lives in the document state
+  and advances inside the step. One graph serves every chunk of every document of a bucket; the
+  host calls it once per chunk and reads results back once per document.
+- **exact** (uncompiled; the CPU default): the cache holds the document's ``n`` positions, a
+  chunk attends over ``[0, e)`` only, the last chunk is exact, and while no key can have been
+  evicted (the first chunks, inside every press's protected window) the forward runs one row
+  for every config. The same lines, over smaller tensors: eager PyTorch pays for every
+  padded position, a compiled graph does not recompile for any.
+
+Per-chunk results (NLL, top-1, agreement, answer span, kept keys) accumulate in device tensors
+read back once per document.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from workers import attention
+from workers.attention import AttentionVariant
+from workers.chunk_results import ChunkResults, prediction_sums
+from workers.configs import RANKED_POLICIES
+from workers.engine.decisions import decide_by_budget, decide_by_threshold, keep_limit, leaving_window
+from workers.engine.hooks import HookedModel
+from workers.engine.layout import DocumentLayout, RowGroup
+from workers.engine.settings import EngineSettings, chunk_bounds
+from workers.nll import AnswerSpan
+from workers.presses import LayerContext, StateShape
+
+# Compiled steps one process may hold (batches of configs x length buckets).
+MAX_COMPILED_STEPS = 64
+
+
+@dataclass
+class _GroupPlan:
+    """What the step knows of one press group: Python values per layer (a compiled graph
+    specializes on them once) and constant tensors."""
+
+    group: RowGroup
+    rows: slice
+    n_sink: int
+    rescores: bool
+    ranked: bool  # ratio or budget policy: keys ranked by score against a keep limit
+    widest: list[int]  # per layer: the widest protected window (clamped to N)
+    narrowest: list[int]
+    protected: torch.Tensor  # [layers, kv-heads, 1] int64 on the device
+    attention_queries: int  # observing queries per chunk (needs_attention)
+
+
+@dataclass
+class _Chunk:
+    """One chunk's bounds as the step's code sees them: tensors, plus the static shape facts."""
+
+    index: torch.Tensor  # 0-d int64
+    start: torch.Tensor  # 0-d int64
+    end: torch.Tensor  # 0-d int64: one past the last real position
+    query_positions: torch.Tensor  # [c] int64
+    positions: torch.Tensor  # [T] int64: the key positions attended over (0..T-1)
+    # One forward row for every config: no key can have been evicted yet (exact shapes only).
+    shared: bool = False
+
+
+class ChunkStep:
+    """The step of one batch of configs at one cache length; with static shapes it is reused for
+    every document of that length bucket (the engine keeps one per (configs, N))."""
+
+    def __init__(
+        self,
+        hooked: HookedModel,
+        settings: EngineSettings,
+        layout: DocumentLayout,
+        n_positions: int,
+        static: bool,
+        compiled: bool,
+        worker: str,
+        compile_backend: str,
+    ) -> None:
+        """``compile_backend``: torch.compile's backend when ``compiled`` (inductor; tests count
+        graphs with their own); ``worker`` names the actor in the compile notice."""
+        self.hooked = hooked
+        self.worker = worker
+        self.layout = layout
+        self.static = static
+        self.n = n_positions
+        cfg = hooked.model.config
+        self.chunk = settings.chunk_size
+        self.batch = len(layout.configs)
+        self.n_layers = layout.n_layers
+        self.n_kv_heads = layout.n_kv_heads
+        self.n_heads = cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.device = hooked.device
+        self.dtype = hooked.dtype
+        self.backend = settings.attn
+        self.groups = [self._plan(group) for group in layout.groups]
+        self.positions = torch.arange(self.n, device=self.device)
+        # Until a chunk starts past every group's protected window nothing can have been evicted,
+        # so every row computes the same thing: exact shapes run such chunks once, with batch 1.
+        self.shared_until = min(lo for g in layout.groups for lo, _ in g.windows.ranges)
+        # On CUDA the compiled step can replay as one CUDA graph ("reduce-overhead"): a chunk is one
+        # launch. Its state then lives at static addresses, refilled in place per document.
+        self.compiled = compiled
+        self.cuda_graphs = compiled and settings.cuda_graphs and self.device.type == "cuda"
+        step = self._static_step
+        if compiled:
+            # Every (batch of configs, length bucket) is one more graph of the same code object;
+            # dynamo's default limit of 8 would silently run the rest uncompiled.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_COMPILED_STEPS)
+            mode = "reduce-overhead" if self.cuda_graphs else None
+            step = torch.compile(step, backend=compile_backend, fullgraph=True, dynamic=False, mode=mode)
+        self.static_step = step
+        self.compiled_once = False
+        self.state: dict[str, Any] = {}
+        self.press_states: list[Any] = []
+
+    def _plan(self, group: RowGroup) -> _GroupPlan:
+        press = group.press
+        ranges = group.windows.ranges
+        return _GroupPlan(
+            group=group,
+            rows=group.rows,
+            n_sink=press.n_sink,
+            rescores=press.rescores,
+            ranked=group.policy in RANKED_POLICIES,
+            widest=[hi for _, hi in ranges],
+            narrowest=[lo for lo, _ in ranges],
+            protected=group.windows.protected_on_device,
+            attention_queries=min(press.attention_queries or self.chunk, self.chunk),
+        )
+
+    # --- per document ------------------------------------------------------------------------
+
+    def reset(self, doc_seed: int, token_ids: torch.Tensor, answer: AnswerSpan | None = None) -> None:
+        """Fresh document state. With static shapes the first document allocates it and later ones
+        refill the same tensors in place, so a CUDA graph replays over the same addresses; with
+        exact shapes every document allocates its own (its length is the cache's)."""
+        n_doc = int(token_ids.shape[0])
+        shape = StateShape(0, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim, self.n, self.device)
+        press_states = [
+            plan.group.press.init_state(dataclasses.replace(shape, rows=plan.rows.stop - plan.rows.start))
+            for plan in self.groups
+        ]
+        if not self.state or not self.static:
+            self.state = self._allocate(press_states)
+            if self.cuda_graphs:
+                for tensor in _tensors(self.state):
+                    torch._dynamo.mark_static_address(tensor)
+        else:
+            for name in ("keys", "values", "scores"):
+                for tensor in self.state[name]:
+                    tensor.zero_()
+            for tensor in self.state["keep"]:
+                tensor.fill_(True)
+            for name in ("tokens", "chunk"):
+                self.state[name].zero_()
+            for tensor in self.state["results"].fields().values():
+                tensor.zero_()
+            _refill(self.state["press_states"], press_states)
+        self.state["tokens"][:n_doc] = token_ids
+        self.state["length"].fill_(n_doc)
+        self.state["doc_seed"].fill_(doc_seed)
+        # The positions whose predictions are answer tokens: none for a document that is no probe.
+        self.state["answer_from"].fill_(answer.predicted_from if answer else 0)
+        self.state["answer_to"].fill_(answer.predicted_from + answer.tokens if answer else 0)
+        self.press_states = self.state["press_states"]
+
+    def _allocate(self, press_states: list[Any]) -> dict[str, Any]:
+        b, hkv, n, d = self.batch, self.n_kv_heads, self.n, self.head_dim
+        kw = dict(device=self.device)
+        return {
+            "keys": [torch.zeros(b, hkv, n, d, dtype=self.dtype, **kw) for _ in range(self.n_layers)],
+            "values": [torch.zeros(b, hkv, n, d, dtype=self.dtype, **kw) for _ in range(self.n_layers)],
+            "keep": [torch.ones(b, hkv, n, dtype=torch.bool, **kw) for _ in range(self.n_layers)],
+            "scores": [torch.zeros(b, hkv, n, **kw) for _ in range(self.n_layers)],
+            "tokens": torch.zeros(n + 1, dtype=torch.int64, **kw),
+            "length": torch.zeros((), dtype=torch.int64, **kw),
+            "doc_seed": torch.zeros((), dtype=torch.int64, **kw),
+            "chunk": torch.zeros((), dtype=torch.int64, **kw),
+            "answer_from": torch.zeros((), dtype=torch.int64, **kw),
+            "answer_to": torch.zeros((), dtype=torch.int64, **kw),
+            # Answer sums always, so probes and corpus documents share one graph.
+            "results": ChunkResults.zeros(-(-n // self.chunk), b, self.device, self.layout.reference is not None, True),
+            "press_states": press_states,
+        }
+
+    def run(
+        self,
+        doc_seed: int,
+        token_ids: torch.Tensor,
+        on_chunk: Callable[[], None] | None = None,
+        answer: AnswerSpan | None = None,
+    ) -> tuple[ChunkResults, list[float]]:
+        """Run every chunk of one document: its results [chunks, B] on the CPU, and each chunk's
+        seconds (on the CPU each chunk's own; on an asynchronous device the document's time split
+        evenly, since timing a chunk alone would need a device sync per chunk)."""
+        self.reset(doc_seed, token_ids, answer)
+        n_doc = int(token_ids.shape[0])
+        bounds = chunk_bounds(n_doc, self.chunk)
+        if self.compiled and not self.compiled_once:
+            # The first call compiles the whole unrolled step: seconds on a GPU, minutes on a
+            # CPU (11 min cold for 10 configs x 16 layers on 2 cores). Say so where it is waited on
+            # (the actor's log, the Ray dashboard), or the first chunk looks like a hang.
+            print(
+                f"kvorch: {self.worker}: compiling the chunk step ({self.batch} configs x {self.n} "
+                f"positions, {self.n_layers} layers); the first chunk waits for it",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.compiled_once = True
+        seconds = []
+        started = tic = time.perf_counter()
+        for k, (s, e) in enumerate(bounds):
+            if self.static:
+                self.static_step(self.state)
+            else:
+                self._exact_step(k, s, e)
+            toc = time.perf_counter()
+            seconds.append(toc - tic)
+            tic = toc
+            if on_chunk is not None:
+                on_chunk()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            seconds = [(time.perf_counter() - started) / len(bounds)] * len(bounds)
+        return self.state["results"].head(len(bounds), answer is not None), seconds
+
+    @property
+    def kv_bytes(self) -> int:
+        """Keys + values the cache holds, over all layers: the bytes of the very tensors allocated."""
+        return sum(t.nbytes for t in (*self.state["keys"], *self.state["values"]))
+
+    # --- the two ways to drive one chunk ---------------------------------------------------
+
+    def _static_step(self, state: dict[str, Any]) -> None:
+        """What torch.compile traces: the chunk index is state, so bounds are computed here."""
+        chunk = state["chunk"]
+        start = chunk * self.chunk
+        end = torch.minimum(start + self.chunk, state["length"])
+        query_positions = start + torch.arange(self.chunk, device=self.device)
+        self._chunk(_Chunk(chunk, start, end, query_positions, self.positions))
+        chunk.add_(1)
+
+    def _exact_step(self, k: int, s: int, e: int) -> None:
+        """Uncompiled: the host knows the bounds, so tensors are cut to them."""
+        as_tensor = dict(device=self.device, dtype=torch.int64)
+        bounds = _Chunk(
+            index=torch.tensor(k, **as_tensor),
+            start=torch.tensor(s, **as_tensor),
+            end=torch.tensor(e, **as_tensor),
+            query_positions=self.positions[s:e],
+            positions=self.positions[:e],
+            shared=s <= self.shared_until,
+        )
+        self._chunk(bounds)
+
+    def _chunk(self, chunk: _Chunk) -> None:
+        state, b = self.state, self.batch
+        forward_rows = 1 if chunk.shared else b
+        ids = state["tokens"][chunk.query_positions]
+        run = _StepRun(self, chunk)
+        logits = self.hooked.model(
+            input_ids=ids[None].expand(forward_rows, -1),
+            position_ids=chunk.query_positions[None],
+            use_cache=False,
+            kvorch_run=run,
+        ).logits
+        targets = state["tokens"][chunk.query_positions + 1][None].expand(forward_rows, -1)
+        has_target = chunk.query_positions + 1 < state["length"]
+        in_answer = (chunk.query_positions >= state["answer_from"]) & (chunk.query_positions < state["answer_to"])
+        # A shared chunk is one row, the same for every config (so its own reference).
+        reference = None if self.layout.reference is None else (0 if chunk.shared else self.layout.reference)
+        sums = prediction_sums(logits.float(), targets, has_target, reference, in_answer)
+        results = state["results"]
+        for name, value in [*sums.items(), ("kept", run.kept)]:
+            getattr(results, name).index_copy_(0, chunk.index[None], value.expand(b)[None])
+        self.hooked.hidden_states.clear()
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    """Every tensor in a state tree (dicts, lists, dataclasses of tensors; modules are skipped)."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for value in tree.values() for t in _tensors(value)]
+    if isinstance(tree, (list, tuple)):
+        return [t for value in tree for t in _tensors(value)]
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return [t for f in dataclasses.fields(tree) for t in _tensors(getattr(tree, f.name))]
+    return []
+
+
+def _refill(old: Any, new: Any) -> None:
+    """Copy a fresh state tree into an existing one of the same structure and shapes."""
+    for target, source in zip(_tensors(old), _tensors(new), strict=True):
+        target.copy_(source)
+
+
+class _StepRun:
+    """The attention run of one chunk (``kvorch_run`` of workers/attention.py): writes the
+    chunk's keys, attends over the masked cache, scores and decides, all as tensor code."""
+
+    def __init__(self, step: ChunkStep, chunk: _Chunk) -> None:
+        self.step = step
+        self.state = step.state
+        self.chunk = chunk
+        self.kept = torch.zeros(step.batch, dtype=torch.int64, device=step.device)
+        self.chunk_rope: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.chunk_memo: dict = {}
+        self.patterns: dict[AttentionVariant, torch.Tensor] = {}
+
+    def attend(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+        variant: AttentionVariant,
+    ) -> torch.Tensor:
+        """Returns [rows, c, H, D], rows = 1 for a shared chunk (broadcast to every config's cache
+        and press), else the batch."""
+        step, chunk = self.step, self.chunk
+        b, span = step.batch, chunk.positions.shape[0]
+        s, positions = chunk.start, chunk.positions
+        keys_all, values_all = self.state["keys"][layer], self.state["values"][layer]
+        keys_all.index_copy_(2, chunk.query_positions, key.expand(b, -1, -1, -1))
+        values_all.index_copy_(2, chunk.query_positions, value.expand(b, -1, -1, -1))
+        keys, values = keys_all[:, :, :span], values_all[:, :, :span]
+        keep = self.state["keep"][layer][:, :, :span]
+        held = positions < s
+        if variant.sliding_window:  # such a layer holds, uncompressed, only what its window sees
+            held = held & (positions >= s - variant.sliding_window + 1)
+        self.kept += (keep & held).sum(dim=(1, 2))
+        if variant not in self.patterns:  # shared by every layer of this variant in the chunk
+            self.patterns[variant] = attention.band(chunk.query_positions, positions, variant)  # [c, T]
+        pattern = self.patterns[variant]
+        rows = query.shape[0]
+        if step.backend == "flex" and step.static:
+            out = attention.flex_grouped_attention(query, keys, values, keep, chunk.index, scaling, variant)
+            probs = None
+        else:  # flex at exact shapes runs sdpa's math (FlexAttention pays only compiled)
+            visible = keep[:rows, :, None, :] & pattern
+            out, probs = attention.grouped_attention(
+                query, keys[:rows], values[:rows], visible, scaling, step.backend, variant
+            )
+        hidden = step.hooked.hidden_states
+        if chunk.shared:
+            query = query.expand(b, -1, -1, -1)
+            key, value = key.expand(b, -1, -1, -1), value.expand(b, -1, -1, -1)
+            probs = None if probs is None else probs.expand(b, -1, -1, -1)
+            if layer in hidden:
+                hidden[layer] = hidden[layer].expand(b, -1, -1)
+        layer_tensors = _Layer(layer, query, keys, values, key, value, keep, self.state["scores"][layer][:, :, :span],
+                               probs, pattern, scaling, variant)  # fmt: skip
+        for plan, press_state in zip(step.groups, step.press_states, strict=True):
+            self._score_and_decide(plan, press_state, layer_tensors)
+        return out.transpose(1, 2)
+
+    def _observers(self, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([q] query rows, [q] which are real): the chunk's last q real queries (rows of a padded
+        last chunk that are not real point at row 0 and are zeroed). Once per chunk and q."""
+        key = ("observers", q)
+        if key not in self.chunk_memo:
+            chunk = self.chunk
+            index = (chunk.end - chunk.start) - q + torch.arange(q, device=chunk.start.device)
+            self.chunk_memo[key] = (index.clamp(min=0), index >= 0)
+        return self.chunk_memo[key]
+
+    def _attention(self, plan: _GroupPlan, t: _Layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """([R, H, q, T] probabilities of the press's q observing queries, [q] which are real):
+        the last q real queries of the chunk; rows that are not real are zero."""
+        q = min(plan.attention_queries, self.chunk.query_positions.shape[0])  # exact shapes: no pad rows
+        index, real = self._observers(q)
+        rows = plan.rows
+        if t.probs is not None:
+            chosen = t.probs[rows].index_select(2, index)
+        else:
+            pattern_key = ("pattern", t.variant, q)
+            if pattern_key not in self.chunk_memo:
+                self.chunk_memo[pattern_key] = t.pattern.index_select(0, index)
+            visible = t.keep[rows, :, None, :] & self.chunk_memo[pattern_key]
+            chosen = attention.attention_probabilities(
+                t.query[rows].index_select(2, index), t.keys[rows], visible, t.scaling, t.variant
+            )
+        return chosen * real[:, None].to(chosen.dtype), real
+
+    def _leaving(self, plan: _GroupPlan, layer: int) -> torch.Tensor:
+        """Keys leaving the group's protected window in this chunk: [T] for a window shared by every
+        kv-head (once per chunk and window), [kv-heads, T] for per-head windows."""
+        chunk = self.chunk
+        narrowest, widest = plan.narrowest[layer], plan.widest[layer]
+        if narrowest != widest:
+            return leaving_window(chunk.positions, chunk.start, chunk.end, plan.protected[layer])
+        key = ("leaving", narrowest)
+        if key not in self.chunk_memo:
+            self.chunk_memo[key] = leaving_window(chunk.positions, chunk.start, chunk.end, narrowest)
+        return self.chunk_memo[key]
+
+    def _sinks(self, n_sink: int) -> torch.Tensor:
+        """[T] the document's first ``n_sink`` positions, always kept (once per chunk)."""
+        key = ("sinks", n_sink)
+        if key not in self.chunk_memo:
+            self.chunk_memo[key] = self.chunk.positions < n_sink
+        return self.chunk_memo[key]
+
+    def _score_and_decide(self, plan: _GroupPlan, press_state: Any, t: _Layer) -> None:
+        step, chunk, rows, layer = self.step, self.chunk, plan.rows, t.layer
+        s, e, positions = chunk.start, chunk.end, chunk.positions
+        span = positions.shape[0]
+        press = plan.group.press
+        if not plan.rescores:
+            score_from, scored = s, chunk.query_positions
+        elif plan.ranked:  # every kept key stays a candidate under a keep limit, so all are rescored
+            score_from, scored = torch.zeros_like(s), positions
+        else:  # keys older than the widest window were decided after earlier chunks, in every head
+            score_from = (s - plan.widest[layer]).clamp(min=0)
+            n_scored = min(span, plan.widest[layer] + chunk.query_positions.shape[0])
+            scored = (score_from + torch.arange(n_scored, device=s.device)).clamp(max=span - 1)
+        attention_probs = attention_rows = None
+        if press.needs_attention:
+            attention_probs, attention_rows = self._attention(plan, t)
+        rotary = step.hooked.layer_rotaries[layer]
+        prerope = None
+        if press.needs_prerope_queries:
+            if rotary not in self.chunk_rope:
+                self.chunk_rope[rotary] = rotary(chunk.query_positions)
+            prerope = rotary.unrotate(t.query[rows], *self.chunk_rope[rotary])
+        hidden = step.hooked.hidden_states
+        ctx = LayerContext(
+            layer=layer,
+            start=s,
+            end=e,
+            score_from=score_from,
+            positions=positions,
+            query_positions=chunk.query_positions,
+            keys=t.keys[rows],
+            values=t.values[rows],
+            new_keys=t.new_keys[rows],
+            new_values=t.new_values[rows],
+            queries=t.query[rows],
+            doc_seed=self.state["doc_seed"],
+            scored=scored,
+            attention=attention_probs,
+            attention_rows=attention_rows,
+            prerope_queries=prerope,
+            hidden_states=hidden[layer][rows] if press.needs_hidden_states else None,
+            rotary=rotary,
+            module=None if press.traceable else step.hooked.attention_modules.get(layer),
+            chunk_memo=self.chunk_memo,
+        )
+        # Positions in ``scored`` are distinct and start at score_from; those at or past ``end``
+        # (future keys, a padded chunk's rows) get scores that are rewritten before any rule reads them.
+        scores, keep = t.scores[rows], t.keep[rows]
+        scores.index_copy_(2, scored, press.score(ctx, press_state).float())
+        group = plan.group
+        if plan.ranked:
+            limit = keep_limit(group.keep_fraction, group.budgets, e)
+            decide_by_budget(keep, scores, positions, e, plan.narrowest[layer], limit, plan.n_sink)
+        else:
+            decide_by_threshold(keep, scores, self._leaving(plan, layer), group.thresholds, self._sinks(plan.n_sink))
+
+
+@dataclass
+class _Layer:
+    """What one layer's attention hands every press group in this chunk."""
+
+    layer: int
+    query: torch.Tensor  # [B, H, c, D]
+    keys: torch.Tensor  # [B, Hkv, T, D] the cache, this chunk's keys written
+    values: torch.Tensor
+    new_keys: torch.Tensor  # [B, Hkv, c, D]
+    new_values: torch.Tensor
+    keep: torch.Tensor  # [B, Hkv, T] bool, a view of the layer's keep-mask (written in place)
+    scores: torch.Tensor  # [B, Hkv, T] float32, a view of the layer's scores (written in place)
+    probs: torch.Tensor | None  # [B, H, c, T] when the eager math ran
+    pattern: torch.Tensor  # [c, T] causal (and sliding-window) band
+    scaling: float
+    variant: AttentionVariant

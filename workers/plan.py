@@ -1,0 +1,83 @@
+"""The plan types the driver and the actors exchange: tasks, their documents and results, and
+the worker's settings. Small on purpose, and free of the engine: the driver imports these (and
+``workers.engine.settings``) and nothing else of the worker side's machinery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import torch
+
+from workers.configs import EvalConfig
+from workers.engine.settings import EngineSettings
+from workers.nll import AnswerSpan
+
+# The label of a preflight failure that concerns the model, not one config.
+MODEL_LEVEL = ""
+
+
+@dataclass(frozen=True)
+class TaskDocument:
+    doc_id: str
+    token_ids: list[int]
+    # A retrieval probe's answer: its last ``answer_tokens`` tokens (0: a corpus document).
+    answer_tokens: int = 0
+
+    @property
+    def answer(self) -> AnswerSpan | None:
+        if not self.answer_tokens:
+            return None
+        return AnswerSpan(len(self.token_ids) - self.answer_tokens, self.answer_tokens)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A shard of documents under a group of configs: the unit of scheduling and of part files."""
+
+    task_id: str
+    documents: tuple[TaskDocument, ...]
+    configs: tuple[EvalConfig, ...]
+
+    @property
+    def cost(self) -> int:
+        """Token-configs to evaluate: what the scheduler balances and orders by."""
+        return sum(len(d.token_ids) for d in self.documents) * len(self.configs)
+
+
+@dataclass(frozen=True)
+class ConfigFailure:
+    """A config that raised on one document: only its rows of that document are missing."""
+
+    doc_id: str
+    config: str  # the config's label
+    reason: str  # "ExceptionType: first line of its message"
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """What a task sends back: its rows (one Arrow table, through the object store) and the
+    configs that failed on some of its documents, whose rows are absent from ``rows``."""
+
+    rows: pa.Table
+    failures: tuple[ConfigFailure, ...] = ()
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    model: str
+    dtype: str
+    device: str
+    threads: int
+    engine: EngineSettings
+
+
+@dataclass(frozen=True)
+class DocumentScores:
+    """Per config (in ``configs`` order): [layers, kv-heads, positions] of the last score each key
+    got and whether it was still kept when the document ended."""
+
+    configs: list[str]
+    scores: torch.Tensor  # [configs, layers, kv-heads, positions] float32
+    kept: torch.Tensor  # same shape, bool
