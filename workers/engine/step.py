@@ -358,9 +358,9 @@ class _StepRun:
         rows = query.shape[0]
         if step.backend == "flex" and step.static:
             out = attention.flex_grouped_attention(query, keys, values, keep, chunk.index, scaling, variant)
-            probs = None
+            probs = visible = None
         else:  # flex at exact shapes runs sdpa's math (FlexAttention pays only compiled)
-            visible = keep[:rows, :, None, :] & pattern
+            visible = keep[:rows, :, None, :] & pattern  # [rows, Hkv, c, T]
             out, probs = attention.grouped_attention(
                 query, keys[:rows], values[:rows], visible, scaling, step.backend, variant
             )
@@ -369,10 +369,11 @@ class _StepRun:
             query = query.expand(b, -1, -1, -1)
             key, value = key.expand(b, -1, -1, -1), value.expand(b, -1, -1, -1)
             probs = None if probs is None else probs.expand(b, -1, -1, -1)
+            visible = None if visible is None else visible.expand(b, -1, -1, -1)
             if layer in hidden:
                 hidden[layer] = hidden[layer].expand(b, -1, -1)
         layer_tensors = _Layer(layer, query, keys, values, key, value, keep, self.state["scores"][layer][:, :, :span],
-                               probs, pattern, scaling, variant)  # fmt: skip
+                               probs, visible, pattern, scaling, variant)  # fmt: skip
         for plan, press_state in zip(step.groups, step.press_states, strict=True):
             self._score_and_decide(plan, press_state, layer_tensors)
         return out.transpose(1, 2)
@@ -396,14 +397,16 @@ class _StepRun:
         if t.probs is not None:
             chosen = t.probs[rows].index_select(2, index)
         else:
-            pattern_key = ("pattern", t.variant, q)
-            if pattern_key not in self.chunk_memo:
-                self.chunk_memo[pattern_key] = t.pattern.index_select(0, index)
-            visible = t.keep[rows, :, None, :] & self.chunk_memo[pattern_key]
+            if t.visible is not None:
+                visible = t.visible[rows].index_select(2, index)
+            else:  # flex computed no mask
+                visible = t.keep[rows, :, None, :] & t.pattern.index_select(0, index)
             chosen = attention.attention_probabilities(
                 t.query[rows].index_select(2, index), t.keys[rows], visible, t.scaling, t.variant
             )
-        return chosen * real[:, None].to(chosen.dtype), real
+        if self.step.static:  # only a padded last chunk has observer rows that are not real
+            chosen = chosen * real[:, None].to(chosen.dtype)
+        return chosen, real
 
     def _leaving(self, plan: _GroupPlan, layer: int) -> torch.Tensor:
         """Keys leaving the group's protected window in this chunk: [T] for a window shared by every
@@ -494,6 +497,7 @@ class _Layer:
     keep: torch.Tensor  # [B, Hkv, T] bool, a view of the layer's keep-mask (written in place)
     scores: torch.Tensor  # [B, Hkv, T] float32, a view of the layer's scores (written in place)
     probs: torch.Tensor | None  # [B, H, c, T] when the eager math ran
+    visible: torch.Tensor | None  # [B, Hkv, c, T] what each query saw (None under FlexAttention)
     pattern: torch.Tensor  # [c, T] causal (and sliding-window) band
     scaling: float
     variant: AttentionVariant

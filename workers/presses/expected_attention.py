@@ -106,13 +106,17 @@ class ExpectedAttentionPress(Press):
         q = ctx.prerope_queries.float()
         new = ctx.real_queries & (ctx.query_positions >= self.n_sink)  # [c]
         if self.stats == "window":
-            queries = torch.cat((st.recent[layer], q), dim=2)
-            positions = torch.cat((st.recent_positions[layer], torch.where(new, ctx.query_positions, -1)))
-            last = torch.argsort(positions, stable=True)[-self.query_window :]
-            st.recent[layer].copy_(queries.index_select(2, last))
-            st.recent_positions[layer].copy_(positions[last])
-            held = (st.recent_positions[layer] >= 0).float()  # [Q]
-            count = held.sum()
+            # Every layer sees the same query positions, so which slots the window keeps is worked
+            # out once per chunk (for this row group's state) and reused by every layer.
+            key = ("expected_attention.window", id(st))
+            if key not in ctx.chunk_memo:
+                positions = torch.cat((st.recent_positions[layer], torch.where(new, ctx.query_positions, -1)))
+                last = torch.argsort(positions, stable=True)[-self.query_window :]
+                held = (positions[last] >= 0).float()  # [Q]
+                ctx.chunk_memo[key] = (last, positions[last], held, held.sum())
+            last, kept_positions, held, count = ctx.chunk_memo[key]
+            st.recent[layer].copy_(torch.cat((st.recent[layer], q), dim=2).index_select(2, last))
+            st.recent_positions[layer].copy_(kept_positions)
             window = st.recent[layer]
             mean = (window * held[:, None]).sum(dim=2) / count.clamp(min=1)
             centered = (window - mean[:, :, None]) * held[:, None]
