@@ -189,7 +189,7 @@ def main() -> None:
         return time.perf_counter() - tic, rows
 
     where = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
-    print(f"# {where}, {args.threads} threads, torch {torch.__version__}, {args.model} fp32, eager engine "
+    print(f"# {where}, {args.threads} threads, torch {torch.__version__}, {args.model} fp32, uncompiled step "
           f"({settings.attn}), {args.docs} docs x {args.tokens} tokens, chunk {args.chunk}, window {args.window}, "
           f"{args.repeat} repeats (off, on interleaved) after 1 warm-up each", flush=True)  # fmt: skip
     results = []

@@ -75,8 +75,8 @@ def main() -> None:
     plain_model.set_attn_implementation("sdpa")
     baseline, sweep = build_configs(("baseline",), ()), build_configs(("all",), ())
     engines = {
-        "eager engine": Engine(narrow_llama(args.layers), EngineSettings(chunk_size=args.chunk, window=args.chunk)),
-        "chunk step": Engine(
+        "uncompiled": Engine(narrow_llama(args.layers), EngineSettings(chunk_size=args.chunk, window=args.chunk)),
+        "compiled": Engine(
             narrow_llama(args.layers),
             EngineSettings(chunk_size=args.chunk, window=args.chunk, attn=args.attn, compile=True),
             compile_backend=args.compile_backend,

@@ -4,8 +4,8 @@ in one run, at each of ``--lengths``.
 On a CPU both are compute-bound, so the plain loop (one transformers chunked forward per config,
 DynamicCache, batch 1: ``sweep_throughput.naive_config``) is the floor: batching configs saves
 the weight reads that a GPU is bound by, not the FLOPs a CPU is bound by. This table puts on
-record how far above that floor kvorch's CPU default (the eager engine, every config batched in
-one forward over a masked cache) sits as documents grow, where its attention over the whole
+record how far above that floor kvorch's CPU default (the step uncompiled at exact shapes, every
+config batched in one forward over a masked cache) sits as documents grow, where its attention over the whole
 document-length cache costs more than the loop's growing DynamicCache.
 
     python bench/long_context.py --lengths 1024,4096,16384 --configs 5      # the recorded run

@@ -7,7 +7,8 @@ Rows, measured side by side in one process over one document:
   is a lower bound on a real naive harness: a speed-up above 1 here is conservative.
 - kvorch uncompiled: the chunk step at exact shapes (what runs on CPU, and for presses that
   cannot be traced).
-- kvorch chunk step: the one compiled graph per chunk (workers/engine/step.py) with ``--attn``.
+- kvorch compiled: the same step at static shapes, one compiled graph per chunk
+  (workers/engine/step.py) with ``--attn``.
 Each for the sweep (the 10 configs of ``all``, or ``--configs``) and for one config (baseline).
 Then the fit check: the chunk step with ``--fit-configs`` configs over ``--fit-tokens`` tokens,
 its time and peak memory. Per chunk, the chunk step is put against two bounds: weight streaming
@@ -197,7 +198,7 @@ def main() -> None:
     )
     parser.add_argument("--fit-tokens", type=int, default=16384, help="fit check: document length (0: skip)")
     parser.add_argument("--fit-configs", type=int, default=32, help="fit check: configs batched")
-    parser.add_argument("--skip-eager", action="store_true", help="leave out the eager engine's rows")
+    parser.add_argument("--skip-eager", action="store_true", help="leave out the uncompiled rows")
     parser.add_argument("--hbm-gbps", type=float, default=None, help="memory bandwidth (default: by GPU name)")
     parser.add_argument("--tflops", type=float, default=None, help="dense TFLOP/s (default: by GPU name)")
     args = parser.parse_args()
@@ -246,13 +247,15 @@ def main() -> None:
     naive_sweep = measure(
         "naive loop", sweep, lambda: [naive_config(model, ids, args.chunk, c.press.needs_attention) for c in sweep]
     )
-    eager_sweep = None if args.skip_eager else measure("kvorch eager", sweep, lambda: eager.evaluate("d", ids, sweep))
-    step_sweep = measure("kvorch chunk step", sweep, lambda: step.evaluate("d", ids, sweep))
+    eager_sweep = (
+        None if args.skip_eager else measure("kvorch uncompiled", sweep, lambda: eager.evaluate("d", ids, sweep))
+    )
+    step_sweep = measure("kvorch compiled", sweep, lambda: step.evaluate("d", ids, sweep))
     naive_one = measure("naive loop", baseline, lambda: naive_config(model, ids, args.chunk, False))
     eager_one = (
-        None if args.skip_eager else measure("kvorch eager", baseline, lambda: eager.evaluate("d", ids, baseline))
+        None if args.skip_eager else measure("kvorch uncompiled", baseline, lambda: eager.evaluate("d", ids, baseline))
     )
-    step_one = measure("kvorch chunk step", baseline, lambda: step.evaluate("d", ids, baseline))
+    step_one = measure("kvorch compiled", baseline, lambda: step.evaluate("d", ids, baseline))
 
     print(f"{'mode':<18} {'configs':>7} {'seconds':>8} {'config*tok/s':>13} {'ms/chunk':>9} {'first run s':>11}")
     for mode, k, seconds, first in rows:
@@ -260,11 +263,11 @@ def main() -> None:
             f"{mode:<18} {k:>7} {seconds:>8.3f} {k * n / seconds:>13.1f} "
             f"{1e3 * seconds / n_chunks:>9.2f} {first:>11.1f}"
         )
-    print(f"sweep of {len(sweep)}: chunk step {naive_sweep / step_sweep:.2f}x faster than the naive loop"
-          + (f" (eager engine {naive_sweep / eager_sweep:.2f}x)" if eager_sweep else "")
-          + f"; one config: chunk step {naive_one / step_one:.2f}x"
-          + (f" (eager engine {naive_one / eager_one:.2f}x)" if eager_one else ""))  # fmt: skip
-    print(f"chunk step: sweep {step_sweep / step_one:.2f}x one config's time for {len(sweep)}x the configs")
+    print(f"sweep of {len(sweep)}: compiled {naive_sweep / step_sweep:.2f}x faster than the naive loop"
+          + (f" (uncompiled {naive_sweep / eager_sweep:.2f}x)" if eager_sweep else "")
+          + f"; one config: compiled {naive_one / step_one:.2f}x"
+          + (f" (uncompiled {naive_one / eager_one:.2f}x)" if eager_one else ""))  # fmt: skip
+    print(f"compiled: sweep {step_sweep / step_one:.2f}x one config's time for {len(sweep)}x the configs")
 
     one_ms, sweep_ms = 1e3 * step_one / n_chunks, 1e3 * step_sweep / n_chunks
     if hbm_gbps:
