@@ -53,6 +53,44 @@ def test_partial_rotary_leaves_the_tail_untouched():
     assert torch.equal(rot[4:, 4:], torch.eye(4)) and not rot[:4, 4:].any()
 
 
+def test_every_press_module_registers_its_press_and_all_keeps_its_order():
+    """A press registers itself next to its class; one forgotten in workers/presses/__init__.py
+    (or without @register) would silently be no method at all."""
+    import dataclasses as dc
+    import importlib
+    import pkgutil
+
+    import workers.presses as presses
+    from workers.presses.base import Press
+
+    defined = set()
+    for info in pkgutil.iter_modules(presses.__path__):
+        module = importlib.import_module(f"workers.presses.{info.name}")
+        defined |= {
+            cls
+            for cls in vars(module).values()
+            if isinstance(cls, type)
+            and issubclass(cls, Press)
+            and cls is not Press
+            and cls.__module__ == module.__name__
+        }
+    assert defined and defined == set(REGISTRY.values())
+    assert all(dc.is_dataclass(cls) for cls in defined)
+    # The order of `--methods all` (so of every run's configs and resume fingerprints) is the
+    # literal in workers/defaults.py, which tests/test_fast_help.py holds equal to ALL_METHODS.
+
+
+def test_register_refuses_a_name_taken_by_another_press():
+    from workers.presses.registry import register
+
+    class Impostor(REGISTRY["knorm"]):
+        pass
+
+    with pytest.raises(ValueError, match="'knorm' is taken by KnormPress"):
+        register(Impostor)
+    assert REGISTRY["knorm"].__name__ == "KnormPress"
+
+
 def test_parse_method_builds_parameterised_presses():
     press = parse_method("expected_attention:n_future_positions=256,use_vnorm=false,epsilon=0.5")
     assert (press.n_future_positions, press.use_vnorm, press.epsilon) == (256, False, 0.5)

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from workers.presses.base import LayerContext, Press, constant_scores
+from workers.presses.registry import register
 
 
+@register
 @dataclass(frozen=True)
 class BaselinePress(Press):
     name = "baseline"

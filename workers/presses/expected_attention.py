@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from workers.presses.base import LayerContext, Press, StateShape
+from workers.presses.registry import register
 
 
 @dataclass
@@ -41,6 +42,7 @@ class QueryTensors:
     m2: torch.Tensor | None = None  # [L, B, H, D, D]
 
 
+@register
 @dataclass(frozen=True)
 class ExpectedAttentionPress(Press):
     name = "expected_attention"

@@ -14,8 +14,10 @@ import torch
 
 from workers.presses.base import LayerContext, Press, StateShape
 from workers.presses.observed_attention import AttentionSums
+from workers.presses.registry import register
 
 
+@register
 @dataclass(frozen=True)
 class H2OPress(Press):
     name = "h2o"

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from workers.presses.base import LayerContext, Press, constant_scores
+from workers.presses.registry import register
 from workers.schema import HEAD_CLASSES
 
 HEAD_POLICIES = ("uniform", "class", "recommended", "gated", "inverse")
@@ -61,6 +62,7 @@ def read_head_table(path: str) -> HeadTable:
     return HeadTable(head_class, confidence, recommended)
 
 
+@register
 @dataclass(frozen=True)
 class HeadAwarePress(Press):
     name = "head_aware"

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from workers.presses.base import LayerContext, Press
+from workers.presses.registry import register
 
 
+@register
 @dataclass(frozen=True)
 class KnormPress(Press):
     name = "knorm"

@@ -17,6 +17,7 @@ from functools import lru_cache
 import torch
 
 from workers.presses.base import LayerContext, Press
+from workers.presses.registry import register
 
 
 @lru_cache(maxsize=16)
@@ -39,6 +40,7 @@ def kvpress_instance(press_class: str, options: str):
     return cls(**kwargs)
 
 
+@register
 @dataclass(frozen=True)
 class KVPressAdapter(Press):
     name = "kvpress"

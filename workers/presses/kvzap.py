@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from workers.presses.base import LayerContext, Press, StateShape
+from workers.presses.registry import register
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -91,6 +92,7 @@ def load_surrogate(path: str) -> nn.ModuleList:
     return modules.eval()
 
 
+@register
 @dataclass(frozen=True)
 class KVzapPress(Press):
     name = "kvzap"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from workers.presses.base import LayerContext, Press, StateShape
+from workers.presses.registry import register
 
 
 @dataclass
@@ -37,6 +38,7 @@ class AttentionSums:
         return total
 
 
+@register
 @dataclass(frozen=True)
 class ObservedAttentionPress(Press):
     name = "observed_attention"

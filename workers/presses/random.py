@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from workers.presses.base import LayerContext, Press
+from workers.presses.registry import register
 
 _LOW32 = 0xFFFF_FFFF
 
@@ -43,6 +44,7 @@ def uniform_scores(
     return (h >> 8).to(torch.float32) * 2.0**-24
 
 
+@register
 @dataclass(frozen=True)
 class RandomPress(Press):
     name = "random"

@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from workers.presses.base import LayerContext, Press
+from workers.presses.registry import register
 
 
+@register
 @dataclass(frozen=True)
 class SnapKVPress(Press):
     name = "snapkv"

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 import torch
 
 from workers.presses.base import LayerContext, Press, constant_scores
+from workers.presses.registry import register
 
 
+@register
 @dataclass(frozen=True)
 class StreamingLLMPress(Press):
     name = "streaming_llm"
