@@ -7,6 +7,9 @@
 -- peak_kv_mib: the most keys + values any one batched forward held (kv_cache_bytes, all layers;
 -- the full preallocated cache when masked, the kept entries with --compact); null for rows
 -- written before schema version 2.
+-- compile_seconds: what compiling chunk steps took on a worker (status.json; torch.compile's
+-- warm-up chunk included), kept out of `seconds`; per device the sum over its workers, per
+-- method null (a compile serves a whole batch of configs); null for runs recorded before it was.
 WITH rows_ AS (
     SELECT
         r.worker,
@@ -14,7 +17,9 @@ WITH rows_ AS (
         coalesce(w.device_name, r.device) AS device_name,
         r.chunk_end - r.chunk_start AS token_configs,
         r.forward_seconds / r.batch_size AS seconds,
-        r.kv_cache_bytes
+        r.kv_cache_bytes,
+        w.compile_seconds,
+        row_number() OVER (PARTITION BY r.worker) = 1 AS first_of_worker
     FROM chunks r
     LEFT JOIN workers w ON w.run_id = r.run_id AND w.worker = r.worker
     WHERE r.run_id = $run_id
@@ -28,7 +33,9 @@ SELECT
     sum(token_configs) AS token_configs,
     sum(seconds) AS seconds,
     sum(token_configs) / nullif(sum(seconds), 0) AS token_configs_per_s,
-    max(kv_cache_bytes) / 2 ^ 20 AS peak_kv_mib
+    max(kv_cache_bytes) / 2 ^ 20 AS peak_kv_mib,
+    CASE WHEN grouping(method) = 0 THEN NULL ELSE sum(compile_seconds) FILTER (WHERE first_of_worker) END
+        AS compile_seconds
 FROM rows_
 GROUP BY GROUPING SETS ((worker, device_name), (method), (device_name))
 ORDER BY per DESC, worker, method, device_name;

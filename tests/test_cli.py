@@ -196,6 +196,31 @@ def test_cuda_graphs_reach_the_engine_only_when_compiling_on_cuda_and_never_chan
         JobSpec(methods=("baseline",), cuda_graphs=True, compile="off")
 
 
+def test_compile_cache_reaches_the_workers_and_never_changes_the_fingerprint(tmp_path, monkeypatch):
+    from orchestrator.errors import KvorchError
+    from orchestrator.sweep.resume import spec_hash
+    from orchestrator.sweep.spec import JobSpec
+    from workers.defaults import COMPILE_CACHE
+
+    assert JobSpec(methods=("baseline",)).compile_cache == COMPILE_CACHE == "~/.cache/kvorch/compile"
+    import pyarrow as pa
+
+    docs = pa.table({"doc_id": ["d"], "sha256": ["x"]})
+    elsewhere = JobSpec(methods=("baseline",), compile_cache=str(tmp_path)).to_json()
+    assert spec_hash(elsewhere, docs) == spec_hash(JobSpec(methods=("baseline",)).to_json(), docs)
+    with pytest.raises(KvorchError, match=r"^--compile-cache is empty; give a directory"):
+        JobSpec(methods=("baseline",), compile_cache=" ")
+    # The option and its environment variable, as the CLI parses them into the spec.
+    from orchestrator.cli import main
+
+    monkeypatch.setenv("KVORCH_COMPILE_CACHE", str(tmp_path / "from-env"))
+    ctx = main.make_context("kvorch", ["submit", "--methods", "baseline"], resilient_parsing=True)
+    sub = main.get_command(ctx, "submit")
+    assert sub.make_context("submit", ["--methods", "baseline"]).params["compile_cache"] == str(tmp_path / "from-env")
+    given = sub.make_context("submit", ["--compile-cache", "/x/y"]).params["compile_cache"]
+    assert given == "/x/y"
+
+
 def test_spec_records_the_tokenization_and_compare_notes_a_difference(
     populated_lake, tiny_model_dir, smollm2_tokenizer
 ):

@@ -263,7 +263,10 @@ def test_throughput_charges_each_config_its_share_of_a_batched_forward(tmp_path)
         # w1: one config alone, 0.25 s per chunk.
         *(chunk_row("b", s, "x", 1.0, worker="w1", batch_size=1, forward_seconds=0.25) for s in (0, 10)),
     ]
-    workers = [{"worker": "w0", "device": "cuda:0", "device_name": "GPU-A"}, {"worker": "w1", "device_name": "GPU-B"}]
+    workers = [
+        {"worker": "w0", "device": "cuda:0", "device_name": "GPU-A", "compile_seconds": 30.0},
+        {"worker": "w1", "device_name": "GPU-B"},  # recorded before compile seconds were
+    ]
     lake = make_lake(tmp_path / "lake", {"r": rows}, {"r": {"status": "finished", "rows": 6, "workers": workers}})
     got = {
         (r["per"], r["worker"] or r["method"] or r["device_name"]): r
@@ -276,6 +279,11 @@ def test_throughput_charges_each_config_its_share_of_a_batched_forward(tmp_path)
     assert got[("method", "y")]["seconds"] == pytest.approx(1.0)
     assert got[("device", "GPU-B")]["rows"] == 2
     assert got[("worker", "w0")]["peak_kv_mib"] is None  # rows without kv_cache_bytes
+    # Compile time stays out of the forward seconds: per worker as recorded, once per worker per
+    # device however many rows it wrote, and not split over methods.
+    assert got[("worker", "w0")]["compile_seconds"] == 30.0 and got[("worker", "w0")]["seconds"] == 2.0
+    assert got[("device", "GPU-A")]["compile_seconds"] == 30.0
+    assert got[("worker", "w1")]["compile_seconds"] is None and got[("method", "x")]["compile_seconds"] is None
 
 
 def test_throughput_reports_the_peak_kv_memory(tmp_path):

@@ -20,6 +20,7 @@ import ray
 import torch
 from ray.util import metrics
 
+from workers.compile_cache import use_compile_cache
 from workers.configs import EvalConfig
 from workers.engine.core import Engine
 from workers.errors import error_line
@@ -44,6 +45,8 @@ class EvalWorker:
         Ray actor answers ``placed`` as soon as its process is up: the driver's placement
         timeout then never counts the minutes a large model takes to load."""
         torch.set_num_threads(max(1, settings.threads))
+        if settings.engine.compile:
+            use_compile_cache(settings.compile_cache)
         self.name = name
         self.settings = settings
         self.fault = Fault.from_env()
@@ -92,6 +95,7 @@ class EvalWorker:
         """
         self.load()
         tic = time.perf_counter()
+        compiled_before = self.engine.compile_seconds
         chunks = 0
 
         def on_chunk() -> None:
@@ -112,7 +116,12 @@ class EvalWorker:
             failures.extend(failed)
         if self.metrics:
             self.metrics.task(task.cost, time.perf_counter() - tic)
-        return TaskResult(pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table(), tuple(failures))
+        return TaskResult(
+            pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table(),
+            tuple(failures),
+            compile_seconds=self.engine.compile_seconds - compiled_before,
+            worker=self.name,
+        )
 
     def _evaluate(
         self, doc: TaskDocument, configs: list[EvalConfig], on_chunk: Callable[[], None]

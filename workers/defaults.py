@@ -8,6 +8,10 @@ need no copy: workers/engine/settings.py loads no torch.
 
 from __future__ import annotations
 
+# Where compiled chunk steps are cached on disk (--compile-cache; workers/compile_cache.py): one
+# directory per machine, shared by every actor on it and by reruns and resumes. "~" is expanded
+# on the machine that compiles, so one value serves every node of a cluster.
+COMPILE_CACHE = "~/.cache/kvorch/compile"
 # The attention kernels of --attn (workers/attention.py).
 BACKENDS = ("eager", "sdpa", "flex")
 # What `--methods all` means: workers.presses.ALL_METHODS (the presses with ``in_all``).

@@ -62,6 +62,10 @@ class TaskResult:
 
     rows: pa.Table
     failures: tuple[ConfigFailure, ...] = ()
+    # Seconds this task spent compiling chunk steps (a warm-up chunk included), on ``worker``:
+    # kept apart from the rows' forward_seconds, so throughput never counts a compile.
+    compile_seconds: float = 0.0
+    worker: str = ""
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ class WorkerSettings:
     device: str
     threads: int
     engine: EngineSettings
+    # The on-disk cache of compiled steps (workers/compile_cache.py); None: torch's default.
+    compile_cache: str | None = None
 
 
 @dataclass(frozen=True)

@@ -160,6 +160,14 @@ def _default(name: str) -> object:
     help="With the compiled chunk step on CUDA, replay each chunk as one CUDA graph; ignored on CPU. "
     "Off until measured on a GPU (BENCHMARKS.md).",
 )
+@click.option(
+    "--compile-cache",
+    default=_default("compile_cache"),
+    envvar="KVORCH_COMPILE_CACHE",
+    show_default=True,
+    help="Directory where each machine caches compiled chunk steps, shared by its actors, reruns and resumes "
+    "(~ is expanded on the machine; env KVORCH_COMPILE_CACHE).",
+)
 @click.option("--compact", is_flag=True, hidden=True, expose_value=False, callback=lambda _c, _p, on: _no_compact(on))
 @lake_option
 @click.option(
@@ -206,7 +214,7 @@ def command(ctx: click.Context, **options: Any) -> None:
 # JobSpec fields that are options of the same name (the rest are converted in _job_spec).
 _SPEC_OPTIONS = (
     "model", "corpus", "methods", "thresholds", "policy", "max_docs", "max_tokens", "bos", "chunk_size",
-    "window", "attn", "dtype", "device", "actors", "batch_configs", "cuda_graphs",
+    "window", "attn", "dtype", "device", "actors", "batch_configs", "cuda_graphs", "compile_cache",
 )  # fmt: skip
 
 

@@ -24,14 +24,16 @@ from workers.schema import (
     SCORES_SCHEMA,
 )
 
-# What kvorch reads from status.json: fields a run's end writes (orchestrator/sweep/submission.py).
+# What kvorch reads from status.json: fields a run's end writes (orchestrator/sweep/submission.py);
+# a worker's compile_seconds is null in runs recorded before it was.
+_WORKERS_TYPE = "STRUCT(worker VARCHAR, host VARCHAR, device VARCHAR, device_name VARCHAR, compile_seconds DOUBLE)[]"
 _STATUS_COLUMNS = (
     "{run_id: 'VARCHAR', status: 'VARCHAR', finished_at: 'VARCHAR', rows: 'BIGINT', "
-    "workers: 'STRUCT(worker VARCHAR, host VARCHAR, device VARCHAR, device_name VARCHAR)[]'}"
+    f"workers: '{_WORKERS_TYPE}'}}"
 )
 _EMPTY_STATUSES = (
     "SELECT NULL::VARCHAR AS run_id, NULL::VARCHAR AS status, NULL::VARCHAR AS finished_at, NULL::BIGINT AS rows, "
-    "[]::STRUCT(worker VARCHAR, host VARCHAR, device VARCHAR, device_name VARCHAR)[] AS workers WHERE false"
+    f"[]::{_WORKERS_TYPE} AS workers WHERE false"
 )
 
 

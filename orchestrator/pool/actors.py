@@ -76,7 +76,9 @@ class PoolResult:
     # Configs that raised on a document of a task that succeeded (orchestrator/lake/incomplete.py records).
     config_failures: list[dict] = field(default_factory=list)
     retries: int = 0
+    # Each worker as it described itself, plus "compile_seconds": what its tasks spent compiling.
     workers: list[dict] = field(default_factory=list)
+    compile_seconds: dict[str, float] = field(default_factory=dict)
     # Fault events in order (orchestrator/pool/events.py): {"time", "kind", "detail"}.
     events: list[dict] = field(default_factory=list)
 
@@ -510,6 +512,7 @@ def run_pool(
     def done(call: Call, out: TaskResult) -> None:
         task = by_key[call.key]
         result.rows_written += on_rows(task, out.rows)
+        result.compile_seconds[out.worker] = result.compile_seconds.get(out.worker, 0.0) + out.compile_seconds
         result.config_failures.extend(incomplete.record(task.task_id, f) for f in out.failures)
         result.tasks_done.append(task.task_id)
         on_progress(task, True, result)
@@ -529,7 +532,10 @@ def run_pool(
         calls = [Call(task.task_id, "run", (task,)) for task in tasks]  # already longest first
         run_calls(workers, calls, done, failed, max_retries, on_abandoned=abandoned)
     finally:
-        result.workers = workers.descriptions()
+        result.workers = [
+            {**w, "compile_seconds": round(result.compile_seconds.get(w["worker"], 0.0), 3)}
+            for w in workers.descriptions()
+        ]
 
 
 def _actor_error(exc: RayActorError) -> str:

@@ -24,7 +24,7 @@ from orchestrator.lake.store import Lake, new_run_id
 
 # Scheduling choices: they change where and how fast rows are computed, never their values.
 # Fields that change how a run is scheduled or executed, never a number: a run resumes across them.
-SCHEDULING_FIELDS = ("actors", "cuda_graphs")
+SCHEDULING_FIELDS = ("actors", "cuda_graphs", "compile_cache")
 HEARTBEAT_SECONDS = 30
 STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS
 

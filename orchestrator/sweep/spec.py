@@ -15,6 +15,7 @@ from orchestrator.errors import KvorchError
 from orchestrator.probes import DEFAULT_DEPTHS, DEFAULT_LENGTHS, ProbeSpec, check_task
 from orchestrator.probes.spec import check_spec
 from workers.configs import POLICIES, RANKED_POLICIES, EvalConfig
+from workers.defaults import COMPILE_CACHE
 from workers.engine.settings import EngineSettings
 from workers.models import DTYPE_NAMES, EMBEDDED_MODEL
 from workers.tokenization import BOS_MODES, DEFAULT_BOS
@@ -55,6 +56,8 @@ class JobSpec:
     compile: str = "auto"
     # With the compiled step on CUDA, replay it as a CUDA graph (EngineSettings.cuda_graphs).
     cuda_graphs: bool = EngineSettings.cuda_graphs
+    # Where compiled chunk steps are cached on each machine (workers/compile_cache.py).
+    compile_cache: str = COMPILE_CACHE
     # BOS first in every document: auto|on|off, resolved against the tokenizer (workers/tokenization.py).
     bos: str = DEFAULT_BOS
     # Target compressible densities: thresholds are calibrated to them (orchestrator/sweep/calibration.py).
@@ -77,6 +80,8 @@ class JobSpec:
         object.__setattr__(self, "batch_configs", _parse_batch_configs(self.batch_configs))
         if self.compile not in COMPILE_MODES:
             raise KvorchError(f"--compile {self.compile!r} is unknown; use one of {', '.join(COMPILE_MODES)}")
+        if not self.compile_cache.strip():
+            raise KvorchError("--compile-cache is empty; give a directory (default ~/.cache/kvorch/compile)")
         if self.cuda_graphs and self.compile == "off":
             raise KvorchError("--cuda-graphs replays the compiled chunk step; it needs --compile auto or on, not off")
         if self.bos not in BOS_MODES:

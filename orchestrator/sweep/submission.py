@@ -137,7 +137,7 @@ def _run(
     note = compile_check.eager_note(engine, list(spec.configs))
     if note:
         print(f"kvorch: {note}", file=sys.stderr)
-    settings = WorkerSettings(spec.model, dtype, pool.device, pool.threads, engine)
+    settings = WorkerSettings(spec.model, dtype, pool.device, pool.threads, engine, spec.compile_cache)
     n_shards = previous["n_shards"] if previous else default_shards(pool.n_actors)
     if previous:
         batch_configs = previous["batch_configs_resolved"]

@@ -62,6 +62,12 @@ class Engine:
         # reused across documents.
         self.steps: dict[tuple, ChunkStep] = {}
 
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling so far, over every step this engine built (only static steps
+        compile, and those are all kept)."""
+        return sum(step.compile_seconds for step in self.steps.values())
+
     def path(self, configs: list[EvalConfig]) -> ExecutionPath:
         """The one place that decides how a batch runs (see the module docstring)."""
         traceable = all(c.press.traceable for c in configs)

@@ -45,6 +45,7 @@ from workers.engine.decisions import decide_by_budget, decide_by_threshold, keep
 from workers.engine.hooks import HookedModel
 from workers.engine.layout import DocumentLayout, RowGroup
 from workers.engine.settings import EngineSettings, chunk_bounds
+from workers.errors import error_line
 from workers.nll import AnswerSpan
 from workers.presses import LayerContext, StateShape
 
@@ -131,6 +132,9 @@ class ChunkStep:
             step = torch.compile(step, backend=compile_backend, fullgraph=True, dynamic=False, mode=mode)
         self.static_step = step
         self.compiled_once = False
+        # Seconds the first document waited for the compile (its warm-up chunk included); 0
+        # uncompiled. Reported apart from the rows' forward seconds (TaskResult.compile_seconds).
+        self.compile_seconds = 0.0
         self.state: dict[str, Any] = {}
         self.press_states: list[Any] = []
 
@@ -214,20 +218,11 @@ class ChunkStep:
         """Run every chunk of one document: its results [chunks, B] on the CPU, and each chunk's
         seconds (on the CPU each chunk's own; on an asynchronous device the document's time split
         evenly, since timing a chunk alone would need a device sync per chunk)."""
+        if self.compiled and not self.compiled_once:
+            self._compile(doc_seed, token_ids, answer)
         self.reset(doc_seed, token_ids, answer)
         n_doc = int(token_ids.shape[0])
         bounds = chunk_bounds(n_doc, self.chunk)
-        if self.compiled and not self.compiled_once:
-            # The first call compiles the whole unrolled step: seconds on a GPU, minutes on a
-            # CPU (11 min cold for 10 configs x 16 layers on 2 cores). Say so where it is waited on
-            # (the actor's log, the Ray dashboard), or the first chunk looks like a hang.
-            print(
-                f"kvorch: {self.worker}: compiling the chunk step ({self.batch} configs x {self.n} "
-                f"positions, {self.n_layers} layers); the first chunk waits for it",
-                file=sys.stderr,
-                flush=True,
-            )
-            self.compiled_once = True
         seconds = []
         started = tic = time.perf_counter()
         for k, (s, e) in enumerate(bounds):
@@ -244,6 +239,39 @@ class ChunkStep:
             torch.cuda.synchronize(self.device)
             seconds = [(time.perf_counter() - started) / len(bounds)] * len(bounds)
         return self.state["results"].head(len(bounds), answer is not None), seconds
+
+    def _compile(self, doc_seed: int, token_ids: torch.Tensor, answer: AnswerSpan | None) -> None:
+        """Compile before the document runs, on a warm-up chunk whose results are thrown away (the
+        document is reset after it), so the compile is timed apart from every chunk's forward.
+
+        The whole unrolled step compiles at once: seconds on a GPU, minutes cold on a CPU. Both
+        ends are said where they are waited on (the actor's log, the Ray dashboard), or the first
+        chunk looks like a hang. A compile that fails leaves this batch on the same step run
+        uncompiled, with one notice naming the cause: never worse than not compiling.
+        """
+        what = f"the chunk step ({self.batch} configs x {self.n} positions, {self.n_layers} layers)"
+        print(f"kvorch: {self.worker}: compiling {what}; the first chunk waits for it", file=sys.stderr, flush=True)
+        self.compiled_once = True
+        self.reset(doc_seed, token_ids, answer)
+        tic = time.perf_counter()
+        try:
+            self.static_step(self.state)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: the step still runs
+            self.static_step, self.compiled, self.cuda_graphs = self._static_step, False, False
+            # torch wraps a compiler's error ("backend='inductor' raised:"); name the compiler's own.
+            cause = getattr(exc, "inner_exception", None) or exc
+            print(
+                f"kvorch: {self.worker}: compiling {what} failed ({error_line(cause)[:300]}); "
+                "this batch runs the same step uncompiled",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.compile_seconds = time.perf_counter() - tic
+        if self.compiled:
+            took = f"{self.compile_seconds:.1f} s"
+            print(f"kvorch: {self.worker}: compiled {what} in {took}", file=sys.stderr, flush=True)
 
     @property
     def kv_bytes(self) -> int:
