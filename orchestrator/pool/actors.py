@@ -500,10 +500,12 @@ def run_pool(
     on_rows: Callable[[Task, pa.Table], int],
     on_progress: Callable[[Task, bool, PoolResult], None],
     max_retries: int = DEFAULT_MAX_RETRIES,
+    counter: ray.actor.ActorHandle | None = None,
 ) -> None:
     """Run every task of the sweep on the pool; failures are retried, then recorded per task,
     never dropped. ``result`` is filled as tasks finish, so an interrupted pool still tells what
-    it finished."""
+    it finished. ``counter``: the sweep's progress counter (orchestrator/pool/progress.py), which
+    each worker tells its task's token-configs as chunks finish."""
     by_key = {task.task_id: task for task in tasks}
     result.events = workers.events
 
@@ -526,7 +528,8 @@ def run_pool(
             result.failures[call.key] = "no live worker left to run it"
 
     try:
-        calls = [Call(task.task_id, "run", (task,)) for task in tasks]  # already longest first
+        extra = () if counter is None else (counter,)
+        calls = [Call(task.task_id, "run", (task, *extra)) for task in tasks]  # already longest first
         run_calls(workers, calls, done, failed, max_retries, on_abandoned=abandoned)
     finally:
         result.workers = workers.descriptions()
