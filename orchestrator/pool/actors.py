@@ -25,6 +25,7 @@ told in kvorch's words (orchestrator/pool/events.py).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -87,19 +88,58 @@ def start_ray(address: str | None, namespace: str, connect_timeout: float = DEFA
 
     The embedded Ray starts its dashboard on 127.0.0.1 when ``ray[default]`` is installed and
     prints its URL. Already initialized (tests, notebooks): nothing to do.
+
+    Ray's own start-up lines (:data:`RAY_STARTUP_LINES`) are dropped and said once in kvorch's
+    dashboard line: Ray 2.60 turns token authentication on for every new local cluster and
+    warns so on each start ("Token authentication is enabled for this Ray cluster"); kvorch
+    leaves it on (it guards the dashboard and the cluster's ports against other users of the
+    machine) and names ``ray get-auth-token``, which prints the token the dashboard asks for.
     """
     if ray.is_initialized():
         return False
     if address:
         join_cluster(address, namespace, connect_timeout)
         return False
+    quiet_ray_startup()
     # address="local": a new Ray of our own, never a cluster someone `ray start`-ed on this host.
     context = ray.init(
         address="local", namespace=namespace, log_to_driver=False, num_cpus=os.cpu_count(), dashboard_host="127.0.0.1"
     )
     if context.dashboard_url:
-        print(f"kvorch: Ray dashboard at http://{context.dashboard_url}", file=sys.stderr)
+        auth = (
+            " (token authentication on, Ray's default: `ray get-auth-token` prints the token the page asks for; "
+            "RAY_AUTH_MODE=disabled turns it off)"
+            if os.environ.get("RAY_AUTH_MODE", "").lower() == "token"  # what Ray sets when it turns it on
+            else ""
+        )
+        print(f"kvorch: Ray dashboard at http://{context.dashboard_url}{auth}", file=sys.stderr)
     return True
+
+
+# Ray's start-up lines that kvorch's own dashboard line replaces: logger -> how the line starts.
+RAY_STARTUP_LINES = {
+    "ray._private.authentication.authentication_token_setup": "Token authentication is enabled for this Ray cluster",
+    "ray._private.worker": "Started a local Ray instance",
+}
+
+
+class _DropLine(logging.Filter):
+    """Drops the records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def quiet_ray_startup() -> None:
+    """Drop :data:`RAY_STARTUP_LINES` from Ray's loggers (once per process; every other line stays)."""
+    for name, prefix in RAY_STARTUP_LINES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLine) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropLine(prefix))
 
 
 def plan_pool(actors: int | None, device: str, gpus_per_actor: float | None = None) -> PoolPlan:
