@@ -148,7 +148,7 @@ def test_the_step_compiles_whole_once_and_never_again_in_its_length_bucket(model
     engine = Engine(model, EngineSettings(CHUNK, WINDOW, compile=True), compile_backend=backend)
     assert engine.path(configs) == ExecutionPath(compiled=True, static=True)
     graphs_after_chunk: list[int] = []
-    rows = engine.evaluate("d", document, configs, lambda: graphs_after_chunk.append(backend.graphs)).to_pylist()
+    rows = engine.evaluate("d", document, configs, lambda tokens: graphs_after_chunk.append(backend.graphs)).to_pylist()
     assert graphs_after_chunk == [1] * 8
     assert_same_numbers(expected, rows)
 

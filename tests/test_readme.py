@@ -198,3 +198,47 @@ def test_the_readme_runs_top_to_bottom(readme_folder):
     assert any(c.startswith("kvorch report --table all") for c in ran)
     assert (readme_folder / "plots" / "index.html").is_file()
     assert (readme_folder / "my_docs.jsonl").stat().st_size > 0
+
+
+# "471 tests in about 280 s on 2 cores", and the slow ones: what README.md and CONTRIBUTING.md say of the fast loop.
+FAST_LOOP = re.compile(r"(\d+) tests in about (\d+) s on 2\s+cores")
+SLOW_COUNT = re.compile(r"(?:every test but the|the other)\s+(\d+)")
+
+
+def fast_loop_claims(path: Path) -> tuple[int, int, int]:
+    """(tests, seconds, slow tests) that ``path`` states for the fast loop, each stated once."""
+    text = path.read_text(encoding="utf-8")
+    loops, slow = FAST_LOOP.findall(text), SLOW_COUNT.findall(text)
+    assert len(loops) == 1 and len(slow) == 1, (path.name, loops, slow)
+    return int(loops[0][0]), int(loops[0][1]), int(slow[0])
+
+
+def test_readme_and_contributing_state_the_same_fast_loop():
+    assert fast_loop_claims(ROOT / "README.md") == fast_loop_claims(ROOT / "CONTRIBUTING.md")
+
+
+@pytest.mark.slow
+def test_the_stated_test_counts_are_the_suites():
+    """Within 10 %: the docs may lag a few tests behind, never a release."""
+    tests, _, slow = fast_loop_claims(ROOT / "README.md")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "not slow", "-p", "no:cacheprovider"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    counted = re.search(r"(\d+)/\d+ tests collected \((\d+) deselected\)", done.stdout)
+    assert counted, done.stdout[-2000:]
+    fast, deselected = map(int, counted.groups())
+    assert abs(tests - fast) <= 0.1 * fast and abs(slow - deselected) <= max(2, 0.1 * deselected), (fast, deselected)
+
+
+def torch_note() -> str:
+    """The README's paragraph on what `pip install torch==2.13.0` installs."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return next(p for p in text.split("\n\n") if p.startswith("`torch==2.13.0` comes first"))
+
+
+def test_the_torch_note_says_what_the_pin_does_here_and_elsewhere_without_naming_a_host():
+    note = " ".join(torch_note().split())
+    assert "2.13.0+cpu" in note and "this project's own index" in note  # here
+    assert "CUDA one" in note and "CPU wheel of torch" in note and "`--index-url`" in note  # elsewhere
+    assert not re.search(r"https?:|www\.|\b[\w-]+\.(?:org|com|io|net|dev)\b", note), note

@@ -14,6 +14,7 @@ import platform
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import pyarrow as pa
 import ray
@@ -29,6 +30,7 @@ from workers.faults import Fault
 from workers.head_stats import DocumentHeadStats, HeadStatsProbe
 from workers.models import load_model
 from workers.plan import MODEL_LEVEL, ConfigFailure, DocumentScores, Task, TaskDocument, TaskResult, WorkerSettings
+from workers.progress import ChunkReporter
 from workers.schema import ROW_SCHEMA
 
 # The preflight's document: a few chunks past a small window, so every press scores, decides
@@ -86,21 +88,27 @@ class EvalWorker:
             "model_type": getattr(self.model.config, "model_type", None) or type(self.model).__name__,
         }
 
-    def run(self, task: Task) -> TaskResult:
+    def run(self, task: Task, counter: Any = None) -> TaskResult:
         """All rows of ``task``; nothing is written here, so a dying attempt leaves no trace.
 
         A config that raises on a document costs only its own rows of that document: the
         document is evaluated again config by config (only then, so a healthy batch pays
         nothing), and the configs that still raise come back as :class:`ConfigFailure`.
+
+        ``counter``: the sweep's progress counter (orchestrator/pool/progress.py), told this
+        attempt's token-configs as chunks finish, in batches and without waiting
+        (workers/progress.py); None (calibration, tests) counts nothing.
         """
         self.load()
         tic = time.perf_counter()
         compiled_before = self.engine.compile_seconds
         chunks = 0
+        reporter = ChunkReporter(counter, task.task_id, on_flush=self.metrics.tokens_done if self.metrics else None)
 
-        def on_chunk() -> None:
+        def on_chunk(token_configs: int) -> None:
             nonlocal chunks
             chunks += 1
+            reporter.add(token_configs)
             if self.fault:
                 self.fault.maybe_fire(task.task_id, chunks)
 
@@ -111,9 +119,10 @@ class EvalWorker:
         for doc in task.documents:
             rows, failed = self._evaluate(doc, list(task.configs), on_chunk)
             if self.metrics:
-                self.metrics.document(len(doc.token_ids) * (len(task.configs) - len(failed)), rows)
+                self.metrics.document(rows)
             tables.append(rows)
             failures.extend(failed)
+        reporter.flush()
         if self.metrics:
             self.metrics.task(task.cost, time.perf_counter() - tic)
         return TaskResult(
@@ -124,20 +133,25 @@ class EvalWorker:
         )
 
     def _evaluate(
-        self, doc: TaskDocument, configs: list[EvalConfig], on_chunk: Callable[[], None]
+        self, doc: TaskDocument, configs: list[EvalConfig], on_chunk: Callable[[int], None]
     ) -> tuple[pa.Table, list[ConfigFailure]]:
         """The document under every config of the batch, or, if the batch raises, under each
-        config alone: the rows of those that succeed and one failure per config that raises."""
+        config alone: the rows of those that succeed and one failure per config that raises.
+        ``on_chunk`` gets each chunk's token-configs (its tokens times the configs evaluated)."""
         token_ids = torch.tensor(doc.token_ids)
+
+        def counted(n_configs: int) -> Callable[[int], None]:
+            return lambda tokens: on_chunk(tokens * n_configs)
+
         try:
-            return self.engine.evaluate(doc.doc_id, token_ids, configs, on_chunk, doc.answer), []
+            return self.engine.evaluate(doc.doc_id, token_ids, configs, counted(len(configs)), doc.answer), []
         except Exception as exc:  # a press may raise anything: it is reported per config below
             if len(configs) == 1:
                 return ROW_SCHEMA.empty_table(), [ConfigFailure(doc.doc_id, configs[0].label, error_line(exc))]
         tables, failures = [], []
         for config in configs:
             try:
-                tables.append(self.engine.evaluate(doc.doc_id, token_ids, [config], on_chunk, doc.answer))
+                tables.append(self.engine.evaluate(doc.doc_id, token_ids, [config], counted(1), doc.answer))
             except Exception as exc:
                 failures.append(ConfigFailure(doc.doc_id, config.label, error_line(exc)))
         return (pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()), failures
@@ -197,7 +211,9 @@ class _Metrics:
     def __init__(self, worker: str) -> None:
         tags = {"worker": worker}
         self.tokens = metrics.Counter(
-            "kvorch_tokens_evaluated", "Token-configs evaluated (tokens x configs).", tag_keys=("worker",)
+            "kvorch_tokens_evaluated",
+            "Token-configs evaluated (tokens x configs), counted per chunk and sent in batches.",
+            tag_keys=("worker",),
         )
         self.chunks = metrics.Counter(
             "kvorch_chunks_evaluated", "Chunk rows written, per method.", tag_keys=("worker", "method")
@@ -208,9 +224,12 @@ class _Metrics:
         for metric in (self.tokens, self.chunks, self.rate):
             metric.set_default_tags(tags)
 
-    def document(self, token_configs: int, rows: pa.Table) -> None:
-        if token_configs:  # Ray's counters refuse 0: a document on which every config failed
+    def tokens_done(self, token_configs: int) -> None:
+        """A batch of chunks' token-configs, as the progress counter is told them."""
+        if token_configs > 0:  # Ray's counters refuse 0
             self.tokens.inc(token_configs)
+
+    def document(self, rows: pa.Table) -> None:
         for method, n in Counter(rows.column("method").to_pylist()).items():
             self.chunks.inc(n, tags={"method": method})
 

@@ -5,7 +5,8 @@ driver forwards every ``KVORCH_TEST_*`` variable to its actors (Ray ``runtime_en
 actor consults :class:`Fault` after each chunk. Grammar: ``action[:key=value,...]`` with
 
 - ``action``: ``exit`` (the process dies, like an OOM kill), ``raise`` (the task raises),
-  ``hang`` (the task never returns);
+  ``hang`` (the task never returns), ``pause`` (the task stops for ``seconds=S``, then goes on:
+  a slow chunk, so a test can see what the driver shows mid-task);
 - ``after=k``: fire once the task has evaluated k chunks (default 0: before the first);
 - ``task=ID``: only in that task;
 - ``once=PATH``: only if PATH does not exist yet, creating it, so a re-run attempt succeeds;
@@ -25,7 +26,7 @@ import ray
 
 ENV_PREFIX = "KVORCH_TEST_"
 FAULT_ENV = ENV_PREFIX + "FAULT"
-ACTIONS = ("exit", "raise", "hang")
+ACTIONS = ("exit", "raise", "hang", "pause")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Fault:
     after: int = 0
     task: str | None = None
     once: str | None = None
+    seconds: float = 0.0
 
     @classmethod
     def from_env(cls) -> Fault | None:
@@ -44,7 +46,8 @@ class Fault:
         if action not in ACTIONS:
             raise ValueError(f"{FAULT_ENV}={text!r}: action must be one of {', '.join(ACTIONS)}")
         fields = dict(item.split("=", 1) for item in params.split(",") if item)
-        return cls(action, int(fields.get("after", 0)), fields.get("task"), fields.get("once"))
+        after, seconds = int(fields.get("after", 0)), float(fields.get("seconds", 0))
+        return cls(action, after, fields.get("task"), fields.get("once"), seconds)
 
     def maybe_fire(self, task_id: str, chunks_done: int) -> None:
         """Fire if this task has reached ``after`` chunks (and the once-marker allows it)."""
@@ -58,6 +61,9 @@ class Fault:
                 return
         if self.action == "exit":
             os._exit(1)
+        if self.action == "pause":
+            time.sleep(self.seconds)
+            return
         if self.action == "hang":
             while True:
                 time.sleep(3600)

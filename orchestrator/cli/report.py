@@ -53,8 +53,9 @@ def marked(report: RunReport, rendered: str, fmt: str) -> str:
     "--plot",
     "plot_dir",
     default=None,
-    help="Also write frontier.png, kl.png (runs with agreement), by_position.png, retrieval.png (probe runs) and "
-    "index.html (the tables with content, compare first) into this directory (default: no plots).",
+    help="Also write frontier.png (dotted lines at --densities when given), kl.png (runs with agreement), "
+    "by_position.png, retrieval.png (probe runs) and index.html (the tables with content, compare first) into "
+    "this directory (default: no plots); a config a plot cannot place is named on it and on stderr.",
 )
 @click.option(
     "--allow-incomplete",
@@ -89,7 +90,8 @@ def command(
     """
     targets = parse_densities(densities)
     names = list(TABLES) if "all" in tables else list(dict.fromkeys(tables))
-    if ctx.get_parameter_source("densities") is not click.core.ParameterSource.DEFAULT and "frontier" not in names:
+    densities_given = ctx.get_parameter_source("densities") is not click.core.ParameterSource.DEFAULT
+    if densities_given and "frontier" not in names:
         names.append("frontier")
     report = RunReport(Lake(lake), run_id, allow_incomplete)
     chosen = [report.table(n, targets, reference) for n in names]
@@ -108,5 +110,5 @@ def command(
         from orchestrator.reports.plots import PLOTTED_TABLES, write_plots
 
         plotted = {n: report.table(n, targets) for n in ("compare", *PLOTTED_TABLES)}
-        written = write_plots(plot_dir, report.run_id, plotted)
+        written = write_plots(plot_dir, report.run_id, plotted, targets if densities_given else None)
         click.echo(f"plots: {', '.join(str(p) for p in written)}", err=True)

@@ -25,6 +25,7 @@ told in kvorch's words (orchestrator/pool/events.py).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -89,19 +90,58 @@ def start_ray(address: str | None, namespace: str, connect_timeout: float = DEFA
 
     The embedded Ray starts its dashboard on 127.0.0.1 when ``ray[default]`` is installed and
     prints its URL. Already initialized (tests, notebooks): nothing to do.
+
+    Ray's own start-up lines (:data:`RAY_STARTUP_LINES`) are dropped and said once in kvorch's
+    dashboard line: Ray 2.60 turns token authentication on for every new local cluster and
+    warns so on each start ("Token authentication is enabled for this Ray cluster"); kvorch
+    leaves it on (it guards the dashboard and the cluster's ports against other users of the
+    machine) and names ``ray get-auth-token``, which prints the token the dashboard asks for.
     """
     if ray.is_initialized():
         return False
     if address:
         join_cluster(address, namespace, connect_timeout)
         return False
+    quiet_ray_startup()
     # address="local": a new Ray of our own, never a cluster someone `ray start`-ed on this host.
     context = ray.init(
         address="local", namespace=namespace, log_to_driver=False, num_cpus=os.cpu_count(), dashboard_host="127.0.0.1"
     )
     if context.dashboard_url:
-        print(f"kvorch: Ray dashboard at http://{context.dashboard_url}", file=sys.stderr)
+        auth = (
+            " (token authentication on, Ray's default: `ray get-auth-token` prints the token the page asks for; "
+            "RAY_AUTH_MODE=disabled turns it off)"
+            if os.environ.get("RAY_AUTH_MODE", "").lower() == "token"  # what Ray sets when it turns it on
+            else ""
+        )
+        print(f"kvorch: Ray dashboard at http://{context.dashboard_url}{auth}", file=sys.stderr)
     return True
+
+
+# Ray's start-up lines that kvorch's own dashboard line replaces: logger -> how the line starts.
+RAY_STARTUP_LINES = {
+    "ray._private.authentication.authentication_token_setup": "Token authentication is enabled for this Ray cluster",
+    "ray._private.worker": "Started a local Ray instance",
+}
+
+
+class _DropLine(logging.Filter):
+    """Drops the records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def quiet_ray_startup() -> None:
+    """Drop :data:`RAY_STARTUP_LINES` from Ray's loggers (once per process; every other line stays)."""
+    for name, prefix in RAY_STARTUP_LINES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLine) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropLine(prefix))
 
 
 def plan_pool(actors: int | None, device: str, gpus_per_actor: float | None = None) -> PoolPlan:
@@ -502,10 +542,12 @@ def run_pool(
     on_rows: Callable[[Task, pa.Table], int],
     on_progress: Callable[[Task, bool, PoolResult], None],
     max_retries: int = DEFAULT_MAX_RETRIES,
+    counter: ray.actor.ActorHandle | None = None,
 ) -> None:
     """Run every task of the sweep on the pool; failures are retried, then recorded per task,
     never dropped. ``result`` is filled as tasks finish, so an interrupted pool still tells what
-    it finished."""
+    it finished. ``counter``: the sweep's progress counter (orchestrator/pool/progress.py), which
+    each worker tells its task's token-configs as chunks finish."""
     by_key = {task.task_id: task for task in tasks}
     result.events = workers.events
 
@@ -529,7 +571,8 @@ def run_pool(
             result.failures[call.key] = "no live worker left to run it"
 
     try:
-        calls = [Call(task.task_id, "run", (task,)) for task in tasks]  # already longest first
+        extra = () if counter is None else (counter,)
+        calls = [Call(task.task_id, "run", (task, *extra)) for task in tasks]  # already longest first
         run_calls(workers, calls, done, failed, max_retries, on_abandoned=abandoned)
     finally:
         result.workers = [

@@ -4,30 +4,69 @@ that shows them with the tables they are drawn from.
 
 matplotlib runs on its Agg backend (files only, no display), so plotting works on headless
 clusters and in tests.
+
+Every plot draws a sweep (or config) in the colour of its label (:func:`colour`): the methods of
+``--methods all`` in registry order, any other label hashed into a fixed palette, so a label has
+one colour in every plot of every run. Error bars are the tables' intervals as computed; an axis
+whose values span a cluster and a far outlier (the window config's ΔNLL) is symlog, linear over
+the cluster; the dotted density lines appear only for ``--densities``; a config a plot cannot
+place (no compressible density, no KL) is named in a note on the plot and on stderr.
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
 import math
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from orchestrator.errors import KvorchError
 from orchestrator.reports.formatting import cell
 from orchestrator.reports.tables import Table, left_out
+from workers.defaults import ALL_METHODS
 
 # The report tables the plots are drawn from.
 PLOTTED_TABLES = ("pareto", "frontier", "paired", "by_position", "retrieval")
+# The colours of --methods all, in registry order (baseline black, then matplotlib's tab10).
+METHOD_COLOURS = dict(
+    zip(
+        ALL_METHODS,
+        ["#000000", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"],
+        strict=False,
+    )
+)
+# Any other label (a method with other parameters, head_aware, kvzap, kvpress:...): hashed into these.
+OTHER_COLOURS = (
+    "#1f77b4", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d",
+    "#9edae5", "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#393b79",
+)  # fmt: skip
+# Line styles of the configs of one sweep in by_position.png (they share the sweep's colour).
+DASHES = ("-", "--", "-.", ":")
 
 
-def write_plots(directory: str, run_id: str, tables: Mapping[str, Table]) -> list[Path]:
+def colour(label: str) -> str:
+    """The colour of a sweep or config label, the same in every plot and every run: a config
+    (``h2o@1``) takes its sweep's (``h2o``), a plain method its place in the registry order."""
+    press = label.split("@")[0]
+    if press in METHOD_COLOURS:
+        return METHOD_COLOURS[press]
+    digest = hashlib.sha256(press.encode()).digest()
+    return OTHER_COLOURS[int.from_bytes(digest[:4], "little") % len(OTHER_COLOURS)]
+
+
+def write_plots(
+    directory: str, run_id: str, tables: Mapping[str, Table], densities: Sequence[float] | None = None
+) -> list[Path]:
     """Write frontier.png, by_position.png, kl.png (runs with agreement), retrieval.png (probe
-    runs) and index.html into ``directory``, from ``tables`` (each of PLOTTED_TABLES by name);
-    returns the paths written."""
+    runs) and index.html into ``directory``, from ``tables`` (as :func:`plot_figures` takes
+    them); returns the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     out = Path(directory)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -35,17 +74,18 @@ def write_plots(directory: str, run_id: str, tables: Mapping[str, Table]) -> lis
         raise KvorchError(
             f"cannot create plot directory {directory} ({exc.strerror}); pass a writable --plot"
         ) from None
-    pareto, frontier, paired = tables["pareto"], tables["frontier"], tables["paired"]
-    by_position, retrieval = tables["by_position"], tables["retrieval"]
-    paths = [_frontier_png(out / "frontier.png", run_id, pareto, frontier)]
-    shown = [t for t in (tables.get("compare"), frontier, pareto) if t is not None]
-    if any(r["mean_kl"] is not None for r in paired.records()):
-        paths.append(_kl_png(out / "kl.png", run_id, pareto, paired))
+    figures = plot_figures(run_id, tables, densities)
+    paths = []
+    for name, fig in figures.items():
+        paths.append(out / name)
+        fig.savefig(paths[-1])
+        plt.close(fig)
+    paired, by_position, retrieval = tables["paired"], tables["by_position"], tables["retrieval"]
+    shown = [t for t in (tables.get("compare"), tables["frontier"], tables["pareto"]) if t is not None]
+    if "kl.png" in figures:
         shown.append(paired)
-    paths.append(_by_position_png(out / "by_position.png", run_id, by_position))
     shown.append(by_position)
     if retrieval.rows:
-        paths.append(_retrieval_png(out / "retrieval.png", run_id, retrieval))
         shown.append(retrieval)
     page = out / "index.html"
     notes = [reason for t in shown if (reason := left_out(t))]
@@ -56,7 +96,27 @@ def write_plots(directory: str, run_id: str, tables: Mapping[str, Table]) -> lis
     return [*paths, page]
 
 
-def _frontier_png(path: Path, run_id: str, pareto: Table, frontier: Table) -> Path:
+def plot_figures(run_id: str, tables: Mapping[str, Table], densities: Sequence[float] | None = None) -> dict:
+    """The plots as matplotlib figures, by file name, unsaved (the caller closes them): from
+    ``tables``, each of PLOTTED_TABLES by name, and ``compare``, whose configs a plot that
+    leaves one out names (on the plot and on stderr). ``densities``: the ``--densities`` asked
+    for, drawn as dotted lines on frontier.png (None: no lines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    pareto, paired, retrieval = tables["pareto"], tables["paired"], tables["retrieval"]
+    compare = tables.get("compare")
+    configs = [r["config"] for r in (compare or pareto).records()]
+    figures = {"frontier.png": _frontier_figure(run_id, pareto, configs, densities)}
+    if any(r["mean_kl"] is not None for r in paired.records()):
+        figures["kl.png"] = _kl_figure(run_id, pareto, paired, configs)
+    figures["by_position.png"] = _by_position_figure(run_id, tables["by_position"])
+    if retrieval.rows:
+        figures["retrieval.png"] = _retrieval_figure(run_id, retrieval)
+    return figures
+
+
+def _frontier_figure(run_id: str, pareto: Table, configs: list[str], densities: Sequence[float] | None):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
@@ -69,6 +129,7 @@ def _frontier_png(path: Path, run_id: str, pareto: Table, frontier: Table) -> Pa
             [p["density_compressible"] for p in points],
             [p["delta_nll_pct"] for p in points],
             marker="o",
+            color=colour(press),
             label=press,
         )
     front = sorted((p for p in pareto.records() if p["on_frontier"]), key=lambda p: p["density_compressible"])
@@ -80,19 +141,24 @@ def _frontier_png(path: Path, run_id: str, pareto: Table, frontier: Table) -> Pa
             color="black",
             linestyle="--",
             linewidth=1,
+            alpha=0.6,
             label="Pareto frontier",
         )
-    for target in sorted({r["density"] for r in frontier.records()}):
+    for target in densities or ():
         ax.axvline(target, color="grey", linestyle=":", linewidth=0.8)
     ax.set_xlabel("compressible density (kept / keys outside every protected region)")
-    ax.set_ylabel("ΔNLL vs baseline (%)")
-    ax.set_title(f"Density-ΔNLL frontier, run {run_id} (dotted: --densities)")
-    return _save(fig, ax, path)
+    _readable_y(ax, [p["delta_nll_pct"] for p in pareto.records()], "ΔNLL vs baseline (%)")
+    dotted = " (dotted: --densities)" if densities else ""
+    ax.set_title(f"Density-ΔNLL frontier, run {run_id}{dotted}")
+    placed = {p["config"] for p in pareto.records()}
+    missing = [(c, "no compressible density or ΔNLL") for c in configs if c not in placed]
+    return _finish(fig, ax, "frontier.png", missing)
 
 
-def _kl_png(path: Path, run_id: str, pareto: Table, paired: Table) -> Path:
+def _kl_figure(run_id: str, pareto: Table, paired: Table, configs: list[str]):
     """Density vs KL(baseline || config): each sweep a line, each config's per-document mean KL
-    with its 95 % t interval as an error bar (clipped at 0, where a KL cannot go)."""
+    with its 95 % t interval as an error bar, as the paired table computes it (with few
+    documents an interval can reach below 0, where no KL can be: it is drawn so, not clipped)."""
     import matplotlib.pyplot as plt
 
     kl = {r["config"]: r for r in paired.records() if r["mean_kl"] is not None}
@@ -101,17 +167,79 @@ def _kl_png(path: Path, run_id: str, pareto: Table, paired: Table) -> Path:
     for point in pareto.records():
         if point["config"] in kl:
             sweeps.setdefault(point["press"], []).append((point["density_compressible"], kl[point["config"]]))
+    values = []
     for press, points in sorted(sweeps.items()):
         points.sort(key=lambda p: p[0])
         means = [r["mean_kl"] for _, r in points]
-        low = [m - _finite(r["kl_ci95_low"], m) for m, (_, r) in zip(means, points, strict=True)]
-        high = [_finite(r["kl_ci95_high"], m) - m for m, (_, r) in zip(means, points, strict=True)]
-        low = [min(d, m) for d, m in zip(low, means, strict=True)]  # the interval stops at KL = 0
-        ax.errorbar([d for d, _ in points], means, yerr=[low, high], marker="o", capsize=3, label=press)
+        lows = [_finite(r["kl_ci95_low"], m) for m, (_, r) in zip(means, points, strict=True)]
+        highs = [_finite(r["kl_ci95_high"], m) for m, (_, r) in zip(means, points, strict=True)]
+        yerr = [
+            [m - lo for m, lo in zip(means, lows, strict=True)],
+            [hi - m for m, hi in zip(means, highs, strict=True)],
+        ]
+        ax.errorbar([d for d, _ in points], means, yerr=yerr, marker="o", capsize=3, color=colour(press), label=press)
+        values += [*means, *lows, *highs]
+    if any(v < 0 for v in values):
+        ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_xlabel("compressible density (kept / keys outside every protected region)")
-    ax.set_ylabel("KL(baseline || config) per token (nats)")
+    _readable_y(ax, values, "KL(baseline || config) per token (nats)")
     ax.set_title(f"Density vs KL(baseline || config), run {run_id}\n(bars: 95 % t interval over documents)")
-    return _save(fig, ax, path)
+    placed = {c for points in sweeps.values() for c in (r["config"] for _, r in points)}
+    why = {c: "no KL" if c not in kl else "no compressible density" for c in configs}
+    return _finish(fig, ax, "kl.png", [(c, why[c]) for c in configs if c not in placed])
+
+
+def _readable_y(ax, values: Iterable[float | None], label: str) -> None:
+    """Label the y axis, and make it symlog when a far point (the window config) would squash the
+    rest into a sliver: linear up to the bulk of the values (their 75th percentile, rounded up
+    to 1, 2 or 5 times a power of ten), logarithmic beyond."""
+    values = list(values)
+    magnitudes = sorted(abs(v) for v in values if v is not None and math.isfinite(v))
+    ax.set_ylabel(label)
+    if len(magnitudes) < 3:
+        return
+    bulk = magnitudes[int(0.75 * (len(magnitudes) - 1))]
+    if bulk <= 0 or magnitudes[-1] <= 4 * bulk:
+        return
+    linthresh = _nice_ceiling(bulk)
+    ax.set_yscale("symlog", linthresh=linthresh, linscale=1.5)
+    ax.margins(y=0.03)  # margins are of the transformed axis: the default 5 % spans much of the linear part
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    ax.set_yticks(_symlog_ticks(linthresh, min(finite), max(finite)))
+    ax.yaxis.set_major_formatter("{x:g}")
+    ax.set_ylabel(f"{label}\nlinear to ±{linthresh:g}, logarithmic beyond")
+
+
+def _symlog_ticks(linthresh: float, low: float, high: float) -> list[float]:
+    """Ticks of a symlog axis within [low, high]: fifths of the linear part, then 1, 2 and 5
+    times each power of ten beyond it (both signs)."""
+    ticks = {k * linthresh / 5 for k in range(-5, 6)}
+    power = 10.0 ** math.floor(math.log10(linthresh))
+    while power <= max(abs(low), abs(high)):
+        ticks |= {sign * m * power for m in (1, 2, 5) for sign in (1, -1) if m * power > linthresh}
+        power *= 10
+    return sorted(t for t in ticks if low <= t <= high)
+
+
+def _nice_ceiling(value: float) -> float:
+    """The least of 1, 2, 5 times a power of ten that is at least ``value`` (> 0)."""
+    power = 10.0 ** math.floor(math.log10(value))
+    return next(step * power for step in (1, 2, 5, 10) if step * power >= value * (1 - 1e-12))
+
+
+def _finish(fig, ax, name: str, missing: Sequence[tuple[str, str]] = ()):
+    """The finish the line plots share: grid, legend, tight layout, and a note naming each
+    config the plot could not place (also on stderr)."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
+    bottom = 0.0
+    if missing:
+        text = "; ".join(f"{config} ({why})" for config, why in missing)
+        fig.text(0.01, 0.01, f"left out: {text}", fontsize="small", ha="left", va="bottom", wrap=True)
+        print(f"kvorch: {name} leaves out {text}", file=sys.stderr)
+        bottom = 0.06
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    return fig
 
 
 def _finite(value: float | None, fallback: float) -> float:
@@ -119,7 +247,7 @@ def _finite(value: float | None, fallback: float) -> float:
     return fallback if value is None or not math.isfinite(value) else value
 
 
-def _retrieval_png(path: Path, run_id: str, retrieval: Table) -> Path:
+def _retrieval_figure(run_id: str, retrieval: Table):
     """The needle-in-a-haystack heatmap: insertion depth (rows) x context length (columns), one
     panel per config, each cell the share of probes answered exactly."""
     import matplotlib.pyplot as plt
@@ -160,16 +288,14 @@ def _retrieval_png(path: Path, run_id: str, retrieval: Table) -> Path:
     task = ", ".join(sorted({str(r["task"]) for r in records}))
     fig.suptitle(f"Retrieval ({task}): exact-match accuracy by depth and length, run {run_id}")
     fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy")
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _length_label(n: int) -> str:
     return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
-def _by_position_png(path: Path, run_id: str, by_position: Table) -> Path:
+def _by_position_figure(run_id: str, by_position: Table):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
@@ -178,26 +304,19 @@ def _by_position_png(path: Path, run_id: str, by_position: Table) -> Path:
     configs: dict[str, list[dict]] = {}
     for r in by_position.records():
         configs.setdefault(r["config"], []).append(r)
+    in_sweep: dict[str, int] = {}
     for config, rows in sorted(configs.items()):
         rows.sort(key=lambda r: r["bucket_start"])
-        ax.plot([index[r["bucket_start"]] for r in rows], [r["nll"] for r in rows], marker="o", label=config)
+        sweep = config.split("@")[0]
+        dash = DASHES[in_sweep.get(sweep, 0) % len(DASHES)]
+        in_sweep[sweep] = in_sweep.get(sweep, 0) + 1
+        xs, ys = [index[r["bucket_start"]] for r in rows], [r["nll"] for r in rows]
+        ax.plot(xs, ys, marker="o", color=colour(config), linestyle=dash, label=config)
     ax.set_xticks(range(len(buckets)), [label for _, label in buckets])
     ax.set_xlabel("position in document (tokens)")
     ax.set_ylabel("NLL per token (nats)")
     ax.set_title(f"NLL by position, run {run_id}")
-    return _save(fig, ax, path)
-
-
-def _save(fig, ax, path: Path) -> Path:
-    """The finish both plots share: grid, legend, tight layout, PNG."""
-    import matplotlib.pyplot as plt
-
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, "by_position.png")
 
 
 def _html(run_id: str, images: list[Path], tables: list[Table], notes: list[str] = ()) -> str:

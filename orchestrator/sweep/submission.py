@@ -9,6 +9,7 @@ computes only that run's missing tasks.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import sys
 import time
@@ -24,6 +25,7 @@ from orchestrator.lake import incomplete, integrity
 from orchestrator.lake.store import Lake, check_run_id
 from orchestrator.pool import actors
 from orchestrator.pool.connect import DEFAULT_CONNECT_TIMEOUT
+from orchestrator.pool.progress import start_counter
 from orchestrator.sweep import attempts, batching, calibration, compile_check, documents
 from orchestrator.sweep.endings import ending, failed_tasks_line, interrupts_as_exceptions, write_final_status
 from orchestrator.sweep.heartbeat import Heartbeat
@@ -226,7 +228,10 @@ def _sweep(attempt: _Attempt, workers: actors.WorkerPool, show_progress: bool, m
     """Run the attempt's tasks on the pool, each task's rows into the lake as it finishes, the
     status kept fresh meanwhile (heartbeat, events) and recorded at the end, however it ends."""
     lake, run_id = attempt.lake, attempt.run_id
-    progress = Progress(attempt.tasks, attempt.done, show_progress)
+    # Chunk-level counts, for the bar and for the Ray metrics (orchestrator/pool/progress.py).
+    total = sum(t.cost for t in attempt.tasks)
+    counter = start_counter(total, total - sum(t.cost for t in attempt.todo))
+    progress = Progress(attempt.tasks, attempt.done, show_progress, counter)
     result = actors.PoolResult()
 
     def running(state: actors.PoolResult) -> dict:
@@ -258,9 +263,9 @@ def _sweep(attempt: _Attempt, workers: actors.WorkerPool, show_progress: bool, m
 
     status, reason = "interrupted", "the driver stopped"
     try:
-        with beat:
+        with beat, progress:
             if attempt.todo:
-                actors.run_pool(attempt.todo, workers, result, on_rows, on_progress, max_retries)
+                actors.run_pool(attempt.todo, workers, result, on_rows, on_progress, max_retries, counter)
         status = "failed" if result.failures else "finished"
         reason = failed_tasks_line(result.failures, len(attempt.tasks)) if result.failures else ""
     except BaseException as exc:
@@ -268,6 +273,8 @@ def _sweep(attempt: _Attempt, workers: actors.WorkerPool, show_progress: bool, m
         raise
     finally:
         progress.close()
+        with contextlib.suppress(Exception):  # a lost counter must not hide how the run ended
+            ray.kill(counter)
         write_final_status(
             lake,
             run_id,

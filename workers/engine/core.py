@@ -107,14 +107,15 @@ class Engine:
         doc_id: str,
         token_ids: torch.Tensor,
         configs: list[EvalConfig],
-        on_chunk: Callable[[], None] | None = None,
+        on_chunk: Callable[[int], None] | None = None,
         answer: AnswerSpan | None = None,
     ) -> pa.Table:
         """One row per (chunk, config) of this document, in ROW_SCHEMA.
 
-        ``on_chunk`` is called after every chunk: the actor counts progress (and fires its test
-        fault hook) there, at the only granularity finer than a document. ``answer``: a retrieval
-        probe's answer span, whose own NLL and hits fill the answer columns.
+        ``on_chunk`` is called after every chunk with its number of tokens: the actor counts
+        progress (and fires its test fault hook) there, at the only granularity finer than a
+        document. ``answer``: a retrieval probe's answer span, whose own NLL and hits fill the
+        answer columns.
         """
         step, layout = self.step_for(configs, token_ids, self.settings.agreement)
         results, seconds = step.run(doc_seed(doc_id), token_ids.to(self.device), on_chunk, answer)

@@ -212,7 +212,7 @@ class ChunkStep:
         self,
         doc_seed: int,
         token_ids: torch.Tensor,
-        on_chunk: Callable[[], None] | None = None,
+        on_chunk: Callable[[int], None] | None = None,
         answer: AnswerSpan | None = None,
     ) -> tuple[ChunkResults, list[float]]:
         """Run every chunk of one document: its results [chunks, B] on the CPU, and each chunk's
@@ -234,7 +234,7 @@ class ChunkStep:
             seconds.append(toc - tic)
             tic = toc
             if on_chunk is not None:
-                on_chunk()
+                on_chunk(e - s)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             seconds = [(time.perf_counter() - started) / len(bounds)] * len(bounds)
