@@ -52,7 +52,7 @@ def child(args: argparse.Namespace) -> None:
     configs = configs_for(args.configs)
     first: list[float] = []
     tic = time.perf_counter()
-    engine.evaluate("d", ids, configs, lambda: first or first.append(time.perf_counter() - tic))
+    engine.evaluate("d", ids, configs, lambda _tokens: first or first.append(time.perf_counter() - tic))
     print(json.dumps({"compile_s": engine.compile_seconds, "first_chunk_s": first[0], "configs": len(configs)}))
 
 
