@@ -104,6 +104,8 @@ class EvalWorker:
         compiled_before = self.engine.compile_seconds
         chunks = 0
         reporter = ChunkReporter(counter, task.task_id, on_flush=self.metrics.tokens_done if self.metrics else None)
+        if counter is not None:  # the driver's line says what this worker compiles, and for how long
+            self.engine.on_compile = lambda what, seconds: counter.compiling.remote(self.name, what, seconds)
 
         def on_chunk(token_configs: int) -> None:
             nonlocal chunks

@@ -14,6 +14,8 @@ It exports the same counts as Ray metrics, tagged with the driver's namespace:
 
 from __future__ import annotations
 
+import time
+
 import ray
 from ray.util import metrics
 
@@ -26,6 +28,8 @@ class ProgressCounter:
         self.done = done  # finished tasks' exact costs, resumed ones included
         self.running: dict[str, int] = {}
         self.finished: set[str] = set()
+        # Workers compiling a chunk step now: worker -> (what, when it started, epoch seconds).
+        self.compiles: dict[str, tuple[str, float]] = {}
         tags = {"namespace": namespace}
         self._done = metrics.Gauge(
             "kvorch_progress_token_configs",
@@ -59,9 +63,20 @@ class ProgressCounter:
         self.running.pop(task_id, None)
         self._export()
 
+    def compiling(self, worker: str, what: str, seconds: float | None) -> None:
+        """``worker`` started compiling ``what`` (``seconds`` None) or finished after ``seconds``."""
+        if seconds is None:
+            self.compiles[worker] = (what, time.time())
+        else:
+            self.compiles.pop(worker, None)
+
     def snapshot(self) -> dict[str, int]:
         """The running tasks' latest totals."""
         return dict(self.running)
+
+    def compiling_now(self) -> dict[str, tuple[str, float]]:
+        """Workers compiling now: worker -> (what, started at, epoch seconds)."""
+        return dict(self.compiles)
 
     def exported(self) -> dict[str, int]:
         """The values the two gauges were last set to."""

@@ -12,6 +12,7 @@ the polling thread waits for an answer.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import ray
@@ -48,6 +49,7 @@ class Progress:
         self.done_cost = sum(self.cost[t] for t in self.finished)
         self.total = sum(self.cost.values())
         self.partial: dict[str, int] = {}  # the counter's latest totals of running tasks
+        self.compiling: dict[str, tuple[str, float]] = {}  # worker -> (what, started at) from the counter
         self.counter, self.poll_seconds = counter, poll_seconds
         self.failed = self.retries = 0
         self._lock = threading.Lock()
@@ -107,7 +109,9 @@ class Progress:
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_seconds):
             try:
-                snapshot = ray.get(self.counter.snapshot.remote(), timeout=SNAPSHOT_TIMEOUT)
+                snapshot, compiling = ray.get(
+                    [self.counter.snapshot.remote(), self.counter.compiling_now.remote()], timeout=SNAPSHOT_TIMEOUT
+                )
             except ray.exceptions.GetTimeoutError:
                 continue
             except Exception:  # the counter is gone (its node was lost): the bar moves per task from now on
@@ -116,6 +120,9 @@ class Progress:
                 if self._stop.is_set():
                     return
                 self.partial = snapshot
+                if compiling or self.compiling:
+                    self.compiling = compiling
+                    self._postfix(refresh=False)
                 self._show()
 
     def _show(self) -> None:
@@ -126,5 +133,17 @@ class Progress:
 
     def _postfix(self, refresh: bool = True) -> None:
         self.bar.set_postfix_str(
-            f"tasks {self.tasks_done}/{self.total_tasks}, failed {self.failed}, retries {self.retries}", refresh=refresh
+            f"tasks {self.tasks_done}/{self.total_tasks}, failed {self.failed}, retries {self.retries}"
+            + compiling_note(self.compiling, time.time()),
+            refresh=refresh,
         )
+
+
+def compiling_note(compiling: dict[str, tuple[str, float]], now: float) -> str:
+    """``, compiling on w0: the chunk step (...) for 42 s`` (the longest-running compile, and how
+    many more workers compile), or nothing: compile time stays apart from the rate in the bar."""
+    if not compiling:
+        return ""
+    worker, (what, started) = min(compiling.items(), key=lambda item: item[1][1])
+    more = f" (+{len(compiling) - 1} more)" if len(compiling) > 1 else ""
+    return f", compiling on {worker}: {what} for {max(0.0, now - started):.0f} s{more}"

@@ -61,6 +61,9 @@ class Engine:
         # Static-shape steps per (batch of configs, cache length, reference row, compiled),
         # reused across documents.
         self.steps: dict[tuple, ChunkStep] = {}
+        # Told (what, None) when a step starts compiling and (what, seconds) when it is done:
+        # the actor forwards both to the driver's progress line.
+        self.on_compile: Callable[[str, float | None], None] | None = None
 
     @property
     def compile_seconds(self) -> float:
@@ -98,7 +101,7 @@ class Engine:
     def _step(self, layout: DocumentLayout, n_positions: int, path: ExecutionPath) -> ChunkStep:
         return ChunkStep(
             self.hooked, self.settings, layout, n_positions, path.static, path.compiled, self.worker,
-            self.compile_backend,
+            self.compile_backend, lambda what, seconds: self.on_compile and self.on_compile(what, seconds),
         )  # fmt: skip
 
     @torch.inference_mode()

@@ -96,10 +96,13 @@ class ChunkStep:
         compiled: bool,
         worker: str,
         compile_backend: str,
+        on_compile: Callable[[str, float | None], None] | None = None,
     ) -> None:
         """``compile_backend``: torch.compile's backend when ``compiled`` (inductor; tests count
-        graphs with their own); ``worker`` names the actor in the compile notice."""
+        graphs with their own); ``worker`` names the actor in the compile notice; ``on_compile``
+        hears (what, None) when compiling starts and (what, seconds) when it ends."""
         self.hooked = hooked
+        self.on_compile = on_compile
         self.worker = worker
         self.layout = layout
         self.static = static
@@ -251,6 +254,8 @@ class ChunkStep:
         """
         what = f"the chunk step ({self.batch} configs x {self.n} positions, {self.n_layers} layers)"
         print(f"kvorch: {self.worker}: compiling {what}; the first chunk waits for it", file=sys.stderr, flush=True)
+        if self.on_compile is not None:
+            self.on_compile(what, None)
         self.compiled_once = True
         self.reset(doc_seed, token_ids, answer)
         tic = time.perf_counter()
@@ -269,6 +274,8 @@ class ChunkStep:
                 flush=True,
             )
         self.compile_seconds = time.perf_counter() - tic
+        if self.on_compile is not None:
+            self.on_compile(what, self.compile_seconds)
         if self.compiled:
             took = f"{self.compile_seconds:.1f} s"
             print(f"kvorch: {self.worker}: compiled {what} in {took}", file=sys.stderr, flush=True)
