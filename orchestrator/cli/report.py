@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import click
 
-from orchestrator.cli.options import format_option, lake_option
+from orchestrator.cli.options import format_option, lake_option, table_width, wide_option
 from orchestrator.lake.store import Lake
 from orchestrator.reports.densities import DEFAULT_DENSITIES, parse_densities
-from orchestrator.reports.formatting import TERMINAL_WIDTH
 from orchestrator.reports.tables import TABLES, RunReport, left_out, render_tables
 
 
@@ -63,13 +62,7 @@ def marked(report: RunReport, rendered: str, fmt: str) -> str:
     default=False,
     help="Report a run with damaged parts or unfinished tasks anyway, marked as incomplete.",
 )
-@click.option(
-    "--wide",
-    is_flag=True,
-    default=False,
-    help=f"Every column in --format table (default: what fits {TERMINAL_WIDTH} characters, the rest named "
-    "below the table); csv, json and markdown always have every column.",
-)
+@wide_option
 @format_option
 @click.pass_context
 def command(
@@ -98,7 +91,7 @@ def command(
     reasons = {t.name: left_out(t) for t in chosen}
     if "all" in tables:  # only the tables with content; one line for each one left out
         chosen = [t for t in chosen if reasons[t.name] is None] or chosen[:1]
-    rendered = render_tables(chosen, fmt, None if wide else TERMINAL_WIDTH)
+    rendered = render_tables(chosen, fmt, table_width(wide))
     click.echo(f"kvorch: report of {report.describe()}", err=True)  # after any error: errors stay one line
     click.echo(marked(report, rendered, fmt))
     for reason in filter(None, reasons.values()):

@@ -26,7 +26,7 @@ from orchestrator.cli.job_options import (
     thresholds_option,
     window_option,
 )
-from orchestrator.cli.options import format_option, lake_option
+from orchestrator.cli.options import format_option, lake_option, table_width, wide_option
 from orchestrator.cli.report import marked
 from orchestrator.errors import KvorchError
 from orchestrator.heads.presets import (
@@ -194,6 +194,7 @@ def _default(name: str) -> object:
     "--detach", is_flag=True, default=False, help="Submit through the Ray Jobs API, print the job id and return."
 )
 @click.option("--progress/--no-progress", default=True, help="Show a live progress bar.")
+@wide_option
 @format_option
 @click.pass_context
 def command(ctx: click.Context, **options: Any) -> None:
@@ -344,7 +345,8 @@ def _print_outcome(target: Lake, result: submission.JobResult, options: dict[str
         names = ["head_ablation"]
     else:
         names = ["compare", "retrieval"] if options["task"] else ["compare"]
-    click.echo(marked(report, render_tables([report.table(name) for name in names], fmt), fmt))
+    tables = [report.table(name) for name in names]
+    click.echo(marked(report, render_tables(tables, fmt, table_width(options["wide"])), fmt))
     click.echo(f"run {result.run_id}: {result.rows_written} rows in {result.seconds:.1f} s -> {target.uri}", err=True)
     for line in incomplete.warnings(result.run_id, result.config_failures):
         click.echo(line, err=True)
