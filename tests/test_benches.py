@@ -101,6 +101,17 @@ def test_report_bench_builds_its_lake_from_the_schema_and_times_the_reports(tmp_
     assert len(timings) == 2 and all("s wall" in line for line in timings)
 
 
+def test_sql_bench_times_both_connections_and_checks_they_agree(tmp_path):
+    out = run_bench("sql_bench.py", "--lake", str(tmp_path / "lake"), "--rows", "5000", "--repeat", "1")
+    assert re.search(r"lake: [\d,]+ rows, \d+ parts", out)
+    rows = [line for line in out.splitlines() if re.search(r"\d+x$", line)]
+    assert len(rows) == 7 and rows[0].startswith("open the views")  # the views, then six queries
+    for line in rows:
+        old, sealed, ratio = numbers(line)[-3:]
+        assert old > 0 and sealed > 0 and ratio > 0 and math.isfinite(ratio)
+    assert "same rows from both connections: checked" in out
+
+
 def test_report_bench_names_a_required_column_it_does_not_generate(monkeypatch):
     sys.path.insert(0, str(ROOT / "bench"))
     try:
