@@ -74,6 +74,54 @@ def test_bad_methods_and_thresholds_say_what_to_fix(methods, thresholds, fragmen
         build_configs(tuple(methods), tuple(thresholds))
 
 
+DUPLICATES = [
+    (["--policy", "budget", "--budgets", "256,256"], "--budgets 256,256 lists 256 twice; list each value once"),
+    (["--thresholds", "knorm=-16,-16"], "--thresholds knorm=-16,-16 lists -16 twice; list each value once"),
+    (["--thresholds", "-16,-8,-16.0"], "--thresholds -16,-8,-16.0 lists -16 twice"),
+    (["--policy", "ratio", "--ratios", "0.5,0.3,0.5"], "--ratios 0.5,0.3,0.5 lists 0.5 twice"),
+    (["--methods", "knorm,h2o,knorm"], "--methods lists knorm twice; list each method config once"),
+    (["--methods", "all", "--methods", "knorm"], "--methods lists knorm twice ('all' and 'knorm' give the same"),
+    (
+        ["--methods", "expected_attention:n_future_positions=256,expected_attention:n_future_positions=256"],
+        "--methods lists expected_attention:n_future_positions=256 twice",
+    ),
+    (["--thresholds", "knorm=-16,-16.0000001"], "two configs share the label knorm@-16 (-16.0 and -16.0000001)"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), DUPLICATES)
+def test_a_repeated_value_or_method_config_is_refused_before_anything_runs(tmp_path, args, message):
+    """Issue 28: --budgets 256,256 listed the config twice in spec.json and wrote every row twice."""
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    methods = [] if "--methods" in args else ["--methods", "baseline,knorm"]
+    lake = tmp_path / "lake"
+    result = CliRunner().invoke(main, ["submit", *methods, *args, "--lake", str(lake), "--no-progress"])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not lake.exists()
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"methods": ("all",)},
+        {"methods": ("all", "knorm:n_sink=4", "expected_attention:n_future_positions=256")},
+        {"methods": ("baseline,knorm,h2o",), "thresholds": ("-inf,-16,-8", "h2o=0.5,1,2")},
+        {"methods": ("knorm,h2o",), "thresholds": ("knorm=-16", "knorm=-8")},  # the later item wins, once
+        {"methods": ("knorm,snapkv,window",), "policy": "ratio", "ratios": (0.1, 0.5, 0.9)},
+        {"methods": ("knorm,snapkv,window",), "policy": "budget", "budgets": (256, 512, 1024)},
+        {"methods": ("knorm",), "densities": (0.1, 0.25)},
+    ],
+)
+def test_no_config_appears_twice_in_spec_json(spec):
+    configs = JobSpec(**spec).to_json()["configs"]
+    labels = [c["config"] for c in configs]
+    settings = [(c["method"], json.dumps(c["params"]), c["threshold"], c["ratio"], c["budget"]) for c in configs]
+    assert len(set(labels)) == len(labels) and len(set(settings)) == len(settings), labels
+
+
 def test_spec_json_round_trips_infinite_thresholds():
     spec = JobSpec(methods=("knorm",), thresholds=("-inf",), agreement=False)
     payload = json.loads(json.dumps(spec.to_json()))
