@@ -187,6 +187,70 @@ def test_bad_corpora_say_what_to_fix(tmp_path, name, content, fragment):
         load_corpus(str(path))
 
 
+@pytest.mark.parametrize("layout", ["jsonl", "symlink", "txt in a directory", "probe file"])
+def test_a_fifo_as_corpus_is_refused_before_anything_opens_it(tmp_path, layout):
+    """Issue 28: a FIFO as --corpus blocked forever with no message. In a fresh process with a
+    timeout, so a regression fails the test instead of hanging the suite."""
+    import os
+    import subprocess
+    import sys
+
+    in_dir = layout == "txt in a directory"
+    fifo = tmp_path / "docs" / "b.txt" if in_dir else tmp_path / "corpus.jsonl"
+    fifo.parent.mkdir(exist_ok=True)
+    os.mkfifo(fifo)
+    given = fifo.parent if in_dir else fifo
+    if in_dir:
+        (fifo.parent / "a.txt").write_text("a document")
+    if layout == "symlink":
+        given = tmp_path / "link.jsonl"
+        given.symlink_to(fifo)
+    if layout == "probe file":
+        code = f"from orchestrator.probes.spec import check_task; check_task({str(fifo)!r})"
+        expected = f"--task {fifo} is a named pipe (FIFO), not a regular file"
+    else:
+        code = f"from orchestrator.corpus import load_corpus; load_corpus({str(given)!r})"
+        what = f"corpus file {fifo}" if layout == "txt in a directory" else f"corpus {given}"
+        expected = f"{what} is a named pipe (FIFO), not a regular file: reading it would block or never end"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and expected in done.stderr.strip().splitlines()[-1], done.stderr
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/null"])
+def test_a_device_as_corpus_is_refused_by_the_spec(device, tmp_path):
+    link = tmp_path / "docs.jsonl"
+    link.symlink_to(device)
+    with pytest.raises(KvorchError, match=rf"--corpus {link} is a character device, not a regular file"):
+        JobSpec(corpus=str(link), methods=("baseline",))
+
+
+def test_a_fifo_corpus_stops_kvorch_submit_in_one_line_before_the_model_loads(tmp_path):
+    import os
+    import threading
+
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    fifo, lake = tmp_path / "docs.jsonl", tmp_path / "lake"
+    os.mkfifo(fifo)
+
+    def unblock() -> None:  # a regression that opens the FIFO fails the test instead of hanging it
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader: nothing is blocked
+            pass
+
+    watchdog = threading.Timer(120, unblock)
+    watchdog.start()
+    try:
+        result = CliRunner().invoke(main, ["submit", "--corpus", str(fifo), "--lake", str(lake), "--no-progress"])
+    finally:
+        watchdog.cancel()
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert f"--corpus {fifo} is a named pipe (FIFO)" in result.output and not lake.exists()
+
+
 def test_missing_corpus_and_parquet_without_text(tmp_path):
     with pytest.raises(KvorchError, match="not found"):
         load_corpus(str(tmp_path / "nope.jsonl"))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
+from orchestrator.corpus import check_regular_file
 from orchestrator.errors import KvorchError
 
 TASKS: tuple[str, ...] = ("passkey", "needle", "kv")
@@ -76,6 +77,7 @@ def check_task(task: str) -> None:
         return
     fix = f"use one of {', '.join(TASKS)} or a .jsonl file with context, question, answer"
     if task.endswith(".jsonl"):
+        check_regular_file(Path(task), f"--task {task}")
         if not Path(task).is_file():
             raise KvorchError(f"--task {task}: no such file; {fix}")
         return

@@ -8,9 +8,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orchestrator.corpus import EMBEDDED_CORPUS
+from orchestrator.corpus import EMBEDDED_CORPUS, check_regular_file
 from orchestrator.errors import KvorchError
 from orchestrator.probes import DEFAULT_DEPTHS, DEFAULT_LENGTHS, ProbeSpec, check_task
 from orchestrator.probes.spec import check_spec
@@ -74,6 +75,8 @@ class JobSpec:
             raise KvorchError(f"--max-tokens must be >= 1, got {self.max_tokens}")
         if self.max_docs is not None and self.max_docs < 1:
             raise KvorchError(f"--max-docs must be >= 1, got {self.max_docs}")
+        if self.corpus != EMBEDDED_CORPUS:  # a FIFO or device would block the first read: refused now
+            check_regular_file(Path(self.corpus), f"--corpus {self.corpus}")
         object.__setattr__(self, "batch_configs", _parse_batch_configs(self.batch_configs))
         if self.compile not in COMPILE_MODES:
             raise KvorchError(f"--compile {self.compile!r} is unknown; use one of {', '.join(COMPILE_MODES)}")
