@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -260,6 +261,38 @@ def test_a_running_run_whose_driver_died_shows_as_interrupted(tmp_path):
     elsewhere = {"status": "running", "driver": {"host": "elsewhere", "pid": 1}}
     assert shown_state({**elsewhere, "heartbeat": time.time()}) == "running"
     assert shown_state({**elsewhere, "heartbeat": time.time() - 3600}) == "interrupted (driver gone)"
+
+
+def test_status_shows_every_readable_run_and_one_line_per_broken_run_directory(tmp_path):
+    """Issue 28: one empty runs/run_id=ghost made kvorch status fail for every run."""
+    lake = two_task_lake(tmp_path / "lake")
+    runs = tmp_path / "lake" / "runs"
+    (runs / "run_id=ghost").mkdir()
+    (runs / "run_id=torn").mkdir()
+    (runs / "run_id=torn" / "spec.json").write_text('{"model": ')
+    (runs / "run_id=a b").mkdir()
+    result = kvorch("status", "--lake", lake.uri, "--format", "json")
+    assert result.exit_code == 0, result.output
+    assert [row["run_id"] for row in json.loads(result.stdout)] == ["r"]
+    lines = result.stderr.splitlines()
+    assert lines == [
+        f"kvorch: {runs}/run_id=a b is not a kvorch run (run id 'a b' is not a valid run id: use 1 to 128 letters, "
+        "digits, '.', '_' or '-', starting with a letter or digit); remove it",
+        f"kvorch: run ghost: {runs}/run_id=ghost has no spec.json (nothing else of a run is there; a kvorch submit "
+        "that stopped before writing it, or a directory kvorch did not make); run that kvorch submit again with "
+        "--run-id ghost, or remove it",
+        f"kvorch: {runs}/run_id=torn/spec.json is damaged (not JSON: Expecting value: line 1 column 11 (char 10)); "
+        "restore it or remove that run",
+    ]
+    alone = kvorch("status", "--lake", lake.uri, "--run", "ghost")
+    assert alone.exit_code == 1 and alone.output.count("\n") == 1
+    assert "run ghost: " in alone.output and "has no spec.json" in alone.output
+    missing = kvorch("status", "--lake", lake.uri, "--run", "nope")
+    assert missing.exit_code == 1 and "run 'nope' is not in lake" in missing.output
+    shutil.rmtree(runs / "run_id=r")
+    only_broken = kvorch("status", "--lake", lake.uri)
+    assert only_broken.exit_code == 1 and only_broken.output.count("\n") == 1
+    assert only_broken.output.startswith("Error: ") and "(and 2 more such runs)" in only_broken.output
 
 
 # --- corpus errors ---------------------------------------------------------------------------
