@@ -99,8 +99,11 @@ def connect(lake: Lake, audits: dict[str, RunAudit] | None = None) -> duckdb.Duc
 def no_runs(lake: Lake) -> KvorchError:
     """The error for a lake without runs: what to run first, and the lakes with runs nearby (a
     copied command's ``--lake`` is often not where the first ``kvorch submit`` wrote)."""
-    first = f"run kvorch submit --lake {lake.uri} first"
     hint = nearby_hint(lake, "--lake {}")
+    if lake.is_file():  # never advise writing a lake over a file
+        fix = hint or "pass the directory kvorch submit --lake wrote to"
+        return KvorchError(f"lake {lake.uri} is a file, not a lake directory; {fix}")
+    first = f"run kvorch submit --lake {lake.uri} first"
     return KvorchError(f"lake {lake.uri} has no runs; {hint + ', or ' + first if hint else first}")
 
 

@@ -127,9 +127,13 @@ def check_depths(depths: tuple[float, ...]) -> None:
 
 
 def length_label(length: int) -> str:
-    """How a length reads in messages: 16384 -> "16k", 1536 -> "1.5k", 1000 -> "1000"."""
+    """How a length reads in messages: 16384 -> "16k", 1536 -> "1.5k", 1000 -> "1000", and
+    1000000000 -> "1000000000": the k form only where it is short and exact, so a message never
+    shows another number than the one given (976562.5k printed as "976562k" did)."""
     if length >= KILO and (length * 2) % KILO == 0:
-        return f"{length / KILO:g}k"
+        short = f"{length / KILO:g}"
+        if "e" not in short and Decimal(short) * KILO == length:
+            return f"{short}k"
     return str(length)
 
 
