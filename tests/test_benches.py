@@ -2,7 +2,8 @@
 figures BENCHMARKS.md quotes can always be re-measured (issue "Benchmarks that cannot rot").
 Each runs in a fresh process, as a user runs it; the sizes are the smallest that still take
 every code path (both engines, the chunk step compiled by dynamo's fullgraph trace with the eager
-backend, the fit check, the report commands) in about 10 s each."""
+backend, the fit check, the report commands) in about 10 s each. The 900 s limit only turns a hang
+into a failure: a busy machine stretches these runs, and nothing here asserts their speed."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_bench(script: str, *args: str) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, f"bench/{script}", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, f"bench/{script}", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout

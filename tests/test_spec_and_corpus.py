@@ -212,7 +212,7 @@ def test_a_fifo_as_corpus_is_refused_before_anything_opens_it(tmp_path, layout):
         code = f"from orchestrator.corpus import load_corpus; load_corpus({str(given)!r})"
         what = f"corpus file {fifo}" if layout == "txt in a directory" else f"corpus {given}"
         expected = f"{what} is a named pipe (FIFO), not a regular file: reading it would block or never end"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     assert done.returncode == 1 and expected in done.stderr.strip().splitlines()[-1], done.stderr
 
 
@@ -241,7 +241,7 @@ def test_a_fifo_corpus_stops_kvorch_submit_in_one_line_before_the_model_loads(tm
         except OSError:  # no reader: nothing is blocked
             pass
 
-    watchdog = threading.Timer(120, unblock)
+    watchdog = threading.Timer(600, unblock)
     watchdog.start()
     try:
         result = CliRunner().invoke(main, ["submit", "--corpus", str(fifo), "--lake", str(lake), "--no-progress"])
