@@ -95,10 +95,13 @@ def check_memory_limit(size: str, knob: str = "--memory-limit") -> str:
 def _duckdb_refuses_size(size: str) -> str:
     """DuckDB's first line on ``SET memory_limit = size`` ("" when it takes it); a new connection
     costs ~20 ms, so each size is tried once."""
+    con = duckdb.connect()
     try:
-        duckdb.connect().execute(f"SET memory_limit = {quote(size)}")
+        con.execute(f"SET memory_limit = {quote(size)}")
     except duckdb.Error as exc:
         return _first_line(exc)
+    finally:
+        con.close()
     return ""
 
 
@@ -107,30 +110,34 @@ def check_read_only(sql: str) -> None:
     ATTACH, SET, INSTALL, ... and an EXPLAIN ANALYZE of one, which runs it, are refused before
     anything runs). A clearer message only: the sealed connection writes nothing either way."""
     for kind, text in _statements(sql):
-        if kind == "MULTI":
-            kind = "SELECT" if _first_word(text) in _QUERY_STARTS else _first_word(text)
         if kind not in READ_ONLY_STATEMENTS:
             raise _refused(kind, text)
         explained = _EXPLAINED.fullmatch(text) if kind == "EXPLAIN" else None
         if explained:
-            for inner, inner_text in _statements(explained["rest"], quiet=True):
-                if inner == "MULTI":
-                    inner = "SELECT" if _first_word(inner_text) in _QUERY_STARTS else _first_word(inner_text)
+            for inner, _ in _statements(explained["rest"], quiet=True):
                 if inner not in READ_ONLY_STATEMENTS:
                     raise _refused(inner, text, f"EXPLAIN runs its statement, and {inner}")
 
 
 def _statements(sql: str, quiet: bool = False) -> list[tuple[str, str]]:
     """(statement type, text) of each statement of ``sql``; a statement DuckDB's Python package
-    has no type name for (``UPDATE EXTENSIONS``) reads as OTHER."""
+    has no type name for (``UPDATE EXTENSIONS``) reads as OTHER, and a MULTI (a statement holding
+    a data-driven PIVOT) as SELECT when it starts as a query, else as its first keyword."""
     try:
-        return [(s.type.name, s.query.strip()) for s in duckdb.extract_statements(sql)]
+        return [(_kind(s.type.name, s.query.strip()), s.query.strip()) for s in duckdb.extract_statements(sql)]
     except duckdb.Error as exc:
         if quiet:
             return []
         raise KvorchError(f"query failed: {_first_line(exc)}") from None
     except ValueError:  # e.g. "29 is not a valid StatementType"
         return [] if quiet else [("OTHER", sql.strip())]
+
+
+def _kind(kind: str, text: str) -> str:
+    if kind != "MULTI":
+        return kind
+    first = _first_word(text)
+    return "SELECT" if first in _QUERY_STARTS else first
 
 
 def _first_word(text: str) -> str:
