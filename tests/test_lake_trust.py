@@ -307,7 +307,7 @@ def test_status_shows_every_readable_run_and_one_line_per_broken_run_directory(t
     assert lines == [
         f"kvorch: {runs}/run_id=a b is not a kvorch run (run id 'a b' is not a valid run id: use 1 to 128 letters, "
         "digits, '.', '_' or '-', starting with a letter or digit); remove it",
-        f"kvorch: run ghost: {runs}/run_id=ghost has no spec.json (nothing else of a run is there; a kvorch submit "
+        f"kvorch: run ghost: {runs}/run_id=ghost has no spec.json (no part of it in the lake; a kvorch submit "
         "that stopped before writing it, or a directory kvorch did not make); run that kvorch submit again with "
         "--run-id ghost, or remove it",
         f"kvorch: {runs}/run_id=torn/spec.json is damaged (not JSON: Expecting value: line 1 column 11 (char 10)); "

@@ -61,7 +61,7 @@ def broken_run(lake: Lake, run_id: str) -> str:
     if not lake.exists("runs", f"run_id={run_id}"):
         return f"run {run_id!r} is not in lake {lake.uri}; runs there: {', '.join(lake.run_ids()) or 'none'}"
     parts = len(lake.parts(run_id))
-    held = f"it holds {parts} part{'s' if parts != 1 else ''}" if parts else "nothing else of a run is there"
+    held = f"{parts} part{'s' if parts != 1 else ''} of it in the lake" if parts else "no part of it in the lake"
     return (
         f"run {run_id}: {folder} has no spec.json ({held}; a kvorch submit that stopped before writing it, or "
         f"a directory kvorch did not make); run that kvorch submit again with --run-id {run_id}, or remove it"
