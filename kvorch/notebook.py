@@ -3,8 +3,9 @@
 A thin layer over what the CLI runs: every report table is :class:`RunReport`'s (``kvorch report
 --table NAME``: the same query, parameters and refusals), fetched as Arrow straight from DuckDB
 (:meth:`RunReport.arrow`); :meth:`LakeReader.sql` is ``kvorch sql`` (``check_read_only``, then the
-locked, read-only connection of ``connect``). Imports orchestrator.reports, orchestrator.lake and
-orchestrator.errors only, so no torch, transformers or Ray (``tests/test_layering.py``).
+sealed connection of ``orchestrator/lake/readonly.py``, which opens no file, under the same limits).
+Imports orchestrator.reports, orchestrator.lake and orchestrator.errors only, so no torch,
+transformers or Ray (``tests/test_layering.py``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import duckdb
 import pyarrow as pa
 
 from orchestrator.errors import KvorchError
-from orchestrator.lake import integrity
-from orchestrator.lake.queries import arrow_of, check_read_only, connect, nearby_hint, no_runs, run_order
+from orchestrator.lake import integrity, readonly
+from orchestrator.lake.queries import arrow_of, connect, nearby_hint, no_runs, run_order
 from orchestrator.lake.store import Lake
 from orchestrator.reports.densities import DEFAULT_TARGETS
 from orchestrator.reports.tables import RunReport, table_parameters
@@ -55,6 +56,9 @@ class LakeReader:
         self.allow_incomplete = allow_incomplete
         self._audits = integrity.audit_lake(self._lake)
         self._con: duckdb.DuckDBPyConnection | None = connect(self._lake, self._audits)
+        # User SQL runs on a sealed connection (no file access at all), opened on first use and
+        # again when another memory_limit is asked for (a sealed connection's settings are locked).
+        self._sealed: tuple[str, duckdb.DuckDBPyConnection] | None = None
         self._runs = run_order(self._con)
 
     @property
@@ -101,19 +105,34 @@ class LakeReader:
 
     # --- SQL ---------------------------------------------------------------------------------
 
-    def sql(self, query: str, params: dict[str, Any] | Sequence[Any] | None = None) -> pa.Table:
+    def sql(
+        self,
+        query: str,
+        params: dict[str, Any] | Sequence[Any] | None = None,
+        timeout: float = readonly.DEFAULT_TIMEOUT_S,
+        memory_limit: str = readonly.DEFAULT_MEMORY_LIMIT,
+    ) -> pa.Table:
         """Run ``query`` (read-only DuckDB SQL) over the views ``kvorch sql`` has: chunks, docs, runs,
         statuses, workers, scores, heads, and the macros of sql/_macros.sql. ``params`` fills
-        ``$name`` (a dict) or ``?`` (a sequence) placeholders. Statements other than queries, and
-        reading files outside the lake, are refused with a KvorchError."""
-        check_read_only(query)
-        con = self._connection()
+        ``$name`` (a dict) or ``?`` (a sequence) placeholders. Statements other than queries are
+        refused with a KvorchError, and the connection is sealed: it opens no file, so no query
+        reads outside the views or writes anything. ``timeout`` (seconds) interrupts the query and
+        ``memory_limit`` (``"500MB"``, ``"4GB"``, ``"25%"``) bounds DuckDB's memory; past either it
+        is a KvorchError naming the knob, as ``kvorch sql --timeout / --memory-limit``."""
+        limits = readonly.Limits(timeout, memory_limit, "timeout=", "memory_limit=")
+        readonly.check_read_only(query)
+        con = self._sealed_connection(memory_limit)
         for line in integrity.left_out(self._audits):
             _warn(line)
-        try:
-            return arrow_of(con.sql(query, params=params))
-        except duckdb.Error as exc:
-            raise KvorchError(f"query failed: {str(exc).splitlines()[0]}") from None
+        return readonly.run(con, query, _fetch_arrow, params, limits)
+
+    def _sealed_connection(self, memory_limit: str) -> duckdb.DuckDBPyConnection:
+        self._connection()  # closed: the one-line error
+        if self._sealed is None or self._sealed[0] != memory_limit:
+            if self._sealed is not None:
+                self._sealed[1].close()
+            self._sealed = (memory_limit, readonly.connect_sealed(self._lake, self._audits, memory_limit))
+        return self._sealed[1]
 
     # --- lifetime ------------------------------------------------------------------------------
 
@@ -122,6 +141,9 @@ class LakeReader:
         if self._con is not None:
             self._con.close()
             self._con = None
+        if self._sealed is not None:
+            self._sealed[1].close()
+            self._sealed = None
 
     def __enter__(self) -> LakeReader:
         return self
@@ -150,6 +172,11 @@ class LakeReader:
                 f"run {run!r} was written to lake {self.uri} after it was opened; open it again to read that run"
             )
         return run  # RunReport refuses a run that is not in the lake
+
+
+def _fetch_arrow(con: duckdb.DuckDBPyConnection, query: str, params: Any) -> pa.Table:
+    relation = con.sql(query, params=params)
+    return pa.table({}) if relation is None else arrow_of(relation)
 
 
 def _warn(message: str) -> None:

@@ -8,6 +8,7 @@ documents of at least :data:`EMBEDDED_DOC_CHARS` characters, so ids are determin
 from __future__ import annotations
 
 import json
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ def load_corpus(corpus: str) -> list[Document]:
                 f"corpus {corpus} not found: pass '{EMBEDDED_CORPUS}', a .jsonl or .parquet file, "
                 "or a directory of .txt files"
             )
+        if not path.is_dir():
+            check_regular_file(path, f"corpus {corpus}")
         if path.is_dir():
             docs = _text_dir(path)
         elif path.suffix == ".jsonl":
@@ -62,6 +65,30 @@ def load_corpus(corpus: str) -> list[Document]:
             raise KvorchError(f"corpus {corpus}: document id {doc.doc_id!r} appears twice; make ids unique")
         seen.add(doc.doc_id)
     return docs
+
+
+_NOT_REGULAR = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def check_regular_file(path: Path, what: str) -> None:
+    """A one-line KvorchError when ``path`` (after symlinks) is a FIFO, socket or device: reading
+    one blocks until a writer comes, or never ends (``/dev/zero``), so it is refused before any
+    open. ``what`` names the path as the user gave it ("corpus my.jsonl")."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # missing or unreadable: the open that follows names it
+    for test, kind in _NOT_REGULAR:
+        if test(mode):
+            raise KvorchError(
+                f"{what} is {kind}, not a regular file: reading it would block or never end; "
+                "pass a .jsonl or .parquet file, or a directory of .txt files"
+            )
 
 
 def _embedded() -> list[Document]:
@@ -91,6 +118,7 @@ def jsonl_records(path: Path, what: str) -> Iterator[tuple[int, Any]]:
     """Each non-blank line of a JSONL file as (line number, parsed value). Every JSONL input (a
     corpus, a probe file) reports bad bytes and bad JSON the same way: one line naming file:line
     and the fix; ``what`` names the file in the UTF-8 fix ("the corpus")."""
+    check_regular_file(path, str(path))
     with path.open("rb") as lines:
         for number, raw in enumerate(lines, start=1):
             line = _decode(raw, f"{path}:{number}", what)
@@ -132,6 +160,8 @@ def _text_dir(path: Path) -> list[Document]:
     files = sorted(path.glob("*.txt"))
     if not files:
         raise KvorchError(f"{path} has no .txt files; put one document per .txt file there")
+    for file in files:  # every one before reading any
+        check_regular_file(file, f"corpus file {file}")
     return [Document(f.stem, _decode(f.read_bytes(), str(f)), str(f)) for f in files]
 
 

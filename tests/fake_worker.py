@@ -20,6 +20,7 @@ class Behaviour:
     task_seconds: float = 0.5
     die_once: str | None = None  # a marker path; see the module docstring
     load_error: str | None = None  # describe() (where EvalWorker loads its model) raises this
+    start_seconds: float = 0.0  # a slow actor start (a busy machine): placed() answers this much later
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class FakeWorker:
     def __init__(self, name: str, behaviour: Behaviour, load: bool = True) -> None:
         if behaviour.die_once and ray.get_runtime_context().was_current_actor_reconstructed:
             time.sleep(3600)  # a restart: never ready
+        time.sleep(behaviour.start_seconds)
         self.name = name
         self.behaviour = behaviour
 

@@ -34,8 +34,13 @@ VOLATILE = ("forward_seconds", "worker", "run_id")
 # Simulated clusters live on loopback: Ray's nodes, and every driver that joins them.
 LOOPBACK = "127.0.0.1"
 LOOPBACK_ENV = {ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}
-# How long a driver may take from writing its last part to exiting (status, table, disconnect).
-EXIT_SECONDS = 10
+# The --actor-timeout of the tests where an actor is never placed (again), and how long a driver
+# may take from its last part to exiting (status, table, disconnect): half of it, so a driver that
+# waited for that actor's deadline fails, however busy the machine (the two used to be 60 and 10 s).
+ACTOR_TIMEOUT = "600"
+EXIT_SECONDS = 300
+# Bounds that only turn a hang into a failure: far beyond what the step takes on a loaded machine.
+HANG_SECONDS = 900
 
 
 def job_args(model: str, lake: Path, *extra: str) -> list[str]:
@@ -89,7 +94,7 @@ def wait_for_first_task(proc: subprocess.Popen, lake: Path) -> None:
     tic = time.perf_counter()
     while len(list(lake.glob("chunks/*/*/part-s0000-g000.parquet"))) < 3:
         assert proc.poll() is None, proc.stderr.read()
-        assert time.perf_counter() - tic < 120, "the first task never finished"
+        assert time.perf_counter() - tic < HANG_SECONDS, "the first task never finished"
         time.sleep(0.2)
 
 
@@ -251,7 +256,7 @@ def test_ctrl_c_or_sigterm_keeps_finished_parts_and_records_why(
     try:
         wait_for_first_task(proc, lake)
         proc.send_signal(sent)
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=HANG_SECONDS)
     finally:
         proc.kill()  # a driver that missed the signal must not hold the shared Ray's CPUs for later tests
     assert proc.returncode == code, err
@@ -276,7 +281,7 @@ def on_loopback() -> Iterator[None]:
 def add_node(cluster: Cluster) -> None:
     with on_loopback():
         cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK)
-    cluster.wait_for_nodes()
+    cluster.wait_for_nodes(timeout=HANG_SECONDS)  # Ray's default, 30 s, is short for a busy machine
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +313,7 @@ def wait_for_marker(proc: subprocess.Popen, marker: Path) -> str:
     tic = time.perf_counter()
     while not (marker.exists() and marker.read_text()):
         assert proc.poll() is None, proc.stderr.read()
-        assert time.perf_counter() - tic < 120, "the fault never fired"
+        assert time.perf_counter() - tic < HANG_SECONDS, "the fault never fired"
         time.sleep(0.2)
     return marker.read_text()
 
@@ -326,7 +331,7 @@ def test_two_runs_into_one_lake_at_once_on_two_nodes(reference, two_nodes, tmp_p
         for run_id in ("a", "b")
     ]
     for proc in procs:
-        _, err = proc.communicate(timeout=300)
+        _, err = proc.communicate(timeout=HANG_SECONDS)
         assert proc.returncode == 0, err
     for run_id in ("a", "b"):
         assert rows(lake, run_id) == reference[1]
@@ -338,7 +343,7 @@ def test_a_lost_node_without_spare_room_costs_one_retry_and_the_run_ends_by_itse
 ):
     add_node(two_nodes)  # three one-CPU nodes, one actor on each: no room for a restart
     marker, lake = tmp_path / "hung", tmp_path / "lake"
-    args = job_args(tiny_model_dir, lake, "--run-id", "r", "--actors", "3", "--actor-timeout", "60")
+    args = job_args(tiny_model_dir, lake, "--run-id", "r", "--actors", "3", "--actor-timeout", ACTOR_TIMEOUT)
     env = {**os.environ, **LOOPBACK_ENV, FAULT_ENV: f"hang:task=s0000-g000,once={marker}"}
     proc = subprocess.Popen(
         join(two_nodes, args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -347,13 +352,13 @@ def test_a_lost_node_without_spare_room_costs_one_retry_and_the_run_ends_by_itse
         node_id = wait_for_marker(proc, marker)  # the first attempt of s0000-g000 hangs on that node
         (node,) = [n for n in two_nodes.worker_nodes if n.node_id == node_id]
         two_nodes.remove_node(node)
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=HANG_SECONDS)
     finally:
         proc.kill()
     exited = time.time()
     assert proc.returncode == 0, err
     assert rows(lake, "r") == reference[1]
-    # The lost actor's restart has most of its 60 s left; nothing waits for it.
+    # The lost actor's restart has most of its 600 s left; nothing waits for it.
     assert exited - last_part_written(lake) < EXIT_SECONDS
     worker = re.search(r"kvorch: worker (kvorch-worker-\d) lost \(", err).group(1)
     assert f"kvorch: task s0000-g000 re-queued (attempt 2 of 4): its worker {worker} was lost" in err
@@ -368,19 +373,19 @@ def test_a_pool_larger_than_the_cluster_starts_on_the_actors_that_fit_and_finish
     reference, two_nodes, tmp_path, tiny_model_dir
 ):
     lake = tmp_path / "lake"
-    args = job_args(tiny_model_dir, lake, "--run-id", "r", "--actors", "3", "--actor-timeout", "60")
+    args = job_args(tiny_model_dir, lake, "--run-id", "r", "--actors", "3", "--actor-timeout", ACTOR_TIMEOUT)
     proc = subprocess.run(
         join(two_nodes, args),
         env={**os.environ, **LOOPBACK_ENV},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        timeout=120,
+        timeout=HANG_SECONDS,
     )
     exited = time.time()
     assert proc.returncode == 0, proc.stderr
     assert "on 3 cpu actor(s)" in proc.stderr
     assert rows(lake, "r") == reference[1]
-    # The third actor can never be placed and has most of its 60 s left; nothing waits for it.
+    # The third actor can never be placed and has most of its 600 s left; nothing waits for it.
     assert exited - last_part_written(lake) < EXIT_SECONDS
     assert len(status(lake, "r")["workers"]) == 2

@@ -151,6 +151,25 @@ def test_a_lake_without_runs_names_the_lakes_with_runs_nearby(tmp_path, monkeypa
     assert result.exit_code == 1 and "lakes with runs nearby: ./kvorch-lake (2 runs)" in result.output
 
 
+@pytest.mark.parametrize("command", [["report"], ["status"], ["runs"], ["sql", "SELECT 1"], ["submit"]])
+def test_a_file_or_an_empty_path_as_lake_is_one_line_that_never_advises_writing_there(tmp_path, monkeypatch, command):
+    """Issue 28: --lake <a file> advised `kvorch submit --lake <that file>`; --lake '' printed
+    "lake  has no runs" (and as a path, '' is the working directory)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a lake")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    extra = ["--methods", "baseline", "--no-progress"] if command == ["submit"] else []
+    for lake, message in (
+        ("notes.txt", "lake notes.txt is a file, not "),
+        ("", "the lake path is empty (--lake ''); pass the directory kvorch submit writes to, e.g. --lake"),
+    ):
+        result = CliRunner().invoke(main, [command[0], "--lake", lake, *command[1:], *extra])
+        assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+        assert message in result.output and "--lake notes.txt" not in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "notes.txt").read_text() == "not a lake"
+
+
 def test_duckdb_sees_schema_version(lake):
     meta = duckdb.sql(f"SELECT key, value FROM parquet_kv_metadata('{lake.glob('chunks')}')").fetchall()
     assert (b"kvorch_schema_version", str(SCHEMA_VERSION).encode()) in meta

@@ -25,6 +25,7 @@ from orchestrator.probes import (
     parse_lengths,
 )
 from orchestrator.probes.filler import Unit, cut
+from orchestrator.probes.spec import check_lengths, length_label
 from workers.tokenization import resolve
 
 ANSWER_PATTERN = {"passkey": r" \d{5}", "needle": r" \d{7}", "kv": r"[0-9a-f]{8}"}
@@ -237,6 +238,18 @@ def test_parse_lengths_and_depths():
 def test_bad_lengths_say_what_to_write(text, message):
     with pytest.raises(KvorchError, match=re.escape(message)):
         parse_lengths(text)
+
+
+def test_a_length_is_shown_as_the_number_given():
+    """Issue 28: --lengths 1000000000 was echoed as 976562k (976562.5k, cut to 6 digits)."""
+    with pytest.raises(KvorchError) as error:
+        check_lengths(parse_lengths("1000000000"), 8192)
+    assert str(error.value) == (
+        "--lengths 1000000000: 1000000000 tokens exceed the model's context of 8192; use lengths <= 8192"
+    )
+    shown = [length_label(n) for n in parse_lengths("16k,1.5k,1000k,1000,2048")]
+    assert shown == ["16k", "1.5k", "1000k", "1000", "2k"]
+    assert parse_lengths("1000000000,999999488") == (1000000000, 999999488)  # two lengths, not "976562k" twice
 
 
 @pytest.mark.parametrize(

@@ -74,6 +74,54 @@ def test_bad_methods_and_thresholds_say_what_to_fix(methods, thresholds, fragmen
         build_configs(tuple(methods), tuple(thresholds))
 
 
+DUPLICATES = [
+    (["--policy", "budget", "--budgets", "256,256"], "--budgets 256,256 lists 256 twice; list each value once"),
+    (["--thresholds", "knorm=-16,-16"], "--thresholds knorm=-16,-16 lists -16 twice; list each value once"),
+    (["--thresholds", "-16,-8,-16.0"], "--thresholds -16,-8,-16.0 lists -16 twice"),
+    (["--policy", "ratio", "--ratios", "0.5,0.3,0.5"], "--ratios 0.5,0.3,0.5 lists 0.5 twice"),
+    (["--methods", "knorm,h2o,knorm"], "--methods lists knorm twice; list each method config once"),
+    (["--methods", "all", "--methods", "knorm"], "--methods lists knorm twice ('all' and 'knorm' give the same"),
+    (
+        ["--methods", "expected_attention:n_future_positions=256,expected_attention:n_future_positions=256"],
+        "--methods lists expected_attention:n_future_positions=256 twice",
+    ),
+    (["--thresholds", "knorm=-16,-16.0000001"], "two configs share the label knorm@-16 (-16.0 and -16.0000001)"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), DUPLICATES)
+def test_a_repeated_value_or_method_config_is_refused_before_anything_runs(tmp_path, args, message):
+    """Issue 28: --budgets 256,256 listed the config twice in spec.json and wrote every row twice."""
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    methods = [] if "--methods" in args else ["--methods", "baseline,knorm"]
+    lake = tmp_path / "lake"
+    result = CliRunner().invoke(main, ["submit", *methods, *args, "--lake", str(lake), "--no-progress"])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not lake.exists()
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"methods": ("all",)},
+        {"methods": ("all", "knorm:n_sink=4", "expected_attention:n_future_positions=256")},
+        {"methods": ("baseline,knorm,h2o",), "thresholds": ("-inf,-16,-8", "h2o=0.5,1,2")},
+        {"methods": ("knorm,h2o",), "thresholds": ("knorm=-16", "knorm=-8")},  # the later item wins, once
+        {"methods": ("knorm,snapkv,window",), "policy": "ratio", "ratios": (0.1, 0.5, 0.9)},
+        {"methods": ("knorm,snapkv,window",), "policy": "budget", "budgets": (256, 512, 1024)},
+        {"methods": ("knorm",), "densities": (0.1, 0.25)},
+    ],
+)
+def test_no_config_appears_twice_in_spec_json(spec):
+    configs = JobSpec(**spec).to_json()["configs"]
+    labels = [c["config"] for c in configs]
+    settings = [(c["method"], json.dumps(c["params"]), c["threshold"], c["ratio"], c["budget"]) for c in configs]
+    assert len(set(labels)) == len(labels) and len(set(settings)) == len(settings), labels
+
+
 def test_spec_json_round_trips_infinite_thresholds():
     spec = JobSpec(methods=("knorm",), thresholds=("-inf",), agreement=False)
     payload = json.loads(json.dumps(spec.to_json()))
@@ -137,6 +185,70 @@ def test_bad_corpora_say_what_to_fix(tmp_path, name, content, fragment):
     path.write_text(content)
     with pytest.raises(KvorchError, match=fragment):
         load_corpus(str(path))
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "symlink", "txt in a directory", "probe file"])
+def test_a_fifo_as_corpus_is_refused_before_anything_opens_it(tmp_path, layout):
+    """Issue 28: a FIFO as --corpus blocked forever with no message. In a fresh process with a
+    timeout, so a regression fails the test instead of hanging the suite."""
+    import os
+    import subprocess
+    import sys
+
+    in_dir = layout == "txt in a directory"
+    fifo = tmp_path / "docs" / "b.txt" if in_dir else tmp_path / "corpus.jsonl"
+    fifo.parent.mkdir(exist_ok=True)
+    os.mkfifo(fifo)
+    given = fifo.parent if in_dir else fifo
+    if in_dir:
+        (fifo.parent / "a.txt").write_text("a document")
+    if layout == "symlink":
+        given = tmp_path / "link.jsonl"
+        given.symlink_to(fifo)
+    if layout == "probe file":
+        code = f"from orchestrator.probes.spec import check_task; check_task({str(fifo)!r})"
+        expected = f"--task {fifo} is a named pipe (FIFO), not a regular file"
+    else:
+        code = f"from orchestrator.corpus import load_corpus; load_corpus({str(given)!r})"
+        what = f"corpus file {fifo}" if layout == "txt in a directory" else f"corpus {given}"
+        expected = f"{what} is a named pipe (FIFO), not a regular file: reading it would block or never end"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 1 and expected in done.stderr.strip().splitlines()[-1], done.stderr
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/null"])
+def test_a_device_as_corpus_is_refused_by_the_spec(device, tmp_path):
+    link = tmp_path / "docs.jsonl"
+    link.symlink_to(device)
+    with pytest.raises(KvorchError, match=rf"--corpus {link} is a character device, not a regular file"):
+        JobSpec(corpus=str(link), methods=("baseline",))
+
+
+def test_a_fifo_corpus_stops_kvorch_submit_in_one_line_before_the_model_loads(tmp_path):
+    import os
+    import threading
+
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    fifo, lake = tmp_path / "docs.jsonl", tmp_path / "lake"
+    os.mkfifo(fifo)
+
+    def unblock() -> None:  # a regression that opens the FIFO fails the test instead of hanging it
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader: nothing is blocked
+            pass
+
+    watchdog = threading.Timer(600, unblock)
+    watchdog.start()
+    try:
+        result = CliRunner().invoke(main, ["submit", "--corpus", str(fifo), "--lake", str(lake), "--no-progress"])
+    finally:
+        watchdog.cancel()
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert f"--corpus {fifo} is a named pipe (FIFO)" in result.output and not lake.exists()
 
 
 def test_missing_corpus_and_parquet_without_text(tmp_path):

@@ -73,6 +73,29 @@ def test_ids_do_not_depend_on_what_the_release_adds(mode):
     assert resolve(old, mode).fingerprint([[1, 2]]) == resolve(new, mode).fingerprint([[1, 2]])
 
 
+def test_a_directory_that_is_not_a_model_is_one_line_naming_it(tmp_path):
+    """Issue 28: a model directory without tokenizer files gave transformers' 5-line message,
+    which never names the path."""
+    import json
+
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    model = tmp_path / "weights-only"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 97}))
+    with pytest.raises(ValueError) as error:
+        tokenization.load(str(model), "auto")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"--model {model}: transformers could not load a tokenizer")
+    assert "a model directory needs its tokenizer files next to config.json" in message
+    lake = tmp_path / "lake"
+    result = CliRunner().invoke(main, ["submit", "--model", str(model), "--lake", str(lake), "--no-progress"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and str(model) in result.output, result.output
+    assert not lake.exists()
+
+
 def test_unknown_bos_mode_is_refused():
     with pytest.raises(KvorchError, match="--bos 'yes' is unknown; use one of auto, on, off"):
         JobSpec(methods=("baseline",), bos="yes")

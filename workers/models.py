@@ -69,11 +69,31 @@ def resolve_model(model: str) -> ModelSource:
 
 
 def load_tokenizer(model: str):
-    """The model's tokenizer; encode text with workers.tokenization, which decides BOS explicitly."""
+    """The model's tokenizer; encode text with workers.tokenization, which decides BOS explicitly.
+
+    A source transformers cannot make a tokenizer of (a model directory without its tokenizer
+    files, an unreachable hub id) is a one-line ValueError naming ``model`` and the fix, not
+    transformers' own several lines that never name the path."""
     from transformers import AutoTokenizer
 
+    from workers.errors import first_line
+
     source = resolve_model(model)
-    return AutoTokenizer.from_pretrained(source.location, **source.from_pretrained_args())
+    try:
+        return AutoTokenizer.from_pretrained(source.location, **source.from_pretrained_args())
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if Path(source.location).is_dir() and not source.gguf_file:
+            fix = (
+                "a model directory needs its tokenizer files next to config.json (tokenizer.json, or "
+                "tokenizer_config.json and its vocabulary); copy them from the model it was saved from"
+            )
+        elif source.gguf_file:
+            fix = "the GGUF file must carry its tokenizer; pass a complete .gguf"
+        else:
+            fix = "check the hub id and the network (or HF_HUB_OFFLINE and the cache), or pass a local model directory"
+        cause = first_line(exc)  # a line that ends in ":" only introduces transformers' list of reasons
+        cause = "" if cause.endswith(":") else f" ({cause})"
+        raise ValueError(f"--model {model}: transformers could not load a tokenizer from it{cause}; {fix}") from None
 
 
 def load_model(model: str, dtype: str = "float32", device: str = "cpu") -> torch.nn.Module:

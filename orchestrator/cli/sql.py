@@ -1,20 +1,19 @@
 """``kvorch sql``: any read-only query over the lake's views.
 
-The lake holds hours of GPU time, so this command can read it and nothing else: statements other
-than queries are refused, and DuckDB itself is locked to the lake's directory with no extension
-installs (``orchestrator/lake/queries.py``). Runs with damaged parts or unfinished tasks are named on
-stderr: their missing rows are left out of ``chunks``, never half counted.
+The lake holds hours of GPU time, so this command can read it and nothing else, by construction:
+the query runs on a sealed DuckDB that opens no file at all, to read or to write, whatever the
+statement (``orchestrator/lake/readonly.py``); statements other than queries are also refused up
+front, in one line. Each query is bounded by ``--timeout`` and ``--memory-limit``. Runs with
+damaged parts or unfinished tasks are named on stderr: their missing rows are left out of
+``chunks``, never half counted.
 """
 
 from __future__ import annotations
 
 import click
-import duckdb
 
 from orchestrator.cli.options import format_option, lake_option
-from orchestrator.errors import KvorchError
-from orchestrator.lake import integrity
-from orchestrator.lake.queries import check_read_only, connect
+from orchestrator.lake import integrity, readonly
 from orchestrator.lake.store import Lake
 from orchestrator.reports.formatting import render
 
@@ -22,23 +21,43 @@ from orchestrator.reports.formatting import render
 @click.command("sql")
 @lake_option
 @format_option
+@click.option(
+    "--timeout",
+    type=float,
+    default=readonly.DEFAULT_TIMEOUT_S,
+    metavar="SECONDS",
+    help="Interrupt the query after this many seconds.",
+)
+@click.option(
+    "--memory-limit",
+    default=readonly.DEFAULT_MEMORY_LIMIT,
+    metavar="SIZE",
+    help="DuckDB's memory for the query (500MB, 4GB, 25% of RAM); nothing spills to disk, so a query "
+    "needing more fails.",
+)
 @click.argument("query")
-def command(lake: str, fmt: str, query: str) -> None:
+def command(lake: str, fmt: str, timeout: float, memory_limit: str, query: str) -> None:
     """Run QUERY (read-only DuckDB SQL) over the lake's views.
 
     Views: chunks, docs, runs, statuses, workers, scores, heads, and the macros of sql/_macros.sql.
-    Only SELECT (with DESCRIBE, SHOW, SUMMARIZE) and EXPLAIN run; files outside the lake cannot be read.
+    Only queries run (SELECT, with DESCRIBE, SHOW, SUMMARIZE, PIVOT, and EXPLAIN of one): DuckDB
+    is sealed before the query, so no file can be read other than through the views, and none
+    written.
     """
-    check_read_only(query)
+    limits = readonly.Limits(timeout, memory_limit)
+    readonly.check_read_only(query)
     target = Lake(lake)
     audits = integrity.audit_lake(target)
-    con = connect(target, audits)
+    con = readonly.connect_sealed(target, audits, memory_limit)
     for line in integrity.left_out(audits):
         click.echo(f"kvorch: warning: {line}", err=True)
-    try:
-        result = con.execute(query)
-    except duckdb.Error as exc:
-        raise KvorchError(f"query failed: {str(exc).splitlines()[0]}") from None
-    if result.description is None:
-        return
-    click.echo(render([d[0] for d in result.description], result.fetchall(), fmt))
+
+    def fetch(con, query, params):
+        result = con.execute(query, params)
+        if result.description is None:
+            return None
+        return [d[0] for d in result.description], result.fetchall()
+
+    fetched = readonly.run(con, query, fetch, limits=limits)
+    if fetched is not None:
+        click.echo(render(*fetched, fmt))

@@ -31,12 +31,11 @@ COLUMNS = [
 
 
 def run_progress(lake: Lake, run_id: str, audit: RunAudit) -> list:
-    """One row of COLUMNS for ``run_id``: every count from the verified parts, none from memory."""
-    spec = lake.read_spec(run_id)
+    """One row of COLUMNS for ``run_id``: every count from the verified parts, none from memory;
+    a one-line KvorchError for a run directory that cannot be read (:func:`broken_run`)."""
+    spec = lake.read_spec(run_id)  # a damaged spec.json: its own one-line error
     if spec is None:
-        raise KvorchError(
-            f"run {run_id!r} has no spec.json in lake {lake.uri}; runs there: {', '.join(lake.run_ids())}"
-        )
+        raise KvorchError(broken_run(lake, run_id))
     status = lake.read_status(run_id) or {}
     state = shown_state(status)
     if state == "running" and not audit.missing:
@@ -56,6 +55,29 @@ def run_progress(lake: Lake, run_id: str, audit: RunAudit) -> list:
     ]
 
 
+def broken_run(lake: Lake, run_id: str) -> str:
+    """What is missing from the directory of ``run_id`` (which has no spec.json), and the fix."""
+    folder = lake.path("runs", f"run_id={run_id}")
+    if not lake.exists("runs", f"run_id={run_id}"):
+        return f"run {run_id!r} is not in lake {lake.uri}; runs there: {', '.join(lake.run_ids()) or 'none'}"
+    parts = len(lake.parts(run_id))
+    held = f"{parts} part{'s' if parts != 1 else ''} of it in the lake" if parts else "no part of it in the lake"
+    return (
+        f"run {run_id}: {folder} has no spec.json ({held}; a kvorch submit that stopped before writing it, or "
+        f"a directory kvorch did not make); run that kvorch submit again with --run-id {run_id}, or remove it"
+    )
+
+
+def _readable_run_id(lake: Lake, run_id: str) -> str | None:
+    """None when ``run_id`` is safe, else the line that names its directory and the fix."""
+    try:
+        check_run_id(run_id, "run id")
+    except KvorchError as exc:
+        folder = lake.path("runs", f"run_id={run_id}")
+        return f"{folder} is not a kvorch run ({exc}); remove it"
+    return None
+
+
 @click.command("status")
 @lake_option
 @click.option("--run", "run_id", default=None, help="Run id (default: every run in the lake).")
@@ -71,9 +93,27 @@ def command(lake: str, run_id: str | None, fmt: str) -> None:
     runs = [check_run_id(run_id, "--run")] if run_id is not None else target.run_ids()
     if not runs:
         raise no_runs(target)
-    audits = {r: integrity.audit(target, r) for r in runs}
-    click.echo(render(COLUMNS, [run_progress(target, r, audits[r]) for r in runs], fmt))
+    # A run directory that cannot be read (no spec.json, a damaged one, a name kvorch never makes)
+    # is one line on stderr; every other run still gets its row.
+    rows, broken, audits = [], [], {}
     for r in runs:
+        problem = _readable_run_id(target, r)
+        if problem is None:
+            try:
+                audits[r] = integrity.audit(target, r)
+                rows.append(run_progress(target, r, audits[r]))
+                continue
+            except KvorchError as exc:
+                problem = str(exc)
+        if run_id is not None:
+            raise KvorchError(problem)
+        broken.append(problem)
+    if not rows:
+        raise KvorchError(f"{broken[0]}{f' (and {len(broken) - 1} more such runs)' if len(broken) > 1 else ''}")
+    click.echo(render(COLUMNS, rows, fmt))
+    for line in broken:
+        click.echo(f"kvorch: {line}", err=True)
+    for r in (row[0] for row in rows):
         status = target.read_status(r) or {}
         if status.get("reason"):
             click.echo(f"{r} {status.get('status')}: {status['reason']}", err=True)

@@ -27,11 +27,11 @@ from workers.schema import (
 # What kvorch reads from status.json: fields a run's end writes (orchestrator/sweep/submission.py);
 # a worker's compile_seconds is null in runs recorded before it was.
 _WORKERS_TYPE = "STRUCT(worker VARCHAR, host VARCHAR, device VARCHAR, device_name VARCHAR, compile_seconds DOUBLE)[]"
-_STATUS_COLUMNS = (
+STATUS_COLUMNS = (
     "{run_id: 'VARCHAR', status: 'VARCHAR', finished_at: 'VARCHAR', rows: 'BIGINT', "
     f"workers: '{_WORKERS_TYPE}'}}"
 )
-_EMPTY_STATUSES = (
+EMPTY_STATUSES = (
     "SELECT NULL::VARCHAR AS run_id, NULL::VARCHAR AS status, NULL::VARCHAR AS finished_at, NULL::BIGINT AS rows, "
     f"[]::{_WORKERS_TYPE} AS workers WHERE false"
 )
@@ -62,7 +62,9 @@ def connect(lake: Lake, audits: dict[str, RunAudit] | None = None) -> duckdb.Duc
     starting) is an empty view of its schema, so queries fail only on what they ask, never on
     what is merely not written yet. Parts written under a schema this kvorch cannot read stop
     here, with the fix, before any query runs. Once the views exist the connection is locked
-    (:func:`lock_down`): queries read the lake and nothing else.
+    (:func:`lock_down`): queries read the lake and nothing else. This is the connection of
+    kvorch's own queries (reports, ``kvorch runs``); user SQL runs on
+    :func:`orchestrator.lake.readonly.connect_sealed`, which has the same views.
     """
     if not lake.run_ids() and not lake.exists("scores") and not lake.exists("heads"):
         raise no_runs(lake)
@@ -80,18 +82,18 @@ def connect(lake: Lake, audits: dict[str, RunAudit] | None = None) -> duckdb.Duc
     _parquet_view(con, "scores", [lake.glob("scores")], pa.schema([*SCORES_SCHEMA, partitions[0]]))
     _parquet_view(con, "heads", [lake.glob("heads")], pa.schema([*HEADS_SCHEMA, partitions[0]]))
     try:
-        con.execute(f"CREATE VIEW runs AS SELECT * FROM read_json({_quote(lake.glob('runs'))}, union_by_name = true)")
+        con.execute(f"CREATE VIEW runs AS SELECT * FROM read_json({quote(lake.glob('runs'))}, union_by_name = true)")
     except duckdb.IOException:  # a lake with only `kvorch scores` output
         con.execute("CREATE VIEW runs AS SELECT NULL::VARCHAR AS run_id, NULL::VARCHAR AS created_at WHERE false")
     try:
         con.execute(
-            f"CREATE VIEW statuses AS SELECT * FROM read_json({_quote(lake.glob('statuses'))}, "
-            f"columns = {_STATUS_COLUMNS})"
+            f"CREATE VIEW statuses AS SELECT * FROM read_json({quote(lake.glob('statuses'))}, "
+            f"columns = {STATUS_COLUMNS})"
         )
     except duckdb.IOException:
-        con.execute(f"CREATE VIEW statuses AS {_EMPTY_STATUSES}")
+        con.execute(f"CREATE VIEW statuses AS {EMPTY_STATUSES}")
     con.execute("CREATE VIEW workers AS SELECT run_id, unnest(workers, recursive := true) FROM statuses")
-    _create_macros(con)
+    create_macros(con)
     lock_down(con, lake)
     return con
 
@@ -99,8 +101,11 @@ def connect(lake: Lake, audits: dict[str, RunAudit] | None = None) -> duckdb.Duc
 def no_runs(lake: Lake) -> KvorchError:
     """The error for a lake without runs: what to run first, and the lakes with runs nearby (a
     copied command's ``--lake`` is often not where the first ``kvorch submit`` wrote)."""
-    first = f"run kvorch submit --lake {lake.uri} first"
     hint = nearby_hint(lake, "--lake {}")
+    if lake.is_file():  # never advise writing a lake over a file
+        fix = hint or "pass the directory kvorch submit --lake wrote to"
+        return KvorchError(f"lake {lake.uri} is a file, not a lake directory; {fix}")
+    first = f"run kvorch submit --lake {lake.uri} first"
     return KvorchError(f"lake {lake.uri} has no runs; {hint + ', or ' + first if hint else first}")
 
 
@@ -149,36 +154,18 @@ def _shown_path(path: str, here: str) -> str:
 
 
 def lock_down(con: duckdb.DuckDBPyConnection, lake: Lake) -> None:
-    """From here on the connection reads files inside the lake only, installs and loads no
-    extension, and cannot undo this (``lock_configuration``). DuckDB's own guards, not ours:
-    ``read_csv('/etc/passwd')`` or ``ATTACH`` fail with a permission error. Writes into the lake
-    (``COPY ... TO``) are still possible at this level; ``kvorch sql`` refuses every statement
-    but a query (:func:`check_read_only`)."""
-    con.execute(f"SET allowed_directories = [{_quote(lake.root.rstrip('/') + '/')}]")
+    """From here on the connection reads files inside the lake only, spills nothing (no temp
+    directory, which DuckDB would otherwise add to the allowed ones), installs and loads no
+    extension, and cannot undo this (``lock_configuration``). This connection runs kvorch's own
+    named queries with DuckDB's Parquet reader; a ``COPY ... TO`` into the lake would still work
+    at this level, so user SQL never runs here but on ``orchestrator/lake/readonly.py``'s sealed
+    connection, which opens no file at all."""
+    con.execute("SET temp_directory = ''")
+    con.execute(f"SET allowed_directories = [{quote(lake.root.rstrip('/') + '/')}]")
     con.execute("SET enable_external_access = false")
     con.execute("SET autoinstall_known_extensions = false")
     con.execute("SET autoload_known_extensions = false")
     con.execute("SET lock_configuration = true")
-
-
-# Statements that only read: a query, or the plan of one. DESCRIBE, SHOW and SUMMARIZE parse as SELECT.
-READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")
-
-
-def check_read_only(sql: str) -> None:
-    """A one-line KvorchError unless every statement of ``sql`` only reads (COPY, CREATE,
-    INSERT, ATTACH, SET, INSTALL, ... are refused before anything runs)."""
-    try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.Error as exc:
-        raise KvorchError(f"query failed: {str(exc).splitlines()[0]}") from None
-    for statement in statements:
-        kind = statement.type.name
-        if kind not in READ_ONLY_STATEMENTS:
-            raise KvorchError(
-                f"kvorch sql is read-only: {kind} statements are refused ({statement.query.strip()[:60]!r}); "
-                "use SELECT queries over the views chunks, docs, runs, statuses, workers, scores, heads"
-            )
 
 
 def metrics_of(rows: pa.Table) -> list[dict]:
@@ -186,13 +173,13 @@ def metrics_of(rows: pa.Table) -> list[dict]:
     con = duckdb.connect()
     con.register("_rows", rows)
     con.execute("CREATE VIEW chunks AS SELECT *, 'rows' AS run_id FROM _rows")
-    _create_macros(con)
+    create_macros(con)
     result = con.execute("SELECT * FROM config_metrics('rows')")
     columns = [d[0] for d in result.description]
     return [dict(zip(columns, row, strict=True)) for row in result.fetchall()]
 
 
-def _create_macros(con: duckdb.DuckDBPyConnection) -> None:
+def create_macros(con: duckdb.DuckDBPyConnection) -> None:
     con.execute((resources.files("sql") / "_macros.sql").read_text(encoding="utf-8"))
 
 
@@ -228,7 +215,7 @@ def check_schema_versions(con: duckdb.DuckDBPyConnection, files: list[str]) -> N
 
 
 def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, files: list[str], schema: pa.Schema) -> None:
-    listed = ", ".join(_quote(f) for f in files)
+    listed = ", ".join(quote(f) for f in files)
     try:
         if not files:
             raise duckdb.IOException("no files")
@@ -286,5 +273,5 @@ def arrow_of(relation: duckdb.DuckDBPyRelation) -> pa.Table:
     return table
 
 
-def _quote(text: str) -> str:
+def quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"

@@ -59,7 +59,13 @@ def check_run_id(run_id: str, what: str = "--run-id") -> str:
 class Lake:
     def __init__(self, uri: str, filesystem: pafs.FileSystem | None = None) -> None:
         """``uri``: a directory or a pyarrow filesystem URI. ``filesystem`` overrides the one the
-        URI implies, with ``uri`` then a path on it (a wrapped or instrumented filesystem)."""
+        URI implies, with ``uri`` then a path on it (a wrapped or instrumented filesystem). An empty
+        ``uri`` is refused: as a path it would be the working directory."""
+        if not str(uri).strip():
+            raise KvorchError(
+                f"the lake path is empty (--lake {uri!r}); pass the directory kvorch submit writes to, "
+                f"e.g. --lake {DEFAULT_LAKE} (the default), or a pyarrow filesystem URI"
+            )
         self.uri = uri
         if filesystem is not None:
             self.fs, self.root = filesystem, _absolute(uri)
@@ -111,6 +117,11 @@ class Lake:
             with self.fs.open_output_stream(probe) as out:
                 out.write(b"ok")
         except OSError as exc:
+            if self.is_file():
+                raise KvorchError(
+                    f"lake {self.uri} is a file, not a directory; pass a directory for --lake (a new one is made), "
+                    f"e.g. --lake {DEFAULT_LAKE}"
+                ) from None
             raise KvorchError(
                 f"cannot write to lake {self.uri} ({exc.strerror or exc}); pass a writable --lake"
             ) from None
@@ -142,6 +153,10 @@ class Lake:
                 break
             path = parent
         return missing
+
+    def is_file(self) -> bool:
+        """Whether the lake's own path is a file (a mistyped --lake), not a directory."""
+        return self.fs.get_file_info(self.root).type == pafs.FileType.File
 
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound

@@ -245,10 +245,13 @@ class WorkerPool:
         worker_args: tuple,
         actor_timeout: float = DEFAULT_ACTOR_TIMEOUT,
         label: str = "worker",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Actors ``kvorch-<label>-<i>`` of ``worker_class(name, *worker_args, load=False)``: an
         EvalWorker (the sweep, head statistics), a TargetWorker (KVzap), or a stand-in (tests);
-        each has ``placed``, and ``describe`` that loads its model."""
+        each has ``placed``, and ``describe`` that loads its model. ``clock`` measures the
+        deadlines (tests pass one that leaves out how long a loaded machine takes to start actor
+        processes, so a timeout of seconds tests the logic, not the machine's speed)."""
         remote_worker = ray.remote(worker_class)
         env = forwarded_env()
         self.label = label
@@ -263,11 +266,12 @@ class WorkerPool:
 
         self.plan = plan
         self.actor_timeout = actor_timeout
+        self._clock = clock
         self.log = EventLog()
         names = [f"kvorch-{label}-{i}" for i in range(plan.n_actors)]
         self.workers = [Worker(name, start_actor(name)) for name in names]
         self._dead_nodes: set[str] = set()
-        deadline = time.monotonic() + actor_timeout
+        deadline = clock() + actor_timeout
         for worker in self.workers:
             worker.deadline = deadline
             worker.ref = worker.actor.placed.remote()
@@ -377,7 +381,7 @@ class WorkerPool:
     def lose(self, worker: Worker, exc: RayActorError) -> None:
         """``worker``'s actor died (its process or its node): Ray restarts it if it can place it,
         and the driver checks for that until ``actor_timeout`` has passed."""
-        now = time.monotonic()
+        now = self._clock()
         worker.state, worker.ref, worker.losses = PLACING, None, worker.losses + 1
         worker.deadline, worker.retry_at = now + self.actor_timeout, now + RESTART_POLL_SECONDS
         self.log.pool_size(self._working())
@@ -416,7 +420,7 @@ class WorkerPool:
             if worker.state == LOADING:
                 self.lose(worker, exc)  # died while loading the model: placed again, or given up
             elif isinstance(exc, ActorUnavailableError):
-                worker.retry_at = time.monotonic() + RESTART_POLL_SECONDS  # still restarting: ask again soon
+                worker.retry_at = self._clock() + RESTART_POLL_SECONDS  # still restarting: ask again soon
             elif worker.losses:
                 self._drop(worker, pool_events.POOL_SHRUNK, f"died for good ({_actor_error(exc)})")
             else:
@@ -438,11 +442,11 @@ class WorkerPool:
         """Seconds until the next placement deadline or restart check, None when there is none."""
         times = [w.deadline for w in self.workers if w.state == PLACING]
         times += [w.retry_at for w in self.workers if w.state == PLACING and w.ref is None and w.retry_at is not None]
-        return max(0.0, min(times) - time.monotonic()) if times else None
+        return max(0.0, min(times) - self._clock()) if times else None
 
     def _on_timers(self) -> None:
         """Give up workers past their deadline; check lost ones for a restart again."""
-        now = time.monotonic()
+        now = self._clock()
         for worker in self.workers:
             if worker.state != PLACING:
                 continue

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
+from orchestrator.corpus import check_regular_file
 from orchestrator.errors import KvorchError
 
 TASKS: tuple[str, ...] = ("passkey", "needle", "kv")
@@ -76,6 +77,7 @@ def check_task(task: str) -> None:
         return
     fix = f"use one of {', '.join(TASKS)} or a .jsonl file with context, question, answer"
     if task.endswith(".jsonl"):
+        check_regular_file(Path(task), f"--task {task}")
         if not Path(task).is_file():
             raise KvorchError(f"--task {task}: no such file; {fix}")
         return
@@ -125,9 +127,13 @@ def check_depths(depths: tuple[float, ...]) -> None:
 
 
 def length_label(length: int) -> str:
-    """How a length reads in messages: 16384 -> "16k", 1536 -> "1.5k", 1000 -> "1000"."""
+    """How a length reads in messages: 16384 -> "16k", 1536 -> "1.5k", 1000 -> "1000", and
+    1000000000 -> "1000000000": the k form only where it is short and exact, so a message never
+    shows another number than the one given (976562.5k printed as "976562k" did)."""
     if length >= KILO and (length * 2) % KILO == 0:
-        return f"{length / KILO:g}k"
+        short = f"{length / KILO:g}"
+        if "e" not in short and Decimal(short) * KILO == length:
+            return f"{short}k"
     return str(length)
 
 

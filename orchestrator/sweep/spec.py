@@ -8,9 +8,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orchestrator.corpus import EMBEDDED_CORPUS
+from orchestrator.corpus import EMBEDDED_CORPUS, check_regular_file
 from orchestrator.errors import KvorchError
 from orchestrator.probes import DEFAULT_DEPTHS, DEFAULT_LENGTHS, ProbeSpec, check_task
 from orchestrator.probes.spec import check_spec
@@ -77,6 +78,8 @@ class JobSpec:
             raise KvorchError(f"--max-tokens must be >= 1, got {self.max_tokens}")
         if self.max_docs is not None and self.max_docs < 1:
             raise KvorchError(f"--max-docs must be >= 1, got {self.max_docs}")
+        if self.corpus != EMBEDDED_CORPUS:  # a FIFO or device would block the first read: refused now
+            check_regular_file(Path(self.corpus), f"--corpus {self.corpus}")
         object.__setattr__(self, "batch_configs", _parse_batch_configs(self.batch_configs))
         if self.compile not in COMPILE_MODES:
             raise KvorchError(f"--compile {self.compile!r} is unknown; use one of {', '.join(COMPILE_MODES)}")
@@ -157,7 +160,35 @@ def build_configs(
 ) -> list[EvalConfig]:
     """The config grid: each method at its thresholds (user's, else the method's defaults), or
     under ``policy="ratio"`` / ``"budget"`` each scoring method at each compression ratio or
-    token budget (methods without a score, such as baseline and window, once as they are)."""
+    token budget (methods without a score, such as baseline and window, once as they are).
+
+    A value or method config given twice is refused in one line, never run twice: its rows
+    would count double in every table."""
+    configs = _config_grid(methods, thresholds, policy, ratios, budgets, window)
+    labels: dict[str, EvalConfig] = {}
+    for config in configs:
+        if config.label in labels:  # e.g. thresholds -16 and -16.0000001, both labelled knorm@-16
+            raise KvorchError(
+                f"two configs share the label {config.label} ({_setting(labels[config.label])} and "
+                f"{_setting(config)}); give values that differ in their first 6 significant digits"
+            )
+        labels[config.label] = config
+    return configs
+
+
+def _setting(config: EvalConfig) -> str:
+    value = next(v for v in (config.ratio, config.budget, config.threshold) if v is not None)
+    return repr(value)
+
+
+def _config_grid(
+    methods: tuple[str, ...],
+    thresholds: tuple[str, ...],
+    policy: str,
+    ratios: tuple[float, ...],
+    budgets: tuple[int, ...],
+    window: int,
+) -> list[EvalConfig]:
     presses = _parse_methods(methods)
     if policy not in POLICIES:
         raise KvorchError(f"--policy {policy!r} is unknown; use one of {', '.join(POLICIES)}")
@@ -191,6 +222,7 @@ def _check_ratios(ratios: tuple[float, ...]) -> tuple[float, ...]:
     bad = [r for r in ratios if not 0.0 <= r < 1.0]
     if bad:
         raise KvorchError(f"--ratios must lie in [0, 1), got {bad[0]:g}; e.g. 0.5 evicts half the keys")
+    _check_once("--ratios", ratios)
     return ratios
 
 
@@ -199,6 +231,7 @@ def _check_budgets(budgets: tuple[int, ...], presses: list[Press], window: int) 
     a budget below a press's sinks + window could never be met: refused, naming the press."""
     if not budgets:
         raise KvorchError("--policy budget needs --budgets, e.g. --budgets 128,256,1024 (keys per layer and head)")
+    _check_once("--budgets", budgets)
     for press in (p for p in presses if p.default_thresholds != (None,)):
         protected = press.protected(window)
         floor = press.n_sink + protected
@@ -212,13 +245,23 @@ def _check_budgets(budgets: tuple[int, ...], presses: list[Press], window: int) 
     return budgets
 
 
+def _check_once(option: str, values: tuple[float, ...], given: str | None = None) -> None:
+    """Each value once: a repeated one would run its config twice and count its rows double."""
+    seen: set[float] = set()
+    for value in values:
+        if value in seen:
+            raise KvorchError(f"{option} {given or ','.join(f'{v:g}' for v in values)} lists {value:g} twice; "
+                              "list each value once")  # fmt: skip
+        seen.add(value)
+
+
 def _parse_methods(methods: tuple[str, ...]) -> list[Press]:
     from workers.presses import ALL_METHODS, REGISTRY, parse_method
 
     texts = [m.strip() for item in methods for m in _split_methods(item)]
     if not texts:
         raise KvorchError(f"no methods given; pass --methods all or some of: {', '.join(REGISTRY)}")
-    presses: list[Press] = []
+    presses: dict[Press, str] = {}  # each press, and the --methods item that gave it
     for text in texts:
         if text == "all":
             candidates = [REGISTRY[name]() for name in ALL_METHODS]
@@ -227,8 +270,13 @@ def _parse_methods(methods: tuple[str, ...]) -> list[Press]:
                 candidates = [parse_method(text)]
             except ValueError as exc:
                 raise KvorchError(f"--methods: {exc}") from None
-        presses.extend(p for p in candidates if p not in presses)
-    return presses
+        for press in candidates:
+            if press in presses:
+                first = presses[press]
+                how = "" if first == text else f" ('{first}' and '{text}' give the same config)"
+                raise KvorchError(f"--methods lists {press.label()} twice{how}; list each method config once")
+            presses[press] = text
+    return list(presses)
 
 
 def _split_methods(item: str) -> list[str]:
@@ -253,6 +301,7 @@ def _parse_thresholds(thresholds: tuple[str, ...], presses: list[Press]) -> dict
         taus = tuple(_parse_float(v, item) for v in values.split(",") if v.strip())
         if not taus:
             raise KvorchError(f"--thresholds {item!r} has no values; use method=t1,t2 or t1,t2")
+        _check_once("--thresholds", taus, item)
         if not eq:
             targets = thresholded
         else:
