@@ -135,21 +135,27 @@ def time_cli(args: list[str], repeat: int) -> tuple[float, float]:
     return best_wall, best_cpu
 
 
+def bench_lake(path: str, at_least: int) -> tuple[Lake, int, int]:
+    """The synthetic lake at ``path`` with at least ``at_least`` rows: (lake, rows, documents).
+    Generated once and kept (``bench.json`` records its size), so reruns time the same lake."""
+    n_docs = -(-at_least // (CHUNKS * len(configs())))
+    lake = Lake(path)
+    marker = Path(path) / "bench.json"
+    if not marker.exists() or json.loads(marker.read_text()).get("docs") != n_docs:
+        tic = time.perf_counter()
+        rows = generate(lake, "bench", n_docs)
+        marker.write_text(json.dumps({"docs": n_docs, "rows": rows}))
+        print(f"generated {rows:,} rows in {time.perf_counter() - tic:.1f} s -> {path}", file=sys.stderr)
+    return lake, json.loads(marker.read_text())["rows"], n_docs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lake", default="/tmp/kvorch-bench-lake", help="where the synthetic lake is written")
     parser.add_argument("--rows", type=int, default=10_000_000, help="at least this many rows")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per command; the best is reported")
     args = parser.parse_args()
-    n_docs = -(-args.rows // (CHUNKS * len(configs())))
-    lake = Lake(args.lake)
-    marker = Path(args.lake) / "bench.json"
-    if not marker.exists() or json.loads(marker.read_text()).get("docs") != n_docs:
-        tic = time.perf_counter()
-        rows = generate(lake, "bench", n_docs)
-        marker.write_text(json.dumps({"docs": n_docs, "rows": rows}))
-        print(f"generated {rows:,} rows in {time.perf_counter() - tic:.1f} s -> {args.lake}", file=sys.stderr)
-    rows = json.loads(marker.read_text())["rows"]
+    lake, rows, n_docs = bench_lake(args.lake, args.rows)
     print(f"lake: {rows:,} rows, {n_docs} docs, {len(configs())} configs; cpus: {os.cpu_count()}")
     print(f"load average before timing: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for label, extra in [("report (compare)", []), ("report --table all", ["--table", "all"])]:

@@ -15,18 +15,14 @@ The lake is reused when it already holds the requested row count.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
-from pathlib import Path
 
-from report_bench import CHUNKS, configs, generate
+from report_bench import bench_lake
 
 from orchestrator.lake import integrity
 from orchestrator.lake.queries import connect
 from orchestrator.lake.readonly import connect_sealed
-from orchestrator.lake.store import Lake
 
 QUERIES = {
     "group by config": (
@@ -60,15 +56,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10_000_000, help="at least this many rows")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per query and connection; the best counts")
     args = parser.parse_args()
-    n_docs = -(-args.rows // (CHUNKS * len(configs())))
-    lake = Lake(args.lake)
-    marker = Path(args.lake) / "bench.json"
-    if not marker.exists() or json.loads(marker.read_text()).get("docs") != n_docs:
-        tic = time.perf_counter()
-        rows = generate(lake, "bench", n_docs)
-        marker.write_text(json.dumps({"docs": n_docs, "rows": rows}))
-        print(f"generated {rows:,} rows in {time.perf_counter() - tic:.1f} s -> {args.lake}", file=sys.stderr)
-    rows = json.loads(marker.read_text())["rows"]
+    lake, rows, _ = bench_lake(args.lake, args.rows)
     audits = integrity.audit_lake(lake)
     print(f"lake: {rows:,} rows, {len(lake.parts())} parts; cpus: {os.cpu_count()}")
     print(f"load average before timing: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -27,11 +27,11 @@ from workers.schema import (
 # What kvorch reads from status.json: fields a run's end writes (orchestrator/sweep/submission.py);
 # a worker's compile_seconds is null in runs recorded before it was.
 _WORKERS_TYPE = "STRUCT(worker VARCHAR, host VARCHAR, device VARCHAR, device_name VARCHAR, compile_seconds DOUBLE)[]"
-STATUS_COLUMNS = (
+_STATUS_COLUMNS = (
     "{run_id: 'VARCHAR', status: 'VARCHAR', finished_at: 'VARCHAR', rows: 'BIGINT', "
     f"workers: '{_WORKERS_TYPE}'}}"
 )
-EMPTY_STATUSES = (
+_EMPTY_STATUSES = (
     "SELECT NULL::VARCHAR AS run_id, NULL::VARCHAR AS status, NULL::VARCHAR AS finished_at, NULL::BIGINT AS rows, "
     f"[]::{_WORKERS_TYPE} AS workers WHERE false"
 )
@@ -51,6 +51,24 @@ def query_text(name: str) -> str:
     if name.startswith("_") or not path.is_file():
         raise KvorchError(f"no query named {name!r}; available: {', '.join(query_names())}")
     return path.read_text(encoding="utf-8")
+
+
+def run_relations(con: duckdb.DuckDBPyConnection, lake: Lake, kind: str) -> None:
+    """``runs`` (every spec.json), ``statuses`` (every status.json) and ``workers`` (theirs,
+    unnested) as ``kind``: VIEW reads the files at each query, TABLE copies them in now (the
+    sealed connection, which may open no file later: orchestrator/lake/readonly.py)."""
+    try:
+        con.execute(f"CREATE {kind} runs AS SELECT * FROM read_json({quote(lake.glob('runs'))}, union_by_name = true)")
+    except duckdb.IOException:  # a lake with only `kvorch scores` output
+        con.execute(f"CREATE {kind} runs AS SELECT NULL::VARCHAR AS run_id, NULL::VARCHAR AS created_at WHERE false")
+    try:
+        con.execute(
+            f"CREATE {kind} statuses AS SELECT * FROM read_json({quote(lake.glob('statuses'))}, "
+            f"columns = {_STATUS_COLUMNS})"
+        )
+    except duckdb.IOException:
+        con.execute(f"CREATE {kind} statuses AS {_EMPTY_STATUSES}")
+    con.execute("CREATE VIEW workers AS SELECT run_id, unnest(workers, recursive := true) FROM statuses")
 
 
 def connect(lake: Lake, audits: dict[str, RunAudit] | None = None) -> duckdb.DuckDBPyConnection:
@@ -81,18 +99,7 @@ def connect(lake: Lake, audits: dict[str, RunAudit] | None = None) -> duckdb.Duc
     _parquet_view(con, "docs", doc_files, pa.schema([*DOC_SCHEMA, partitions[0]]))
     _parquet_view(con, "scores", [lake.glob("scores")], pa.schema([*SCORES_SCHEMA, partitions[0]]))
     _parquet_view(con, "heads", [lake.glob("heads")], pa.schema([*HEADS_SCHEMA, partitions[0]]))
-    try:
-        con.execute(f"CREATE VIEW runs AS SELECT * FROM read_json({quote(lake.glob('runs'))}, union_by_name = true)")
-    except duckdb.IOException:  # a lake with only `kvorch scores` output
-        con.execute("CREATE VIEW runs AS SELECT NULL::VARCHAR AS run_id, NULL::VARCHAR AS created_at WHERE false")
-    try:
-        con.execute(
-            f"CREATE VIEW statuses AS SELECT * FROM read_json({quote(lake.glob('statuses'))}, "
-            f"columns = {STATUS_COLUMNS})"
-        )
-    except duckdb.IOException:
-        con.execute(f"CREATE VIEW statuses AS {EMPTY_STATUSES}")
-    con.execute("CREATE VIEW workers AS SELECT run_id, unnest(workers, recursive := true) FROM statuses")
+    run_relations(con, lake, "VIEW")
     create_macros(con)
     lock_down(con, lake)
     return con

@@ -35,14 +35,7 @@ import pyarrow.fs as pafs
 from orchestrator.errors import KvorchError
 from orchestrator.lake import integrity
 from orchestrator.lake.integrity import RunAudit
-from orchestrator.lake.queries import (
-    EMPTY_STATUSES,
-    STATUS_COLUMNS,
-    check_schema_versions,
-    create_macros,
-    no_runs,
-    quote,
-)
+from orchestrator.lake.queries import check_schema_versions, create_macros, no_runs, quote, run_relations
 from orchestrator.lake.store import Lake
 from workers.schema import CHUNK_SCHEMA, DOC_SCHEMA, HEADS_SCHEMA, PARTITION_COLUMNS, SCORES_SCHEMA
 
@@ -174,18 +167,7 @@ def connect_sealed(
     _arrow_view(con, lake, "heads", files["heads"], HEADS_SCHEMA, PARTITION_COLUMNS[:1])
     # spec.json and status.json: small, read now into memory (a run written later needs a reopen,
     # as for the parts).
-    try:
-        con.execute(f"CREATE TABLE runs AS SELECT * FROM read_json({quote(lake.glob('runs'))}, union_by_name = true)")
-    except duckdb.IOException:  # a lake with only `kvorch scores` output
-        con.execute("CREATE TABLE runs AS SELECT NULL::VARCHAR AS run_id, NULL::VARCHAR AS created_at WHERE false")
-    try:
-        con.execute(
-            f"CREATE TABLE statuses AS SELECT * FROM read_json({quote(lake.glob('statuses'))}, "
-            f"columns = {STATUS_COLUMNS})"
-        )
-    except duckdb.IOException:
-        con.execute(f"CREATE TABLE statuses AS {EMPTY_STATUSES}")
-    con.execute("CREATE VIEW workers AS SELECT run_id, unnest(workers, recursive := true) FROM statuses")
+    run_relations(con, lake, "TABLE")
     create_macros(con)
     seal(con, memory_limit)
     return con
