@@ -30,8 +30,12 @@ class FakeTask:
 
 @dataclass(frozen=True)
 class FakeResult:
+    """What the pool reads of a TaskResult: no rows, no failures, a compile of 0.25 s."""
+
     rows: None = None
     failures: tuple = ()
+    compile_seconds: float = 0.25
+    worker: str = ""
 
 
 class FakeWorker:
@@ -58,4 +62,4 @@ class FakeWorker:
             except FileExistsError:
                 pass
         time.sleep(self.behaviour.task_seconds)
-        return FakeResult()
+        return FakeResult(worker=self.name)

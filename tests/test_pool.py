@@ -72,6 +72,8 @@ def test_an_actor_that_cannot_be_placed_is_given_up_and_the_others_finish_the_ru
         result.events[0]["detail"],
     )
     assert len(result.workers) == 2
+    # Each worker's compile seconds, what its tasks reported, add up to 0.25 s per task run.
+    assert sum(w["compile_seconds"] for w in result.workers) == 10 * 0.25
 
 
 def test_a_lost_actor_whose_restart_never_comes_does_not_keep_the_pool_waiting(tmp_path):
