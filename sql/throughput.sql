@@ -5,8 +5,9 @@
 -- device_name (the GPU model, or the CPU) comes from the workers recorded in status.json;
 -- rows of a run without one fall back to the row's device (cpu, cuda:0, ...).
 -- peak_kv_mib: the most keys + values any one batched forward held (kv_cache_bytes, all layers;
--- the full preallocated cache when masked, the kept entries with --compact); null for rows
--- written before schema version 2.
+-- the bytes of the cache tensors the step allocated: the document's length uncompiled, its
+-- length bucket compiled; runs made with the old --compact held only kept entries); null for
+-- rows written before schema version 2.
 -- compile_seconds: what compiling chunk steps took on a worker (status.json; torch.compile's
 -- warm-up chunk included), kept out of `seconds`; per device the sum over its workers, per
 -- method null (a compile serves a whole batch of configs); null for runs recorded before it was.
