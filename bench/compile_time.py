@@ -8,6 +8,9 @@ cache directory, then a second process with the same directory compiles again. P
 step's compile seconds (a warm-up chunk included, as the lake records them) and the seconds from
 handing the engine a document to its first chunk done.
 
+``--layouts regional,unrolled`` also times the step as it compiled before layer regions: one
+graph with every layer unrolled (workers/engine/step.py, LAYER_REGIONS), minutes per figure.
+
     python bench/compile_time.py                                   # 1, 10 and 32 configs; 16 and 32 layers
     python bench/compile_time.py --configs 1 --layers 2 --tokens 64 --backend aot_eager   # smoke size
 """
@@ -39,6 +42,7 @@ def child(args: argparse.Namespace) -> None:
     """One process: build the engine, evaluate one document, print the timings as JSON."""
     import torch
 
+    import workers.engine.step as step_module
     from bench.engine_overhead import narrow_llama
     from workers.compile_cache import use_compile_cache
     from workers.engine.core import Engine
@@ -46,6 +50,7 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     use_compile_cache(args.cache)
+    step_module.LAYER_REGIONS = args.layouts == "regional"
     model = narrow_llama(args.layers)
     engine = Engine(model, EngineSettings(args.chunk, args.chunk, compile=True), compile_backend=args.backend)
     ids = torch.randint(0, 1000, (args.tokens,), generator=torch.Generator().manual_seed(0))
@@ -56,8 +61,9 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"compile_s": engine.compile_seconds, "first_chunk_s": first[0], "configs": len(configs)}))
 
 
-def measure(args: argparse.Namespace, configs: int, layers: int, cache: str) -> dict:
+def measure(args: argparse.Namespace, configs: int, layers: int, layout: str, cache: str) -> dict:
     argv = [sys.executable, __file__, CHILD, "--configs", str(configs), "--layers", str(layers), "--cache", cache,
+            "--layouts", layout,
             "--tokens", str(args.tokens), "--chunk", str(args.chunk), "--threads", str(args.threads),
             "--backend", args.backend]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
@@ -75,6 +81,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (the smoke test: aot_eager)")
+    parser.add_argument("--layouts", default="regional", help="comma list of regional (the step) and unrolled")
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     parser.add_argument(CHILD, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -86,15 +93,16 @@ def main() -> None:
 
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
           f"backend {args.backend}, {args.tokens} tokens, chunk {args.chunk}; each figure a fresh process")  # fmt: skip
-    header = f"{'configs':>7} {'layers':>6} {'cold compile s':>14} {'warm compile s':>14} {'warm first chunk s':>18}"
-    print(header)
+    header = f"{'layout':>8} {'configs':>7} {'layers':>6} {'cold compile s':>14} {'warm compile s':>14} "
+    print(header + f"{'warm first chunk s':>18}")
     for configs in (int(c) for c in args.configs.split(",")):
         for layers in (int(n) for n in args.layers.split(",")):
-            with tempfile.TemporaryDirectory(prefix="kvorch-compile-") as cache:
-                cold = measure(args, configs, layers, cache)
-                warm = measure(args, configs, layers, cache)
-            print(f"{cold['configs']:>7} {layers:>6} {cold['compile_s']:>14.1f} {warm['compile_s']:>14.1f} "
-                  f"{warm['first_chunk_s']:>18.1f}", flush=True)  # fmt: skip
+            for layout in args.layouts.split(","):
+                with tempfile.TemporaryDirectory(prefix="kvorch-compile-") as cache:
+                    cold = measure(args, configs, layers, layout, cache)
+                    warm = measure(args, configs, layers, layout, cache)
+                print(f"{layout:>8} {cold['configs']:>7} {layers:>6} {cold['compile_s']:>14.1f} "
+                      f"{warm['compile_s']:>14.1f} {warm['first_chunk_s']:>18.1f}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -141,7 +141,7 @@ def layer_context(
     the uncompiled step builds it, from Python bounds: for testing a press's score alone."""
     positions = torch.arange(end)
     return LayerContext(
-        layer=layer,
+        layer=torch.tensor(layer),
         start=torch.tensor(start),
         end=torch.tensor(end),
         score_from=torch.tensor(score_from),

@@ -142,8 +142,10 @@ def test_orchestration_overhead_prints_its_table(tiny_model_dir):
 def test_compile_time_prints_cold_and_warm_seconds_per_batch_and_depth():
     out = run_bench(
         "compile_time.py", "--configs", "3", "--layers", "2", "--tokens", "64", "--chunk", "32", "--threads", "1",
-        "--backend", "aot_eager",
+        "--backend", "aot_eager", "--layouts", "regional,unrolled",
     )  # fmt: skip
-    rows = [numbers(line) for line in out.splitlines() if re.match(r" +\d+ +2 ", line)]
-    assert [row[:2] for row in rows] == [[3, 2]]
+    layouts = [line.split()[0] for line in out.splitlines() if re.match(r" *(regional|unrolled) +\d+ +2 ", line)]
+    assert layouts == ["regional", "unrolled"]
+    rows = [numbers(line) for line in out.splitlines() if re.match(r" *(regional|unrolled) +\d+ +2 ", line)]
+    assert [row[:2] for row in rows] == [[3, 2], [3, 2]]
     assert all(math.isfinite(x) and x > 0 for row in rows for x in row[2:])

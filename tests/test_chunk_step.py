@@ -10,13 +10,17 @@ recompile per chunk or per document of one length bucket.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from orchestrator.errors import KvorchError
 from orchestrator.sweep import compile_check
 from orchestrator.sweep.spec import JobSpec, build_configs
+from tests.families import FAMILIES, VOCAB
 from tests.helpers import tiny_llama
 from workers import attention
 from workers.configs import EvalConfig
@@ -128,9 +132,14 @@ class CountingBackend:
 
     def __init__(self) -> None:
         self.graphs = 0
+        self.regions: list[str] = []  # per graph: its compiled layer regions, and how often each is called
+        self.region_calls = 0
 
     def __call__(self, graph: torch.fx.GraphModule, example_inputs: list) -> object:
         self.graphs += 1
+        self.regions += [name for name, _ in graph.named_children()]
+        calls = [n for n in graph.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+        self.region_calls += len(calls)
         from torch._dynamo.backends.common import aot_autograd
 
         return aot_autograd(fw_compiler=lambda g, _: g.forward)(graph, example_inputs)
@@ -150,6 +159,7 @@ def test_the_step_compiles_whole_once_and_never_again_in_its_length_bucket(model
     graphs_after_chunk: list[int] = []
     rows = engine.evaluate("d", document, configs, lambda tokens: graphs_after_chunk.append(backend.graphs)).to_pylist()
     assert graphs_after_chunk == [1] * 8
+    assert len(backend.regions) == 1 and backend.region_calls == 2  # one layer compiled, called by both
     assert_same_numbers(expected, rows)
 
     other = document[:200]  # 7 chunks: the same 256-position bucket
@@ -200,3 +210,34 @@ def test_compile_on_that_cannot_compile_fails_in_the_driver_and_auto_falls_back(
 def test_this_machine_can_compile():
     """The check itself, on a machine that has a C++ compiler: a real tiny inductor compile."""
     assert compile_check.compiler_problem("cpu") is None
+
+
+@pytest.mark.parametrize(("family", "regions"), [("llama", 1), ("gemma3", 2)])
+def test_one_compiled_layer_serves_every_layer_alike_whatever_the_depth(family, regions):
+    """Compile cost independent of depth: a layer's work is traced once and reused by every layer
+    with the same facts. Llama's 6 layers share one region; Gemma 3's sliding and global layers
+    (another window, another RoPE) get one each, never one another's. The numbers are the exact
+    path's, for presses that keep per-layer state, read RoPE, and hash the layer index."""
+    config_class, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config_class(**{**kwargs, "num_hidden_layers": 6})).eval()
+    document = torch.randint(2, VOCAB, (100,), generator=torch.Generator().manual_seed(1))
+    configs = [
+        EvalConfig(parse_method("baseline")),
+        EvalConfig(parse_method("random"), 0.5),
+        EvalConfig(parse_method("expected_attention"), 0.01),
+        EvalConfig(parse_method("expected_attention:stats=running"), ratio=0.5),
+        EvalConfig(parse_method("observed_attention"), budget=40),
+    ]
+    settings = EngineSettings(16, 16)
+    expected = Engine(model, settings).evaluate("d", document, configs).to_pylist()
+    torch._dynamo.reset()
+    backend = CountingBackend()
+    engine = Engine(model, dataclasses.replace(settings, compile=True), compile_backend=backend)
+    rows = engine.evaluate("d", document, configs).to_pylist()
+    assert backend.graphs == 1
+    assert len(backend.regions) == regions
+    assert backend.region_calls == 6
+    assert_same_numbers(expected, rows)
+    assert {r["config"] for r in rows if r["keys_kept"] < r["keys_total"]} >= {c.label for c in configs[1:]}
+    torch._dynamo.reset()

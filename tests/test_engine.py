@@ -92,9 +92,9 @@ class SpyPress(Press):
     def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
         """Records which keys before the chunk its first query attended to (probability > 0: an
         evicted key is masked to exactly 0), per query head."""
-        start = int(ctx.start)
-        self.seen.append((ctx.layer, start, ctx.attention[0, :, 0, :start] > 0))
-        generator = torch.Generator().manual_seed(start * 31 + ctx.layer)
+        start, layer = int(ctx.start), int(ctx.layer)
+        self.seen.append((layer, start, ctx.attention[0, :, 0, :start] > 0))
+        generator = torch.Generator().manual_seed(start * 31 + layer)
         return torch.rand(ctx.keys.shape[0], ctx.keys.shape[1], ctx.scored.shape[0], generator=generator)
 
 

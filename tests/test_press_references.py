@@ -162,7 +162,7 @@ def test_expected_attention_matches_monte_carlo(n_future):
     ctx, cos_sin = _ea_context(n_future)
     press = parse_method(f"expected_attention:n_future_positions={n_future},use_vnorm=false,n_sink=0")
     shape = StateShape(1, 1, 4, 2, 8, int(ctx.end), torch.device("cpu"))
-    scores = press.score(ctx, press.init_state(shape))[0].double()  # [Hkv, 30]: the scored positions
+    scores = press.score(ctx, press.init_state(shape)[0])[0].double()  # [Hkv, 30]: the scored positions
 
     q = ctx.prerope_queries[0].double()  # [H, c, d]
     mu = q.mean(dim=1)
@@ -192,7 +192,7 @@ def test_expected_attention_matches_monte_carlo(n_future):
 
 def test_running_statistics_equal_numpy_over_all_queries():
     press = parse_method("expected_attention:stats=running")
-    state = press.init_state(StateShape(1, 1, 3, 1, 4, 200, torch.device("cpu")))
+    state = press.init_state(StateShape(1, 1, 3, 1, 4, 200, torch.device("cpu")))[0]  # layer 0
     g = torch.Generator().manual_seed(2)
     seen = []
     for start in range(0, 200, 50):

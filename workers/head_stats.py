@@ -70,8 +70,9 @@ class HeadStatsProbe(Press):
     recent: int = 64
     min_position: int = 256
 
-    def init_state(self, shape: StateShape) -> HeadStatsState:
-        return HeadStatsState()
+    def init_state(self, shape: StateShape) -> list[HeadStatsState]:
+        """One state shared by every layer: the document's statistics, keyed by layer."""
+        return [HeadStatsState()] * shape.layers
 
     def score(self, ctx: LayerContext, state: HeadStatsState) -> torch.Tensor:
         """Python lists of per-chunk sums: not traceable, so it runs uncompiled at exact shapes
@@ -81,8 +82,9 @@ class HeadStatsProbe(Press):
         first = max(s, self.min_position)
         if first < e:
             probs = ctx.attention[0, :, first - s : e - s, :e].double()  # [H, q, end]
-            state.sums.setdefault(ctx.layer, []).append(self.chunk_sums(probs, first))
-            if ctx.layer == 0:
+            layer = int(ctx.layer)
+            state.sums.setdefault(layer, []).append(self.chunk_sums(probs, first))
+            if layer == 0:
                 state.queries.append(e - first)
         return constant_scores(ctx, float("inf"))
 

@@ -149,6 +149,6 @@ class Engine:
         the model (head statistics) rather than compress it."""
         step, _ = self.step_for([EvalConfig(press)], token_ids, agreement=False)
         step.run(doc_seed(doc_id), token_ids.to(self.device))
-        return step.press_states[0]
+        return step.press_states[0][0]  # the probe's state (shared by every layer)
 
 

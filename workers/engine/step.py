@@ -51,6 +51,13 @@ from workers.presses import LayerContext, StateShape
 
 # Compiled steps one process may hold (batches of configs x length buckets).
 MAX_COMPILED_STEPS = 64
+# Distinct compiled layers one step may hold: layers that differ in a fact (attention variant,
+# rotary, a press's per-layer window) each need their own. Past it dynamo raises, and the step
+# runs uncompiled with a notice (ChunkStep._compile).
+MAX_LAYER_REGIONS = 64
+# Compile each layer's work as a region reused by every layer (False: one unrolled graph, what the
+# step compiled before; bench/compile_time.py and bench/sweep_throughput.py compare the two).
+LAYER_REGIONS = True
 
 
 @dataclass
@@ -119,6 +126,13 @@ class ChunkStep:
         self.backend = settings.attn
         self.groups = [self._plan(group) for group in layout.groups]
         self.positions = torch.arange(self.n, device=self.device)
+        # What each layer's work reads beyond its tensors (see _StepRun): the layer index as a
+        # tensor, each distinct rotary once (layers of one type share one), which inputs to hand in.
+        self.layer_index = torch.arange(self.n_layers, device=self.device)
+        self.rotaries = list(dict.fromkeys(hooked.layer_rotaries))
+        self.rotary_ids = [self.rotaries.index(rotary) for rotary in hooked.layer_rotaries]
+        self.needs_hidden_states = any(g.press.needs_hidden_states for g in layout.groups)
+        self.traceable = all(g.press.traceable for g in layout.groups)
         # Until a chunk starts past every group's protected window nothing can have been evicted,
         # so every row computes the same thing: exact shapes run such chunks once, with batch 1.
         self.shared_until = min(lo for g in layout.groups for lo, _ in g.windows.ranges)
@@ -134,6 +148,12 @@ class ChunkStep:
             mode = "reduce-overhead" if self.cuda_graphs else None
             step = torch.compile(step, backend=compile_backend, fullgraph=True, dynamic=False, mode=mode)
         self.static_step = step
+        # FlexAttention inside a nested compile region fails torch 2.13's functionalization (an
+        # internal assert): with --attn flex the step compiles unrolled, one graph of every layer.
+        self.regional = compiled and LAYER_REGIONS and self.backend != "flex"
+        self.layer_region = torch.compiler.nested_compile_region(
+            lambda inputs, facts: layer_work(self, inputs, facts, {}), max_reuse_entries=MAX_LAYER_REGIONS
+        )
         self.compiled_once = False
         # Seconds the first document waited for the compile (its warm-up chunk included); 0
         # uncompiled. Reported apart from the rows' forward seconds (TaskResult.compile_seconds).
@@ -352,17 +372,24 @@ def _refill(old: Any, new: Any) -> None:
 
 
 class _StepRun:
-    """The attention run of one chunk (``kvorch_run`` of workers/attention.py): writes the
-    chunk's keys, attends over the masked cache, scores and decides, all as tensor code."""
+    """The attention run of one chunk (``kvorch_run`` of workers/attention.py): hands each layer's
+    tensors to :func:`layer_work`, the chunk's work at one layer.
+
+    Compiled, ``layer_work`` is a nested compile region (``torch.compiler.nested_compile_region``):
+    traced and compiled once, then stamped out for every layer whose Python facts are equal, so
+    compiling costs one layer's work, not one per layer. Everything that differs between layers
+    is either a tensor handed in (the layer's cache, keep mask, scores, press state, index) or a
+    constant among the facts (the attention variant, the rotary, each group's windows): a layer
+    that differs in a fact gets its own region, never a wrong one."""
 
     def __init__(self, step: ChunkStep, chunk: _Chunk) -> None:
         self.step = step
         self.state = step.state
         self.chunk = chunk
         self.kept = torch.zeros(step.batch, dtype=torch.int64, device=step.device)
-        self.chunk_rope: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Uncompiled, results that depend only on the chunk are shared by every layer; a compiled
+        # region keeps its own (a shared dict would be Python state the region cannot reuse).
         self.chunk_memo: dict = {}
-        self.patterns: dict[AttentionVariant, torch.Tensor] = {}
 
     def attend(
         self,
@@ -375,57 +402,131 @@ class _StepRun:
     ) -> torch.Tensor:
         """Returns [rows, c, H, D], rows = 1 for a shared chunk (broadcast to every config's cache
         and press), else the batch."""
-        step, chunk = self.step, self.chunk
-        b, span = step.batch, chunk.positions.shape[0]
-        s, positions = chunk.start, chunk.positions
-        keys_all, values_all = self.state["keys"][layer], self.state["values"][layer]
-        keys_all.index_copy_(2, chunk.query_positions, key.expand(b, -1, -1, -1))
-        values_all.index_copy_(2, chunk.query_positions, value.expand(b, -1, -1, -1))
-        keys, values = keys_all[:, :, :span], values_all[:, :, :span]
-        keep = self.state["keep"][layer][:, :, :span]
-        held = positions < s
-        if variant.sliding_window:  # such a layer holds, uncompressed, only what its window sees
-            held = held & (positions >= s - variant.sliding_window + 1)
-        self.kept += (keep & held).sum(dim=(1, 2))
-        if variant not in self.patterns:  # shared by every layer of this variant in the chunk
-            self.patterns[variant] = attention.band(chunk.query_positions, positions, variant)  # [c, T]
-        pattern = self.patterns[variant]
-        rows = query.shape[0]
-        if step.backend == "flex" and step.static:
-            out = attention.flex_grouped_attention(query, keys, values, keep, chunk.index, scaling, variant)
-            probs = visible = None
-        else:  # flex at exact shapes runs sdpa's math (FlexAttention pays only compiled)
-            visible = keep[:rows, :, None, :] & pattern  # [rows, Hkv, c, T]
-            out, probs = attention.grouped_attention(
-                query, keys[:rows], values[:rows], visible, scaling, step.backend, variant
-            )
-        hidden = step.hooked.hidden_states
-        if chunk.shared:
-            query = query.expand(b, -1, -1, -1)
-            key, value = key.expand(b, -1, -1, -1), value.expand(b, -1, -1, -1)
-            probs = None if probs is None else probs.expand(b, -1, -1, -1)
-            visible = None if visible is None else visible.expand(b, -1, -1, -1)
-            if layer in hidden:
-                hidden[layer] = hidden[layer].expand(b, -1, -1)
-        layer_tensors = _Layer(layer, query, keys, values, key, value, keep, self.state["scores"][layer][:, :, :span],
-                               probs, visible, pattern, scaling, variant)  # fmt: skip
-        for plan, press_state in zip(step.groups, step.press_states, strict=True):
-            self._score_and_decide(plan, press_state, layer_tensors)
-        return out.transpose(1, 2)
+        step, chunk, state = self.step, self.chunk, self.state
+        inputs = {
+            "query": query,
+            "key": key,
+            "value": value,
+            "keys": state["keys"][layer],
+            "values": state["values"][layer],
+            "keep": state["keep"][layer],
+            "scores": state["scores"][layer],
+            "layer": step.layer_index[layer],
+            "index": chunk.index,
+            "start": chunk.start,
+            "end": chunk.end,
+            "query_positions": chunk.query_positions,
+            "positions": chunk.positions,
+            "doc_seed": state["doc_seed"],
+            "hidden": step.hooked.hidden_states.get(layer) if step.needs_hidden_states else None,
+            "module": None if step.traceable else step.hooked.attention_modules.get(layer),
+            "protected": [plan.protected[layer] for plan in step.groups],
+            "press_states": [None if states is None else states[layer] for states in step.press_states],
+        }
+        windows = tuple((plan.narrowest[layer], plan.widest[layer]) for plan in step.groups)
+        facts = (variant.sliding_window, variant.softcap, step.rotary_ids[layer], chunk.shared, scaling, windows)
+        if step.compiled and step.regional:
+            out, kept = step.layer_region(inputs, facts)
+        else:
+            out, kept = layer_work(step, inputs, facts, self.chunk_memo)
+        self.kept += kept
+        return out
+
+
+def layer_work(step: ChunkStep, inputs: dict[str, Any], facts: tuple, memo: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's work in one chunk: write the chunk's keys, attend over the masked cache, let
+    every press group score and decide. Returns (attention output [rows, c, H, D], keys held
+    per config [B]).
+
+    ``inputs`` holds only tensors (and modules), ``facts`` only constants (see :class:`_StepRun`);
+    the cache, keep mask, scores and press states are written in place. ``memo``: results that
+    depend only on the chunk, keyed by constants."""
+    sliding_window, softcap, rotary_id, shared, scaling, windows = facts
+    variant = AttentionVariant(sliding_window, softcap)
+    bounds = (inputs[name] for name in ("index", "start", "end", "query_positions", "positions"))
+    chunk = _Chunk(*bounds, shared=shared)
+    query, key, value = inputs["query"], inputs["key"], inputs["value"]
+    b, span = step.batch, chunk.positions.shape[0]
+    s, positions = chunk.start, chunk.positions
+    keys_all, values_all = inputs["keys"], inputs["values"]
+    keys_all.index_copy_(2, chunk.query_positions, key.expand(b, -1, -1, -1))
+    values_all.index_copy_(2, chunk.query_positions, value.expand(b, -1, -1, -1))
+    keys, values = keys_all[:, :, :span], values_all[:, :, :span]
+    keep = inputs["keep"][:, :, :span]
+    held = positions < s
+    if variant.sliding_window:  # such a layer holds, uncompressed, only what its window sees
+        held = held & (positions >= s - variant.sliding_window + 1)
+    kept = (keep & held).sum(dim=(1, 2))
+    pattern_key = ("pattern", sliding_window)
+    if pattern_key not in memo:  # shared by every layer of this variant in the chunk
+        memo[pattern_key] = attention.band(chunk.query_positions, positions, variant)  # [c, T]
+    pattern = memo[pattern_key]
+    rows = query.shape[0]
+    if step.backend == "flex" and step.static:
+        out = attention.flex_grouped_attention(query, keys, values, keep, chunk.index, scaling, variant)
+        probs = visible = None
+    else:  # flex at exact shapes runs sdpa's math (FlexAttention pays only compiled)
+        visible = keep[:rows, :, None, :] & pattern  # [rows, Hkv, c, T]
+        out, probs = attention.grouped_attention(
+            query, keys[:rows], values[:rows], visible, scaling, step.backend, variant
+        )
+    if chunk.shared:
+        query = query.expand(b, -1, -1, -1)
+        key, value = key.expand(b, -1, -1, -1), value.expand(b, -1, -1, -1)
+        probs = None if probs is None else probs.expand(b, -1, -1, -1)
+        visible = None if visible is None else visible.expand(b, -1, -1, -1)
+    scores = inputs["scores"][:, :, :span]
+    tensors = _Layer(query, keys, values, key, value, keep, scores, probs, visible, pattern, scaling, variant)
+    work = _LayerWork(step, chunk, memo, tensors, inputs, step.rotaries[rotary_id], rotary_id)
+    for i, plan in enumerate(step.groups):
+        work.score_and_decide(plan, inputs["press_states"][i], inputs["protected"][i], *windows[i])
+    return out.transpose(1, 2), kept
+
+
+@dataclass
+class _Layer:
+    """What one layer's attention hands every press group in this chunk."""
+
+    query: torch.Tensor  # [B, H, c, D]
+    keys: torch.Tensor  # [B, Hkv, T, D] the cache, this chunk's keys written
+    values: torch.Tensor
+    new_keys: torch.Tensor  # [B, Hkv, c, D]
+    new_values: torch.Tensor
+    keep: torch.Tensor  # [B, Hkv, T] bool, a view of the layer's keep-mask (written in place)
+    scores: torch.Tensor  # [B, Hkv, T] float32, a view of the layer's scores (written in place)
+    probs: torch.Tensor | None  # [B, H, c, T] when the eager math ran
+    visible: torch.Tensor | None  # [B, Hkv, c, T] what each query saw (None under FlexAttention)
+    pattern: torch.Tensor  # [c, T] causal (and sliding-window) band
+    scaling: float
+    variant: AttentionVariant
+
+
+@dataclass
+class _LayerWork:
+    """Each press group's scoring and keep decisions at one layer in one chunk."""
+
+    step: ChunkStep
+    chunk: _Chunk
+    memo: dict
+    t: _Layer
+    inputs: dict[str, Any]
+    rotary: Any  # the layer's LayerRotary
+    rotary_id: int
 
     def _observers(self, q: int) -> tuple[torch.Tensor, torch.Tensor]:
         """([q] query rows, [q] which are real): the chunk's last q real queries (rows of a padded
         last chunk that are not real point at row 0 and are zeroed). Once per chunk and q."""
         key = ("observers", q)
-        if key not in self.chunk_memo:
+        if key not in self.memo:
             chunk = self.chunk
             index = (chunk.end - chunk.start) - q + torch.arange(q, device=chunk.start.device)
-            self.chunk_memo[key] = (index.clamp(min=0), index >= 0)
-        return self.chunk_memo[key]
+            self.memo[key] = (index.clamp(min=0), index >= 0)
+        return self.memo[key]
 
-    def _attention(self, plan: _GroupPlan, t: _Layer) -> tuple[torch.Tensor, torch.Tensor]:
+    def _attention(self, plan: _GroupPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """([R, H, q, T] probabilities of the press's q observing queries, [q] which are real):
         the last q real queries of the chunk; rows that are not real are zero."""
+        t = self.t
         q = min(plan.attention_queries, self.chunk.query_positions.shape[0])  # exact shapes: no pad rows
         index, real = self._observers(q)
         rows = plan.rows
@@ -443,27 +544,35 @@ class _StepRun:
             chosen = chosen * real[:, None].to(chosen.dtype)
         return chosen, real
 
-    def _leaving(self, plan: _GroupPlan, layer: int) -> torch.Tensor:
+    def _leaving(self, narrowest: int, widest: int, protected: torch.Tensor) -> torch.Tensor:
         """Keys leaving the group's protected window in this chunk: [T] for a window shared by every
-        kv-head (once per chunk and window), [kv-heads, T] for per-head windows."""
+        kv-head (once per chunk and window), [kv-heads, T] for per-head windows (``protected``)."""
         chunk = self.chunk
-        narrowest, widest = plan.narrowest[layer], plan.widest[layer]
         if narrowest != widest:
-            return leaving_window(chunk.positions, chunk.start, chunk.end, plan.protected[layer])
+            return leaving_window(chunk.positions, chunk.start, chunk.end, protected)
         key = ("leaving", narrowest)
-        if key not in self.chunk_memo:
-            self.chunk_memo[key] = leaving_window(chunk.positions, chunk.start, chunk.end, narrowest)
-        return self.chunk_memo[key]
+        if key not in self.memo:
+            self.memo[key] = leaving_window(chunk.positions, chunk.start, chunk.end, narrowest)
+        return self.memo[key]
 
     def _sinks(self, n_sink: int) -> torch.Tensor:
         """[T] the document's first ``n_sink`` positions, always kept (once per chunk)."""
         key = ("sinks", n_sink)
-        if key not in self.chunk_memo:
-            self.chunk_memo[key] = self.chunk.positions < n_sink
-        return self.chunk_memo[key]
+        if key not in self.memo:
+            self.memo[key] = self.chunk.positions < n_sink
+        return self.memo[key]
 
-    def _score_and_decide(self, plan: _GroupPlan, press_state: Any, t: _Layer) -> None:
-        step, chunk, rows, layer = self.step, self.chunk, plan.rows, t.layer
+    def _chunk_rope(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of the chunk's query positions under the layer's rotary (once per chunk)."""
+        key = ("rope", self.rotary_id)
+        if key not in self.memo:
+            self.memo[key] = self.rotary(self.chunk.query_positions)
+        return self.memo[key]
+
+    def score_and_decide(
+        self, plan: _GroupPlan, press_state: Any, protected: torch.Tensor, narrowest: int, widest: int
+    ) -> None:
+        step, chunk, rows, t = self.step, self.chunk, plan.rows, self.t
         s, e, positions = chunk.start, chunk.end, chunk.positions
         span = positions.shape[0]
         press = plan.group.press
@@ -472,21 +581,20 @@ class _StepRun:
         elif plan.ranked:  # every kept key stays a candidate under a keep limit, so all are rescored
             score_from, scored = torch.zeros_like(s), positions
         else:  # keys older than the widest window were decided after earlier chunks, in every head
-            score_from = (s - plan.widest[layer]).clamp(min=0)
-            n_scored = min(span, plan.widest[layer] + chunk.query_positions.shape[0])
+            score_from = (s - widest).clamp(min=0)
+            n_scored = min(span, widest + chunk.query_positions.shape[0])
             scored = (score_from + torch.arange(n_scored, device=s.device)).clamp(max=span - 1)
         attention_probs = attention_rows = None
         if press.needs_attention:
-            attention_probs, attention_rows = self._attention(plan, t)
-        rotary = step.hooked.layer_rotaries[layer]
+            attention_probs, attention_rows = self._attention(plan)
         prerope = None
         if press.needs_prerope_queries:
-            if rotary not in self.chunk_rope:
-                self.chunk_rope[rotary] = rotary(chunk.query_positions)
-            prerope = rotary.unrotate(t.query[rows], *self.chunk_rope[rotary])
-        hidden = step.hooked.hidden_states
+            prerope = self.rotary.unrotate(t.query[rows], *self._chunk_rope())
+        hidden = self.inputs["hidden"]
+        if hidden is not None and chunk.shared:
+            hidden = hidden.expand(step.batch, -1, -1)
         ctx = LayerContext(
-            layer=layer,
+            layer=self.inputs["layer"],
             start=s,
             end=e,
             score_from=score_from,
@@ -497,15 +605,15 @@ class _StepRun:
             new_keys=t.new_keys[rows],
             new_values=t.new_values[rows],
             queries=t.query[rows],
-            doc_seed=self.state["doc_seed"],
+            doc_seed=self.inputs["doc_seed"],
             scored=scored,
             attention=attention_probs,
             attention_rows=attention_rows,
             prerope_queries=prerope,
-            hidden_states=hidden[layer][rows] if press.needs_hidden_states else None,
-            rotary=rotary,
-            module=None if press.traceable else step.hooked.attention_modules.get(layer),
-            chunk_memo=self.chunk_memo,
+            hidden_states=hidden[rows] if press.needs_hidden_states else None,
+            rotary=self.rotary,
+            module=None if press.traceable else self.inputs["module"],
+            chunk_memo=self.memo,
         )
         # Positions in ``scored`` are distinct and start at score_from; those at or past ``end``
         # (future keys, a padded chunk's rows) get scores that are rewritten before any rule reads them.
@@ -514,25 +622,7 @@ class _StepRun:
         group = plan.group
         if plan.ranked:
             limit = keep_limit(group.keep_fraction, group.budgets, e)
-            decide_by_budget(keep, scores, positions, e, plan.narrowest[layer], limit, plan.n_sink)
+            decide_by_budget(keep, scores, positions, e, narrowest, limit, plan.n_sink)
         else:
-            decide_by_threshold(keep, scores, self._leaving(plan, layer), group.thresholds, self._sinks(plan.n_sink))
-
-
-@dataclass
-class _Layer:
-    """What one layer's attention hands every press group in this chunk."""
-
-    layer: int
-    query: torch.Tensor  # [B, H, c, D]
-    keys: torch.Tensor  # [B, Hkv, T, D] the cache, this chunk's keys written
-    values: torch.Tensor
-    new_keys: torch.Tensor  # [B, Hkv, c, D]
-    new_values: torch.Tensor
-    keep: torch.Tensor  # [B, Hkv, T] bool, a view of the layer's keep-mask (written in place)
-    scores: torch.Tensor  # [B, Hkv, T] float32, a view of the layer's scores (written in place)
-    probs: torch.Tensor | None  # [B, H, c, T] when the eager math ran
-    visible: torch.Tensor | None  # [B, Hkv, c, T] what each query saw (None under FlexAttention)
-    pattern: torch.Tensor  # [c, T] causal (and sliding-window) band
-    scaling: float
-    variant: AttentionVariant
+            leaving = self._leaving(narrowest, widest, protected)
+            decide_by_threshold(keep, scores, leaving, group.thresholds, self._sinks(plan.n_sink))

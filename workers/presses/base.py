@@ -48,7 +48,9 @@ class LayerContext:
     ``c`` query rows (those at or past ``end`` pad the document's last chunk), ``D`` head dim.
     """
 
-    layer: int
+    # 0-d int64, not an int: one compiled layer serves every layer (workers/engine/step.py), so
+    # nothing a press computes may specialize on which layer it is. Untraceable presses may int() it.
+    layer: torch.Tensor
     start: torch.Tensor  # 0-d int64: first position of the chunk
     end: torch.Tensor  # 0-d int64: one past its last real position
     score_from: torch.Tensor  # 0-d int64: first position whose score a rescoring press must return
@@ -121,9 +123,14 @@ class Press:
     # names it once (orchestrator/sweep/compile_check.py).
     traceable: ClassVar[bool] = True
 
-    def init_state(self, shape: StateShape) -> Any:
-        """Per-document state, created fresh for every document (stateless presses: None): tensors
-        only, updated in place, so the compiled step keeps no Python state between chunks."""
+    def init_state(self, shape: StateShape) -> list[Any] | None:
+        """Per-document state, created fresh for every document: None for a stateless press, else
+        one entry per layer (``shape.layers`` of them), and :meth:`score` gets its layer's entry.
+
+        An entry is tensors updated in place (a tensor, a tuple, or a dataclass registered with
+        ``torch.utils._pytree.register_dataclass``) or a module, so the compiled step keeps no
+        Python state between chunks, and, being per layer, so one compiled layer is reused by
+        every layer: a state indexed by the layer inside ``score`` would specialize it."""
         return None
 
     def protected(self, window: int | torch.Tensor) -> int | torch.Tensor:

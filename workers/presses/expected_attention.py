@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.utils._pytree import register_dataclass
 
 from workers.presses.base import LayerContext, Press, StateShape
 from workers.presses.registry import register
@@ -31,15 +32,18 @@ from workers.presses.registry import register
 
 @dataclass
 class QueryTensors:
-    """The query statistics of every layer, as fixed-shape tensors updated in place (layer in the
-    first axis). Window: the last ``query_window`` non-sink queries (positions -1 = empty slot),
-    in position order. Running: count, mean and M2 (Chan merge)."""
+    """One layer's query statistics, as fixed-shape tensors updated in place. Window: the last
+    ``query_window`` non-sink queries (positions -1 = empty slot), in position order. Running:
+    count, mean and M2 (Chan merge). A pytree, so the compiled layer takes it as tensors."""
 
-    recent: torch.Tensor | None = None  # [L, B, H, Q, D]
-    recent_positions: torch.Tensor | None = None  # [L, Q] int64
-    count: torch.Tensor | None = None  # [L] int64
-    mean: torch.Tensor | None = None  # [L, B, H, D]
-    m2: torch.Tensor | None = None  # [L, B, H, D, D]
+    recent: torch.Tensor | None = None  # [B, H, Q, D]
+    recent_positions: torch.Tensor | None = None  # [Q] int64
+    count: torch.Tensor | None = None  # 0-d int64
+    mean: torch.Tensor | None = None  # [B, H, D]
+    m2: torch.Tensor | None = None  # [B, H, D, D]
+
+
+register_dataclass(QueryTensors)
 
 
 @register
@@ -85,16 +89,19 @@ class ExpectedAttentionPress(Press):
             logits = logits + (projected * keys[:, :, None]).sum(dim=-1) / d / 2
         return logits
 
-    def init_state(self, shape: StateShape) -> QueryTensors:
-        lead = (shape.layers, shape.rows, shape.heads)
+    def init_state(self, shape: StateShape) -> list[QueryTensors]:
+        return [self._layer_state(shape) for _ in range(shape.layers)]
+
+    def _layer_state(self, shape: StateShape) -> QueryTensors:
+        lead = (shape.rows, shape.heads)
         zeros = dict(device=shape.device, dtype=torch.float32)
         if self.stats == "window":
             return QueryTensors(
                 recent=torch.zeros(*lead, self.query_window, shape.head_dim, **zeros),
-                recent_positions=torch.full((shape.layers, self.query_window), -1, device=shape.device),
+                recent_positions=torch.full((self.query_window,), -1, device=shape.device),
             )
         return QueryTensors(
-            count=torch.zeros(shape.layers, dtype=torch.int64, device=shape.device),
+            count=torch.zeros((), dtype=torch.int64, device=shape.device),
             mean=torch.zeros(*lead, shape.head_dim, **zeros),
             m2=torch.zeros(*lead, shape.head_dim, shape.head_dim, **zeros),
         )
@@ -104,22 +111,21 @@ class ExpectedAttentionPress(Press):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean [B,H,D], cov [B,H,D,D], whether any query was seen) after adding the chunk's real
         non-sink queries, as masked sums over the chunk's fixed query rows."""
-        layer = ctx.layer
         q = ctx.prerope_queries.float()
         new = ctx.real_queries & (ctx.query_positions >= self.n_sink)  # [c]
         if self.stats == "window":
-            # Every layer sees the same query positions, so which slots the window keeps is worked
-            # out once per chunk (for this row group's state) and reused by every layer.
-            key = ("expected_attention.window", id(st))
+            # Every layer (and every row group of this press) sees the same query positions, so
+            # which slots the window keeps is worked out once per chunk and reused.
+            key = ("expected_attention.window", self.n_sink, self.query_window)
             if key not in ctx.chunk_memo:
-                positions = torch.cat((st.recent_positions[layer], torch.where(new, ctx.query_positions, -1)))
+                positions = torch.cat((st.recent_positions, torch.where(new, ctx.query_positions, -1)))
                 last = torch.argsort(positions, stable=True)[-self.query_window :]
                 held = (positions[last] >= 0).float()  # [Q]
                 ctx.chunk_memo[key] = (last, positions[last], held, held.sum())
             last, kept_positions, held, count = ctx.chunk_memo[key]
-            st.recent[layer].copy_(torch.cat((st.recent[layer], q), dim=2).index_select(2, last))
-            st.recent_positions[layer].copy_(kept_positions)
-            window = st.recent[layer]
+            st.recent.copy_(torch.cat((st.recent, q), dim=2).index_select(2, last))
+            st.recent_positions.copy_(kept_positions)
+            window = st.recent
             mean = (window * held[:, None]).sum(dim=2) / count.clamp(min=1)
             centered = (window - mean[:, :, None]) * held[:, None]
             return mean, centered.transpose(2, 3) @ centered / count.clamp(min=1), count > 0
@@ -128,17 +134,16 @@ class ExpectedAttentionPress(Press):
         mean_new = (q * weight[:, None]).sum(dim=2) / n_new.clamp(min=1)
         centered = (q - mean_new[:, :, None]) * weight[:, None]
         m2_new = centered.transpose(2, 3) @ centered
-        n_old = st.count[layer]
+        n_old = st.count
         n = (n_old + n_new).clamp(min=1)
-        delta = mean_new - st.mean[layer]
-        merged_mean = st.mean[layer] + delta * (n_new / n)
-        merged_m2 = st.m2[layer] + m2_new + delta[..., :, None] * delta[..., None, :] * (n_old * n_new / n)
+        delta = mean_new - st.mean
+        merged_mean = st.mean + delta * (n_new / n)
+        merged_m2 = st.m2 + m2_new + delta[..., :, None] * delta[..., None, :] * (n_old * n_new / n)
         added = n_new > 0
-        st.mean[layer].copy_(torch.where(added, merged_mean, st.mean[layer]))
-        st.m2[layer].copy_(torch.where(added, merged_m2, st.m2[layer]))
-        st.count[layer] += n_new
-        count = st.count[layer]
-        return st.mean[layer], st.m2[layer] / count.clamp(min=1), count > 0
+        st.mean.copy_(torch.where(added, merged_mean, st.mean))
+        st.m2.copy_(torch.where(added, merged_m2, st.m2))
+        count = st.count.add_(n_new)  # in place: ``st.count +=`` would also set the attribute
+        return st.mean, st.m2 / count.clamp(min=1), count > 0
 
     def score(self, ctx: LayerContext, state: QueryTensors) -> torch.Tensor:
         mean, cov, has_stats = self._update_statistics(ctx, state)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from workers.presses.base import LayerContext, Press, StateShape
-from workers.presses.observed_attention import AttentionSums
+from workers.presses.observed_attention import add_attention, attention_sums
 from workers.presses.registry import register
 
 
@@ -26,8 +26,8 @@ class H2OPress(Press):
     needs_attention = True
     protected_window: int = 512
 
-    def init_state(self, shape: StateShape) -> AttentionSums:
-        return AttentionSums.zeros(shape.rows, shape.layers, shape.kv_heads, shape.positions, shape.device)
+    def init_state(self, shape: StateShape) -> list[torch.Tensor]:
+        return attention_sums(shape)
 
-    def score(self, ctx: LayerContext, state: AttentionSums) -> torch.Tensor:
-        return state.add(ctx)[:, :, ctx.scored]
+    def score(self, ctx: LayerContext, state: torch.Tensor) -> torch.Tensor:
+        return add_attention(ctx, state)[:, :, ctx.scored]

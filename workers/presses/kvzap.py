@@ -110,18 +110,18 @@ class KVzapPress(Press):
         """Per surrogate, not per class: a trained surrogate carries the threshold of its scale."""
         return (surrogate_threshold(self.path),)
 
-    def init_state(self, shape: StateShape) -> nn.ModuleList:
-        """The surrogate, checked against the model and moved to its device once, before the
-        compiled step (which cannot move modules)."""
+    def init_state(self, shape: StateShape) -> list[nn.Module]:
+        """The surrogate's module of each layer, checked against the model and moved to its device
+        once, before the compiled step (which cannot move modules)."""
         surrogate = load_surrogate(self.path)
         if len(surrogate) < shape.layers:
             raise ValueError(
                 f"kvzap: {self.path} has {len(surrogate)} layers, the model {shape.layers}; train one for this model"
             )
-        return surrogate.to(shape.device)
+        return list(surrogate.to(shape.device))[: shape.layers]
 
-    def score(self, ctx: LayerContext, state: nn.ModuleList) -> torch.Tensor:
-        scores = state[ctx.layer](ctx.hidden_states.float()).transpose(1, 2)  # [B, Hkv, c]
+    def score(self, ctx: LayerContext, state: nn.Module) -> torch.Tensor:
+        scores = state(ctx.hidden_states.float()).transpose(1, 2)  # [B, Hkv, c]
         if scores.shape[1] != ctx.keys.shape[1]:
             raise ValueError(f"kvzap: {self.path} scores {scores.shape[1]} kv-heads, the model has {ctx.keys.shape[1]}")
         return scores

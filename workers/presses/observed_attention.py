@@ -16,26 +16,19 @@ from workers.presses.base import LayerContext, Press, StateShape
 from workers.presses.registry import register
 
 
-@dataclass
-class AttentionSums:
+def attention_sums(shape: StateShape) -> list[torch.Tensor]:
     """Per layer, the attention each key has received so far: [rows, Hkv, n_positions]."""
+    return [torch.zeros(shape.rows, shape.kv_heads, shape.positions, device=shape.device) for _ in range(shape.layers)]
 
-    sums: list[torch.Tensor]
 
-    @classmethod
-    def zeros(
-        cls, n_rows: int, n_layers: int, n_kv_heads: int, n_positions: int, device: torch.device
-    ) -> AttentionSums:
-        return cls([torch.zeros(n_rows, n_kv_heads, n_positions, device=device) for _ in range(n_layers)])
-
-    def add(self, ctx: LayerContext) -> torch.Tensor:
-        """Accumulate this chunk's attention (pad query rows are all zero); returns the running
-        sums over the step's positions [B, Hkv, T]."""
-        b, hkv, t = ctx.keys.shape[:3]
-        received = ctx.attention.float().sum(dim=2).view(b, hkv, ctx.n_groups, t).mean(dim=2)
-        total = self.sums[ctx.layer][:, :, :t]
-        total += received
-        return total
+def add_attention(ctx: LayerContext, sums: torch.Tensor) -> torch.Tensor:
+    """Accumulate this chunk's attention (pad query rows are all zero) into the layer's ``sums``;
+    returns the running sums over the step's positions [B, Hkv, T]."""
+    b, hkv, t = ctx.keys.shape[:3]
+    received = ctx.attention.float().sum(dim=2).view(b, hkv, ctx.n_groups, t).mean(dim=2)
+    total = sums[:, :, :t]
+    total += received
+    return total
 
 
 @register
@@ -46,9 +39,9 @@ class ObservedAttentionPress(Press):
     rescores = True
     needs_attention = True
 
-    def init_state(self, shape: StateShape) -> AttentionSums:
-        return AttentionSums.zeros(shape.rows, shape.layers, shape.kv_heads, shape.positions, shape.device)
+    def init_state(self, shape: StateShape) -> list[torch.Tensor]:
+        return attention_sums(shape)
 
-    def score(self, ctx: LayerContext, state: AttentionSums) -> torch.Tensor:
-        total = state.add(ctx)[:, :, ctx.scored]
+    def score(self, ctx: LayerContext, state: torch.Tensor) -> torch.Tensor:
+        total = add_attention(ctx, state)[:, :, ctx.scored]
         return total / (ctx.end - ctx.scored).clamp(min=1)

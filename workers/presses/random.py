@@ -29,7 +29,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_scores(
-    seed: int, doc_seed: torch.Tensor | int, layer: int, n_kv_heads: int, positions: torch.Tensor
+    seed: int, doc_seed: torch.Tensor | int, layer: torch.Tensor | int, n_kv_heads: int, positions: torch.Tensor
 ) -> torch.Tensor:
     """[n_kv_heads, len(positions)] float32 in [0, 1): the hash's top 24 bits, exact in float32."""
     device = positions.device
