@@ -15,7 +15,9 @@ attends over, so the same code runs two ways (:class:`Shapes`):
   positions, the document length rounded up to a length bucket (settings.padded_length), every
   chunk has ``c`` query rows (the last one padded), the chunk index lives in the document state
   and advances inside the step. One graph serves every chunk of every document of a bucket; the
-  host calls it once per chunk and reads results back once per document.
+  host calls it once per chunk and reads results back once per document. Inside that graph each
+  layer's work is one nested compile region (:class:`_StepRun`), compiled once and reused by
+  every layer alike, so compiling costs about one layer's work, not one per layer.
 - **exact** (uncompiled; the CPU default): the cache holds the document's ``n`` positions, a
   chunk attends over ``[0, e)`` only, the last chunk is exact, and while no key can have been
   evicted (the first chunks, inside every press's protected window) the forward runs one row
