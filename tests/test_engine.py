@@ -95,7 +95,7 @@ class SpyPress(Press):
         start, layer = int(ctx.start), int(ctx.layer)
         self.seen.append((layer, start, ctx.attention[0, :, 0, :start] > 0))
         generator = torch.Generator().manual_seed(start * 31 + layer)
-        return torch.rand(ctx.keys.shape[0], ctx.keys.shape[1], ctx.scored.shape[0], generator=generator)
+        return torch.rand(ctx.rows, ctx.kv_heads, ctx.scored.shape[0], generator=generator)
 
 
 def test_evictions_are_irreversible(tiny_model, tokens):

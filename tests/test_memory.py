@@ -154,26 +154,38 @@ def test_the_estimate_sizes_the_cache_the_step_really_holds(static, n):
     The ``kv_cache_bytes`` column reports the same tensors."""
     from tests.helpers import tiny_llama
     from workers.configs import EvalConfig
+    from workers.engine import capacity
     from workers.engine.core import Engine
     from workers.engine.settings import EngineSettings
     from workers.nll import AnswerSpan
     from workers.presses import parse_method
 
     model = tiny_llama()
-    configs = [EvalConfig(parse_method("baseline")), EvalConfig(parse_method("knorm"), -16.0)]
+    # baseline and knorm (not run yet) hold every position; window holds its window and a chunk.
+    names = [("baseline", None), ("knorm", -16.0), ("window", None)]
+    configs = [EvalConfig(parse_method(name), tau) for name, tau in names]
     engine = Engine(model, EngineSettings(32, 32, static=static, agreement=False))
     tokens = torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(0))
     answer = AnswerSpan(n - 4, 4) if n == 256 else None
     step, _ = engine.step_for(configs, tokens, agreement=False)
     step.run(0, tokens, None, answer)
     state = step.state
-    held = sum(t.nbytes for name in ("keys", "values", "keep", "scores") for t in state[name]) // len(configs)
     positions = 256 if static else n
-    assert state["keys"][0].shape[2] == positions
+    window_slots = capacity.slots(32, 32, positions, static)  # no sinks, window 32
+    assert window_slots < positions
+    full, held = state["cache"][0]
+    assert (full.keys.shape[:3], held.keys.shape[:3]) == ((2, 2, positions), (1, 2, window_slots))
     dims = memory.model_dims(model.config)
-    assert held == memory.cache_bytes(dims, positions, 4)
+    per_position = sum(t.nbytes for name in ("keep", "scores") for t in state[name]) // len(configs)
+    layers = state["cache"]
+    full_bytes = sum(b.keys.nbytes + b.values.nbytes for b in (layer[0] for layer in layers)) // 2 + per_position
+    held_bytes = sum(
+        sum(t.nbytes for t in (b.keys, b.values, b.positions, b.counts)) for b in (layer[1] for layer in layers)
+    )
+    assert full_bytes == memory.cache_bytes(dims, positions, 4)
+    assert held_bytes + per_position == memory.cache_bytes(dims, positions, 4, window_slots)
     per_config = memory.config_bytes(model.config, n, 32, 4, static=static)
     assert memory.cache_bytes(dims, positions, 4) < per_config < 4 * memory.cache_bytes(dims, positions, 4)
     rows = engine.evaluate("d", tokens, configs, answer=answer).to_pylist()
-    keys_and_values = sum(t.nbytes for name in ("keys", "values") for t in state[name])
+    keys_and_values = sum(b.keys.nbytes + b.values.nbytes for layer in step.state["cache"] for b in layer)
     assert {r["kv_cache_bytes"] for r in rows} == {keys_and_values}

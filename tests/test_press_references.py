@@ -178,7 +178,7 @@ def test_expected_attention_matches_monte_carlo(n_future):
         rot_half = torch.cat((-samples[..., half:], samples[..., :half]), dim=-1)
         rotated += samples * c + rot_half * s
     rotated /= n_future
-    keys = ctx.keys[0, :, ctx.score_from : ctx.end].double()  # [Hkv, n, d]
+    keys = ctx.keys_at(torch.arange(int(ctx.score_from), int(ctx.end)))[0].double()  # [Hkv, n, d]
     heads_per_kv = 2
     expected = []
     for kv in range(2):

@@ -43,16 +43,20 @@ def evicting_configs() -> list[EvalConfig]:
 
 @pytest.mark.parametrize("chunk", [16, 64])
 def test_the_cache_holds_the_document_uncompiled_and_its_bucket_with_static_shapes(tiny_model, tokens, chunk):
-    """The masked cache holds every position whatever the density: the document's own length
-    on the uncompiled path, its power-of-two length bucket with a compiled step's static shapes;
-    ``kv_cache_bytes`` says so on every row."""
+    """The masked cache (``--cache masked``) holds every position whatever the density: the
+    document's own length on the uncompiled path, its power-of-two length bucket with a compiled
+    step's static shapes; ``kv_cache_bytes`` says so on every row. (The held cache's bytes:
+    tests/test_held_cache.py.)"""
     window, layers, kv_heads, head_dim, fp32 = 40, 2, 2, 8, 4
     config = [EvalConfig(parse_method("streaming_llm"))]
     per_entry = layers * kv_heads * head_dim * 2 * fp32  # keys + values of one position, all layers
     # One config alone (no reference row for the agreement columns): memory of that config only.
-    exact = Engine(tiny_model, EngineSettings(chunk, window, agreement=False)).evaluate("d", tokens, config)
+    masked = EngineSettings(chunk, window, agreement=False, cache="masked")
+    exact = Engine(tiny_model, masked).evaluate("d", tokens, config)
     assert set(exact.column("kv_cache_bytes").to_pylist()) == {len(tokens) * per_entry}
-    step = Engine(tiny_model, EngineSettings(chunk, window, static=True, agreement=False)).evaluate("d", tokens, config)
+    step = Engine(tiny_model, EngineSettings(chunk, window, static=True, agreement=False, cache="masked")).evaluate(
+        "d", tokens, config
+    )
     assert set(step.column("kv_cache_bytes").to_pylist()) == {padded_length(len(tokens), chunk) * per_entry}
     assert padded_length(len(tokens), chunk) > len(tokens)
 

@@ -77,7 +77,7 @@ class HeadStatsProbe(Press):
     def score(self, ctx: LayerContext, state: HeadStatsState) -> torch.Tensor:
         """Python lists of per-chunk sums: not traceable, so it runs uncompiled at exact shapes
         (query row i is position start + i, the keys are [0, end))."""
-        state.n_kv_heads = ctx.keys.shape[1]
+        state.n_kv_heads = ctx.kv_heads
         s, e = int(ctx.start), int(ctx.end)
         first = max(s, self.min_position)
         if first < e:

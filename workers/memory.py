@@ -65,7 +65,9 @@ def model_dims(model_config: Any) -> ModelDims:
     return ModelDims(layers, heads, kv_heads, head_dim, hidden, intermediate, _size(model_config, _VOCAB))
 
 
-def config_bytes(model_config: Any, max_tokens: int, chunk_size: int, dtype_bytes: int, static: bool) -> int:
+def config_bytes(
+    model_config: Any, max_tokens: int, chunk_size: int, dtype_bytes: int, static: bool, slots: int | None = None
+) -> int:
     """Device bytes one more config (batch row) needs for a document of ``max_tokens``.
 
     The cache holds what the chunk step allocates (settings.cache_positions: the document's
@@ -74,21 +76,27 @@ def config_bytes(model_config: Any, max_tokens: int, chunk_size: int, dtype_byte
     engine's keep-mask and scores: 5 bytes per (layer, kv-head, position); activations of one
     chunk: hidden states and MLP intermediates, float32 logits and one layer's attention
     probabilities over the P positions (the eager backend and attention-reading presses).
-    ValueError when the config lacks a size (see :func:`model_dims`).
+    ``slots``: a held cache's slots per (layer, kv-head) (workers/engine/capacity.py), None for
+    every position. ValueError when the config lacks a size (see :func:`model_dims`).
     """
     d = model_dims(model_config)
     positions = cache_positions(max_tokens, chunk_size, static)
     hidden = chunk_size * (4 * d.hidden + 2 * d.intermediate) * dtype_bytes
     logits = chunk_size * d.vocab * (dtype_bytes + 4)
-    probabilities = d.heads * chunk_size * positions * 4
-    return cache_bytes(d, positions, dtype_bytes) + hidden + logits + probabilities
+    held = positions if slots is None else min(slots, positions)
+    probabilities = d.heads * chunk_size * held * 4
+    return cache_bytes(d, positions, dtype_bytes, slots) + hidden + logits + probabilities
 
 
-def cache_bytes(dims: ModelDims, positions: int, dtype_bytes: int) -> int:
+def cache_bytes(dims: ModelDims, positions: int, dtype_bytes: int, slots: int | None = None) -> int:
     """What the step allocates per config for ``positions`` per (layer, kv-head): keys and values
-    (head_dim x 2 x dtype bytes each) plus the keep-mask and scores (1 + 4 bytes); the first part
-    is what the ``kv_cache_bytes`` column reports. tests/test_memory.py reads both off the tensors."""
-    return dims.layers * dims.kv_heads * positions * (dims.head_dim * 2 * dtype_bytes + 1 + 4)
+    (head_dim x 2 x dtype bytes each) in ``slots`` slots (all ``positions`` for the masked cache),
+    a held cache's slot positions (8 bytes each) and count (8), and the keep-mask and scores per
+    position (1 + 4 bytes); the keys and values are what the ``kv_cache_bytes`` column reports.
+    tests/test_memory.py reads every part off the tensors (workers/engine/cache.py)."""
+    held = positions if slots is None else min(slots, positions)
+    bookkeeping = 0 if held == positions else held * 8 + 8
+    return dims.layers * dims.kv_heads * (held * dims.head_dim * 2 * dtype_bytes + bookkeeping + positions * (1 + 4))
 
 
 def configs_per_forward(per_config: int, available: int, cap: int = MAX_CONFIGS_PER_FORWARD) -> int:

@@ -46,6 +46,7 @@ from orchestrator.reports.tables import RunReport, render_tables
 from orchestrator.sweep.endings import stopping_signal
 from orchestrator.sweep.spec import COMPILE_MODES, JobSpec
 from workers.configs import POLICIES
+from workers.engine.settings import CACHES
 
 if TYPE_CHECKING:
     from orchestrator.sweep import submission
@@ -161,6 +162,13 @@ def _default(name: str) -> object:
     "Off until measured on a GPU (BENCHMARKS.md).",
 )
 @click.option(
+    "--cache",
+    type=click.Choice(CACHES),
+    default=_default("cache"),
+    help="The KV cache: held keeps per config only the keys it keeps (memory and attention follow "
+    "density); masked keeps every position for every config and masks what it evicted.",
+)
+@click.option(
     "--compile-cache",
     default=_default("compile_cache"),
     envvar="KVORCH_COMPILE_CACHE",
@@ -216,6 +224,7 @@ def command(ctx: click.Context, **options: Any) -> None:
 _SPEC_OPTIONS = (
     "model", "corpus", "methods", "thresholds", "policy", "max_docs", "max_tokens", "bos", "chunk_size",
     "window", "attn", "dtype", "device", "actors", "batch_configs", "cuda_graphs", "compile_cache",
+    "cache",
 )  # fmt: skip
 
 

@@ -57,6 +57,8 @@ class JobSpec:
     compile: str = "auto"
     # With the compiled step on CUDA, replay it as a CUDA graph (EngineSettings.cuda_graphs).
     cuda_graphs: bool = EngineSettings.cuda_graphs
+    # The KV cache: held (per config what it keeps) or masked (every position); EngineSettings.cache.
+    cache: str = EngineSettings.cache
     # Where compiled chunk steps are cached on each machine (workers/compile_cache.py).
     compile_cache: str = COMPILE_CACHE
     # BOS first in every document: auto|on|off, resolved against the tokenizer (workers/tokenization.py).
@@ -125,6 +127,7 @@ class JobSpec:
             compile=compile_,
             cuda_graphs=self.cuda_graphs and compile_ and device == "cuda",
             agreement=self.agreement,
+            cache=self.cache,
         )
 
     def to_json(self) -> dict:
@@ -134,6 +137,9 @@ class JobSpec:
         # Every run's cache is the masked one since --compact was removed; the key stays so that
         # runs made before then still match their fingerprint and resume.
         out["compact"] = False
+        # Runs made before the held cache were all masked: such a spec keeps its old fingerprint.
+        if self.cache == "masked":
+            del out["cache"]
         out["lengths"], out["depths"] = list(self.lengths), list(self.depths)
         out["configs"] = [
             {

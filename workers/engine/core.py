@@ -14,6 +14,7 @@ Which path a batch runs (:meth:`Engine.path`), decided here only:
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ import pyarrow as pa
 import torch
 
 from workers.configs import EvalConfig
+from workers.engine import capacity
 from workers.engine.hooks import HookedModel
 from workers.engine.layout import DocumentLayout
 from workers.engine.settings import EngineSettings, cache_positions
@@ -64,12 +66,16 @@ class Engine:
         # Told (what, None) when a step starts compiling and (what, seconds) when it is done:
         # the actor forwards both to the driver's progress line.
         self.on_compile: Callable[[str, float | None], None] | None = None
+        # Per threshold config (label): the densest fraction of a document one (layer, kv-head)
+        # held so far, which sizes its held cache for the next document (workers/engine/capacity.py).
+        self.densities: dict[str, float] = {}
+        self.retired_compile_seconds = 0.0  # of static steps replaced by larger ones
 
     @property
     def compile_seconds(self) -> float:
         """Seconds spent compiling so far, over every step this engine built (only static steps
         compile, and those are all kept)."""
-        return sum(step.compile_seconds for step in self.steps.values())
+        return self.retired_compile_seconds + sum(step.compile_seconds for step in self.steps.values())
 
     def path(self, configs: list[EvalConfig]) -> ExecutionPath:
         """The one place that decides how a batch runs (see the module docstring)."""
@@ -88,21 +94,91 @@ class Engine:
         path = self.path(configs)
         n_positions = cache_positions(n, self.settings.chunk_size, path.static)
         if not path.static:
-            return self._step(layout, n_positions, path), layout
+            return self._step(layout, n_positions, path, self.group_slots(layout, n_positions, False)), layout
+        # A static step keeps its slots for every document of its bucket (new slots would be a new
+        # graph); only a document that overflows them replaces it (_run).
         key = (tuple(c.label for c in layout.configs), n_positions, layout.reference, path.compiled)
         if key not in self.steps:
-            self.steps[key] = self._step(self._layout(configs, n_positions, agreement), n_positions, path)
+            static_layout = self._layout(configs, n_positions, agreement)
+            slots = self.group_slots(static_layout, n_positions, True)
+            self.steps[key] = self._step(static_layout, n_positions, path, slots)
+            self.steps[key].key = key
         return self.steps[key], layout
+
+    def group_slots(self, layout: DocumentLayout, n_positions: int, static: bool) -> list[int]:
+        """Each press group's slots per (layer, kv-head): what its densest config can hold (the
+        policy's bound, or the density learned from earlier documents) plus a chunk. Every slot
+        of the cache length under ``--cache masked``, under FlexAttention (whose block mask reads
+        positions), and for a config never run yet whose keys' scores decide what it keeps."""
+        chunk = self.settings.chunk_size
+        if self.settings.cache == "masked" or self.settings.attn == "flex":
+            return [n_positions] * len(layout.groups)
+        slots = []
+        for group in layout.groups:
+            press = group.press
+            floor = press.n_sink + int(group.windows.protected.max())
+            widest = 0
+            for config in layout.configs[group.rows]:
+                keep_fraction = 1.0 - (config.ratio or 0.0)
+                bound = capacity.policy_bound(
+                    config.policy, keep_fraction, config.budget, config.threshold, press.constant_score, floor,
+                    n_positions,
+                )  # fmt: skip
+                if bound is None and config.label in self.densities:
+                    bound = capacity.learned_bound(self.densities[config.label], floor, n_positions)
+                widest = max(widest, capacity.slots(bound, chunk, n_positions, static))
+            slots.append(widest)
+        return slots
+
+    def _learn(self, step: ChunkStep, layout: DocumentLayout, n: int, doc_id: str) -> bool:
+        """Record what each threshold config held in this document; True when a band ran out of
+        slots (then the document runs again, with that config's bound doubled)."""
+        peaks, overflows = step.held_back()
+        for config, peak, overflow in zip(layout.configs, peaks, overflows, strict=True):
+            density = peak / max(1, n)
+            old = self.densities.get(config.label, 0.0)
+            self.densities[config.label] = max(old, 2 * max(old, density) if overflow else density)
+        if any(overflows):
+            names = sorted({c.label for c, o in zip(layout.configs, overflows, strict=True) if o})
+            print(
+                f"kvorch: {self.worker}: {doc_id}: {', '.join(names)} held more keys than its cache had slots "
+                "for; running the document again with more",
+                file=sys.stderr,
+                flush=True,
+            )
+        return any(overflows)
 
     def _layout(self, configs: list[EvalConfig], n: int, agreement: bool) -> DocumentLayout:
         model_config = self.hooked.model.config
         return DocumentLayout(model_config, self.settings, configs, n, agreement, self.device, self.worker)
 
-    def _step(self, layout: DocumentLayout, n_positions: int, path: ExecutionPath) -> ChunkStep:
+    def _step(self, layout: DocumentLayout, n_positions: int, path: ExecutionPath, slots: list[int]) -> ChunkStep:
         return ChunkStep(
             self.hooked, self.settings, layout, n_positions, path.static, path.compiled, self.worker,
-            self.compile_backend, lambda what, seconds: self.on_compile and self.on_compile(what, seconds),
+            self.compile_backend, lambda what, seconds: self.on_compile and self.on_compile(what, seconds), slots,
         )  # fmt: skip
+
+    def _run(
+        self,
+        doc_id: str,
+        token_ids: torch.Tensor,
+        configs: list[EvalConfig],
+        agreement: bool,
+        on_chunk: Callable[[int], None] | None = None,
+        answer: AnswerSpan | None = None,
+    ) -> tuple[ChunkStep, DocumentLayout, Any, list[float]]:
+        """Run the document, again with more slots while a held band overflows (at most until
+        every band is full, which cannot overflow): never a row from a cache that dropped a key
+        its policy kept. Progress is told for the first run only."""
+        n = int(token_ids.shape[0])
+        while True:
+            step, layout = self.step_for(configs, token_ids, agreement)
+            results, seconds = step.run(doc_seed(doc_id), token_ids.to(self.device), on_chunk, answer)
+            if not self._learn(step, layout, n, doc_id):
+                return step, layout, results, seconds
+            if step.static:  # its compile time stays counted with the engine's
+                self.retired_compile_seconds += self.steps.pop(step.key).compile_seconds
+            on_chunk = None
 
     @torch.inference_mode()
     def evaluate(
@@ -120,8 +196,9 @@ class Engine:
         document. ``answer``: a retrieval probe's answer span, whose own NLL and hits fill the
         answer columns.
         """
-        step, layout = self.step_for(configs, token_ids, self.settings.agreement)
-        results, seconds = step.run(doc_seed(doc_id), token_ids.to(self.device), on_chunk, answer)
+        step, layout, results, seconds = self._run(
+            doc_id, token_ids, configs, self.settings.agreement, on_chunk, answer
+        )
         kv_bytes = [step.kv_bytes] * len(seconds)
         rows = layout.rows(doc_id, self.hooked.variants(token_ids), results, seconds, kv_bytes, answer)
         return rows
@@ -132,8 +209,7 @@ class Engine:
     ) -> tuple[pa.Table, DocumentScores]:
         """The rows plus every key's last score and final keep decision, for ``kvorch scores``."""
         n = int(token_ids.shape[0])
-        step, layout = self.step_for(configs, token_ids, agreement=False)
-        results, seconds = step.run(doc_seed(doc_id), token_ids.to(self.device))
+        step, layout, results, seconds = self._run(doc_id, token_ids, configs, agreement=False)
         variants = self.hooked.variants(token_ids)
         rows = layout.rows(doc_id, variants, results, seconds, [step.kv_bytes] * len(seconds))
         scores = DocumentScores(
@@ -147,8 +223,7 @@ class Engine:
     def observe(self, doc_id: str, token_ids: torch.Tensor, press: Press) -> Any:
         """Run one press over the document and return its final state: for presses that measure
         the model (head statistics) rather than compress it."""
-        step, _ = self.step_for([EvalConfig(press)], token_ids, agreement=False)
-        step.run(doc_seed(doc_id), token_ids.to(self.device))
+        step, _, _, _ = self._run(doc_id, token_ids, [EvalConfig(press)], agreement=False)
         return step.press_states[0][0]  # the probe's state (shared by every layer)
 
 

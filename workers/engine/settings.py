@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The two caches (``--cache``, workers/engine/cache.py): held keeps per config only what it keeps,
+# masked keeps every position of the document for every config and masks what it evicted.
+CACHES = ("held", "masked")
+
 
 @dataclass(frozen=True)
 class EngineSettings:
@@ -28,6 +32,9 @@ class EngineSettings:
     # kl_sum/top1_agree/top5_overlap_sum columns). A batch without baseline then runs it as a
     # hidden extra row: its logits are the reference.
     agreement: bool = True
+    # The KV cache (``--cache``, workers/engine/capacity.py): "held" keeps per config only what it
+    # keeps (attention and memory follow density), "masked" every position for every config.
+    cache: str = "held"
 
     def __post_init__(self) -> None:
         from workers import attention  # torch: only when settings are built, not when imported
@@ -37,6 +44,8 @@ class EngineSettings:
         if self.window < 0:
             raise ValueError(f"window must be >= 0, got {self.window}")
         attention.check_backend(self.attn)
+        if self.cache not in CACHES:
+            raise ValueError(f"unknown cache {self.cache!r}; use one of {', '.join(CACHES)}")
 
     @property
     def static_shapes(self) -> bool:

@@ -31,6 +31,7 @@ read back once per document.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from workers import attention
 from workers.attention import AttentionVariant
 from workers.chunk_results import ChunkResults, prediction_sums
 from workers.configs import RANKED_POLICIES
+from workers.engine import cache
 from workers.engine.decisions import decide_by_budget, decide_by_threshold, keep_limit, leaving_window
 from workers.engine.hooks import HookedModel
 from workers.engine.layout import DocumentLayout, RowGroup
@@ -76,6 +78,8 @@ class _GroupPlan:
     narrowest: list[int]
     protected: torch.Tensor  # [layers, kv-heads, 1] int64 on the device
     attention_queries: int  # observing queries per chunk (needs_attention)
+    band: int  # which band of the cache holds the group's rows (workers/engine/cache.py)
+    local: slice  # the group's rows within that band
 
 
 @dataclass
@@ -106,10 +110,13 @@ class ChunkStep:
         worker: str,
         compile_backend: str,
         on_compile: Callable[[str, float | None], None] | None = None,
+        group_slots: list[int] | None = None,
     ) -> None:
         """``compile_backend``: torch.compile's backend when ``compiled`` (inductor; tests count
         graphs with their own); ``worker`` names the actor in the compile notice; ``on_compile``
-        hears (what, None) when compiling starts and (what, seconds) when it ends."""
+        hears (what, None) when compiling starts and (what, seconds) when it ends.
+        ``group_slots``: each press group's slots per (layer, kv-head) (workers/engine/capacity.py);
+        None, or the cache length, for the full masked cache."""
         self.hooked = hooked
         self.on_compile = on_compile
         self.worker = worker
@@ -126,6 +133,7 @@ class ChunkStep:
         self.device = hooked.device
         self.dtype = hooked.dtype
         self.backend = settings.attn
+        self.bands = _bands(layout.groups, group_slots or [n_positions] * len(layout.groups), n_positions)
         self.groups = [self._plan(group) for group in layout.groups]
         self.positions = torch.arange(self.n, device=self.device)
         # What each layer's work reads beyond its tensors (see _StepRun): the layer index as a
@@ -157,6 +165,7 @@ class ChunkStep:
             lambda inputs, facts: layer_work(self, inputs, facts, {}), max_reuse_entries=MAX_LAYER_REGIONS
         )
         self.compiled_once = False
+        self.key: tuple | None = None  # the engine's key of a static step
         # Seconds the first document waited for the compile (its warm-up chunk included); 0
         # uncompiled. Reported apart from the rows' forward seconds (TaskResult.compile_seconds).
         self.compile_seconds = 0.0
@@ -166,6 +175,8 @@ class ChunkStep:
     def _plan(self, group: RowGroup) -> _GroupPlan:
         press = group.press
         ranges = group.windows.ranges
+        band = next(i for i, b in enumerate(self.bands) if b.rows.start <= group.rows.start < b.rows.stop)
+        first = self.bands[band].rows.start
         return _GroupPlan(
             group=group,
             rows=group.rows,
@@ -176,6 +187,8 @@ class ChunkStep:
             narrowest=[lo for lo, _ in ranges],
             protected=group.windows.protected_on_device,
             attention_queries=min(press.attention_queries or self.chunk, self.chunk),
+            band=band,
+            local=slice(group.rows.start - first, group.rows.stop - first),
         )
 
     # --- per document ------------------------------------------------------------------------
@@ -196,12 +209,14 @@ class ChunkStep:
                 for tensor in _tensors(self.state):
                     torch._dynamo.mark_static_address(tensor)
         else:
-            for name in ("keys", "values", "scores"):
-                for tensor in self.state[name]:
-                    tensor.zero_()
+            for layer in self.state["cache"]:
+                for band in layer:
+                    cache.clear(band)
+            for tensor in self.state["scores"]:
+                tensor.zero_()
             for tensor in self.state["keep"]:
                 tensor.fill_(True)
-            for name in ("tokens", "chunk"):
+            for name in ("tokens", "chunk", "peak", "overflow"):
                 self.state[name].zero_()
             for tensor in self.state["results"].fields().values():
                 tensor.zero_()
@@ -218,8 +233,10 @@ class ChunkStep:
         b, hkv, n, d = self.batch, self.n_kv_heads, self.n, self.head_dim
         kw = dict(device=self.device)
         return {
-            "keys": [torch.zeros(b, hkv, n, d, dtype=self.dtype, **kw) for _ in range(self.n_layers)],
-            "values": [torch.zeros(b, hkv, n, d, dtype=self.dtype, **kw) for _ in range(self.n_layers)],
+            "cache": [
+                [cache.allocate(band, hkv, d, self.dtype, self.device) for band in self.bands]
+                for _ in range(self.n_layers)
+            ],
             "keep": [torch.ones(b, hkv, n, dtype=torch.bool, **kw) for _ in range(self.n_layers)],
             "scores": [torch.zeros(b, hkv, n, **kw) for _ in range(self.n_layers)],
             "tokens": torch.zeros(n + 1, dtype=torch.int64, **kw),
@@ -228,6 +245,10 @@ class ChunkStep:
             "chunk": torch.zeros((), dtype=torch.int64, **kw),
             "answer_from": torch.zeros((), dtype=torch.int64, **kw),
             "answer_to": torch.zeros((), dtype=torch.int64, **kw),
+            # Per row: the most keys one (layer, kv-head) held before a chunk (what its band
+            # needs room for, learned by the engine), and whether a band ran out of slots.
+            "peak": torch.zeros(b, dtype=torch.int64, **kw),
+            "overflow": torch.zeros(b, dtype=torch.bool, **kw),
             # Answer sums always, so probes and corpus documents share one graph.
             "results": ChunkResults.zeros(-(-n // self.chunk), b, self.device, self.layout.reference is not None, True),
             "press_states": press_states,
@@ -304,8 +325,14 @@ class ChunkStep:
 
     @property
     def kv_bytes(self) -> int:
-        """Keys + values the cache holds, over all layers: the bytes of the very tensors allocated."""
-        return sum(t.nbytes for t in (*self.state["keys"], *self.state["values"]))
+        """Keys + values the cache holds, over all layers and bands: the bytes of the very tensors
+        allocated (a held band's slots, not the document's positions)."""
+        return sum(band.keys.nbytes + band.values.nbytes for layer in self.state["cache"] for band in layer)
+
+    def held_back(self) -> tuple[list[int], list[bool]]:
+        """Per row, after a document: the most keys a (layer, kv-head) held before a chunk, and
+        whether its band ran out of slots (the engine then runs the document again)."""
+        return self.state["peak"].tolist(), self.state["overflow"].tolist()
 
     # --- the two ways to drive one chunk ---------------------------------------------------
 
@@ -352,6 +379,20 @@ class ChunkStep:
         for name, value in [*sums.items(), ("kept", run.kept)]:
             getattr(results, name).index_copy_(0, chunk.index[None], value.expand(b)[None])
         self.hooked.hidden_states.clear()
+
+
+def _bands(groups: list[RowGroup], slots: list[int], n_positions: int) -> list[cache.Band]:
+    """The cache's bands: consecutive press groups of equal slots share one (one forward's rows
+    attend band by band, so a dense group never sets the shape of a sparse one)."""
+    bands: list[cache.Band] = []
+    for group, n_slots in zip(groups, slots, strict=True):
+        n_slots = min(n_slots, n_positions)
+        if bands and bands[-1].slots == n_slots:
+            last = bands.pop()
+            bands.append(cache.Band(slice(last.rows.start, group.rows.stop), n_slots, last.full))
+        else:
+            bands.append(cache.Band(group.rows, n_slots, n_slots >= n_positions))
+    return bands
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
@@ -409,8 +450,7 @@ class _StepRun:
             "query": query,
             "key": key,
             "value": value,
-            "keys": state["keys"][layer],
-            "values": state["values"][layer],
+            "cache": state["cache"][layer],
             "keep": state["keep"][layer],
             "scores": state["scores"][layer],
             "layer": step.layer_index[layer],
@@ -420,6 +460,8 @@ class _StepRun:
             "query_positions": chunk.query_positions,
             "positions": chunk.positions,
             "doc_seed": state["doc_seed"],
+            "peak": state["peak"],
+            "overflow": state["overflow"],
             "hidden": step.hooked.hidden_states.get(layer) if step.needs_hidden_states else None,
             "module": None if step.traceable else step.hooked.attention_modules.get(layer),
             "protected": [plan.protected[layer] for plan in step.groups],
@@ -436,9 +478,9 @@ class _StepRun:
 
 
 def layer_work(step: ChunkStep, inputs: dict[str, Any], facts: tuple, memo: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's work in one chunk: write the chunk's keys, attend over the masked cache, let
-    every press group score and decide. Returns (attention output [rows, c, H, D], keys held
-    per config [B]).
+    """One layer's work in one chunk: write the chunk's keys into every band of the cache, attend
+    over what each band holds, let every press group score and decide, then let the held bands
+    drop what was evicted. Returns (attention output [rows, c, H, D], keys held per config [B]).
 
     ``inputs`` holds only tensors (and modules), ``facts`` only constants (see :class:`_StepRun`);
     the cache, keep mask, scores and press states are written in place. ``memo``: results that
@@ -450,39 +492,65 @@ def layer_work(step: ChunkStep, inputs: dict[str, Any], facts: tuple, memo: dict
     query, key, value = inputs["query"], inputs["key"], inputs["value"]
     b, span = step.batch, chunk.positions.shape[0]
     s, positions = chunk.start, chunk.positions
-    keys_all, values_all = inputs["keys"], inputs["values"]
-    keys_all.index_copy_(2, chunk.query_positions, key.expand(b, -1, -1, -1))
-    values_all.index_copy_(2, chunk.query_positions, value.expand(b, -1, -1, -1))
-    keys, values = keys_all[:, :, :span], values_all[:, :, :span]
+    bands = inputs["cache"]
+    for band, band_cache in zip(step.bands, bands, strict=True):
+        rows = band.rows if not shared else slice(0, 1)
+        size = (band.size, -1, -1, -1)
+        overflow = cache.write(band_cache, key[rows].expand(size), value[rows].expand(size), chunk.query_positions)
+        flags = inputs["overflow"][band.rows]
+        flags.logical_or_(overflow)
     keep = inputs["keep"][:, :, :span]
-    held = positions < s
+    before = keep & (positions < s)
+    per_head = before.sum(dim=-1)  # [B, Hkv]: what each (row, kv-head) holds before the chunk
+    inputs["peak"].copy_(torch.maximum(inputs["peak"], per_head.amax(dim=-1)))
     if variant.sliding_window:  # such a layer holds, uncompressed, only what its window sees
-        held = held & (positions >= s - variant.sliding_window + 1)
-    kept = (keep & held).sum(dim=(1, 2))
+        kept = (before & (positions >= s - variant.sliding_window + 1)).sum(dim=(1, 2))
+    else:
+        kept = per_head.sum(dim=-1)
     pattern_key = ("pattern", sliding_window)
     if pattern_key not in memo:  # shared by every layer of this variant in the chunk
         memo[pattern_key] = attention.band(chunk.query_positions, positions, variant)  # [c, T]
     pattern = memo[pattern_key]
-    rows = query.shape[0]
-    if step.backend == "flex" and step.static:
-        out = attention.flex_grouped_attention(query, keys, values, keep, chunk.index, scaling, variant)
-        probs = visible = None
-    else:  # flex at exact shapes runs sdpa's math (FlexAttention pays only compiled)
-        visible = keep[:rows, :, None, :] & pattern  # [rows, Hkv, c, T]
-        out, probs = attention.grouped_attention(
-            query, keys[:rows], values[:rows], visible, scaling, step.backend, variant
+    views: list[_BandView] = []
+    if step.backend == "flex" and step.static:  # one full band (the masked cache: ChunkStep)
+        full = bands[0]
+        out = attention.flex_grouped_attention(
+            query, full.keys[:, :, :span], full.values[:, :, :span], keep, chunk.index, scaling, variant
         )
+        views.append(_BandView(full, None, None))
+    else:  # flex at exact shapes runs sdpa's math (FlexAttention pays only compiled)
+        outs = []
+        # A shared chunk is one forward row: band 0's first row holds what every row holds.
+        for band, band_cache in zip(step.bands[:1] if shared else step.bands, bands, strict=False):
+            rows = slice(0, 1) if shared else band.rows
+            held = cache.first_row(band_cache) if shared else band_cache
+            seen = cache.visible(held, keep[rows], pattern, chunk.query_positions, span, variant)
+            out, probs = cache.attend(held, query[rows], seen, scaling, step.backend, variant)
+            outs.append(out)
+            views.append(_BandView(held, probs, seen))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
     if chunk.shared:
         query = query.expand(b, -1, -1, -1)
         key, value = key.expand(b, -1, -1, -1), value.expand(b, -1, -1, -1)
-        probs = None if probs is None else probs.expand(b, -1, -1, -1)
-        visible = None if visible is None else visible.expand(b, -1, -1, -1)
     scores = inputs["scores"][:, :, :span]
-    tensors = _Layer(query, keys, values, key, value, keep, scores, probs, visible, pattern, scaling, variant)
+    tensors = _Layer(query, key, value, keep, scores, views, pattern, scaling, variant)
     work = _LayerWork(step, chunk, memo, tensors, inputs, step.rotaries[rotary_id], rotary_id)
     for i, plan in enumerate(step.groups):
         work.score_and_decide(plan, inputs["press_states"][i], inputs["protected"][i], *windows[i])
+    for band, band_cache in zip(step.bands, bands, strict=True):
+        cache.compact(band_cache, keep[band.rows], span)
     return out.transpose(1, 2), kept
+
+
+@dataclass
+class _BandView:
+    """What one band's attention produced this chunk: the cache it read (for a shared chunk, the
+    first row of band 0, which holds what every row holds), the probabilities over its slots
+    when the eager math ran, and which slots each query saw (None under FlexAttention)."""
+
+    cache: cache.BandCache
+    probs: torch.Tensor | None  # [R, H, c, S]
+    seen: torch.Tensor | None  # [R, Hkv, c, S]
 
 
 @dataclass
@@ -490,14 +558,11 @@ class _Layer:
     """What one layer's attention hands every press group in this chunk."""
 
     query: torch.Tensor  # [B, H, c, D]
-    keys: torch.Tensor  # [B, Hkv, T, D] the cache, this chunk's keys written
-    values: torch.Tensor
     new_keys: torch.Tensor  # [B, Hkv, c, D]
     new_values: torch.Tensor
     keep: torch.Tensor  # [B, Hkv, T] bool, a view of the layer's keep-mask (written in place)
     scores: torch.Tensor  # [B, Hkv, T] float32, a view of the layer's scores (written in place)
-    probs: torch.Tensor | None  # [B, H, c, T] when the eager math ran
-    visible: torch.Tensor | None  # [B, Hkv, c, T] what each query saw (None under FlexAttention)
+    views: list[_BandView]  # per band (one for a shared chunk)
     pattern: torch.Tensor  # [c, T] causal (and sliding-window) band
     scaling: float
     variant: AttentionVariant
@@ -525,23 +590,33 @@ class _LayerWork:
             self.memo[key] = (index.clamp(min=0), index >= 0)
         return self.memo[key]
 
+    def _band_rows(self, tensor: torch.Tensor, plan: _GroupPlan) -> torch.Tensor:
+        """The group's rows of a band view's tensor (a shared chunk's one row, broadcast)."""
+        if self.chunk.shared:
+            return tensor[:1].expand(plan.rows.stop - plan.rows.start, *tensor.shape[1:])
+        return tensor[plan.local]
+
     def _attention(self, plan: _GroupPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """([R, H, q, T] probabilities of the press's q observing queries, [q] which are real):
-        the last q real queries of the chunk; rows that are not real are zero."""
+        """([R, H, q, T] probabilities of the press's q observing queries over positions, [q] which
+        are real): the last q real queries of the chunk; rows that are not real are zero."""
         t = self.t
         q = min(plan.attention_queries, self.chunk.query_positions.shape[0])  # exact shapes: no pad rows
         index, real = self._observers(q)
-        rows = plan.rows
-        if t.probs is not None:
-            chosen = t.probs[rows].index_select(2, index)
+        view = t.views[0 if self.chunk.shared else plan.band]
+        if view.probs is not None:
+            chosen = self._band_rows(view.probs, plan).index_select(2, index)
         else:
-            if t.visible is not None:
-                visible = t.visible[rows].index_select(2, index)
+            if view.seen is not None:
+                seen = self._band_rows(view.seen, plan).index_select(2, index)
             else:  # flex computed no mask
-                visible = t.keep[rows, :, None, :] & t.pattern.index_select(0, index)
+                seen = t.keep[plan.rows, :, None, :] & t.pattern.index_select(0, index)
+            n = seen.shape[-1]
+            keys = self._band_rows(view.cache.keys, plan)[:, :, :n]
             chosen = attention.attention_probabilities(
-                t.query[rows].index_select(2, index), t.keys[rows], visible, t.scaling, t.variant
+                t.query[plan.rows].index_select(2, index), keys, seen, t.scaling, t.variant
             )
+        held = None if view.cache.positions is None else self._band_rows(view.cache.positions, plan)
+        chosen = cache.to_positions(held, chosen, t.keep.shape[-1])
         if self.step.static:  # only a padded last chunk has observer rows that are not real
             chosen = chosen * real[:, None].to(chosen.dtype)
         return chosen, real
@@ -592,6 +667,7 @@ class _LayerWork:
         prerope = None
         if press.needs_prerope_queries:
             prerope = self.rotary.unrotate(t.query[rows], *self._chunk_rope())
+        held = cache.select_rows(self.inputs["cache"][plan.band], plan.local)  # the group's own keys
         hidden = self.inputs["hidden"]
         if hidden is not None and chunk.shared:
             hidden = hidden.expand(step.batch, -1, -1)
@@ -602,8 +678,9 @@ class _LayerWork:
             score_from=score_from,
             positions=positions,
             query_positions=chunk.query_positions,
-            keys=t.keys[rows],
-            values=t.values[rows],
+            keys_at=functools.partial(cache.keys_at, held, held.keys),
+            values_at=functools.partial(cache.keys_at, held, held.values),
+            kv_heads=step.n_kv_heads,
             new_keys=t.new_keys[rows],
             new_values=t.new_values[rows],
             queries=t.query[rows],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -56,8 +57,12 @@ class LayerContext:
     score_from: torch.Tensor  # 0-d int64: first position whose score a rescoring press must return
     positions: torch.Tensor  # [T] int64: key positions (0..T-1)
     query_positions: torch.Tensor  # [c] int64: start + 0..c-1
-    keys: torch.Tensor  # [B, Hkv, T, D] post-RoPE keys, this chunk's already written
-    values: torch.Tensor  # [B, Hkv, T, D]
+    # keys_at(positions [S]) -> [B, Hkv, S, D]: the post-RoPE keys (values) at those positions,
+    # this chunk's already written. The cache holds what each config keeps (workers/engine/
+    # cache.py), so a key the config evicted reads as zeros: only its score, never read again.
+    keys_at: Callable[[torch.Tensor], torch.Tensor]
+    values_at: Callable[[torch.Tensor], torch.Tensor]
+    kv_heads: int
     new_keys: torch.Tensor  # [B, Hkv, c, D] this chunk's keys
     new_values: torch.Tensor  # [B, Hkv, c, D] this chunk's values
     queries: torch.Tensor  # [B, H, c, D] post-RoPE
@@ -68,7 +73,8 @@ class LayerContext:
     # ignored).
     scored: torch.Tensor | None = None
     # With needs_attention: [B, H, q, T] probabilities of the press's q observing queries (the last
-    # ``attention_queries`` real ones, or all c), rows that are not real queries all zero.
+    # ``attention_queries`` real ones, or all c) over positions, zero for keys the config no longer
+    # holds; rows that are not real queries all zero.
     attention: torch.Tensor | None = None
     attention_rows: torch.Tensor | None = None  # [q] bool: which attention rows are real queries
     prerope_queries: torch.Tensor | None = None  # [B, H, c, D] with needs_prerope_queries
@@ -84,7 +90,12 @@ class LayerContext:
     @property
     def n_groups(self) -> int:
         """Query heads per kv-head (GQA group size)."""
-        return self.queries.shape[1] // self.keys.shape[1]
+        return self.queries.shape[1] // self.kv_heads
+
+    @property
+    def rows(self) -> int:
+        """Batch rows of this press (B)."""
+        return self.queries.shape[0]
 
     @property
     def real_queries(self) -> torch.Tensor:
@@ -111,6 +122,9 @@ class Press:
     # True when the score reads the keys or values of the positions it scores (ctx.keys_at): a
     # rescoring press then reads old keys, which a cache that drops evicted keys must still hold.
     reads_keys: ClassVar[bool] = False
+    # The score a structural press gives every key (+inf: keeps all, -inf: keeps only its sinks and
+    # protected window), None for one that scores: the held cache sizes itself by it.
+    constant_score: ClassVar[float | None] = None
     # Whether `--methods all` includes the method (False for presses with required parameters).
     in_all: ClassVar[bool] = True
 
@@ -184,5 +198,4 @@ def _fmt(value: Any) -> str:
 
 def constant_scores(ctx: LayerContext, value: float) -> torch.Tensor:
     """Same score for every scored key: the structural presses (baseline, window, sinks)."""
-    b, h = ctx.keys.shape[:2]
-    return torch.full((b, h, ctx.scored.shape[0]), value, device=ctx.keys.device)
+    return torch.full((ctx.rows, ctx.kv_heads, ctx.scored.shape[0]), value, device=ctx.queries.device)

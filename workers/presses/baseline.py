@@ -14,6 +14,7 @@ from workers.presses.registry import register
 @dataclass(frozen=True)
 class BaselinePress(Press):
     name = "baseline"
+    constant_score = float("inf")
 
     def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
         return constant_scores(ctx, float("inf"))

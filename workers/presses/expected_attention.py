@@ -71,7 +71,7 @@ class ExpectedAttentionPress(Press):
         every layer of one rotary (Gemma 3's local and global layers differ), so once per chunk."""
         key = (self.name, ctx.rotary, self.n_future_positions, head_dim)
         if key not in ctx.chunk_memo:
-            future = ctx.end + torch.arange(self.n_future_positions, device=ctx.keys.device)
+            future = ctx.end + torch.arange(self.n_future_positions, device=ctx.end.device)
             ctx.chunk_memo[key] = ctx.rotary.mean_rotation(future, head_dim)
         return ctx.chunk_memo[key]
 
@@ -147,13 +147,13 @@ class ExpectedAttentionPress(Press):
 
     def score(self, ctx: LayerContext, state: QueryTensors) -> torch.Tensor:
         mean, cov, has_stats = self._update_statistics(ctx, state)
-        b, hkv, _, d = ctx.keys.shape
-        keys = ctx.keys.index_select(2, ctx.scored).float()  # [B, Hkv, S, D]
+        d = ctx.queries.shape[-1]
+        keys = ctx.keys_at(ctx.scored).float()  # [B, Hkv, S, D]
         in_softmax = (ctx.scored >= torch.clamp(ctx.score_from, min=self.n_sink)) & (ctx.scored < ctx.end)
         logits = self._expected_logits(keys, mean, cov, self._future_rotation(ctx, d), ctx.n_groups)
         scores = torch.softmax(logits.masked_fill(~in_softmax, float("-inf")), dim=-1).mean(dim=2)
         if self.use_vnorm:
-            values = ctx.values.index_select(2, ctx.scored).float()
+            values = ctx.values_at(ctx.scored).float()
             scores = (scores + self.epsilon) * values.norm(dim=-1)
         scores = torch.where(in_softmax & has_stats, scores, 0.0)
         return torch.where(ctx.scored < self.n_sink, float("inf"), scores)

@@ -66,6 +66,7 @@ def read_head_table(path: str) -> HeadTable:
 @dataclass(frozen=True)
 class HeadAwarePress(Press):
     name = "head_aware"
+    constant_score = float("-inf")
     in_all = False  # the study's grid is `kvorch submit --preset head-ablation`
 
     policy: str = "uniform"

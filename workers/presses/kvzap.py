@@ -122,6 +122,6 @@ class KVzapPress(Press):
 
     def score(self, ctx: LayerContext, state: nn.Module) -> torch.Tensor:
         scores = state(ctx.hidden_states.float()).transpose(1, 2)  # [B, Hkv, c]
-        if scores.shape[1] != ctx.keys.shape[1]:
-            raise ValueError(f"kvzap: {self.path} scores {scores.shape[1]} kv-heads, the model has {ctx.keys.shape[1]}")
+        if scores.shape[1] != ctx.kv_heads:
+            raise ValueError(f"kvzap: {self.path} scores {scores.shape[1]} kv-heads, the model has {ctx.kv_heads}")
         return scores

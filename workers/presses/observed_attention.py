@@ -24,7 +24,7 @@ def attention_sums(shape: StateShape) -> list[torch.Tensor]:
 def add_attention(ctx: LayerContext, sums: torch.Tensor) -> torch.Tensor:
     """Accumulate this chunk's attention (pad query rows are all zero) into the layer's ``sums``;
     returns the running sums over the step's positions [B, Hkv, T]."""
-    b, hkv, t = ctx.keys.shape[:3]
+    b, hkv, t = ctx.rows, ctx.kv_heads, ctx.positions.shape[0]
     received = ctx.attention.float().sum(dim=2).view(b, hkv, ctx.n_groups, t).mean(dim=2)
     total = sums[:, :, :t]
     total += received

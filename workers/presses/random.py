@@ -53,5 +53,4 @@ class RandomPress(Press):
     seed: int = 0
 
     def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
-        b, h = ctx.keys.shape[:2]
-        return uniform_scores(self.seed, ctx.doc_seed, ctx.layer, h, ctx.scored).expand(b, -1, -1)
+        return uniform_scores(self.seed, ctx.doc_seed, ctx.layer, ctx.kv_heads, ctx.scored).expand(ctx.rows, -1, -1)

@@ -42,7 +42,7 @@ class SnapKVPress(Press):
             raise ValueError(f"snapkv: kernel_size must be odd and >= 1, got {self.kernel_size}")
 
     def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
-        b, hkv, n = ctx.keys.shape[:3]
+        b, hkv, n = ctx.rows, ctx.kv_heads, ctx.positions.shape[0]
         n_observers = torch.minimum(ctx.end - ctx.start, torch.tensor(self.window_size, device=ctx.end.device))
         first_observer = ctx.end - n_observers
         before_window = ctx.positions < first_observer

@@ -18,6 +18,7 @@ from workers.presses.registry import register
 @dataclass(frozen=True)
 class StreamingLLMPress(Press):
     name = "streaming_llm"
+    constant_score = float("-inf")
     n_sink: int = 4
 
     def score(self, ctx: LayerContext, state: None) -> torch.Tensor:

@@ -25,7 +25,7 @@ class TOVAPress(Press):
     attention_queries = 1
 
     def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
-        hkv = ctx.keys.shape[1]
+        hkv = ctx.kv_heads
         last = ctx.attention[:, :, -1].float().mean(dim=1)  # [B, N]: the last real query
         last = torch.where(ctx.positions == ctx.end - 1, float("inf"), last)
         return last[:, None, ctx.scored].expand(-1, hkv, -1)

@@ -17,6 +17,7 @@ from workers.presses.registry import register
 @dataclass(frozen=True)
 class WindowPress(Press):
     name = "window"
+    constant_score = float("-inf")
 
     def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
         return constant_scores(ctx, float("-inf"))

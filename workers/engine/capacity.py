@@ -1,0 +1,66 @@
+"""How many keys a config's cache keeps room for: the one place the held cache is sized.
+
+The held cache (workers/engine/cache.py) gives every (config, layer, kv-head) a fixed number of
+slots: what the policy can keep once a chunk is decided, plus the chunk being written. That bound
+follows from the policy where the policy fixes it (a budget, a ratio, a press that keeps only its
+protected window, one that keeps everything) and is learned from the documents already run where
+the keys' scores decide it (the threshold policy): the engine then grows it when a document
+overflows it and runs that document again, so no key the policy keeps is ever dropped.
+
+This module imports no torch, so the driver's batch-size estimate (workers/memory.py) and the
+fit check of the benches size the cache with the very rule the step allocates by.
+"""
+
+from __future__ import annotations
+
+import math
+
+# Room a learned bound leaves above the densest (layer, kv-head) seen so far, so that documents a
+# little denser than the ones before still fit without a rerun.
+LEARNED_MARGIN = 1.25
+# With static shapes (the compiled step) capacities are multiples of N / STATIC_STEPS, so a
+# length bucket compiles for a few capacities, not one per document.
+STATIC_STEPS = 16
+
+
+def policy_bound(
+    policy: str,
+    keep_fraction: float,
+    budget: int | None,
+    threshold: float | None,
+    constant_score: float | None,
+    floor: int,
+    n: int,
+) -> int | None:
+    """Most keys one (layer, kv-head) can hold once a chunk ending at or before ``n`` is decided,
+    or None where the scores decide it (the threshold policy of a press that scores).
+
+    ``floor``: the sinks plus the widest protected window, always kept. ``constant_score``: the
+    score a structural press gives every key (+inf keeps all, -inf keeps only the floor).
+    Under the ranked policies the limit is workers/engine/decisions.py's ``keep_limit`` at ``n``
+    (it only grows with the chunk's end) or the floor, whichever is larger.
+    """
+    if policy in ("ratio", "budget"):
+        limit = math.ceil(keep_fraction * n) if policy == "ratio" else min(n, budget or n)
+        return min(n, max(limit, floor))
+    tau = 0.0 if threshold is None else threshold
+    if tau == -math.inf or constant_score == math.inf:
+        return n
+    if constant_score == -math.inf or tau == math.inf:
+        return min(n, floor)
+    return None
+
+
+def learned_bound(density: float, floor: int, n: int) -> int:
+    """A threshold config's bound from the densest fraction of a document it held so far."""
+    return min(n, floor + math.ceil(LEARNED_MARGIN * density * n))
+
+
+def slots(bound: int | None, chunk: int, n_positions: int, static: bool) -> int:
+    """Slots per (layer, kv-head): the bound plus one chunk, rounded up (to whole chunks, or to a
+    multiple of N / STATIC_STEPS with static shapes), at most the cache length. None (nothing
+    known yet) holds every position."""
+    if bound is None:
+        return n_positions
+    step = max(chunk, n_positions // STATIC_STEPS) if static else chunk
+    return min(n_positions, -(-(bound + chunk) // step) * step)
