@@ -85,6 +85,26 @@ def main() -> None:
             kv_mib = rows.column("kv_cache_bytes")[0].as_py() / 2**20
             cells += f" {seconds:>9.3f} {seconds / plain:>12.2f} {kv_mib:>13.1f}"
         print(f"{n:>7} {len(configs):>7} {plain:>12.3f}{cells}", flush=True)
+        if "held" in engines:
+            print(held_memory(engines["held"], n, args.chunk), flush=True)
+
+
+def held_memory(engine: Engine, n: int, chunk: int) -> str:
+    """Per config of the held engine's last document: its slots per (layer, kv-head), the most
+    keys a (layer, kv-head) held before a chunk (peak), the mean over (layer, kv-head) at the last
+    chunk, and slots / (peak + chunk): the target is <= 1.25; 1 - (mean + chunk) / slots is the
+    padding left, mostly by (layer, kv-head)s that hold fewer than the densest."""
+    step, layout = engine.last_run
+    peaks, _ = step.held_back()
+    slots = {r: band.slots for band in step.bands for r in range(band.rows.start, band.rows.stop)}
+    kept = step.state["results"].kept[-1].tolist()  # [configs]: held before the last chunk
+    heads = step.n_layers * step.n_kv_heads
+    cells = []
+    for r, config in enumerate(layout.configs):
+        mean = kept[r] / heads
+        cells.append(f"{config.label} {slots[r]}/{peaks[r]}+{chunk}={slots[r] / (peaks[r] + chunk):.2f} "
+                     f"(mean held {mean:.0f}, padding {1 - (mean + chunk) / slots[r]:.2f})")  # fmt: skip
+    return f"#   held {n}: slots/(peak+chunk): " + "; ".join(cells)
 
 
 def fit_check(n: int, n_configs: int, density: float, chunk: int, window: int) -> str:

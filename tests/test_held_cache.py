@@ -112,7 +112,10 @@ def test_policy_bounds():
     assert capacity.policy_bound("threshold", 1.0, None, float("-inf"), None, 20, 1000) == 1000
     assert capacity.policy_bound("threshold", 1.0, None, 0.5, None, 20, 1000) is None
     assert capacity.slots(None, 128, 4096, False) == 4096
-    assert capacity.slots(300, 128, 4096, False) == 512
-    assert capacity.slots(300, 128, 4096, True) == 512  # multiples of 4096 / 16 = 256
+    assert capacity.slots(300, 128, 4096, False) == 448  # 428 rounded up to 7 x 64
+    assert capacity.slots(132, 128, 16384, True) == 320  # streaming_llm at 16k: 260 up to 5 x 64
+    assert capacity.slots(5000, 128, 4096, True) == 4096
+    for need in range(5, 5000):
+        assert need <= capacity.slots(need - 1, 1, 10**6, True) <= 1.25 * need
     with pytest.raises(ValueError, match="unknown cache 'dense'; use one of held, masked"):
         EngineSettings(cache="dense")

@@ -18,10 +18,9 @@ import math
 # Room a learned bound leaves above the densest (layer, kv-head) seen so far, so that documents a
 # little denser than the ones before still fit without a rerun.
 LEARNED_MARGIN = 1.25
-# With static shapes (the compiled step) capacities are multiples of N / STATIC_STEPS, so a
-# length bucket compiles for a few capacities, not one per document.
-STATIC_STEPS = 16
-
+# Slots are rounded up to m x 2^k, m in 4..7: at most 1.25x the need, and a handful of sizes per
+# octave, so a compiled length bucket meets few capacities (each one is its own graph).
+_MANTISSAS = (4, 5, 6, 7)
 
 def policy_bound(
     policy: str,
@@ -57,10 +56,14 @@ def learned_bound(density: float, floor: int, n: int) -> int:
 
 
 def slots(bound: int | None, chunk: int, n_positions: int, static: bool) -> int:
-    """Slots per (layer, kv-head): the bound plus one chunk, rounded up (to whole chunks, or to a
-    multiple of N / STATIC_STEPS with static shapes), at most the cache length. None (nothing
-    known yet) holds every position."""
+    """Slots per (layer, kv-head): the bound plus one chunk, rounded up to m x 2^k (m in 4..7),
+    at most the cache length. None (nothing known yet) holds every position. ``static`` is
+    accepted for the callers' sake: both paths round alike."""
     if bound is None:
         return n_positions
-    step = max(chunk, n_positions // STATIC_STEPS) if static else chunk
-    return min(n_positions, -(-(bound + chunk) // step) * step)
+    need = bound + chunk
+    if need <= 4:
+        return min(n_positions, need)
+    octave = 1 << max(0, need.bit_length() - 3)  # need / octave is in [4, 8)
+    m = next((m for m in _MANTISSAS if m * octave >= need), 8)
+    return min(n_positions, m * octave)

@@ -70,6 +70,7 @@ class Engine:
         # held so far, which sizes its held cache for the next document (workers/engine/capacity.py).
         self.densities: dict[str, float] = {}
         self.retired_compile_seconds = 0.0  # of static steps replaced by larger ones
+        self.last_run: tuple[ChunkStep, DocumentLayout] | None = None
 
     @property
     def compile_seconds(self) -> float:
@@ -175,6 +176,7 @@ class Engine:
             step, layout = self.step_for(configs, token_ids, agreement)
             results, seconds = step.run(doc_seed(doc_id), token_ids.to(self.device), on_chunk, answer)
             if not self._learn(step, layout, n, doc_id):
+                self.last_run = (step, layout)  # for benches: the slots and peaks of the last document
                 return step, layout, results, seconds
             if step.static:  # its compile time stays counted with the engine's
                 self.retired_compile_seconds += self.steps.pop(step.key).compile_seconds
