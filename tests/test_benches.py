@@ -67,16 +67,19 @@ def test_sweep_throughput_prints_every_figure_and_the_fit_check():
 def test_long_context_puts_the_sweep_next_to_the_plain_loop_at_each_length():
     out = run_bench(
         "long_context.py", "--model", "tiny", "--lengths", "64,96", "--configs", "2", "--chunk", "32",
-        "--window", "32", "--threads", "1",
+        "--window", "32", "--threads", "1", "--warmup", "64",
     )  # fmt: skip
+    assert "fits an H200's 141 GB" in out.splitlines()[0]
     rows = [numbers(line) for line in out.splitlines() if re.match(r" +\d+ +2 ", line)]
     assert [row[0] for row in rows] == [64, 96]
-    for _tokens, _configs, plain, kvorch, ratio, *rates in rows:
-        # The seconds are printed to 3 decimals and the ratio to 2, from the unrounded times: at
-        # these tiny sizes the rounding alone moves kvorch / plain by several hundredths.
-        assert plain > 0 and kvorch > 0
-        assert (kvorch - 5e-4) / (plain + 5e-4) - 5e-3 <= ratio <= (kvorch + 5e-4) / (plain - 5e-4) + 5e-3
-        assert all(math.isfinite(r) and r > 0 for r in rates)
+    for _tokens, _configs, plain, *caches in rows:
+        assert len(caches) == 6  # held, then masked: seconds, / plain, kv MiB
+        for kvorch, ratio, kv_mib in (caches[:3], caches[3:]):
+            # The seconds are printed to 3 decimals and the ratio to 2, from the unrounded times: at
+            # these tiny sizes the rounding alone moves kvorch / plain by several hundredths.
+            assert plain > 0 and kvorch > 0 and math.isfinite(kv_mib)
+            assert (kvorch - 5e-4) / (plain + 5e-4) - 5e-3 <= ratio <= (kvorch + 5e-4) / (plain - 5e-4) + 5e-3
+    assert len([line for line in out.splitlines() if line.startswith("#   held ")]) == 2
 
 
 @pytest.mark.slow  # the embedded-size model loop, 7 s: the full suite runs it, the fast loop does not
