@@ -55,9 +55,9 @@ CHUNK_SCHEMA = pa.schema(
         pa.field("worker", pa.string(), nullable=False),
         pa.field("device", pa.string(), nullable=False),
         # Keys + values the batched forward held over all layers for this chunk (shared by
-        # `batch_size` configs): the bytes of the cache tensors the step allocated (runs made
-        # with the old --compact: the kept entries, padded per layer, plus the chunk's). Since
-        # schema version 2 (null in older parts).
+        # `batch_size` configs): the bytes of the cache tensors the step allocated (with the
+        # held cache, every band's slots; runs made with the old --compact: the kept entries,
+        # padded per layer, plus the chunk's). Since schema version 2 (null in older parts).
         pa.field("kv_cache_bytes", pa.int64()),
         # --- since schema version 4 (null in older parts) ---
         # Keys kept per (layer, kv-head) under the budget policy, sinks and window included.

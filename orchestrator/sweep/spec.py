@@ -134,7 +134,7 @@ class JobSpec:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "configs"}
         out["methods"], out["thresholds"], out["ratios"] = list(self.methods), list(self.thresholds), list(self.ratios)
         out["budgets"] = list(self.budgets)
-        # Every run's cache is the masked one since --compact was removed; the key stays so that
+        # --compact was removed (its rows were the masked cache's); the key stays so that
         # runs made before then still match their fingerprint and resume.
         out["compact"] = False
         # Runs made before the held cache were all masked: such a spec keeps its old fingerprint.

@@ -1,12 +1,13 @@
 """The chunk step: the one implementation of the evaluation protocol's per-chunk work.
 
 For chunk [s, e) every layer of the batched forward (one batch row per config):
-  1. writes the chunk's keys/values into the preallocated cache at absolute positions,
+  1. writes the chunk's keys/values into each config's cache (workers/engine/cache.py: a held
+     band keeps only what its configs keep, a full one every position),
   2. attends over the kept keys before s plus ordinary causal attention inside the chunk (the
-     layer's own variant: sliding window, soft-cap),
+     layer's own variant: sliding window, soft-cap), band by band,
   3. lets each press score keys (new ones, or every undecided one for rescoring presses),
   4. decides, once and for good, the keys that just left the protected window
-     (workers/engine/decisions.py).
+     (workers/engine/decisions.py), and the held bands drop the keys just evicted.
 
 Every chunk-dependent bound is a 0-d tensor and every rule a mask over the positions the step
 attends over, so the same code runs two ways (:class:`Shapes`):
