@@ -119,7 +119,7 @@ def fit_check(n: int, n_configs: int, density: float, chunk: int, window: int) -
                                hidden_size=4096, head_dim=128, intermediate_size=14336, vocab_size=128256)  # fmt: skip
     floor = window
     bound = min(n, floor + math.ceil(density * (n - floor)))
-    slots = capacity.slots(bound, chunk, n, static=False)
+    slots = capacity.slots(bound, chunk, n)
     held = memory.config_bytes(llama_8b, n, chunk, 2, static=False, slots=slots)
     full = memory.config_bytes(llama_8b, n, chunk, 2, static=False)
     weights = 8.03e9 * 2

@@ -79,11 +79,11 @@ def test_held_bytes_follow_the_kept_keys(model):
     n = 1000
     tokens = torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(5))
     engine = Engine(model, EngineSettings(CHUNK, WINDOW, agreement=False))
-    for name, slots in (("window", capacity.slots(WINDOW, CHUNK, n, False)), ("baseline", n)):
+    for name, slots in (("window", capacity.slots(WINDOW, CHUNK, n)), ("baseline", n)):
         rows = engine.evaluate("d", tokens, [EvalConfig(parse_method(name))]).to_pylist()
         per_slot = 2 * 2 * 2 * 8 * 4  # layers x kv-heads x (keys, values) x head_dim x float32
         assert {r["kv_cache_bytes"] for r in rows} == {slots * per_slot}
-    assert capacity.slots(WINDOW, CHUNK, n, False) <= 1.25 * (WINDOW + CHUNK) + CHUNK
+    assert capacity.slots(WINDOW, CHUNK, n) <= 1.25 * (WINDOW + CHUNK) + CHUNK
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -111,11 +111,11 @@ def test_policy_bounds():
     assert capacity.policy_bound("threshold", 1.0, None, None, float("inf"), 20, 1000) == 1000
     assert capacity.policy_bound("threshold", 1.0, None, float("-inf"), None, 20, 1000) == 1000
     assert capacity.policy_bound("threshold", 1.0, None, 0.5, None, 20, 1000) is None
-    assert capacity.slots(None, 128, 4096, False) == 4096
-    assert capacity.slots(300, 128, 4096, False) == 448  # 428 rounded up to 7 x 64
-    assert capacity.slots(132, 128, 16384, True) == 320  # streaming_llm at 16k: 260 up to 5 x 64
-    assert capacity.slots(5000, 128, 4096, True) == 4096
+    assert capacity.slots(None, 128, 4096) == 4096
+    assert capacity.slots(300, 128, 4096) == 448  # 428 rounded up to 7 x 64
+    assert capacity.slots(132, 128, 16384) == 320  # streaming_llm at 16k: 260 up to 5 x 64
+    assert capacity.slots(5000, 128, 4096) == 4096
     for need in range(5, 5000):
-        assert need <= capacity.slots(need - 1, 1, 10**6, True) <= 1.25 * need
+        assert need <= capacity.slots(need - 1, 1, 10**6) <= 1.25 * need
     with pytest.raises(ValueError, match="unknown cache 'dense'; use one of held, masked"):
         EngineSettings(cache="dense")

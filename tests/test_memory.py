@@ -171,7 +171,7 @@ def test_the_estimate_sizes_the_cache_the_step_really_holds(static, n):
     step.run(0, tokens, None, answer)
     state = step.state
     positions = 256 if static else n
-    window_slots = capacity.slots(32, 32, positions, static)  # no sinks, window 32
+    window_slots = capacity.slots(32, 32, positions)  # no sinks, window 32
     assert window_slots < positions
     full, held = state["cache"][0]
     assert (full.keys.shape[:3], held.keys.shape[:3]) == ((2, 2, positions), (1, 2, window_slots))

@@ -88,8 +88,11 @@ def clear(cache: BandCache) -> None:
         cache.counts.zero_()
 
 
-def write(cache: BandCache, key: torch.Tensor, value: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
-    """Write the chunk's keys/values [R, Hkv, c, D] and return [R] whether a row overflowed.
+def write(
+    cache: BandCache, key: torch.Tensor, value: torch.Tensor, query_positions: torch.Tensor
+) -> torch.Tensor | None:
+    """Write the chunk's keys/values [R, Hkv, c, D] and return [R] whether a row overflowed
+    (None for a full band, which cannot).
 
     A full band writes at the positions themselves; a held one right after the keys it holds,
     which keeps its slots in position order. Writes past the last slot are clamped onto it and
@@ -97,7 +100,7 @@ def write(cache: BandCache, key: torch.Tensor, value: torch.Tensor, query_positi
     if cache.positions is None:
         cache.keys.index_copy_(2, query_positions, key)
         cache.values.index_copy_(2, query_positions, value)
-        return torch.zeros(key.shape[0], dtype=torch.bool, device=key.device)
+        return None
     n_slots, c = cache.keys.shape[2], query_positions.shape[0]
     slot = cache.counts[..., None] + torch.arange(c, device=key.device)  # [R, Hkv, c]
     overflow = (slot >= n_slots).any(dim=(1, 2))
@@ -192,7 +195,5 @@ def attend(
     """The band's attention over its first S slots (``seen`` [R, Hkv, c, S]): output
     [R, H, c, D] and, when the eager math ran, probabilities over slots [R, H, c, S]."""
     n = seen.shape[-1]
-    rows = query.shape[0]
-    return attention.grouped_attention(
-        query, cache.keys[:rows, :, :n], cache.values[:rows, :, :n], seen, scaling, backend, variant
-    )
+    keys, values = cache.keys[:, :, :n], cache.values[:, :, :n]
+    return attention.grouped_attention(query, keys, values, seen, scaling, backend, variant)

@@ -55,10 +55,10 @@ def learned_bound(density: float, floor: int, n: int) -> int:
     return min(n, floor + math.ceil(LEARNED_MARGIN * density * n))
 
 
-def slots(bound: int | None, chunk: int, n_positions: int, static: bool) -> int:
+def slots(bound: int | None, chunk: int, n_positions: int) -> int:
     """Slots per (layer, kv-head): the bound plus one chunk, rounded up to m x 2^k (m in 4..7),
-    at most the cache length. None (nothing known yet) holds every position. ``static`` is
-    accepted for the callers' sake: both paths round alike."""
+    at most the cache length (both execution paths alike). None (nothing known yet) holds every
+    position."""
     if bound is None:
         return n_positions
     need = bound + chunk

@@ -95,18 +95,18 @@ class Engine:
         path = self.path(configs)
         n_positions = cache_positions(n, self.settings.chunk_size, path.static)
         if not path.static:
-            return self._step(layout, n_positions, path, self.group_slots(layout, n_positions, False)), layout
+            return self._step(layout, n_positions, path, self.group_slots(layout, n_positions)), layout
         # A static step keeps its slots for every document of its bucket (new slots would be a new
         # graph); only a document that overflows them replaces it (_run).
         key = (tuple(c.label for c in layout.configs), n_positions, layout.reference, path.compiled)
         if key not in self.steps:
             static_layout = self._layout(configs, n_positions, agreement)
-            slots = self.group_slots(static_layout, n_positions, True)
+            slots = self.group_slots(static_layout, n_positions)
             self.steps[key] = self._step(static_layout, n_positions, path, slots)
             self.steps[key].key = key
         return self.steps[key], layout
 
-    def group_slots(self, layout: DocumentLayout, n_positions: int, static: bool) -> list[int]:
+    def group_slots(self, layout: DocumentLayout, n_positions: int) -> list[int]:
         """Each press group's slots per (layer, kv-head): what its densest config can hold (the
         policy's bound, or the density learned from earlier documents) plus a chunk. Every slot
         of the cache length under ``--cache masked``, under FlexAttention (whose block mask reads
@@ -127,7 +127,7 @@ class Engine:
                 )  # fmt: skip
                 if bound is None and config.label in self.densities:
                     bound = capacity.learned_bound(self.densities[config.label], floor, n_positions)
-                widest = max(widest, capacity.slots(bound, chunk, n_positions, static))
+                widest = max(widest, capacity.slots(bound, chunk, n_positions))
             slots.append(widest)
         return slots
 

@@ -498,8 +498,9 @@ def layer_work(step: ChunkStep, inputs: dict[str, Any], facts: tuple, memo: dict
         rows = band.rows if not shared else slice(0, 1)
         size = (band.size, -1, -1, -1)
         overflow = cache.write(band_cache, key[rows].expand(size), value[rows].expand(size), chunk.query_positions)
-        flags = inputs["overflow"][band.rows]
-        flags.logical_or_(overflow)
+        if overflow is not None:  # a held band
+            flags = inputs["overflow"][band.rows]
+            flags.logical_or_(overflow)
     keep = inputs["keep"][:, :, :span]
     before = keep & (positions < s)
     per_head = before.sum(dim=-1)  # [B, Hkv]: what each (row, kv-head) holds before the chunk
