@@ -3,7 +3,7 @@ next to ``agreement=True``, interleaved in one process, for two config sets.
 
 With agreement on, each chunk's logits also go through the baseline row's softmax (its logsumexp
 is already there for the NLL), a KL against every row and a top-5 over every row
-(workers/agreement.py): reductions over [rows, chunk, vocabulary], no extra forward when the batch
+(workers/engine/agreement.py): reductions over [rows, chunk, vocabulary], no extra forward when the batch
 holds baseline, as ``all`` does. A batch without baseline gets it as a hidden extra batch row
 (workers/engine/layout.py DocumentLayout), one more row in every forward after the shared chunks. This
 bench measures both cases:
@@ -23,7 +23,7 @@ smallest and largest of the paired per-(repeat, document) on/off ratios, which s
 
 Where the end-to-end ratio is within that noise, ``sums s/doc`` resolves the reductions alone:
 after the timed pairs, one more agreement run per document (not in the medians) with
-``workers.chunk_results.agreement_sums`` wrapped in a timer (synchronized on CUDA), the median
+``workers.engine.chunk_results.agreement_sums`` wrapped in a timer (synchronized on CUDA), the median
 over documents of the seconds spent inside it; ``sums/on`` is its share of ``on s/doc``. It
 excludes the hidden row's forward, so for a set without baseline it is a part of the extra cost,
 not all of it.
@@ -52,11 +52,11 @@ import pyarrow as pa
 import torch
 from sweep_throughput import build_llama
 
-import workers.chunk_results as chunk_results
+import workers.engine.chunk_results as chunk_results
 from orchestrator.sweep.spec import build_configs
+from workers.contract.models import EMBEDDED_MODEL, load_model
+from workers.contract.settings import EngineSettings
 from workers.engine.core import Engine
-from workers.engine.settings import EngineSettings
-from workers.models import EMBEDDED_MODEL, load_model
 
 # Columns that depend on the wall clock, on the forward's rows (one more with a hidden reference
 # row: checked apart), or exist only with agreement on.
@@ -79,7 +79,7 @@ def documents(model_name: str, n_docs: int, n_tokens: int, device: str) -> list[
         gen = torch.Generator().manual_seed(0)
         return [torch.randint(0, 49152, (n_tokens,), generator=gen).to(device) for _ in range(n_docs)]
     from orchestrator.corpus import load_corpus
-    from workers import tokenization
+    from workers.contract import tokenization
 
     tokens = tokenization.load(EMBEDDED_MODEL, tokenization.DEFAULT_BOS)
     docs = []
@@ -94,7 +94,7 @@ def documents(model_name: str, n_docs: int, n_tokens: int, device: str) -> list[
 
 class SumsTimer:
     """Adds up the seconds spent in ``agreement_sums`` while entered (it wraps the name that
-    workers/chunk_results.py calls, and restores it on exit)."""
+    workers/engine/chunk_results.py calls, and restores it on exit)."""
 
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda

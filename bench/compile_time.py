@@ -44,9 +44,9 @@ def child(args: argparse.Namespace) -> None:
 
     import workers.engine.step as step_module
     from bench.engine_overhead import narrow_llama
-    from workers.compile_cache import use_compile_cache
+    from workers.contract.settings import EngineSettings
+    from workers.engine.compile_cache import use_compile_cache
     from workers.engine.core import Engine
-    from workers.engine.settings import EngineSettings
 
     torch.set_num_threads(args.threads)
     use_compile_cache(args.cache)

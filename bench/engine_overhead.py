@@ -21,8 +21,8 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from orchestrator.sweep.spec import build_configs
+from workers.contract.settings import EngineSettings
 from workers.engine.core import Engine
-from workers.engine.settings import EngineSettings
 
 
 def narrow_llama(layers: int = 16) -> LlamaForCausalLM:

@@ -13,7 +13,7 @@ a longer one play the corpus's earlier documents. ``kv MiB`` is the ``kv_cache_b
 
 The fit check prints what a Llama-3.1-8B shape allocates at ``--fit-tokens`` with
 ``--fit-configs`` configs at compressible density ``--fit-density`` plus the agreement's full
-reference row, from workers/memory.py's formula, the one the step allocates by
+reference row, from workers/contract/memory.py's formula, the one the step allocates by
 (tests/test_memory.py checks it against a tiny model's tensors).
 
     python bench/long_context.py --lengths 1024,4096,16384 --configs 5      # the recorded run
@@ -30,9 +30,9 @@ import time
 import torch
 from sweep_throughput import LLAMA_SHAPES, build_llama, document_ids, naive_config, sweep_configs
 
+from workers.contract.models import EMBEDDED_MODEL, load_model
+from workers.contract.settings import EngineSettings
 from workers.engine.core import Engine
-from workers.engine.settings import EngineSettings
-from workers.models import EMBEDDED_MODEL, load_model
 
 
 def main() -> None:
@@ -112,7 +112,7 @@ def fit_check(n: int, n_configs: int, density: float, chunk: int, window: int) -
     configs keeping ``density`` of the keys outside the window, plus one full reference row."""
     from types import SimpleNamespace
 
-    from workers import memory
+    from workers.contract import memory
     from workers.engine import capacity
 
     llama_8b = SimpleNamespace(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,

@@ -26,11 +26,11 @@ import torch
 from orchestrator.corpus import EMBEDDED_CORPUS, load_corpus
 from orchestrator.sweep.planner import group_configs
 from orchestrator.sweep.spec import build_configs
-from workers import tokenization
-from workers.configs import EvalConfig
+from workers.contract import tokenization
+from workers.contract.configs import EvalConfig
+from workers.contract.models import EMBEDDED_MODEL, load_model
+from workers.contract.settings import EngineSettings
 from workers.engine.core import Engine
-from workers.engine.settings import EngineSettings
-from workers.models import EMBEDDED_MODEL, load_model
 from workers.presses.baseline import BaselinePress
 
 KVORCH = [sys.executable, "-c", "import sys; from orchestrator.cli import main; sys.exit(main())"]

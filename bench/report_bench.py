@@ -1,6 +1,6 @@
 """Benchmark: ``kvorch report`` on a 10-million-row lake.
 
-Generates a synthetic lake in the real row schema (workers/schema.py) with numpy + pyarrow —
+Generates a synthetic lake in the real row schema (workers/contract/schema.py) with numpy + pyarrow —
 N documents x 64 chunks of 128 tokens x 78 configs (8 methods, 5 of them at 15 thresholds),
 written as one part per (shard, method) like a real run — then times the CLI end to end in a
 fresh process (interpreter start and imports included), best of --repeat:
@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from orchestrator.lake.store import Lake
-from workers.schema import ROW_SCHEMA
+from workers.contract.schema import ROW_SCHEMA
 
 CHUNKS, CHUNK, HEADS, WINDOW, SHARDS = 64, 128, 30 * 3, 128, 16
 FIXED = ("baseline", "window", "streaming_llm")
@@ -50,7 +50,7 @@ def configs() -> list[tuple[str, str, float | None, float]]:
 def schema_table(columns: dict[str, object], n: int) -> pa.Table:
     """A table in ROW_SCHEMA from the columns this generator makes up: a column of the schema it
     does not make is null when the schema allows it, else an error naming it, so a new column
-    in workers/schema.py never breaks the bench silently or with a KeyError."""
+    in workers/contract/schema.py never breaks the bench silently or with a KeyError."""
     missing = [f for f in ROW_SCHEMA if f.name not in columns]
     required = [f.name for f in missing if not f.nullable]
     if required:

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from orchestrator.sweep.spec import build_configs
+from workers.contract.models import DTYPES, EMBEDDED_MODEL, load_model, resolve_dtype
+from workers.contract.settings import EngineSettings
 from workers.engine.core import Engine
-from workers.engine.settings import EngineSettings
-from workers.models import DTYPES, EMBEDDED_MODEL, load_model, resolve_dtype
 
 # Llama-3.2-1B / -3B shapes (tied embeddings) with SmolLM2's vocabulary: 1.07B / 2.97B parameters.
 LLAMA_SHAPES = {
@@ -158,7 +158,7 @@ def document_ids(model_name: str, n_tokens: int, device: str) -> torch.Tensor:
     if model_name != EMBEDDED_MODEL:
         return torch.randint(0, 49152, (n_tokens,), generator=torch.Generator().manual_seed(0)).to(device)
     from orchestrator.corpus import load_corpus
-    from workers import tokenization
+    from workers.contract import tokenization
 
     tokens = tokenization.load(EMBEDDED_MODEL, tokenization.DEFAULT_BOS)
     ids: list[int] = []

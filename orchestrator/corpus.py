@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.errors import KvorchError
-from workers import tokenization
-from workers.models import resolve_model
+from workers.contract import tokenization
+from workers.contract.models import resolve_model
 
 EMBEDDED_CORPUS = "pydoc"
 EMBEDDED_DOC_CHARS = 12_000

@@ -1,6 +1,6 @@
 """The one exception type for user mistakes: the CLI prints its message on one line."""
 
-from workers.errors import first_line
+from workers.contract.errors import first_line
 
 __all__ = ["KvorchError", "first_line"]
 

@@ -15,12 +15,12 @@ import torch
 from orchestrator.corpus import load_corpus
 from orchestrator.errors import KvorchError
 from orchestrator.lake.store import Lake
-from workers import tokenization
 from workers.actor import EvalWorker
-from workers.configs import EvalConfig
-from workers.engine.settings import EngineSettings
-from workers.plan import DocumentScores, TaskDocument, WorkerSettings
-from workers.schema import SCORES_SCHEMA
+from workers.contract import tokenization
+from workers.contract.configs import EvalConfig
+from workers.contract.plan import DocumentScores, TaskDocument, WorkerSettings
+from workers.contract.schema import SCORES_SCHEMA
+from workers.contract.settings import EngineSettings
 
 
 def score_document(

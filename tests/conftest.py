@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from tests.helpers import tiny_llama
-from workers.models import EMBEDDED_MODEL, load_model, load_tokenizer
+from workers.contract.models import EMBEDDED_MODEL, load_model, load_tokenizer
 
 # Fixtures that make a test slow: a real Ray job, or the embedded 135M-parameter model.
 SLOW_FIXTURES = frozenset({"local_ray", "smollm2"})

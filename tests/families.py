@@ -16,9 +16,9 @@ import torch
 import transformers as T
 
 from tests.helpers import full_forward_nll
-from workers.configs import EvalConfig
+from workers.contract.configs import EvalConfig
+from workers.contract.settings import EngineSettings
 from workers.engine.core import Engine
-from workers.engine.settings import EngineSettings
 from workers.presses import ALL_METHODS, REGISTRY
 
 VOCAB = 97

@@ -45,7 +45,6 @@ class FailingPress(Press):
     ``workers.presses.REGISTRY``; Ray workers unpickle it from this module."""
 
     name = "failing"
-    in_all = False
     traceable = False  # raises by a host-side test of the document
     doc: str = ""
 
@@ -95,7 +94,7 @@ def write_head_table(path, head_class: list[list[str]], confidence: list[list[fl
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from workers.schema import HEADS_SCHEMA
+    from workers.contract.schema import HEADS_SCHEMA
 
     rows = []
     for layer, classes in enumerate(head_class):

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from tests.helpers import full_forward_logits, window_visible
-from workers.agreement import TOP_K, agreement_sums
-from workers.configs import EvalConfig
+from workers.contract.configs import EvalConfig
+from workers.contract.settings import EngineSettings
+from workers.contract.tokenization import resolve
+from workers.engine.agreement import TOP_K, agreement_sums
 from workers.engine.core import Engine
-from workers.engine.settings import EngineSettings
 from workers.presses import parse_method
 from workers.presses.baseline import BaselinePress
-from workers.tokenization import resolve
 
 BASELINE = EvalConfig(BaselinePress())
 WINDOW = EvalConfig(parse_method("window"))

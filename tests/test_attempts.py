@@ -13,7 +13,7 @@ from orchestrator.lake.store import Lake
 from orchestrator.pool.actors import PoolResult
 from orchestrator.sweep import attempts
 from tests.test_reports import chunk_row
-from workers.schema import ROW_SCHEMA
+from workers.contract.schema import ROW_SCHEMA
 
 EARLIER = {
     "status": "interrupted",

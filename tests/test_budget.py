@@ -11,9 +11,9 @@ from orchestrator.errors import KvorchError
 from orchestrator.reports.tables import RunReport
 from orchestrator.sweep.spec import JobSpec, build_configs
 from tests.test_reports import chunk_row, make_lake
-from workers.configs import EvalConfig
+from workers.contract.configs import EvalConfig
+from workers.contract.settings import EngineSettings
 from workers.engine.core import Engine
-from workers.engine.settings import EngineSettings
 from workers.presses import parse_method
 
 

@@ -17,11 +17,11 @@ from orchestrator.sweep import calibration
 from orchestrator.sweep.calibration import TOLERANCE, calibrate, calibrated_spec, compressible_density
 from orchestrator.sweep.spec import JobSpec
 from tests.conftest import tiny_llama
-from workers.configs import EvalConfig
+from workers.contract.configs import EvalConfig
+from workers.contract.settings import EngineSettings
+from workers.contract.tokenization import resolve
 from workers.engine.core import Engine
-from workers.engine.settings import EngineSettings
 from workers.presses import H2OPress, KnormPress, RandomPress
-from workers.tokenization import resolve
 
 
 def fake_measure(curves, calls):

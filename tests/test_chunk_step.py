@@ -22,13 +22,14 @@ from orchestrator.sweep import compile_check
 from orchestrator.sweep.spec import JobSpec, build_configs
 from tests.families import FAMILIES, VOCAB
 from tests.helpers import tiny_llama
-from workers import attention
-from workers.configs import EvalConfig
+from workers.contract import defaults
+from workers.contract import settings as settings_module
+from workers.contract.configs import EvalConfig
+from workers.contract.settings import EngineSettings, chunk_bounds, padded_length
 from workers.engine.core import Engine, ExecutionPath
-from workers.engine.settings import EngineSettings, chunk_bounds, padded_length
-from workers.head_stats import HeadStatsProbe
 from workers.presses import REGISTRY, parse_method
 from workers.presses.kvzap import build_surrogate, save_surrogate
+from workers.studies.head_stats import HeadStatsProbe
 
 CHUNK, WINDOW = 32, 32
 
@@ -105,7 +106,7 @@ def assert_every_press_evicts(rows: list[dict], configs: list[EvalConfig]) -> No
     assert methods == {c.method for c in configs if c.label in evicting}
 
 
-@pytest.mark.parametrize("attn", attention.BACKENDS)
+@pytest.mark.parametrize("attn", defaults.BACKENDS)
 def test_static_shapes_give_the_exact_paths_rows_scores_and_keep_masks(model, document, surrogate_dir, attn):
     """Every built-in press, under every policy: the static-shape step (padded cache, padded last
     chunk, the layout torch.compile traces) against the exact one. Rows as numbers, and every
@@ -192,7 +193,7 @@ def test_the_kvpress_adapter_runs_uncompiled_and_is_named_once():
 
 
 def test_flex_without_flexattention_is_a_one_line_error_naming_the_torch_needed(monkeypatch):
-    monkeypatch.setattr(attention, "flex_available", lambda: False)
+    monkeypatch.setattr(settings_module, "flex_available", lambda: False)
     with pytest.raises(KvorchError, match=r"--attn flex needs torch >= 2\.5") as excinfo:
         JobSpec(attn="flex")
     assert "\n" not in str(excinfo.value)

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from orchestrator.cli import main
 from orchestrator.corpus import load_corpus
 from tests.helpers import full_forward_nll
+from workers.contract.tokenization import resolve
 from workers.presses import ALL_METHODS
-from workers.tokenization import resolve
 
 
 def kvorch(*args: str):
@@ -200,7 +200,7 @@ def test_compile_cache_reaches_the_workers_and_never_changes_the_fingerprint(tmp
     from orchestrator.errors import KvorchError
     from orchestrator.sweep.resume import spec_hash
     from orchestrator.sweep.spec import JobSpec
-    from workers.defaults import COMPILE_CACHE
+    from workers.contract.defaults import COMPILE_CACHE
 
     assert JobSpec(methods=("baseline",)).compile_cache == COMPILE_CACHE == "~/.cache/kvorch/compile"
     import pyarrow as pa

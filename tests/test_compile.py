@@ -12,11 +12,11 @@ import torch
 
 from tests.helpers import tiny_llama
 from workers import actor
-from workers.compile_cache import use_compile_cache
-from workers.configs import EvalConfig
+from workers.contract.configs import EvalConfig
+from workers.contract.plan import Task, TaskDocument, WorkerSettings
+from workers.contract.settings import EngineSettings
+from workers.engine.compile_cache import use_compile_cache
 from workers.engine.core import Engine
-from workers.engine.settings import EngineSettings
-from workers.plan import Task, TaskDocument, WorkerSettings
 from workers.presses import parse_method
 
 CHUNK, WINDOW = 32, 32
@@ -122,7 +122,7 @@ def test_a_real_compile_fills_the_cache_and_a_fresh_process_loads_it(tmp_path):
     import sys
 
     script = (
-        "import sys, torch; from workers.compile_cache import use_compile_cache; "
+        "import sys, torch; from workers.engine.compile_cache import use_compile_cache; "
         "from torch._dynamo.utils import counters; use_compile_cache(sys.argv[1]); "
         "f = torch.compile(lambda x: torch.relu(x) * 2 + 1, fullgraph=True); f(torch.ones(8)); "
         "print(counters['inductor']['fxgraph_cache_hit'], counters['inductor']['fxgraph_cache_miss'])"

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from tests.helpers import chunk_sums, full_forward_nll
-from workers.attention import BACKENDS, attention_probabilities, grouped_attention
-from workers.configs import EvalConfig
+from workers.contract.configs import EvalConfig
+from workers.contract.defaults import BACKENDS
+from workers.contract.settings import EngineSettings
 from workers.engine.core import Engine
-from workers.engine.settings import EngineSettings
+from workers.modeling.attention import attention_probabilities, grouped_attention
 from workers.presses import ALL_METHODS, REGISTRY, LayerContext, Press, parse_method
 
 INF = float("inf")
@@ -192,7 +193,7 @@ def test_attention_probabilities_equal_eager_softmax():
 
 def test_embedded_model_baseline_equals_full_forward(smollm2, smollm2_tokenizer):
     from orchestrator.corpus import load_corpus
-    from workers.tokenization import resolve
+    from workers.contract.tokenization import resolve
 
     ids = torch.tensor(resolve(smollm2_tokenizer, "auto").ids(load_corpus("pydoc")[0].text, 300))
     reference = chunk_sums(full_forward_nll(smollm2, ids), len(ids), 128)

@@ -24,15 +24,15 @@ from tests.families import (
     tiny_decoder,
 )
 from tests.helpers import full_forward_nll
-from workers import attention
 from workers.actor import EvalWorker
-from workers.attention import UnsupportedAttention, kvorch_attention
-from workers.configs import EvalConfig
+from workers.contract.configs import EvalConfig
+from workers.contract.plan import MODEL_LEVEL, WorkerSettings
+from workers.contract.settings import EngineSettings
 from workers.engine.core import Engine
-from workers.engine.settings import EngineSettings
-from workers.exactness import inexact_reason
-from workers.nll import token_nll
-from workers.plan import MODEL_LEVEL, WorkerSettings
+from workers.engine.exactness import inexact_reason
+from workers.engine.nll import token_nll
+from workers.modeling import attention
+from workers.modeling.attention import UnsupportedAttention, kvorch_attention
 from workers.presses import REGISTRY
 
 SLIDING = {"mistral": [16, 16], "gemma2": [16, None], "gemma3": [16, None]}

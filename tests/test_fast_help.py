@@ -71,13 +71,8 @@ def test_kvorch_help_shows_every_summary_whole():
 
 def test_light_defaults_equal_their_owners():
     from orchestrator.heads.settings import PROBE_DEFAULTS, AnalysisSpec
-    from workers import defaults
-    from workers.attention import BACKENDS
-    from workers.head_stats import HeadStatsProbe
-    from workers.presses import ALL_METHODS
+    from workers.studies.head_stats import HeadStatsProbe
 
-    assert defaults.ALL_METHODS == ALL_METHODS
-    assert defaults.BACKENDS == BACKENDS
     probe = HeadStatsProbe()
     assert PROBE_DEFAULTS == {"n_sink": probe.n_sink, "recent": probe.recent, "min_position": probe.min_position}
     assert AnalysisSpec("m", "c").probe == probe

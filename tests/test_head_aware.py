@@ -8,9 +8,9 @@ import torch
 
 from orchestrator.lake.queries import metrics_of
 from tests.helpers import chunk_sums, full_forward_nll, write_head_table
-from workers.configs import EvalConfig
+from workers.contract.configs import EvalConfig
+from workers.contract.settings import EngineSettings
 from workers.engine.core import Engine
-from workers.engine.settings import EngineSettings
 from workers.presses import parse_method
 
 # tiny_llama: 2 layers x 4 query heads over 2 kv-heads (heads 0,1 -> kv 0; 2,3 -> kv 1)

@@ -16,9 +16,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from orchestrator.cli import main
 from orchestrator.heads.classify import ClassifierSettings, head_table
+from workers.contract.settings import EngineSettings
 from workers.engine.core import Engine
-from workers.engine.settings import EngineSettings
-from workers.head_stats import N_DISTANCE_BINS, SCALAR_FEATURES, DocumentHeadStats, HeadStatsProbe, recommended_window
+from workers.studies.head_stats import (
+    N_DISTANCE_BINS,
+    SCALAR_FEATURES,
+    DocumentHeadStats,
+    HeadStatsProbe,
+    recommended_window,
+)
 
 
 def kvorch(*args: str):

@@ -12,10 +12,10 @@ import torch
 from tests.families import FAMILIES, PRESSES, document, tiny_decoder
 from tests.helpers import tiny_llama
 from tests.test_chunk_step import CHUNK, WINDOW, assert_same_numbers, every_builtin_config, surrogate_dir  # noqa: F401
-from workers.configs import EvalConfig
+from workers.contract.configs import EvalConfig
+from workers.contract.settings import EngineSettings
 from workers.engine import capacity
 from workers.engine.core import Engine
-from workers.engine.settings import EngineSettings
 from workers.presses import REGISTRY, parse_method
 
 

@@ -17,11 +17,11 @@ from orchestrator.corpus import load_corpus
 from orchestrator.lake import incomplete
 from tests.helpers import FailingPress, chunk_sums, full_forward_nll, tiny_gpt2
 from workers.actor import PREFLIGHT_DOC_ID, EvalWorker
-from workers.configs import EvalConfig
+from workers.contract.configs import EvalConfig
+from workers.contract.models import load_model
+from workers.contract.plan import ConfigFailure, Task, TaskDocument, WorkerSettings
+from workers.contract.settings import EngineSettings
 from workers.engine.core import Engine
-from workers.engine.settings import EngineSettings
-from workers.models import load_model
-from workers.plan import ConfigFailure, Task, TaskDocument, WorkerSettings
 from workers.presses import REGISTRY, BaselinePress, KnormPress
 
 REASON = "RuntimeError: failing press: refuses this document"

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from orchestrator.cli import main
 from orchestrator.kvzap.fit import MLPSettings, fit_mlp, fit_ridge, r2_score
 from tests.helpers import tiny_llama
-from workers.kvzap_targets import TargetDocument, extract_targets
 from workers.presses.kvzap import KVzapPress, build_surrogate, load_surrogate, save_surrogate
+from workers.studies.kvzap_targets import TargetDocument, extract_targets
 
 
 def naive_targets(model, ids: torch.Tensor, n_context: int) -> list[torch.Tensor]:

@@ -16,7 +16,7 @@ from orchestrator.lake.queries import connect, run_named
 from orchestrator.lake.store import Lake
 from orchestrator.reports.formatting import render
 from orchestrator.reports.tables import RunReport
-from workers.schema import ROW_SCHEMA, SCHEMA_VERSION, SCORES_SCHEMA
+from workers.contract.schema import ROW_SCHEMA, SCHEMA_VERSION, SCORES_SCHEMA
 
 
 def row(doc, chunk, method, config, nll, n, correct, total, kept, in_window, protected, threshold=None):

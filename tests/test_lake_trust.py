@@ -31,7 +31,7 @@ from orchestrator.sweep.run_lock import RunLock
 from tests.full_disk import full_disk
 from tests.test_cli import snapshot
 from tests.test_reports import chunk_row
-from workers.schema import ROW_SCHEMA
+from workers.contract.schema import ROW_SCHEMA
 
 KVORCH = str(Path(sys.executable).parent / "kvorch")
 MARKER = 1234.5678  # an nll_sum whose 8 bytes are findable in the part file

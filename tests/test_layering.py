@@ -95,29 +95,79 @@ def test_kvorch_reads_only_the_lake_and_the_reports():
     assert set().union(*reached.values()) == KVORCH_READS <= set(RANKS)
 
 
-def workers_imports(path: Path) -> set[str]:
-    """The ``workers.*`` modules a file imports (module names, dotted)."""
+def workers_imports(path: Path, skip_type_checking: bool = False) -> set[str]:
+    """The ``workers.*`` modules a file imports (dotted; ``from workers.contract import plan`` is
+    ``workers.contract.plan``), function-local imports included. ``skip_type_checking``: leave out
+    imports under ``if TYPE_CHECKING:``, which are annotations, not arrows at run time."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skipped: set[int] = set()
+    if skip_type_checking:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+                skipped |= {id(inner) for stmt in node.body for inner in ast.walk(stmt)}
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name.startswith("workers.")}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module == "workers":
-                found |= {f"workers.{alias.name}" for alias in node.names}
-            elif node.module.startswith("workers."):
-                found.add(node.module)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith("workers"):
+            package = ROOT / node.module.replace(".", "/")
+            for alias in node.names:
+                is_module = (package / f"{alias.name}.py").exists() or (package / alias.name).is_dir()
+                found.add(f"{node.module}.{alias.name}" if package.is_dir() and is_module else node.module)
     return found
 
 
-def test_the_driver_takes_only_settings_from_the_engine_package():
-    """Plan types come from workers/plan.py, settings from workers/engine/settings.py; the rest of
-    the engine is the actor's business."""
+# Exactly what the driver (orchestrator/, kvorch/, sql/) may import from workers/: the contract
+# the two sides share, the press registry, and the entry points of what runs in actors. A new
+# entry here is a decision about the boundary (docs/DESIGN.md, "Architecture").
+DRIVER_IMPORTS = {
+    "workers.contract.configs", "workers.contract.defaults", "workers.contract.errors", "workers.contract.memory",
+    "workers.contract.models", "workers.contract.plan", "workers.contract.schema", "workers.contract.settings",
+    "workers.contract.tokenization",
+    "workers.presses",  # the registry: names, parse_method, the Press base
+    "workers.presses.kvzap",  # save_surrogate: kvorch kvzap writes the surrogate the press loads
+    "workers.actor",  # EvalWorker, the sweep's Ray actor
+    "workers.faults",  # the fault-injection variables forwarded to actors
+    "workers.studies.head_stats", "workers.studies.kvzap_targets",  # the studies' actors and records
+}  # fmt: skip
+
+
+def test_the_driver_imports_exactly_the_listed_workers_modules():
     reached = {
-        str(path.relative_to(ROOT)): {m for m in workers_imports(path) if m.startswith("workers.engine")}
-        for floor in ("orchestrator", "kvorch")
+        module
+        for floor in ("orchestrator", "kvorch", "sql")
         for path in sorted((ROOT / floor).rglob("*.py"))
+        for module in workers_imports(path)
     }
-    assert {f: m - {"workers.engine.settings"} for f, m in reached.items() if m - {"workers.engine.settings"}} == {}
+    assert reached == DRIVER_IMPORTS
+
+
+# workers/'s rooms, bottom first: a room may import its own modules and rooms of a lower rank.
+WORKER_RANKS = {
+    "contract": 0, "faults": 0, "progress": 0, "modeling": 1, "presses": 2, "engine": 3, "studies": 3, "actor": 4,
+}  # fmt: skip
+
+
+def test_workers_rooms_import_only_downwards():
+    def room(module: str) -> str:
+        return module.split(".")[1]
+
+    upward = [
+        f"{path.relative_to(ROOT)} imports {module}"
+        for path in sorted((ROOT / "workers").rglob("*.py"))
+        if len(path.relative_to(ROOT / "workers").parts) > 1 or path.stem != "__init__"
+        for module in sorted(workers_imports(path, skip_type_checking=True))
+        if room(module) != (here := path.relative_to(ROOT / "workers").parts[0].removesuffix(".py"))
+        and WORKER_RANKS[room(module)] >= WORKER_RANKS[here]
+    ]
+    assert upward == []
+    assert set(WORKER_RANKS) == {
+        p.stem if p.is_file() else p.name
+        for p in (ROOT / "workers").iterdir()
+        if p.name not in ("__init__.py", "__pycache__")
+    }  # every room is ranked
 
 
 def test_workers_have_no_import_circle():

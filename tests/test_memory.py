@@ -13,7 +13,7 @@ from orchestrator.errors import KvorchError
 from orchestrator.pool.actors import PoolPlan
 from orchestrator.sweep import batching
 from orchestrator.sweep.spec import JobSpec
-from workers import memory
+from workers.contract import memory
 
 VOCAB = 101
 # Tiny configs of six families; the sizes are chosen unequal (head_dim != hidden / heads for
@@ -153,11 +153,11 @@ def test_the_estimate_sizes_the_cache_the_step_really_holds(static, n):
     bucket) and a 256-token retrieval probe, whose answer span changes nothing of the cache.
     The ``kv_cache_bytes`` column reports the same tensors."""
     from tests.helpers import tiny_llama
-    from workers.configs import EvalConfig
+    from workers.contract.configs import EvalConfig
+    from workers.contract.plan import AnswerSpan
+    from workers.contract.settings import EngineSettings
     from workers.engine import capacity
     from workers.engine.core import Engine
-    from workers.engine.settings import EngineSettings
-    from workers.nll import AnswerSpan
     from workers.presses import parse_method
 
     model = tiny_llama()

@@ -24,7 +24,7 @@ from orchestrator.lake.store import Lake
 from orchestrator.reports.formatting import render
 from orchestrator.reports.tables import TABLES
 from tests.test_lake_and_report import row
-from workers.schema import ROW_SCHEMA, SCORES_SCHEMA
+from workers.contract.schema import ROW_SCHEMA, SCORES_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = {"knorm@-2": (-2.0, 0.6), "knorm@-1": (-1.0, 0.3), "h2o@1": (1.0, 0.45)}  # config -> (threshold, kept fraction)

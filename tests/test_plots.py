@@ -15,7 +15,7 @@ from matplotlib.colors import to_hex  # noqa: E402
 
 from orchestrator.reports.plots import colour, plot_figures, write_plots  # noqa: E402
 from orchestrator.reports.tables import Table  # noqa: E402
-from workers.defaults import ALL_METHODS  # noqa: E402
+from workers.contract.defaults import ALL_METHODS  # noqa: E402
 
 # The default run's README table: config -> (compressible density, ΔNLL %, KL).
 DEFAULT_RUN = {

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import layer_context, tiny_llama
-from workers.configs import EvalConfig
+from workers.contract.configs import EvalConfig
+from workers.contract.settings import EngineSettings
 from workers.engine.core import Engine
-from workers.engine.settings import EngineSettings
+from workers.modeling.rope import LayerRotary, rotate_half
 from workers.presses import StateShape, parse_method
-from workers.rope import LayerRotary, rotate_half
 
 N = 192
 
@@ -212,7 +212,7 @@ def test_running_statistics_equal_numpy_over_all_queries():
 def test_attention_sinks_matter_on_the_embedded_model(smollm2, smollm2_tokenizer):
     """The StreamingLLM finding: the same window without its 4 sink tokens is far worse."""
     from orchestrator.corpus import load_corpus
-    from workers.tokenization import resolve
+    from workers.contract.tokenization import resolve
 
     ids = torch.tensor(resolve(smollm2_tokenizer, "auto").ids(load_corpus("pydoc")[1].text, 512))
     configs = [EvalConfig(parse_method("window")), EvalConfig(parse_method("streaming_llm"))]

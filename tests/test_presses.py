@@ -7,12 +7,12 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from tests.helpers import tiny_llama
-from workers.configs import EvalConfig
+from workers.contract.configs import EvalConfig
+from workers.contract.settings import EngineSettings
 from workers.engine.core import Engine, doc_seed
-from workers.engine.settings import EngineSettings
+from workers.modeling.rope import mean_rotation, unrotate
 from workers.presses import REGISTRY, parse_method
 from workers.presses.random import uniform_scores
-from workers.rope import mean_rotation, unrotate
 
 
 def rotary(head_dim: int = 8):
@@ -77,7 +77,7 @@ def test_every_press_module_registers_its_press_and_all_keeps_its_order():
     assert defined and defined == set(REGISTRY.values())
     assert all(dc.is_dataclass(cls) for cls in defined)
     # The order of `--methods all` (so of every run's configs and resume fingerprints) is the
-    # literal in workers/defaults.py, which tests/test_fast_help.py holds equal to ALL_METHODS.
+    # literal ALL_METHODS in workers/contract/defaults.py, its one owner.
 
 
 def test_register_refuses_a_name_taken_by_another_press():

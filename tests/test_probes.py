@@ -26,7 +26,7 @@ from orchestrator.probes import (
 )
 from orchestrator.probes.filler import Unit, cut
 from orchestrator.probes.spec import check_lengths, length_label
-from workers.tokenization import resolve
+from workers.contract.tokenization import resolve
 
 ANSWER_PATTERN = {"passkey": r" \d{5}", "needle": r" \d{7}", "kv": r"[0-9a-f]{8}"}
 QUESTION = {

@@ -17,10 +17,10 @@ from orchestrator.pool.progress import ProgressCounter
 from orchestrator.sweep.progress import Progress, compiling_note
 from tests.helpers import tiny_llama
 from workers.actor import EvalWorker
-from workers.configs import EvalConfig
+from workers.contract.configs import EvalConfig
+from workers.contract.plan import Task, TaskDocument, WorkerSettings
+from workers.contract.settings import EngineSettings, chunk_bounds
 from workers.engine.core import Engine
-from workers.engine.settings import EngineSettings, chunk_bounds
-from workers.plan import Task, TaskDocument, WorkerSettings
 from workers.presses import parse_method
 from workers.progress import ChunkReporter
 

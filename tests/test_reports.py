@@ -22,7 +22,7 @@ from orchestrator.lake.store import Lake
 from orchestrator.reports.densities import parse_densities
 from orchestrator.reports.tables import RunReport
 from tests.test_cli import snapshot
-from workers.schema import CHUNK_COLUMNS_BY_VERSION, CHUNK_SCHEMA, ROW_SCHEMA
+from workers.contract.schema import CHUNK_COLUMNS_BY_VERSION, CHUNK_SCHEMA, ROW_SCHEMA
 
 HEADS = 4  # layers x kv-heads of the synthetic rows
 

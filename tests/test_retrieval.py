@@ -16,13 +16,13 @@ from orchestrator.cli import main
 from orchestrator.sweep.documents import docs_table, run_documents
 from orchestrator.sweep.spec import JobSpec
 from tests.helpers import full_forward_logits, window_visible
-from workers.configs import EvalConfig
+from workers.contract.configs import EvalConfig
+from workers.contract.plan import AnswerSpan
+from workers.contract.settings import EngineSettings
+from workers.contract.tokenization import resolve
 from workers.engine.core import Engine
-from workers.engine.settings import EngineSettings
-from workers.nll import AnswerSpan
 from workers.presses import parse_method
 from workers.presses.baseline import BaselinePress
-from workers.tokenization import resolve
 
 
 def kvorch_cli(*args: str):

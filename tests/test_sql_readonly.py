@@ -27,7 +27,7 @@ from orchestrator.cli import main
 from orchestrator.errors import KvorchError
 from orchestrator.lake.store import Lake
 from tests.test_notebook import SWEEP, run_rows, write_run
-from workers.schema import DOC_SCHEMA, HEADS_SCHEMA, SCORES_SCHEMA
+from workers.contract.schema import DOC_SCHEMA, HEADS_SCHEMA, SCORES_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "kvorch-secret-28"

@@ -10,10 +10,10 @@ import pytest
 from orchestrator.errors import KvorchError
 from orchestrator.sweep.spec import JobSpec
 from tests.test_engine import default_configs
-from workers import memory
-from workers.configs import EvalConfig
+from workers.contract import memory
+from workers.contract.configs import EvalConfig
+from workers.contract.settings import EngineSettings, padded_length
 from workers.engine.core import Engine
-from workers.engine.settings import EngineSettings, padded_length
 from workers.presses import REGISTRY, parse_method
 
 DENSITY_COLUMNS = (

@@ -9,8 +9,8 @@ from transformers import AutoTokenizer
 from orchestrator.corpus import load_corpus
 from orchestrator.errors import KvorchError
 from orchestrator.sweep.spec import JobSpec
-from workers import tokenization
-from workers.tokenization import difference, resolve
+from workers.contract import tokenization
+from workers.contract.tokenization import difference, resolve
 
 # The embedded GGUF declares tokenizer.ggml.bos_token_id = 1 (<|im_start|>).
 SMOLLM2_BOS = 1

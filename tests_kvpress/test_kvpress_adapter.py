@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from tests.helpers import tiny_llama
-from workers.configs import EvalConfig
+from workers.contract.configs import EvalConfig
+from workers.contract.settings import EngineSettings
 from workers.engine.core import Engine
-from workers.engine.settings import EngineSettings
 from workers.presses import parse_method
 from workers.presses.kvpress_adapter import kvpress_instance
 

@@ -19,9 +19,9 @@ import torch
 from transformers import DynamicCache
 
 from tests.helpers import tiny_llama
-from workers.configs import EvalConfig
+from workers.contract.configs import EvalConfig
+from workers.contract.settings import EngineSettings
 from workers.engine.core import Engine
-from workers.engine.settings import EngineSettings
 from workers.presses import parse_method
 
 N = 192

@@ -21,17 +21,25 @@ import ray
 import torch
 from ray.util import metrics
 
-from workers.compile_cache import use_compile_cache
-from workers.configs import EvalConfig
+from workers.contract.configs import EvalConfig
+from workers.contract.errors import error_line
+from workers.contract.models import load_model
+from workers.contract.plan import (
+    MODEL_LEVEL,
+    ConfigFailure,
+    DocumentScores,
+    Task,
+    TaskDocument,
+    TaskResult,
+    WorkerSettings,
+)
+from workers.contract.schema import ROW_SCHEMA
+from workers.engine.compile_cache import use_compile_cache
 from workers.engine.core import Engine
-from workers.errors import error_line
-from workers.exactness import inexact_reason
+from workers.engine.exactness import inexact_reason
 from workers.faults import Fault
-from workers.head_stats import DocumentHeadStats, HeadStatsProbe
-from workers.models import load_model
-from workers.plan import MODEL_LEVEL, ConfigFailure, DocumentScores, Task, TaskDocument, TaskResult, WorkerSettings
 from workers.progress import ChunkReporter
-from workers.schema import ROW_SCHEMA
+from workers.studies.head_stats import DocumentHeadStats, HeadStatsProbe
 
 # The preflight's document: a few chunks past a small window, so every press scores, decides
 # and evicts at least once, at the cost of a handful of tiny forwards per config.
@@ -162,7 +170,7 @@ class EvalWorker:
         """(label, reason) of every config that cannot run on this model, each tried alone on a
         tiny document, so a press that cannot work here stops the job at submit time instead of
         failing on every document of the sweep. Label ``MODEL_LEVEL``: kvorch's baseline does not
-        reproduce the model's own forward (workers/exactness.py), whatever the configs.
+        reproduce the model's own forward (workers/engine/exactness.py), whatever the configs.
 
         The run's attention and cache settings with a small chunk and window, so each press
         scores, decides and evicts within a few forwards, on the engine the sweep will use (the

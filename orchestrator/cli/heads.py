@@ -24,7 +24,7 @@ from orchestrator.heads.settings import FEW_DOCS, PROBE_DEFAULTS, AnalysisSpec, 
 from orchestrator.lake.queries import connect, run_named
 from orchestrator.lake.store import Lake
 from orchestrator.reports.formatting import render
-from workers.schema import HEAD_CLASSES
+from workers.contract.schema import HEAD_CLASSES
 
 _CLASSIFIER = ClassifierSettings()
 
@@ -94,7 +94,7 @@ def analyze_command(
     """Measure every head's attention over the corpus on Ray, classify it, store heads/ in the lake."""
     # torch, transformers and Ray: imported once the command runs, never for --help.
     from orchestrator.heads.analysis import analyze
-    from workers.head_stats import HeadStatsProbe
+    from workers.studies.head_stats import HeadStatsProbe
 
     if n_sink < 0 or recent < 1 or min_position < recent + n_sink:
         raise KvorchError("need --n-sink >= 0, --recent >= 1 and --min-position >= --recent + --n-sink")

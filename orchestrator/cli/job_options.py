@@ -13,9 +13,9 @@ import click
 from orchestrator.corpus import EMBEDDED_CORPUS
 from orchestrator.pool import DEFAULT_CONNECT_TIMEOUT
 from orchestrator.sweep.spec import JobSpec
-from workers.defaults import ALL_METHODS, BACKENDS
-from workers.models import DTYPE_NAMES, EMBEDDED_MODEL
-from workers.tokenization import BOS_MODES, DEFAULT_BOS
+from workers.contract.defaults import ALL_METHODS, BACKENDS
+from workers.contract.models import DTYPE_NAMES, EMBEDDED_MODEL
+from workers.contract.tokenization import BOS_MODES, DEFAULT_BOS
 
 model_option = click.option(
     "--model",

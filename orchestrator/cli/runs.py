@@ -12,7 +12,7 @@ from orchestrator.lake.queries import connect, run_named
 from orchestrator.lake.store import Lake
 from orchestrator.reports.formatting import render
 from orchestrator.reports.tables import run_kind
-from workers.tokenization import difference
+from workers.contract.tokenization import difference
 
 
 @click.command("runs")

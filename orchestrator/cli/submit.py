@@ -45,8 +45,8 @@ from orchestrator.reports.densities import parse_densities
 from orchestrator.reports.tables import RunReport, render_tables
 from orchestrator.sweep.endings import stopping_signal
 from orchestrator.sweep.spec import COMPILE_MODES, JobSpec
-from workers.configs import POLICIES
-from workers.engine.settings import CACHES
+from workers.contract.configs import POLICIES
+from workers.contract.settings import CACHES
 
 if TYPE_CHECKING:
     from orchestrator.sweep import submission

@@ -22,8 +22,8 @@ from orchestrator.lake.store import Lake
 from orchestrator.pool import actors
 from orchestrator.pool.connect import DEFAULT_CONNECT_TIMEOUT
 from workers.actor import EvalWorker
-from workers.models import resolve_dtype
-from workers.plan import TaskDocument, WorkerSettings
+from workers.contract.models import resolve_dtype
+from workers.contract.plan import TaskDocument, WorkerSettings
 
 __all__ = ["FEW_DOCS", "HEADS_FILE", "Analysis", "AnalysisSpec", "ClassifierSettings", "analyze"]
 

@@ -27,8 +27,8 @@ import pyarrow as pa
 import torch
 
 from orchestrator.heads.settings import ClassifierSettings
-from workers.head_stats import SCALAR_FEATURES, DocumentHeadStats, recommended_window
-from workers.schema import HEAD_CLASSES, HEADS_SCHEMA
+from workers.contract.schema import HEAD_CLASSES, HEADS_SCHEMA
+from workers.studies.head_stats import SCALAR_FEATURES, DocumentHeadStats, recommended_window
 
 __all__ = ["ClassifierSettings", "classify", "head_table"]
 

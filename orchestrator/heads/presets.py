@@ -17,7 +17,7 @@ from orchestrator.errors import KvorchError
 from orchestrator.lake.store import Lake
 from orchestrator.pool import DEFAULT_CONNECT_TIMEOUT
 from orchestrator.sweep.spec import JobSpec
-from workers.engine.settings import EngineSettings
+from workers.contract.settings import EngineSettings
 
 HEAD_ABLATION = "head-ablation"
 PRESETS = (HEAD_ABLATION,)
@@ -54,7 +54,7 @@ def analyze_held_out_heads(
     # Imported here: `kvorch submit --help` reads this module's names without loading torch.
     from orchestrator.heads.analysis import AnalysisSpec, analyze
     from orchestrator.heads.classify import ClassifierSettings
-    from workers.head_stats import HeadStatsProbe
+    from workers.studies.head_stats import HeadStatsProbe
 
     skip = spec.max_docs or 0
     if spec.max_docs is None or len(load_corpus(spec.corpus)) <= skip:

@@ -1,6 +1,6 @@
 """The settings of ``kvorch heads analyze`` (its options' defaults), free of torch, so the
 command's ``--help`` never loads it: the classifier's thresholds, the analysis spec, and the
-head-statistics probe's defaults (mirrored from ``workers.head_stats.HeadStatsProbe``, which is
+head-statistics probe's defaults (mirrored from ``workers.studies.head_stats.HeadStatsProbe``, which is
 a press and imports torch; tests/test_fast_help.py holds them equal)."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from orchestrator.errors import KvorchError
-from workers import tokenization
-from workers.engine.settings import EngineSettings
+from workers.contract import tokenization
+from workers.contract.settings import EngineSettings
 
 if TYPE_CHECKING:
-    from workers.head_stats import HeadStatsProbe
+    from workers.studies.head_stats import HeadStatsProbe
 
 # Below this many documents the bootstrap over chunks is optimistic (chunks of one document agree).
 FEW_DOCS = 4
@@ -25,7 +25,7 @@ PROBE_DEFAULTS = {"n_sink": 4, "recent": 64, "min_position": 256}
 
 
 def _probe() -> HeadStatsProbe:
-    from workers.head_stats import HeadStatsProbe
+    from workers.studies.head_stats import HeadStatsProbe
 
     return HeadStatsProbe()
 

@@ -21,8 +21,8 @@ from orchestrator.kvzap.fit import fit_mlp, fit_ridge, r2_score
 from orchestrator.kvzap.settings import KINDS, MLPSettings, TrainSpec
 from orchestrator.pool import actors
 from orchestrator.pool.connect import DEFAULT_CONNECT_TIMEOUT
-from workers.kvzap_targets import TargetDocument, TargetSamples, TargetWorker
 from workers.presses.kvzap import save_surrogate
+from workers.studies.kvzap_targets import TargetDocument, TargetSamples, TargetWorker
 
 __all__ = ["KINDS", "MLPSettings", "TrainSpec", "extract", "fit", "prepare_documents"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from workers import tokenization
+from workers.contract import tokenization
 
 KINDS = ("linear", "mlp")
 

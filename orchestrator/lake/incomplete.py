@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the report reads records without importing the worker side (torch, Ray)
-    from workers.plan import ConfigFailure
+    from workers.contract.plan import ConfigFailure
 
 STATUS_KEY = "config_failures"
 

@@ -14,7 +14,7 @@ from orchestrator.errors import KvorchError
 from orchestrator.lake import integrity
 from orchestrator.lake.integrity import RunAudit
 from orchestrator.lake.store import Lake
-from workers.schema import (
+from workers.contract.schema import (
     CHUNK_SCHEMA,
     DOC_SCHEMA,
     HEADS_SCHEMA,

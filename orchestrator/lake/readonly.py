@@ -37,7 +37,7 @@ from orchestrator.lake import integrity
 from orchestrator.lake.integrity import RunAudit
 from orchestrator.lake.queries import check_schema_versions, create_macros, no_runs, quote, run_relations
 from orchestrator.lake.store import Lake
-from workers.schema import CHUNK_SCHEMA, DOC_SCHEMA, HEADS_SCHEMA, PARTITION_COLUMNS, SCORES_SCHEMA
+from workers.contract.schema import CHUNK_SCHEMA, DOC_SCHEMA, HEADS_SCHEMA, PARTITION_COLUMNS, SCORES_SCHEMA
 
 DEFAULT_TIMEOUT_S = 120.0  # no report query comes near it (BENCHMARKS.md: seconds on 10M rows)
 DEFAULT_MEMORY_LIMIT = "4GB"

@@ -38,7 +38,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from orchestrator.errors import KvorchError
-from workers.schema import CHUNK_COLUMNS_BY_VERSION, CHUNK_SCHEMA, DOC_SCHEMA, PARTITION_COLUMNS
+from workers.contract.schema import CHUNK_COLUMNS_BY_VERSION, CHUNK_SCHEMA, DOC_SCHEMA, PARTITION_COLUMNS
 
 DEFAULT_LAKE = "./kvorch-lake"
 # A run id is one safe path component: never "..", never "/", never longer than a file name can be.

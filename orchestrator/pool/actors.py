@@ -46,9 +46,9 @@ from orchestrator.pool import DEFAULT_ACTOR_TIMEOUT, DEFAULT_MAX_RETRIES
 from orchestrator.pool import events as pool_events
 from orchestrator.pool.connect import DEFAULT_CONNECT_TIMEOUT, join_cluster
 from orchestrator.pool.events import EventLog
-from workers.configs import EvalConfig
+from workers.contract.configs import EvalConfig
+from workers.contract.plan import MODEL_LEVEL, Task, TaskResult
 from workers.faults import forwarded_env
-from workers.plan import MODEL_LEVEL, Task, TaskResult
 
 # A call to a restarting actor fails at once: a lost worker's restart is checked this often.
 RESTART_POLL_SECONDS = 1.0

@@ -13,7 +13,7 @@ package only builds the probes as token ids and metadata:
 - custom.py    bring-your-own probes from a JSONL file
 - build.py     ``build_probes``
 
-Imports orchestrator.corpus, orchestrator.errors and workers.tokenization only.
+Imports orchestrator.corpus, orchestrator.errors and workers.contract.tokenization only.
 """
 
 from orchestrator.probes.build import build_probes

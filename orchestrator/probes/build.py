@@ -21,7 +21,7 @@ from orchestrator.probes.haystack import Encode, Haystack
 from orchestrator.probes.probe import Probe, assemble
 from orchestrator.probes.spec import ProbeSpec, check_spec, check_task, depth_label, is_custom, length_label
 from orchestrator.probes.tasks import KeyValue, Needle, Parts, Passkey, Task
-from workers.tokenization import Tokenization
+from workers.contract.tokenization import Tokenization
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 from orchestrator.errors import KvorchError
 from orchestrator.reports.formatting import cell
 from orchestrator.reports.tables import Table, left_out
-from workers.defaults import ALL_METHODS
+from workers.contract.defaults import ALL_METHODS
 
 # The report tables the plots are drawn from.
 PLOTTED_TABLES = ("pareto", "frontier", "paired", "by_position", "retrieval")

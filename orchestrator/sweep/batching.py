@@ -11,9 +11,9 @@ import ray
 from orchestrator.errors import KvorchError
 from orchestrator.pool.actors import PoolPlan
 from orchestrator.sweep.spec import JobSpec
-from workers import memory
-from workers.engine.settings import EngineSettings
-from workers.models import DTYPES
+from workers.contract import memory
+from workers.contract.models import DTYPES
+from workers.contract.settings import EngineSettings
 
 
 def resolve(spec: JobSpec, pool: PoolPlan, dtype: str, engine: EngineSettings, longest: int) -> int:

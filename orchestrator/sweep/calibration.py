@@ -30,10 +30,10 @@ from orchestrator.lake.queries import metrics_of
 from orchestrator.pool.actors import Call, WorkerPool
 from orchestrator.sweep.planner import TokenizedDocument, check_lengths
 from orchestrator.sweep.spec import JobSpec
-from workers.configs import EvalConfig
-from workers.plan import Task, TaskDocument
+from workers.contract.configs import EvalConfig
+from workers.contract.plan import Task, TaskDocument
+from workers.contract.tokenization import Tokenization
 from workers.presses import Press
-from workers.tokenization import Tokenization
 
 HELD_OUT_DOCS = 2
 TOLERANCE = 0.02

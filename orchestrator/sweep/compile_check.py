@@ -13,9 +13,9 @@ import sys
 import torch
 
 from orchestrator.errors import KvorchError
-from workers.configs import EvalConfig
-from workers.engine.settings import EngineSettings
-from workers.errors import error_line
+from workers.contract.configs import EvalConfig
+from workers.contract.errors import error_line
+from workers.contract.settings import EngineSettings
 
 
 def compiler_problem(device: str) -> str | None:

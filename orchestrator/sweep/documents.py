@@ -15,9 +15,9 @@ from orchestrator.errors import KvorchError
 from orchestrator.probes import ProbeSpec, build_probes
 from orchestrator.sweep.planner import TokenizedDocument
 from orchestrator.sweep.spec import JobSpec
-from workers import memory
-from workers.schema import DOC_SCHEMA
-from workers.tokenization import Tokenization
+from workers.contract import memory
+from workers.contract.schema import DOC_SCHEMA
+from workers.contract.tokenization import Tokenization
 
 
 def run_documents(spec: JobSpec, tokens: Tokenization, corpus: list[Document]) -> list[TokenizedDocument]:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from orchestrator.corpus import Document
 from orchestrator.errors import KvorchError
 from orchestrator.probes import Probe
-from workers.configs import EvalConfig
-from workers.plan import Task, TaskDocument
+from workers.contract.configs import EvalConfig
+from workers.contract.plan import Task, TaskDocument
 
 SHARDS_PER_ACTOR = 4
 

@@ -19,7 +19,7 @@ import ray
 from tqdm import tqdm
 
 from orchestrator.pool.actors import PoolResult
-from workers.plan import Task
+from workers.contract.plan import Task
 
 # How often the driver's thread reads the progress counter.
 POLL_SECONDS = 0.5

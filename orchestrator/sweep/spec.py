@@ -15,11 +15,11 @@ from orchestrator.corpus import EMBEDDED_CORPUS, check_regular_file
 from orchestrator.errors import KvorchError
 from orchestrator.probes import DEFAULT_DEPTHS, DEFAULT_LENGTHS, ProbeSpec, check_task
 from orchestrator.probes.spec import check_spec
-from workers.configs import POLICIES, RANKED_POLICIES, EvalConfig
-from workers.defaults import COMPILE_CACHE
-from workers.engine.settings import EngineSettings
-from workers.models import DTYPE_NAMES, EMBEDDED_MODEL
-from workers.tokenization import BOS_MODES, DEFAULT_BOS
+from workers.contract.configs import POLICIES, RANKED_POLICIES, EvalConfig
+from workers.contract.defaults import COMPILE_CACHE
+from workers.contract.models import DTYPE_NAMES, EMBEDDED_MODEL
+from workers.contract.settings import EngineSettings, check_backend
+from workers.contract.tokenization import BOS_MODES, DEFAULT_BOS
 
 if TYPE_CHECKING:
     from workers.presses import Press
@@ -42,13 +42,13 @@ class JobSpec:
     ratios: tuple[float, ...] = ()
     budgets: tuple[int, ...] = ()
     # Record each config's KL, top-1 agreement and top-5 overlap with the uncompressed model
-    # (workers/agreement.py); the run then always holds baseline, added when not requested.
+    # (workers/engine/agreement.py); the run then always holds baseline, added when not requested.
     agreement: bool = EngineSettings.agreement
     max_docs: int | None = DEFAULT_MAX_DOCS
     max_tokens: int = DEFAULT_MAX_TOKENS
     chunk_size: int = DEFAULT_CHUNK_SIZE
     window: int = DEFAULT_WINDOW
-    attn: str = "sdpa"
+    attn: str = EngineSettings.attn
     dtype: str = "auto"
     device: str = "auto"
     actors: int | None = None
@@ -59,9 +59,9 @@ class JobSpec:
     cuda_graphs: bool = EngineSettings.cuda_graphs
     # The KV cache: held (per config what it keeps) or masked (every position); EngineSettings.cache.
     cache: str = EngineSettings.cache
-    # Where compiled chunk steps are cached on each machine (workers/compile_cache.py).
+    # Where compiled chunk steps are cached on each machine (workers/engine/compile_cache.py).
     compile_cache: str = COMPILE_CACHE
-    # BOS first in every document: auto|on|off, resolved against the tokenizer (workers/tokenization.py).
+    # BOS first in every document: auto|on|off, resolved against the tokenizer (workers/contract/tokenization.py).
     bos: str = DEFAULT_BOS
     # Target compressible densities: thresholds are calibrated to them (orchestrator/sweep/calibration.py).
     densities: tuple[float, ...] = ()
@@ -91,8 +91,6 @@ class JobSpec:
             raise KvorchError("--cuda-graphs replays the compiled chunk step; it needs --compile auto or on, not off")
         if self.bos not in BOS_MODES:
             raise KvorchError(f"--bos {self.bos!r} is unknown; use one of {', '.join(BOS_MODES)}")
-        from workers.attention import check_backend
-
         try:
             check_backend(self.attn)
         except ValueError as exc:
@@ -106,7 +104,7 @@ class JobSpec:
         if not self.configs:
             configs = build_configs(self.methods, self.thresholds, self.policy, self.ratios, self.budgets, self.window)
             if self.agreement and not any(c.is_baseline for c in configs):
-                from workers.presses.baseline import BaselinePress
+                from workers.presses import BaselinePress
 
                 configs.insert(0, EvalConfig(BaselinePress()))
             object.__setattr__(self, "configs", tuple(configs))
@@ -356,7 +354,7 @@ def _json_float(value: float | None) -> float | str | None:
     return str(value)
 
 
-def engine_settings(chunk_size: int, window: int, attn: str = "sdpa", **options: object) -> EngineSettings:
+def engine_settings(chunk_size: int, window: int, attn: str = EngineSettings.attn, **options: object) -> EngineSettings:
     """The engine's settings, or a one-line KvorchError naming the options to fix. The engine
     owns the rules (``EngineSettings.__post_init__``); every command builds its settings here, so
     a chunk size or window is validated in that one place and reported the same way."""

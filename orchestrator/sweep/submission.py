@@ -35,9 +35,9 @@ from orchestrator.sweep.resume import choose_run, running_status, spec_hash
 from orchestrator.sweep.run_lock import RunLock
 from orchestrator.sweep.spec import JobSpec
 from workers.actor import EvalWorker
-from workers.models import resolve_dtype
-from workers.plan import Task, WorkerSettings
-from workers.schema import SCHEMA_VERSION
+from workers.contract.models import resolve_dtype
+from workers.contract.plan import Task, WorkerSettings
+from workers.contract.schema import SCHEMA_VERSION
 
 
 @dataclass(frozen=True)

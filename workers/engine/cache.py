@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils._pytree import register_dataclass
 
-from workers import attention
-from workers.attention import AttentionVariant
+from workers.modeling import attention
+from workers.modeling.attention import AttentionVariant
 
 # The position of an empty slot: larger than any query's, so causal masking hides it.
 EMPTY = 1 << 40

@@ -7,7 +7,7 @@ protected window, one that keeps everything) and is learned from the documents a
 the keys' scores decide it (the threshold policy): the engine then grows it when a document
 overflows it and runs that document again, so no key the policy keeps is ever dropped.
 
-This module imports no torch, so the driver's batch-size estimate (workers/memory.py) and the
+This module imports no torch, so the driver's batch-size estimate (workers/contract/memory.py) and the
 fit check of the benches size the cache with the very rule the step allocates by.
 """
 

@@ -22,14 +22,13 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from workers.configs import EvalConfig
+from workers.contract.configs import EvalConfig
+from workers.contract.plan import AnswerSpan, DocumentScores
+from workers.contract.settings import EngineSettings, cache_positions
 from workers.engine import capacity
 from workers.engine.hooks import HookedModel
 from workers.engine.layout import DocumentLayout
-from workers.engine.settings import EngineSettings, cache_positions
 from workers.engine.step import ChunkStep
-from workers.nll import AnswerSpan
-from workers.plan import DocumentScores
 from workers.presses import Press
 
 

@@ -1,7 +1,7 @@
 """A loaded model hooked for kvorch, once: what every chunk step of every batch reads of it.
 
 Hooking means two things, both observing, neither changing what the model computes: the model's
-attention implementation becomes kvorch's attention function (workers/attention.py), and a
+attention implementation becomes kvorch's attention function (workers/modeling/attention.py), and a
 forward pre-hook on every attention module captures its input for presses that score from
 hidden states (KVzap). Plus what is learned of the model once: each layer's attention variant
 (from a one-token probe forward) and RoPE.
@@ -13,8 +13,8 @@ import inspect
 
 import torch
 
-from workers import attention
-from workers.rope import LayerRotary, model_rotate
+from workers.modeling import attention
+from workers.modeling.rope import LayerRotary, model_rotate
 
 
 class HookedModel:

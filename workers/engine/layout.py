@@ -16,14 +16,14 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from workers import attention
-from workers.chunk_results import ChunkResults
-from workers.configs import RANKED_POLICIES, EvalConfig
-from workers.engine.settings import EngineSettings, chunk_bounds
-from workers.nll import AnswerSpan
+from workers.contract.configs import RANKED_POLICIES, EvalConfig
+from workers.contract.plan import AnswerSpan
+from workers.contract.schema import ROW_SCHEMA
+from workers.contract.settings import EngineSettings, chunk_bounds
+from workers.engine.chunk_results import ChunkResults
+from workers.modeling import attention
 from workers.presses import Press
 from workers.presses.baseline import BaselinePress
-from workers.schema import ROW_SCHEMA
 
 
 @dataclass
@@ -31,7 +31,7 @@ class RowGroup:
     """Consecutive batch rows that share one press and policy (differing by threshold or ratio)."""
 
     press: Press
-    policy: str  # one of workers.configs.POLICIES
+    policy: str  # one of workers.contract.configs.POLICIES
     rows: slice
     thresholds: torch.Tensor  # [n_rows, 1, 1]
     keep_fraction: torch.Tensor  # [n_rows] float64: 1 - compression ratio (ratio policy), else 1

@@ -41,17 +41,17 @@ from typing import Any
 
 import torch
 
-from workers import attention
-from workers.attention import AttentionVariant
-from workers.chunk_results import ChunkResults, prediction_sums
-from workers.configs import RANKED_POLICIES
+from workers.contract.configs import RANKED_POLICIES
+from workers.contract.errors import error_line
+from workers.contract.plan import AnswerSpan
+from workers.contract.settings import EngineSettings, chunk_bounds
 from workers.engine import cache
+from workers.engine.chunk_results import ChunkResults, prediction_sums
 from workers.engine.decisions import decide_by_budget, decide_by_threshold, keep_limit, leaving_window
 from workers.engine.hooks import HookedModel
 from workers.engine.layout import DocumentLayout, RowGroup
-from workers.engine.settings import EngineSettings, chunk_bounds
-from workers.errors import error_line
-from workers.nll import AnswerSpan
+from workers.modeling import attention
+from workers.modeling.attention import AttentionVariant
 from workers.presses import LayerContext, StateShape
 
 # Compiled steps one process may hold (batches of configs x length buckets).
@@ -416,7 +416,7 @@ def _refill(old: Any, new: Any) -> None:
 
 
 class _StepRun:
-    """The attention run of one chunk (``kvorch_run`` of workers/attention.py): hands each layer's
+    """The attention run of one chunk (``kvorch_run`` of workers/modeling/attention.py): hands each layer's
     tensors to :func:`layer_work`, the chunk's work at one layer.
 
     Compiled, ``layer_work`` is a nested compile region (``torch.compiler.nested_compile_region``):

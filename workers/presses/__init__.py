@@ -1,30 +1,30 @@
-"""Every built-in press, imported in the order ``--methods all`` runs them (each registers itself
-with ``@register`` next to its class: workers/presses/registry.py), and the registry's API."""
+"""Every built-in press (each registers itself with ``@register`` next to its class:
+workers/presses/registry.py) and the registry's API. The import order means nothing: which
+methods ``--methods all`` runs, and in which order, is ``ALL_METHODS`` of
+workers/contract/defaults.py, the one list (torch-free, so ``--help`` shows it fast)."""
 
 from __future__ import annotations
 
-# isort: off
-# The order of these imports is the order of the registry, so of `--methods all` and its rows.
-from workers.presses.baseline import BaselinePress
-from workers.presses.window import WindowPress
-from workers.presses.streaming_llm import StreamingLLMPress
-from workers.presses.random import RandomPress
-from workers.presses.knorm import KnormPress
-from workers.presses.expected_attention import ExpectedAttentionPress
-from workers.presses.observed_attention import ObservedAttentionPress
-from workers.presses.h2o import H2OPress
-from workers.presses.snapkv import SnapKVPress
-from workers.presses.tova import TOVAPress
-from workers.presses.kvzap import KVzapPress
-from workers.presses.head_aware import HeadAwarePress
-from workers.presses.kvpress_adapter import KVPressAdapter
-
-# isort: on
+from workers.contract.defaults import ALL_METHODS
 from workers.presses.base import LayerContext, Press, StateShape
+from workers.presses.baseline import BaselinePress
+from workers.presses.expected_attention import ExpectedAttentionPress
+from workers.presses.h2o import H2OPress
+from workers.presses.head_aware import HeadAwarePress
+from workers.presses.knorm import KnormPress
+from workers.presses.kvpress_adapter import KVPressAdapter
+from workers.presses.kvzap import KVzapPress
+from workers.presses.observed_attention import ObservedAttentionPress
+from workers.presses.random import RandomPress
 from workers.presses.registry import REGISTRY, parse_method, register
+from workers.presses.snapkv import SnapKVPress
+from workers.presses.streaming_llm import StreamingLLMPress
+from workers.presses.tova import TOVAPress
+from workers.presses.window import WindowPress
 
-# What `--methods all` means: every method that runs without required parameters.
-ALL_METHODS: tuple[str, ...] = tuple(name for name, cls in REGISTRY.items() if cls.in_all)
+_unregistered = set(ALL_METHODS) - set(REGISTRY)
+if _unregistered:  # a name in the list with no press behind it: a bug, said at import
+    raise ImportError(f"workers/contract/defaults.py ALL_METHODS names unregistered methods: {sorted(_unregistered)}")
 
 __all__ = [
     "ALL_METHODS",

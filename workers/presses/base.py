@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from workers.rope import LayerRotary
+from workers.modeling.rope import LayerRotary
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,6 @@ class Press:
     # The score a structural press gives every key (+inf: keeps all, -inf: keeps only its sinks and
     # protected window), None for one that scores: the held cache sizes itself by it.
     constant_score: ClassVar[float | None] = None
-    # Whether `--methods all` includes the method (False for presses with required parameters).
-    in_all: ClassVar[bool] = True
 
     n_sink: int = 0
     # Method-specific local window (H2O's 512): keys inside it are protected, like the DMS window.

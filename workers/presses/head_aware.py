@@ -27,9 +27,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
+from workers.contract.schema import HEAD_CLASSES
 from workers.presses.base import LayerContext, Press, constant_scores
 from workers.presses.registry import register
-from workers.schema import HEAD_CLASSES
 
 HEAD_POLICIES = ("uniform", "class", "recommended", "gated", "inverse")
 FULL_CONTEXT = -1
@@ -67,7 +67,6 @@ def read_head_table(path: str) -> HeadTable:
 class HeadAwarePress(Press):
     name = "head_aware"
     constant_score = float("-inf")
-    in_all = False  # the study's grid is `kvorch submit --preset head-ablation`
 
     policy: str = "uniform"
     heads: str = ""  # head table from `kvorch heads analyze` (all policies but uniform)

@@ -48,7 +48,6 @@ class KVPressAdapter(Press):
     needs_attention = True
     needs_hidden_states = True
     reads_keys = True
-    in_all = False
     traceable = False
     press_class: str = ""
     options: str = ""  # canonical "key=value,..." passed to the kvpress class

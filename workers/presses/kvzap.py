@@ -97,7 +97,6 @@ def load_surrogate(path: str) -> nn.ModuleList:
 class KVzapPress(Press):
     name = "kvzap"
     needs_hidden_states = True
-    in_all = False
     n_sink: int = 4
     path: str = ""
 

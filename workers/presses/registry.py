@@ -1,7 +1,7 @@
 """The method registry: one place that maps a method name to its press class.
 
 Each press registers itself with ``@register`` above its class, in its own file; importing
-``workers.presses`` imports every built-in press, in the order ``--methods all`` runs them.
+``workers.presses`` imports every built-in press.
 ``parse_method("expected_attention:n_future_positions=256,use_vnorm=false")`` builds a press
 from the CLI grammar ``name[:key=value,...]``; values are coerced to the dataclass field types.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TypeVar
 
+from workers.contract.defaults import ALL_METHODS
 from workers.presses.base import Press
 
 REGISTRY: dict[str, type[Press]] = {}
@@ -26,11 +27,16 @@ def register(cls: P) -> P:
     return cls
 
 
+def method_names() -> list[str]:
+    """Every registered method: ``--methods all``'s, in its order, then the others by name."""
+    return [*(n for n in ALL_METHODS if n in REGISTRY), *sorted(n for n in REGISTRY if n not in ALL_METHODS)]
+
+
 def parse_method(text: str) -> Press:
     """Build a press from ``name[:key=value,...]``; ValueError with the fix on bad input."""
     name, _, arg_text = text.strip().partition(":")
     if name not in REGISTRY:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(REGISTRY)} (or 'all')")
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(method_names())} (or 'all')")
     cls = REGISTRY[name]
     if hasattr(cls, "parse"):  # kvpress:ClassName[:key=value,...] passes options through
         return cls.parse(arg_text)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from workers.contract import defaults
+
 # The two caches (``--cache``, workers/engine/cache.py): held keeps per config only what it keeps,
 # masked keeps every position of the document for every config and masks what it evicted.
 CACHES = ("held", "masked")
@@ -37,19 +39,43 @@ class EngineSettings:
     cache: str = "held"
 
     def __post_init__(self) -> None:
-        from workers import attention  # torch: only when settings are built, not when imported
-
         if self.chunk_size < 1:
             raise ValueError(f"chunk size must be >= 1, got {self.chunk_size}")
         if self.window < 0:
             raise ValueError(f"window must be >= 0, got {self.window}")
-        attention.check_backend(self.attn)
+        check_backend(self.attn)
         if self.cache not in CACHES:
             raise ValueError(f"unknown cache {self.cache!r}; use one of {', '.join(CACHES)}")
 
     @property
     def static_shapes(self) -> bool:
         return self.compile if self.static is None else self.static
+
+
+# --attn flex needs FlexAttention.
+FLEX_MIN_TORCH = "2.5"
+
+
+def check_backend(name: str) -> None:
+    """A one-line ValueError for a backend that is unknown or that this torch cannot run."""
+    if name not in defaults.BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; use one of {', '.join(defaults.BACKENDS)}")
+    if name == "flex" and not flex_available():
+        import torch
+
+        raise ValueError(
+            f"--attn flex needs torch >= {FLEX_MIN_TORCH} (FlexAttention); this is torch {torch.__version__}: "
+            "upgrade torch or use --attn sdpa"
+        )
+
+
+def flex_available() -> bool:
+    """Whether this torch has FlexAttention (imported here, not at load: the driver's help stays torch-free)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def chunk_bounds(n: int, chunk: int) -> list[tuple[int, int]]:
@@ -69,5 +95,5 @@ def padded_length(n: int, chunk: int) -> int:
 def cache_positions(n: int, chunk: int, static: bool) -> int:
     """Positions the cache allocates per (config, layer, kv-head) for a document of ``n`` tokens:
     the length bucket with static shapes, the document itself otherwise. The step allocates
-    exactly this and the batch-size estimate (workers/memory.py) plans for exactly this."""
+    exactly this and the batch-size estimate (workers/contract/memory.py) plans for exactly this."""
     return padded_length(n, chunk) if static else n

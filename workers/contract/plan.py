@@ -1,6 +1,6 @@
 """The plan types the driver and the actors exchange: tasks, their documents and results, and
 the worker's settings. Small on purpose, and free of the engine: the driver imports these (and
-``workers.engine.settings``) and nothing else of the worker side's machinery.
+``workers.contract.settings``) and nothing else of the worker side's machinery.
 """
 
 from __future__ import annotations
@@ -10,12 +10,38 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 
-from workers.configs import EvalConfig
-from workers.engine.settings import EngineSettings
-from workers.nll import AnswerSpan
+from workers.contract.configs import EvalConfig
+from workers.contract.settings import EngineSettings
 
 # The label of a preflight failure that concerns the model, not one config.
 MODEL_LEVEL = ""
+
+
+@dataclass(frozen=True)
+class AnswerSpan:
+    """A retrieval probe's answer: the document's tokens [start, start + tokens), teacher-forced.
+
+    The chunk step scores it like every other target and also sums, per chunk, the NLL and top-1 hits
+    of the answer tokens alone; the answer is exactly matched when all of them are hits, which
+    is what greedy decoding would produce.
+    """
+
+    start: int
+    tokens: int
+
+    def __post_init__(self) -> None:
+        if self.start < 1 or self.tokens < 1:
+            raise ValueError(f"an answer span needs start >= 1 and tokens >= 1, got {self.start}, {self.tokens}")
+
+    @property
+    def predicted_from(self) -> int:
+        """The first position whose prediction is an answer token (the one before it)."""
+        return self.start - 1
+
+    def targets_in(self, start: int, n_targets: int) -> int:
+        """Answer tokens among the targets of the predictions at [start, start + n_targets)."""
+        lo, hi = max(start, self.predicted_from), min(start + n_targets, self.predicted_from + self.tokens)
+        return max(0, hi - lo)
 
 
 @dataclass(frozen=True)
@@ -75,7 +101,7 @@ class WorkerSettings:
     device: str
     threads: int
     engine: EngineSettings
-    # The on-disk cache of compiled steps (workers/compile_cache.py); None: torch's default.
+    # The on-disk cache of compiled steps (workers/engine/compile_cache.py); None: torch's default.
     compile_cache: str | None = None
 
 

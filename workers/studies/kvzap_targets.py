@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from workers.models import load_model
+from workers.contract.models import load_model
 
 # Attention probabilities that underflow to 0 would give log(0) = -inf; clamp far below any threshold.
 LOG_FLOOR = 1e-30

@@ -70,8 +70,8 @@ def resolve(tokenizer: Any, bos: str) -> Tokenization:
 
 
 def load(model: str, bos: str) -> Tokenization:
-    """The model's tokenizer (workers.models.load_tokenizer) under ``--bos``."""
-    from workers.models import load_tokenizer
+    """The model's tokenizer (workers.contract.models.load_tokenizer) under ``--bos``."""
+    from workers.contract.models import load_tokenizer
 
     return resolve(load_tokenizer(model), bos)
 

@@ -63,7 +63,6 @@ class HeadStatsProbe(Press):
 
     name = "head_stats"
     needs_attention = True
-    in_all = False
     traceable = False
 
     n_sink: int = 4

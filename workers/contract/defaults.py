@@ -1,20 +1,21 @@
 """Names and defaults the driver's options need, as plain values, free of torch: ``kvorch --help``
 and every command's ``--help`` read them without loading torch or transformers.
 
-``BACKENDS`` lives here (workers/attention.py imports it). ``ALL_METHODS`` mirrors the press
-registry, which imports torch; ``tests/test_fast_help.py`` holds it equal. The engine's defaults
-need no copy: workers/engine/settings.py loads no torch.
+``BACKENDS`` (the kernels of --attn) and ``ALL_METHODS`` (what ``--methods all`` runs) are owned
+here; workers/presses/ re-exports ``ALL_METHODS`` and checks each name is registered. The engine's
+defaults need no copy: workers/contract/settings.py loads no torch.
 """
 
 from __future__ import annotations
 
-# Where compiled chunk steps are cached on disk (--compile-cache; workers/compile_cache.py): one
+# Where compiled chunk steps are cached on disk (--compile-cache; workers/engine/compile_cache.py): one
 # directory per machine, shared by every actor on it and by reruns and resumes. "~" is expanded
 # on the machine that compiles, so one value serves every node of a cluster.
 COMPILE_CACHE = "~/.cache/kvorch/compile"
-# The attention kernels of --attn (workers/attention.py).
+# The attention kernels of --attn (workers/modeling/attention.py).
 BACKENDS = ("eager", "sdpa", "flex")
-# What `--methods all` means: workers.presses.ALL_METHODS (the presses with ``in_all``).
+# What `--methods all` means, in its order (of configs, rows and resume fingerprints): the one list.
+# A new press joins it here; a press with required parameters (kvzap's path=) cannot.
 ALL_METHODS = (
     "baseline",
     "window",

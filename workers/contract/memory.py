@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from workers.engine.settings import cache_positions
+from workers.contract.settings import cache_positions
 
 # Of the memory free on the worker's device, the part the batch may plan for.
 SAFETY_FRACTION = 0.5
@@ -123,7 +123,7 @@ def model_config(model: str) -> Any:
     """
     from transformers import AutoConfig
 
-    from workers.models import resolve_model
+    from workers.contract.models import resolve_model
 
     source = resolve_model(model)
     try:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from workers.attention import ATTENTION_NAME
-from workers.configs import EvalConfig
+from workers.contract.configs import EvalConfig
 from workers.engine.core import Engine
-from workers.nll import token_nll
+from workers.engine.nll import token_nll
+from workers.modeling.attention import ATTENTION_NAME
 from workers.presses.baseline import BaselinePress
 
 # Relative NLL error allowed per dtype: float32 reorders sums at ~1e-7 per op; 16-bit formats

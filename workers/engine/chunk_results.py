@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.agreement import agreement_sums
-from workers.nll import token_nll
+from workers.engine.agreement import agreement_sums
+from workers.engine.nll import token_nll
 
 # Field -> dtype; agreement and answer fields exist only when the run records them.
 _DTYPES = {

@@ -69,14 +69,14 @@ def resolve_model(model: str) -> ModelSource:
 
 
 def load_tokenizer(model: str):
-    """The model's tokenizer; encode text with workers.tokenization, which decides BOS explicitly.
+    """The model's tokenizer; encode text with workers.contract.tokenization, which decides BOS explicitly.
 
     A source transformers cannot make a tokenizer of (a model directory without its tokenizer
     files, an unreachable hub id) is a one-line ValueError naming ``model`` and the fix, not
     transformers' own several lines that never name the path."""
     from transformers import AutoTokenizer
 
-    from workers.errors import first_line
+    from workers.contract.errors import first_line
 
     source = resolve_model(model)
     try:

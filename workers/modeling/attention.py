@@ -24,13 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from workers import defaults
-
 ATTENTION_NAME = "kvorch"
-# flex: FlexAttention over a block mask built from the keep-mask, in the chunk step only (the
-# eager engine's per-layer path runs sdpa's math for it).
-BACKENDS = defaults.BACKENDS
-FLEX_MIN_TORCH = "2.5"
 # Keyword arguments transformers' decoders pass that change nothing kvorch computes: mask
 # helpers, cache bookkeeping and flash-attention plumbing that kvorch's own masking replaces.
 _INERT_KWARGS = frozenset(
@@ -52,25 +46,6 @@ _INERT_KWARGS = frozenset(
         "target_dtype",
     }
 )
-
-
-def check_backend(name: str) -> None:
-    """A one-line ValueError for a backend that is unknown or that this torch cannot run."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; use one of {', '.join(BACKENDS)}")
-    if name == "flex" and not flex_available():
-        raise ValueError(
-            f"--attn flex needs torch >= {FLEX_MIN_TORCH} (FlexAttention); this is torch {torch.__version__}: "
-            "upgrade torch or use --attn sdpa"
-        )
-
-
-def flex_available() -> bool:
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class UnsupportedAttention(ValueError):

@@ -3,7 +3,7 @@
 torch.compile keeps what inductor built (generated kernels, FX graphs, AOTAutograd graphs;
 triton's binaries on CUDA) in the directory ``TORCHINDUCTOR_CACHE_DIR`` names, read each time a
 graph is compiled. Pointing every actor of a node at one directory that outlives the process
-(``--compile-cache``, default workers/defaults.py ``COMPILE_CACHE``) means the first actor on a
+(``--compile-cache``, default workers/contract/defaults.py ``COMPILE_CACHE``) means the first actor on a
 machine compiles and every later actor, rerun and resume on it loads: a warm start does not run
 inductor again. Dynamo still traces the step in every process (seconds); inductor's code
 generation and the C++/triton compiles, the minutes, are what the cache saves.
