@@ -9,7 +9,7 @@ step's compile seconds (a warm-up chunk included, as the lake records them) and 
 handing the engine a document to its first chunk done.
 
 ``--layouts regional,unrolled`` also times the step as it compiled before layer regions: one
-graph with every layer unrolled (workers/engine/step.py, LAYER_REGIONS), minutes per figure.
+graph with every layer unrolled (workers/engine/compiling.py, LAYER_REGIONS), minutes per figure.
 
     python bench/compile_time.py                                   # 1, 10 and 32 configs; 16 and 32 layers
     python bench/compile_time.py --configs 1 --layers 2 --tokens 64 --backend aot_eager   # smoke size
@@ -42,15 +42,15 @@ def child(args: argparse.Namespace) -> None:
     """One process: build the engine, evaluate one document, print the timings as JSON."""
     import torch
 
-    import workers.engine.step as step_module
     from bench.engine_overhead import narrow_llama
     from workers.contract.settings import EngineSettings
+    from workers.engine import compiling
     from workers.engine.compile_cache import use_compile_cache
     from workers.engine.core import Engine
 
     torch.set_num_threads(args.threads)
     use_compile_cache(args.cache)
-    step_module.LAYER_REGIONS = args.layouts == "regional"
+    compiling.LAYER_REGIONS = args.layouts == "regional"
     model = narrow_llama(args.layers)
     engine = Engine(model, EngineSettings(args.chunk, args.chunk, compile=True), compile_backend=args.backend)
     ids = torch.randint(0, 1000, (args.tokens,), generator=torch.Generator().manual_seed(0))

@@ -97,7 +97,7 @@ def held_memory(engine: Engine, n: int, chunk: int) -> str:
     step, layout = engine.last_run
     peaks, _ = step.held_back()
     slots = {r: band.slots for band in step.bands for r in range(band.rows.start, band.rows.stop)}
-    kept = step.state["results"].kept[-1].tolist()  # [configs]: held before the last chunk
+    kept = step.state.results.kept[-1].tolist()  # [configs]: held before the last chunk
     heads = step.n_layers * step.n_kv_heads
     cells = []
     for r, config in enumerate(layout.configs):

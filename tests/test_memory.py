@@ -173,11 +173,11 @@ def test_the_estimate_sizes_the_cache_the_step_really_holds(static, n):
     positions = 256 if static else n
     window_slots = capacity.slots(32, 32, positions)  # no sinks, window 32
     assert window_slots < positions
-    full, held = state["cache"][0]
+    full, held = state.cache[0]
     assert (full.keys.shape[:3], held.keys.shape[:3]) == ((2, 2, positions), (1, 2, window_slots))
     dims = memory.model_dims(model.config)
-    per_position = sum(t.nbytes for name in ("keep", "scores") for t in state[name]) // len(configs)
-    layers = state["cache"]
+    per_position = sum(t.nbytes for name in ("keep", "scores") for t in getattr(state, name)) // len(configs)
+    layers = state.cache
     full_bytes = sum(b.keys.nbytes + b.values.nbytes for b in (layer[0] for layer in layers)) // 2 + per_position
     held_bytes = sum(
         sum(t.nbytes for t in (b.keys, b.values, b.positions, b.counts)) for b in (layer[1] for layer in layers)
@@ -187,5 +187,5 @@ def test_the_estimate_sizes_the_cache_the_step_really_holds(static, n):
     per_config = memory.config_bytes(model.config, n, 32, 4, static=static)
     assert memory.cache_bytes(dims, positions, 4) < per_config < 4 * memory.cache_bytes(dims, positions, 4)
     rows = engine.evaluate("d", tokens, configs, answer=answer).to_pylist()
-    keys_and_values = sum(b.keys.nbytes + b.values.nbytes for layer in step.state["cache"] for b in layer)
+    keys_and_values = sum(b.keys.nbytes + b.values.nbytes for layer in step.state.cache for b in layer)
     assert {r["kv_cache_bytes"] for r in rows} == {keys_and_values}

@@ -215,8 +215,8 @@ class Engine:
         rows = layout.rows(doc_id, variants, results, seconds, [step.kv_bytes] * len(seconds))
         scores = DocumentScores(
             configs=[c.label for c in layout.configs],
-            scores=torch.stack(step.state["scores"], dim=1)[..., :n].cpu(),
-            kept=torch.stack(step.state["keep"], dim=1)[..., :n].cpu(),
+            scores=torch.stack(step.state.scores, dim=1)[..., :n].cpu(),
+            kept=torch.stack(step.state.keep, dim=1)[..., :n].cpu(),
         )
         return rows, scores
 

@@ -49,7 +49,7 @@ class LayerContext:
     ``c`` query rows (those at or past ``end`` pad the document's last chunk), ``D`` head dim.
     """
 
-    # 0-d int64, not an int: one compiled layer serves every layer (workers/engine/step.py), so
+    # 0-d int64, not an int: one compiled layer serves every layer (workers/engine/layer_work.py), so
     # nothing a press computes may specialize on which layer it is. Untraceable presses may int() it.
     layer: torch.Tensor
     start: torch.Tensor  # 0-d int64: first position of the chunk
