@@ -104,7 +104,6 @@ DEPTHS = tuple(round(100 * i / 39) for i in range(40))  # np.round(np.linspace(0
 
 HAYSTACKS = ("noise", "essay", "needle")
 NEEDLE_TYPES = ("numbers", "words", "uuids")
-METRICS = ("ruler_all", "ruler_part")
 VT_EXAMPLE_TOKENS = 500  # RULER sizes variable_tracking's few-shot example to 500 tokens
 CWE_SHORT_BELOW = 4096  # RULER's common_words: fewer repeats when max_seq_length < 4096
 ESSAY_MIN_WORDS = 16
@@ -478,17 +477,6 @@ def ruler_length(task: str, max_seq_length: int) -> int:
     if task not in TASKS:
         raise ValueError(f"unknown RULER task {task!r}; valid tasks: {', '.join(TASKS)}")
     return max_seq_length - TASKS[task].max_new_tokens
-
-
-def score(metric: str, prediction: str, answers: tuple[str, ...] | list[str]) -> float:
-    """RULER's per-sample score in [0, 1] (scripts/eval): the prediction stripped, control
-    characters made newlines; ruler_all: the share of answers it contains, ruler_part: 1 if it
-    contains any; case-insensitive."""
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
-    pred = re.sub(r"[\x00-\x1f]", "\n", prediction.strip()).strip().lower()
-    hits = [1.0 if answer.lower() in pred else 0.0 for answer in answers]
-    return sum(hits) / len(hits) if metric == "ruler_all" else max(hits)
 
 
 def _depth(i: int, n: int) -> float:
