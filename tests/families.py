@@ -6,8 +6,8 @@ matter on a 70-token document: Mistral's and Gemma's sliding windows (16), Gemma
 soft-cap (1.0, where tanh bends the logits), Gemma 3's local/global RoPE bases, GPT-NeoX's
 partial rotary, Cohere's interleaved rotary, and GPT-2/OPT without RoPE.
 
-``python -m tests.families`` prints the support matrix the README shows; tests/test_families.py
-checks that the README's table is this one.
+``python -m tests.families`` prints the support matrix docs/model-families.md shows; tests/test_families.py
+checks that the page's table is this one.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def support_matrix() -> dict[str, dict[str, str]]:
 
 
 def markdown(matrix: dict[str, dict[str, str]]) -> str:
-    """The README's table: one row per family, ``refused`` cells footnoted with their reason."""
+    """docs/model-families.md's table: one row per family, ``refused`` cells footnoted with their reason."""
     reasons: list[str] = []
     lines = ["| family | " + " | ".join(PRESSES) + " |", "|---" * (len(PRESSES) + 1) + "|"]
     for family, cells in matrix.items():

@@ -134,15 +134,15 @@ def test_presses_get_each_layers_own_rope(family):
         assert not torch.allclose(received[0][0], received[1][0])  # the two bases differ
 
 
-def test_the_readme_shows_the_support_matrix():
+def test_the_docs_show_the_support_matrix():
     matrix = support_matrix()
     assert all(matrix[f]["baseline"] == "exact" for f in FAMILIES)
     assert {(f, p) for f, cells in matrix.items() for p, c in cells.items() if c.startswith("refused")} == {
         ("gpt2", "expected_attention"),
         ("opt", "expected_attention"),
     }
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert markdown(matrix) in readme, "README's support matrix is stale: paste `python -m tests.families`"
+    page = (Path(__file__).parent.parent / "docs" / "model-families.md").read_text()
+    assert markdown(matrix) in page, "stale support matrix: paste `python -m tests.families` into it"
 
 
 def test_unknown_attention_arguments_are_refused():

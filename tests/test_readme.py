@@ -1,7 +1,9 @@
-"""The README's commands, as a newcomer copies them: every ``bash`` and ``python`` block is
-extracted; every kvorch command in it parses (its options and their values, and its ``--help``);
-the cheap ones run, in order, in a folder whose ``./kvorch-lake`` holds a run of the README's
-first command (``kvorch submit --methods all``). Commands that start long jobs are only parsed.
+"""The README's commands, as a newcomer copies them: every ``bash`` and ``python`` block of
+README.md, CONTRIBUTING.md and docs/ is extracted; every kvorch command in it parses (its options
+and their values, and its ``--help``); the README's cheap ones run, in order, then the Python
+blocks of the docs pages, in a folder whose ``./kvorch-lake`` holds a run of the README's first
+command (``kvorch submit --methods all``). Commands that start long jobs are only parsed.
+docs/cli.md names every option of every command.
 
 ``KVORCH_README_LAKE=DIR`` runs them against an existing lake of the full default run instead of
 the smaller run of the same command made here.
@@ -25,6 +27,8 @@ from orchestrator.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
+# Pages whose code blocks are excerpts of kvorch's code, not programs to run as they stand.
+EXCERPTS = {"DESIGN.md"}
 # kvorch commands that start a job of minutes (a Ray job on the model): parsed and --help only.
 LONG = {("submit",), ("heads", "analyze"), ("kvzap", "train"), ("scores",)}
 # Shell commands other than kvorch's, by their first words: what the test does with them.
@@ -173,13 +177,22 @@ def readme_folder(tmp_path_factory, local_ray) -> Path:
     return folder
 
 
+def runs_here(where: str, language: str) -> bool:
+    """Whether the top-to-bottom run runs this block: the README's, then the docs pages' Python
+    (moved there from the README: the notebook API, the example press)."""
+    page = where.split(":")[0]
+    if page == "README.md":
+        return True
+    return language == "python" and page != "CONTRIBUTING.md" and page not in EXCERPTS
+
+
 def test_the_readme_runs_top_to_bottom(readme_folder):
-    """Every cheap command of the README and its Python block, in order, after the first
-    command: none fails. Long jobs are parsed only (above)."""
+    """Every cheap command of the README, in order, after the first command, then every Python
+    block of docs/: none fails. Long jobs are parsed only (above)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     ran = []
     for where, language, command in documented():
-        if not where.startswith("README"):
+        if not runs_here(where, language):
             continue
         if language == "python":
             argv = [sys.executable, "-c", command]
@@ -196,10 +209,38 @@ def test_the_readme_runs_top_to_bottom(readme_folder):
                 cwd=readme_folder, env=env, capture_output=True, text=True, timeout=300,
             )  # fmt: skip
         assert done.returncode == 0, f"{where}: {command}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
-        ran.append(command)
-    assert any(c.startswith("kvorch report --table all") for c in ran)
+        ran.append((where, language, command))
+    assert any(c.startswith("kvorch report --table all") for _, _, c in ran)
+    assert any(w.startswith("lake-and-sql.md") and "kvorch.open_lake" in c for w, _, c in ran)
+    assert any(w.startswith("writing-a-press.md") and "@register" in c for w, _, c in ran)
     assert (readme_folder / "plots" / "index.html").is_file()
     assert (readme_folder / "my_docs.jsonl").stat().st_size > 0
+
+
+def cli_commands(command: click.Command = main, path: tuple[str, ...] = ()):
+    """(path, command) of every kvorch command below ``command``."""
+    if isinstance(command, click.Group):
+        ctx = click.Context(command, info_name="kvorch")
+        for name in command.list_commands(ctx):
+            yield from cli_commands(command.get_command(ctx, name), (*path, name))
+    else:
+        yield path, command
+
+
+def test_docs_cli_names_every_command_and_option():
+    """docs/cli.md is the option reference: a new command or option needs its line there."""
+    text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    missing = []
+    for path, command in cli_commands():
+        if f"kvorch {' '.join(path)}" not in text:
+            missing.append(" ".join(path))
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.hidden:
+                continue
+            for opt in [*param.opts, *param.secondary_opts]:
+                if opt.startswith("--") and opt != "--help" and not re.search(rf"[`/]{re.escape(opt)}\b(?!-)", text):
+                    missing.append(f"{' '.join(path)} {opt}")
+    assert not missing, f"docs/cli.md does not name: {', '.join(missing)}"
 
 
 # "471 tests in about 280 s on 2 cores", and the slow ones: what README.md and CONTRIBUTING.md say of the fast loop.
