@@ -63,6 +63,8 @@ class LayerFacts(NamedTuple):
     shared: bool  # the chunk is one forward row for every config (ChunkBounds.shared)
     scaling: float
     windows: tuple[tuple[int, int], ...]  # per press group: (narrowest, widest) protected window
+    # Score and decide (False: the cache stays as it is, a generation with eviction frozen).
+    decide: bool = True
 
 
 @dataclass

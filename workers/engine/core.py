@@ -25,9 +25,9 @@ import torch
 from workers.contract.configs import EvalConfig
 from workers.contract.plan import AnswerSpan, DocumentScores
 from workers.contract.settings import EngineSettings, cache_positions
-from workers.engine import capacity
+from workers.engine import capacity, generation
 from workers.engine.hooks import HookedModel
-from workers.engine.layout import DocumentLayout
+from workers.engine.layout import DocumentLayout, held_from
 from workers.engine.step import ChunkStep
 from workers.presses import Press
 
@@ -43,6 +43,22 @@ class ExecutionPath:
 
     compiled: bool
     static: bool
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One config's greedy answer (:meth:`Engine.generate`)."""
+
+    config: EvalConfig
+    token_ids: list[int]  # up to and including the stop token
+    stop_reason: str  # "eos" or "length"
+    keys_kept: int  # keys held before each decoding step, summed over steps, layers and kv-heads
+    keys_total: int  # what the uncompressed model holds, summed likewise
+
+    @property
+    def density(self) -> float:
+        """Kept over what the uncompressed model holds, over the generation (1.0 before any step)."""
+        return self.keys_kept / self.keys_total if self.keys_total else 1.0
 
 
 class Engine:
@@ -205,6 +221,47 @@ class Engine:
         return rows
 
     @torch.inference_mode()
+    def generate(
+        self,
+        doc_id: str,
+        prompt_ids: torch.Tensor,
+        configs: list[EvalConfig],
+        max_new_tokens: int,
+        stop_token_ids: list[int],
+        decide: bool = True,
+    ) -> list[Generated]:
+        """Each config's greedy answer to the prompt, in the order of ``configs``: the prompt runs
+        through the protocol's chunks, then every config generates from its own cache, evicting
+        as it goes (``decide=False``: the cache frozen after the prompt). Exact shapes, uncompiled;
+        run again with more slots while a held band overflows, as :meth:`_run` does."""
+        n_prompt = int(prompt_ids.shape[0])
+        n = n_prompt + max_new_tokens
+        variants = self.hooked.variants(prompt_ids)
+        while True:
+            layout = self._layout(configs, n, agreement=False)
+
+            def keys_total_at(position: int, kv_heads: int = layout.n_kv_heads) -> int:
+                return sum(position - held_from(position, v) for v in variants) * kv_heads
+
+            step = self._step(layout, n, ExecutionPath(compiled=False, static=False), self.group_slots(layout, n))
+            step.run(doc_seed(doc_id), prompt_ids.to(self.device))
+            decoded = generation.decode(step, n_prompt, max_new_tokens, stop_token_ids, keys_total_at, decide)
+            if not self._learn(step, layout, n, doc_id):
+                break
+        self.last_run = (step, layout)
+        by_row = {i: r for r, i in enumerate(layout.order)}
+        return [
+            Generated(
+                config,
+                decoded.token_ids[by_row[i]],
+                decoded.stop_reasons[by_row[i]],
+                decoded.keys_kept[by_row[i]],
+                decoded.keys_total,
+            )
+            for i, config in enumerate(configs)
+        ]
+
+    @torch.inference_mode()
     def inspect(
         self, doc_id: str, token_ids: torch.Tensor, configs: list[EvalConfig]
     ) -> tuple[pa.Table, DocumentScores]:
@@ -226,5 +283,3 @@ class Engine:
         the model (head statistics) rather than compress it."""
         step, _, _, _ = self._run(doc_id, token_ids, [EvalConfig(press)], agreement=False)
         return step.press_states[0][0]  # the probe's state (shared by every layer)
-
-

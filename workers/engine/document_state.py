@@ -49,6 +49,9 @@ class DocumentState:
     # for, learned by the engine), and whether a band ran out of slots.
     peak: torch.Tensor  # [B] int64
     overflow: torch.Tensor  # [B] bool
+    # Per row: the greedy prediction at the last real position of the latest chunk; after the
+    # prompt's last chunk, each config's first generated token (workers/engine/generation.py).
+    next_token: torch.Tensor  # [B] int64
     # Answer sums always, so probes and corpus documents share one graph.
     results: ChunkResults
     press_states: list[Any]  # per press group: its press's state (per layer), or None
@@ -76,6 +79,7 @@ class DocumentState:
             answer_to=scalar(),
             peak=torch.zeros(b, dtype=torch.int64, device=device),
             overflow=torch.zeros(b, dtype=torch.bool, device=device),
+            next_token=torch.zeros(b, dtype=torch.int64, device=device),
             results=ChunkResults.zeros(-(-n // sizes.chunk_size), b, device, sizes.agreement, True),
             press_states=press_states,
         )
@@ -89,7 +93,7 @@ class DocumentState:
             tensor.zero_()
         for tensor in self.keep:
             tensor.fill_(True)
-        for tensor in (self.tokens, self.chunk_index, self.peak, self.overflow):
+        for tensor in (self.tokens, self.chunk_index, self.peak, self.overflow, self.next_token):
             tensor.zero_()
         for tensor in self.results.fields().values():
             tensor.zero_()

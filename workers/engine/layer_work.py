@@ -52,7 +52,7 @@ def layer_work(
     scores = inputs["scores"][:, :, :span]
     tensors = LayerTensors(query, key, value, keep, scores, views, pattern, facts.scaling, variant)
     scoring = GroupScoring(plan, bounds, memo, tensors, inputs, plan.rotaries[facts.rotary_id], facts.rotary_id)
-    for i, group in enumerate(plan.groups):
+    for i, group in enumerate(plan.groups if facts.decide else ()):
         scoring.score_and_decide(group, inputs["press_states"][i], inputs["protected"][i], *facts.windows[i])
     for band, band_cache in zip(plan.bands, bands, strict=True):
         cache.compact(band_cache, keep[band.rows], span)

@@ -259,6 +259,8 @@ class ChunkStep:
         # A shared chunk is one row, the same for every config (so its own reference).
         reference = None if self.layout.reference is None else (0 if bounds.shared else self.layout.reference)
         sums = prediction_sums(logits.float(), targets, has_target, reference, in_answer)
+        last = (bounds.end - bounds.start - 1).view(1)  # the chunk's last real position
+        state.next_token.copy_(logits.index_select(1, last)[:, 0].argmax(dim=-1).expand(b))
         results = state.results
         for name, value in [*sums.items(), ("kept", run.kept)]:
             getattr(results, name).index_copy_(0, bounds.index[None], value.expand(b)[None])
@@ -271,8 +273,10 @@ class LayerRun:
     per distinct layer when the step compiles regionally, and sums the keys each config holds
     over the layers."""
 
-    def __init__(self, step: ChunkStep, bounds: ChunkBounds) -> None:
+    def __init__(self, step: ChunkStep, bounds: ChunkBounds, decide: bool = True) -> None:
+        """``decide``: False keeps the cache as it is (no scoring, no eviction) this chunk."""
         self.step = step
+        self.decide = decide
         self.state = step.state
         self.bounds = bounds
         self.kept = torch.zeros(step.batch, dtype=torch.int64, device=step.device)
@@ -322,6 +326,7 @@ class LayerRun:
             shared=bounds.shared,
             scaling=scaling,
             windows=tuple((plan.narrowest[layer], plan.widest[layer]) for plan in step.groups),
+            decide=self.decide,
         )
         if step.compiled and step.regional:
             out, kept = step.layer_region(inputs, facts)

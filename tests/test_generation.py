@@ -1,0 +1,176 @@
+"""Greedy generation under compression (workers/engine/generation.py) against independent
+references: transformers' own ``generate(do_sample=False)`` for the baseline, and a plain greedy
+loop over full forwards whose attention hides exactly what the press evicted, when it evicted it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AttentionInterface
+
+from tests.families import tiny_decoder
+from tests.helpers import tiny_llama
+from workers.contract.configs import EvalConfig
+from workers.contract.settings import EngineSettings
+from workers.engine.core import Engine
+from workers.presses import parse_method
+
+CHUNK, WINDOW, NEW = 8, 8, 24
+REFERENCE = "kvorch_test_reference"
+VISIBLE: dict[int, torch.Tensor] = {}  # layer -> [kv-heads, n, n] bool, read by reference_attention
+
+
+def reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Eager attention over the whole sequence with a per-(layer, kv-head) pattern: the reference."""
+    visible = VISIBLE[module.layer_idx]
+    n_kv, n = visible.shape[0], query.shape[2]
+    groups = query.shape[1] // n_kv
+    logits = (query @ key.repeat_interleave(groups, dim=1).transpose(-1, -2)) * scaling
+    mask = visible[:, :n, :n].repeat_interleave(groups, dim=0)[None]
+    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+    return (probs @ value.repeat_interleave(groups, dim=1)).transpose(1, 2), None
+
+
+AttentionInterface.register(REFERENCE, reference_attention)
+
+
+def prompt(n: int = 37, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 97, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def protocol_visible(keep: torch.Tensor, n_prompt: int, window: int) -> torch.Tensor:
+    """[layers, kv-heads, n, n] what query q saw under the protocol, from a config's final keep
+    mask [layers, kv-heads, n]: the prompt in chunks of CHUNK, then one position per step; in a
+    chunk starting at s a query sees the keys from s - window on and, before them, the keys kept
+    (a threshold decides a key once, when it leaves the window: its final decision)."""
+    n = keep.shape[-1]
+    q = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    start = torch.where(q < n_prompt, (q // CHUNK) * CHUNK, q)
+    recent = (j <= q) & (j >= start - window)
+    return recent | ((j <= q) & keep[:, :, None, :])
+
+
+def greedy_reference(model, ids: torch.Tensor, steps: int, visible: torch.Tensor | None, stop: int) -> list[int]:
+    """A plain greedy loop: one full forward per token, attention hiding what ``visible`` hides."""
+    model.set_attn_implementation("eager" if visible is None else REFERENCE)
+    out = []
+    for layer in range(model.config.num_hidden_layers):
+        if visible is not None:
+            VISIBLE[layer] = visible[layer]
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(model(ids[None]).logits[0, -1].argmax())
+            out.append(token)
+            if token == stop:
+                break
+            ids = torch.cat([ids, torch.tensor([token])])
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "mistral"])
+def test_baseline_generates_what_transformers_generate_does(family):
+    ids = prompt()
+    reference = tiny_decoder(family).eval()
+    stop = 5
+    with torch.no_grad():
+        expected = reference.generate(
+            ids[None], max_new_tokens=NEW, do_sample=False, eos_token_id=stop, pad_token_id=stop
+        )[0, len(ids) :].tolist()
+    engine = Engine(tiny_decoder(family), EngineSettings(CHUNK, WINDOW))
+    [got] = engine.generate("d", ids, [EvalConfig(parse_method("baseline"))], NEW, [stop])
+    assert got.token_ids == expected
+    assert got.stop_reason == ("eos" if expected[-1] == stop else "length")
+    assert got.density == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "method,threshold", [("knorm", -0.3), ("snapkv", 0.03), ("window", None), ("streaming_llm", None)]
+)
+def test_an_evicting_config_generates_what_a_masked_greedy_loop_does(method, threshold):
+    ids = prompt()
+    config = EvalConfig(parse_method(method), threshold)
+    engine = Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW))
+    [got] = engine.generate("d", ids, [config], NEW, [])
+    step, layout = engine.last_run
+    keep = torch.stack([layer[0] for layer in step.state.keep])[..., : len(ids) + NEW - 1]
+    evicted = int((~keep).sum())
+    assert evicted > 0, "the config must evict for the test to mean anything"
+    window = int(layout.groups[0].windows.protected.max())
+    visible = protocol_visible(keep, len(ids), window)
+    assert got.token_ids == greedy_reference(tiny_llama(), ids, NEW, visible, stop=-1)
+    assert got.stop_reason == "length" and 0 < got.density < 1
+
+
+def test_a_config_generates_the_same_alone_and_in_a_batch():
+    ids = prompt()
+    configs = [EvalConfig(parse_method("knorm"), -0.3), EvalConfig(parse_method("baseline")),
+               EvalConfig(parse_method("window")), EvalConfig(parse_method("snapkv"), 0.03)]  # fmt: skip
+    engine = Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW))
+    together = engine.generate("d", ids, configs, NEW, [])
+    alone = [Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW)).generate("d", ids, [c], NEW, [])[0] for c in configs]
+    assert [g.config for g in together] == configs
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    assert [g.keys_kept for g in together] == [g.keys_kept for g in alone]
+    assert len({tuple(g.token_ids) for g in together}) > 1, "compression must change some answer"
+
+
+def test_a_frozen_cache_evicts_nothing_while_decoding():
+    ids = prompt()
+    engine = Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW))
+    [got] = engine.generate("d", ids, [EvalConfig(parse_method("knorm"), -0.3)], NEW, [], decide=False)
+    keep = torch.stack([layer[0] for layer in engine.last_run[0].state.keep])[..., : len(ids) + NEW - 1]
+    assert bool(keep[..., len(ids) - WINDOW :].all())  # the prompt's window and every new key stay
+    n = keep.shape[-1]
+    q, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    start = torch.where(q < len(ids), (q // CHUNK) * CHUNK, len(ids))  # decisions stop after the prompt
+    visible = (j <= q) & ((j >= start - WINDOW) | keep[:, :, None, :])
+    assert got.token_ids == greedy_reference(tiny_llama(), ids, NEW, visible, stop=-1)
+
+
+def test_generation_stops_at_a_stop_token_and_says_why():
+    ids = prompt()
+    engine = Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW))
+    free = engine.generate("d", ids, [EvalConfig(parse_method("baseline"))], NEW, [])[0].token_ids
+    stop = free[5]
+    [got] = engine.generate("d", ids, [EvalConfig(parse_method("baseline"))], NEW, [stop])
+    assert got.token_ids == free[: free.index(stop) + 1] and got.stop_reason == "eos"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [EvalConfig(parse_method("knorm"), ratio=0.5), EvalConfig(parse_method("tova"), budget=20)],
+    ids=["knorm-ratio", "tova-budget"],
+)
+def test_a_ranked_policy_evicts_every_token_and_hides_exactly_that(config, monkeypatch):
+    """Under ratio and budget a kept key can be evicted at any later step, so the reference
+    records the keep masks before every chunk and decoding step (the prompt's chunks, then one
+    per token): query q of a chunk starting at s sees the keys kept before it, and the chunk."""
+    from workers.engine import generation
+    from workers.engine.step import ChunkStep
+
+    before: dict[int, torch.Tensor] = {}  # chunk start -> [layers, kv-heads, n] keep
+
+    def snapshot(step, start):
+        before[start] = torch.stack([layer[0] for layer in step.state.keep]).clone()
+
+    exact_step, decode_step = ChunkStep._exact_step, generation._decode_step
+    monkeypatch.setattr(ChunkStep, "_exact_step", lambda s, k, a, e: (snapshot(s, a), exact_step(s, k, a, e))[1])
+    monkeypatch.setattr(
+        generation, "_decode_step", lambda s, k, p, t, d: (snapshot(s, p), decode_step(s, k, p, t, d))[1]
+    )
+    ids = prompt()
+    engine = Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW))
+    [got] = engine.generate("d", ids, [config], NEW, [])
+    n = len(ids) + NEW - 1
+    starts = sorted(before)
+    visible = torch.zeros(2, 2, n, n, dtype=torch.bool)
+    for q in range(n):
+        s = max(start for start in starts if start <= q)
+        visible[:, :, q, : q + 1] = torch.cat([before[s][..., :s], torch.ones(2, 2, q + 1 - s, dtype=torch.bool)], -1)
+    final = torch.stack([layer[0] for layer in engine.last_run[0].state.keep])[..., :n]
+    assert not bool(before[starts[-1]][..., : len(ids)].equal(before[len(ids)][..., : len(ids)])), (
+        "keys of the prompt must be evicted while decoding for the test to mean anything"
+    )
+    assert int((~final).sum()) > 0
+    assert got.token_ids == greedy_reference(tiny_llama(), ids, NEW, visible, stop=-1)
