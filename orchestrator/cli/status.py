@@ -13,6 +13,7 @@ from orchestrator.errors import KvorchError
 from orchestrator.lake import incomplete, integrity
 from orchestrator.lake.integrity import RunAudit
 from orchestrator.lake.queries import no_runs
+from orchestrator.lake.run_status import RunStatus
 from orchestrator.lake.store import Lake, check_run_id
 from orchestrator.reports.formatting import render
 from orchestrator.sweep.resume import shown_state
@@ -36,8 +37,8 @@ def run_progress(lake: Lake, run_id: str, audit: RunAudit) -> list:
     spec = lake.read_spec(run_id)  # a damaged spec.json: its own one-line error
     if spec is None:
         raise KvorchError(broken_run(lake, run_id))
-    status = lake.read_status(run_id) or {}
-    state = shown_state(status)
+    raw = lake.read_status(run_id)
+    status, state = RunStatus.read(raw), shown_state(raw)
     if state == "running" and not audit.missing:
         state = "running (all parts written)"
     if state == "finished" and not audit.complete:
@@ -48,8 +49,8 @@ def run_progress(lake: Lake, run_id: str, audit: RunAudit) -> list:
         len(audit.done),
         len(audit.planned),
         audit.rows,
-        len(status.get("failures", {})),
-        len(incomplete.by_config(incomplete.recorded(status))),
+        len(status.failures),
+        len(incomplete.by_config(status.config_failures)),
         len(audit.damaged),
         spec.get("created_at"),
     ]
@@ -114,14 +115,14 @@ def command(lake: str, run_id: str | None, fmt: str) -> None:
     for line in broken:
         click.echo(f"kvorch: {line}", err=True)
     for r in (row[0] for row in rows):
-        status = target.read_status(r) or {}
-        if status.get("reason"):
-            click.echo(f"{r} {status.get('status')}: {status['reason']}", err=True)
+        status = RunStatus.read(target.read_status(r))
+        if status.reason:
+            click.echo(f"{r} {status.status}: {status.reason}", err=True)
         for path, why in sorted(audits[r].damaged.items()):
             click.echo(f"{r} damaged part {path}: {why}; {integrity.repair_hint(r)}", err=True)
-        for task_id, error in status.get("failures", {}).items():
+        for task_id, error in status.failures.items():
             click.echo(f"{r} {task_id} failed: {error}", err=True)
-        for record in incomplete.recorded(status):
+        for record in status.config_failures:
             click.echo(incomplete.status_line(r, record), err=True)
-        for event in status.get("events", []):
+        for event in status.events:
             click.echo(pool_events.status_line(r, event), err=True)

@@ -1,19 +1,20 @@
 """Incomplete configs: configs that raised on some documents of tasks that otherwise succeeded.
 
-The actor reports each as a :class:`~workers.actor.ConfigFailure`; the driver records it with
-its task in status.json (``config_failures``), where ``kvorch status`` and ``kvorch report`` read
-it. A config's means then cover fewer documents than the other configs', which the report says.
-This module is the one place that knows the record's form.
+The actor reports each as a :class:`~workers.contract.plan.ConfigFailure` (workers/contract/plan.py);
+the driver records it with its task in status.json (``config_failures``, orchestrator/lake/run_status.py),
+where ``kvorch status`` and ``kvorch report`` read it. A config's means then cover fewer documents
+than the other configs', which the report says. This module is the one place that knows a
+failure record's form.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from orchestrator.lake.run_status import RunStatus
+
 if TYPE_CHECKING:  # the report reads records without importing the worker side (torch, Ray)
     from workers.contract.plan import ConfigFailure
-
-STATUS_KEY = "config_failures"
 
 
 def record(task_id: str, failure: ConfigFailure) -> dict:
@@ -23,7 +24,7 @@ def record(task_id: str, failure: ConfigFailure) -> dict:
 
 def recorded(status: dict | None) -> list[dict]:
     """The failures a run's status.json records (none for runs from before they were)."""
-    return list((status or {}).get(STATUS_KEY, []))
+    return list(RunStatus.read(status).config_failures)
 
 
 def carried_over(status: dict | None, done: set[str]) -> list[dict]:

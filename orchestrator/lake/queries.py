@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from orchestrator.errors import KvorchError
-from orchestrator.lake import integrity
+from orchestrator.lake import integrity, run_status
 from orchestrator.lake.integrity import RunAudit
 from orchestrator.lake.store import Lake
 from workers.contract.schema import (
@@ -24,16 +24,16 @@ from workers.contract.schema import (
     SCORES_SCHEMA,
 )
 
-# What kvorch reads from status.json: fields a run's end writes (orchestrator/sweep/submission.py);
-# a worker's compile_seconds is null in runs recorded before it was.
-_WORKERS_TYPE = "STRUCT(worker VARCHAR, host VARCHAR, device VARCHAR, device_name VARCHAR, compile_seconds DOUBLE)[]"
-_STATUS_COLUMNS = (
-    "{run_id: 'VARCHAR', status: 'VARCHAR', finished_at: 'VARCHAR', rows: 'BIGINT', "
-    f"workers: '{_WORKERS_TYPE}'}}"
-)
+# What the views read of status.json (orchestrator/lake/run_status.py), as read_json's columns,
+# and as an empty table for a lake with no status yet.
+_STATUS_COLUMNS = "{" + ", ".join(f"{name}: '{kind}'" for name, kind in run_status.SQL_COLUMNS.items()) + "}"
 _EMPTY_STATUSES = (
-    "SELECT NULL::VARCHAR AS run_id, NULL::VARCHAR AS status, NULL::VARCHAR AS finished_at, NULL::BIGINT AS rows, "
-    f"[]::{_WORKERS_TYPE} AS workers WHERE false"
+    "SELECT "
+    + ", ".join(
+        f"[]::{kind} AS {name}" if kind.endswith("[]") else f"NULL::{kind} AS {name}"
+        for name, kind in run_status.SQL_COLUMNS.items()
+    )
+    + " WHERE false"
 )
 
 

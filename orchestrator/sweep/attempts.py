@@ -9,7 +9,8 @@ What the last attempt did alone is kept under ``attempt``.
 
 from __future__ import annotations
 
-from orchestrator.lake import integrity
+from orchestrator.lake import integrity, run_status
+from orchestrator.lake.run_status import RunStatus
 from orchestrator.lake.store import Lake
 from orchestrator.pool.actors import PoolResult
 
@@ -19,34 +20,31 @@ def number(earlier: dict | None) -> int:
     (a status without a number, as a killed driver leaves it, counts as one attempt)."""
     if earlier is None:
         return 1
-    return int((earlier.get("attempt") or {}).get("number", 1)) + 1
+    return int((RunStatus.read(earlier).attempt or {}).get("number", 1)) + 1
 
 
 def events(earlier: dict | None, new: list[dict]) -> list[dict]:
     """The run's fault events: the earlier attempts', then this attempt's, each with its attempt."""
     attempt = number(earlier)
-    return [*(earlier or {}).get("events", []), *({**e, "attempt": attempt} for e in new)]
+    return [*RunStatus.read(earlier).events, *({**e, "attempt": attempt} for e in new)]
 
 
 def running(earlier: dict | None, result: PoolResult) -> dict:
     """What a heartbeat adds to the running status: the attempt and the events so far."""
-    return {"attempt": {"number": number(earlier)}, "events": events(earlier, result.events)}
+    return run_status.attempt_so_far(number(earlier), events(earlier, result.events))
 
 
 def totals(lake: Lake, run_id: str, earlier: dict | None, done: set[str], result: PoolResult) -> dict:
     """The run's figures at the end of this attempt; ``done``: the tasks earlier attempts did."""
-    return {
-        "rows": _lake_rows(lake, run_id),
-        "tasks_done": [*sorted(done), *result.tasks_done],
-        "retries": int((earlier or {}).get("retries", 0)) + result.retries,
-        "attempt": {
-            "number": number(earlier),
-            "rows": result.rows_written,
-            "tasks_done": len(result.tasks_done),
-            "retries": result.retries,
-        },
-        "events": events(earlier, result.events),
-    }
+    return run_status.run_figures(
+        rows=_lake_rows(lake, run_id),
+        tasks_done=[*sorted(done), *result.tasks_done],
+        retries=int(RunStatus.read(earlier).retries) + result.retries,
+        attempt=run_status.attempt_figures(
+            number(earlier), rows=result.rows_written, tasks_done=len(result.tasks_done), retries=result.retries
+        ),
+        events=events(earlier, result.events),
+    )
 
 
 def _lake_rows(lake: Lake, run_id: str) -> int | None:

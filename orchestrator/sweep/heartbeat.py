@@ -13,8 +13,9 @@ from __future__ import annotations
 import threading
 from types import TracebackType
 
+from orchestrator.lake import run_status
 from orchestrator.lake.store import Lake
-from orchestrator.sweep.resume import HEARTBEAT_SECONDS, running_status
+from orchestrator.sweep.resume import HEARTBEAT_SECONDS
 
 
 class Heartbeat:
@@ -28,7 +29,8 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._beat, name="kvorch-heartbeat", daemon=True)
 
     def update(self, payload: dict) -> None:
-        """Record ``payload`` (the run's status minus the driver and heartbeat) and write it now."""
+        """Record ``payload`` (a running status without ``run_status.driving``, which each write
+        adds afresh: ``run_status.running``) and write it now."""
         with self._lock:
             self._payload = dict(payload)
             self._write()
@@ -43,7 +45,7 @@ class Heartbeat:
         self._thread.join()
 
     def _write(self) -> None:
-        self.lake.write_status(self.run_id, {**self._payload, **running_status()})
+        self.lake.write_status(self.run_id, {**self._payload, **run_status.driving()})
 
     def _beat(self) -> None:
         while not self._stop.wait(self.period):

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from orchestrator.errors import KvorchError
 from orchestrator.lake import integrity
+from orchestrator.lake.run_status import RUNNING, RunStatus
 from orchestrator.lake.store import Lake, new_run_id
 
 # Scheduling choices: they change where and how fast rows are computed, never their values.
@@ -71,27 +72,22 @@ def choose_run(lake: Lake, run_id: str | None, fingerprint: str, spec_json: dict
     return Target(new_run_id(), None)
 
 
-def running_status() -> dict:
-    """What a live driver writes to status.json (and refreshes) so others leave its run alone."""
-    return {"status": "running", "driver": {"host": platform.node(), "pid": os.getpid()}, "heartbeat": time.time()}
-
-
 def driver_alive(status: dict | None) -> bool:
     """Whether the driver a ``running`` status names is still at work: on this host, its pid
     lives; on another, its heartbeat is recent. False for any other status."""
-    if not status or status.get("status") != "running":
+    record = RunStatus.read(status)
+    if record.status != RUNNING:
         return False
-    driver = status.get("driver", {})
-    if driver.get("host") == platform.node():
-        return _pid_alive(int(driver.get("pid", 0)))
-    return time.time() - float(status.get("heartbeat", 0)) <= STALE_AFTER_SECONDS
+    if record.driver.get("host") == platform.node():
+        return _pid_alive(int(record.driver.get("pid", 0)))
+    return time.time() - float(record.heartbeat) <= STALE_AFTER_SECONDS
 
 
 def shown_state(status: dict | None) -> str:
     """A run's state as ``kvorch status`` shows it: a running run whose driver died (SIGKILL,
     a lost host) is ``interrupted (driver gone)``, not running forever."""
-    state = (status or {}).get("status", "unknown")
-    if state == "running" and not driver_alive(status):
+    state = RunStatus.read(status).status
+    if state == RUNNING and not driver_alive(status):
         return "interrupted (driver gone)"
     return state
 
@@ -102,7 +98,7 @@ def _resumable(lake: Lake, run_id: str) -> bool:
     status = lake.read_status(run_id, damaged_ok=True)
     if driver_alive(status):
         return False
-    if status is None or status.get("status") != "finished":
+    if RunStatus.read(status).status != "finished":
         return True
     return not integrity.audit(lake, run_id).complete
 

@@ -18,6 +18,7 @@ from types import TracebackType
 import pyarrow.fs as pafs
 
 from orchestrator.errors import KvorchError
+from orchestrator.lake.run_status import RunStatus
 from orchestrator.lake.store import Lake, check_run_id
 from orchestrator.sweep.resume import driver_alive
 
@@ -45,7 +46,7 @@ class RunLock:
         if not self.local:
             status = self.lake.read_status(self.run_id)
             if driver_alive(status):
-                self._refuse(status.get("driver", {}))
+                self._refuse(RunStatus.read(status).driver)
             return
         self._created = self.lake.first_missing(os.path.dirname(self.path))
         os.makedirs(os.path.dirname(self.path), exist_ok=True)

@@ -21,7 +21,7 @@ import ray
 
 from orchestrator.corpus import model_inputs
 from orchestrator.errors import KvorchError
-from orchestrator.lake import incomplete, integrity
+from orchestrator.lake import incomplete, integrity, run_status
 from orchestrator.lake.store import Lake, check_run_id
 from orchestrator.pool import actors
 from orchestrator.pool.connect import DEFAULT_CONNECT_TIMEOUT
@@ -31,7 +31,7 @@ from orchestrator.sweep.endings import ending, failed_tasks_line, interrupts_as_
 from orchestrator.sweep.heartbeat import Heartbeat
 from orchestrator.sweep.planner import TokenizedDocument, check_lengths, default_shards, plan_tasks
 from orchestrator.sweep.progress import Progress
-from orchestrator.sweep.resume import choose_run, running_status, spec_hash
+from orchestrator.sweep.resume import choose_run, spec_hash
 from orchestrator.sweep.run_lock import RunLock
 from orchestrator.sweep.spec import JobSpec
 from workers.actor import EvalWorker
@@ -212,7 +212,7 @@ def _claim(
     # The earlier attempt's status, read before the claim below replaces it.
     earlier = lake.read_status(run_id) if previous else None
     # Claim the run before spec.json exists, so no other submission takes it for an abandoned one.
-    lake.write_status(run_id, {**running_status(), incomplete.STATUS_KEY: incomplete.recorded(earlier)})
+    lake.write_status(run_id, run_status.claimed(incomplete.recorded(earlier)))
     if previous:
         found = integrity.audit(lake, run_id)
         lake.delete(sorted(found.damaged) + lake.leftovers(run_id))
@@ -236,7 +236,7 @@ def _sweep(attempt: _Attempt, workers: actors.WorkerPool, show_progress: bool, m
 
     def running(state: actors.PoolResult) -> dict:
         failures = incomplete.merged(attempt.kept, state.config_failures)
-        return {incomplete.STATUS_KEY: failures, **attempts.running(attempt.earlier, state)}
+        return run_status.running(failures, attempts.running(attempt.earlier, state))
 
     beat = Heartbeat(lake, run_id, running(result))
     recorded = 0
@@ -278,18 +278,18 @@ def _sweep(attempt: _Attempt, workers: actors.WorkerPool, show_progress: bool, m
         write_final_status(
             lake,
             run_id,
-            {
-                "status": status,
-                "reason": reason,
-                "tasks_total": len(attempt.tasks),
-                "tasks_resumed": len(attempt.done),
-                "failures": result.failures,
-                incomplete.STATUS_KEY: incomplete.merged(attempt.kept, result.config_failures),
-                "workers": result.workers,
+            run_status.ended(
+                status=status,
+                reason=reason,
+                tasks_total=len(attempt.tasks),
+                tasks_resumed=len(attempt.done),
+                failures=result.failures,
+                config_failures=incomplete.merged(attempt.kept, result.config_failures),
+                workers=result.workers,
                 # rows, tasks_done, retries and events of the whole run; this attempt's under "attempt"
-                **attempts.totals(lake, run_id, attempt.earlier, attempt.done, result),
-                "seconds": round(time.perf_counter() - attempt.started, 3),
-            },
+                figures=attempts.totals(lake, run_id, attempt.earlier, attempt.done, result),
+                seconds=round(time.perf_counter() - attempt.started, 3),
+            ),
         )
     return result
 
