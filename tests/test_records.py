@@ -1,5 +1,6 @@
-"""A run's status.json has one owner: every key a builder writes is a field of ``RunStatus``
-(orchestrator/lake/run_status.py), which every reader reads it as."""
+"""The run's two records each have one owner: every key a status.json builder writes is a field
+of ``RunStatus`` (orchestrator/lake/run_status.py), and what spec.json records of a pool's
+choices reads back as it was written (orchestrator/sweep/spec_record.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 
 from orchestrator.lake import run_status
 from orchestrator.lake.run_status import RunStatus
+from orchestrator.sweep.spec_record import Resolved
 
 KEYS = {f.name for f in dataclasses.fields(RunStatus)}
 
@@ -33,3 +35,7 @@ def test_every_status_key_written_is_one_runstatus_reads():
     assert RunStatus.read({"status": "finished", "from_a_later_kvorch": 1}).status == "finished"
     assert RunStatus.read(None) == RunStatus()
 
+
+def test_what_a_pool_settled_reads_back_from_spec_json():
+    resolved = Resolved(dtype="float32", compile=False, batch_configs=4, n_shards=8)
+    assert Resolved.recorded(resolved.to_json()) == resolved

@@ -63,9 +63,13 @@ def ending(exc: BaseException) -> tuple[str, str]:
     return "failed", type(exc).__name__ if first == type(exc).__name__ else f"{type(exc).__name__}: {first}"
 
 
-def failed_tasks_line(failures: dict[str, str], total: int) -> str:
+def outcome(failures: dict[str, str], total: int) -> tuple[str, str]:
+    """(status, reason) for a pool that ran to its end: finished, or failed naming the first
+    failed task of ``total``."""
+    if not failures:
+        return "finished", ""
     first_task, first_error = next(iter(failures.items()))
-    return f"{len(failures)} of {total} tasks failed (first: {first_task}: {first_error})"
+    return "failed", f"{len(failures)} of {total} tasks failed (first: {first_task}: {first_error})"
 
 
 def write_final_status(lake: Lake, run_id: str, status: dict) -> None:

@@ -4,17 +4,17 @@ Everything that can be wrong with the input is checked before the lake is touche
 submission never leaves anything behind and never alters existing runs; that includes a method
 that cannot run on the model, which the preflight (``EvalWorker.preflight``) finds on the pool's
 first ready actor. A submission whose spec matches an unfinished run (or ``--resume RUN_ID``)
-computes only that run's missing tasks.
+computes only that run's missing tasks. What it records of a run is built in one place each:
+spec.json in orchestrator/sweep/spec_record.py, status.json in orchestrator/lake/run_status.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import platform
+import functools
 import sys
 import time
 from dataclasses import dataclass
-from importlib import metadata
 
 import pyarrow as pa
 import ray
@@ -27,17 +27,18 @@ from orchestrator.pool import actors
 from orchestrator.pool.connect import DEFAULT_CONNECT_TIMEOUT
 from orchestrator.pool.progress import start_counter
 from orchestrator.sweep import attempts, batching, calibration, compile_check, documents
-from orchestrator.sweep.endings import ending, failed_tasks_line, interrupts_as_exceptions, write_final_status
+from orchestrator.sweep.endings import ending, interrupts_as_exceptions, outcome, write_final_status
 from orchestrator.sweep.heartbeat import Heartbeat
 from orchestrator.sweep.planner import TokenizedDocument, check_lengths, default_shards, plan_tasks
 from orchestrator.sweep.progress import Progress
 from orchestrator.sweep.resume import choose_run, spec_hash
 from orchestrator.sweep.run_lock import RunLock
 from orchestrator.sweep.spec import JobSpec
+from orchestrator.sweep.spec_record import Resolved, SpecRecord, identity
 from workers.actor import EvalWorker
 from workers.contract.models import resolve_dtype
 from workers.contract.plan import Task, WorkerSettings
-from workers.contract.schema import SCHEMA_VERSION
+from workers.contract.settings import EngineSettings
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,56 @@ def submit(
     re-raises. One driver per run: a run another live driver computes is refused (``RunLock``).
     ``actor_timeout``: seconds Ray has to place an actor before the pool goes on without it.
     """
-    tic = time.perf_counter()
+    started = time.perf_counter()
     if run_id is not None:
         check_run_id(run_id, "--resume" if resume else "--run-id")
+    inputs = _prepare(spec, lake, run_id, resume, started)
+    options = _PoolOptions(
+        show_progress=show_progress,
+        max_retries=max_retries,
+        gpus_per_actor=gpus_per_actor,
+        actor_timeout=actor_timeout,
+    )
+    with RunLock(lake, inputs.run_id):
+        started_ray = actors.start_ray(address, f"kvorch-{inputs.run_id}", connect_timeout)
+        # After Ray starts: its core worker installs a SIGTERM handler of its own, which ours replaces.
+        try:
+            with interrupts_as_exceptions():
+                return _run(inputs, options)
+        finally:
+            if started_ray:
+                ray.shutdown()
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What a submission settles before it touches Ray: its documents, checked, and its run."""
+
+    spec: JobSpec
+    lake: Lake
+    run_id: str
+    previous: dict | None  # the run's stored spec.json when resuming, None for a fresh run
+    fingerprint: str  # resume.spec_hash of the spec's identity and the documents
+    tokenization: dict  # how the token ids were made (spec_record.identity)
+    docs: list[TokenizedDocument]
+    docs_table: pa.Table
+    held_out: list[TokenizedDocument]  # calibration's documents (--densities), else none
+    started: float  # perf_counter at submission
+
+
+@dataclass(frozen=True)
+class _PoolOptions:
+    """How the pool runs the tasks: never what they compute."""
+
+    show_progress: bool
+    max_retries: int
+    gpus_per_actor: float | None
+    actor_timeout: float  # seconds Ray has to place an actor
+
+
+def _prepare(spec: JobSpec, lake: Lake, run_id: str | None, resume: bool, started: float) -> _Inputs:
+    """Everything that can be wrong with the input, checked before the lake is touched; then the
+    run to write: ``run_id``, else an unfinished run of the same spec and documents, else a new one."""
     tokens, corpus = model_inputs(spec.model, spec.corpus, spec.bos)
     docs = documents.run_documents(spec, tokens, corpus)
     check_lengths(docs, spec.chunk_size)
@@ -79,112 +127,90 @@ def submit(
     lake.ensure_writable()
     docs_table = documents.docs_table(docs)
     # The token ids are part of what a run is: a resume under another tokenization would mix rows.
-    recorded = tokens.fingerprint(d.token_ids for d in docs)
-    spec_json = {**spec.to_json(), "tokenization": recorded}
+    tokenization = tokens.fingerprint(d.token_ids for d in docs)
+    spec_json = identity(spec, tokenization)
     fingerprint = spec_hash(spec_json, docs_table)
     target = choose_run(lake, run_id, fingerprint, spec_json, must_exist=resume)
-    run_id, previous = target.run_id, target.previous
-
-    with RunLock(lake, run_id):
-        started_ray = actors.start_ray(address, f"kvorch-{run_id}", connect_timeout)
-        # After Ray starts: its core worker installs a SIGTERM handler of its own, which ours replaces.
-        try:
-            with interrupts_as_exceptions():
-                return _run(
-                    spec,
-                    lake,
-                    run_id,
-                    previous,
-                    fingerprint,
-                    recorded,
-                    docs,
-                    docs_table,
-                    held_out,
-                    tic,
-                    show_progress=show_progress,
-                    max_retries=max_retries,
-                    gpus_per_actor=gpus_per_actor,
-                    actor_timeout=actor_timeout,
-                )
-        finally:
-            if started_ray:
-                ray.shutdown()
+    return _Inputs(
+        spec=spec,
+        lake=lake,
+        run_id=target.run_id,
+        previous=target.previous,
+        fingerprint=fingerprint,
+        tokenization=tokenization,
+        docs=docs,
+        docs_table=docs_table,
+        held_out=held_out,
+        started=started,
+    )
 
 
-def _run(
-    spec: JobSpec,
-    lake: Lake,
-    run_id: str,
-    previous: dict | None,
-    fingerprint: str,
-    recorded_tokenization: dict,
-    docs: list[TokenizedDocument],
-    docs_table: pa.Table,
-    held_out: list[TokenizedDocument],
-    tic: float,
-    *,
-    show_progress: bool,
-    max_retries: int,
-    gpus_per_actor: float | None,
-    actor_timeout: float,
-) -> JobResult:
-    pool = actors.plan_pool(spec.actors, spec.device, gpus_per_actor)
+def _run(inputs: _Inputs, options: _PoolOptions) -> JobResult:
+    """The submission on Ray: the pool, the preflight, the calibration, the plan, the claim of
+    the run in the lake, then the sweep."""
+    spec = inputs.spec
+    pool = actors.plan_pool(spec.actors, spec.device, options.gpus_per_actor)
+    resolved, engine = _resolve(inputs, pool)
+    settings = WorkerSettings(spec.model, resolved.dtype, pool.device, pool.threads, engine, spec.compile_cache)
+    with actors.WorkerPool(pool, EvalWorker, (settings,), options.actor_timeout) as workers:
+        # Still nothing written: a config that cannot run on this model stops the job here.
+        workers.preflight(list(spec.configs))
+        # Calibration is deterministic for a given spec, documents and dtype: a resumed run redoes
+        # it and gets the thresholds, hence the tasks, of its first attempt.
+        calibrated = calibration.run(spec, inputs.held_out, workers, resolved.batch_configs) if spec.densities else []
+        if calibrated:
+            spec = calibration.calibrated_spec(spec, calibrated)
+        tasks = plan_tasks(inputs.docs, list(spec.configs), resolved.n_shards, resolved.batch_configs, spec.agreement)
+        record = SpecRecord(
+            spec=spec,
+            tokenization=inputs.tokenization,
+            spec_hash=inputs.fingerprint,
+            resolved=resolved,
+            tasks=tasks,
+            calibration=calibration.to_json(inputs.held_out, calibrated) if calibrated else None,
+            pool=pool,
+        )
+        attempt = _claim(inputs, record, tasks)
+        print(
+            f"kvorch: run {inputs.run_id}: {len(inputs.docs)} docs x {len(spec.configs)} configs = {len(tasks)} "
+            f"tasks ({len(attempt.done)} done, {len(attempt.todo)} to go) on {pool.n_actors} {pool.device} "
+            f"actor(s) -> {inputs.lake.uri}",
+            file=sys.stderr,
+        )
+        result = _sweep(attempt, workers, options.show_progress, options.max_retries)
+    return JobResult(
+        run_id=inputs.run_id,
+        rows_written=result.rows_written,
+        tasks=len(tasks),
+        failures=result.failures,
+        seconds=time.perf_counter() - inputs.started,
+        config_failures=incomplete.merged(attempt.kept, result.config_failures),
+    )
+
+
+def _resolve(inputs: _Inputs, pool: actors.PoolPlan) -> tuple[Resolved, EngineSettings]:
+    """What this pool settles that the spec leaves open, and the engine settings. A resume keeps
+    its first attempt's shards and batch size, so it plans the same tasks, and must run in the
+    same dtype, or its rows would mix two precisions."""
+    spec = inputs.spec
+    earlier = Resolved.recorded(inputs.previous) if inputs.previous else None
     dtype = resolve_dtype(spec.dtype, pool.device)
-    if previous and previous.get("dtype_resolved") != dtype:
+    if earlier and earlier.dtype != dtype:
         raise KvorchError(
-            f"run {run_id} was computed in {previous.get('dtype_resolved')}, this pool would use {dtype}; "
-            f"pass --dtype {previous.get('dtype_resolved')} to resume it"
+            f"run {inputs.run_id} was computed in {earlier.dtype}, this pool would use {dtype}; "
+            f"pass --dtype {earlier.dtype} to resume it"
         )
     engine = compile_check.resolve_compile(spec.engine_for(pool.device), spec.compile, pool.device)
     note = compile_check.eager_note(engine, list(spec.configs))
     if note:
         print(f"kvorch: {note}", file=sys.stderr)
-    settings = WorkerSettings(spec.model, dtype, pool.device, pool.threads, engine, spec.compile_cache)
-    n_shards = previous["n_shards"] if previous else default_shards(pool.n_actors)
-    if previous:
-        batch_configs = previous["batch_configs_resolved"]
+    if earlier:
+        n_shards, batch_configs = earlier.n_shards, earlier.batch_configs
     else:
-        longest = max(len(d.token_ids) for d in [*docs, *held_out])
+        n_shards = default_shards(pool.n_actors)
+        longest = max(len(d.token_ids) for d in [*inputs.docs, *inputs.held_out])
         batch_configs = batching.resolve(spec, pool, dtype, engine, longest)
-    with actors.WorkerPool(pool, EvalWorker, (settings,), actor_timeout) as workers:
-        # Still nothing written: a config that cannot run on this model stops the job here.
-        workers.preflight(list(spec.configs))
-        # Calibration is deterministic for a given spec, documents and dtype: a resumed run redoes
-        # it and gets the thresholds, hence the tasks, of its first attempt.
-        calibrated = calibration.run(spec, held_out, workers, batch_configs) if spec.densities else []
-        if calibrated:
-            spec = calibration.calibrated_spec(spec, calibrated)
-        tasks = plan_tasks(docs, list(spec.configs), n_shards, batch_configs, spec.agreement)
-        recorded_spec = {
-            **spec.to_json(),
-            "tokenization": recorded_tokenization,
-            "spec_hash": fingerprint,
-            "dtype_resolved": dtype,
-            "compile_resolved": engine.compile,
-            "batch_configs_resolved": batch_configs,
-            "schema_version": SCHEMA_VERSION,
-            "versions": _versions(),
-            "hardware": _hardware(pool),
-            "n_shards": n_shards,
-            "tasks": {t.task_id: sorted({c.method for c in t.configs}) for t in tasks},
-            "calibration": calibration.to_json(held_out, calibrated) if calibrated else None,
-        }
-        attempt = _claim(lake, run_id, previous, recorded_spec, docs_table, tasks, tic)
-        print(
-            f"kvorch: run {run_id}: {len(docs)} docs x {len(spec.configs)} configs = {len(tasks)} tasks "
-            f"({len(attempt.done)} done, {len(attempt.todo)} to go) on {pool.n_actors} {pool.device} actor(s) "
-            f"-> {lake.uri}",
-            file=sys.stderr,
-        )
-        result = _sweep(attempt, workers, show_progress, max_retries)
-    return JobResult(
-        run_id,
-        result.rows_written,
-        len(tasks),
-        result.failures,
-        time.perf_counter() - tic,
-        incomplete.merged(attempt.kept, result.config_failures),
-    )
+    return Resolved(dtype=dtype, compile=engine.compile, batch_configs=batch_configs, n_shards=n_shards), engine
 
 
 @dataclass(frozen=True)
@@ -204,51 +230,35 @@ class _Attempt:
         return [t for t in self.tasks if t.task_id not in self.done]
 
 
-def _claim(
-    lake: Lake, run_id: str, previous: dict | None, spec: dict, docs: pa.Table, tasks: list[Task], tic: float
-) -> _Attempt:
+def _claim(inputs: _Inputs, record: SpecRecord, tasks: list[Task]) -> _Attempt:
     """Claim the run in the lake: a fresh run writes its spec and documents; a resumed one
     drops its damaged parts and leftovers, whose tasks are then not done and run again."""
+    lake, run_id = inputs.lake, inputs.run_id
     # The earlier attempt's status, read before the claim below replaces it.
-    earlier = lake.read_status(run_id) if previous else None
+    earlier = lake.read_status(run_id) if inputs.previous else None
     # Claim the run before spec.json exists, so no other submission takes it for an abandoned one.
     lake.write_status(run_id, run_status.claimed(incomplete.recorded(earlier)))
-    if previous:
+    if inputs.previous:
         found = integrity.audit(lake, run_id)
         lake.delete(sorted(found.damaged) + lake.leftovers(run_id))
         done = found.done
     else:
         done = set()
-        lake.write_spec(run_id, spec)
-        lake.write_docs(run_id, docs)
-    return _Attempt(lake, run_id, tasks, done, earlier, incomplete.carried_over(earlier, done), tic)
+        lake.write_spec(run_id, record.to_json())
+        lake.write_docs(run_id, inputs.docs_table)
+    return _Attempt(lake, run_id, tasks, done, earlier, incomplete.carried_over(earlier, done), inputs.started)
 
 
 def _sweep(attempt: _Attempt, workers: actors.WorkerPool, show_progress: bool, max_retries: int) -> actors.PoolResult:
     """Run the attempt's tasks on the pool, each task's rows into the lake as it finishes, the
     status kept fresh meanwhile (heartbeat, events) and recorded at the end, however it ends."""
-    lake, run_id = attempt.lake, attempt.run_id
     # Chunk-level counts, for the bar and for the Ray metrics (orchestrator/pool/progress.py).
     total = sum(t.cost for t in attempt.tasks)
     counter = start_counter(total, total - sum(t.cost for t in attempt.todo))
     progress = Progress(attempt.tasks, attempt.done, show_progress, counter)
     result = actors.PoolResult()
-
-    def running(state: actors.PoolResult) -> dict:
-        failures = incomplete.merged(attempt.kept, state.config_failures)
-        return run_status.running(failures, attempts.running(attempt.earlier, state))
-
-    beat = Heartbeat(lake, run_id, running(result))
+    beat = Heartbeat(attempt.lake, attempt.run_id, _running_status(attempt, result))
     recorded = 0
-
-    def on_rows(task: Task, rows: pa.Table) -> int:
-        try:
-            return lake.write_rows(run_id, task.task_id, rows, [c.method for c in task.configs])
-        except OSError as exc:  # disk full, quota, a lost mount: stop, keep what is written
-            raise KvorchError(
-                f"cannot write to lake {lake.uri} ({exc.strerror or exc}); free space or fix the lake, "
-                "then run the same command again: finished tasks are kept"
-            ) from None
 
     def on_progress(task: Task, succeeded: bool, state: actors.PoolResult) -> None:
         nonlocal recorded
@@ -258,16 +268,16 @@ def _sweep(attempt: _Attempt, workers: actors.WorkerPool, show_progress: bool, m
         # heartbeat thread refreshes the status in between.
         news = len(state.config_failures) + len(state.events)
         if news > recorded:
-            beat.update(running(state))
+            beat.update(_running_status(attempt, state))
             recorded = news
 
     status, reason = "interrupted", "the driver stopped"
     try:
         with beat, progress:
             if attempt.todo:
+                on_rows = functools.partial(_write_rows, attempt.lake, attempt.run_id)
                 actors.run_pool(attempt.todo, workers, result, on_rows, on_progress, max_retries, counter)
-        status = "failed" if result.failures else "finished"
-        reason = failed_tasks_line(result.failures, len(attempt.tasks)) if result.failures else ""
+        status, reason = outcome(result.failures, len(attempt.tasks))
     except BaseException as exc:
         status, reason = ending(exc)
         raise
@@ -275,44 +285,37 @@ def _sweep(attempt: _Attempt, workers: actors.WorkerPool, show_progress: bool, m
         progress.close()
         with contextlib.suppress(Exception):  # a lost counter must not hide how the run ended
             ray.kill(counter)
-        write_final_status(
-            lake,
-            run_id,
-            run_status.ended(
-                status=status,
-                reason=reason,
-                tasks_total=len(attempt.tasks),
-                tasks_resumed=len(attempt.done),
-                failures=result.failures,
-                config_failures=incomplete.merged(attempt.kept, result.config_failures),
-                workers=result.workers,
-                # rows, tasks_done, retries and events of the whole run; this attempt's under "attempt"
-                figures=attempts.totals(lake, run_id, attempt.earlier, attempt.done, result),
-                seconds=round(time.perf_counter() - attempt.started, 3),
-            ),
-        )
+        write_final_status(attempt.lake, attempt.run_id, _final_status(attempt, result, status, reason))
     return result
 
 
-def _versions() -> dict:
-    names = ("kvorch", "torch", "transformers", "ray", "pyarrow", "duckdb")
-    out = {"python": platform.python_version()}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+def _write_rows(lake: Lake, run_id: str, task: Task, rows: pa.Table) -> int:
+    """Write a finished task's rows; a lake that cannot take them stops the run, in one line."""
+    try:
+        return lake.write_rows(run_id, task.task_id, rows, [c.method for c in task.configs])
+    except OSError as exc:  # disk full, quota, a lost mount: stop, keep what is written
+        raise KvorchError(
+            f"cannot write to lake {lake.uri} ({exc.strerror or exc}); free space or fix the lake, "
+            "then run the same command again: finished tasks are kept"
+        ) from None
 
 
-def _hardware(pool: actors.PoolPlan) -> dict:
-    resources = ray.cluster_resources()
-    return {
-        "platform": platform.platform(),
-        "cluster_cpus": resources.get("CPU"),
-        "cluster_gpus": resources.get("GPU", 0),
-        "actors": pool.n_actors,
-        "device": pool.device,
-        "cpus_per_actor": pool.num_cpus,
-        "gpus_per_actor": pool.num_gpus,
-    }
+def _running_status(attempt: _Attempt, state: actors.PoolResult) -> dict:
+    """The status while tasks run (the heartbeat adds the driver's mark to each write)."""
+    failures = incomplete.merged(attempt.kept, state.config_failures)
+    return run_status.running(failures, attempts.running(attempt.earlier, state))
+
+
+def _final_status(attempt: _Attempt, result: actors.PoolResult, status: str, reason: str) -> dict:
+    """The status the attempt ends with: the run's figures over every attempt, this one's apart."""
+    return run_status.ended(
+        status=status,
+        reason=reason,
+        tasks_total=len(attempt.tasks),
+        tasks_resumed=len(attempt.done),
+        failures=result.failures,
+        config_failures=incomplete.merged(attempt.kept, result.config_failures),
+        workers=result.workers,
+        figures=attempts.totals(attempt.lake, attempt.run_id, attempt.earlier, attempt.done, result),
+        seconds=round(time.perf_counter() - attempt.started, 3),
+    )
