@@ -496,7 +496,7 @@ def run_calls(
     the calls not run to ``on_abandoned`` and raises a KvorchError.
     """
     pending = list(calls)
-    attempts: dict[str, int] = {}
+    attempts: dict[str, int] = {}  # call key -> its failed attempts
     running: dict[ray.ObjectRef, tuple[Worker, Call]] = {}
     while pending or running:
         for worker in pool.idle()[: len(pending)]:
@@ -509,34 +509,51 @@ def run_calls(
         if done is None:
             continue
         worker, call = running.pop(done)
-        try:
-            out = ray.get(done)
-        except RayActorError as exc:
-            pool.lose(worker, exc)
-            reason, cause, retry = (
-                f"worker {worker.name} died: {first_line(exc)}",
-                f"its worker {worker.name} was lost",
-                True,
-            )
-        except RayTaskError as exc:
-            pool.release(worker)
-            reason = cause = first_line(exc.cause or exc)
-            retry = retry_errors
-        else:
-            pool.release(worker)
+        out, failure = _collect(pool, worker, done, retry_errors)
+        if failure is None:
             on_done(call, out)
             continue
         attempts[call.key] = attempts.get(call.key, 0) + 1
-        final = not retry or attempts[call.key] > max_retries
-        if final:
-            on_failed(call, f"{reason} (after {attempts[call.key]} attempts)" if retry else reason, True)
+        if not failure.retry or attempts[call.key] > max_retries:
+            reason = f"{failure.reason} (after {attempts[call.key]} attempts)" if failure.retry else failure.reason
+            on_failed(call, reason, True)
             continue
         pending.insert(0, call)
         pool.log.record(
             pool_events.TASK_REQUEUED,
-            f"task {call.key} re-queued (attempt {attempts[call.key] + 1} of {max_retries + 1}): {cause[:160]}",
+            f"task {call.key} re-queued (attempt {attempts[call.key] + 1} of {max_retries + 1}): {failure.cause[:160]}",
         )
-        on_failed(call, reason, False)
+        on_failed(call, failure.reason, False)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """One failed attempt at a call."""
+
+    reason: str  # what on_failed is told
+    cause: str  # what the re-queue event says
+    retry: bool  # whether the call may run again
+
+
+def _collect(
+    pool: WorkerPool, worker: Worker, ref: ray.ObjectRef, retry_errors: bool
+) -> tuple[object, _Failure | None]:
+    """A finished call's result and None, or None and how it failed. Its worker takes the next
+    call, unless its actor died: then the pool waits for Ray to restart it (``WorkerPool.lose``),
+    and the call may always run again, since it was not its fault."""
+    try:
+        out = ray.get(ref)
+    except RayActorError as exc:
+        pool.lose(worker, exc)
+        return None, _Failure(
+            f"worker {worker.name} died: {first_line(exc)}", f"its worker {worker.name} was lost", retry=True
+        )
+    except RayTaskError as exc:
+        pool.release(worker)
+        reason = first_line(exc.cause or exc)
+        return None, _Failure(reason, reason, retry=retry_errors)
+    pool.release(worker)
+    return out, None
 
 
 def run_pool(
