@@ -176,8 +176,7 @@ def test_the_removed_compact_flag_is_one_line_and_writes_nothing(tmp_path):
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert lines[-1] == (
-        "Error: --compact was removed: it gave the default masked cache's rows and measured no faster "
-        "(BENCHMARKS.md); drop the flag"
+        "Error: --compact was removed: the held cache (--cache held, the default) replaced it; drop the flag"
     )
     assert not lake.exists()
 

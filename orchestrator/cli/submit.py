@@ -232,8 +232,7 @@ def _no_compact(given: bool) -> None:
     """``--compact`` is gone; a script that still passes it is told so, in one line."""
     if given:
         raise click.UsageError(
-            "--compact was removed: it gave the default masked cache's rows and measured no faster "
-            "(BENCHMARKS.md); drop the flag"
+            "--compact was removed: the held cache (--cache held, the default) replaced it; drop the flag"
         )
 
 
