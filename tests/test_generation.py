@@ -11,12 +11,13 @@ from transformers import AttentionInterface
 from tests.families import tiny_decoder
 from tests.helpers import tiny_llama
 from workers.contract.configs import EvalConfig
-from workers.contract.settings import EngineSettings
-from workers.engine.core import Engine
+from workers.contract.settings import EngineSettings, GenerationSettings
+from workers.engine.core import Engine, prompt_spans
 from workers.presses import parse_method
 
 CHUNK, WINDOW, NEW = 8, 8, 24
 REFERENCE = "kvorch_test_reference"
+NO_QUESTION = torch.zeros(0, dtype=torch.int64)
 VISIBLE: dict[int, torch.Tensor] = {}  # layer -> [kv-heads, n, n] bool, read by reference_attention
 
 
@@ -38,16 +39,24 @@ def prompt(n: int = 37, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, 97, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def protocol_visible(keep: torch.Tensor, n_prompt: int, window: int) -> torch.Tensor:
+def chunk_starts(n: int, prompt_chunks: list[tuple[int, int]]) -> torch.Tensor:
+    """[n, 1] the start of the chunk each query position ran in: the prompt's chunks as given,
+    then one position per decoding step."""
+    start = torch.arange(n)
+    for s, e in prompt_chunks:
+        start[s:e] = s
+    return start[:, None]
+
+
+def protocol_visible(keep: torch.Tensor, starts: torch.Tensor, window: int) -> torch.Tensor:
     """[layers, kv-heads, n, n] what query q saw under the protocol, from a config's final keep
-    mask [layers, kv-heads, n]: the prompt in chunks of CHUNK, then one position per step; in a
-    chunk starting at s a query sees the keys from s - window on and, before them, the keys kept
-    (a threshold decides a key once, when it leaves the window: its final decision)."""
+    mask [layers, kv-heads, n] and each query's chunk start: in a chunk starting at s a query sees
+    the keys from s - window on and, before them, the keys kept (a threshold decides a key once,
+    after it left the window: its final decision)."""
     n = keep.shape[-1]
     q = torch.arange(n)[:, None]
     j = torch.arange(n)[None, :]
-    start = torch.where(q < n_prompt, (q // CHUNK) * CHUNK, q)
-    recent = (j <= q) & (j >= start - window)
+    recent = (j <= q) & (j >= starts - window)
     return recent | ((j <= q) & keep[:, :, None, :])
 
 
@@ -78,7 +87,9 @@ def test_baseline_generates_what_transformers_generate_does(family):
             ids[None], max_new_tokens=NEW, do_sample=False, eos_token_id=stop, pad_token_id=stop
         )[0, len(ids) :].tolist()
     engine = Engine(tiny_decoder(family), EngineSettings(CHUNK, WINDOW))
-    [got] = engine.generate("d", ids, [EvalConfig(parse_method("baseline"))], NEW, [stop])
+    [got] = engine.generate(
+        "d", ids, NO_QUESTION, [EvalConfig(parse_method("baseline"))], GenerationSettings(NEW), [stop]
+    )
     assert got.token_ids == expected
     assert got.stop_reason == ("eos" if expected[-1] == stop else "length")
     assert got.density == pytest.approx(1.0)
@@ -91,13 +102,14 @@ def test_an_evicting_config_generates_what_a_masked_greedy_loop_does(method, thr
     ids = prompt()
     config = EvalConfig(parse_method(method), threshold)
     engine = Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW))
-    [got] = engine.generate("d", ids, [config], NEW, [])
+    [got] = engine.generate("d", ids, NO_QUESTION, [config], GenerationSettings(NEW), [])
     step, layout = engine.last_run
     keep = torch.stack([layer[0] for layer in step.state.keep])[..., : len(ids) + NEW - 1]
     evicted = int((~keep).sum())
     assert evicted > 0, "the config must evict for the test to mean anything"
     window = int(layout.groups[0].windows.protected.max())
-    visible = protocol_visible(keep, len(ids), window)
+    starts = chunk_starts(keep.shape[-1], [(s, min(s + CHUNK, len(ids))) for s in range(0, len(ids), CHUNK)])
+    visible = protocol_visible(keep, starts, window)
     assert got.token_ids == greedy_reference(tiny_llama(), ids, NEW, visible, stop=-1)
     assert got.stop_reason == "length" and 0 < got.density < 1
 
@@ -107,8 +119,13 @@ def test_a_config_generates_the_same_alone_and_in_a_batch():
     configs = [EvalConfig(parse_method("knorm"), -0.3), EvalConfig(parse_method("baseline")),
                EvalConfig(parse_method("window")), EvalConfig(parse_method("snapkv"), 0.03)]  # fmt: skip
     engine = Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW))
-    together = engine.generate("d", ids, configs, NEW, [])
-    alone = [Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW)).generate("d", ids, [c], NEW, [])[0] for c in configs]
+    together = engine.generate("d", ids, NO_QUESTION, configs, GenerationSettings(NEW), [])
+    alone = [
+        Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW)).generate(
+            "d", ids, NO_QUESTION, [c], GenerationSettings(NEW), []
+        )[0]
+        for c in configs
+    ]
     assert [g.config for g in together] == configs
     assert [g.token_ids for g in together] == [g.token_ids for g in alone]
     assert [g.keys_kept for g in together] == [g.keys_kept for g in alone]
@@ -118,7 +135,14 @@ def test_a_config_generates_the_same_alone_and_in_a_batch():
 def test_a_frozen_cache_evicts_nothing_while_decoding():
     ids = prompt()
     engine = Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW))
-    [got] = engine.generate("d", ids, [EvalConfig(parse_method("knorm"), -0.3)], NEW, [], decide=False)
+    [got] = engine.generate(
+        "d",
+        ids,
+        NO_QUESTION,
+        [EvalConfig(parse_method("knorm"), -0.3)],
+        GenerationSettings(NEW, decode_eviction=False),
+        [],
+    )
     keep = torch.stack([layer[0] for layer in engine.last_run[0].state.keep])[..., : len(ids) + NEW - 1]
     assert bool(keep[..., len(ids) - WINDOW :].all())  # the prompt's window and every new key stay
     n = keep.shape[-1]
@@ -131,9 +155,13 @@ def test_a_frozen_cache_evicts_nothing_while_decoding():
 def test_generation_stops_at_a_stop_token_and_says_why():
     ids = prompt()
     engine = Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW))
-    free = engine.generate("d", ids, [EvalConfig(parse_method("baseline"))], NEW, [])[0].token_ids
+    free = engine.generate("d", ids, NO_QUESTION, [EvalConfig(parse_method("baseline"))], GenerationSettings(NEW), [])[
+        0
+    ].token_ids
     stop = free[5]
-    [got] = engine.generate("d", ids, [EvalConfig(parse_method("baseline"))], NEW, [stop])
+    [got] = engine.generate(
+        "d", ids, NO_QUESTION, [EvalConfig(parse_method("baseline"))], GenerationSettings(NEW), [stop]
+    )
     assert got.token_ids == free[: free.index(stop) + 1] and got.stop_reason == "eos"
 
 
@@ -155,13 +183,15 @@ def test_a_ranked_policy_evicts_every_token_and_hides_exactly_that(config, monke
         before[start] = torch.stack([layer[0] for layer in step.state.keep]).clone()
 
     exact_step, decode_step = ChunkStep._exact_step, generation._decode_step
-    monkeypatch.setattr(ChunkStep, "_exact_step", lambda s, k, a, e: (snapshot(s, a), exact_step(s, k, a, e))[1])
+    monkeypatch.setattr(
+        ChunkStep, "_exact_step", lambda s, k, a, e, d=True: (snapshot(s, a), exact_step(s, k, a, e, d))[1]
+    )
     monkeypatch.setattr(
         generation, "_decode_step", lambda s, k, p, t, d: (snapshot(s, p), decode_step(s, k, p, t, d))[1]
     )
     ids = prompt()
     engine = Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW))
-    [got] = engine.generate("d", ids, [config], NEW, [])
+    [got] = engine.generate("d", ids, NO_QUESTION, [config], GenerationSettings(NEW), [])
     n = len(ids) + NEW - 1
     starts = sorted(before)
     visible = torch.zeros(2, 2, n, n, dtype=torch.bool)
@@ -174,3 +204,37 @@ def test_a_ranked_policy_evicts_every_token_and_hides_exactly_that(config, monke
     )
     assert int((~final).sum()) > 0
     assert got.token_ids == greedy_reference(tiny_llama(), ids, NEW, visible, stop=-1)
+
+
+@pytest.mark.parametrize("query_aware", [False, True])
+@pytest.mark.parametrize("protocol", ["once", "chunked"])
+def test_the_protocols_run_the_prompt_as_said_and_generate_what_a_masked_loop_does(protocol, query_aware):
+    """``once``: the context in one chunk, compressed once; ``chunked``: in chunks. The question
+    after the compressed part (decided nothing) or, query-aware, inside it."""
+    context, question = prompt(37), prompt(9, seed=2)
+    settings = GenerationSettings(NEW, protocol=protocol, query_aware=query_aware)
+    spans = prompt_spans(37, 46, CHUNK, settings)
+    compressed = 46 if query_aware else 37
+    if protocol == "once":
+        assert [tuple(s) for s in spans] == [(0, compressed, True)] + ([] if query_aware else [(37, 46, False)])
+    else:
+        assert all(s.decide for s in spans) == query_aware and spans[-1].end == 46
+    engine = Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW))
+    config = EvalConfig(parse_method("knorm"), -0.3)
+    [got] = engine.generate("d", context, question, [config], settings, [])
+    n = 46 + NEW - 1
+    keep = torch.stack([layer[0] for layer in engine.last_run[0].state.keep])[..., :n]
+    assert int((~keep[..., :37]).sum()) > 0
+    visible = protocol_visible(keep, chunk_starts(n, [(s.start, s.end) for s in spans]), WINDOW)
+    assert got.token_ids == greedy_reference(tiny_llama(), torch.cat([context, question]), NEW, visible, stop=-1)
+
+
+def test_bad_generation_settings_are_one_line_errors():
+    for kwargs, fragment in [
+        (dict(max_new_tokens=0), "max new tokens must be >= 1"),
+        (dict(max_new_tokens=1.5), "must be a whole number"),
+        (dict(protocol="twice"), "unknown protocol 'twice'; use one of chunked, once"),
+    ]:
+        with pytest.raises(ValueError, match=fragment) as excinfo:
+            GenerationSettings(**kwargs)
+        assert "\n" not in str(excinfo.value)

@@ -52,6 +52,34 @@ class EngineSettings:
         return self.compile if self.static is None else self.static
 
 
+# How a question task's prompt meets the cache (``--protocol``): "chunked" streams the context in
+# chunks, evicting between them; "once" (kvpress's) reads the whole context in one chunk and
+# compresses it once. Then, either way, the question and the answer.
+PROTOCOLS = ("chunked", "once")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How every config answers a question task (workers/engine/generation.py)."""
+
+    max_new_tokens: int = 32
+    protocol: str = "chunked"
+    # The question inside the compressed part (the press may use it to choose), or read after it
+    # with the cache as compressed (kvpress's query_aware, False by default there too).
+    query_aware: bool = False
+    # Go on evicting while the answer is generated (a threshold decides each key leaving the
+    # window; ratio and budget are re-applied every token); False freezes the cache after the prompt.
+    decode_eviction: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise ValueError(f"max new tokens must be a whole number, got {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max new tokens must be >= 1, got {self.max_new_tokens}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.protocol!r}; use one of {', '.join(PROTOCOLS)}")
+
+
 # --attn flex needs FlexAttention.
 FLEX_MIN_TORCH = "2.5"
 

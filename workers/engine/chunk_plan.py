@@ -53,6 +53,16 @@ class ChunkBounds:
     shared: bool = False
 
 
+class Span(NamedTuple):
+    """One chunk of a document as the host plans it: positions [start, end), and whether the
+    policy decides after it (False: the cache is kept as it is, e.g. a question read after a
+    context compressed once)."""
+
+    start: int
+    end: int
+    decide: bool = True
+
+
 class LayerFacts(NamedTuple):
     """One layer's constants in one chunk: what a compiled layer region specializes on. A layer
     that differs in any of them gets a region of its own, never a wrong one."""

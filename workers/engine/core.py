@@ -24,8 +24,9 @@ import torch
 
 from workers.contract.configs import EvalConfig
 from workers.contract.plan import AnswerSpan, DocumentScores
-from workers.contract.settings import EngineSettings, cache_positions
+from workers.contract.settings import EngineSettings, GenerationSettings, cache_positions, chunk_bounds
 from workers.engine import capacity, generation
+from workers.engine.chunk_plan import Span
 from workers.engine.hooks import HookedModel
 from workers.engine.layout import DocumentLayout, held_from
 from workers.engine.step import ChunkStep
@@ -43,6 +44,20 @@ class ExecutionPath:
 
     compiled: bool
     static: bool
+
+
+def prompt_spans(n_context: int, n_prompt: int, chunk_size: int, settings: GenerationSettings) -> list[Span]:
+    """The chunks a question task's prompt runs in: the context in chunks of ``chunk_size``
+    (``chunked``) or in one (``once``), deciding after each; the question after it as one chunk
+    that decides nothing, or, ``query_aware``, inside the compressed part."""
+    compressed = n_prompt if settings.query_aware else n_context
+    if settings.protocol == "once":
+        spans = [Span(0, compressed)] if compressed else []
+    else:
+        spans = [Span(s, e) for s, e in chunk_bounds(compressed, chunk_size)]
+    if compressed < n_prompt:
+        spans.append(Span(compressed, n_prompt, decide=False))
+    return spans
 
 
 @dataclass(frozen=True)
@@ -224,18 +239,20 @@ class Engine:
     def generate(
         self,
         doc_id: str,
-        prompt_ids: torch.Tensor,
+        context_ids: torch.Tensor,
+        question_ids: torch.Tensor,
         configs: list[EvalConfig],
-        max_new_tokens: int,
+        settings: GenerationSettings,
         stop_token_ids: list[int],
-        decide: bool = True,
     ) -> list[Generated]:
-        """Each config's greedy answer to the prompt, in the order of ``configs``: the prompt runs
-        through the protocol's chunks, then every config generates from its own cache, evicting
-        as it goes (``decide=False``: the cache frozen after the prompt). Exact shapes, uncompiled;
-        run again with more slots while a held band overflows, as :meth:`_run` does."""
+        """Each config's greedy answer to a question about a context, in the order of ``configs``:
+        the prompt (context, then question) runs through the settings' protocol, then every config
+        generates from its own cache (generation.decode). Exact shapes, uncompiled; run again with
+        more slots while a held band overflows, as :meth:`_run` does."""
+        prompt_ids = torch.cat([context_ids, question_ids]).to(self.device)
         n_prompt = int(prompt_ids.shape[0])
-        n = n_prompt + max_new_tokens
+        n = n_prompt + settings.max_new_tokens
+        spans = prompt_spans(int(context_ids.shape[0]), n_prompt, self.settings.chunk_size, settings)
         variants = self.hooked.variants(prompt_ids)
         while True:
             layout = self._layout(configs, n, agreement=False)
@@ -244,8 +261,11 @@ class Engine:
                 return sum(position - held_from(position, v) for v in variants) * kv_heads
 
             step = self._step(layout, n, ExecutionPath(compiled=False, static=False), self.group_slots(layout, n))
-            step.run(doc_seed(doc_id), prompt_ids.to(self.device))
-            decoded = generation.decode(step, n_prompt, max_new_tokens, stop_token_ids, keys_total_at, decide)
+            step.run(doc_seed(doc_id), prompt_ids, spans=spans)
+            decoded = generation.decode(
+                step, n_prompt, len(spans), settings.max_new_tokens, stop_token_ids, keys_total_at,
+                settings.decode_eviction,
+            )  # fmt: skip
             if not self._learn(step, layout, n, doc_id):
                 break
         self.last_run = (step, layout)

@@ -42,14 +42,16 @@ class Decoded:
 def decode(
     step: ChunkStep,
     n_prompt: int,
+    first_index: int,
     max_new_tokens: int,
     stop_token_ids: list[int],
     keys_total_at: Callable[[int], int],
     decide: bool = True,
 ) -> Decoded:
     """Generate up to ``max_new_tokens`` per row after a prompt of ``n_prompt`` tokens that
-    ``step`` has just run. ``keys_total_at(p)``: keys the uncompressed model holds before position
-    ``p`` (the density's denominator)."""
+    ``step`` has just run in ``first_index`` chunks (decoding steps number on from there).
+    ``keys_total_at(p)``: keys the uncompressed model holds before position ``p`` (the density's
+    denominator)."""
     state, device = step.state, step.device
     rows = step.batch
     generated = torch.zeros(rows, max_new_tokens, dtype=torch.int64, device=device)
@@ -58,7 +60,6 @@ def decode(
     stops = torch.tensor(stop_token_ids, dtype=torch.int64, device=device)
     kept = torch.zeros(rows, dtype=torch.int64, device=device)
     keys_total = 0
-    first_index = -(-n_prompt // step.chunk_size)  # decoding steps number on after the prompt's chunks
     token = state.next_token.clone()
     for t in range(max_new_tokens):
         generated[:, t] = token

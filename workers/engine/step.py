@@ -47,7 +47,7 @@ from workers.contract.configs import RANKED_POLICIES
 from workers.contract.plan import AnswerSpan
 from workers.contract.settings import EngineSettings, chunk_bounds
 from workers.engine import cache, compiling
-from workers.engine.chunk_plan import ChunkBounds, GroupPlan, LayerFacts, StepPlan
+from workers.engine.chunk_plan import ChunkBounds, GroupPlan, LayerFacts, Span, StepPlan
 from workers.engine.chunk_results import ChunkResults, prediction_sums
 from workers.engine.document_state import DocumentState, StateSizes
 from workers.engine.hooks import HookedModel
@@ -176,21 +176,26 @@ class ChunkStep:
         token_ids: torch.Tensor,
         on_chunk: Callable[[int], None] | None = None,
         answer: AnswerSpan | None = None,
+        spans: list[Span] | None = None,
     ) -> tuple[ChunkResults, list[float]]:
         """Run every chunk of one document: its results [chunks, B] on the CPU, and each chunk's
         seconds (on the CPU each chunk's own; on an asynchronous device the document's time split
-        evenly, since timing a chunk alone would need a device sync per chunk)."""
+        evenly, since timing a chunk alone would need a device sync per chunk). ``spans``: chunks
+        of the host's own (exact shapes only; the generation protocols), else the chunk size's."""
         if self.compiled and not self.compiled_once:
             compiling.warm_up(self, doc_seed, token_ids, answer)
         self.reset(doc_seed, token_ids, answer)
-        bounds = chunk_bounds(int(token_ids.shape[0]), self.chunk_size)
+        if spans is None:
+            spans = [Span(start, end) for start, end in chunk_bounds(int(token_ids.shape[0]), self.chunk_size)]
+        elif self.static:
+            raise ValueError("chunks of the host's own need exact shapes: a static step's chunks are its chunk size")
         seconds = []
         started = tic = time.perf_counter()
-        for index, (start, end) in enumerate(bounds):
+        for index, (start, end, decide) in enumerate(spans):
             if self.static:
                 self.static_step(self.state)
             else:
-                self._exact_step(index, start, end)
+                self._exact_step(index, start, end, decide)
             toc = time.perf_counter()
             seconds.append(toc - tic)
             tic = toc
@@ -198,8 +203,8 @@ class ChunkStep:
                 on_chunk(end - start)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            seconds = [(time.perf_counter() - started) / len(bounds)] * len(bounds)
-        return self.state.results.head(len(bounds), answer is not None), seconds
+            seconds = [(time.perf_counter() - started) / len(spans)] * len(spans)
+        return self.state.results.head(len(spans), answer is not None), seconds
 
     def run_uncompiled(self) -> None:
         """From now on, the same step without torch.compile (a compile that failed)."""
@@ -227,7 +232,7 @@ class ChunkStep:
         self._forward(ChunkBounds(index, start, end, query_positions, self.positions))
         index.add_(1)
 
-    def _exact_step(self, index: int, start: int, end: int) -> None:
+    def _exact_step(self, index: int, start: int, end: int, decide: bool = True) -> None:
         """Uncompiled: the host knows the bounds, so tensors are cut to them."""
         as_tensor = dict(device=self.device, dtype=torch.int64)
         bounds = ChunkBounds(
@@ -238,15 +243,15 @@ class ChunkStep:
             positions=self.positions[:end],
             shared=start <= self.shared_until,
         )
-        self._forward(bounds)
+        self._forward(bounds, decide)
 
-    def _forward(self, bounds: ChunkBounds) -> None:
+    def _forward(self, bounds: ChunkBounds, decide: bool = True) -> None:
         """One chunk: the batched forward (every layer's work runs inside it, through kvorch's
         attention function), then its predictions scored into the results."""
         state, b = self.state, self.batch
         forward_rows = 1 if bounds.shared else b
         ids = state.tokens[bounds.query_positions]
-        run = LayerRun(self, bounds)
+        run = LayerRun(self, bounds, decide)
         logits = self.hooked.model(
             input_ids=ids[None].expand(forward_rows, -1),
             position_ids=bounds.query_positions[None],
