@@ -35,6 +35,11 @@ def reference_attention(module, query, key, value, attention_mask, dropout=0.0, 
 AttentionInterface.register(REFERENCE, reference_attention)
 
 
+def answers(engine: Engine, *args) -> list:
+    """Engine.generate's answers alone (its rows are the prompt's, tested with the lake's)."""
+    return engine.generate(*args)[1]
+
+
 def prompt(n: int = 37, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, 97, (n,), generator=torch.Generator().manual_seed(seed))
 
@@ -87,8 +92,8 @@ def test_baseline_generates_what_transformers_generate_does(family):
             ids[None], max_new_tokens=NEW, do_sample=False, eos_token_id=stop, pad_token_id=stop
         )[0, len(ids) :].tolist()
     engine = Engine(tiny_decoder(family), EngineSettings(CHUNK, WINDOW))
-    [got] = engine.generate(
-        "d", ids, NO_QUESTION, [EvalConfig(parse_method("baseline"))], GenerationSettings(NEW), [stop]
+    [got] = answers(
+        engine, "d", ids, NO_QUESTION, [EvalConfig(parse_method("baseline"))], GenerationSettings(NEW), [stop]
     )
     assert got.token_ids == expected
     assert got.stop_reason == ("eos" if expected[-1] == stop else "length")
@@ -102,7 +107,7 @@ def test_an_evicting_config_generates_what_a_masked_greedy_loop_does(method, thr
     ids = prompt()
     config = EvalConfig(parse_method(method), threshold)
     engine = Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW))
-    [got] = engine.generate("d", ids, NO_QUESTION, [config], GenerationSettings(NEW), [])
+    [got] = answers(engine, "d", ids, NO_QUESTION, [config], GenerationSettings(NEW), [])
     step, layout = engine.last_run
     keep = torch.stack([layer[0] for layer in step.state.keep])[..., : len(ids) + NEW - 1]
     evicted = int((~keep).sum())
@@ -119,10 +124,10 @@ def test_a_config_generates_the_same_alone_and_in_a_batch():
     configs = [EvalConfig(parse_method("knorm"), -0.3), EvalConfig(parse_method("baseline")),
                EvalConfig(parse_method("window")), EvalConfig(parse_method("snapkv"), 0.03)]  # fmt: skip
     engine = Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW))
-    together = engine.generate("d", ids, NO_QUESTION, configs, GenerationSettings(NEW), [])
+    together = answers(engine, "d", ids, NO_QUESTION, configs, GenerationSettings(NEW), [])
     alone = [
-        Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW)).generate(
-            "d", ids, NO_QUESTION, [c], GenerationSettings(NEW), []
+        answers(
+            Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW)), "d", ids, NO_QUESTION, [c], GenerationSettings(NEW), []
         )[0]
         for c in configs
     ]
@@ -135,7 +140,8 @@ def test_a_config_generates_the_same_alone_and_in_a_batch():
 def test_a_frozen_cache_evicts_nothing_while_decoding():
     ids = prompt()
     engine = Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW))
-    [got] = engine.generate(
+    [got] = answers(
+        engine,
         "d",
         ids,
         NO_QUESTION,
@@ -155,12 +161,12 @@ def test_a_frozen_cache_evicts_nothing_while_decoding():
 def test_generation_stops_at_a_stop_token_and_says_why():
     ids = prompt()
     engine = Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW))
-    free = engine.generate("d", ids, NO_QUESTION, [EvalConfig(parse_method("baseline"))], GenerationSettings(NEW), [])[
+    free = answers(engine, "d", ids, NO_QUESTION, [EvalConfig(parse_method("baseline"))], GenerationSettings(NEW), [])[
         0
     ].token_ids
     stop = free[5]
-    [got] = engine.generate(
-        "d", ids, NO_QUESTION, [EvalConfig(parse_method("baseline"))], GenerationSettings(NEW), [stop]
+    [got] = answers(
+        engine, "d", ids, NO_QUESTION, [EvalConfig(parse_method("baseline"))], GenerationSettings(NEW), [stop]
     )
     assert got.token_ids == free[: free.index(stop) + 1] and got.stop_reason == "eos"
 
@@ -191,7 +197,7 @@ def test_a_ranked_policy_evicts_every_token_and_hides_exactly_that(config, monke
     )
     ids = prompt()
     engine = Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW))
-    [got] = engine.generate("d", ids, NO_QUESTION, [config], GenerationSettings(NEW), [])
+    [got] = answers(engine, "d", ids, NO_QUESTION, [config], GenerationSettings(NEW), [])
     n = len(ids) + NEW - 1
     starts = sorted(before)
     visible = torch.zeros(2, 2, n, n, dtype=torch.bool)
@@ -221,7 +227,7 @@ def test_the_protocols_run_the_prompt_as_said_and_generate_what_a_masked_loop_do
         assert all(s.decide for s in spans) == query_aware and spans[-1].end == 46
     engine = Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW))
     config = EvalConfig(parse_method("knorm"), -0.3)
-    [got] = engine.generate("d", context, question, [config], settings, [])
+    [got] = answers(engine, "d", context, question, [config], settings, [])
     n = 46 + NEW - 1
     keep = torch.stack([layer[0] for layer in engine.last_run[0].state.keep])[..., :n]
     assert int((~keep[..., :37]).sum()) > 0
@@ -238,3 +244,46 @@ def test_bad_generation_settings_are_one_line_errors():
         with pytest.raises(ValueError, match=fragment) as excinfo:
             GenerationSettings(**kwargs)
         assert "\n" not in str(excinfo.value)
+
+
+def test_the_prompts_rows_are_the_rows_evaluate_gives_the_same_document():
+    """Under ``chunked`` with no question the prompt runs as any document does: the same rows."""
+    ids = prompt()
+    configs = [EvalConfig(parse_method("knorm"), -0.3), EvalConfig(parse_method("baseline"))]
+    rows, _ = Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW)).generate(
+        "d", ids, NO_QUESTION, configs, GenerationSettings(NEW), []
+    )
+    expected = Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW, agreement=False)).evaluate("d", ids, configs)
+    columns = ["config", "chunk_index", "chunk_start", "chunk_end", "n_tokens", "n_correct", "keys_total", "keys_kept"]
+    assert rows.select(columns).to_pylist() == expected.select(columns).to_pylist()
+    assert rows.column("nll_sum").to_pylist() == pytest.approx(expected.column("nll_sum").to_pylist(), rel=1e-9)
+    assert set(rows.column("generated").to_pylist()) == {None}  # the actor writes the answers
+
+
+def test_a_worker_answers_a_question_and_scores_it(tiny_model_dir, smollm2_tokenizer):
+    """The actor's question path: the prompt's rows, and on each config's last one the decoded
+    answer, its length, why it stopped, its score under the document's metric and its density."""
+    from workers.actor import EvalWorker
+    from workers.contract import scorers
+    from workers.contract.plan import Task, TaskDocument, WorkerSettings
+
+    context = smollm2_tokenizer("The special magic number is 42. " * 6)["input_ids"]
+    question = smollm2_tokenizer(" What is the special magic number?")["input_ids"]
+    settings = WorkerSettings(
+        tiny_model_dir, "float32", "cpu", 1, EngineSettings(CHUNK, WINDOW), generation=GenerationSettings(6)
+    )
+    configs = (EvalConfig(parse_method("baseline")), EvalConfig(parse_method("knorm"), -0.3))
+    doc = TaskDocument("q0", [*context, *question], question_tokens=len(question), answers=("42",), metric="ruler_all")
+    result = EvalWorker("w", settings).run(Task("t0", (doc,), configs))
+    assert result.failures == ()
+    rows = result.rows.to_pylist()
+    answered = [r for r in rows if r["generated"] is not None]
+    assert sorted(r["config"] for r in answered) == sorted(c.label for c in configs)
+    for row in answered:
+        assert row["chunk_end"] == len(doc.token_ids)  # the prompt's last chunk
+        assert 1 <= row["n_generated"] <= 6 and row["stop_reason"] in ("eos", "length")
+        assert row["answer_score"] == scorers.score("ruler_all", row["generated"], ["42"])
+        assert 0 < row["generated_density"] <= 1
+    baseline = next(r for r in answered if r["config"] == "baseline")
+    assert baseline["generated_density"] == 1.0
+    assert {r["stop_reason"] for r in rows if r["generated"] is None} == {None}

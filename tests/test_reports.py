@@ -22,7 +22,7 @@ from orchestrator.lake.store import Lake
 from orchestrator.reports.densities import parse_densities
 from orchestrator.reports.tables import RunReport
 from tests.test_cli import snapshot
-from workers.contract.schema import CHUNK_COLUMNS_BY_VERSION, CHUNK_SCHEMA, ROW_SCHEMA
+from workers.contract.schema import CHUNK_COLUMNS_BY_VERSION, CHUNK_SCHEMA, ROW_SCHEMA, SCHEMA_VERSION
 
 HEADS = 4  # layers x kv-heads of the synthetic rows
 
@@ -326,7 +326,11 @@ def test_runs_lists_and_compares(tmp_path):
 
 @pytest.mark.parametrize(
     ("version", "message"),
-    [("5", "newer than this kvorch reads"), ("0", "no longer reads"), (None, "no kvorch schema version")],
+    [
+        (str(SCHEMA_VERSION + 1), "newer than this kvorch reads"),
+        ("0", "no longer reads"),
+        (None, "no kvorch schema version"),
+    ],
 )
 def test_parts_of_another_schema_version_fail_clearly(tmp_path, version, message):
     lake = make_lake(tmp_path / "lake", {"r": three_doc_rows()})

@@ -21,9 +21,10 @@ import ray
 import torch
 from ray.util import metrics
 
+from workers.contract import scorers
 from workers.contract.configs import EvalConfig
 from workers.contract.errors import error_line
-from workers.contract.models import load_model
+from workers.contract.models import load_model, load_tokenizer
 from workers.contract.plan import (
     MODEL_LEVEL,
     ConfigFailure,
@@ -37,6 +38,7 @@ from workers.contract.schema import ROW_SCHEMA
 from workers.engine.compile_cache import use_compile_cache
 from workers.engine.core import Engine
 from workers.engine.exactness import inexact_reason
+from workers.engine.layout import with_answers
 from workers.faults import Fault
 from workers.progress import ChunkReporter
 from workers.studies.head_stats import DocumentHeadStats, HeadStatsProbe
@@ -62,6 +64,7 @@ class EvalWorker:
         self.fault = Fault.from_env()
         self.metrics = _Metrics(name) if ray.is_initialized() else None
         self._preflight_engine: Engine | None = None
+        self.tokenizer: Any = None
         self._loaded = False
         if load:
             self.load()
@@ -150,21 +153,63 @@ class EvalWorker:
         ``on_chunk`` gets each chunk's token-configs (its tokens times the configs evaluated)."""
         token_ids = torch.tensor(doc.token_ids)
 
-        def counted(n_configs: int) -> Callable[[int], None]:
-            return lambda tokens: on_chunk(tokens * n_configs)
+        def rows_of(batch: list[EvalConfig]) -> pa.Table:
+            if doc.is_question:
+                return self._answer(doc, token_ids, batch, on_chunk)
+            return self.engine.evaluate(
+                doc.doc_id, token_ids, batch, lambda tokens: on_chunk(tokens * len(batch)), doc.answer
+            )
 
         try:
-            return self.engine.evaluate(doc.doc_id, token_ids, configs, counted(len(configs)), doc.answer), []
+            return rows_of(configs), []
         except Exception as exc:  # a press may raise anything: it is reported per config below
             if len(configs) == 1:
                 return ROW_SCHEMA.empty_table(), [ConfigFailure(doc.doc_id, configs[0].label, error_line(exc))]
         tables, failures = [], []
         for config in configs:
             try:
-                tables.append(self.engine.evaluate(doc.doc_id, token_ids, [config], counted(1), doc.answer))
+                tables.append(rows_of([config]))
             except Exception as exc:
                 failures.append(ConfigFailure(doc.doc_id, config.label, error_line(exc)))
         return (pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()), failures
+
+    def _answer(
+        self, doc: TaskDocument, token_ids: torch.Tensor, configs: list[EvalConfig], on_chunk: Callable[[int], None]
+    ) -> pa.Table:
+        """A question task: the prompt's rows, and on each config's last one its greedy answer,
+        decoded and scored (workers/contract/scorers.py). Progress counts the prompt and the
+        generated tokens, times the configs."""
+        split = len(doc.token_ids) - doc.question_tokens
+        settings = self.settings.generation
+        rows, answers = self.engine.generate(
+            doc.doc_id, token_ids[:split], token_ids[split:], configs, settings, self._stop_token_ids()
+        )
+        on_chunk((len(doc.token_ids) + settings.max_new_tokens) * len(configs))
+        tokenizer = self._tokenizer()
+        columns = {}
+        for answer in answers:
+            text = tokenizer.decode(answer.token_ids, skip_special_tokens=True)
+            columns[answer.config.label] = {
+                "generated": text,
+                "n_generated": len(answer.token_ids),
+                "stop_reason": answer.stop_reason,
+                "answer_score": scorers.score(doc.metric, text, list(doc.answers)),
+                "generated_density": answer.density,
+            }
+        return with_answers(rows, columns)
+
+    def _tokenizer(self) -> Any:
+        """The model's tokenizer, loaded on the first question (a sweep of corpus text needs none)."""
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.settings.model)
+        return self.tokenizer
+
+    def _stop_token_ids(self) -> list[int]:
+        """Generation stops at the model's end-of-sequence tokens (its config's, and the tokenizer's)."""
+        ids = getattr(self.model.config, "eos_token_id", None)
+        found = set(ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids])
+        eos = self._tokenizer().eos_token_id
+        return sorted(found | ({eos} if eos is not None else set()))
 
     def preflight(self, configs: list[EvalConfig]) -> list[tuple[str, str]]:
         """(label, reason) of every config that cannot run on this model, each tried alone on a

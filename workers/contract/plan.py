@@ -11,7 +11,7 @@ import pyarrow as pa
 import torch
 
 from workers.contract.configs import EvalConfig
-from workers.contract.settings import EngineSettings
+from workers.contract.settings import EngineSettings, GenerationSettings
 
 # The label of a preflight failure that concerns the model, not one config.
 MODEL_LEVEL = ""
@@ -50,6 +50,16 @@ class TaskDocument:
     token_ids: list[int]
     # A retrieval probe's answer: its last ``answer_tokens`` tokens (0: a corpus document).
     answer_tokens: int = 0
+    # A question task: the last ``question_tokens`` tokens are the question after the context,
+    # every config generates an answer, and ``metric`` scores it against ``answers``
+    # (workers/contract/scorers.py). Empty ``answers``: no question.
+    question_tokens: int = 0
+    answers: tuple[str, ...] = ()
+    metric: str = ""
+
+    @property
+    def is_question(self) -> bool:
+        return bool(self.answers)
 
     @property
     def answer(self) -> AnswerSpan | None:
@@ -103,6 +113,8 @@ class WorkerSettings:
     engine: EngineSettings
     # The on-disk cache of compiled steps (workers/engine/compile_cache.py); None: torch's default.
     compile_cache: str | None = None
+    # How question tasks are answered (their documents' ``answers``); other documents ignore it.
+    generation: GenerationSettings = GenerationSettings()
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Versions whose lakes this code reads (queries refuse others with the fix). Version 1 already
 # holds everything the reports derive, e.g. layers x kv-heads = keys_total / chunk_start;
 # version 2 adds kv_cache_bytes, version 3 press, version 4 the budget, agreement and answer
-# columns (and the docs' probe columns); each reads as null in older parts.
-READABLE_SCHEMA_VERSIONS = frozenset({1, 2, 3, 4})
+# columns (and the docs' probe columns), version 5 the generated answers of question tasks (and the
+# docs' answers and metric); each reads as null in older parts.
+READABLE_SCHEMA_VERSIONS = frozenset({1, 2, 3, 4, 5})
 
 PARTITION_COLUMNS = ("run_id", "method")
 
@@ -73,15 +74,30 @@ CHUNK_SCHEMA = pa.schema(
         pa.field("answer_nll_sum", pa.float64()),
         pa.field("answer_tokens", pa.int32()),
         pa.field("answer_correct", pa.int32()),
+        # --- since schema version 5 (null in older parts) ---
+        # A question task's generated answer, on the config's last prompt chunk row (null on the
+        # others and for documents that are no question): the greedy text, its tokens (a stop
+        # token included), why it stopped ("eos" or "length"), its score under the document's
+        # metric (workers/contract/scorers.py), and keys kept over keys the uncompressed model
+        # holds, summed over the decoding steps.
+        pa.field("generated", pa.string()),
+        pa.field("n_generated", pa.int32()),
+        pa.field("stop_reason", pa.string()),
+        pa.field("answer_score", pa.float64()),
+        pa.field("generated_density", pa.float64()),
     ],
     metadata={"kvorch_schema_version": str(SCHEMA_VERSION)},
 )
+# The columns a question task's generation fills (the rest of a row is the prompt's chunk).
+GENERATION_COLUMNS = ("generated", "n_generated", "stop_reason", "answer_score", "generated_density")
 # The columns of a part under each readable version: readers accept any of them, and the
 # columns an older part lacks read as null.
-_V4 = CHUNK_SCHEMA.remove_metadata()
+_V5 = CHUNK_SCHEMA.remove_metadata()
+_V4 = pa.schema(list(_V5)[: _V5.get_field_index("generated")])
 _V3 = pa.schema(list(_V4)[: _V4.get_field_index("budget")])
 _V2 = _V3.remove(_V3.get_field_index("press"))
 CHUNK_COLUMNS_BY_VERSION = {
+    5: _V5,
     4: _V4,
     3: _V3,
     2: _V2,
@@ -102,6 +118,10 @@ DOC_SCHEMA = pa.schema(
         pa.field("depth", pa.float64()),
         pa.field("answer", pa.string()),
         pa.field("answer_tokens", pa.int32()),
+        # A question task's reference answers (a JSON list of strings) and the metric that scores
+        # a generated answer against them, since schema version 5; null for other documents.
+        pa.field("answers", pa.string()),
+        pa.field("metric", pa.string()),
     ],
     metadata={"kvorch_schema_version": str(SCHEMA_VERSION)},
 )

@@ -244,9 +244,10 @@ class Engine:
         configs: list[EvalConfig],
         settings: GenerationSettings,
         stop_token_ids: list[int],
-    ) -> list[Generated]:
-        """Each config's greedy answer to a question about a context, in the order of ``configs``:
-        the prompt (context, then question) runs through the settings' protocol, then every config
+    ) -> tuple[pa.Table, list[Generated]]:
+        """The prompt's rows (one per chunk and config, as :meth:`evaluate`'s) and each config's
+        greedy answer to a question about a context, in the order of ``configs``: the prompt
+        (context, then question) runs through the settings' protocol, then every config
         generates from its own cache (generation.decode). Exact shapes, uncompiled; run again with
         more slots while a held band overflows, as :meth:`_run` does."""
         prompt_ids = torch.cat([context_ids, question_ids]).to(self.device)
@@ -261,7 +262,7 @@ class Engine:
                 return sum(position - held_from(position, v) for v in variants) * kv_heads
 
             step = self._step(layout, n, ExecutionPath(compiled=False, static=False), self.group_slots(layout, n))
-            step.run(doc_seed(doc_id), prompt_ids, spans=spans)
+            results, seconds = step.run(doc_seed(doc_id), prompt_ids, spans=spans)
             decoded = generation.decode(
                 step, n_prompt, len(spans), settings.max_new_tokens, stop_token_ids, keys_total_at,
                 settings.decode_eviction,
@@ -270,7 +271,9 @@ class Engine:
                 break
         self.last_run = (step, layout)
         by_row = {i: r for r, i in enumerate(layout.order)}
-        return [
+        bounds = [(s.start, s.end) for s in spans]
+        rows = layout.rows(doc_id, variants, results, seconds, [step.kv_bytes] * len(seconds), bounds=bounds)
+        return rows, [
             Generated(
                 config,
                 decoded.token_ids[by_row[i]],

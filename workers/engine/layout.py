@@ -18,7 +18,7 @@ import torch
 
 from workers.contract.configs import RANKED_POLICIES, EvalConfig
 from workers.contract.plan import AnswerSpan
-from workers.contract.schema import ROW_SCHEMA
+from workers.contract.schema import GENERATION_COLUMNS, ROW_SCHEMA
 from workers.contract.settings import EngineSettings, chunk_bounds
 from workers.engine.chunk_results import ChunkResults
 from workers.modeling import attention
@@ -159,10 +159,15 @@ class DocumentLayout:
         seconds: list[float],
         kv_bytes: list[int],
         answer: AnswerSpan | None = None,
+        bounds: list[tuple[int, int]] | None = None,
     ) -> pa.Table:
         """One row per (chunk, config) in ROW_SCHEMA, from the per-chunk [chunks, B] results
-        (on the CPU). The hidden reference row, if any, is not written."""
-        bounds = chunk_bounds(self.n, self.settings.chunk_size)
+        (on the CPU). The hidden reference row, if any, is not written. ``bounds``: the chunks
+        the document ran in when not the chunk size's (a question task's prompt), the last one
+        ending with the document."""
+        if bounds is None:
+            bounds = chunk_bounds(self.n, self.settings.chunk_size)
+        n_document = bounds[-1][1]
         group_of = {}
         for group in self.groups:
             for r in range(group.rows.start, group.rows.stop):
@@ -175,7 +180,7 @@ class DocumentLayout:
             first_held = torch.tensor([[held_from(s, v)] for v in variants], dtype=torch.int64)  # [layers, 1]
             keys_total = int((s - first_held).sum()) * self.n_kv_heads
             counted = {id(g): g.windows.at(s, g.press.n_sink, first_held) for g in self.groups}
-            n_targets = max(0, min(e, self.n - 1) - s)
+            n_targets = max(0, min(e, n_document - 1) - s)
             for r, config in enumerate(self.configs):
                 if r == self.hidden:
                     continue
@@ -231,7 +236,24 @@ def _optional_columns(results: ChunkResults, k: int, r: int, answer_tokens: int 
         "answer_nll_sum": float(results.answer_nll[k, r]) if answer else None,
         "answer_tokens": answer_tokens,
         "answer_correct": int(results.answer_correct[k, r]) if answer else None,
+        **dict.fromkeys(GENERATION_COLUMNS),  # a question's answer: with_answers fills them
     }
+
+
+def with_answers(rows: pa.Table, answers: dict[str, dict[str, object]]) -> pa.Table:
+    """``rows`` with each config's generated answer (``answers``: config label -> a value per
+    GENERATION_COLUMNS) on its last chunk row, the one that read the end of the prompt."""
+    configs, chunks = rows.column("config").to_pylist(), rows.column("chunk_index").to_pylist()
+    last = {}
+    for i, (config, chunk) in enumerate(zip(configs, chunks, strict=True)):
+        if chunk >= chunks[last.get(config, i)]:
+            last[config] = i
+    at = {i: answers[config] for config, i in last.items() if config in answers}
+    for name in GENERATION_COLUMNS:
+        index = rows.schema.get_field_index(name)
+        values = [at[i][name] if i in at else None for i in range(rows.num_rows)]
+        rows = rows.set_column(index, rows.schema.field(index), pa.array(values, rows.schema.field(index).type))
+    return rows
 
 
 def held_from(start: int, variant: attention.AttentionVariant) -> int:
