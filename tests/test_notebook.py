@@ -348,7 +348,7 @@ def test_every_report_names_its_run_and_runs_shows_each_kind(tmp_path):
 
 def test_table_all_and_index_html_show_only_tables_with_content(tmp_path):
     """A run whose methods have one threshold each (as the default run): --table all leaves out
-    frontier, head_ablation and retrieval, one line each saying why; index.html opens with
+    frontier, head_ablation, retrieval and answers, one line each saying why; index.html opens with
     compare. The same lake with a two-point sweep keeps frontier."""
     single = Lake(str(tmp_path / "single"))
     write_run(single, "r", [r for r in run_rows(1) if r["method"] != "knorm"], "2024-01-01T00:00:00+00:00")
@@ -358,7 +358,7 @@ def test_table_all_and_index_html_show_only_tables_with_content(tmp_path):
         "== compare ==", "== paired ==", "== by_position ==", "== pareto ==", "== throughput ==",
     ]  # fmt: skip
     left = [line for line in result.stderr.splitlines() if line.startswith("kvorch: left out ")]
-    assert [line.split(":")[1].split()[-1] for line in left] == ["frontier", "head_ablation", "retrieval"]
+    assert [line.split(":")[1].split()[-1] for line in left] == ["frontier", "head_ablation", "retrieval", "answers"]
     assert "each method has one threshold; pass --thresholds or --densities" in left[0]
     page = (tmp_path / "p" / "index.html").read_text()
     headings = [part.split("</h2>")[0] for part in page.split("<h2>")[1:]]

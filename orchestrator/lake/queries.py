@@ -1,5 +1,5 @@
 """DuckDB over the lake: views ``chunks``, ``docs``, ``runs``, ``statuses``, ``workers``, ``scores``, ``heads``,
-the shared macros of ``sql/_macros.sql``, and the named queries of ``sql/``."""
+``answers`` (``sql/_views.sql``), the shared macros of ``sql/_macros.sql``, and the named queries of ``sql/``."""
 
 from __future__ import annotations
 
@@ -101,6 +101,7 @@ def connect(lake: Lake, audits: dict[str, RunAudit] | None = None) -> duckdb.Duc
     _parquet_view(con, "heads", [lake.glob("heads")], pa.schema([*HEADS_SCHEMA, partitions[0]]))
     run_relations(con, lake, "VIEW")
     create_macros(con)
+    create_views(con)
     lock_down(con, lake)
     return con
 
@@ -188,6 +189,11 @@ def metrics_of(rows: pa.Table) -> list[dict]:
 
 def create_macros(con: duckdb.DuckDBPyConnection) -> None:
     con.execute((resources.files("sql") / "_macros.sql").read_text(encoding="utf-8"))
+
+
+def create_views(con: duckdb.DuckDBPyConnection) -> None:
+    """The views of ``sql/_views.sql`` (``answers``), over ``chunks`` and ``docs``, which must exist."""
+    con.execute((resources.files("sql") / "_views.sql").read_text(encoding="utf-8"))
 
 
 def check_schema_versions(con: duckdb.DuckDBPyConnection, files: list[str]) -> None:

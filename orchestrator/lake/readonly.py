@@ -35,7 +35,14 @@ import pyarrow.fs as pafs
 from orchestrator.errors import KvorchError
 from orchestrator.lake import integrity
 from orchestrator.lake.integrity import RunAudit
-from orchestrator.lake.queries import check_schema_versions, create_macros, no_runs, quote, run_relations
+from orchestrator.lake.queries import (
+    check_schema_versions,
+    create_macros,
+    create_views,
+    no_runs,
+    quote,
+    run_relations,
+)
 from orchestrator.lake.store import Lake
 from workers.contract.schema import CHUNK_SCHEMA, DOC_SCHEMA, HEADS_SCHEMA, PARTITION_COLUMNS, SCORES_SCHEMA
 
@@ -47,7 +54,7 @@ DEFAULT_MEMORY_LIMIT = "4GB"
 # lists the values first), a query or not: it counts as a query when it starts as one.
 READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")
 _QUERY_STARTS = ("SELECT", "FROM", "WITH", "PIVOT", "UNPIVOT", "VALUES", "TABLE", "(")
-VIEWS = "chunks, docs, runs, statuses, workers, scores, heads"
+VIEWS = "chunks, docs, runs, statuses, workers, scores, heads, answers"
 # The statement an EXPLAIN shows, after its options: EXPLAIN [ANALYZE] [(FORMAT json, ...)] <statement>.
 _EXPLAINED = re.compile(r"\s*EXPLAIN\s+(?:\([^)]*\)\s*)?(?:ANALY[SZ]E\s+)?(?P<rest>.*)", re.IGNORECASE | re.DOTALL)
 
@@ -169,6 +176,7 @@ def connect_sealed(
     # as for the parts).
     run_relations(con, lake, "TABLE")
     create_macros(con)
+    create_views(con)
     seal(con, memory_limit)
     return con
 

@@ -1,6 +1,7 @@
 """``kvorch report --plot DIR``: the density-ΔNLL frontier, density vs KL with confidence
-intervals, NLL by position and, for probe runs, the retrieval heatmap as PNGs, and an HTML page
-that shows them with the tables they are drawn from.
+intervals, NLL by position, for probe runs the retrieval heatmap and for question tasks the
+answer score against density as PNGs, and an HTML page that shows them with the tables they are
+drawn from.
 
 matplotlib runs on its Agg backend (files only, no display), so plotting works on headless
 clusters and in tests.
@@ -28,7 +29,7 @@ from orchestrator.reports.tables import Table, left_out
 from workers.contract.defaults import ALL_METHODS
 
 # The report tables the plots are drawn from.
-PLOTTED_TABLES = ("pareto", "frontier", "paired", "by_position", "retrieval")
+PLOTTED_TABLES = ("pareto", "frontier", "paired", "by_position", "retrieval", "answers")
 # The colours of --methods all, in registry order (baseline black, then matplotlib's tab10).
 METHOD_COLOURS = dict(
     zip(
@@ -44,6 +45,8 @@ OTHER_COLOURS = (
 )  # fmt: skip
 # Line styles of the configs of one sweep in by_position.png (they share the sweep's colour).
 DASHES = ("-", "--", "-.", ":")
+# Markers of the context lengths in answers.png (with DASHES as their line styles).
+MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
 def colour(label: str) -> str:
@@ -60,8 +63,8 @@ def write_plots(
     directory: str, run_id: str, tables: Mapping[str, Table], densities: Sequence[float] | None = None
 ) -> list[Path]:
     """Write frontier.png, by_position.png, kl.png (runs with agreement), retrieval.png (probe
-    runs) and index.html into ``directory``, from ``tables`` (as :func:`plot_figures` takes
-    them); returns the paths written."""
+    runs), answers.png (question tasks) and index.html into ``directory``, from ``tables`` (as
+    :func:`plot_figures` takes them); returns the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,10 +90,12 @@ def write_plots(
     shown.append(by_position)
     if retrieval.rows:
         shown.append(retrieval)
+    answers = tables.get("answers")
+    if answers is not None and answers.rows:
+        shown.append(answers)
     page = out / "index.html"
     notes = [reason for t in shown if (reason := left_out(t))]
-    if not retrieval.rows:
-        notes.append(left_out(retrieval))
+    notes += [left_out(t) for t in (retrieval, answers) if t is not None and not t.rows]
     shown = [t for t in shown if left_out(t) is None]
     page.write_text(_html(run_id, paths, shown, notes), encoding="utf-8")
     return [*paths, page]
@@ -98,7 +103,7 @@ def write_plots(
 
 def plot_figures(run_id: str, tables: Mapping[str, Table], densities: Sequence[float] | None = None) -> dict:
     """The plots as matplotlib figures, by file name, unsaved (the caller closes them): from
-    ``tables``, each of PLOTTED_TABLES by name, and ``compare``, whose configs a plot that
+    ``tables``, each of PLOTTED_TABLES by name (``answers`` may be absent), and ``compare``, whose configs a plot that
     leaves one out names (on the plot and on stderr). ``densities``: the ``--densities`` asked
     for, drawn as dotted lines on frontier.png (None: no lines)."""
     import matplotlib
@@ -113,6 +118,9 @@ def plot_figures(run_id: str, tables: Mapping[str, Table], densities: Sequence[f
     figures["by_position.png"] = _by_position_figure(run_id, tables["by_position"])
     if retrieval.rows:
         figures["retrieval.png"] = _retrieval_figure(run_id, retrieval)
+    answers = tables.get("answers")
+    if answers is not None and answers.rows:
+        figures["answers.png"] = _answers_figure(run_id, answers)
     return figures
 
 
@@ -291,7 +299,77 @@ def _retrieval_figure(run_id: str, retrieval: Table):
     return fig
 
 
-def _length_label(n: int) -> str:
+def _answers_figure(run_id: str, answers: Table):
+    """Question tasks: one panel per task, mean answer score against mean generated density (the
+    density the model answered with), a point per config and context length. A sweep's configs
+    share its colour and are joined by a line per length; lengths differ by line style and
+    marker. A config without a generated density is named in a note and on stderr."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    records = answers.records()
+    tasks = sorted({str(r["task"]) for r in records})
+    lengths = sorted({r["context_length"] for r in records}, key=lambda n: (n is None, n))
+    style = {n: (DASHES[i % len(DASHES)], MARKERS[i % len(MARKERS)]) for i, n in enumerate(lengths)}
+    columns = min(3, len(tasks))
+    rows = -(-len(tasks) // columns)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(5.2 * columns + 1.0, 4.2 * rows + 0.8), dpi=110, squeeze=False, sharey=True
+    )
+    sweeps_drawn: set[str] = set()
+    missing = []
+    for ax, task in zip(axes.flat, tasks, strict=False):
+        lines: dict[tuple[str, int | None], list[dict]] = {}
+        for r in records:
+            if str(r["task"]) != task:
+                continue
+            if r["generated_density"] is None or r["score"] is None:
+                cell_name = f"{r['config']} at {_length_label(r['context_length'])}"
+                missing.append((cell_name, f"{task}: no generated density"))
+                continue
+            lines.setdefault((r["config"].split("@")[0], r["context_length"]), []).append(r)
+        for (sweep, length), points in sorted(lines.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
+            points.sort(key=lambda p: p["generated_density"])
+            dash, marker = style[length]
+            ax.plot(
+                [p["generated_density"] for p in points],
+                [p["score"] for p in points],
+                linestyle=dash,
+                marker=marker,
+                color=colour(sweep),
+                label=f"_{sweep} {length}",
+            )
+            sweeps_drawn.add(sweep)
+        ax.set_title(task, fontsize="small")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("generated density (kept / uncompressed keys)")
+    for ax in list(axes.flat)[len(tasks) :]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("mean answer score")
+    handles = [Line2D([], [], color=colour(s), label=s) for s in sorted(sweeps_drawn)]
+    if len(lengths) > 1:
+        handles += [
+            Line2D([], [], color="grey", linestyle=style[n][0], marker=style[n][1], label=f"{_length_label(n)} tokens")
+            for n in lengths
+            if n is not None
+        ]
+    axes.flat[0].legend(handles=handles, fontsize="small", loc="best")
+    fig.suptitle(f"Answer score vs generated density per question task, run {run_id}")
+    bottom = 0.0
+    if missing:
+        text = "; ".join(f"{config} ({why})" for config, why in missing)
+        fig.text(0.01, 0.01, f"left out: {text}", fontsize="small", ha="left", va="bottom", wrap=True)
+        print(f"kvorch: answers.png leaves out {text}", file=sys.stderr)
+        bottom = 0.06
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    return fig
+
+
+def _length_label(n: int | None) -> str:
+    if n is None:
+        return "-"
     return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
 

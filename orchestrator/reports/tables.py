@@ -35,6 +35,8 @@ TABLES = {
     "throughput": "token-configs/s per worker, per method, per device type",
     "head_ablation": "head_aware configs under the ablation's names: ppl, accuracy, effective context, vs B_128",
     "retrieval": "retrieval probes (--task): exact-match accuracy and answer NLL per config, length and depth",
+    "answers": "question tasks: mean answer score per task, length and config, its paired difference from "
+    "baseline with a 95 % interval, generated and prompt density",
 }
 # Report table -> the parameters its query takes besides $run_id (RunReport.relation fills them in).
 TABLE_PARAMETERS = {"frontier": ("densities",), "paired": ("reference",)}
@@ -178,6 +180,8 @@ def left_out(table: Table) -> str | None:
         return "head_ablation: no head_aware configs in this run; run kvorch submit --preset head-ablation"
     if table.name == "retrieval" and not records:
         return "retrieval: not a probe run; run kvorch submit --task needle (or passkey, kv)"
+    if table.name == "answers" and not records:
+        return "answers: no question tasks in this run; run kvorch submit --task ruler (or a .jsonl with answers)"
     if not records:
         return f"{table.name}: no rows in this run"
     return None
