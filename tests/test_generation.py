@@ -44,24 +44,30 @@ def prompt(n: int = 37, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, 97, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def chunk_starts(n: int, prompt_chunks: list[tuple[int, int]]) -> torch.Tensor:
-    """[n, 1] the start of the chunk each query position ran in: the prompt's chunks as given,
-    then one position per decoding step."""
-    start = torch.arange(n)
-    for s, e in prompt_chunks:
-        start[s:e] = s
-    return start[:, None]
+def decision_points(n: int, spans: list[tuple[int, int, bool]], decode_decides: bool = True) -> torch.Tensor:
+    """[n, 1] for each query position, where the keys decided before its chunk end: the end of
+    the last chunk before it after which the policy decided (the prompt's spans as given, then one
+    position per decoding step). A key left the window unseen by a decision until then."""
+    point = torch.zeros(n, dtype=torch.int64)
+    decided = 0
+    for start, end, decide in spans:
+        point[start:end] = decided
+        decided = end if decide else decided
+    for position in range(spans[-1][1], n):
+        point[position] = decided
+        decided = position + 1 if decode_decides else decided
+    return point[:, None]
 
 
-def protocol_visible(keep: torch.Tensor, starts: torch.Tensor, window: int) -> torch.Tensor:
+def protocol_visible(keep: torch.Tensor, points: torch.Tensor, window: int) -> torch.Tensor:
     """[layers, kv-heads, n, n] what query q saw under the protocol, from a config's final keep
-    mask [layers, kv-heads, n] and each query's chunk start: in a chunk starting at s a query sees
-    the keys from s - window on and, before them, the keys kept (a threshold decides a key once,
-    after it left the window: its final decision)."""
+    mask [layers, kv-heads, n] and each query's decision point d (decision_points): the keys from
+    d - window on (none decided yet) and, before them, the keys kept (a threshold decides a key
+    once, at the first decision after it left the window: its final decision)."""
     n = keep.shape[-1]
     q = torch.arange(n)[:, None]
     j = torch.arange(n)[None, :]
-    recent = (j <= q) & (j >= starts - window)
+    recent = (j <= q) & (j >= points - window)
     return recent | ((j <= q) & keep[:, :, None, :])
 
 
@@ -113,8 +119,8 @@ def test_an_evicting_config_generates_what_a_masked_greedy_loop_does(method, thr
     evicted = int((~keep).sum())
     assert evicted > 0, "the config must evict for the test to mean anything"
     window = int(layout.groups[0].windows.protected.max())
-    starts = chunk_starts(keep.shape[-1], [(s, min(s + CHUNK, len(ids))) for s in range(0, len(ids), CHUNK)])
-    visible = protocol_visible(keep, starts, window)
+    spans = [(s, min(s + CHUNK, len(ids)), True) for s in range(0, len(ids), CHUNK)]
+    visible = protocol_visible(keep, decision_points(keep.shape[-1], spans), window)
     assert got.token_ids == greedy_reference(tiny_llama(), ids, NEW, visible, stop=-1)
     assert got.stop_reason == "length" and 0 < got.density < 1
 
@@ -231,7 +237,7 @@ def test_the_protocols_run_the_prompt_as_said_and_generate_what_a_masked_loop_do
     n = 46 + NEW - 1
     keep = torch.stack([layer[0] for layer in engine.last_run[0].state.keep])[..., :n]
     assert int((~keep[..., :37]).sum()) > 0
-    visible = protocol_visible(keep, chunk_starts(n, [(s.start, s.end) for s in spans]), WINDOW)
+    visible = protocol_visible(keep, decision_points(n, [tuple(s) for s in spans]), WINDOW)
     assert got.token_ids == greedy_reference(tiny_llama(), torch.cat([context, question]), NEW, visible, stop=-1)
 
 
@@ -287,3 +293,24 @@ def test_a_worker_answers_a_question_and_scores_it(tiny_model_dir, smollm2_token
     baseline = next(r for r in answered if r["config"] == "baseline")
     assert baseline["generated_density"] == 1.0
     assert {r["stop_reason"] for r in rows if r["generated"] is None} == {None}
+
+
+@pytest.mark.parametrize("decode_eviction", [True, False])
+@pytest.mark.parametrize("protocol", ["once", "chunked"])
+def test_the_held_cache_answers_as_the_masked_one_without_running_again(protocol, decode_eviction, capsys):
+    """The held cache is sized for what a row takes between two decisions while answering (the
+    context read at once, the question, every generated key when frozen): the same answers and
+    densities as the masked cache, with no overflow rerun for a bound the policy fixes."""
+    context, question = prompt(37), prompt(9, seed=2)
+    configs = [EvalConfig(parse_method("window")), EvalConfig(parse_method("streaming_llm")),
+               EvalConfig(parse_method("knorm"), ratio=0.5), EvalConfig(parse_method("tova"), budget=20),
+               EvalConfig(parse_method("knorm"), -0.3), EvalConfig(parse_method("baseline"))]  # fmt: skip
+    settings = GenerationSettings(NEW, protocol=protocol, decode_eviction=decode_eviction)
+    got = {}
+    for cache in ("held", "masked"):
+        engine = Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW, cache=cache))
+        got[cache] = [
+            (g.token_ids, g.keys_kept) for g in answers(engine, "d", context, question, configs, settings, [])
+        ]
+    assert got["held"] == got["masked"]
+    assert "held more keys than its cache had slots" not in capsys.readouterr().err

@@ -125,7 +125,7 @@ def workers_imports(path: Path, skip_type_checking: bool = False) -> set[str]:
 DRIVER_IMPORTS = {
     "workers.contract.configs", "workers.contract.defaults", "workers.contract.errors", "workers.contract.memory",
     "workers.contract.models", "workers.contract.plan", "workers.contract.schema", "workers.contract.settings",
-    "workers.contract.tokenization",
+    "workers.contract.tokenization", "workers.contract.scorers",
     "workers.presses",  # the registry: names, parse_method, the Press base
     "workers.presses.kvzap",  # save_surrogate: kvorch kvzap writes the surrogate the press loads
     "workers.actor",  # EvalWorker, the sweep's Ray actor

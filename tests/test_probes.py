@@ -266,7 +266,8 @@ def test_check_task(tmp_path):
     with pytest.raises(KvorchError) as error:
         check_task("nedle")
     assert str(error.value) == (
-        "--task 'nedle' is unknown; use one of passkey, needle, kv or a .jsonl file with context, question, answer"
+        "--task 'nedle' is unknown; use one of passkey, needle, kv, ruler[:NAME], or a .jsonl file with context, "
+        "question and answer (a probe) or answers (a question)"
     )
     with pytest.raises(KvorchError, match=r"--task .*missing\.jsonl: no such file; use one of passkey"):
         check_task(str(tmp_path / "missing.jsonl"))

@@ -39,14 +39,21 @@ from orchestrator.heads.presets import (
 from orchestrator.lake import incomplete
 from orchestrator.lake.store import Lake, check_run_id, new_run_id
 from orchestrator.pool import DEFAULT_ACTOR_TIMEOUT, DEFAULT_MAX_RETRIES, ray_jobs
-from orchestrator.probes import DEFAULT_DEPTHS, DEFAULT_LENGTHS, check_task, parse_depths, parse_lengths
+from orchestrator.probes import (
+    DEFAULT_DEPTHS,
+    DEFAULT_LENGTHS,
+    check_task,
+    is_question_task,
+    parse_depths,
+    parse_lengths,
+)
 from orchestrator.probes.spec import is_custom
 from orchestrator.reports.densities import parse_densities
 from orchestrator.reports.tables import RunReport, render_tables
 from orchestrator.sweep.endings import stopping_signal
 from orchestrator.sweep.spec import COMPILE_MODES, JobSpec
 from workers.contract.configs import POLICIES
-from workers.contract.settings import CACHES
+from workers.contract.settings import CACHES, PROTOCOLS, GenerationSettings
 
 if TYPE_CHECKING:
     from orchestrator.sweep import submission
@@ -95,7 +102,9 @@ def _default(name: str) -> object:
     "--task",
     default=None,
     help="Retrieval probes instead of corpus documents: passkey, needle (a fact in the corpus text), kv "
-    "(multi-key key-value), or a .jsonl of context/question/answer. Prints the accuracy table.",
+    "(multi-key key-value), or a .jsonl of context/question/answer; prints the accuracy table. Or a question "
+    "task whose answers every config generates: ruler (RULER's families; ruler:NAME[+NAME] for some) or a "
+    ".jsonl of context/question/answers; prints the answers table.",
 )
 @click.option(
     "--lengths",
@@ -111,6 +120,32 @@ def _default(name: str) -> object:
 )
 @click.option("--samples", type=int, default=None, help="With --task: probes per length and depth (default: 1).")
 @click.option("--seed", type=int, default=None, help="With --task: the probes' seed (default: 0).")
+@click.option(
+    "--max-new-tokens",
+    type=int,
+    default=None,
+    help="With a question task: tokens each config may generate (default: the task's own, RULER's per "
+    "family, 32 for a .jsonl).",
+)
+@click.option(
+    "--protocol",
+    type=click.Choice(PROTOCOLS),
+    default=None,
+    help="With a question task: chunked streams the context in chunks, evicting between them; once "
+    f"(kvpress's) reads it in one chunk and compresses it once (default: {GenerationSettings.protocol}).",
+)
+@click.option(
+    "--query-aware",
+    is_flag=True,
+    default=None,
+    help="With a question task: the question inside the compressed part (default: read after it).",
+)
+@click.option(
+    "--decode-eviction/--no-decode-eviction",
+    default=None,
+    help="With a question task: go on evicting while the answer is generated, or freeze the cache after "
+    "the prompt (default: evict).",
+)
 @max_docs_option(spec_default(JobSpec, "max_docs"))
 @max_tokens_option()
 @bos_option
@@ -261,15 +296,19 @@ def _job_spec(ctx: click.Context, options: dict[str, Any]) -> JobSpec:
 
 
 _PROBE_OPTIONS = ("lengths", "depths", "samples", "seed")
+_QUESTION_OPTIONS = ("max_new_tokens", "protocol", "query_aware", "decode_eviction")
 
 
 def _probe_options(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
     """The JobSpec fields of --task and its options; options that cannot apply are refused."""
     task = options["task"]
     given = [name for name in _PROBE_OPTIONS if options[name] is not None]
+    answering = [name for name in _QUESTION_OPTIONS if options[name] is not None]
     if task is None:
         if given:
             raise KvorchError(f"--{given[0]} goes with --task; add --task passkey, needle or kv")
+        if answering:
+            raise KvorchError(f"--{_flag(answering[0])} goes with a question task; add --task ruler")
         return {}
     corpus_only = [n for n in ("max_docs", "max_tokens") if ctx.get_parameter_source(n) != ParameterSource.DEFAULT]
     if corpus_only:
@@ -278,13 +317,25 @@ def _probe_options(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any
     check_task(task)
     if is_custom(task) and given:
         raise KvorchError(f"--{given[0]} applies to the built-in tasks; a .jsonl task brings its own probes")
+    question = is_question_task(task)
+    if answering and not question:
+        raise KvorchError(
+            f"--{_flag(answering[0])} goes with a question task (ruler, or a .jsonl with answers), not --task {task}"
+        )
+    if question and options["depths"] is not None and not is_custom(task):
+        raise KvorchError("--depths places a probe's fact; RULER's tasks spread their needles themselves: drop it")
     fields: dict[str, Any] = {"task": task}
+    fields.update({name: options[name] for name in _QUESTION_OPTIONS if options[name] is not None})
     if options["lengths"] is not None:
         fields["lengths"] = parse_lengths(options["lengths"])
     if options["depths"] is not None:
         fields["depths"] = parse_depths(options["depths"])
     fields.update({name: options[name] for name in ("samples", "seed") if options[name] is not None})
     return fields
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
 
 
 def _check_scheduling(options: dict[str, Any]) -> None:
@@ -352,7 +403,8 @@ def _print_outcome(target: Lake, result: submission.JobResult, options: dict[str
     if options["preset"]:
         names = ["head_ablation"]
     else:
-        names = ["compare", "retrieval"] if options["task"] else ["compare"]
+        task = options["task"]
+        names = ["compare", "answers" if is_question_task(task) else "retrieval"] if task else ["compare"]
     tables = [report.table(name) for name in names]
     click.echo(marked(report, render_tables(tables, fmt, table_width(options["wide"])), fmt))
     click.echo(f"run {result.run_id}: {result.rows_written} rows in {result.seconds:.1f} s -> {target.uri}", err=True)

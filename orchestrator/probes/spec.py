@@ -17,6 +17,7 @@ from orchestrator.errors import KvorchError
 
 TASKS: tuple[str, ...] = ("passkey", "needle", "kv")
 CUSTOM_TASK = "custom"  # Probe.task of a bring-your-own JSONL probe
+RULER_PREFIX = "ruler"  # --task ruler[:family[+family...]]: RULER's question tasks (probes/questions.py)
 DEFAULT_LENGTHS: tuple[int, ...] = (256, 512, 1024)
 DEFAULT_DEPTHS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 KILO = 1024  # "4k" means 4096 tokens: context windows are powers of two
@@ -71,11 +72,36 @@ def parse_depths(text: str) -> tuple[float, ...]:
     return tuple(d + 0.0 for d in depths)  # -0.0 -> 0.0: one label per depth
 
 
+def is_ruler(task: str) -> bool:
+    """Whether the task is RULER's (``ruler`` or ``ruler:<family>[+<family>...]``): question tasks."""
+    return task == RULER_PREFIX or task.startswith(RULER_PREFIX + ":")
+
+
+def ruler_families(task: str) -> list[str]:
+    """``ruler`` -> every family; ``ruler:a+b`` -> those; a one-line KvorchError for an unknown one."""
+    from orchestrator.probes import ruler
+
+    names = list(ruler.TASKS) if task == RULER_PREFIX else task.removeprefix(RULER_PREFIX + ":").split("+")
+    unknown = [name for name in names if name not in ruler.TASKS]
+    if unknown:
+        raise KvorchError(
+            f"--task {task}: unknown RULER task {', '.join(repr(n) for n in unknown)}; use ruler, or ruler:NAME "
+            f"(NAME+NAME for several) with NAME one of {', '.join(ruler.TASKS)}"
+        )
+    return names
+
+
 def check_task(task: str) -> None:
-    """A built-in name, or an existing ``.jsonl`` file of bring-your-own probes."""
+    """A built-in name, RULER's tasks, or an existing ``.jsonl`` file of bring-your-own probes or questions."""
     if task in TASKS:
         return
-    fix = f"use one of {', '.join(TASKS)} or a .jsonl file with context, question, answer"
+    if is_ruler(task):
+        ruler_families(task)
+        return
+    fix = (
+        f"use one of {', '.join(TASKS)}, ruler[:NAME], or a .jsonl file with context, question and answer "
+        "(a probe) or answers (a question)"
+    )
     if task.endswith(".jsonl"):
         check_regular_file(Path(task), f"--task {task}")
         if not Path(task).is_file():
@@ -86,7 +112,7 @@ def check_task(task: str) -> None:
 
 def is_custom(task: str) -> bool:
     """Whether the task is a bring-your-own JSONL file rather than a built-in."""
-    return task not in TASKS
+    return task not in TASKS and not is_ruler(task)
 
 
 def check_spec(spec: ProbeSpec, max_context: int | None) -> None:

@@ -239,7 +239,8 @@ def _finish(fig, ax, name: str, missing: Sequence[tuple[str, str]] = ()):
     """The finish the line plots share: grid, legend, tight layout, and a note naming each
     config the plot could not place (also on stderr)."""
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
+    if ax.get_legend_handles_labels()[1]:  # a panel with no labelled line has no legend to draw
+        ax.legend(fontsize="small", loc="best")
     bottom = 0.0
     if missing:
         text = "; ".join(f"{config} ({why})" for config, why in missing)

@@ -1,7 +1,9 @@
-"""A run's documents as token ids: the corpus's first --max-docs, or retrieval probes (--task).
+"""A run's documents as token ids: the corpus's first --max-docs, retrieval probes or question
+tasks (--task).
 
-Both become :class:`TokenizedDocument`; a probe also carries its answer span and its cell
-(task, length, depth), which the docs table records and sql/retrieval.sql groups by.
+All become :class:`TokenizedDocument`; a probe also carries its answer span, a question its
+question and reference answers, both their cell (task, length, depth), which the docs table
+records and sql/retrieval.sql and the answers view group by.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import pyarrow as pa
 
 from orchestrator.corpus import Document
 from orchestrator.errors import KvorchError
-from orchestrator.probes import ProbeSpec, build_probes
+from orchestrator.probes import ProbeSpec, build_probes, build_questions, is_question_task
+from orchestrator.probes.questions import answers_json
 from orchestrator.sweep.planner import TokenizedDocument
 from orchestrator.sweep.spec import JobSpec
 from workers.contract import memory
@@ -25,6 +28,11 @@ def run_documents(spec: JobSpec, tokens: Tokenization, corpus: list[Document]) -
     if spec.task is None:
         return [TokenizedDocument(d, tokens.ids(d.text, spec.max_tokens)) for d in corpus[: spec.max_docs]]
     probe_spec = ProbeSpec(spec.task, spec.lengths, spec.depths, spec.samples, spec.seed)
+    if is_question_task(spec.task):
+        return [
+            TokenizedDocument(Document(q.doc_id, q.text, q.source), q.token_ids, question=q)
+            for q in build_questions(probe_spec, tokens, model_context(spec.model), spec.max_new_tokens)
+        ]
     probes = build_probes(probe_spec, tokens, corpus, model_context(spec.model))
     return [
         TokenizedDocument(
@@ -50,7 +58,8 @@ def docs_table(docs: list[TokenizedDocument]) -> pa.Table:
     """The run's docs table (DOC_SCHEMA): what each document is, and a probe's cell and answer."""
     rows = []
     for d in docs:
-        probe = d.probe
+        probe, question = d.probe, d.question
+        cell = probe or question
         rows.append(
             {
                 "doc_id": d.document.doc_id,
@@ -58,11 +67,13 @@ def docs_table(docs: list[TokenizedDocument]) -> pa.Table:
                 "n_chars": len(d.document.text),
                 "n_tokens": len(d.token_ids),
                 "sha256": hashlib.sha256(d.document.text.encode()).hexdigest(),
-                "task": probe.task if probe else None,
-                "context_length": probe.context_length if probe else None,
-                "depth": probe.depth if probe else None,
+                "task": cell.task if cell else None,
+                "context_length": cell.context_length if cell else None,
+                "depth": cell.depth if cell else None,
                 "answer": probe.answer if probe else None,
                 "answer_tokens": probe.answer_tokens if probe else None,
+                "answers": answers_json(question.answers) if question else None,
+                "metric": question.metric if question else None,
             }
         )
     return pa.Table.from_pylist(rows, schema=DOC_SCHEMA)

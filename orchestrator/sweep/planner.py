@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from orchestrator.corpus import Document
 from orchestrator.errors import KvorchError
-from orchestrator.probes import Probe
+from orchestrator.probes import Probe, Question
 from workers.contract.configs import EvalConfig
 from workers.contract.plan import Task, TaskDocument
 
@@ -23,6 +23,17 @@ class TokenizedDocument:
     document: Document
     token_ids: list[int]
     probe: Probe | None = None  # a retrieval probe (--task): its answer is the last tokens
+    question: Question | None = None  # a question task (--task): its question is the last tokens
+
+
+def task_document(d: TokenizedDocument) -> TaskDocument:
+    """What an actor needs of a document: its ids, and a probe's answer span or a question's."""
+    if d.question is not None:
+        q = d.question
+        return TaskDocument(
+            d.document.doc_id, d.token_ids, question_tokens=q.question_tokens, answers=q.answers, metric=q.metric
+        )
+    return TaskDocument(d.document.doc_id, d.token_ids, d.probe.answer_tokens if d.probe else 0)
 
 
 def check_lengths(docs: list[TokenizedDocument], chunk_size: int) -> None:
@@ -88,10 +99,7 @@ def plan_tasks(
     tasks = [
         Task(
             task_id=f"s{si:04d}-g{gi:03d}",
-            documents=tuple(
-                TaskDocument(d.document.doc_id, d.token_ids, d.probe.answer_tokens if d.probe else 0)
-                for d in shard_docs
-            ),
+            documents=tuple(task_document(d) for d in shard_docs),
             configs=tuple(group),
         )
         for si, shard_docs in enumerate(shard(docs, n_shards))

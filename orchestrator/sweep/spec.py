@@ -18,7 +18,7 @@ from orchestrator.probes.spec import check_spec
 from workers.contract.configs import POLICIES, RANKED_POLICIES, EvalConfig
 from workers.contract.defaults import COMPILE_CACHE
 from workers.contract.models import DTYPE_NAMES, EMBEDDED_MODEL
-from workers.contract.settings import EngineSettings, check_backend
+from workers.contract.settings import EngineSettings, GenerationSettings, check_backend
 from workers.contract.tokenization import BOS_MODES, DEFAULT_BOS
 
 if TYPE_CHECKING:
@@ -30,6 +30,8 @@ DEFAULT_CHUNK_SIZE = EngineSettings.chunk_size
 DEFAULT_WINDOW = EngineSettings.window
 # auto: compile on CUDA, where it pays (orchestrator/sweep/compile_check.py confirms it can); see README.
 COMPILE_MODES = ("auto", "on", "off")
+# JobSpec's options of question tasks (GenerationSettings).
+GENERATION_FIELDS = ("max_new_tokens", "protocol", "query_aware", "decode_eviction")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,12 @@ class JobSpec:
     depths: tuple[float, ...] = DEFAULT_DEPTHS
     samples: int = 1
     seed: int = 0
+    # Question tasks (ruler, a .jsonl with answers): how every config answers
+    # (workers/contract/settings.py, GenerationSettings). max_new_tokens None: each task's own.
+    max_new_tokens: int | None = None
+    protocol: str = GenerationSettings.protocol
+    query_aware: bool = GenerationSettings.query_aware
+    decode_eviction: bool = GenerationSettings.decode_eviction
     configs: tuple[EvalConfig, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -98,6 +106,7 @@ class JobSpec:
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise KvorchError(f"--dtype {self.dtype!r} is unknown; use auto or one of {', '.join(DTYPE_NAMES)}")
         engine_settings(self.chunk_size, self.window, self.attn)
+        self.generation_settings(GenerationSettings.max_new_tokens)  # the generation options' own checks
         if self.task is not None:
             check_task(self.task)
             check_spec(ProbeSpec(self.task, self.lengths, self.depths, self.samples, self.seed), None)
@@ -128,8 +137,27 @@ class JobSpec:
             cache=self.cache,
         )
 
+    def generation_settings(self, task_budget: int) -> GenerationSettings:
+        """How question tasks are answered; ``task_budget``: the tasks' own generation budget,
+        taken when --max-new-tokens is not given."""
+        try:
+            return GenerationSettings(
+                self.max_new_tokens if self.max_new_tokens is not None else task_budget,
+                self.protocol,
+                self.query_aware,
+                self.decode_eviction,
+            )
+        except ValueError as exc:
+            option = "--protocol" if "protocol" in str(exc) else "--max-new-tokens"
+            raise KvorchError(f"{option}: {exc}") from None
+
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "configs"}
+        # The generation options joined the spec with question tasks: left out at their defaults,
+        # so every run made before keeps its fingerprint.
+        for name in GENERATION_FIELDS:
+            if out[name] == getattr(JobSpec, name):
+                del out[name]
         out["methods"], out["thresholds"], out["ratios"] = list(self.methods), list(self.thresholds), list(self.ratios)
         out["budgets"] = list(self.budgets)
         # --compact was removed (its rows were the masked cache's); the key stays so that

@@ -151,7 +151,11 @@ def _run(inputs: _Inputs, options: _PoolOptions) -> JobResult:
     spec = inputs.spec
     pool = actors.plan_pool(spec.actors, spec.device, options.gpus_per_actor)
     resolved, engine = _resolve(inputs, pool)
-    settings = WorkerSettings(spec.model, resolved.dtype, pool.device, pool.threads, engine, spec.compile_cache)
+    questions = [d.question for d in inputs.docs if d.question is not None]
+    generation = spec.generation_settings(max((q.max_new_tokens for q in questions), default=1))
+    settings = WorkerSettings(
+        spec.model, resolved.dtype, pool.device, pool.threads, engine, spec.compile_cache, generation
+    )
     with actors.WorkerPool(pool, EvalWorker, (settings,), options.actor_timeout) as workers:
         # Still nothing written: a config that cannot run on this model stops the job here.
         workers.preflight(list(spec.configs))

@@ -22,6 +22,7 @@ LEARNED_MARGIN = 1.25
 # octave, so a compiled length bucket meets few capacities (each one is its own graph).
 _MANTISSAS = (4, 5, 6, 7)
 
+
 def policy_bound(
     policy: str,
     keep_fraction: float,

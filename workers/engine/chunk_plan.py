@@ -51,12 +51,21 @@ class ChunkBounds:
     positions: torch.Tensor  # [T] int64: the key positions attended over (0..T-1)
     # One forward row for every config: no key can have been evicted yet (exact shapes only).
     shared: bool = False
+    # Positions before ``start`` run since the policy last decided (chunks that only scored: a
+    # question read after the compressed part, a frozen generation); the keys that left the
+    # window over them are decided with this chunk's. 0 but there (exact shapes only).
+    deferred: int = 0
+
+    @property
+    def decided_from(self) -> torch.Tensor:
+        """Where the positions run since the last decision start (``start`` but after deferrals)."""
+        return self.start - self.deferred if self.deferred else self.start
 
 
 class Span(NamedTuple):
     """One chunk of a document as the host plans it: positions [start, end), and whether the
-    policy decides after it (False: the cache is kept as it is, e.g. a question read after a
-    context compressed once)."""
+    policy decides after it (False: its keys are scored, and the keys that leave the window are
+    decided by the next chunk that decides: a question read after a context compressed once)."""
 
     start: int
     end: int
@@ -73,8 +82,9 @@ class LayerFacts(NamedTuple):
     shared: bool  # the chunk is one forward row for every config (ChunkBounds.shared)
     scaling: float
     windows: tuple[tuple[int, int], ...]  # per press group: (narrowest, widest) protected window
-    # Score and decide (False: the cache stays as it is, a generation with eviction frozen).
+    # Decide after scoring (False: score only, the decisions wait for the next chunk that decides).
     decide: bool = True
+    deferred: int = 0  # ChunkBounds.deferred
 
 
 @dataclass

@@ -14,6 +14,7 @@ Which path a batch runs (:meth:`Engine.path`), decided here only:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +59,16 @@ def prompt_spans(n_context: int, n_prompt: int, chunk_size: int, settings: Gener
     if compressed < n_prompt:
         spans.append(Span(compressed, n_prompt, decide=False))
     return spans
+
+
+def _most_written(spans: list[Span], n_prompt: int, settings: GenerationSettings) -> int:
+    """The most keys a row's cache takes between two decisions while answering: the largest span
+    that decides, or the undecided question plus the first generated key (every generated key,
+    when the cache is frozen after the prompt)."""
+    decided = [s for s in spans if s.decide]
+    question = n_prompt - (decided[-1].end if decided else 0)
+    tail = question + (1 if settings.decode_eviction else settings.max_new_tokens)
+    return max([s.end - s.start for s in decided] + [tail])
 
 
 @dataclass(frozen=True)
@@ -136,12 +147,13 @@ class Engine:
             self.steps[key].key = key
         return self.steps[key], layout
 
-    def group_slots(self, layout: DocumentLayout, n_positions: int) -> list[int]:
+    def group_slots(self, layout: DocumentLayout, n_positions: int, write: int | None = None) -> list[int]:
         """Each press group's slots per (layer, kv-head): what its densest config can hold (the
-        policy's bound, or the density learned from earlier documents) plus a chunk. Every slot
+        policy's bound, or the density learned from earlier documents) plus the most keys written
+        between two decisions (``write``: a chunk unless said otherwise). Every slot
         of the cache length under ``--cache masked``, under FlexAttention (whose block mask reads
         positions), and for a config never run yet whose keys' scores decide what it keeps."""
-        chunk = self.settings.chunk_size
+        chunk = self.settings.chunk_size if write is None else write
         if self.settings.cache == "masked" or self.settings.attn == "flex":
             return [n_positions] * len(layout.groups)
         slots = []
@@ -255,13 +267,16 @@ class Engine:
         n = n_prompt + settings.max_new_tokens
         spans = prompt_spans(int(context_ids.shape[0]), n_prompt, self.settings.chunk_size, settings)
         variants = self.hooked.variants(prompt_ids)
-        while True:
+        write = _most_written(spans, n_prompt, settings)
+        for attempt in itertools.count():
             layout = self._layout(configs, n, agreement=False)
 
             def keys_total_at(position: int, kv_heads: int = layout.n_kv_heads) -> int:
                 return sum(position - held_from(position, v) for v in variants) * kv_heads
 
-            step = self._step(layout, n, ExecutionPath(compiled=False, static=False), self.group_slots(layout, n))
+            # A second overflow (a bound the policy fixes, outgrown): full bands, which cannot overflow.
+            slots = self.group_slots(layout, n, write) if attempt < 2 else [n] * len(layout.groups)
+            step = self._step(layout, n, ExecutionPath(compiled=False, static=False), slots)
             results, seconds = step.run(doc_seed(doc_id), prompt_ids, spans=spans)
             decoded = generation.decode(
                 step, n_prompt, len(spans), settings.max_new_tokens, stop_token_ids, keys_total_at,

@@ -70,6 +70,8 @@ def decode(
             break
         position = n_prompt + t
         token, held = _decode_step(step, first_index + t, position, token, decide)
+        if decide:
+            step.decided_until = position + 1
         kept += held
         keys_total += keys_total_at(position)
     reasons = ["eos" if s else "length" for s in stopped.tolist()]
@@ -89,6 +91,7 @@ def _decode_step(
         end=torch.tensor(position + 1, **as_tensor),
         query_positions=step.positions[position : position + 1],
         positions=step.positions[: position + 1],
+        deferred=position - step.decided_until,
     )
     run = LayerRun(step, bounds, decide=decide)
     logits = step.hooked.model(

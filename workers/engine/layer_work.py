@@ -33,7 +33,13 @@ def layer_work(
     ``memo``: results that depend only on the chunk, keyed by constants."""
     variant = AttentionVariant(facts.sliding_window, facts.softcap)
     bounds = ChunkBounds(
-        inputs["index"], inputs["start"], inputs["end"], inputs["query_positions"], inputs["positions"], facts.shared
+        inputs["index"],
+        inputs["start"],
+        inputs["end"],
+        inputs["query_positions"],
+        inputs["positions"],
+        facts.shared,
+        facts.deferred,
     )
     query, key, value = inputs["query"], inputs["key"], inputs["value"]
     span = bounds.positions.shape[0]
@@ -52,8 +58,10 @@ def layer_work(
     scores = inputs["scores"][:, :, :span]
     tensors = LayerTensors(query, key, value, keep, scores, views, pattern, facts.scaling, variant)
     scoring = GroupScoring(plan, bounds, memo, tensors, inputs, plan.rotaries[facts.rotary_id], facts.rotary_id)
-    for i, group in enumerate(plan.groups if facts.decide else ()):
-        scoring.score_and_decide(group, inputs["press_states"][i], inputs["protected"][i], *facts.windows[i])
+    for i, group in enumerate(plan.groups):
+        scoring.score_and_decide(
+            group, inputs["press_states"][i], inputs["protected"][i], *facts.windows[i], decide=facts.decide
+        )
     for band, band_cache in zip(plan.bands, bands, strict=True):
         cache.compact(band_cache, keep[band.rows], span)
     return out.transpose(1, 2), kept

@@ -63,8 +63,10 @@ class GroupScoring:
     rotary_id: int
 
     def score_and_decide(
-        self, plan: GroupPlan, press_state: Any, protected: torch.Tensor, narrowest: int, widest: int
+        self, plan: GroupPlan, press_state: Any, protected: torch.Tensor, narrowest: int, widest: int, decide: bool
     ) -> None:
+        """Score the chunk's keys (or every candidate, for a press that rescores), then, when
+        ``decide``, decide the keys that left the window since the last decision."""
         bounds, t = self.bounds, self.t
         score_from, scored = self._scored(plan, widest)
         press = plan.group.press
@@ -72,6 +74,8 @@ class GroupScoring:
         # (future keys, a padded chunk's rows) get scores that are rewritten before any rule reads them.
         scores, keep = t.scores[plan.rows], t.keep[plan.rows]
         scores.index_copy_(2, scored, press.score(self._context(plan, score_from, scored), press_state).float())
+        if not decide:
+            return
         group = plan.group
         if plan.ranked:
             limit = keep_limit(group.keep_fraction, group.budgets, bounds.end)
@@ -91,8 +95,8 @@ class GroupScoring:
             return torch.zeros_like(s), positions
         # keys older than the widest window were decided after earlier chunks, in every head
         span = positions.shape[0]
-        score_from = (s - widest).clamp(min=0)
-        n_scored = min(span, widest + bounds.query_positions.shape[0])
+        score_from = (bounds.decided_from - widest).clamp(min=0)
+        n_scored = min(span, widest + bounds.deferred + bounds.query_positions.shape[0])
         return score_from, (score_from + torch.arange(n_scored, device=s.device)).clamp(max=span - 1)
 
     def _context(self, plan: GroupPlan, score_from: torch.Tensor, scored: torch.Tensor) -> LayerContext:
@@ -176,14 +180,15 @@ class GroupScoring:
         return chosen, real
 
     def _leaving(self, narrowest: int, widest: int, protected: torch.Tensor) -> torch.Tensor:
-        """Keys leaving the group's protected window in this chunk: [T] for a window shared by every
+        """Keys that left the group's protected window since the last decision (in this chunk but
+        after chunks that only scored): [T] for a window shared by every
         kv-head (once per chunk and window), [kv-heads, T] for per-head windows (``protected``)."""
         bounds = self.bounds
         if narrowest != widest:
-            return leaving_window(bounds.positions, bounds.start, bounds.end, protected)
+            return leaving_window(bounds.positions, bounds.decided_from, bounds.end, protected)
         key = ("leaving", narrowest)
         if key not in self.memo:
-            self.memo[key] = leaving_window(bounds.positions, bounds.start, bounds.end, narrowest)
+            self.memo[key] = leaving_window(bounds.positions, bounds.decided_from, bounds.end, narrowest)
         return self.memo[key]
 
     def _sinks(self, n_sink: int) -> torch.Tensor:

@@ -110,6 +110,8 @@ class ChunkStep:
         # Seconds the first document waited for the compile (its warm-up chunk included); 0
         # uncompiled. Reported apart from the rows' forward seconds (TaskResult.compile_seconds).
         self.compile_seconds = 0.0
+        # Exact shapes: the end of the last chunk after which the policy decided (ChunkBounds.deferred).
+        self.decided_until = 0
         self.state: DocumentState | None = None
         self.press_states: list[Any] = []
 
@@ -191,11 +193,14 @@ class ChunkStep:
             raise ValueError("chunks of the host's own need exact shapes: a static step's chunks are its chunk size")
         seconds = []
         started = tic = time.perf_counter()
+        self.decided_until = 0
         for index, (start, end, decide) in enumerate(spans):
             if self.static:
                 self.static_step(self.state)
             else:
                 self._exact_step(index, start, end, decide)
+            if decide:
+                self.decided_until = end
             toc = time.perf_counter()
             seconds.append(toc - tic)
             tic = toc
@@ -242,6 +247,7 @@ class ChunkStep:
             query_positions=self.positions[start:end],
             positions=self.positions[:end],
             shared=start <= self.shared_until,
+            deferred=start - self.decided_until,
         )
         self._forward(bounds, decide)
 
@@ -332,6 +338,7 @@ class LayerRun:
             scaling=scaling,
             windows=tuple((plan.narrowest[layer], plan.widest[layer]) for plan in step.groups),
             decide=self.decide,
+            deferred=bounds.deferred,
         )
         if step.compiled and step.regional:
             out, kept = step.layer_region(inputs, facts)
