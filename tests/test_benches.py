@@ -152,3 +152,17 @@ def test_compile_time_prints_cold_and_warm_seconds_per_batch_and_depth():
     rows = [numbers(line) for line in out.splitlines() if re.match(r" *(regional|unrolled) +\d+ +2 ", line)]
     assert [row[:2] for row in rows] == [[3, 2], [3, 2]]
     assert all(math.isfinite(x) and x > 0 for row in rows for x in row[2:])
+
+
+@pytest.mark.slow  # three model loops at SmolLM2-135M's width, 9 s: the full suite runs it, the fast loop does not
+def test_generation_cost_puts_both_protocols_next_to_the_per_config_generate_loops():
+    out = run_bench(
+        "generation_cost.py", "--layers", "2", "--tokens", "128", "--question", "8", "--new", "4", "--chunk", "32",
+        "--window", "32", "--warmup", "64", "--threads", "1",
+    )  # fmt: skip
+    assert re.search(r"# 10 per-config generate\(\) loops = 10 x plain generate\(\) = [\d.]+ s", out)
+    rows = {line.split("  ")[0]: numbers(line) for line in out.splitlines() if line.startswith(("plain", "kvorch"))}
+    assert list(rows) == ["plain generate()", "kvorch once", "kvorch chunked"]
+    assert [row[0] for row in rows.values()] == [1, 10, 10]
+    for _configs, seconds, prefill, decode, ratio in rows.values():
+        assert seconds > 0 and 0 <= prefill <= seconds and decode >= 0 and ratio > 0 and math.isfinite(ratio)
