@@ -112,7 +112,7 @@ class LakeReader:
         timeout: float = readonly.DEFAULT_TIMEOUT_S,
         memory_limit: str = readonly.DEFAULT_MEMORY_LIMIT,
     ) -> pa.Table:
-        """Run ``query`` (read-only DuckDB SQL) over the views ``kvorch sql`` has: chunks, docs, runs,
+        """Run ``query`` (read-only DuckDB SQL) over the views ``kvorch sql`` has: chunks, docs, answers, runs,
         statuses, workers, scores, heads, and the macros of sql/_macros.sql. ``params`` fills
         ``$name`` (a dict) or ``?`` (a sequence) placeholders. Statements other than queries are
         refused with a KvorchError, and the connection is sealed: it opens no file, so no query

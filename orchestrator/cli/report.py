@@ -53,7 +53,8 @@ def marked(report: RunReport, rendered: str, fmt: str) -> str:
     "plot_dir",
     default=None,
     help="Also write frontier.png (dotted lines at --densities when given), kl.png (runs with agreement), "
-    "by_position.png, retrieval.png (probe runs) and index.html (the tables with content, compare first) into "
+    "by_position.png, retrieval.png (probe runs), answers.png (question tasks) and index.html (the tables with "
+    "content, compare first) into "
     "this directory (default: no plots); a config a plot cannot place is named on it and on stderr.",
 )
 @click.option(

@@ -39,7 +39,7 @@ from orchestrator.reports.formatting import render
 def command(lake: str, fmt: str, timeout: float, memory_limit: str, query: str) -> None:
     """Run QUERY (read-only DuckDB SQL) over the lake's views.
 
-    Views: chunks, docs, runs, statuses, workers, scores, heads, and the macros of sql/_macros.sql.
+    Views: chunks, docs, answers, runs, statuses, workers, scores, heads, and the macros of sql/_macros.sql.
     Only queries run (SELECT, with DESCRIBE, SHOW, SUMMARIZE, PIVOT, and EXPLAIN of one): DuckDB
     is sealed before the query, so no file can be read other than through the views, and none
     written.
