@@ -13,6 +13,7 @@ do not apply: the file is the probe set.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from orchestrator.corpus import jsonl_records
@@ -29,14 +30,7 @@ _SHAPE = 'each line needs {"context": "...", "question": "...", "answer": "..."}
 def read_probes(path: Path, encode: Encode, bos: list[int], max_context: int | None) -> list[Probe]:
     """The file's probes in line order; one-line KvorchError naming file:line for a bad one."""
     probes: list[Probe] = []
-    lines: dict[str, int] = {}
-    for number, record in jsonl_records(path, "the probe file"):
-        where = f"{path}:{number}"
-        fields = _fields(record, where)
-        doc_id = fields.get("id", f"{path.stem}-{number:06d}")
-        if doc_id in lines:
-            raise KvorchError(f"{where}: id {doc_id!r} is already used on line {lines[doc_id]}; make ids unique")
-        lines[doc_id] = number
+    for where, doc_id, fields in numbered_records(path, "the probe file", _fields):
         context, question, answer = (fields[name] for name in REQUIRED)
         separator = "" if not context or context.endswith("\n") or question.startswith("\n") else QUESTION_SEPARATOR
         context_ids, question_ids, answer_ids = encode([context, separator + question, answer])
@@ -61,6 +55,20 @@ def read_probes(path: Path, encode: Encode, bos: list[int], max_context: int | N
     if not probes:
         raise KvorchError(f"{path}: no probes; write one JSON object per line ({_SHAPE})")
     return probes
+
+
+def numbered_records(path: Path, what: str, check: Callable[[object, str], dict]) -> Iterator[tuple[str, str, dict]]:
+    """(``file:line``, id, checked fields) of each record of a task file: the record's ``id``, or
+    ``<file stem>-<line number, 6 digits>``; an id used twice is a one-line KvorchError."""
+    lines: dict[str, int] = {}
+    for number, record in jsonl_records(path, what):
+        where = f"{path}:{number}"
+        fields = check(record, where)
+        doc_id = fields.get("id", f"{path.stem}-{number:06d}")
+        if doc_id in lines:
+            raise KvorchError(f"{where}: id {doc_id!r} is already used on line {lines[doc_id]}; make ids unique")
+        lines[doc_id] = number
+        yield where, doc_id, fields
 
 
 def _fields(record: object, where: str) -> dict:

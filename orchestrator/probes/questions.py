@@ -26,6 +26,7 @@ from orchestrator.corpus import jsonl_records
 from orchestrator.errors import KvorchError
 from orchestrator.probes import ruler
 from orchestrator.probes.build import encoder
+from orchestrator.probes.custom import numbered_records
 from orchestrator.probes.haystack import Encode
 from orchestrator.probes.spec import ProbeSpec, check_spec, is_custom, is_ruler, length_label, ruler_families
 from workers.contract import scorers
@@ -124,15 +125,8 @@ def file_questions(
 ) -> list[Question]:
     """The file's questions in line order; a one-line KvorchError naming file:line for a bad one."""
     questions: list[Question] = []
-    lines: dict[str, int] = {}
     budget = max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-    for number, record in jsonl_records(path, "the task file"):
-        where = f"{path}:{number}"
-        fields = _fields(record, where)
-        doc_id = fields.get("id", f"{path.stem}-{number:06d}")
-        if doc_id in lines:
-            raise KvorchError(f"{where}: id {doc_id!r} is already used on line {lines[doc_id]}; make ids unique")
-        lines[doc_id] = number
+    for where, doc_id, fields in numbered_records(path, "the task file", _fields):
         context_ids, question_ids = encode([fields["context"], fields["question"]])
         token_ids = [*bos, *context_ids, *question_ids]
         _check_room(len(token_ids), budget, max_context, f"{where}: the prompt's {len(token_ids)} tokens")

@@ -241,14 +241,19 @@ def _finish(fig, ax, name: str, missing: Sequence[tuple[str, str]] = ()):
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[1]:  # a panel with no labelled line has no legend to draw
         ax.legend(fontsize="small", loc="best")
-    bottom = 0.0
-    if missing:
-        text = "; ".join(f"{config} ({why})" for config, why in missing)
-        fig.text(0.01, 0.01, f"left out: {text}", fontsize="small", ha="left", va="bottom", wrap=True)
-        print(f"kvorch: {name} leaves out {text}", file=sys.stderr)
-        bottom = 0.06
-    fig.tight_layout(rect=(0, bottom, 1, 1))
+    fig.tight_layout(rect=(0, _note_left_out(fig, name, missing), 1, 1))
     return fig
+
+
+def _note_left_out(fig, name: str, missing: Sequence[tuple[str, str]]) -> float:
+    """Name each config the plot could not place, under the plot and on stderr; the margin that
+    leaves at the bottom (0 when nothing is left out)."""
+    if not missing:
+        return 0.0
+    text = "; ".join(f"{config} ({why})" for config, why in missing)
+    fig.text(0.01, 0.01, f"left out: {text}", fontsize="small", ha="left", va="bottom", wrap=True)
+    print(f"kvorch: {name} leaves out {text}", file=sys.stderr)
+    return 0.06
 
 
 def _finite(value: float | None, fallback: float) -> float:
@@ -358,13 +363,7 @@ def _answers_figure(run_id: str, answers: Table):
         ]
     axes.flat[0].legend(handles=handles, fontsize="small", loc="best")
     fig.suptitle(f"Answer score vs generated density per question task, run {run_id}")
-    bottom = 0.0
-    if missing:
-        text = "; ".join(f"{config} ({why})" for config, why in missing)
-        fig.text(0.01, 0.01, f"left out: {text}", fontsize="small", ha="left", va="bottom", wrap=True)
-        print(f"kvorch: answers.png leaves out {text}", file=sys.stderr)
-        bottom = 0.06
-    fig.tight_layout(rect=(0, bottom, 1, 1))
+    fig.tight_layout(rect=(0, _note_left_out(fig, "answers.png", missing), 1, 1))
     return fig
 
 
