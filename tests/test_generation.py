@@ -293,6 +293,7 @@ def test_a_worker_answers_a_question_and_scores_it(tiny_model_dir, smollm2_token
     baseline = next(r for r in answered if r["config"] == "baseline")
     assert baseline["generated_density"] == 1.0
     assert {r["stop_reason"] for r in rows if r["generated"] is None} == {None}
+    assert all(r["kl_sum"] is not None for r in rows)  # the prompt's agreement with the baseline row
 
 
 @pytest.mark.parametrize("decode_eviction", [True, False])

@@ -269,7 +269,7 @@ class Engine:
         variants = self.hooked.variants(prompt_ids)
         write = _most_written(spans, n_prompt, settings)
         for attempt in itertools.count():
-            layout = self._layout(configs, n, agreement=False)
+            layout = self._layout(configs, n, self.settings.agreement)
 
             def keys_total_at(position: int, kv_heads: int = layout.n_kv_heads) -> int:
                 return sum(position - held_from(position, v) for v in variants) * kv_heads
