@@ -13,15 +13,10 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 
 from workers.contract.errors import error_line
-from workers.contract.plan import AnswerSpan
-
-if TYPE_CHECKING:
-    from workers.engine.step import ChunkStep
 
 # Compiled steps one process may hold (batches of configs x length buckets).
 MAX_COMPILED_STEPS = 64
@@ -56,37 +51,44 @@ def regional(backend: str) -> bool:
     return LAYER_REGIONS and backend != "flex"
 
 
-def warm_up(step: ChunkStep, doc_seed: int, token_ids: torch.Tensor, answer: AnswerSpan | None) -> None:
-    """Compile before the document runs, on a warm-up chunk whose results are thrown away (the
-    step resets the document after it), so the compile is timed apart from every chunk's forward.
+def warm_up(
+    what: str,
+    worker: str,
+    on_compile: Callable[[str, float | None], None] | None,
+    first_step: Callable[[], None],
+    device: torch.device,
+) -> tuple[float, bool]:
+    """Compile ``what`` by running ``first_step`` once, on a warm-up chunk whose results the step
+    throws away, so the compile is timed apart from every chunk's forward. Returns (seconds,
+    whether it compiled).
 
     Seconds on a GPU, minutes cold on a CPU: both ends are said where they are waited on (the
-    actor's log, the Ray dashboard), or the first chunk looks like a hang. A compile that fails
-    leaves this batch on the same step run uncompiled, with one notice naming the cause.
+    actor's log, the Ray dashboard; ``on_compile`` hears (what, None) and (what, seconds)), or
+    the first chunk looks like a hang. A compile that fails is said in one notice naming the
+    cause; the step then runs the same code uncompiled.
     """
-    what = f"the chunk step ({step.batch} configs x {step.n} positions, {step.n_layers} layers)"
-    print(f"kvorch: {step.worker}: compiling {what}; the first chunk waits for it", file=sys.stderr, flush=True)
-    if step.on_compile is not None:
-        step.on_compile(what, None)
-    step.compiled_once = True
-    step.reset(doc_seed, token_ids, answer)
+    print(f"kvorch: {worker}: compiling {what}; the first chunk waits for it", file=sys.stderr, flush=True)
+    if on_compile is not None:
+        on_compile(what, None)
     tic = time.perf_counter()
+    compiled = True
     try:
-        step.static_step(step.state)
-        if step.device.type == "cuda":
-            torch.cuda.synchronize(step.device)
+        first_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     except Exception as exc:  # noqa: BLE001 - any compiler failure: the step still runs
-        step.run_uncompiled()
+        compiled = False
         # torch wraps a compiler's error ("backend='inductor' raised:"); name the compiler's own.
         cause = getattr(exc, "inner_exception", None) or exc
         print(
-            f"kvorch: {step.worker}: compiling {what} failed ({error_line(cause)[:300]}); "
+            f"kvorch: {worker}: compiling {what} failed ({error_line(cause)[:300]}); "
             "this batch runs the same step uncompiled",
             file=sys.stderr,
             flush=True,
         )
-    step.compile_seconds = time.perf_counter() - tic
-    if step.on_compile is not None:
-        step.on_compile(what, step.compile_seconds)
-    if step.compiled:
-        print(f"kvorch: {step.worker}: compiled {what} in {step.compile_seconds:.1f} s", file=sys.stderr, flush=True)
+    seconds = time.perf_counter() - tic
+    if on_compile is not None:
+        on_compile(what, seconds)
+    if compiled:
+        print(f"kvorch: {worker}: compiled {what} in {seconds:.1f} s", file=sys.stderr, flush=True)
+    return seconds, compiled

@@ -185,7 +185,7 @@ class ChunkStep:
         evenly, since timing a chunk alone would need a device sync per chunk). ``spans``: chunks
         of the host's own (exact shapes only; the generation protocols), else the chunk size's."""
         if self.compiled and not self.compiled_once:
-            compiling.warm_up(self, doc_seed, token_ids, answer)
+            self._warm_up(doc_seed, token_ids, answer)
         self.reset(doc_seed, token_ids, answer)
         if spans is None:
             spans = [Span(start, end) for start, end in chunk_bounds(int(token_ids.shape[0]), self.chunk_size)]
@@ -211,9 +211,17 @@ class ChunkStep:
             seconds = [(time.perf_counter() - started) / len(spans)] * len(spans)
         return self.state.results.head(len(spans), answer is not None), seconds
 
-    def run_uncompiled(self) -> None:
-        """From now on, the same step without torch.compile (a compile that failed)."""
-        self.static_step, self.compiled, self.cuda_graphs = self._static_step, False, False
+    def _warm_up(self, doc_seed: int, token_ids: torch.Tensor, answer: AnswerSpan | None) -> None:
+        """Compile on a warm-up chunk of this document (reset after it: its results are thrown
+        away); a compile that fails leaves this batch on the same step, uncompiled."""
+        self.compiled_once = True
+        self.reset(doc_seed, token_ids, answer)
+        what = f"the chunk step ({self.batch} configs x {self.n} positions, {self.n_layers} layers)"
+        self.compile_seconds, compiled = compiling.warm_up(
+            what, self.worker, self.on_compile, lambda: self.static_step(self.state), self.device
+        )
+        if not compiled:
+            self.static_step, self.compiled, self.cuda_graphs = self._static_step, False, False
 
     @property
     def kv_bytes(self) -> int:
