@@ -168,40 +168,26 @@ class DocumentLayout:
         if bounds is None:
             bounds = chunk_bounds(self.n, self.settings.chunk_size)
         n_document = bounds[-1][1]
-        group_of = {}
-        for group in self.groups:
-            for r in range(group.rows.start, group.rows.stop):
-                group_of[r] = group
+        group_of = {r: g for g in self.groups for r in range(g.rows.start, g.rows.stop)}
         columns: dict[str, list] = {f.name: [] for f in ROW_SCHEMA}
         variants = [variant or attention.GLOBAL for variant in variants]
-        # A config's identity columns, formatted once, not once per chunk.
-        names = [(c.label, c.press.label(), c.press.params_json()) for c in self.configs]
+        identities = [self._identity(config, group_of[r]) for r, config in enumerate(self.configs)]
         for k, (s, e) in enumerate(bounds):
             first_held = torch.tensor([[held_from(s, v)] for v in variants], dtype=torch.int64)  # [layers, 1]
             keys_total = int((s - first_held).sum()) * self.n_kv_heads
             counted = {id(g): g.windows.at(s, g.press.n_sink, first_held) for g in self.groups}
             n_targets = max(0, min(e, n_document - 1) - s)
-            for r, config in enumerate(self.configs):
+            for r in range(len(self.configs)):
                 if r == self.hidden:
                     continue
-                group = group_of[r]
-                in_window, protected = counted[id(group)]
+                in_window, protected = counted[id(group_of[r])]
                 n_kept = int(results.kept[k, r])
                 row = {
+                    **identities[r],
                     "doc_id": doc_id,
                     "chunk_index": k,
                     "chunk_start": s,
                     "chunk_end": e,
-                    "config": names[r][0],
-                    "press": names[r][1],
-                    "method_params": names[r][2],
-                    "threshold": config.threshold,
-                    "policy": config.policy,
-                    "ratio": config.ratio,
-                    "budget": config.budget,
-                    "window": group.windows.mean,
-                    "n_sink": config.press.n_sink,
-                    "protected_window": config.press.protected_window,
                     "nll_sum": float(results.nll[k, r]),
                     "n_tokens": n_targets,
                     "n_correct": int(results.correct[k, r]),
@@ -214,15 +200,30 @@ class DocumentLayout:
                     "keys_kept_unprotected": n_kept - protected,
                     "forward_seconds": seconds[k],
                     "kv_cache_bytes": kv_bytes[k],
-                    "batch_size": len(self.configs),
-                    "worker": self.worker,
-                    "device": str(self.device),
-                    "method": config.method,
                     **_optional_columns(results, k, r, answer.targets_in(s, n_targets) if answer else None),
                 }
                 for name, value in row.items():
                     columns[name].append(value)
         return pa.Table.from_pydict(columns, schema=ROW_SCHEMA)
+
+    def _identity(self, config: EvalConfig, group: RowGroup) -> dict[str, object]:
+        """A config's columns that every one of its rows repeats (formatted once, not per chunk)."""
+        return {
+            "config": config.label,
+            "press": config.press.label(),
+            "method_params": config.press.params_json(),
+            "threshold": config.threshold,
+            "policy": config.policy,
+            "ratio": config.ratio,
+            "budget": config.budget,
+            "window": group.windows.mean,
+            "n_sink": config.press.n_sink,
+            "protected_window": config.press.protected_window,
+            "batch_size": len(self.configs),
+            "worker": self.worker,
+            "device": str(self.device),
+            "method": config.method,
+        }
 
 
 def _optional_columns(results: ChunkResults, k: int, r: int, answer_tokens: int | None) -> dict:
