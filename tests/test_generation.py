@@ -315,3 +315,20 @@ def test_the_held_cache_answers_as_the_masked_one_without_running_again(protocol
         ]
     assert got["held"] == got["masked"]
     assert "held more keys than its cache had slots" not in capsys.readouterr().err
+
+
+def test_the_embedded_models_baseline_generates_what_transformers_generate_does(smollm2, smollm2_tokenizer):
+    """SmolLM2-135M (the GGUF the README runs): kvorch's baseline answer equals transformers' greedy
+    ``generate`` on a second, unhooked copy of the model."""
+    from workers.contract.models import EMBEDDED_MODEL, load_model
+
+    ids = torch.tensor(smollm2_tokenizer("The capital of France is Paris. The capital of Italy is")["input_ids"])
+    reference = load_model(EMBEDDED_MODEL)
+    eos = smollm2_tokenizer.eos_token_id
+    with torch.no_grad():
+        expected = reference.generate(ids[None], max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    engine = Engine(smollm2, EngineSettings(CHUNK, WINDOW))
+    [got] = answers(
+        engine, "d", ids, NO_QUESTION, [EvalConfig(parse_method("baseline"))], GenerationSettings(12), [eos]
+    )
+    assert got.token_ids == expected[0, len(ids) :].tolist()
