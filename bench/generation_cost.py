@@ -26,6 +26,7 @@ shrink it, float32; a second copy from the same seed runs the plain loop (kvorch
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 
@@ -127,6 +128,7 @@ def main() -> None:
     warm_question, ids = ids[: args.question], ids[args.question :]
     context, question = ids[: args.tokens], ids[args.tokens :]
 
+    load_before = os.getloadavg()[0]
     plain_model = build_model(args.layers)
     engines = {p: Engine(build_model(args.layers), EngineSettings(chunk_size=args.chunk, window=args.window))
                for p in protocols}  # fmt: skip
@@ -149,6 +151,10 @@ def main() -> None:
         f"{shape['num_attention_heads']}/{shape['num_key_value_heads']} heads), context {args.tokens} + "
         f"question {args.question} tokens, {args.new} generated, chunk {args.chunk}, window {args.window}, "
         f"best of {args.repeat}"
+    )
+    print(
+        f"# load average (1 min, this run's threads included): {load_before:.2f} before, "
+        f"{os.getloadavg()[0]:.2f} after, on {os.cpu_count()} CPUs"
     )
     plain = rows[0][2]
     print(f"# {n} per-config generate() loops = {n} x plain generate() = {n * plain:.2f} s (identical work)")
