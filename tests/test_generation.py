@@ -332,3 +332,14 @@ def test_the_embedded_models_baseline_generates_what_transformers_generate_does(
         engine, "d", ids, NO_QUESTION, [EvalConfig(parse_method("baseline"))], GenerationSettings(12), [eos]
     )
     assert got.token_ids == expected[0, len(ids) :].tolist()
+
+
+def test_a_prompt_shorter_than_a_chunk_in_more_spans_than_chunks_answers():
+    """``once`` with a question: two spans in a prompt shorter than one chunk (the results hold a
+    row per span, not per chunk of the chunk size)."""
+    context, question = prompt(20), prompt(5, seed=2)
+    engine = Engine(tiny_llama(), EngineSettings(64, WINDOW))
+    rows, [got] = engine.generate(
+        "d", context, question, [EvalConfig(parse_method("knorm"), -0.3)], GenerationSettings(4, protocol="once"), []
+    )
+    assert rows.column("chunk_end").to_pylist() == [20, 25] and len(got.token_ids) == 4

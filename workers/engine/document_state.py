@@ -32,6 +32,9 @@ class StateSizes:
     dtype: torch.dtype
     device: torch.device
     agreement: bool  # the results hold agreement sums (the layout has a reference row)
+    # Chunks the results hold at least: more than the chunk size's when the host plans its own
+    # spans (a question's prompt: the context in one chunk, then the question).
+    min_chunks: int = 0
 
 
 @dataclass
@@ -80,7 +83,9 @@ class DocumentState:
             peak=torch.zeros(b, dtype=torch.int64, device=device),
             overflow=torch.zeros(b, dtype=torch.bool, device=device),
             next_token=torch.zeros(b, dtype=torch.int64, device=device),
-            results=ChunkResults.zeros(-(-n // sizes.chunk_size), b, device, sizes.agreement, True),
+            results=ChunkResults.zeros(
+                max(-(-n // sizes.chunk_size), sizes.min_chunks), b, device, sizes.agreement, True
+            ),
             press_states=press_states,
         )
 

@@ -149,7 +149,9 @@ class ChunkStep:
 
     # --- per document ------------------------------------------------------------------------
 
-    def reset(self, doc_seed: int, token_ids: torch.Tensor, answer: AnswerSpan | None = None) -> None:
+    def reset(
+        self, doc_seed: int, token_ids: torch.Tensor, answer: AnswerSpan | None = None, min_chunks: int = 0
+    ) -> None:
         """Fresh document state. With static shapes the first document allocates it and later ones
         refill the same tensors in place, so a CUDA graph replays over the same addresses; with
         exact shapes every document allocates its own (its length is the cache's)."""
@@ -161,7 +163,7 @@ class ChunkStep:
         if self.state is None or not self.static:
             sizes = StateSizes(
                 self.batch, self.n_layers, self.n_kv_heads, self.head_dim, self.n, self.chunk_size,
-                self.dtype, self.device, self.layout.reference is not None,
+                self.dtype, self.device, self.layout.reference is not None, min_chunks,
             )  # fmt: skip
             self.state = DocumentState.allocate(self.bands, sizes, press_states)
             if self.cuda_graphs:
@@ -186,11 +188,11 @@ class ChunkStep:
         of the host's own (exact shapes only; the generation protocols), else the chunk size's."""
         if self.compiled and not self.compiled_once:
             self._warm_up(doc_seed, token_ids, answer)
-        self.reset(doc_seed, token_ids, answer)
         if spans is None:
             spans = [Span(start, end) for start, end in chunk_bounds(int(token_ids.shape[0]), self.chunk_size)]
         elif self.static:
             raise ValueError("chunks of the host's own need exact shapes: a static step's chunks are its chunk size")
+        self.reset(doc_seed, token_ids, answer, min_chunks=len(spans))
         seconds = []
         started = tic = time.perf_counter()
         self.decided_until = 0
