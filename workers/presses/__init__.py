@@ -1,9 +1,16 @@
 """Every built-in press (each registers itself with ``@register`` next to its class:
 workers/presses/registry.py) and the registry's API. The import order means nothing: which
 methods ``--methods all`` runs, and in which order, is ``ALL_METHODS`` of
-workers/contract/defaults.py, the one list (torch-free, so ``--help`` shows it fast)."""
+workers/contract/defaults.py, the one list (torch-free, so ``--help`` shows it fast).
+
+The registry's API is bound first, before any press is imported: a press of your own, added
+anywhere below, may then import ``register`` or ``parse_method`` from this package while it is
+still being imported (docs/writing-a-press.md imports them from workers.presses.registry, which
+needs nothing of this file)."""
 
 from __future__ import annotations
+
+from workers.presses.registry import REGISTRY, parse_method, register  # isort: split
 
 from workers.contract.defaults import ALL_METHODS
 from workers.presses.base import LayerContext, Press, StateShape
@@ -16,7 +23,6 @@ from workers.presses.kvpress_adapter import KVPressAdapter
 from workers.presses.kvzap import KVzapPress
 from workers.presses.observed_attention import ObservedAttentionPress
 from workers.presses.random import RandomPress
-from workers.presses.registry import REGISTRY, parse_method, register
 from workers.presses.snapkv import SnapKVPress
 from workers.presses.streaming_llm import StreamingLLMPress
 from workers.presses.tova import TOVAPress
