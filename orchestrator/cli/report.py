@@ -100,6 +100,9 @@ def command(
         click.echo(f"kvorch: {'empty' if shown else 'left out'} {reason}", err=True)
     for line in report.incomplete_warnings():
         click.echo(line, err=True)
+    if any(t.name == "retrieval" for t in chosen):
+        for line in report.probe_warnings():
+            click.echo(line, err=True)
     if plot_dir is not None:
         from orchestrator.reports.plots import PLOTTED_TABLES, write_plots
 

@@ -410,6 +410,9 @@ def _print_outcome(target: Lake, result: submission.JobResult, options: dict[str
     click.echo(f"run {result.run_id}: {result.rows_written} rows in {result.seconds:.1f} s -> {target.uri}", err=True)
     for line in incomplete.warnings(result.run_id, result.config_failures):
         click.echo(line, err=True)
+    if "retrieval" in names:
+        for line in report.probe_warnings():
+            click.echo(line, err=True)
     if result.failures:
         first = next(iter(result.failures.items()))
         raise KvorchError(

@@ -5,9 +5,14 @@ an optional string ``id`` (default ``<file stem>-<line number, 6 digits>``) and 
 ``depth`` (a number in [0, 1], recorded as given; kvorch does not move anything). Other fields
 are ignored. The sequence is BOS + context + "\\n" + question + answer, each part tokenized on
 its own (no newline is added when the context ends with one or the question starts with one);
-nothing is cut, so the answer must be what the model should produce right after the question,
-leading space included where it follows a word. The spec's lengths, depths, samples and seed
-do not apply: the file is the probe set.
+nothing is cut, so the answer is scored as what the model should produce right after the
+question. The natural form is accepted: an answer that starts with a letter or digit after a
+question that ends with one or with ``:?.!,;`` (``"answer": "magenta"`` after ``"...is:"``) is
+scored with one space in between, as a model writes it (``" magenta"``); an answer or a question
+that already has whitespace there, or any other join (``"A-"`` then ``"17"``), is taken as given.
+Without that space a tokenizer that glues the space to the word (BPE, SentencePiece) asks for
+a token the model never predicts there, and every config, baseline included, scores 0. The
+spec's lengths, depths, samples and seed do not apply: the file is the probe set.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ def read_probes(path: Path, encode: Encode, bos: list[int], max_context: int | N
     for where, doc_id, fields in numbered_records(path, "the probe file", _fields):
         context, question, answer = (fields[name] for name in REQUIRED)
         separator = "" if not context or context.endswith("\n") or question.startswith("\n") else QUESTION_SEPARATOR
+        answer = scored_answer(question, answer)
         context_ids, question_ids, answer_ids = encode([context, separator + question, answer])
         probe = assemble(
             doc_id,
@@ -55,6 +61,20 @@ def read_probes(path: Path, encode: Encode, bos: list[int], max_context: int | N
     if not probes:
         raise KvorchError(f"{path}: no probes; write one JSON object per line ({_SHAPE})")
     return probes
+
+
+# Where a space between question and answer is certain: after a word, a number or a sentence's
+# punctuation, before a word or a number. Other joins (a hyphen, a bracket, a quote) are left as given.
+_SPACED_AFTER = frozenset(":?.!,;")
+
+
+def scored_answer(question: str, answer: str) -> str:
+    """The answer text as scored: ``answer`` with one leading space where the natural form leaves
+    it out unambiguously (module docstring), else ``answer`` as given."""
+    if not answer[:1].isalnum() or not question:
+        return answer
+    last = question[-1]
+    return f" {answer}" if last.isalnum() or last in _SPACED_AFTER else answer
 
 
 def numbered_records(path: Path, what: str, check: Callable[[object, str], dict]) -> Iterator[tuple[str, str, dict]]:

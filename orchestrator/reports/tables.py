@@ -145,6 +145,25 @@ class RunReport:
         fewer documents than the others', so the tables alone would compare unlike with unlike."""
         return incomplete.warnings(self.run_id, incomplete.recorded(self.lake.read_status(self.run_id)))
 
+    def probe_warnings(self) -> list[str]:
+        """One line naming the retrieval probes the uncompressed baseline misses ([] when it
+        answers all, or the run has no probes or no baseline): a probe the full cache cannot
+        answer measures the probe set, not compression, and scores 0 for every config."""
+        missed = self.con.execute(
+            "SELECT doc_id, sum(answer_correct) = sum(answer_tokens) FROM chunks WHERE run_id = $run_id "
+            "AND method = 'baseline' AND answer_tokens IS NOT NULL GROUP BY doc_id ORDER BY doc_id",
+            {"run_id": self.run_id},
+        ).fetchall()
+        names = [doc_id for doc_id, answered in missed if not answered]
+        if not names:
+            return []
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return [
+            f"kvorch: warning: baseline misses {len(names)} of {len(missed)} probes ({shown}): with the full cache "
+            "the model does not predict their answers (too hard for it, or the answer is not the text it writes "
+            "right after the question), so they cannot show what compression costs (docs/probes.md#your-own-probes)"
+        ]
+
     def resolve_config(self, name: str) -> str:
         """A config label of this run, given the label or a method name that has one config."""
         pairs = self.con.execute(
