@@ -14,9 +14,10 @@ from orchestrator.lake import incomplete, integrity
 from orchestrator.lake.integrity import RunAudit
 from orchestrator.lake.queries import no_runs
 from orchestrator.lake.run_status import RunStatus
-from orchestrator.lake.store import Lake, check_run_id
+from orchestrator.lake.store import Lake, check_run_id, link_line
 from orchestrator.reports.formatting import render
 from orchestrator.sweep.resume import shown_state
+from orchestrator.sweep.run_lock import live_holder
 
 COLUMNS = [
     "run_id",
@@ -39,6 +40,8 @@ def run_progress(lake: Lake, run_id: str, audit: RunAudit) -> list:
         raise KvorchError(broken_run(lake, run_id))
     raw = lake.read_status(run_id)
     status, state = RunStatus.read(raw), shown_state(raw)
+    if state != "running" and live_holder(lake, run_id):  # resumed: its new driver is setting up
+        state = "running (resuming)"
     if state == "running" and not audit.missing:
         state = "running (all parts written)"
     if state == "finished" and not audit.complete:
@@ -114,6 +117,10 @@ def command(lake: str, run_id: str | None, fmt: str) -> None:
     click.echo(render(COLUMNS, rows, fmt))
     for line in broken:
         click.echo(f"kvorch: {line}", err=True)
+    # Each link inside the lake once, in one line: never followed, never removed.
+    for link in target.links():
+        if not any(link_line(link) in line for line in broken):
+            click.echo(f"kvorch: {link_line(link)}", err=True)
     for r in (row[0] for row in rows):
         status = RunStatus.read(target.read_status(r))
         if status.reason:

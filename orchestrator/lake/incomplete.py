@@ -52,11 +52,17 @@ def status_line(run_id: str, r: dict) -> str:
     return f"{run_id} {r['config']} incomplete on {r['doc_id']} (task {r['task_id']}): {r['reason']}"
 
 
+# A warning names this many documents, then counts the rest: a config that failed on 63k documents
+# is one readable line, not a megabyte (``kvorch status`` lists them all, one line each).
+SHOWN_DOCS = 5
+
+
 def warnings(run_id: str, records: list[dict]) -> list[str]:
     """One line per incomplete config, for the report: which documents its means lack, and why."""
     lines = []
     for config, failures in by_config(records).items():
-        docs = ", ".join(r["doc_id"] for r in failures)
+        docs = ", ".join(str(r["doc_id"]) for r in failures[:SHOWN_DOCS])
+        docs += f" and {len(failures) - SHOWN_DOCS} more" if len(failures) > SHOWN_DOCS else ""
         lines.append(
             f"kvorch: warning: run {run_id}: {config} is incomplete, it failed on {len(failures)} document(s) "
             f"({docs}): {failures[0]['reason']}; its means cover fewer documents than the other configs'"

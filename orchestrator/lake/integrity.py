@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from orchestrator.errors import KvorchError
 from orchestrator.lake.store import RUN_ID_PATTERN, Lake
 
 
@@ -87,7 +88,10 @@ def audit_lake(lake: Lake) -> dict[str, RunAudit]:
 def _audit(lake: Lake, run_id: str, parts: list[str]) -> RunAudit:
     if not RUN_ID_PATTERN.fullmatch(run_id):  # a directory kvorch did not make: nothing in it counts
         return RunAudit(run_id, {}, {}, {}, {path: "its run id is not a valid kvorch run id" for path in parts})
-    spec = lake.read_spec(run_id) or {}
+    try:
+        spec = lake.read_spec(run_id) or {}
+    except KvorchError as exc:  # a damaged or linked spec.json: its parts cannot be judged, so none counts
+        return RunAudit(run_id, {}, {}, {}, {path: f"its run's spec.json cannot be read ({exc})" for path in parts})
     required = spec.get("part_checksums") == "sha256"
     sound: dict[tuple[str, str], int] = {}
     paths: dict[tuple[str, str], str] = {}

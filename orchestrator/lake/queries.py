@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from importlib import resources
 
 import duckdb
@@ -13,7 +14,7 @@ import pyarrow.fs as pafs
 from orchestrator.errors import KvorchError
 from orchestrator.lake import integrity, run_status
 from orchestrator.lake.integrity import RunAudit
-from orchestrator.lake.store import Lake
+from orchestrator.lake.store import RUN_ID_PATTERN, Lake
 from workers.contract.schema import (
     CHUNK_SCHEMA,
     DOC_SCHEMA,
@@ -54,21 +55,68 @@ def query_text(name: str) -> str:
 
 
 def run_relations(con: duckdb.DuckDBPyConnection, lake: Lake, kind: str) -> None:
-    """``runs`` (every spec.json), ``statuses`` (every status.json) and ``workers`` (theirs,
-    unnested) as ``kind``: VIEW reads the files at each query, TABLE copies them in now (the
-    sealed connection, which may open no file later: orchestrator/lake/readonly.py)."""
-    try:
-        con.execute(f"CREATE {kind} runs AS SELECT * FROM read_json({quote(lake.glob('runs'))}, union_by_name = true)")
-    except duckdb.IOException:  # a lake with only `kvorch scores` output
-        con.execute(f"CREATE {kind} runs AS SELECT NULL::VARCHAR AS run_id, NULL::VARCHAR AS created_at WHERE false")
-    try:
+    """``runs`` (every readable spec.json), ``statuses`` (every readable status.json) and
+    ``workers`` (theirs, unnested) as ``kind``: VIEW reads the files at each query, TABLE copies
+    them in now (the sealed connection, which may open no file later: orchestrator/lake/readonly.py).
+    Only the files :func:`run_files` vouches for are read, so one damaged run never hides the others."""
+    files = run_files(lake)
+    if files.specs:
         con.execute(
-            f"CREATE {kind} statuses AS SELECT * FROM read_json({quote(lake.glob('statuses'))}, "
-            f"columns = {_STATUS_COLUMNS})"
+            f"CREATE {kind} runs AS SELECT * FROM read_json({_listed(files.specs)}, union_by_name = true, "
+            f"maximum_object_size = {files.largest})"
         )
-    except duckdb.IOException:
+    else:  # a lake with only `kvorch scores` output
+        con.execute(f"CREATE {kind} runs AS SELECT NULL::VARCHAR AS run_id, NULL::VARCHAR AS created_at WHERE false")
+    if files.statuses:
+        con.execute(
+            f"CREATE {kind} statuses AS SELECT * FROM read_json({_listed(files.statuses)}, "
+            f"columns = {_STATUS_COLUMNS}, maximum_object_size = {files.largest})"
+        )
+    else:
         con.execute(f"CREATE {kind} statuses AS {_EMPTY_STATUSES}")
     con.execute("CREATE VIEW workers AS SELECT run_id, unnest(workers, recursive := true) FROM statuses")
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The run records the views may read, and one line for each run left out."""
+
+    specs: list[str]
+    statuses: list[str]
+    problems: list[str]
+    largest: int  # bytes of the largest file, DuckDB's maximum_object_size (its default is 16 MB)
+
+
+def run_files(lake: Lake) -> RunFiles:
+    """Every spec.json and status.json the views read: JSON objects, the status of its shape
+    (``run_status.problem``), neither through a link. One that is not is left out, with a line
+    saying why; the run's other file and every other run still read."""
+    specs: list[str] = []
+    statuses: list[str] = []
+    problems: list[str] = []
+    largest = 1 << 20
+    for run_id in lake.run_ids():
+        if not RUN_ID_PATTERN.fullmatch(run_id):
+            problems.append(f"{lake.path('runs', 'run_id=' + run_id)} is not a kvorch run (not a valid run id)")
+            continue
+        for name, kept in (("spec.json", specs), ("status.json", statuses)):
+            path = f"{lake.run_dir(run_id)}/{name}"
+            try:
+                payload = lake.read_json(path)
+            except KvorchError as exc:
+                problems.append(f"run {run_id} left out of runs and statuses: {exc}")
+                continue
+            why = run_status.problem(payload) if payload is not None and name == "status.json" else ""
+            if why:
+                problems.append(f"run {run_id}: {path} is damaged ({why}); left out of statuses")
+            elif payload is not None:
+                kept.append(path)
+                largest = max(largest, lake.fs.get_file_info(path).size + 1)
+    return RunFiles(specs, statuses, problems, largest)
+
+
+def _listed(paths: list[str]) -> str:
+    return "[" + ", ".join(quote(p) for p in paths) + "]"
 
 
 def connect(lake: Lake, audits: dict[str, RunAudit] | None = None) -> duckdb.DuckDBPyConnection:
@@ -89,16 +137,13 @@ def connect(lake: Lake, audits: dict[str, RunAudit] | None = None) -> duckdb.Duc
     con = duckdb.connect()
     audits = integrity.audit_lake(lake) if audits is None else audits
     parts = sorted(path for run in audits.values() for path in run.readable)
-    try:
-        doc_files = [row[0] for row in con.execute("SELECT file FROM glob($g)", {"g": lake.glob("docs")}).fetchall()]
-    except duckdb.IOException:
-        doc_files = []
+    doc_files = lake.table_files("docs")
     check_schema_versions(con, parts + doc_files)
     partitions = [pa.field(name, pa.string()) for name in PARTITION_COLUMNS]
     _parquet_view(con, "chunks", parts, pa.schema([*CHUNK_SCHEMA, *partitions]))
     _parquet_view(con, "docs", doc_files, pa.schema([*DOC_SCHEMA, partitions[0]]))
-    _parquet_view(con, "scores", [lake.glob("scores")], pa.schema([*SCORES_SCHEMA, partitions[0]]))
-    _parquet_view(con, "heads", [lake.glob("heads")], pa.schema([*HEADS_SCHEMA, partitions[0]]))
+    _parquet_view(con, "scores", lake.table_files("scores"), pa.schema([*SCORES_SCHEMA, partitions[0]]))
+    _parquet_view(con, "heads", lake.table_files("heads"), pa.schema([*HEADS_SCHEMA, partitions[0]]))
     run_relations(con, lake, "VIEW")
     create_macros(con)
     create_views(con)

@@ -30,7 +30,6 @@ from typing import Any, TypeVar
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.fs as pafs
 
 from orchestrator.errors import KvorchError
 from orchestrator.lake import integrity
@@ -165,7 +164,7 @@ def connect_sealed(
         raise no_runs(lake)
     audits = integrity.audit_lake(lake) if audits is None else audits
     parts = sorted(path for run in audits.values() for path in run.readable)
-    files = {table: _files(lake, table) for table in ("docs", "scores", "heads")}
+    files = {table: lake.table_files(table) for table in ("docs", "scores", "heads")}
     con = duckdb.connect()
     check_schema_versions(con, parts + files["docs"])
     _arrow_view(con, lake, "chunks", parts, CHUNK_SCHEMA, PARTITION_COLUMNS)
@@ -251,19 +250,6 @@ class _Deadline:
         with self._lock:  # an interrupt after this point could hit the connection's next query
             self._running = False
         self._timer.cancel()
-
-
-def _files(lake: Lake, table: str) -> list[str]:
-    """The Parquet files of ``docs``, ``scores`` or ``heads``: ``<table>/run_id=<id>/*.parquet``."""
-    selector = pafs.FileSelector(lake.path(table), recursive=True, allow_not_found=True)
-    return sorted(
-        info.path
-        for info in lake.fs.get_file_info(selector)
-        if info.type == pafs.FileType.File
-        and info.path.endswith(".parquet")
-        and info.path.count("/") == lake.path(table).count("/") + 2
-        and info.path.rsplit("/", 2)[-2].startswith("run_id=")
-    )
 
 
 def _arrow_view(

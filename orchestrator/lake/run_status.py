@@ -20,9 +20,15 @@ import dataclasses
 import os
 import platform
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 
 RUNNING = "running"
+# A running driver rewrites status.json this often (sweep/heartbeat.py); one silent for
+# STALE_AFTER_SECONDS is taken for dead by readers on other hosts (driver_alive).
+HEARTBEAT_SECONDS = 30
+STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS
 
 
 @dataclass(frozen=True)
@@ -56,9 +62,73 @@ class RunStatus:
 
     @classmethod
     def read(cls, payload: dict | None) -> RunStatus:
-        """A status as read from the lake (None: no status, or a damaged one), unknown keys ignored."""
+        """A status as read from the lake (None: no status, or a damaged one), unknown keys ignored.
+        Valid JSON of another shape (a list, a string pid, ``rows: "many"``) reads as an unknown
+        status whose ``reason`` says what is wrong: every reader (status, report, sql, resume)
+        reads through here, so none of them meets a wrong type."""
+        why = problem(payload) if payload is not None else ""
+        if why:
+            return cls(reason=f"status.json is damaged ({why}); the run reads as not finished, a resume rewrites it")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in (payload or {}).items() if key in known})
+
+
+# Keys of the nested objects that readers use, with their types (RunStatus's own come from its fields).
+_NESTED = {
+    "driver": {"host": str, "pid": int},
+    "attempt": {"number": int, "rows": int, "tasks_done": int, "retries": int},
+}
+
+
+# Keys every record of a list holds, with their types (incomplete.py and pool/events.py read them).
+_RECORDS = {
+    "config_failures": {"task_id": str, "doc_id": str, "config": str, "reason": str},
+    "events": {"time": float, "kind": str, "detail": str},
+}
+
+
+def problem(payload: object) -> str:
+    """"" when ``payload`` has status.json's shape (every key of :class:`RunStatus` it holds of
+    that key's type), else the first thing that is wrong, in a few words."""
+    if not isinstance(payload, dict):
+        return f"a JSON {type(payload).__name__}, not an object"
+    for name, hint in typing.get_type_hints(RunStatus).items():
+        if name in payload and not _fits(payload[name], hint):
+            return f"{name} is {_shown(payload[name])}, not {getattr(hint, '__name__', hint)}"
+    for name, keys in _NESTED.items():
+        nested = payload.get(name) or {}
+        for key, kind in keys.items():
+            if key in nested and not _fits(nested[key], kind):
+                return f"{name}.{key} is {_shown(nested[key])}, not {kind.__name__}"
+    for name, keys in _RECORDS.items():
+        for record in payload.get(name) or []:
+            for key, kind in keys.items():
+                if not _fits(record.get(key), kind):
+                    return f"a record of {name} has {key} {_shown(record.get(key))}, not {kind.__name__}"
+    return ""
+
+
+def _fits(value: object, hint: object) -> bool:
+    """Whether JSON ``value`` has type ``hint`` (int, float, str, dict, list, their parameters, X | None)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return hint is bool
+    if hint is float:
+        return isinstance(value, int | float)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(item, args[0]) for item in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(item, args[1]) for item in value.values())
+    return isinstance(value, typing.cast(type, hint))
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # What the SQL views read of every status.json (orchestrator/lake/queries.py), as DuckDB types:
@@ -74,8 +144,29 @@ SQL_COLUMNS = {
 }
 
 
+def driver_alive(status: dict | None) -> bool:
+    """Whether the driver a ``running`` status names is still at work: on this host, its pid
+    lives; on another, its heartbeat is recent. False for any other status."""
+    record = RunStatus.read(status)
+    if record.status != RUNNING:
+        return False
+    if record.driver.get("host") == platform.node():
+        return _pid_alive(int(record.driver.get("pid", 0)))
+    return time.time() - float(record.heartbeat) <= STALE_AFTER_SECONDS
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
+
+
 def driving() -> dict:
-    """The run is held by this driver, alive now (``resume.driver_alive`` reads it): every write
+    """The run is held by this driver, alive now (:func:`driver_alive` reads it): every write
     while the run runs carries it afresh."""
     return {"status": RUNNING, "driver": {"host": platform.node(), "pid": os.getpid()}, "heartbeat": time.time()}
 

@@ -22,12 +22,19 @@ that into what readers may count and what a resume must redo.
 Run ids become directory names, so they are checked against :data:`RUN_ID_PATTERN` wherever a
 path is built from one: no id can leave the lake or nest partitions. The lake is any pyarrow
 filesystem URI; plain paths are local.
+
+Nothing inside a lake is reached through a symbolic link, for reading or for writing: a link
+can point anywhere (another user's files, a folder outside the lake that a resume would clean
+up). Every read, write, delete and listing of a local lake goes through this class, which lists
+without following links (:meth:`Lake.files`) and refuses a path with a link on its way
+(:meth:`Lake.guard`); ``kvorch status`` names each link (:meth:`Lake.links`) and leaves it alone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import uuid
 from datetime import datetime, timezone
@@ -44,6 +51,22 @@ DEFAULT_LAKE = "./kvorch-lake"
 # A run id is one safe path component: never "..", never "/", never longer than a file name can be.
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 CHECKSUM_SUFFIX = ".sha256"
+
+
+class LinkInLake(KvorchError):
+    """A path of the lake passes through a symbolic link, which kvorch never follows."""
+
+    def __init__(self, link: str) -> None:
+        super().__init__(link_line(link))
+        self.link = link
+
+
+def link_line(link: str) -> str:
+    """The one line that names a link inside a lake, and the fix."""
+    return (
+        f"{link} is a symbolic link inside the lake; kvorch neither reads nor writes through links: "
+        "replace it with the files themselves, or remove it"
+    )
 
 
 def check_run_id(run_id: str, what: str = "--run-id") -> str:
@@ -75,6 +98,8 @@ class Lake:
             except (pa.ArrowInvalid, ValueError):
                 self.fs, self.root = pafs.LocalFileSystem(), _absolute(uri)
         self.root = self.root.rstrip("/") or "/"
+        # Links exist (and are refused) on local lakes only; object stores have none.
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
 
     # --- layout ---------------------------------------------------------------------------
 
@@ -92,17 +117,17 @@ class Lake:
     def heads_dir(self, analysis_id: str) -> str:
         return self.path("heads", f"run_id={check_run_id(analysis_id, 'analysis id')}")
 
-    def glob(self, table: str) -> str:
-        """The glob DuckDB reads a table from (local lakes)."""
-        folder, depth = {
-            "chunks": ("chunks", "*/*/*.parquet"),
-            "docs": ("docs", "*/*.parquet"),
-            "scores": ("scores", "*/*.parquet"),
-            "heads": ("heads", "*/*.parquet"),
-            "runs": ("runs", "*/spec.json"),
-            "statuses": ("runs", "*/status.json"),
-        }[table]
-        return self.path(folder, depth)
+    def table_files(self, table: str) -> list[str]:
+        """The Parquet files of ``docs``, ``scores`` or ``heads``: ``<table>/run_id=<id>/*.parquet``
+        under a valid run id, never through a link; a folder kvorch does not make is not read."""
+        base = self.path(table)
+        return [
+            path
+            for path in self.files(base)
+            if path.endswith(".parquet")
+            and path.count("/") == base.count("/") + 2
+            and _is_partition(path.rsplit("/", 2)[-2], "run_id")
+        ]
 
     # --- checks ---------------------------------------------------------------------------
 
@@ -163,10 +188,12 @@ class Lake:
 
     def read_json(self, path: str, missing_ok: bool = True, damaged_ok: bool = False) -> dict | None:
         """A JSON file of the lake; None when it is missing (``missing_ok``) or, with
-        ``damaged_ok``, not valid JSON. A damaged one is otherwise a one-line KvorchError."""
+        ``damaged_ok``, not valid JSON or not an object. A damaged one is otherwise a one-line
+        KvorchError; so is a path through a link (:meth:`guard`)."""
+        self.guard(path)
         try:
             with self.fs.open_input_stream(path) as src:
-                return json.loads(src.read())
+                payload = json.loads(src.read())
         except FileNotFoundError:
             if missing_ok:
                 return None
@@ -175,6 +202,13 @@ class Lake:
             if damaged_ok:
                 return None
             raise KvorchError(f"{path} is damaged (not JSON: {exc}); restore it or remove that run") from None
+        if not isinstance(payload, dict):
+            if damaged_ok:
+                return None
+            raise KvorchError(
+                f"{path} is damaged (JSON {type(payload).__name__}, not an object); restore it or remove that run"
+            )
+        return payload
 
     def read_spec(self, run_id: str) -> dict | None:
         return self.read_json(self.run_dir(run_id) + "/spec.json")
@@ -187,12 +221,70 @@ class Lake:
     def parts(self, run_id: str | None = None) -> list[str]:
         """Every complete-named part of ``run_id`` (default: all runs), temporaries excluded."""
         base = self.path("chunks", f"run_id={run_id}") if run_id else self.path("chunks")
-        selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
-        return sorted(
-            info.path
-            for info in self.fs.get_file_info(selector)
-            if info.type == pafs.FileType.File and info.base_name.startswith("part-") and info.path.endswith(".parquet")
-        )
+        depth = 2 if run_id else 3  # chunks/run_id=<id>/method=<m>/part-<task>.parquet
+        return [
+            path
+            for path in self.files(base)
+            if path.count("/") == base.count("/") + depth
+            and path.rsplit("/", 1)[-1].startswith("part-")
+            and path.endswith(".parquet")
+            and _is_partition(path.rsplit("/", 3)[-3], "run_id")
+            and _is_partition(path.rsplit("/", 2)[-2], "method")
+        ]
+
+    def files(self, base: str) -> list[str]:
+        """Every file under ``base``, sorted, never through a link: a linked file or folder is
+        not listed, nor anything under it (:meth:`links` names them)."""
+        if not self.local:
+            selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+            return sorted(i.path for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File)
+        if self.link_on(base):
+            return []
+        found: list[str] = []
+        self._walk(base, lambda entry: found.append(entry.path) if entry.is_file(follow_symlinks=False) else None)
+        return sorted(found)
+
+    def links(self) -> list[str]:
+        """Every symbolic link inside the lake (local lakes; none elsewhere), not followed."""
+        found: list[str] = []
+        if self.local:
+            self._walk(self.root, lambda entry: found.append(entry.path) if entry.is_symlink() else None)
+        return sorted(found)
+
+    def _walk(self, base: str, visit) -> None:
+        """Call ``visit`` on every entry under the local folder ``base``, descending into real
+        folders only (never into a link)."""
+        try:
+            entries = list(os.scandir(base))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for entry in entries:
+            visit(entry)
+            if entry.is_dir(follow_symlinks=False):
+                self._walk(entry.path, visit)
+
+    def link_on(self, path: str) -> str | None:
+        """The first symbolic link on ``path``'s way down from the lake's root (itself
+        included), or None. The root is resolved when the lake is opened, so a lake that is
+        itself reached through a link is the user's choice and fine."""
+        if not self.local or not path.startswith(self.root.rstrip("/") + "/"):
+            return None
+        current = self.root.rstrip("/")
+        for part in path[len(current) + 1 :].split("/"):
+            current = f"{current}/{part}"
+            if os.path.islink(current):
+                return current
+            if not os.path.lexists(current):
+                return None
+        return None
+
+    def guard(self, path: str) -> str:
+        """``path``, if no link lies on its way (:meth:`link_on`); else :class:`LinkInLake`.
+        Every read, write and delete of the lake passes here."""
+        link = self.link_on(path)
+        if link is not None:
+            raise LinkInLake(link)
+        return path
 
     def verify_part(self, path: str, checksum_required: bool = True) -> tuple[int | None, str]:
         """(rows, "") for a sound part, (None, why) for a damaged one.
@@ -202,6 +294,8 @@ class Lake:
         before checksums existed, whose parts have none: the footer check alone then decides.
         An empty part is sound: a method whose every config failed on every document of its task.
         """
+        if self.link_on(path):
+            return None, "a symbolic link, which kvorch never follows"
         try:
             with self.fs.open_input_stream(path) as src:
                 data = src.read()
@@ -241,22 +335,24 @@ class Lake:
     def leftovers(self, run_id: str) -> list[str]:
         """What a killed or failed writer of this run left: temporaries (``*.tmp-*``, never
         read) and checksum files whose part is gone. Removed on resume."""
-        selector = pafs.FileSelector(self.path("chunks", f"run_id={run_id}"), recursive=True, allow_not_found=True)
-        infos = self.fs.get_file_info(selector)
-        present = {i.path for i in infos}
+        files = self.files(self.path("chunks", f"run_id={check_run_id(run_id, 'run id')}"))
+        present = set(files)
         return [
-            i.path
-            for i in infos
-            if ".tmp-" in i.base_name
-            or (i.base_name.endswith(CHECKSUM_SUFFIX) and i.path[: -len(CHECKSUM_SUFFIX)] not in present)
+            path
+            for path in files
+            if ".tmp-" in path.rsplit("/", 1)[-1]
+            or (path.endswith(CHECKSUM_SUFFIX) and path[: -len(CHECKSUM_SUFFIX)] not in present)
         ]
 
     def run_ids(self) -> list[str]:
+        """The ids of the ``runs/run_id=<id>`` folders, linked ones left out (:meth:`links`)."""
+        if self.link_on(self.path("runs")):
+            return []
         selector = pafs.FileSelector(self.path("runs"), allow_not_found=True)
         return sorted(
             info.base_name.split("=", 1)[1]
             for info in self.fs.get_file_info(selector)
-            if info.base_name.startswith("run_id=")
+            if info.base_name.startswith("run_id=") and not self.link_on(info.path)
         )
 
     # --- writes ---------------------------------------------------------------------------
@@ -273,8 +369,25 @@ class Lake:
     def write_status(self, run_id: str, status: dict) -> None:
         self.write_json(self.run_dir(run_id) + "/status.json", {**status, "run_id": run_id, "finished_at": _now()})
 
+    def docs_path(self, run_id: str) -> str:
+        return self.path("docs", f"run_id={check_run_id(run_id, 'run id')}", "docs.parquet")
+
     def write_docs(self, run_id: str, docs: pa.Table) -> None:
-        self._atomic_parquet(self.path("docs", f"run_id={run_id}", "docs.parquet"), docs.cast(DOC_SCHEMA))
+        self._atomic_parquet(self.docs_path(run_id), docs.cast(DOC_SCHEMA))
+
+    def docs_sound(self, run_id: str) -> bool:
+        """Whether the run's docs.parquet is there whole: its bytes hash to its checksum file's
+        (a resume rewrites it otherwise: part of a run's setup, which sql/retrieval.sql joins)."""
+        path = self.docs_path(run_id)
+        if self.link_on(path):
+            return False
+        recorded = self.read_json(path + CHECKSUM_SUFFIX, missing_ok=True, damaged_ok=True)
+        try:
+            with self.fs.open_input_stream(path) as src:
+                data = src.read()
+        except OSError:
+            return False
+        return recorded is not None and recorded.get("sha256") == hashlib.sha256(data).hexdigest()
 
     def write_rows(self, run_id: str, task_id: str, rows: pa.Table, methods: list[str] | None = None) -> int:
         """Write a task's rows as one part per method; returns the number of rows written.
@@ -305,7 +418,7 @@ class Lake:
     def _atomic(self, path: str, data: bytes) -> None:
         """Write under a temporary name, then rename; a failed write (disk full) removes its
         temporary, so nothing half-written outlives it."""
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        tmp = f"{self.guard(path)}.tmp-{uuid.uuid4().hex}"
         try:
             self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
             with self.fs.open_output_stream(tmp) as out:
@@ -316,11 +429,23 @@ class Lake:
             raise
 
     def _discard(self, path: str) -> None:
-        """Delete ``path`` if it is there; a cleanup must never hide the error that caused it."""
+        """Delete ``path`` if it is there, never through a link; a cleanup must never hide the
+        error that caused it."""
+        if self.link_on(path):
+            return
         try:
             self.fs.delete_file(path)
         except OSError:
             pass
+
+
+def _is_partition(folder: str, key: str) -> bool:
+    """Whether ``folder`` is a ``key=<value>`` hive partition kvorch makes (a run id: a valid one).
+    Folders of any other name (a user's notes, a copy) are never read as part of a table."""
+    name, sep, value = folder.partition("=")
+    if name != key or not sep or not value:
+        return False
+    return key != "run_id" or RUN_ID_PATTERN.fullmatch(value) is not None
 
 
 def new_run_id() -> str:

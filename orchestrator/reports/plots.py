@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import json
 import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,6 +31,10 @@ from workers.contract.defaults import ALL_METHODS
 
 # The report tables the plots are drawn from.
 PLOTTED_TABLES = ("pareto", "frontier", "paired", "by_position", "retrieval", "answers")
+# Every file write_plots may write, and the record of what it wrote (name -> sha256): a file of
+# these names is replaced only when that record shows kvorch wrote it and no one changed it since.
+PLOT_FILES = ("frontier.png", "kl.png", "by_position.png", "retrieval.png", "answers.png", "index.html")
+PLOTS_RECORD = ".kvorch-plots.json"
 # The colours of --methods all, in registry order (baseline black, then matplotlib's tab10).
 METHOD_COLOURS = dict(
     zip(
@@ -71,6 +76,7 @@ def write_plots(
     import matplotlib.pyplot as plt
 
     out = Path(directory)
+    check_plot_dir(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -98,7 +104,39 @@ def write_plots(
     notes += [left_out(t) for t in (retrieval, answers) if t is not None and not t.rows]
     shown = [t for t in shown if left_out(t) is None]
     page.write_text(_html(run_id, paths, shown, notes), encoding="utf-8")
+    record = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in [*paths, page]}
+    (out / PLOTS_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
     return [*paths, page]
+
+
+def check_plot_dir(out: Path) -> None:
+    """Refuse, before anything is written, a ``--plot`` directory holding a file of a plot's name
+    that kvorch did not write there (a user's own ``index.html``) or that changed since, and any
+    link of such a name: a report never overwrites what it did not make."""
+    try:
+        record = json.loads((out / PLOTS_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = {}
+    record = record if isinstance(record, dict) else {}
+    for name in (*PLOT_FILES, PLOTS_RECORD):
+        path = out / name
+        if not path.is_symlink() and not path.exists():
+            continue
+        if name == PLOTS_RECORD and not path.is_symlink() and path.is_file():
+            continue
+        ours = path.is_file() and not path.is_symlink() and record.get(name) == _sha256(path)
+        if not ours:
+            raise KvorchError(
+                f"--plot {out} already holds {name}, which kvorch did not write there; pass an empty or new "
+                "directory for --plot (nothing was written)"
+            )
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def plot_figures(run_id: str, tables: Mapping[str, Table], densities: Sequence[float] | None = None) -> dict:

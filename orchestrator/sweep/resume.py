@@ -11,23 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import platform
-import time
 from dataclasses import dataclass
 
 import pyarrow as pa
 
 from orchestrator.errors import KvorchError
 from orchestrator.lake import integrity
-from orchestrator.lake.run_status import RUNNING, RunStatus
+from orchestrator.lake.run_status import RUNNING, RunStatus, driver_alive
 from orchestrator.lake.store import Lake, new_run_id
 
 # Scheduling choices: they change where and how fast rows are computed, never their values.
 # Fields that change how a run is scheduled or executed, never a number: a run resumes across them.
 SCHEDULING_FIELDS = ("actors", "cuda_graphs", "compile_cache")
-HEARTBEAT_SECONDS = 30
-STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS
 
 
 @dataclass(frozen=True)
@@ -66,21 +61,13 @@ def choose_run(lake: Lake, run_id: str | None, fingerprint: str, spec_json: dict
             )
         return Target(run_id, stored)
     for candidate in reversed(lake.run_ids()):
-        stored = lake.read_spec(candidate)
+        try:
+            stored = lake.read_spec(candidate)
+        except KvorchError:  # a damaged or linked spec.json: not this spec's run, and not ours to judge
+            continue
         if stored and stored.get("spec_hash") == fingerprint and _resumable(lake, candidate):
             return Target(candidate, stored)
     return Target(new_run_id(), None)
-
-
-def driver_alive(status: dict | None) -> bool:
-    """Whether the driver a ``running`` status names is still at work: on this host, its pid
-    lives; on another, its heartbeat is recent. False for any other status."""
-    record = RunStatus.read(status)
-    if record.status != RUNNING:
-        return False
-    if record.driver.get("host") == platform.node():
-        return _pid_alive(int(record.driver.get("pid", 0)))
-    return time.time() - float(record.heartbeat) <= STALE_AFTER_SECONDS
 
 
 def shown_state(status: dict | None) -> str:
@@ -101,16 +88,6 @@ def _resumable(lake: Lake, run_id: str) -> bool:
     if RunStatus.read(status).status != "finished":
         return True
     return not integrity.audit(lake, run_id).complete
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
 
 
 def _changes(stored: dict, spec_json: dict) -> str:

@@ -6,6 +6,10 @@ kernel drops it when the driver exits, however it exits (SIGKILL included), so a
 outlives its driver and never needs a timeout. Other filesystems (object stores) have no locks:
 there a ``running`` status.json whose driver still beats (``resume.driver_alive``) refuses the
 second driver, which is as good as the heartbeat.
+
+The lock file is a file of the lake like any other: never reached through a symbolic link
+(``Lake.guard`` on its way, ``O_NOFOLLOW`` on the file itself), so a link planted at its name
+can neither truncate a file elsewhere nor create one outside the lake.
 """
 
 from __future__ import annotations
@@ -18,11 +22,39 @@ from types import TracebackType
 import pyarrow.fs as pafs
 
 from orchestrator.errors import KvorchError
-from orchestrator.lake.run_status import RunStatus
+from orchestrator.lake.run_status import RUNNING, RunStatus
 from orchestrator.lake.store import Lake, check_run_id
 from orchestrator.sweep.resume import driver_alive
 
 LOCKS_DIR = ".locks"
+
+
+def live_holder(lake: Lake, run_id: str) -> dict | None:
+    """The driver that holds ``run_id``'s lock on this host ({"pid", "host"}), None when none does.
+
+    Read from the lock file alone (never locking it, so a driver starting now is never refused):
+    a driver writes its pid there when it takes the lock and removes the file when it lets go,
+    so a file whose pid lives on this host is held. ``kvorch status`` asks this while a resumed
+    run's new driver loads its model, before it writes status.json. Other hosts' drivers, and
+    object stores, which have no lock file, answer None.
+    """
+    if not isinstance(lake.fs, pafs.LocalFileSystem):
+        return None
+    path = os.path.join(lake.root, LOCKS_DIR, f"run_id={check_run_id(run_id, 'run id')}.lock")
+    if lake.link_on(path):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        words = os.read(fd, 200).decode(errors="replace").split()
+    finally:
+        os.close(fd)
+    if len(words) < 2 or not words[0].isdigit() or words[1] != platform.node():
+        return None
+    holder = {"pid": int(words[0]), "host": words[1]}
+    return holder if driver_alive({"status": RUNNING, "driver": holder}) else None
 
 
 class RunLock:
@@ -48,10 +80,16 @@ class RunLock:
             if driver_alive(status):
                 self._refuse(RunStatus.read(status).driver)
             return
+        self.lake.guard(self.path)
         self._created = self.lake.first_missing(os.path.dirname(self.path))
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as exc:
+                if os.path.islink(self.path):  # planted between the guard and the open
+                    self.lake.guard(self.path)
+                raise KvorchError(f"cannot take the run's lock {self.path} ({exc.strerror or exc})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -235,21 +235,32 @@ class _Attempt:
 
 
 def _claim(inputs: _Inputs, record: SpecRecord, tasks: list[Task]) -> _Attempt:
-    """Claim the run in the lake: a fresh run writes its spec and documents; a resumed one
-    drops its damaged parts and leftovers, whose tasks are then not done and run again."""
+    """Claim the run in the lake and make its setup whole: a fresh run writes its spec and
+    documents; a resumed one rewrites any setup file an earlier attempt did not finish (a full
+    disk between spec.json and docs.parquet), then drops its damaged parts and leftovers, whose
+    tasks are then not done and run again. Nothing runs before the setup is whole, so no run is
+    ever ``finished`` without it. A lake that cannot take a write stops here, in one line."""
     lake, run_id = inputs.lake, inputs.run_id
-    # The earlier attempt's status, read before the claim below replaces it.
-    earlier = lake.read_status(run_id) if inputs.previous else None
-    # Claim the run before spec.json exists, so no other submission takes it for an abandoned one.
-    lake.write_status(run_id, run_status.claimed(incomplete.recorded(earlier)))
-    if inputs.previous:
-        found = integrity.audit(lake, run_id)
-        lake.delete(sorted(found.damaged) + lake.leftovers(run_id))
-        done = found.done
-    else:
-        done = set()
-        lake.write_spec(run_id, record.to_json())
-        lake.write_docs(run_id, inputs.docs_table)
+    try:
+        # The earlier attempt's status, read before the claim below replaces it.
+        earlier = lake.read_status(run_id) if inputs.previous else None
+        # Claim the run before spec.json exists, so no other submission takes it for an abandoned one.
+        lake.write_status(run_id, run_status.claimed(incomplete.recorded(earlier)))
+        if not inputs.previous:
+            lake.write_spec(run_id, record.to_json())
+        if not inputs.previous or not lake.docs_sound(run_id):
+            lake.write_docs(run_id, inputs.docs_table)
+        if inputs.previous:
+            found = integrity.audit(lake, run_id)
+            lake.delete(sorted(found.damaged) + lake.leftovers(run_id))
+            done = found.done
+        else:
+            done = set()
+    except OSError as exc:  # disk full, quota, a lost mount
+        raise KvorchError(
+            f"cannot write to lake {lake.uri} ({exc.strerror or exc}) while setting up run {run_id}; free space "
+            "or fix the lake, then run the same command again: the run's setup is rewritten"
+        ) from None
     return _Attempt(lake, run_id, tasks, done, earlier, incomplete.carried_over(earlier, done), inputs.started)
 
 
