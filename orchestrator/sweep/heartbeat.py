@@ -1,7 +1,7 @@
 """A running run's status.json, kept fresh while tasks run.
 
 Other submissions and ``kvorch status`` on other hosts judge a driver alive by its heartbeat
-(``resume.driver_alive``: younger than ``STALE_AFTER_SECONDS``). Writing it only when a task ends
+(``run_status.driver_alive``: younger than ``STALE_AFTER_SECONDS``). Writing it only when a task ends
 let a live driver whose tasks each take longer than that look dead: ``kvorch status`` showed it
 as ``interrupted (driver gone)``, and on a lake without file locks (object stores) a second
 driver could take the run over. A thread rewrites the latest status every ``period`` seconds;
@@ -14,8 +14,8 @@ import threading
 from types import TracebackType
 
 from orchestrator.lake import run_status
+from orchestrator.lake.run_status import HEARTBEAT_SECONDS
 from orchestrator.lake.store import Lake
-from orchestrator.sweep.resume import HEARTBEAT_SECONDS
 
 
 class Heartbeat:
