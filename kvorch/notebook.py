@@ -98,9 +98,12 @@ class LakeReader:
             raise KvorchError(
                 f"table {name!r} takes {', '.join(takes) or 'no parameters'} besides run, not {', '.join(unknown)}"
             )
-        report = RunReport(self._lake, self._run(run), self.allow_incomplete, self._connection(), self._audits)
-        for line in filter(None, [report.incomplete_mark(), *report.incomplete_warnings()]):
-            _warn(line.removeprefix("kvorch: warning: "))
+        # No run named: RunReport picks the newest (of the runs the lake had when opened), or the
+        # newest finished one while that one still runs, and says so in report.notice.
+        chosen = self._run(run) if run is not None or not self._runs else None
+        report = RunReport(self._lake, chosen, self.allow_incomplete, self._connection(), self._audits)
+        for line in filter(None, [report.notice, report.incomplete_mark(), *report.incomplete_warnings()]):
+            _warn(line.removeprefix("kvorch: warning: ").removeprefix("kvorch: "))
         return report.arrow(name, **params)
 
     # --- SQL ---------------------------------------------------------------------------------

@@ -177,15 +177,17 @@ def test_generation_stops_at_a_stop_token_and_says_why():
     assert got.token_ids == free[: free.index(stop) + 1] and got.stop_reason == "eos"
 
 
+@pytest.mark.parametrize("interval", [1, 4])
 @pytest.mark.parametrize(
     "config",
     [EvalConfig(parse_method("knorm"), ratio=0.5), EvalConfig(parse_method("tova"), budget=20)],
     ids=["knorm-ratio", "tova-budget"],
 )
-def test_a_ranked_policy_evicts_every_token_and_hides_exactly_that(config, monkeypatch):
+def test_a_ranked_policy_evicts_every_interval_and_hides_exactly_that(config, interval, monkeypatch):
     """Under ratio and budget a kept key can be evicted at any later step, so the reference
     records the keep masks before every chunk and decoding step (the prompt's chunks, then one
-    per token): query q of a chunk starting at s sees the keys kept before it, and the chunk."""
+    per token): query q of a chunk starting at s sees the keys kept before it, and the chunk.
+    With --decode-interval k the limit is re-applied after every k-th generated token only."""
     from workers.engine import generation
     from workers.engine.step import ChunkStep
 
@@ -199,13 +201,16 @@ def test_a_ranked_policy_evicts_every_token_and_hides_exactly_that(config, monke
         ChunkStep, "_exact_step", lambda s, k, a, e, d=True: (snapshot(s, a), exact_step(s, k, a, e, d))[1]
     )
     monkeypatch.setattr(
-        generation, "_decode_step", lambda s, k, p, t, d: (snapshot(s, p), decode_step(s, k, p, t, d))[1]
+        generation, "_decode_step", lambda s, k, p, *rest: (snapshot(s, p), decode_step(s, k, p, *rest))[1]
     )
     ids = prompt()
     engine = Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW))
-    [got] = answers(engine, "d", ids, NO_QUESTION, [config], GenerationSettings(NEW), [])
+    [got] = answers(engine, "d", ids, NO_QUESTION, [config], GenerationSettings(NEW, decode_interval=interval), [])
     n = len(ids) + NEW - 1
     starts = sorted(before)
+    decoding = [p for p in starts if p >= len(ids)]  # the step at position p generated token p - len(ids) + 1
+    changed = [p for p, q in zip(decoding, decoding[1:]) if not before[p].equal(before[q])]
+    assert changed and all((p - len(ids) + 1) % interval == 0 for p in changed), changed
     visible = torch.zeros(2, 2, n, n, dtype=torch.bool)
     for q in range(n):
         s = max(start for start in starts if start <= q)
@@ -343,3 +348,48 @@ def test_a_prompt_shorter_than_a_chunk_in_more_spans_than_chunks_answers():
         "d", context, question, [EvalConfig(parse_method("knorm"), -0.3)], GenerationSettings(4, protocol="once"), []
     )
     assert rows.column("chunk_end").to_pylist() == [20, 25] and len(got.token_ids) == 4
+
+
+def test_an_answer_cut_at_a_stop_string_keeps_the_density_of_its_own_steps():
+    """A stop string ends the answer after the fact: the tokens and density of that prefix alone."""
+    ids = prompt()
+    engine = Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW))
+    config = EvalConfig(parse_method("knorm"), ratio=0.5)
+    [full] = answers(engine, "d", ids, NO_QUESTION, [config], GenerationSettings(NEW), [])
+    cut = full.cut(6, "stop")
+    assert cut.token_ids == full.token_ids[:6] and cut.stop_reason == "stop"
+    assert cut.keys_kept == sum(full.kept_by_step[:5]) and cut.keys_total == sum(full.total_by_step[:5])
+    [short] = answers(engine, "d", ids, NO_QUESTION, [config], GenerationSettings(6), [])
+    assert (short.token_ids, short.density) == (cut.token_ids, pytest.approx(cut.density))
+    assert cut.density != full.density  # the density follows the ratio as the answer grows
+
+
+def test_a_worker_cuts_each_answer_at_its_first_stop_string(tiny_model_dir, smollm2_tokenizer):
+    """--stop on the actor's path: the answer decoded, cut before the stop string's first
+    appearance, its tokens counted to the one that completed it, ``stop`` as the reason."""
+    from workers.actor import EvalWorker
+    from workers.contract.plan import Task, TaskDocument, WorkerSettings
+
+    context = smollm2_tokenizer("The special magic number is 42. " * 6)["input_ids"]
+    question = smollm2_tokenizer(" What is the special magic number?")["input_ids"]
+    doc = TaskDocument("q0", [*context, *question], question_tokens=len(question), answers=("42",), metric="ruler_all")
+    configs = (EvalConfig(parse_method("baseline")), EvalConfig(parse_method("knorm"), ratio=0.5))
+
+    def answered(generation: GenerationSettings) -> dict[str, dict]:
+        settings = WorkerSettings(
+            tiny_model_dir, "float32", "cpu", 1, EngineSettings(CHUNK, WINDOW), generation=generation
+        )
+        rows = EvalWorker("w", settings).run(Task("t0", (doc,), configs)).rows.to_pylist()
+        return {r["config"]: r for r in rows if r["generated"] is not None}
+
+    free = answered(GenerationSettings(8))["baseline"]
+    ids = smollm2_tokenizer(free["generated"], add_special_tokens=False)["input_ids"]
+    stop = smollm2_tokenizer.decode(ids[2:3])  # text the baseline produces third
+    assert stop and free["stop_reason"] == "length"
+    got = answered(GenerationSettings(8, stop=(stop,)))
+    baseline = got["baseline"]
+    assert (
+        baseline["stop_reason"] == "stop" and baseline["generated"] == free["generated"][: free["generated"].find(stop)]
+    )
+    assert baseline["n_generated"] < 8
+    assert len(got) == 2 and all(stop not in r["generated"] for r in got.values())

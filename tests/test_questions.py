@@ -108,6 +108,9 @@ def test_generation_options_reach_the_spec_and_its_fingerprint_only_when_set():
     assert once.to_json()["protocol"] == "once" and once.to_json()["max_new_tokens"] == 8
     assert once.generation_settings(128).max_new_tokens == 8
     assert plain.generation_settings(128).max_new_tokens == 128 and plain.generation_settings(1).protocol == "chunked"
+    stopped = JobSpec(methods=("baseline",), task="ruler:niah_single_1", stop=("\n",), decode_interval=4)
+    assert stopped.to_json()["stop"] == ["\n"] and stopped.to_json()["decode_interval"] == 4
+    assert stopped.generation_settings(8).stop == ("\n",) and stopped.generation_settings(8).decode_interval == 4
 
 
 @pytest.mark.parametrize(
@@ -116,6 +119,13 @@ def test_generation_options_reach_the_spec_and_its_fingerprint_only_when_set():
         (["--max-new-tokens", "4"], "--max-new-tokens goes with a question task; add --task ruler"),
         (["--task", "passkey", "--protocol", "once"], "--protocol goes with a question task"),
         (["--task", "ruler:niah_single_1", "--max-new-tokens", "0"], "--max-new-tokens: max new tokens must be >= 1"),
+        (
+            ["--task", "ruler:niah_single_1", "--decode-interval", "0"],
+            "--decode-interval: decode interval must be >= 1",
+        ),
+        (["--task", "ruler:niah_single_1", "--stop", ""], "--stop: stop string '' would end every answer"),
+        (["--task", "ruler:niah_single_1", "--stop", "a\\"], "in a stop string; write a backslash as"),
+        (["--task", "passkey", "--stop", "x"], "--stop goes with a question task"),
         (["--task", "ruler:nope"], "unknown RULER task 'nope'"),
         (["--task", "ruler:niah_single_1", "--depths", "0.5"], "RULER's tasks spread their needles themselves"),
     ],

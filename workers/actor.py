@@ -21,7 +21,7 @@ import ray
 import torch
 from ray.util import metrics
 
-from workers.contract import scorers
+from workers.contract import scorers, stopping
 from workers.contract.configs import EvalConfig
 from workers.contract.errors import error_line
 from workers.contract.models import load_model, load_tokenizer
@@ -181,14 +181,25 @@ class EvalWorker:
         generated tokens, times the configs."""
         split = len(doc.token_ids) - doc.question_tokens
         settings = self.settings.generation
+        tokenizer = self._tokenizer()
+
+        def decode(ids: list[int]) -> str:
+            return tokenizer.decode(ids, skip_special_tokens=True)
+
+        stop_ids = self._stop_token_ids() + stopping.single_token_stops(
+            settings.stop, lambda text: tokenizer.encode(text, add_special_tokens=False), decode
+        )
         rows, answers = self.engine.generate(
-            doc.doc_id, token_ids[:split], token_ids[split:], configs, settings, self._stop_token_ids()
+            doc.doc_id, token_ids[:split], token_ids[split:], configs, settings, stop_ids
         )
         on_chunk((len(doc.token_ids) + settings.max_new_tokens) * len(configs))
-        tokenizer = self._tokenizer()
         columns = {}
         for answer in answers:
-            text = tokenizer.decode(answer.token_ids, skip_special_tokens=True)
+            cut = stopping.cut_at_stop(answer.token_ids, decode, settings.stop)
+            if cut is None:
+                text = decode(answer.token_ids)
+            else:
+                answer, text = answer.cut(cut[0], "stop"), cut[1]
             columns[answer.config.label] = {
                 "generated": text,
                 "n_generated": len(answer.token_ids),

@@ -93,6 +93,8 @@ def command(
     if "all" in tables:  # only the tables with content; one line for each one left out
         chosen = [t for t in chosen if reasons[t.name] is None] or chosen[:1]
     rendered = render_tables(chosen, fmt, table_width(wide))
+    if report.notice:
+        click.echo(report.notice, err=True)
     click.echo(f"kvorch: report of {report.describe()}", err=True)  # after any error: errors stay one line
     click.echo(marked(report, rendered, fmt))
     for reason in filter(None, reasons.values()):

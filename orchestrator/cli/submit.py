@@ -51,7 +51,7 @@ from orchestrator.probes.spec import is_custom
 from orchestrator.reports.densities import parse_densities
 from orchestrator.reports.tables import RunReport, render_tables
 from orchestrator.sweep.endings import stopping_signal
-from orchestrator.sweep.spec import COMPILE_MODES, JobSpec
+from orchestrator.sweep.spec import COMPILE_MODES, GENERATION_FIELDS, JobSpec
 from workers.contract.configs import POLICIES
 from workers.contract.settings import CACHES, PROTOCOLS, GenerationSettings
 
@@ -145,6 +145,20 @@ def _default(name: str) -> object:
     default=None,
     help="With a question task: go on evicting while the answer is generated, or freeze the cache after "
     "the prompt (default: evict).",
+)
+@click.option(
+    "--decode-interval",
+    type=int,
+    default=None,
+    help="With a question task: generated tokens between two re-applications of a ratio or budget limit "
+    f"(kvpress's compression_interval; default: {GenerationSettings.decode_interval}).",
+)
+@click.option(
+    "--stop",
+    multiple=True,
+    callback=lambda ctx, param, value: _stop_strings(value),
+    help="With a question task: a text that ends an answer where it first appears (repeatable; "
+    "backslash escapes such as \\n are read; default: the model's end-of-sequence tokens only).",
 )
 @max_docs_option(spec_default(JobSpec, "max_docs"))
 @max_tokens_option()
@@ -263,6 +277,17 @@ _SPEC_OPTIONS = (
 )  # fmt: skip
 
 
+def _stop_strings(given: tuple[str, ...]) -> tuple[str, ...] | None:
+    """--stop's texts with backslash escapes read (a shell passes ``\\n`` as two characters), or
+    None when none is given (the option then stays out of the spec)."""
+    if not given:
+        return None
+    try:
+        return tuple(text.encode("latin-1", "backslashreplace").decode("unicode_escape") for text in given)
+    except UnicodeDecodeError as exc:
+        raise KvorchError(f"--stop: {exc.reason} in a stop string; write a backslash as \\\\") from None
+
+
 def _no_compact(given: bool) -> None:
     """``--compact`` is gone; a script that still passes it is told so, in one line."""
     if given:
@@ -296,14 +321,13 @@ def _job_spec(ctx: click.Context, options: dict[str, Any]) -> JobSpec:
 
 
 _PROBE_OPTIONS = ("lengths", "depths", "samples", "seed")
-_QUESTION_OPTIONS = ("max_new_tokens", "protocol", "query_aware", "decode_eviction")
 
 
 def _probe_options(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
     """The JobSpec fields of --task and its options; options that cannot apply are refused."""
     task = options["task"]
     given = [name for name in _PROBE_OPTIONS if options[name] is not None]
-    answering = [name for name in _QUESTION_OPTIONS if options[name] is not None]
+    answering = [name for name in GENERATION_FIELDS if options[name] is not None]
     if task is None:
         if given:
             raise KvorchError(f"--{given[0]} goes with --task; add --task passkey, needle or kv")
@@ -325,7 +349,7 @@ def _probe_options(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any
     if question and options["depths"] is not None and not is_custom(task):
         raise KvorchError("--depths places a probe's fact; RULER's tasks spread their needles themselves: drop it")
     fields: dict[str, Any] = {"task": task}
-    fields.update({name: options[name] for name in _QUESTION_OPTIONS if options[name] is not None})
+    fields.update({name: options[name] for name in GENERATION_FIELDS if options[name] is not None})
     if options["lengths"] is not None:
         fields["lengths"] = parse_lengths(options["lengths"])
     if options["depths"] is not None:

@@ -17,8 +17,8 @@ import duckdb
 import pyarrow as pa
 
 from orchestrator.errors import KvorchError
-from orchestrator.lake import incomplete, integrity
-from orchestrator.lake.queries import arrow_of, connect, latest_run, named_relation, no_runs
+from orchestrator.lake import incomplete, integrity, run_status
+from orchestrator.lake.queries import arrow_of, connect, latest_run, named_relation, no_runs, run_order
 from orchestrator.lake.store import Lake, check_run_id
 from orchestrator.reports.densities import DEFAULT_TARGETS, check_densities
 from orchestrator.reports.formatting import fit, render
@@ -78,19 +78,58 @@ class RunReport:
         """``con`` and ``audits``: a connection already opened by ``connect(lake, audits)``, which
         several reports then share (the notebook API's one per open lake); by default, a new one."""
         self.lake = lake
-        audits = integrity.audit_lake(lake) if audits is None else audits
-        self.con = connect(lake, audits) if con is None else con
+        self._audits = integrity.audit_lake(lake) if audits is None else audits
+        self.con = connect(lake, self._audits) if con is None else con
+        # One line for stderr when the run shown is not the newest (the newest still runs).
+        self.notice = ""
         self.run_id = check_run_id(run_id, "--run") if run_id is not None else latest_run(self.con)
         if self.run_id is None:  # a lake with only `kvorch scores` or `kvorch heads` output
             raise no_runs(lake)
         if self.run_id not in lake.run_ids():
             raise KvorchError(f"run {self.run_id!r} is not in lake {lake.uri}; runs there: {', '.join(lake.run_ids())}")
-        self.audit = audits.get(self.run_id) or integrity.audit(lake, self.run_id)
+        self.audit = self._audit(self.run_id)
+        if run_id is None and not allow_incomplete and self.running:
+            self._show_newest_finished()
         if not self.audit.complete and not allow_incomplete:
+            if self.running:
+                raise KvorchError(
+                    f"run {self.run_id} is still running ({self.progress()}); wait for it to finish (kvorch status "
+                    "follows it), or pass --allow-incomplete to report what it has so far"
+                )
             raise KvorchError(
                 f"run {self.run_id} is incomplete: {self.audit.problem()}; {integrity.repair_hint(self.run_id)}, "
                 "or pass --allow-incomplete to report what it has"
             )
+
+    def _audit(self, run_id: str) -> integrity.RunAudit:
+        return self._audits.get(run_id) or integrity.audit(self.lake, run_id)
+
+    @property
+    def running(self) -> bool:
+        """Whether a live driver is still writing this run (its status.json says running and its
+        driver lives): then a missing task is on its way, not lost, and no resume is needed."""
+        return run_status.driver_alive(self.lake.read_status(self.run_id))
+
+    def progress(self) -> str:
+        """``N of M tasks done`` for this run, from its parts."""
+        return f"{len(self.audit.done)} of {len(self.audit.planned)} tasks done"
+
+    def _show_newest_finished(self) -> None:
+        """The newest run still runs: show the newest complete run that does not, and say so;
+        with none, say what to do."""
+        newest, progress = self.run_id, self.progress()
+        for candidate in reversed(run_order(self.con)[:-1]):
+            if self._audit(candidate).complete and not run_status.driver_alive(self.lake.read_status(candidate)):
+                self.run_id, self.audit = candidate, self._audit(candidate)
+                self.notice = (
+                    f"kvorch: run {newest} is still running ({progress}); this is the newest finished run, "
+                    f"{candidate}; --run {newest} --allow-incomplete shows what {newest} has so far"
+                )
+                return
+        raise KvorchError(
+            f"run {newest} is still running ({progress}) and the lake has no finished run yet; wait for it "
+            "(kvorch status follows it), or pass --allow-incomplete to report what it has so far"
+        )
 
     def describe(self) -> str:
         """Which run this is, for stderr: ``run R (corpus pydoc, created ...)``; a plain
@@ -103,6 +142,8 @@ class RunReport:
         """One line for a report over an incomplete run ("" for a complete one)."""
         if self.audit.complete:
             return ""
+        if self.running:
+            return f"RUNNING RUN {self.run_id}: {self.progress()} so far; these numbers cover only those tasks"
         return (
             f"INCOMPLETE RUN {self.run_id}: {self.audit.problem()}; these numbers cover only its "
             f"{len(self.audit.done)} done task(s)"

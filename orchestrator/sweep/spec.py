@@ -31,7 +31,7 @@ DEFAULT_WINDOW = EngineSettings.window
 # auto: compile on CUDA, where it pays (orchestrator/sweep/compile_check.py confirms it can); see README.
 COMPILE_MODES = ("auto", "on", "off")
 # JobSpec's options of question tasks (GenerationSettings).
-GENERATION_FIELDS = ("max_new_tokens", "protocol", "query_aware", "decode_eviction")
+GENERATION_FIELDS = ("max_new_tokens", "protocol", "query_aware", "decode_eviction", "decode_interval", "stop")
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,8 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
+    decode_interval: int = GenerationSettings.decode_interval
+    stop: tuple[str, ...] = GenerationSettings.stop
             raise KvorchError(f"--max-tokens must be >= 1, got {self.max_tokens}")
         if self.max_docs is not None and self.max_docs < 1:
             raise KvorchError(f"--max-docs must be >= 1, got {self.max_docs}")
@@ -148,10 +150,13 @@ class JobSpec:
                 self.decode_eviction,
             )
         except ValueError as exc:
-            option = "--protocol" if "protocol" in str(exc) else "--max-new-tokens"
+            words = {"protocol": "--protocol", "decode interval": "--decode-interval", "stop string": "--stop"}
+            option = next((flag for word, flag in words.items() if word in str(exc)), "--max-new-tokens")
             raise KvorchError(f"{option}: {exc}") from None
 
     def to_json(self) -> dict:
+                self.decode_interval,
+                self.stop,
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "configs"}
         # The generation options joined the spec with question tasks: left out at their defaults,
         # so every run made before keeps its fingerprint.
@@ -178,6 +183,8 @@ class JobSpec:
                 "budget": c.budget,
             }
             for c in self.configs
+        if "stop" in out:
+            out["stop"] = list(self.stop)
         ]
         return out
 

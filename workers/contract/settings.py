@@ -68,14 +68,30 @@ class GenerationSettings:
     # with the cache as compressed (kvpress's query_aware, False by default there too).
     query_aware: bool = False
     # Go on evicting while the answer is generated (a threshold decides each key leaving the
-    # window; ratio and budget are re-applied every token); False freezes the cache after the prompt.
+    # window; ratio and budget are re-applied every decode_interval tokens); False freezes the
+    # cache after the prompt.
     decode_eviction: bool = True
+    # Generated tokens between two re-applications of a ratio or budget limit (kvpress's
+    # compression_interval, 1 by default as here): fewer sorts of the cache, more keys held between.
+    decode_interval: int = 1
+    # Texts that end an answer where they first appear (the answer is cut before them): a task's
+    # own end, such as a newline after a short answer, beyond the model's end-of-sequence tokens.
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
             raise ValueError(f"max new tokens must be a whole number, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max new tokens must be >= 1, got {self.max_new_tokens}")
+        if isinstance(self.decode_interval, bool) or not isinstance(self.decode_interval, int):
+            raise ValueError(f"decode interval must be a whole number, got {self.decode_interval!r}")
+        if self.decode_interval < 1:
+            raise ValueError(f"decode interval must be >= 1, got {self.decode_interval}")
+        for text in self.stop:
+            if not isinstance(text, str) or not text:
+                raise ValueError(
+                    f"stop string {text!r} would end every answer before its first token; give a non-empty text"
+                )
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {self.protocol!r}; use one of {', '.join(PROTOCOLS)}")
 

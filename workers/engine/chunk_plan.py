@@ -85,6 +85,9 @@ class LayerFacts(NamedTuple):
     # Decide after scoring (False: score only, the decisions wait for the next chunk that decides).
     decide: bool = True
     deferred: int = 0  # ChunkBounds.deferred
+    # Ranked groups re-apply their keep limit (False: a decoding step between two of
+    # --decode-interval's, where only thresholds decide the keys leaving their window).
+    rank: bool = True
 
 
 @dataclass

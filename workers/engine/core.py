@@ -13,6 +13,7 @@ Which path a batch runs (:meth:`Engine.path`), decided here only:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import sys
@@ -63,11 +64,11 @@ def prompt_spans(n_context: int, n_prompt: int, chunk_size: int, settings: Gener
 
 def _most_written(spans: list[Span], n_prompt: int, settings: GenerationSettings) -> int:
     """The most keys a row's cache takes between two decisions while answering: the largest span
-    that decides, or the undecided question plus the first generated key (every generated key,
-    when the cache is frozen after the prompt)."""
+    that decides, or the undecided question plus the generated keys between two decisions (every
+    generated key, when the cache is frozen after the prompt)."""
     decided = [s for s in spans if s.decide]
     question = n_prompt - (decided[-1].end if decided else 0)
-    tail = question + (1 if settings.decode_eviction else settings.max_new_tokens)
+    tail = question + (settings.decode_interval if settings.decode_eviction else settings.max_new_tokens)
     return max([s.end - s.start for s in decided] + [tail])
 
 
@@ -77,14 +78,31 @@ class Generated:
 
     config: EvalConfig
     token_ids: list[int]  # up to and including the stop token
-    stop_reason: str  # "eos" or "length"
-    keys_kept: int  # keys held before each decoding step, summed over steps, layers and kv-heads
-    keys_total: int  # what the uncompressed model holds, summed likewise
+    stop_reason: str  # "eos", "length", or "stop" (a stop string, see :meth:`cut`)
+    # Keys held before each decoding step (summed over layers and kv-heads), and what the
+    # uncompressed model holds then: step t produced token t + 1 (token 0 came from the prompt).
+    kept_by_step: tuple[int, ...]
+    total_by_step: tuple[int, ...]
+
+    @property
+    def keys_kept(self) -> int:
+        """Keys held over the steps that produced this answer's tokens."""
+        return sum(self.kept_by_step[: len(self.token_ids) - 1])
+
+    @property
+    def keys_total(self) -> int:
+        return sum(self.total_by_step[: len(self.token_ids) - 1])
 
     @property
     def density(self) -> float:
-        """Kept over what the uncompressed model holds, over the generation (1.0 before any step)."""
+        """Kept over what the uncompressed model holds, over the steps that produced the answer
+        (1.0 for an answer of one token, read off the prompt's cache)."""
         return self.keys_kept / self.keys_total if self.keys_total else 1.0
+
+    def cut(self, n_tokens: int, reason: str) -> Generated:
+        """The answer as if generation had stopped after ``n_tokens`` (a stop string): greedy
+        decoding is deterministic, so the tokens and the density are the ones that run gives."""
+        return dataclasses.replace(self, token_ids=self.token_ids[:n_tokens], stop_reason=reason)
 
 
 class Engine:
@@ -280,7 +298,7 @@ class Engine:
             results, seconds = step.run(doc_seed(doc_id), prompt_ids, spans=spans)
             decoded = generation.decode(
                 step, n_prompt, len(spans), settings.max_new_tokens, stop_token_ids, keys_total_at,
-                settings.decode_eviction,
+                settings.decode_eviction, settings.decode_interval,
             )  # fmt: skip
             if not self._learn(step, layout, n, doc_id):
                 break
@@ -293,8 +311,8 @@ class Engine:
                 config,
                 decoded.token_ids[by_row[i]],
                 decoded.stop_reasons[by_row[i]],
-                decoded.keys_kept[by_row[i]],
-                decoded.keys_total,
+                tuple(decoded.kept_by_step[by_row[i]]),
+                tuple(decoded.total_by_step),
             )
             for i, config in enumerate(configs)
         ]

@@ -60,7 +60,7 @@ def layer_work(
     scoring = GroupScoring(plan, bounds, memo, tensors, inputs, plan.rotaries[facts.rotary_id], facts.rotary_id)
     for i, group in enumerate(plan.groups):
         scoring.score_and_decide(
-            group, inputs["press_states"][i], inputs["protected"][i], *facts.windows[i], decide=facts.decide
+            group, inputs["press_states"][i], inputs["protected"][i], *facts.windows[i], facts.decide, facts.rank
         )
     for band, band_cache in zip(plan.bands, bands, strict=True):
         cache.compact(band_cache, keep[band.rows], span)

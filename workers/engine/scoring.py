@@ -63,10 +63,18 @@ class GroupScoring:
     rotary_id: int
 
     def score_and_decide(
-        self, plan: GroupPlan, press_state: Any, protected: torch.Tensor, narrowest: int, widest: int, decide: bool
+        self,
+        plan: GroupPlan,
+        press_state: Any,
+        protected: torch.Tensor,
+        narrowest: int,
+        widest: int,
+        decide: bool,
+        rank: bool = True,
     ) -> None:
         """Score the chunk's keys (or every candidate, for a press that rescores), then, when
-        ``decide``, decide the keys that left the window since the last decision."""
+        ``decide``, decide the keys that left the window since the last decision (a ranked group
+        only when ``rank``: its limit is re-applied every --decode-interval generated tokens)."""
         bounds, t = self.bounds, self.t
         score_from, scored = self._scored(plan, widest)
         press = plan.group.press
@@ -85,6 +93,8 @@ class GroupScoring:
             decide_by_threshold(keep, scores, leaving, group.thresholds, self._sinks(plan.n_sink))
 
     def _scored(self, plan: GroupPlan, widest: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if not rank:
+                return
         """(the first position scored, the positions scored): the chunk's new keys, or every key
         still a candidate for a press that rescores."""
         bounds = self.bounds

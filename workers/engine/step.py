@@ -294,10 +294,12 @@ class LayerRun:
     per distinct layer when the step compiles regionally, and sums the keys each config holds
     over the layers."""
 
-    def __init__(self, step: ChunkStep, bounds: ChunkBounds, decide: bool = True) -> None:
-        """``decide``: False keeps the cache as it is (no scoring, no eviction) this chunk."""
+    def __init__(self, step: ChunkStep, bounds: ChunkBounds, decide: bool = True, rank: bool = True) -> None:
+        """``decide``: False scores but evicts nothing this chunk; ``rank``: False lets only the
+        threshold groups decide (a decoding step between two re-applications of a keep limit)."""
         self.step = step
         self.decide = decide
+        self.rank = rank
         self.state = step.state
         self.bounds = bounds
         self.kept = torch.zeros(step.batch, dtype=torch.int64, device=step.device)
@@ -349,6 +351,7 @@ class LayerRun:
             windows=tuple((plan.narrowest[layer], plan.widest[layer]) for plan in step.groups),
             decide=self.decide,
             deferred=bounds.deferred,
+            rank=self.rank,
         )
         if step.compiled and step.regional:
             out, kept = step.layer_region(inputs, facts)
