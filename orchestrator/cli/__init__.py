@@ -39,7 +39,9 @@ class KvorchGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
             return None
-        return importlib.import_module(COMMANDS[name]).command
+        from orchestrator.cli.options import finite_floats  # every float option finite, here once
+
+        return finite_floats(importlib.import_module(COMMANDS[name]).command)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """Every command with its whole summary (the first paragraph of its docstring), wrapped

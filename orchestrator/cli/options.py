@@ -4,6 +4,8 @@ the options of commands that run models are in ``cli/job_options.py``."""
 
 from __future__ import annotations
 
+import math
+
 import click
 
 from orchestrator.lake.store import DEFAULT_LAKE
@@ -23,3 +25,38 @@ wide_option = click.option(
 def table_width(wide: bool) -> int | None:
     """The width a terminal table is fitted to: none with ``--wide``."""
     return None if wide else TERMINAL_WIDTH
+
+
+class _Finite(click.ParamType):
+    """Mixed into a float type (``click.FLOAT``, ``click.FloatRange``): NaN and infinities refused.
+
+    No float option of kvorch means anything at NaN or infinity: ``--actor-timeout nan`` compared
+    false with every bound and turned the timeout off, ``--connect-timeout inf`` overflowed."""
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> object:
+        number = super().convert(value, param, ctx)
+        if isinstance(number, float) and not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number; pass a number such as 30", param, ctx)
+        return number
+
+
+def finite_floats(command: click.Command) -> click.Command:
+    """Make every float option of ``command`` and its subcommands refuse NaN and infinities: the
+    one place this rule lives (``KvorchGroup.get_command`` applies it to every command), so no
+    option has to remember it. Idempotent; the types keep their ranges and help."""
+    for param in command.params:
+        kind = type(param.type)
+        if isinstance(param.type, click.types.FloatParamType) and not isinstance(param.type, _Finite):
+            param.type.__class__ = _finite_class(kind)
+    for sub in getattr(command, "commands", {}).values():
+        finite_floats(sub)
+    return command
+
+
+_FINITE_CLASSES: dict[type, type] = {}
+
+
+def _finite_class(kind: type) -> type:
+    if kind not in _FINITE_CLASSES:
+        _FINITE_CLASSES[kind] = type(f"Finite{kind.__name__}", (_Finite, kind), {})
+    return _FINITE_CLASSES[kind]
