@@ -81,12 +81,12 @@ class JobSpec:
     protocol: str = GenerationSettings.protocol
     query_aware: bool = GenerationSettings.query_aware
     decode_eviction: bool = GenerationSettings.decode_eviction
+    decode_interval: int = GenerationSettings.decode_interval
+    stop: tuple[str, ...] = GenerationSettings.stop
     configs: tuple[EvalConfig, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
-    decode_interval: int = GenerationSettings.decode_interval
-    stop: tuple[str, ...] = GenerationSettings.stop
             raise KvorchError(f"--max-tokens must be >= 1, got {self.max_tokens}")
         if self.max_docs is not None and self.max_docs < 1:
             raise KvorchError(f"--max-docs must be >= 1, got {self.max_docs}")
@@ -148,6 +148,8 @@ class JobSpec:
                 self.protocol,
                 self.query_aware,
                 self.decode_eviction,
+                self.decode_interval,
+                self.stop,
             )
         except ValueError as exc:
             words = {"protocol": "--protocol", "decode interval": "--decode-interval", "stop string": "--stop"}
@@ -155,8 +157,6 @@ class JobSpec:
             raise KvorchError(f"{option}: {exc}") from None
 
     def to_json(self) -> dict:
-                self.decode_interval,
-                self.stop,
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "configs"}
         # The generation options joined the spec with question tasks: left out at their defaults,
         # so every run made before keeps its fingerprint.
@@ -172,6 +172,8 @@ class JobSpec:
         if self.cache == "masked":
             del out["cache"]
         out["lengths"], out["depths"] = list(self.lengths), list(self.depths)
+        if "stop" in out:
+            out["stop"] = list(self.stop)
         out["configs"] = [
             {
                 "config": c.label,
@@ -183,8 +185,6 @@ class JobSpec:
                 "budget": c.budget,
             }
             for c in self.configs
-        if "stop" in out:
-            out["stop"] = list(self.stop)
         ]
         return out
 

@@ -86,6 +86,8 @@ class GroupScoring:
             return
         group = plan.group
         if plan.ranked:
+            if not rank:
+                return
             limit = keep_limit(group.keep_fraction, group.budgets, bounds.end)
             decide_by_budget(keep, scores, bounds.positions, bounds.end, narrowest, limit, plan.n_sink)
         else:
@@ -93,8 +95,6 @@ class GroupScoring:
             decide_by_threshold(keep, scores, leaving, group.thresholds, self._sinks(plan.n_sink))
 
     def _scored(self, plan: GroupPlan, widest: int) -> tuple[torch.Tensor, torch.Tensor]:
-            if not rank:
-                return
         """(the first position scored, the positions scored): the chunk's new keys, or every key
         still a candidate for a press that rescores."""
         bounds = self.bounds
