@@ -11,6 +11,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from orchestrator.cli.submit import command
+from orchestrator.errors import KvorchError
 from orchestrator.pool import actors, ray_jobs
 
 
@@ -33,6 +34,20 @@ def test_pool_sizes_gpu_fractions_and_cpu_nodes(monkeypatch):
     fake_cluster(monkeypatch, gpus=0, node_cpus=[1, 1])
     # One actor may not ask for more cores than one node has, or Ray could never place it.
     assert actors.plan_pool(None, "auto") == actors.PoolPlan(1, num_gpus=0, num_cpus=1, device="cpu")
+    assert actors.plan_pool(2, "cpu") == actors.PoolPlan(2, num_gpus=0, num_cpus=1, device="cpu")
+
+
+def test_more_cpu_actors_than_cores_is_one_line_before_any_actor_starts(monkeypatch):
+    """Issue 38, 18: --actors 2000 on 2 CPUs was announced as 2000 actors and placed 2."""
+    fake_cluster(monkeypatch, gpus=0, node_cpus=[1, 1])
+    with pytest.raises(KvorchError, match=r"^--actors 2000 asks for 2000 CPU actors, but the cluster has 2 CPU\(s\)"):
+        actors.plan_pool(2000, "cpu", fixed_cluster=True)
+    with pytest.raises(KvorchError, match="pass --actors 2 or fewer"):
+        actors.plan_pool(3, "auto", fixed_cluster=True)
+    # A cluster may get nodes: the pool starts on the actors that fit, and the line says how many.
+    plan = actors.plan_pool(2000, "cpu")
+    assert actors.fitting(plan) == " (2 fit the cluster now; the others start if nodes join within --actor-timeout)"
+    assert actors.fitting(actors.plan_pool(2, "cpu")) == ""
 
 
 def test_detached_entrypoint_repeats_the_users_options():

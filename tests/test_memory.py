@@ -124,7 +124,16 @@ def test_auto_sizes_a_saved_gpt2_dir(local_ray, tmp_path):
     tiny_config("gpt2").save_pretrained(tmp_path)
     spec = JobSpec(model=str(tmp_path), methods=("baseline",), max_tokens=128, chunk_size=32)
     engine = spec.engine_for("cpu")
-    assert 1 <= batching.resolve(spec, CPU_POOL, "float32", engine, 128) <= memory.MAX_CONFIGS_PER_FORWARD
+    assert 1 <= batching.resolve(spec, CPU_POOL, "float32", engine, 128, 600) <= memory.MAX_CONFIGS_PER_FORWARD
+
+
+def test_auto_on_a_pool_no_node_can_host_stops_in_one_line(local_ray, tmp_path):
+    """Issue 38, 6: --device cuda without a free GPU waited forever on the memory probe."""
+    tiny_config("gpt2").save_pretrained(tmp_path)
+    spec = JobSpec(model=str(tmp_path), methods=("baseline",), max_tokens=128, chunk_size=32)
+    gpu_pool = PoolPlan(n_actors=1, num_gpus=1.0, num_cpus=1, device="cuda")  # the test Ray has no GPU
+    with pytest.raises(KvorchError, match=r"no node with a free GPU took the memory probe within --actor-timeout 1 s"):
+        batching.resolve(spec, gpu_pool, "float32", spec.engine_for("cpu"), 128, 1)
 
 
 @pytest.mark.parametrize(
@@ -139,7 +148,7 @@ def test_auto_that_cannot_size_is_one_line(tmp_path, config, fragment):
     (tmp_path / "config.json").write_text(json.dumps(config))
     spec = JobSpec(model=str(tmp_path), methods=("baseline",))
     with pytest.raises(KvorchError) as error:
-        batching.resolve(spec, CPU_POOL, "float32", spec.engine_for("cpu"), 1024)
+        batching.resolve(spec, CPU_POOL, "float32", spec.engine_for("cpu"), 1024, 600)
     message = str(error.value)
     assert "\n" not in message and fragment in message
     assert message.startswith("--batch-configs auto cannot size") and "pass --batch-configs N" in message

@@ -144,11 +144,17 @@ def quiet_ray_startup() -> None:
             logger.addFilter(_DropLine(prefix))
 
 
-def plan_pool(actors: int | None, device: str, gpus_per_actor: float | None = None) -> PoolPlan:
+def plan_pool(
+    actors: int | None, device: str, gpus_per_actor: float | None = None, fixed_cluster: bool = False
+) -> PoolPlan:
     """One actor per GPU (or one CPU actor sharing a node's cores) unless told otherwise.
 
     ``gpus_per_actor`` (fractions allowed) packs several actors onto one GPU. CPU actors never
-    ask for more cores than the largest node has, or Ray could never place them.
+    ask for more cores than the largest node has, or Ray could never place them. On a cluster
+    that cannot grow (``fixed_cluster``: the embedded local Ray), more CPU actors than it has
+    cores (each needs one) are refused before any actor starts, rather than announced and then
+    placed only as far as the cores go; a cluster may get nodes, so there the pool starts on
+    the actors that fit and :func:`fitting` says how many.
     """
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0.0)
@@ -162,10 +168,30 @@ def plan_pool(actors: int | None, device: str, gpus_per_actor: float | None = No
         n = actors or max(1, int(gpus))
         return PoolPlan(n, num_gpus=min(1.0, gpus / n) if gpus else 1.0, num_cpus=1, device="cuda")
     n = actors or 1
+    cpus = int(resources.get("CPU", 1))
+    if fixed_cluster and n > max(cpus, 1):
+        raise KvorchError(
+            f"--actors {n} asks for {n} CPU actors, but the cluster has {cpus} CPU(s), one per actor at least; "
+            f"pass --actors {max(cpus, 1)} or fewer, or --address a cluster with more"
+        )
     node_cpus = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)
     return PoolPlan(
         n, num_gpus=0, num_cpus=max(1, min(int(resources.get("CPU", 1)) // n, int(node_cpus))), device="cpu"
     )
+
+
+def fitting(plan: PoolPlan) -> str:
+    """"" when the cluster has room for every actor of ``plan`` now, else a note saying how
+    many fit (the others start if nodes join within ``--actor-timeout``)."""
+    resources = ray.cluster_resources()
+    if plan.device == "cuda":
+        room = resources.get("GPU", 0.0) / plan.num_gpus if plan.num_gpus else plan.n_actors
+    else:
+        room = resources.get("CPU", 0.0) / plan.num_cpus
+    fit = int(room + 1e-9)
+    if fit >= plan.n_actors:
+        return ""
+    return f" ({fit} fit the cluster now; the others start if nodes join within --actor-timeout)"
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ spec.json in orchestrator/sweep/spec_record.py, status.json in orchestrator/lake
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import sys
 import time
@@ -31,7 +32,7 @@ from orchestrator.sweep.endings import ending, interrupts_as_exceptions, outcome
 from orchestrator.sweep.heartbeat import Heartbeat
 from orchestrator.sweep.planner import TokenizedDocument, check_lengths, default_shards, plan_tasks
 from orchestrator.sweep.progress import Progress
-from orchestrator.sweep.resume import choose_run, spec_hash
+from orchestrator.sweep.resume import choose_run, same_spec_runs, spec_hash
 from orchestrator.sweep.run_lock import RunLock
 from orchestrator.sweep.spec import JobSpec
 from orchestrator.sweep.spec_record import Resolved, SpecRecord, identity
@@ -74,6 +75,9 @@ def submit(
     if run_id is not None:
         check_run_id(run_id, "--resume" if resume else "--run-id")
     inputs = _prepare(spec, lake, run_id, resume, started)
+    already = _what_exists(inputs)
+    if already is not None:
+        return already
     options = _PoolOptions(
         show_progress=show_progress,
         max_retries=max_retries,
@@ -82,6 +86,7 @@ def submit(
     )
     with RunLock(lake, inputs.run_id):
         started_ray = actors.start_ray(address, f"kvorch-{inputs.run_id}", connect_timeout)
+        options = dataclasses.replace(options, fixed_cluster=started_ray)
         # After Ray starts: its core worker installs a SIGTERM handler of its own, which ours replaces.
         try:
             with interrupts_as_exceptions():
@@ -115,6 +120,43 @@ class _PoolOptions:
     max_retries: int
     gpus_per_actor: float | None
     actor_timeout: float  # seconds Ray has to place an actor
+    fixed_cluster: bool = False  # the embedded local Ray, which no node joins
+
+
+def _what_exists(inputs: _Inputs) -> JobResult | None:
+    """Say on stderr, before Ray starts, what of this submission's work the lake already holds:
+    the run it resumes and how much is left, or the other runs of the same spec that a new run
+    computes again. A named run that is finished and complete has nothing left: its result,
+    without starting Ray (a resubmitted ``--run-id`` once spent 35 s on Ray to write 0 rows)."""
+    lake, run_id = inputs.lake, inputs.run_id
+    if inputs.previous is None:
+        for other, state in same_spec_runs(lake, inputs.fingerprint, but=run_id):
+            if state == "running":
+                said = f"run {other} of this spec is being computed right now by another kvorch submit (kvorch status)"
+            else:
+                said = f"run {other} already holds this spec's results (kvorch report --run {other})"
+            print(f"kvorch: {said}; this submission computes them again as new run {run_id}", file=sys.stderr)
+        return None
+    status = lake.read_status(run_id)
+    found = integrity.audit(lake, run_id)
+    planned, done = len(found.planned), len(found.done)
+    if run_status.RunStatus.read(status).status == "finished" and found.complete:
+        print(f"kvorch: run {run_id} is finished and complete ({planned} tasks): nothing to compute", file=sys.stderr)
+        return JobResult(
+            run_id=run_id,
+            rows_written=0,
+            tasks=planned,
+            failures={},
+            seconds=time.perf_counter() - inputs.started,
+            config_failures=incomplete.recorded(status),
+        )
+    if not run_status.driver_alive(status):  # a live driver's run is refused by the run lock, with its own line
+        print(
+            f"kvorch: resuming run {run_id} of this spec: {done} of {planned} tasks done, "
+            f"{planned - done} to compute{' (damaged parts again)' if found.damaged else ''}",
+            file=sys.stderr,
+        )
+    return None
 
 
 def _prepare(spec: JobSpec, lake: Lake, run_id: str | None, resume: bool, started: float) -> _Inputs:
@@ -149,8 +191,8 @@ def _run(inputs: _Inputs, options: _PoolOptions) -> JobResult:
     """The submission on Ray: the pool, the preflight, the calibration, the plan, the claim of
     the run in the lake, then the sweep."""
     spec = inputs.spec
-    pool = actors.plan_pool(spec.actors, spec.device, options.gpus_per_actor)
-    resolved, engine = _resolve(inputs, pool)
+    pool = actors.plan_pool(spec.actors, spec.device, options.gpus_per_actor, options.fixed_cluster)
+    resolved, engine = _resolve(inputs, pool, options.actor_timeout)
     questions = [d.question for d in inputs.docs if d.question is not None]
     generation = spec.generation_settings(max((q.max_new_tokens for q in questions), default=1))
     settings = WorkerSettings(
@@ -178,7 +220,7 @@ def _run(inputs: _Inputs, options: _PoolOptions) -> JobResult:
         print(
             f"kvorch: run {inputs.run_id}: {len(inputs.docs)} docs x {len(spec.configs)} configs = {len(tasks)} "
             f"tasks ({len(attempt.done)} done, {len(attempt.todo)} to go) on {pool.n_actors} {pool.device} "
-            f"actor(s) -> {inputs.lake.uri}",
+            f"actor(s){actors.fitting(pool)} -> {inputs.lake.uri}",
             file=sys.stderr,
         )
         result = _sweep(attempt, workers, options.show_progress, options.max_retries)
@@ -192,7 +234,7 @@ def _run(inputs: _Inputs, options: _PoolOptions) -> JobResult:
     )
 
 
-def _resolve(inputs: _Inputs, pool: actors.PoolPlan) -> tuple[Resolved, EngineSettings]:
+def _resolve(inputs: _Inputs, pool: actors.PoolPlan, wait_s: float) -> tuple[Resolved, EngineSettings]:
     """What this pool settles that the spec leaves open, and the engine settings. A resume keeps
     its first attempt's shards and batch size, so it plans the same tasks, and must run in the
     same dtype, or its rows would mix two precisions."""
@@ -213,7 +255,7 @@ def _resolve(inputs: _Inputs, pool: actors.PoolPlan) -> tuple[Resolved, EngineSe
     else:
         n_shards = default_shards(pool.n_actors)
         longest = max(len(d.token_ids) for d in [*inputs.docs, *inputs.held_out])
-        batch_configs = batching.resolve(spec, pool, dtype, engine, longest)
+        batch_configs = batching.resolve(spec, pool, dtype, engine, longest, wait_s)
     return Resolved(dtype=dtype, compile=engine.compile, batch_configs=batch_configs, n_shards=n_shards), engine
 
 
