@@ -79,6 +79,28 @@ def shown_state(status: dict | None) -> str:
     return state
 
 
+def same_spec_runs(lake: Lake, fingerprint: str, but: str) -> list[tuple[str, str]]:
+    """(run id, ``finished`` or ``running``) of the lake's other runs of this spec and documents
+    that hold its results or are computing them now (a live driver), oldest first: what a new
+    run would compute again. Read from spec.json and status.json only (no part is read)."""
+    found = []
+    for candidate in lake.run_ids():
+        if candidate == but:
+            continue
+        try:
+            stored = lake.read_spec(candidate)
+        except KvorchError:
+            continue
+        if not stored or stored.get("spec_hash") != fingerprint:
+            continue
+        status = lake.read_status(candidate, damaged_ok=True)
+        if driver_alive(status):
+            found.append((candidate, "running"))
+        elif RunStatus.read(status).status == "finished":
+            found.append((candidate, "finished"))
+    return found
+
+
 def _resumable(lake: Lake, run_id: str) -> bool:
     """Not being worked on by a live driver, and unfinished or finished but since damaged (a
     part that no longer verifies): the same command then repairs it instead of starting over."""
