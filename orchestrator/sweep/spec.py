@@ -8,13 +8,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orchestrator.corpus import EMBEDDED_CORPUS, check_regular_file
+from orchestrator.corpus import EMBEDDED_CORPUS, check_corpus
 from orchestrator.errors import KvorchError
 from orchestrator.probes import DEFAULT_DEPTHS, DEFAULT_LENGTHS, ProbeSpec, check_task
 from orchestrator.probes.spec import check_spec
+from orchestrator.sweep.method_names import check_method_names
 from workers.contract.configs import POLICIES, RANKED_POLICIES, EvalConfig
 from workers.contract.defaults import COMPILE_CACHE
 from workers.contract.models import DTYPE_NAMES, EMBEDDED_MODEL
@@ -90,8 +90,8 @@ class JobSpec:
             raise KvorchError(f"--max-tokens must be >= 1, got {self.max_tokens}")
         if self.max_docs is not None and self.max_docs < 1:
             raise KvorchError(f"--max-docs must be >= 1, got {self.max_docs}")
-        if self.corpus != EMBEDDED_CORPUS:  # a FIFO or device would block the first read: refused now
-            check_regular_file(Path(self.corpus), f"--corpus {self.corpus}")
+        # Missing, a FIFO or device (its first read would block), a wrong file type: refused now.
+        check_corpus(self.corpus, f"--corpus {self.corpus}")
         object.__setattr__(self, "batch_configs", _parse_batch_configs(self.batch_configs))
         if self.compile not in COMPILE_MODES:
             raise KvorchError(f"--compile {self.compile!r} is unknown; use one of {', '.join(COMPILE_MODES)}")
@@ -295,9 +295,10 @@ def _check_once(option: str, values: tuple[float, ...], given: str | None = None
 
 
 def _parse_methods(methods: tuple[str, ...]) -> list[Press]:
+    texts = [m.strip() for item in methods for m in _split_methods(item)]
+    check_method_names(texts)  # a typo is refused before the registry imports torch
     from workers.presses import ALL_METHODS, REGISTRY, parse_method
 
-    texts = [m.strip() for item in methods for m in _split_methods(item)]
     if not texts:
         raise KvorchError(f"no methods given; pass --methods all or some of: {', '.join(REGISTRY)}")
     presses: dict[Press, str] = {}  # each press, and the --methods item that gave it
