@@ -50,3 +50,22 @@ def test_a_float_option_at_nan_or_inf_is_one_usage_line(args, tmp_path):
     result = CliRunner().invoke(main, [*args[:1], "--lake", str(tmp_path / "lake"), *args[1:]])
     assert result.exit_code == 2 and "is not a finite number" in result.output, result.output
     assert "Traceback" not in result.output and not (tmp_path / "lake").exists()
+
+
+def test_samples_beyond_the_stated_ceiling_are_one_line_before_any_probe_is_built(tmp_path):
+    """Issue 38, 8: --samples 100000000 grew memory silently."""
+    result = CliRunner().invoke(main, ["submit", "--task", "needle", "--samples", "100000000", "--lake", str(tmp_path)])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "makes 1500000000 probes" in result.output and "at most 100000 probes" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("below", ["", "sub/dir"])
+def test_a_compile_cache_that_cannot_be_a_directory_is_one_line_before_the_model_loads(tmp_path, below):
+    """Issue 38, 17: a --compile-cache that is a file failed in the workers, hinting --model/--device."""
+    (tmp_path / "cache").write_text("a file")
+    cache = str(tmp_path / "cache" / below) if below else str(tmp_path / "cache")
+    result = CliRunner().invoke(main, ["submit", "--compile-cache", cache, "--lake", str(tmp_path / "lake")])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert f"--compile-cache {cache}: {tmp_path / 'cache'} is a file, not a directory" in result.output
+    assert not (tmp_path / "lake").exists()

@@ -118,3 +118,41 @@ def test_fingerprints_tell_tokenizations_apart(smollm2_tokenizer):
     assert difference(a, shorter) == (
         f"token ids sha256 {a['token_ids_sha256'][:12]} vs {shorter['token_ids_sha256'][:12]}"
     )
+
+
+class CountingTokenizer:
+    """A tokenizer that records how many characters it was given, in all."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.chars = inner, 0
+        self.bos_token_id = inner.bos_token_id
+
+    def __call__(self, text: str, **kwargs):
+        self.chars += len(text)
+        return self.inner(text, **kwargs)
+
+
+def test_only_the_prefix_max_tokens_uses_is_tokenized_and_the_ids_are_the_whole_texts(smollm2_tokenizer):
+    """Issue 38, 9: one 50 MB line was tokenized whole (7.7 GB, 90 s) to keep 256 tokens."""
+    pydoc = [d.text for d in load_corpus("pydoc")[:4]]
+    texts = [
+        *pydoc,
+        "".join(pydoc) * 3,
+        "x" * 40_000,  # one word, no space anywhere
+        "1234567890" * 4_000,  # digits, which tokenizers split in groups
+        " " * 20_000 + "end",  # a run of spaces
+        "word " * 10_000,
+        "\u00e9\u4e2d\U0001f600" * 5_000,  # multi-byte characters
+    ]
+    for bos in ("on", "off"):
+        for text in texts:
+            whole = own_ids(smollm2_tokenizer, text)
+            for max_tokens in (1, 2, 7, 64, 300):
+                got = resolve(smollm2_tokenizer, bos).ids(text, max_tokens)
+                expected = ([SMOLLM2_BOS] if bos == "on" else []) + whole
+                assert got == expected[:max_tokens], (bos, text[:20], max_tokens)
+    counting = CountingTokenizer(smollm2_tokenizer)
+    long_line = "".join(pydoc) * 400  # megabytes on one line
+    head = own_ids(smollm2_tokenizer, long_line[:20_000])[:255]
+    assert resolve(counting, "on").ids(long_line, 256) == [SMOLLM2_BOS, *head]
+    assert counting.chars < 100_000 < len(long_line) // 10

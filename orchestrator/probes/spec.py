@@ -21,6 +21,12 @@ RULER_PREFIX = "ruler"  # --task ruler[:family[+family...]]: RULER's question ta
 DEFAULT_LENGTHS: tuple[int, ...] = (256, 512, 1024)
 DEFAULT_DEPTHS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 KILO = 1024  # "4k" means 4096 tokens: context windows are powers of two
+# A run's probes are built in memory before the first task (each probe's token ids as a list): a
+# stated ceiling on their count and on their tokens (lengths x depths x samples), checked before
+# any is built, instead of memory growing until the machine swaps. 100M tokens is about 4 GB as
+# Python lists of ids (36 bytes a token).
+MAX_PROBES = 100_000
+MAX_PROBE_TOKENS = 100_000_000
 
 _LENGTH = re.compile(r"(\d+(?:\.\d+)?)([kK]?)")
 _LENGTHS_FIX = "use token counts like 512,1k,16k (k = 1024)"
@@ -123,6 +129,14 @@ def check_spec(spec: ProbeSpec, max_context: int | None) -> None:
         raise KvorchError(f"--seed {spec.seed!r}: use a whole number")
     check_lengths(spec.lengths, max_context)
     check_depths(spec.depths)
+    count = len(spec.lengths) * len(spec.depths) * spec.samples
+    tokens = sum(spec.lengths) * len(spec.depths) * spec.samples
+    if count > MAX_PROBES or tokens > MAX_PROBE_TOKENS:
+        raise KvorchError(
+            f"--samples {spec.samples} x {len(spec.lengths)} lengths x {len(spec.depths)} depths makes {count} probes "
+            f"of {tokens} tokens in all; a run builds at most {MAX_PROBES} probes and {MAX_PROBE_TOKENS} tokens: "
+            "lower --samples, --lengths or --depths, or split the sweep into runs"
+        )
 
 
 def check_lengths(lengths: tuple[int, ...], max_context: int | None) -> None:

@@ -16,6 +16,7 @@ import functools
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import ray
@@ -162,6 +163,8 @@ def _what_exists(inputs: _Inputs) -> JobResult | None:
 def _prepare(spec: JobSpec, lake: Lake, run_id: str | None, resume: bool, started: float) -> _Inputs:
     """Everything that can be wrong with the input, checked before the lake is touched; then the
     run to write: ``run_id``, else an unfinished run of the same spec and documents, else a new one."""
+    if spec.compile != "off":
+        _check_compile_cache(spec.compile_cache)
     tokens, corpus = model_inputs(spec.model, spec.corpus, spec.bos)
     docs = documents.run_documents(spec, tokens, corpus)
     check_lengths(docs, spec.chunk_size)
@@ -185,6 +188,21 @@ def _prepare(spec: JobSpec, lake: Lake, run_id: str | None, resume: bool, starte
         held_out=held_out,
         started=started,
     )
+
+
+def _check_compile_cache(directory: str) -> None:
+    """Refuse, before the model loads, a ``--compile-cache`` that cannot be a directory here (a
+    file, or a path through one): the workers would otherwise fail making it, after loading the
+    model, with a hint naming other options. A path that does not exist yet is made by the workers."""
+    path = Path(directory).expanduser()
+    for step in (path, *path.parents):
+        if step.exists() and not step.is_dir():
+            raise KvorchError(
+                f"--compile-cache {directory}: {step} is a file, not a directory; pass a directory "
+                "(default ~/.cache/kvorch/compile), or --compile off"
+            )
+        if step.exists():
+            return
 
 
 def _run(inputs: _Inputs, options: _PoolOptions) -> JobResult:
