@@ -24,6 +24,7 @@ from tests.families import FAMILIES, VOCAB
 from tests.helpers import tiny_llama
 from workers.contract import defaults
 from workers.contract import settings as settings_module
+from workers.contract.allocation import Allocation
 from workers.contract.configs import EvalConfig
 from workers.contract.settings import EngineSettings, chunk_bounds, padded_length
 from workers.engine.core import Engine, ExecutionPath
@@ -36,7 +37,8 @@ CHUNK, WINDOW = 32, 32
 
 def every_builtin_config(surrogate_dir: str) -> list[EvalConfig]:
     """Every built-in press with a tensor form, under the threshold policy and, for the scorers,
-    the ratio and token-budget policies; the two expected-attention statistics; per-head windows; a KVzap surrogate."""
+    the ratio and token-budget policies; the two expected-attention statistics; per-head windows; a KVzap surrogate;
+    every allocation."""
     configs = build_configs(("all",), ())
     configs += [  # thresholds at which the tiny model's keys are evicted
         EvalConfig(parse_method("observed_attention"), 0.02),
@@ -53,7 +55,23 @@ def every_builtin_config(surrogate_dir: str) -> list[EvalConfig]:
     configs.append(EvalConfig(parse_method("expected_attention"), ratio=0.3))
     for method in ("knorm", "h2o:protected_window=16", "expected_attention"):
         configs.append(EvalConfig(parse_method(method), budget=60))
-    return configs
+    configs += [  # every allocation of a ranked policy (workers/contract/allocation.py)
+        EvalConfig(parse_method("knorm"), ratio=0.5, allocation=Allocation("adakv")),
+        EvalConfig(parse_method("snapkv"), budget=60, allocation=Allocation("adakv", alpha_safeguard=0.5)),
+        EvalConfig(parse_method("expected_attention"), ratio=0.3, allocation=Allocation("pyramidkv", beta=2)),
+        EvalConfig(parse_method("knorm"), budget=60, allocation=Allocation("file", shares=((1, 3), (2, 2)), name="f")),
+    ]
+    return configs + leaderboard_configs()
+
+
+def leaderboard_configs() -> list[EvalConfig]:
+    """The presses of issue 37 under the threshold, ratio and budget policies (LagKV with a lag
+    the 250-token document holds several of)."""
+    lagkv = "lagkv:lag_size=16,protected_window=32"
+    scorers = (("keydiff", -0.3), (lagkv, 0.5), ("leverage", 0.0), ("compactor", 0.0))
+    configs = [EvalConfig(parse_method(method), threshold) for method, threshold in scorers]
+    configs += [EvalConfig(parse_method(method), ratio=0.5) for method, _ in scorers]
+    return configs + [EvalConfig(parse_method(m), budget=60) for m in ("keydiff", lagkv, "compactor")]
 
 
 @pytest.fixture(scope="module")

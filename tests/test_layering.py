@@ -126,6 +126,7 @@ DRIVER_IMPORTS = {
     "workers.contract.configs", "workers.contract.defaults", "workers.contract.errors", "workers.contract.memory",
     "workers.contract.models", "workers.contract.plan", "workers.contract.schema", "workers.contract.settings",
     "workers.contract.tokenization", "workers.contract.scorers",
+    "workers.contract.allocation",  # --allocation: parsed, and a file's shares read, by the driver
     "workers.presses",  # the registry: names, parse_method, the Press base
     "workers.presses.kvzap",  # save_surrogate: kvorch kvzap writes the surrogate the press loads
     "workers.actor",  # EvalWorker, the sweep's Ray actor

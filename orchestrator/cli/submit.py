@@ -86,6 +86,15 @@ def _default(name: str) -> object:
     help="With --policy budget: keys kept per layer and kv-head, sinks and window included, e.g. 256,512,1024.",
 )
 @click.option(
+    "--allocation",
+    default=",".join(_default("allocations")),
+    show_default=True,
+    help="With --policy ratio or budget: how each config's keys are shared between layers and kv-heads, one "
+    "sweep each: uniform, adakv[:alpha_safeguard=A] (the layer's budget to its best keys over all heads), "
+    "pyramidkv[:beta=B] (fewer keys in later layers), file=PATH (a JSON or Parquet [layers, kv-heads] table of "
+    "shares); e.g. uniform,adakv.",
+)
+@click.option(
     "--agreement/--no-agreement",
     default=_default("agreement"),
     help="Record each config's KL, top-1 agreement and top-5 overlap with the uncompressed model "
@@ -314,6 +323,7 @@ def _job_spec(ctx: click.Context, options: dict[str, Any]) -> JobSpec:
         **_probe_options(ctx, options),
         ratios=_parse_ratios(options["ratios"]),
         budgets=_parse_budgets(options["budgets"]),
+        allocations=tuple(item.strip() for item in options["allocation"].split(",") if item.strip()),
         agreement=options["agreement"],
         densities=parse_densities(densities) if densities is not None else (),
         compile=options["compile_"],

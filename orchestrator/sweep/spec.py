@@ -15,6 +15,7 @@ from orchestrator.errors import KvorchError
 from orchestrator.probes import DEFAULT_DEPTHS, DEFAULT_LENGTHS, ProbeSpec, check_task
 from orchestrator.probes.spec import check_spec
 from orchestrator.sweep.method_names import check_method_names
+from workers.contract.allocation import UNIFORM, Allocation, parse_allocation
 from workers.contract.configs import POLICIES, RANKED_POLICIES, EvalConfig
 from workers.contract.defaults import COMPILE_CACHE
 from workers.contract.models import DTYPE_NAMES, EMBEDDED_MODEL
@@ -43,6 +44,9 @@ class JobSpec:
     policy: str = "threshold"
     ratios: tuple[float, ...] = ()
     budgets: tuple[int, ...] = ()
+    # How each ranked config's ratio or budget is shared between (layer, kv-head)s: a sweep
+    # dimension of its own (workers/contract/allocation.py); uniform is every head alike.
+    allocations: tuple[str, ...] = (UNIFORM.label,)
     # Record each config's KL, top-1 agreement and top-5 overlap with the uncompressed model
     # (workers/engine/agreement.py); the run then always holds baseline, added when not requested.
     agreement: bool = EngineSettings.agreement
@@ -113,7 +117,9 @@ class JobSpec:
             check_task(self.task)
             check_spec(ProbeSpec(self.task, self.lengths, self.depths, self.samples, self.seed), None)
         if not self.configs:
-            configs = build_configs(self.methods, self.thresholds, self.policy, self.ratios, self.budgets, self.window)
+            configs = build_configs(
+                self.methods, self.thresholds, self.policy, self.ratios, self.budgets, self.window, self.allocations
+            )
             if self.agreement and not any(c.is_baseline for c in configs):
                 from workers.presses import BaselinePress
 
@@ -165,6 +171,11 @@ class JobSpec:
                 del out[name]
         out["methods"], out["thresholds"], out["ratios"] = list(self.methods), list(self.thresholds), list(self.ratios)
         out["budgets"] = list(self.budgets)
+        # Allocations came after many runs: left out when uniform, so those keep their fingerprint.
+        if self.allocations == (UNIFORM.label,):
+            del out["allocations"]
+        else:
+            out["allocations"] = list(self.allocations)
         # --compact was removed (its rows were the masked cache's); the key stays so that
         # runs made before then still match their fingerprint and resume.
         out["compact"] = False
@@ -196,14 +207,16 @@ def build_configs(
     ratios: tuple[float, ...] = (),
     budgets: tuple[int, ...] = (),
     window: int = DEFAULT_WINDOW,
+    allocations: tuple[str, ...] = (UNIFORM.label,),
 ) -> list[EvalConfig]:
     """The config grid: each method at its thresholds (user's, else the method's defaults), or
     under ``policy="ratio"`` / ``"budget"`` each scoring method at each compression ratio or
-    token budget (methods without a score, such as baseline and window, once as they are).
+    token budget under each allocation (methods without a score, such as baseline and window,
+    once as they are).
 
     A value or method config given twice is refused in one line, never run twice: its rows
     would count double in every table."""
-    configs = _config_grid(methods, thresholds, policy, ratios, budgets, window)
+    configs = _config_grid(methods, thresholds, policy, ratios, budgets, window, allocations)
     labels: dict[str, EvalConfig] = {}
     for config in configs:
         if config.label in labels:  # e.g. thresholds -16 and -16.0000001, both labelled knorm@-16
@@ -227,6 +240,7 @@ def _config_grid(
     ratios: tuple[float, ...],
     budgets: tuple[int, ...],
     window: int,
+    allocations: tuple[str, ...] = (UNIFORM.label,),
 ) -> list[EvalConfig]:
     presses = _parse_methods(methods)
     if policy not in POLICIES:
@@ -235,18 +249,21 @@ def _config_grid(
         raise KvorchError("--ratios needs --policy ratio")
     if budgets and policy != "budget":
         raise KvorchError("--budgets needs --policy budget")
+    shares = _parse_allocations(allocations, policy)
     if policy in RANKED_POLICIES:
         if thresholds:
             raise KvorchError(f"--thresholds apply to --policy threshold; with --policy {policy} give --{policy}s only")
         if policy == "ratio":
             settings = [{"ratio": r} for r in _check_ratios(ratios)]
         else:
-            settings = [{"budget": b} for b in _check_budgets(budgets, presses, window)]
-        return [
-            EvalConfig(press, **setting) if press.default_thresholds != (None,) else EvalConfig(press)
-            for press in presses
-            for setting in (settings if press.default_thresholds != (None,) else settings[:1])
-        ]
+            settings = [{"budget": b} for b in _check_budgets(budgets, presses, window, shares)]
+        configs = []
+        for press in presses:
+            if press.default_thresholds == (None,):  # no score to rank by: once, as it is
+                configs.append(EvalConfig(press))
+                continue
+            configs.extend(EvalConfig(press, **setting, allocation=a) for setting in settings for a in shares)
+        return configs
     overrides = _parse_thresholds(thresholds, presses)
     configs = []
     for press in presses:
@@ -265,9 +282,34 @@ def _check_ratios(ratios: tuple[float, ...]) -> tuple[float, ...]:
     return ratios
 
 
-def _check_budgets(budgets: tuple[int, ...], presses: list[Press], window: int) -> tuple[int, ...]:
+def _parse_allocations(allocations: tuple[str, ...], policy: str) -> list[Allocation]:
+    """``--allocation`` items, each once; any but uniform needs a ranked policy (it shares a
+    keep limit the threshold policy has not got)."""
+    _check_once_text("--allocation", allocations)
+    try:
+        parsed = [parse_allocation(text) for text in allocations]
+    except ValueError as exc:
+        raise KvorchError(f"--allocation: {exc}") from None
+    shared = [a for a in parsed if not a.uniform]
+    if shared and policy not in RANKED_POLICIES:
+        raise KvorchError(f"--allocation {shared[0].label} shares a ratio or budget: use --policy ratio or budget")
+    return parsed
+
+
+def _check_once_text(option: str, values: tuple[str, ...]) -> None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise KvorchError(f"{option} {','.join(values)} lists {value} twice; list each once")
+        seen.add(value)
+
+
+def _check_budgets(
+    budgets: tuple[int, ...], presses: list[Press], window: int, allocations: list[Allocation] = (UNIFORM,)
+) -> tuple[int, ...]:
     """Budgets count every key a (layer, kv-head) holds, sinks and protected window included, so
-    a budget below a press's sinks + window could never be met: refused, naming the press."""
+    a budget below a press's sinks + window could never be met: refused, naming the press. So is
+    one that an allocation's table would put below it in some head (its smallest share)."""
     if not budgets:
         raise KvorchError("--policy budget needs --budgets, e.g. --budgets 128,256,1024 (keys per layer and head)")
     _check_once("--budgets", budgets)
@@ -281,6 +323,16 @@ def _check_budgets(budgets: tuple[int, ...], presses: list[Press], window: int) 
                 f"({press.n_sink} + {protected} = {floor}); use budgets >= {floor}, or a smaller --window"
                 + (f" (or {press.name}:protected_window=N)" if press.protected_window > window else "")
             )
+        for allocation in allocations:
+            share = allocation.head_floor_share()
+            low = [b for b in budgets if round(b * share) < floor]
+            if low:
+                raise KvorchError(
+                    f"--budgets {low[0]} under {allocation.label} gives a head {round(low[0] * share)} keys, below "
+                    f"{press.label()}'s sinks + window ({press.n_sink} + {protected} = {floor}); "
+                    + (f"use budgets >= {math.ceil(floor / share)}, or a flatter table" if share else
+                       "give every head a share above 0")
+                )  # fmt: skip
     return budgets
 
 

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from workers.contract.allocation import UNIFORM, Allocation
+
 if TYPE_CHECKING:  # kept out of the import: the CLI's options read POLICIES without torch
     from workers.presses import Press
 
@@ -28,6 +30,8 @@ class EvalConfig:
     threshold: float | None = None
     ratio: float | None = None
     budget: int | None = None
+    # How the ratio or budget is shared between (layer, kv-head)s (workers/contract/allocation.py).
+    allocation: Allocation = UNIFORM
 
     def __post_init__(self) -> None:
         if sum(v is not None for v in (self.threshold, self.ratio, self.budget)) > 1:
@@ -38,6 +42,8 @@ class EvalConfig:
             raise ValueError(f"token budget must be >= 1, got {self.budget}")
         if self.threshold is not None and math.isnan(self.threshold):
             raise ValueError("threshold must be a number, not NaN")
+        if not self.allocation.uniform and self.policy not in RANKED_POLICIES:
+            raise ValueError(f"allocation {self.allocation.label} shares a keep limit: it needs a ratio or a budget")
 
     @property
     def method(self) -> str:
@@ -56,13 +62,25 @@ class EvalConfig:
 
     @property
     def label(self) -> str:
-        """``method[:params][@threshold | @ratio=r]``: unique per config within a run."""
+        """``method[:params][@threshold | @ratio=r | @budget=B][+allocation]``: unique per config
+        within a run (the uniform allocation, today's rule, adds nothing)."""
         base = self.press.label()
+        suffix = self._allocation_suffix
         if self.ratio is not None:
-            return f"{base}@ratio={self.ratio:g}"
+            return f"{base}@ratio={self.ratio:g}{suffix}"
         if self.budget is not None:
-            return f"{base}@budget={self.budget}"
+            return f"{base}@budget={self.budget}{suffix}"
         return base if self.threshold is None else f"{base}@{self.threshold:g}"
+
+    @property
+    def sweep(self) -> str:
+        """The lake's ``press`` column: the label without its threshold, ratio or budget
+        (``method[:params][+allocation]``), so each allocation of a press is a sweep of its own."""
+        return self.press.label() + self._allocation_suffix
+
+    @property
+    def _allocation_suffix(self) -> str:
+        return "" if self.allocation.uniform else f"+{self.allocation.label}"
 
     @property
     def engine_threshold(self) -> float:

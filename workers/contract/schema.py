@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # Versions whose lakes this code reads (queries refuse others with the fix). Version 1 already
 # holds everything the reports derive, e.g. layers x kv-heads = keys_total / chunk_start;
 # version 2 adds kv_cache_bytes, version 3 press, version 4 the budget, agreement and answer
 # columns (and the docs' probe columns), version 5 the generated answers of question tasks (and the
-# docs' answers and metric); each reads as null in older parts.
-READABLE_SCHEMA_VERSIONS = frozenset({1, 2, 3, 4, 5})
+# docs' answers and metric), version 6 the allocation; each reads as null in older parts.
+READABLE_SCHEMA_VERSIONS = frozenset({1, 2, 3, 4, 5, 6})
 
 PARTITION_COLUMNS = ("run_id", "method")
 
@@ -85,6 +85,11 @@ CHUNK_SCHEMA = pa.schema(
         pa.field("stop_reason", pa.string()),
         pa.field("answer_score", pa.float64()),
         pa.field("generated_density", pa.float64()),
+        # --- since schema version 6 (null in older parts, which are all uniform) ---
+        # How a ranked config's ratio or budget is shared between (layer, kv-head)s
+        # (workers/contract/allocation.py): "uniform", "adakv", "pyramidkv", "file=NAME"; the
+        # press column then ends with "+<allocation>" when not uniform (one sweep each).
+        pa.field("allocation", pa.string()),
     ],
     metadata={"kvorch_schema_version": str(SCHEMA_VERSION)},
 )
@@ -92,11 +97,13 @@ CHUNK_SCHEMA = pa.schema(
 GENERATION_COLUMNS = ("generated", "n_generated", "stop_reason", "answer_score", "generated_density")
 # The columns of a part under each readable version: readers accept any of them, and the
 # columns an older part lacks read as null.
-_V5 = CHUNK_SCHEMA.remove_metadata()
+_V6 = CHUNK_SCHEMA.remove_metadata()
+_V5 = pa.schema(list(_V6)[: _V6.get_field_index("allocation")])
 _V4 = pa.schema(list(_V5)[: _V5.get_field_index("generated")])
 _V3 = pa.schema(list(_V4)[: _V4.get_field_index("budget")])
 _V2 = _V3.remove(_V3.get_field_index("press"))
 CHUNK_COLUMNS_BY_VERSION = {
+    6: _V6,
     5: _V5,
     4: _V4,
     3: _V3,

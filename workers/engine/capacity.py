@@ -31,6 +31,7 @@ def policy_bound(
     constant_score: float | None,
     floor: int,
     n: int,
+    peak_share: float | None = 1.0,
 ) -> int | None:
     """Most keys one (layer, kv-head) can hold once a chunk ending at or before ``n`` is decided,
     or None where the scores decide it (the threshold policy of a press that scores).
@@ -38,11 +39,15 @@ def policy_bound(
     ``floor``: the sinks plus the widest protected window, always kept. ``constant_score``: the
     score a structural press gives every key (+inf keeps all, -inf keeps only the floor).
     Under the ranked policies the limit is workers/engine/decisions.py's ``keep_limit`` at ``n``
-    (it only grows with the chunk's end) or the floor, whichever is larger.
+    (it only grows with the chunk's end) times the allocation's ``peak_share`` (the most one
+    head gets, as a multiple of the uniform limit: workers/contract/allocation.py), or the floor,
+    whichever is larger; None where the scores share the limit between heads (adakv).
     """
     if policy in ("ratio", "budget"):
+        if peak_share is None:
+            return None
         limit = math.ceil(keep_fraction * n) if policy == "ratio" else min(n, budget or n)
-        return min(n, max(limit, floor))
+        return min(n, max(math.ceil(limit * peak_share), floor))
     tau = 0.0 if threshold is None else threshold
     if tau == -math.inf or constant_score == math.inf:
         return n

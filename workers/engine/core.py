@@ -183,7 +183,7 @@ class Engine:
                 keep_fraction = 1.0 - (config.ratio or 0.0)
                 bound = capacity.policy_bound(
                     config.policy, keep_fraction, config.budget, config.threshold, press.constant_score, floor,
-                    n_positions,
+                    n_positions, config.allocation.peak_share(),
                 )  # fmt: skip
                 if bound is None and config.label in self.densities:
                     bound = capacity.learned_bound(self.densities[config.label], floor, n_positions)

@@ -51,8 +51,9 @@ def decide_by_budget(
     limit: torch.Tensor,
     n_sink: int,
 ) -> None:
-    """Keep the best-scoring keys so kept <= ``limit`` [rows] per (layer, kv-head)
-    (:func:`keep_limit`: the ratio or token-budget policy).
+    """Keep the best-scoring keys so kept <= ``limit`` per (layer, kv-head): [rows] for every
+    kv-head alike (:func:`keep_limit`: the ratio or token-budget policy), or [rows, kv-heads]
+    for a limit per head (an allocation's, workers/engine/allocation.py).
 
     Sinks and the protected window ([end - window, end)) are always kept and count toward the
     budget; the rest of it goes to the highest scores among keys still kept in [n_sink, end -
@@ -61,13 +62,52 @@ def decide_by_budget(
     """
     boundary = (end - window).clamp(min=0)
     protected = n_sink + (end - boundary)
-    allowed = (limit - protected).clamp(min=0)  # [rows]
+    allowed = (limit - protected).clamp(min=0)  # [rows] or [rows, kv-heads]
     in_range = (positions >= n_sink) & (positions < boundary)
     ranked = torch.where(in_range & keep, scores, float("-inf"))
+    rank = _ranks(ranked, (~in_range).to(torch.uint8).expand_as(ranked))
+    keep.copy_(keep & ((rank < allowed.view(allowed.shape[0], -1, 1)) | ~in_range))
+
+
+def decide_by_layer_budget(
+    keep: torch.Tensor,
+    scores: torch.Tensor,
+    positions: torch.Tensor,
+    end: torch.Tensor,
+    window: int,
+    limit: torch.Tensor,
+    n_sink: int,
+    alpha_safeguard: float,
+) -> None:
+    """AdaKV's rule (kvpress ``AdaKVPress``) over one layer's ``keep`` [rows, kv-heads, T]: the
+    layer's budget, ``limit`` [rows] per head summed over its kv-heads, goes to the highest scores
+    across all of them, after each head has kept its own best floor(alpha_safeguard x limit) keys.
+
+    As in :func:`decide_by_budget`, a head's sinks and protected window always stay and count
+    toward its budget and toward its safeguard, and only keys still kept in [n_sink, end -
+    window) compete. Ties go to the lower kv-head, then the earlier position.
+    """
+    rows, heads, span = keep.shape
+    boundary = (end - window).clamp(min=0)
+    protected = n_sink + (end - boundary)
+    pool = (limit - protected).clamp(min=0) * heads  # [rows]: what the layer's heads share
+    safe = (torch.floor(alpha_safeguard * limit.double()).long() - protected).clamp(min=0)  # [rows]
+    in_range = (positions >= n_sink) & (positions < boundary)
+    candidate = in_range & keep
+    ranked = torch.where(candidate, scores, float("-inf"))
+    in_head = _ranks(ranked, (~candidate).to(torch.uint8))
+    forced = candidate & (in_head < safe.view(-1, 1, 1))
+    tier = torch.where(forced, 0, torch.where(candidate, 1, 2)).to(torch.uint8)  # safeguarded first
+    rank = _ranks(ranked.reshape(rows, heads * span), tier.reshape(rows, heads * span))
+    keep.copy_(keep & ((rank.view(rows, heads, span) < pool.view(-1, 1, 1)) | ~in_range))
+
+
+def _ranks(ranked: torch.Tensor, tier: torch.Tensor) -> torch.Tensor:
+    """Each entry's place along the last dim, ordered by ``tier`` (uint8, lower first), then by
+    ``ranked`` descending, ties to the earlier index: a stable sort by score, then a stable sort
+    by tier."""
     by_score = ranked.argsort(dim=-1, descending=True, stable=True)
-    outside_last = (~in_range)[by_score].to(torch.uint8).argsort(dim=-1, stable=True)
-    order = by_score.gather(-1, outside_last)
-    rank = torch.empty_like(order).scatter_(
+    order = by_score.gather(-1, tier.gather(-1, by_score).argsort(dim=-1, stable=True))
+    return torch.empty_like(order).scatter_(
         -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
     )
-    keep.copy_(keep & ((rank < allowed.view(-1, 1, 1)) | ~in_range))

@@ -16,10 +16,12 @@ from typing import Any
 import pyarrow as pa
 import torch
 
+from workers.contract.allocation import UNIFORM, Allocation
 from workers.contract.configs import RANKED_POLICIES, EvalConfig
 from workers.contract.plan import AnswerSpan
 from workers.contract.schema import GENERATION_COLUMNS, ROW_SCHEMA
 from workers.contract.settings import EngineSettings, chunk_bounds
+from workers.engine.allocation import head_shares
 from workers.engine.chunk_results import ChunkResults
 from workers.modeling import attention
 from workers.presses import Press
@@ -28,7 +30,8 @@ from workers.presses.baseline import BaselinePress
 
 @dataclass
 class RowGroup:
-    """Consecutive batch rows that share one press and policy (differing by threshold or ratio)."""
+    """Consecutive batch rows that share one press, policy and allocation (differing by
+    threshold, ratio or budget)."""
 
     press: Press
     policy: str  # one of workers.contract.configs.POLICIES
@@ -37,6 +40,9 @@ class RowGroup:
     keep_fraction: torch.Tensor  # [n_rows] float64: 1 - compression ratio (ratio policy), else 1
     budgets: torch.Tensor  # [n_rows] int64: the token budget (budget policy), else unbounded
     windows: HeadWindows
+    allocation: Allocation = UNIFORM
+    # [layers, kv-heads] float64 on the device: a file allocation's shares, averaging 1.
+    shares: torch.Tensor | None = None
 
 
 @dataclass
@@ -95,7 +101,8 @@ class HeadWindows:
 
 class DocumentLayout:
     """The batch rows of a document run and what the density columns need: configs ordered so
-    each press's rows are contiguous (presses then work on slices), grouped by (press, policy),
+    each press's rows are contiguous (presses then work on slices), grouped by (press, policy,
+    allocation),
     with each group's windows clamped to ``n`` positions.
 
     With ``agreement`` the baseline's row is the ``reference`` of the agreement columns; a batch
@@ -121,9 +128,9 @@ class DocumentLayout:
         self.n = n
         self.n_layers = cfg.num_hidden_layers
         self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        by_press: dict[tuple[Press, str], list[int]] = {}
+        by_press: dict[tuple[Press, str, Allocation], list[int]] = {}
         for i, config in enumerate(configs):
-            by_press.setdefault((config.press, config.policy), []).append(i)
+            by_press.setdefault((config.press, config.policy, config.allocation), []).append(i)
         self.order = [i for rows in by_press.values() for i in rows]
         self.configs = [configs[i] for i in self.order]
         self.reference = next((r for r, c in enumerate(self.configs) if c.is_baseline), None) if agreement else None
@@ -131,7 +138,7 @@ class DocumentLayout:
         self.groups: list[RowGroup] = []
         head_shape = (self.n_layers, cfg.num_attention_heads, self.n_kv_heads)
         first = 0
-        for (press, policy), rows in by_press.items():
+        for (press, policy, allocation), rows in by_press.items():
             taus = torch.tensor([configs[i].engine_threshold for i in rows], device=device)
             ratios = torch.tensor([configs[i].ratio or 0.0 for i in rows], device=device, dtype=torch.float64)
             budgets = [configs[i].budget for i in rows]
@@ -145,6 +152,8 @@ class DocumentLayout:
                     keep_fraction=(1.0 - ratios),
                     budgets=torch.tensor([unbounded if b is None else b for b in budgets], device=device),
                     windows=HeadWindows.of(press, settings.window, head_shape, n, device),
+                    allocation=allocation,
+                    shares=head_shares(allocation, self.n_layers, self.n_kv_heads, device),
                 )
             )
             if policy in RANKED_POLICIES and not self.groups[-1].windows.uniform:
@@ -210,12 +219,13 @@ class DocumentLayout:
         """A config's columns that every one of its rows repeats (formatted once, not per chunk)."""
         return {
             "config": config.label,
-            "press": config.press.label(),
+            "press": config.sweep,
             "method_params": config.press.params_json(),
             "threshold": config.threshold,
             "policy": config.policy,
             "ratio": config.ratio,
             "budget": config.budget,
+            "allocation": config.allocation.label,
             "window": group.windows.mean,
             "n_sink": config.press.n_sink,
             "protected_window": config.press.protected_window,

@@ -16,8 +16,15 @@ from typing import Any
 import torch
 
 from workers.engine import cache
+from workers.engine.allocation import head_limits
 from workers.engine.chunk_plan import ChunkBounds, GroupPlan, StepPlan
-from workers.engine.decisions import decide_by_budget, decide_by_threshold, keep_limit, leaving_window
+from workers.engine.decisions import (
+    decide_by_budget,
+    decide_by_layer_budget,
+    decide_by_threshold,
+    keep_limit,
+    leaving_window,
+)
 from workers.modeling import attention
 from workers.modeling.attention import AttentionVariant
 from workers.presses import LayerContext
@@ -89,7 +96,14 @@ class GroupScoring:
             if not rank:
                 return
             limit = keep_limit(group.keep_fraction, group.budgets, bounds.end)
-            decide_by_budget(keep, scores, bounds.positions, bounds.end, narrowest, limit, plan.n_sink)
+            args = (keep, scores, bounds.positions, bounds.end, narrowest)
+            if group.allocation.kind == "adakv":
+                decide_by_layer_budget(*args, limit, plan.n_sink, group.allocation.alpha_safeguard)
+                return
+            floor = plan.n_sink + narrowest  # the keys a head always keeps (ranked: one window)
+            layer = self.inputs["layer"]
+            limit = head_limits(group.allocation, group.shares, limit, bounds.end, floor, layer, len(plan.widest))
+            decide_by_budget(*args, limit, plan.n_sink)
         else:
             leaving = self._leaving(narrowest, widest, protected)
             decide_by_threshold(keep, scores, leaving, group.thresholds, self._sinks(plan.n_sink))
