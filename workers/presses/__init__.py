@@ -15,12 +15,16 @@ from workers.presses.registry import REGISTRY, parse_method, register  # isort: 
 from workers.contract.defaults import ALL_METHODS
 from workers.presses.base import LayerContext, Press, StateShape
 from workers.presses.baseline import BaselinePress
+from workers.presses.compactor import CompactorPress
 from workers.presses.expected_attention import ExpectedAttentionPress
 from workers.presses.h2o import H2OPress
 from workers.presses.head_aware import HeadAwarePress
+from workers.presses.keydiff import KeyDiffPress
 from workers.presses.knorm import KnormPress
 from workers.presses.kvpress_adapter import KVPressAdapter
 from workers.presses.kvzap import KVzapPress
+from workers.presses.lagkv import LagKVPress
+from workers.presses.leverage import LeverageScorePress
 from workers.presses.observed_attention import ObservedAttentionPress
 from workers.presses.random import RandomPress
 from workers.presses.snapkv import SnapKVPress
@@ -36,13 +40,17 @@ __all__ = [
     "ALL_METHODS",
     "REGISTRY",
     "BaselinePress",
+    "CompactorPress",
     "ExpectedAttentionPress",
     "H2OPress",
     "HeadAwarePress",
     "KVPressAdapter",
     "KVzapPress",
+    "KeyDiffPress",
     "KnormPress",
+    "LagKVPress",
     "LayerContext",
+    "LeverageScorePress",
     "ObservedAttentionPress",
     "Press",
     "RandomPress",

@@ -1,0 +1,146 @@
+"""The leaderboard's presses (issue 37) against independent computations: numpy, one key at a
+time, from the papers' definitions (kvpress's conventions where the docstring says so).
+
+Each press scores a LayerContext built from Python bounds (tests.helpers.layer_context); the
+reference never calls kvorch's code. kvpress's own implementations: tests_kvpress/test_kvpress_leaderboard.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import layer_context, tiny_llama
+from workers.modeling.rope import LayerRotary, rotate_half
+from workers.presses import parse_method
+
+B, HKV, H, D = 2, 2, 4, 8
+
+
+def random_tensors(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(B, HKV, n, D, generator=g) + 0.5 * torch.randn(B, HKV, 1, D, generator=g)
+    values = torch.randn(B, HKV, n, D, generator=g)
+    queries = torch.randn(B, H, n, D, generator=g)
+    return keys, values, queries
+
+
+def test_keydiff_is_minus_the_cosine_to_the_mean_unit_key():
+    """Rescoring from position 40 of 100: the anchor is over every key before the end, evicted
+    ones (zeros) adding nothing."""
+    keys, values, queries = random_tensors(100)
+    keys[:, :, 10:20] = 0  # evicted: read as zeros
+    ctx = layer_context(60, 100, 40, keys, values, queries[:, :, 60:])
+    scores = parse_method("keydiff").score(ctx, None).numpy()
+    k = keys.double().numpy()
+    for b in range(B):
+        for h in range(HKV):
+            held = [k[b, h, i] for i in range(100) if np.linalg.norm(k[b, h, i]) > 0]
+            anchor = np.mean([x / np.linalg.norm(x) for x in held], axis=0)
+            for j, pos in enumerate(range(40, 100)):
+                x = k[b, h, pos]
+                expected = -x @ anchor / (np.linalg.norm(x) * np.linalg.norm(anchor))
+                assert scores[b, h, j] == pytest.approx(expected, abs=1e-5)
+
+
+def naive_lagkv(k: np.ndarray, v: np.ndarray, end: int, n_sink: int, lag: int) -> np.ndarray:
+    """[end] scores of one head: rank inside the partition / lag of the mean of the key and value
+    spreads softmaxed over the partition; +inf without a complete reference."""
+    out = np.full(end, np.inf)
+    p = 0
+    while n_sink + (p + 2) * lag <= end:
+        part = range(n_sink + p * lag, n_sink + (p + 1) * lag)
+        total = np.zeros(lag)
+        for x in (k, v):
+            ref = x[n_sink + (p + 1) * lag : n_sink + (p + 2) * lag]
+            lo, hi = ref.min(axis=0), ref.max(axis=0)
+            spread = np.array([((x[i] - lo) / (hi - lo)).std(ddof=1) for i in part])
+            total += np.exp(spread) / np.exp(spread).sum() / 2
+        for rank, i in enumerate(np.argsort(total, kind="stable")):
+            out[part[i]] = rank / lag
+        p += 1
+    return out
+
+
+@pytest.mark.parametrize(("end", "lag"), [(100, 16), (70, 32), (40, 32)])
+def test_lagkv_ranks_each_partition_against_the_next(end, lag):
+    keys, values, queries = random_tensors(end, seed=1)
+    ctx = layer_context(end - 20, end, 0, keys, values, queries[:, :, end - 20 :])
+    scores = parse_method(f"lagkv:lag_size={lag}").score(ctx, None).double().numpy()
+    for b in range(B):
+        for h in range(HKV):
+            expected = naive_lagkv(keys[b, h].double().numpy(), values[b, h].double().numpy(), end, 4, lag)
+            np.testing.assert_allclose(scores[b, h], expected, rtol=0, atol=1e-9)
+
+
+def rope_context(n_chunk: int, start: int, pad: int = 0, seed: int = 2):
+    """A chunk [start, start + n_chunk) (+ ``pad`` rows past the end, as a padded last chunk) of
+    keys rotated by a real model's RoPE, and the pre-RoPE keys the reference reads."""
+    rotary = tiny_llama().model.rotary_emb
+
+    def cos_sin(positions):
+        cos, sin = rotary(torch.zeros(1), positions[None])
+        return cos[0], sin[0]
+
+    end = start + n_chunk
+    prerope, values, queries = random_tensors(end + pad, seed)
+    cos, sin = cos_sin(torch.arange(end + pad))
+    keys = prerope * cos + rotate_half(prerope) * sin
+    ctx = layer_context(start, end, start, keys[:, :, :end], values[:, :, :end], queries[:, :, start : end + pad])
+    ctx.query_positions = torch.arange(start, end + pad)
+    ctx.new_keys, ctx.new_values = keys[:, :, start : end + pad], values[:, :, start : end + pad]
+    ctx.scored = ctx.query_positions
+    ctx.rotary = LayerRotary(cos_sin, rotate_half)
+    return ctx, prerope.double().numpy(), values.double().numpy(), queries.double().numpy()
+
+
+def naive_leverage(x: np.ndarray) -> np.ndarray:
+    """diag(X (X^T X)^-1 X^T) of the keys x [n, D] centred."""
+    x = x - x.mean(axis=0)
+    return np.einsum("nd,de,ne->n", x, np.linalg.inv(x.T @ x), x)
+
+
+def z_scored(per_head: np.ndarray) -> np.ndarray:
+    return (per_head - per_head.mean()) / per_head.std(ddof=1)
+
+
+@pytest.mark.parametrize("pad", [0, 5])
+def test_leverage_is_the_z_scored_exact_leverage_of_the_chunks_prerope_keys(pad):
+    ctx, prerope, _, _ = rope_context(40, 60, pad)
+    scores = parse_method("leverage").score(ctx, None).double().numpy()[..., :40]
+    for b in range(B):
+        expected = z_scored(np.stack([naive_leverage(prerope[b, h, 60:100]) for h in range(HKV)]))
+        np.testing.assert_allclose(scores[b], expected, rtol=1e-4, atol=1e-4)
+
+
+def naive_compactor(prerope, values, queries, keys, inner: range, blending: float) -> np.ndarray:
+    """[Hkv, len(inner)]: blending x z(leverage) + z(pooled non-causal attention x ||v||)."""
+    lev = z_scored(np.stack([naive_leverage(prerope[h, inner]) for h in range(HKV)]))
+    attn = np.zeros((HKV, len(inner)))
+    for h in range(H):
+        kv = h // (H // HKV)
+        logits = queries[h, inner] @ keys[kv, inner].T  # no 1/sqrt(d), as kvpress
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        attn[kv] += (probs / probs.sum(axis=1, keepdims=True)).sum(axis=0) / (H // HKV)
+    attn *= np.linalg.norm(values[:, inner], axis=-1)
+    padded = np.pad(attn, ((0, 0), (1, 1)))
+    pooled = (padded[:, :-2] + padded[:, 1:-1] + padded[:, 2:]) / 3
+    return blending * lev + z_scored(pooled)
+
+
+@pytest.mark.parametrize(("start", "end_keep"), [(0, 4), (40, 0)])
+def test_compactor_blends_leverage_and_non_causal_attention(start, end_keep):
+    """A first chunk (the first 8 positions are sinks) and a later one; the last ``end_keep``."""
+    ctx, prerope, values, queries = rope_context(40, start, seed=3)
+    press = parse_method(f"compactor:sink_size_end={end_keep},blending=0.6")
+    scores = press.score(ctx, None).double().numpy()
+    keys = ctx.new_keys.double().numpy()
+    first = max(8 - start, 0)
+    inner = range(first, 40 - end_keep)
+    for b in range(B):
+        local = naive_compactor(
+            prerope[b, :, start:], values[b, :, start:], queries[b, :, start:], keys[b], inner, blending=0.6
+        )
+        np.testing.assert_allclose(scores[b][:, first : 40 - end_keep], local, rtol=1e-4, atol=1e-4)
+        assert np.isinf(scores[b][:, :first]).all() and np.isinf(scores[b][:, 40 - end_keep :]).all()

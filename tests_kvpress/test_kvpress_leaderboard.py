@@ -1,0 +1,119 @@
+"""The leaderboard's native presses (issue 37) against kvpress's own implementations, on one
+prefill, as tests_kvpress/test_kvpress_agreement.py does for the original ones.
+
+kvorch runs one chunk covering the document (a first chunk: no convention differs) with the DMS
+window over all of it, so nothing is decided and every key holds the score of that one call;
+kvpress's scores are captured from its hooks on a plain eager forward of a separate copy of the
+tiny model. Over the positions both score for real, the ranks must agree (Spearman 1.000, to
+three decimals) and, where the two compute the same numbers, the values too.
+"""
+
+from __future__ import annotations
+
+import kvpress
+import pytest
+import torch
+from transformers import DynamicCache
+
+from tests.helpers import tiny_llama
+from workers.contract.configs import EvalConfig
+from workers.contract.settings import EngineSettings
+from workers.engine.core import Engine
+from workers.presses import parse_method
+
+N = 192
+
+
+@pytest.fixture(scope="module")
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 97, (N,), generator=torch.Generator().manual_seed(17))
+
+
+def kvorch_scores(method: str, tokens: torch.Tensor) -> torch.Tensor:
+    """[layers, kv-heads, N]: the scores of one chunk covering the document."""
+    _, scores = Engine(tiny_llama(), EngineSettings(chunk_size=N, window=N)).inspect(
+        "d", tokens, [EvalConfig(parse_method(method), 0.0)]
+    )
+    return scores.scores[0].double()
+
+
+def kvpress_scores(press: kvpress.ScorerPress, tokens: torch.Tensor) -> torch.Tensor:
+    """[layers, kv-heads, N]: what ``press.score`` returned in each layer's hook of one prefill."""
+    model = tiny_llama()
+    model.set_attn_implementation("eager")
+    captured = []
+    score = press.score
+
+    def recording(*args):
+        result = score(*args)
+        captured.append(result[0].double())
+        return result
+
+    object.__setattr__(press, "score", recording)  # a fresh instance per call
+    with press(model), torch.no_grad():
+        model(tokens[None], past_key_values=DynamicCache(config=model.config))
+    assert len(captured) == model.config.num_hidden_layers
+    return torch.stack(captured)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra = a.argsort().argsort().double()
+    rb = b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def assert_same_ranks(ours: torch.Tensor, theirs: torch.Tensor, lo: int, hi: int) -> None:
+    assert ours.shape == theirs.shape
+    assert torch.isfinite(ours[..., lo:hi]).all()
+    rho = [[spearman(o[lo:hi], t[lo:hi]) for o, t in zip(ol, tl)] for ol, tl in zip(ours, theirs)]
+    assert min(min(layer) for layer in rho) >= 0.9995, f"Spearman per [layer][kv-head] {rho}"
+
+
+def test_keydiff_is_kvpress_keydiff(tokens):
+    ours, theirs = kvorch_scores("keydiff", tokens), kvpress_scores(kvpress.KeyDiffPress(0.5), tokens)
+    assert_same_ranks(ours, theirs, 0, N)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_lagkv_ranks_each_partition_as_kvpress_does(tokens):
+    """lag 32 after 4 sinks: partitions [4, 36), ..., [100, 132) have a complete reference;
+    kvpress keeps the sinks and the tail [132, N) with score 1, kvorch with +inf."""
+    ours = kvorch_scores("lagkv:lag_size=32", tokens)
+    theirs = kvpress_scores(kvpress.LagKVPress(0.5, n_sink=4, lag_size=32), tokens)
+    assert torch.equal(ours[..., 4:132], theirs[..., 4:132])  # rank / lag_size: exactly the same
+    assert torch.isinf(ours[..., :4]).all() and torch.isinf(ours[..., 132:]).all()
+    assert (theirs[..., :4] == 1).all() and (theirs[..., 132:] == 1).all()
+
+
+@pytest.fixture
+def exact_cholesky(monkeypatch):
+    """kvpress's Cholesky with its jitter (0.01 x I, not negligible against the Gram matrix of
+    the tiny model's small keys) switched off: with a sketch of head_dim (8) columns the Gram
+    matrix is full rank and kvpress's leverage is then the exact one kvorch computes."""
+    factor = kvpress.LeverageScorePress.chol_with_jitter
+    monkeypatch.setattr(
+        kvpress.LeverageScorePress, "chol_with_jitter", staticmethod(lambda g, jitter, max_tries: factor(g, 0.0, 1))
+    )
+
+
+def test_leverage_ranks_keys_as_kvpress_does(tokens, exact_cholesky):
+    torch.manual_seed(0)
+    ours = kvorch_scores("leverage", tokens)
+    theirs = kvpress_scores(kvpress.LeverageScorePress(0.5, sketch_dimension=8), tokens)
+    assert_same_ranks(ours, theirs, 0, N)
+    # values: the float32 rounding of kvpress's random sketch (measured up to 0.0075 on z-scores)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-2)
+
+
+def test_compactor_ranks_keys_as_kvpress_does(tokens, exact_cholesky):
+    """kvpress's non-causal attention tiles of chunk_size = the scored span (N - 8 - 4), one tile
+    as kvorch's one chunk; blending given on both sides."""
+    torch.manual_seed(0)
+    ours = kvorch_scores("compactor:sink_size_end=4,blending=0.5", tokens)
+    theirs = kvpress_scores(
+        kvpress.CompactorPress(0.5, sink_size_end=4, chunk_size=N - 12, sketch_dimension=8, blending=0.5), tokens
+    )
+    assert_same_ranks(ours, theirs, 8, N - 4)
+    assert torch.isinf(ours[..., :8]).all() and torch.isinf(ours[..., N - 4 :]).all()
+    torch.testing.assert_close(ours[..., 8 : N - 4], theirs[..., 8 : N - 4], rtol=0, atol=1e-3)  # measured 1.1e-4
