@@ -221,6 +221,19 @@ def test_allocations_are_a_sweep_dimension_of_the_ranked_policies():
     assert [c.label for c in spec.configs] == ["baseline", "knorm@budget=256+pyramidkv:beta=4"]
     assert spec.to_json()["allocations"] == ["pyramidkv:beta=4"]
     assert "allocations" not in JobSpec(methods=("knorm",)).to_json()  # old runs keep their fingerprint
+    assert "allocation" not in JobSpec(methods=("knorm",), policy="ratio", ratios=(0.5,)).to_json()["configs"][1]
+
+
+def test_a_files_shares_are_part_of_the_runs_spec(tmp_path):
+    """A table changed under the same path is another run: its shares, not only its name, are in spec.json."""
+    path = tmp_path / "mine.json"
+    specs = []
+    for shares in ([[1, 2]], [[2, 1]]):
+        path.write_text(json.dumps(shares))
+        spec = JobSpec(methods=("knorm",), policy="ratio", ratios=(0.5,), allocations=(f"file={path}",))
+        specs.append(spec.to_json()["configs"][1])
+    assert specs[0]["config"] == specs[1]["config"] == "knorm@ratio=0.5+file=mine"
+    assert specs[0]["shares"] == ((1.0, 2.0),) and specs[0] != specs[1]
 
 
 @pytest.mark.parametrize(

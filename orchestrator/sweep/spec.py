@@ -194,10 +194,19 @@ class JobSpec:
                 "threshold": _json_float(c.threshold),
                 "ratio": c.ratio,
                 "budget": c.budget,
+                **_allocation_json(c.allocation),
             }
             for c in self.configs
         ]
         return out
+
+
+def _allocation_json(allocation: Allocation) -> dict:
+    """A config's allocation in spec.json: nothing when uniform (older runs keep their
+    fingerprint), a file's shares themselves (a file changed under the same name is another run)."""
+    if allocation.uniform:
+        return {}
+    return {"allocation": allocation.label, **({"shares": allocation.shares} if allocation.kind == "file" else {})}
 
 
 def build_configs(
