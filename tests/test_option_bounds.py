@@ -69,3 +69,23 @@ def test_a_compile_cache_that_cannot_be_a_directory_is_one_line_before_the_model
     assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
     assert f"--compile-cache {cache}: {tmp_path / 'cache'} is a file, not a directory" in result.output
     assert not (tmp_path / "lake").exists()
+
+
+def test_a_sql_result_larger_than_the_memory_limit_is_one_line_and_not_printed(tmp_path):
+    """Issue 38, 10: SELECT repeat('x', 400000000) under --memory-limit 200MB was fetched and printed
+    (2.9 GB): DuckDB's limit bounds what it holds, not the result handed to Python."""
+    from orchestrator.lake.store import Lake
+
+    lake = Lake(str(tmp_path / "lake"))
+    lake.write_spec("r1", {"model": "m"})
+
+    def sql(query: str):
+        return CliRunner().invoke(main, ["sql", "--lake", lake.uri, "--memory-limit", "10MB", query])
+
+    big = sql("SELECT repeat('x', 20000000)")
+    assert big.exit_code == 1 and big.output.count("\n") == 1 and len(big.output) < 300, big.output[:300]
+    assert "larger than --memory-limit 10MB" in big.output
+    many = sql("SELECT range AS i, repeat('y', 100) AS s FROM range(200000)")  # 20 MB in many small rows
+    assert "larger than --memory-limit 10MB" in many.output
+    small = sql("SELECT 41 + 1 AS answer")
+    assert small.exit_code == 0 and small.output.split() == ["answer", "------", "42"], small.output

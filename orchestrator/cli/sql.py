@@ -53,10 +53,7 @@ def command(lake: str, fmt: str, timeout: float, memory_limit: str, query: str) 
         click.echo(f"kvorch: warning: {line}", err=True)
 
     def fetch(con, query, params):
-        result = con.execute(query, params)
-        if result.description is None:
-            return None
-        return [d[0] for d in result.description], result.fetchall()
+        return readonly.fetch_bounded(con, query, params, limits)
 
     fetched = readonly.run(con, query, fetch, limits=limits)
     if fetched is not None:

@@ -225,6 +225,43 @@ def run(
         raise KvorchError(f"query failed: {_first_line(exc)}") from None
 
 
+def fetch_bounded(
+    con: duckdb.DuckDBPyConnection, query: str, params: Any, limits: Limits
+) -> tuple[list[str], list[tuple]] | None:
+    """``query``'s columns and rows (None for a statement without a result), fetched in Arrow
+    batches that together stay within the connection's memory limit: DuckDB's limit bounds
+    what it holds, not the result handed to Python, which a ``SELECT repeat('x', 400000000)``
+    under 200 MB once grew to 2.9 GB while being converted and printed. A result over the
+    limit is one line naming ``limits.memory_knob``; nothing of it is printed."""
+    budget = memory_bytes(con)
+    relation = con.sql(query, params=params)
+    if relation is None:
+        return None
+    columns = list(relation.columns)
+    reader = relation.to_arrow_reader(2048)
+    batches, held = [], 0
+    for batch in reader:
+        held += batch.nbytes
+        if held > budget:
+            raise KvorchError(
+                f"the query's result is larger than {limits.memory_knob} {limits.memory_limit}; aggregate it, "
+                f"add a LIMIT, or raise {limits.memory_knob}"
+            )
+        batches.append(batch)
+    table = pa.Table.from_batches(batches, schema=reader.schema)
+    return columns, [tuple(row.values()) for row in table.to_pylist()]
+
+
+_UNITS = {"bytes": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "pib": 1 << 50}
+
+
+def memory_bytes(con: duckdb.DuckDBPyConnection) -> int:
+    """The connection's memory limit in bytes, as DuckDB states it (``190.7 MiB``)."""
+    text = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
+    number, unit = text.split()
+    return int(float(number) * _UNITS[unit.lower()])
+
+
 class _Deadline:
     """Interrupts ``con``'s query once ``seconds`` have passed, unless it ended first."""
 
