@@ -65,3 +65,15 @@ CREATE OR REPLACE MACRO config_metrics(rid) AS TABLE
         ) / nullif(sum(n_tokens), 0) AS effective_context
     FROM run_rows(rid)
     GROUP BY method, config;
+
+-- Position buckets of by_position and traces: [0, 512), then doubling: [512, 1k), [1k, 2k), ...
+-- A row counts in the bucket of its first position (exact when the chunk size divides 512).
+CREATE OR REPLACE MACRO bucket_start(position) AS
+    CASE WHEN position < 512 THEN 0 ELSE (512 * pow(2, floor(log2(position / 512))))::BIGINT END;
+
+CREATE OR REPLACE MACRO bucket_end(start) AS CASE WHEN start = 0 THEN 512 ELSE 2 * start END;
+
+CREATE OR REPLACE MACRO bucket_label(start) AS
+    CASE WHEN start < 1024 THEN start::VARCHAR ELSE (start // 1024)::VARCHAR || 'k' END
+        || '-'
+        || CASE WHEN start = 0 THEN '512' ELSE (2 * start // 1024)::VARCHAR || 'k' END;

@@ -393,3 +393,14 @@ def test_a_worker_cuts_each_answer_at_its_first_stop_string(tiny_model_dir, smol
     )
     assert baseline["n_generated"] < 8
     assert len(got) == 2 and all(stop not in r["generated"] for r in got.values())
+
+
+def test_a_question_run_says_once_that_it_runs_uncompiled():
+    """--compile with a question task: the prompt and the answer run at exact shapes, said in one line."""
+    from orchestrator.sweep import compile_check
+
+    configs = [EvalConfig(parse_method("knorm"), -0.3)]
+    note = compile_check.eager_note(EngineSettings(CHUNK, WINDOW, compile=True), configs, answering=True)
+    assert note.startswith("question tasks run uncompiled") and "\n" not in note
+    assert compile_check.eager_note(EngineSettings(CHUNK, WINDOW, compile=False), configs, answering=True) is None
+    assert compile_check.eager_note(EngineSettings(CHUNK, WINDOW, compile=True), configs) is None

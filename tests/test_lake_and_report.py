@@ -174,3 +174,32 @@ def test_duckdb_sees_schema_version(lake):
     parts = lake.path("chunks", "*", "*", "*.parquet")
     meta = duckdb.sql(f"SELECT key, value FROM parquet_kv_metadata('{parts}')").fetchall()
     assert (b"kvorch_schema_version", str(SCHEMA_VERSION).encode()) in meta
+
+
+def test_traces_table_buckets_trace_positions_against_hand_computed_values(tmp_path):
+    """kvorch report --table traces: per config and bucket of trace positions, ΔNLL % on the same
+    tokens, mean KL and top-1 agreement per token, and kept / total keys, as computed by hand."""
+    lake = Lake(str(tmp_path / "lake"))
+    lake.write_spec("r1", {"model": "m"})
+    rows = []
+    # One trace read a token at a time: positions 0, 300 (bucket 0-512) and 600, 900 (512-1k).
+    for i, start in enumerate([0, 300, 600, 900]):
+        for method, config, nll, kl, agree, kept in [
+            ("baseline", "baseline", 1.0 + i, 0.0, 1, start),
+            ("knorm", "knorm@r0.5", 1.5 + i, 0.1 * (i + 1), i % 2, start // 2),
+        ]:
+            r = row("t", i, method, config, nll, 1, 1, start, kept, 0, 0)
+            r.update(chunk_start=start, chunk_end=start + 1, kl_sum=kl, top1_agree=agree)
+            rows.append(r)
+    lake.write_rows("r1", "t0", pa.Table.from_pylist(rows, schema=ROW_SCHEMA))
+    table = RunReport(lake, "r1").table("traces")
+    got = {(r["config"], r["bucket"]): r for r in table.records()}
+    first, second = got[("knorm@r0.5", "0-512")], got[("knorm@r0.5", "512-1k")]
+    assert (first["traces"], first["tokens"], second["tokens"]) == (1, 2, 2)
+    assert first["delta_nll_pct"] == pytest.approx(100 * (1.5 + 2.5 - 3.0) / 3.0)
+    assert second["delta_nll_pct"] == pytest.approx(100 * (3.5 + 4.5 - 7.0) / 7.0)
+    assert (first["kl"], second["kl"]) == (pytest.approx(0.15), pytest.approx(0.35))
+    assert (first["top1_agreement"], second["top1_agreement"]) == (0.5, 0.5)
+    assert first["density"] == pytest.approx((0 + 150) / (0 + 300))
+    assert second["density"] == pytest.approx((300 + 450) / (600 + 900))
+    assert got[("baseline", "512-1k")]["delta_nll_pct"] == 0 and got[("baseline", "512-1k")]["density"] == 1

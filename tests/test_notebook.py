@@ -358,7 +358,9 @@ def test_table_all_and_index_html_show_only_tables_with_content(tmp_path):
         "== compare ==", "== paired ==", "== by_position ==", "== pareto ==", "== throughput ==",
     ]  # fmt: skip
     left = [line for line in result.stderr.splitlines() if line.startswith("kvorch: left out ")]
-    assert [line.split(":")[1].split()[-1] for line in left] == ["frontier", "head_ablation", "retrieval", "answers"]
+    assert [line.split(":")[1].split()[-1] for line in left] == [
+        "frontier", "head_ablation", "retrieval", "answers", "traces",
+    ]  # fmt: skip
     assert "each method has one threshold; pass --thresholds or --densities" in left[0]
     page = (tmp_path / "p" / "index.html").read_text()
     headings = [part.split("</h2>")[0] for part in page.split("<h2>")[1:]]

@@ -52,8 +52,11 @@ def resolve_compile(settings: EngineSettings, requested: str, device: str) -> En
     return dataclasses.replace(settings, compile=False)
 
 
-def eager_note(settings: EngineSettings, configs: list[EvalConfig]) -> str | None:
-    """One line naming the presses that keep batches off the compiled chunk step."""
+def eager_note(settings: EngineSettings, configs: list[EvalConfig], answering: bool = False) -> str | None:
+    """One line naming what keeps batches off the compiled chunk step: presses that cannot be
+    traced, or a question task (``answering``), whose prompt and answer run at exact shapes."""
+    if answering and settings.compile:
+        return "question tasks run uncompiled (the prompt and each generated token at exact shapes): --compile unused"
     eager = sorted({c.press.label() for c in configs if not c.press.traceable})
     if not eager:
         return None

@@ -265,7 +265,8 @@ def _resolve(inputs: _Inputs, pool: actors.PoolPlan, wait_s: float) -> tuple[Res
             f"pass --dtype {earlier.dtype} to resume it"
         )
     engine = compile_check.resolve_compile(spec.engine_for(pool.device), spec.compile, pool.device)
-    note = compile_check.eager_note(engine, list(spec.configs))
+    answering = any(d.question is not None for d in inputs.docs)
+    note = compile_check.eager_note(engine, list(spec.configs), answering)
     if note:
         print(f"kvorch: {note}", file=sys.stderr)
     if earlier:
