@@ -291,3 +291,21 @@ def test_a_run_whose_lock_a_live_driver_holds_shows_as_running(two_runs):
         sleeper.kill()
         sleeper.wait()
     assert "interrupted (driver gone)" in cli("status", "--lake", two_runs.uri, "--run", "r2").output
+
+
+# --- 11. a .gguf cut short ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kept", [100, 1_000_000])
+def test_a_gguf_cut_short_is_one_line(tmp_path, kept):
+    from workers.contract.models import EMBEDDED_MODEL, resolve_model
+
+    whole = Path(resolve_model(EMBEDDED_MODEL).location)
+    whole = whole / resolve_model(EMBEDDED_MODEL).gguf_file if whole.is_dir() else whole
+    cut = tmp_path / "model.gguf"
+    with open(whole, "rb") as src:
+        cut.write_bytes(src.read(kept))
+    result = cli("submit", "--model", str(cut), "--lake", str(tmp_path / "lake"))
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert f"--model {cut}: transformers could not load a tokenizer" in result.output
+    assert "pass a complete .gguf" in result.output and not (tmp_path / "lake").exists()

@@ -5,6 +5,7 @@ the defaults never touch the network."""
 from __future__ import annotations
 
 import importlib.util
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -81,14 +82,15 @@ def load_tokenizer(model: str):
     source = resolve_model(model)
     try:
         return AutoTokenizer.from_pretrained(source.location, **source.from_pretrained_args())
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, struct.error, EOFError, IndexError) as exc:
+        # struct.error, EOFError, IndexError: transformers' GGUF reader on a file cut short.
         if Path(source.location).is_dir() and not source.gguf_file:
             fix = (
                 "a model directory needs its tokenizer files next to config.json (tokenizer.json, or "
                 "tokenizer_config.json and its vocabulary); copy them from the model it was saved from"
             )
         elif source.gguf_file:
-            fix = "the GGUF file must carry its tokenizer; pass a complete .gguf"
+            fix = "the GGUF file must carry its tokenizer; pass a complete .gguf (a copy cut short reads so)"
         else:
             fix = "check the hub id and the network (or HF_HUB_OFFLINE and the cache), or pass a local model directory"
         cause = first_line(exc)  # a line that ends in ":" only introduces transformers' list of reasons
