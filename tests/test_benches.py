@@ -166,3 +166,11 @@ def test_generation_cost_puts_both_protocols_next_to_the_per_config_generate_loo
     assert [row[0] for row in rows.values()] == [1, 10, 10]
     for _configs, seconds, prefill, decode, ratio in rows.values():
         assert seconds > 0 and 0 <= prefill <= seconds and decode >= 0 and ratio > 0 and math.isfinite(ratio)
+
+
+def test_decode_step_prints_one_row_per_batch_size():
+    out = run_bench("decode_step.py", "--layers", "1", "--tokens", "64", "--question", "4", "--new", "3",
+                    "--configs", "1,2", "--repeat", "1", "--chunk", "32", "--window", "8")  # fmt: skip
+    rows = [line for line in out.splitlines() if re.match(r" +\d+ +\d", line)]
+    assert [int(numbers(r)[0]) for r in rows] == [1, 2]
+    assert numbers(rows[0])[-1] == 1.0 and all(math.isfinite(x) and x >= 0 for r in rows for x in numbers(r))
