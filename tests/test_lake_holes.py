@@ -309,3 +309,35 @@ def test_a_gguf_cut_short_is_one_line(tmp_path, kept):
     assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
     assert f"--model {cut}: transformers could not load a tokenizer" in result.output
     assert "pass a complete .gguf" in result.output and not (tmp_path / "lake").exists()
+
+
+# --- 15. SIGTERM while the embedded Ray starts ----------------------------------------------
+
+SIGTERM_DURING_RAY_START = """
+import os, signal, sys, time
+from orchestrator.pool import actors
+
+def start_ray(*args, **kwargs):  # Ray's start, and a scheduler's SIGTERM in the middle of it
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+    raise AssertionError("SIGTERM was not delivered")
+
+actors.start_ray = start_ray
+from orchestrator.cli import main
+sys.argv = ["kvorch", "submit", "--lake", sys.argv[1], "--max-docs", "1", "--methods", "baseline", "--chunk-size", "8"]
+main()
+"""
+
+
+@pytest.mark.slow  # runs kvorch submit in a subprocess (it loads the embedded tokenizer)
+def test_sigterm_while_ray_starts_exits_143_with_the_resume_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGTERM_DURING_RAY_START, str(tmp_path / "lake")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 143, (proc.returncode, proc.stderr[-2000:])
+    assert "kvorch: SIGTERM; finished parts are kept, run the same command again to resume" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,12 @@ def submit(
     if run_id is not None:
         check_run_id(run_id, "--resume" if resume else "--run-id")
     inputs = _prepare(spec, lake, run_id, resume, started)
+    if show_progress:  # after every check of the input, so that an error stays one line
+        what = f"probes of --task {spec.task}" if spec.task else f"documents of corpus {spec.corpus}"
+        print(
+            f"kvorch: {len(inputs.docs)} {what} read, tokenized and checked in {time.perf_counter() - started:.1f} s",
+            file=sys.stderr,
+        )
     already = _what_exists(inputs)
     if already is not None:
         return already
@@ -86,14 +93,18 @@ def submit(
         actor_timeout=actor_timeout,
     )
     with RunLock(lake, inputs.run_id):
-        started_ray = actors.start_ray(address, f"kvorch-{inputs.run_id}", connect_timeout)
-        options = dataclasses.replace(options, fixed_cluster=started_ray)
-        # After Ray starts: its core worker installs a SIGTERM handler of its own, which ours replaces.
+        started_ray, ray_before = False, ray.is_initialized()
         try:
+            # SIGTERM while Ray starts is an interrupt too (exit 143, the resume line), not a silent 15.
+            with interrupts_as_exceptions():
+                started_ray = actors.start_ray(address, f"kvorch-{inputs.run_id}", connect_timeout)
+            options = dataclasses.replace(options, fixed_cluster=started_ray)
+            # Again after Ray starts: its core worker installs a SIGTERM handler of its own, which ours replaces.
             with interrupts_as_exceptions():
                 return _run(inputs, options)
         finally:
-            if started_ray:
+            # A Ray this call started, also one whose start an interrupt cut short.
+            if started_ray or (address is None and not ray_before and ray.is_initialized()):
                 ray.shutdown()
 
 
@@ -217,8 +228,12 @@ def _run(inputs: _Inputs, options: _PoolOptions) -> JobResult:
         spec.model, resolved.dtype, pool.device, pool.threads, engine, spec.compile_cache, generation
     )
     with actors.WorkerPool(pool, EvalWorker, (settings,), options.actor_timeout) as workers:
+        shown = options.show_progress
+        with _phase(f"loading {spec.model} on {pool.n_actors} {pool.device} actor(s)", shown):
+            workers.first_ready()
         # Still nothing written: a config that cannot run on this model stops the job here.
-        workers.preflight(list(spec.configs))
+        with _phase(f"preflight: {len(spec.configs)} configs, each alone on a 16-token document", shown):
+            workers.preflight(list(spec.configs))
         # Calibration is deterministic for a given spec, documents and dtype: a resumed run redoes
         # it and gets the thresholds, hence the tasks, of its first attempt.
         calibrated = calibration.run(spec, inputs.held_out, workers, resolved.batch_configs) if spec.densities else []
@@ -250,6 +265,19 @@ def _run(inputs: _Inputs, options: _PoolOptions) -> JobResult:
         seconds=time.perf_counter() - inputs.started,
         config_failures=incomplete.merged(attempt.kept, result.config_failures),
     )
+
+
+@contextlib.contextmanager
+def _phase(what: str, shown: bool) -> Iterator[None]:
+    """With the progress bar (``--progress``), one stderr line when a slow start phase begins
+    and its seconds when it ends: between Ray's dashboard line and the first progress line,
+    35-135 s once passed without a word. A phase that fails ends with its error instead."""
+    if shown:
+        print(f"kvorch: {what} ...", file=sys.stderr, flush=True)
+    began = time.perf_counter()
+    yield
+    if shown:
+        print(f"kvorch: {what.split(':')[0]}: done in {time.perf_counter() - began:.1f} s", file=sys.stderr)
 
 
 def _resolve(inputs: _Inputs, pool: actors.PoolPlan, wait_s: float) -> tuple[Resolved, EngineSettings]:
