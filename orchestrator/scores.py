@@ -84,12 +84,13 @@ def draw_heatmaps(doc_id: str, dump: DocumentScores, out_dir: Path) -> list[Path
         ranks = scores.argsort(dim=-1).argsort(dim=-1).float() / max(1, scores.shape[-1] - 1)
         evicted = (~dump.kept[i]).float().mean(dim=1)  # share of kv-heads that evicted the key
         fig, ax = plt.subplots(figsize=(12, 4 + 0.05 * scores.shape[0]))
-        ax.imshow(ranks.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        image = ax.imshow(ranks.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
         overlay = np.ma.masked_where(evicted.numpy() == 0, evicted.numpy())
         ax.imshow(overlay, aspect="auto", cmap=ListedColormap(["#d62728"]), alpha=0.6, interpolation="nearest")
         ax.set_xlabel("position in document (token)")
         ax.set_ylabel("layer")
         ax.set_title(f"{config} on {doc_id}: score rank within layer (yellow = keep first); red = evicted")
+        fig.colorbar(image, ax=ax, label="score rank within layer (0 lowest, 1 highest)", pad=0.01)
         fig.tight_layout()
         path = out_dir / f"scores-{_safe(config)}.png"
         fig.savefig(path, dpi=100)

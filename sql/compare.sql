@@ -3,7 +3,9 @@
 -- config evaluated on fewer chunks is neither flattered nor punished by which chunks it saw;
 -- the three densities of docs/DESIGN.md, "Density"; agreement with the uncompressed model (KL,
 -- top-1, top-5; null for runs without it); effective context = mean visible keys per query and
--- (layer, kv-head).
+-- (layer, kv-head). Rows go from the densest to the sparsest by density_compressible, the
+-- density to compare methods on (a method's own protected window, such as H2O's 512 keys, makes
+-- the other two densities flatter it); baseline first, the structural controls last.
 SELECT
     method,
     config,
@@ -21,4 +23,4 @@ SELECT
     density_compressible,
     effective_context
 FROM config_metrics($run_id)
-ORDER BY density_with_window DESC NULLS FIRST, config;
+ORDER BY density_compressible DESC NULLS FIRST, config;

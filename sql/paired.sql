@@ -6,7 +6,9 @@
 -- than the reference config's ($reference) on the same document.
 -- The agreement with the uncompressed model gets the same treatment: each document's mean
 -- per-token KL and top-1 agreement, then their mean over documents with a 95 % t interval
--- (null for runs recorded without agreement).
+-- (null for runs recorded without agreement). A KL is never below 0 and an agreement never
+-- outside [0, 1], so their intervals are clipped there (with few documents the t interval
+-- would reach past them).
 WITH per_doc AS (
     SELECT
         method,
@@ -61,11 +63,13 @@ SELECT
     s.losses,
     s.ties,
     s.mean_kl,
-    s.mean_kl - q.t * s.kl_stderr AS kl_ci95_low,
+    CASE WHEN s.mean_kl - q.t * s.kl_stderr < 0 THEN 0 ELSE s.mean_kl - q.t * s.kl_stderr END AS kl_ci95_low,
     s.mean_kl + q.t * s.kl_stderr AS kl_ci95_high,
     s.mean_top1_agreement,
-    s.mean_top1_agreement - q.t * s.top1_stderr AS top1_ci95_low,
-    s.mean_top1_agreement + q.t * s.top1_stderr AS top1_ci95_high
+    CASE WHEN s.mean_top1_agreement - q.t * s.top1_stderr < 0 THEN 0
+        ELSE s.mean_top1_agreement - q.t * s.top1_stderr END AS top1_ci95_low,
+    CASE WHEN s.mean_top1_agreement + q.t * s.top1_stderr > 1 THEN 1
+        ELSE s.mean_top1_agreement + q.t * s.top1_stderr END AS top1_ci95_high
 FROM stats s
 LEFT JOIN (
     SELECT

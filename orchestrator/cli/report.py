@@ -108,6 +108,6 @@ def command(
     if plot_dir is not None:
         from orchestrator.reports.plots import PLOTTED_TABLES, write_plots
 
-        plotted = {n: report.table(n, targets) for n in ("compare", *PLOTTED_TABLES)}
+        plotted = {n: report.table(n, targets, reference) for n in ("compare", *PLOTTED_TABLES)}
         written = write_plots(plot_dir, report.run_id, plotted, targets if densities_given else None)
         click.echo(f"plots: {', '.join(str(p) for p in written)}", err=True)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import click
 import duckdb
 
-from orchestrator.cli.options import format_option, lake_option
+from orchestrator.cli.options import format_option, lake_option, table_width, wide_option
 from orchestrator.errors import KvorchError
 from orchestrator.lake.queries import connect, run_named
 from orchestrator.lake.store import Lake
 from orchestrator.reports.formatting import render
-from orchestrator.reports.tables import run_kind
+from orchestrator.reports.tables import Table, render_tables, run_kind
 from workers.contract.tokenization import difference
 
 
@@ -25,8 +25,9 @@ from workers.contract.tokenization import difference
     metavar="RUN_A RUN_B",
     help="Diff the comparison tables of two runs, matched by config (b - a) (default: list the runs).",
 )
+@wide_option
 @format_option
-def command(lake: str, pair: tuple[str, str] | None, fmt: str) -> None:
+def command(lake: str, pair: tuple[str, str] | None, wide: bool, fmt: str) -> None:
     """List the runs of a lake with date, model, methods and status, or compare two of them."""
     target = Lake(lake)
     con = connect(target)
@@ -47,9 +48,11 @@ def command(lake: str, pair: tuple[str, str] | None, fmt: str) -> None:
     if not pair:  # what each run evaluated: a corpus or a probe task (spec.json)
         columns.insert(1, "kind")
         rows = [(row[0], run_kind(target.read_spec(row[0]) or {}), *row[1:]) for row in rows]
-    click.echo(render(columns, rows, fmt))
-    if pair:
+    if pair:  # fitted to the terminal as kvorch report is (--wide: every column)
+        click.echo(render_tables([Table(name, columns, rows)], fmt, table_width(wide)))
         _note_tokenization(target, *pair)
+    else:
+        click.echo(render(columns, rows, fmt))
 
 
 def _note_tokenization(lake: Lake, run_a: str, run_b: str) -> None:

@@ -204,7 +204,7 @@ def _frontier_figure(run_id: str, pareto: Table, configs: list[str], densities: 
 def _kl_figure(run_id: str, pareto: Table, paired: Table, configs: list[str]):
     """Density vs KL(baseline || config): each sweep a line, each config's per-document mean KL
     with its 95 % t interval as an error bar, as the paired table computes it (with few
-    documents an interval can reach below 0, where no KL can be: it is drawn so, not clipped)."""
+    documents the t interval would reach below 0, where no KL can be: sql/paired.sql clips it at 0)."""
     import matplotlib.pyplot as plt
 
     kl = {r["config"]: r for r in paired.records() if r["mean_kl"] is not None}
@@ -305,6 +305,8 @@ def _retrieval_figure(run_id: str, retrieval: Table):
     import matplotlib.pyplot as plt
 
     records = retrieval.records()
+    if any(r.get("probe") is not None for r in records):
+        return _probes_figure(run_id, records)
     configs = sorted({r["config"] for r in records})
     lengths = sorted({r["context_length"] for r in records})
     depths = sorted({r["depth"] for r in records}, key=lambda d: (d is None, d))
@@ -340,6 +342,28 @@ def _retrieval_figure(run_id: str, retrieval: Table):
     task = ", ".join(sorted({str(r["task"]) for r in records}))
     fig.suptitle(f"Retrieval ({task}): exact-match accuracy by depth and length, run {run_id}")
     fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy")
+    return fig
+
+
+def _probes_figure(run_id: str, records: list[dict]):
+    """Bring-your-own probes: one row per probe (its id), one column per config, each cell 1
+    when that config answered that probe exactly; a depth-by-length grid could not tell them apart."""
+    import matplotlib.pyplot as plt
+
+    configs = sorted({r["config"] for r in records})
+    probes = sorted({str(r["probe"]) for r in records})
+    cells = {(str(r["probe"]), r["config"]): r["accuracy"] for r in records}
+    grid = [[cells.get((p, c), math.nan) for c in configs] for p in probes]
+    fig, ax = plt.subplots(
+        figsize=(1.0 * len(configs) + 3.5, 0.35 * len(probes) + 2.2), dpi=110, layout="constrained"
+    )
+    image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(configs)), configs, rotation=45, ha="right", fontsize="x-small")
+    ax.set_yticks(range(len(probes)), probes, fontsize="x-small")
+    ax.set_xlabel("config")
+    ax.set_ylabel("probe (id)")
+    ax.set_title(f"Your probes: answered exactly (1) or not (0), run {run_id}", fontsize="small")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="answered")
     return fig
 
 
@@ -448,7 +472,10 @@ def _html(run_id: str, images: list[Path], tables: list[Table], notes: list[str]
     if notes:  # the tables left out, and why
         parts.append("<ul>" + "".join(f"<li>left out {html.escape(n)}</li>" for n in notes) + "</ul>")
     for table in tables:
-        parts.append(f"<h2>{html.escape(table.name)}</h2><table><tr>")
+        parts.append(f"<h2>{html.escape(table.name)}</h2>")
+        if table.caption:
+            parts.append(f"<p>{html.escape(table.caption)}</p>")
+        parts.append("<table><tr>")
         parts += [f"<th>{html.escape(c)}</th>" for c in table.columns]
         parts.append("</tr>")
         for row in table.rows:

@@ -56,6 +56,7 @@ class Table:
     name: str
     columns: list[str]
     rows: list[tuple]
+    caption: str = ""  # what the numbers are relative to, where a parameter chose it (paired: --reference)
 
     def records(self) -> list[dict[str, Any]]:
         return [dict(zip(self.columns, row, strict=True)) for row in self.rows]
@@ -167,7 +168,17 @@ class RunReport:
     def table(self, name: str, densities: Sequence[float] = DEFAULT_TARGETS, reference: str = "baseline") -> Table:
         """Report table ``name`` as Python rows (what the CLI renders)."""
         relation = self.relation(name, densities, reference)
-        return Table(name, list(relation.columns), self._read(relation.fetchall))
+        return Table(name, list(relation.columns), self._read(relation.fetchall), self.caption(name, reference))
+
+    def caption(self, name: str, reference: str = "baseline") -> str:
+        """One line naming what table ``name`` compares against ("" when only baseline can be):
+        the paired table's wins and losses are against ``reference``, its differences against baseline."""
+        if name != "paired":
+            return ""
+        return (
+            f"paired: ΔNLL %, KL and top-1 agreement against baseline; wins, losses and ties against "
+            f"{self.resolve_config(reference)} (--reference)"
+        )
 
     def arrow(self, name: str, densities: Sequence[float] = DEFAULT_TARGETS, reference: str = "baseline") -> pa.Table:
         """Report table ``name`` as an Arrow table straight from DuckDB: the query and parameters of :meth:`table`."""
@@ -265,9 +276,14 @@ def render_tables(tables: Sequence[Table], fmt: str, width: int | None = None) -
         fitted = []
         for t in tables:
             columns, rows, note = fit(t.columns, t.rows, width)
-            fitted.append((t.name, render(columns, rows, fmt) + (f"\n{note}" if note else "")))
+            notes = "".join(f"\n{line}" for line in (note, t.caption) if line)
+            fitted.append((t.name, render(columns, rows, fmt) + notes))
     else:
-        fitted = [(t.name, render(t.columns, t.rows, fmt)) for t in tables]
+        captioned = fmt in ("table", "markdown")  # csv and json stay machine-readable
+        fitted = [
+            (t.name, render(t.columns, t.rows, fmt) + (f"\n\n{t.caption}" if captioned and t.caption else ""))
+            for t in tables
+        ]
     if len(tables) == 1:
         return fitted[0][1]
     if fmt == "json":
