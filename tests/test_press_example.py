@@ -115,3 +115,8 @@ def test_the_documented_press_runs_under_kvorch_submit(tmp_path):
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
     for config in ("vnorm@0.5", "vnorm@1", "vnorm@2"):
         assert config in done.stdout, done.stdout
+    # Issue 39, point 6: each slow start phase says when it begins and how long it took, and the
+    # bar's rate is named for what it counts.
+    for line in ("corpus pydoc read, tokenized and checked in", "kvorch: loading ", "preflight: 4 configs"):
+        assert line in done.stderr, done.stderr
+    assert "kvorch: preflight: done in " in done.stderr and "token-configs/s" in done.stderr, done.stderr

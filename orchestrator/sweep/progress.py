@@ -58,8 +58,12 @@ class Progress:
         self.bar = tqdm(
             total=self.total,
             initial=self.done_cost,
-            unit="tok",
+            # A token evaluated under one config; "tok/s" counted these and read as tokens (10x, for 10 configs).
+            unit=" token-configs",
             unit_scale=True,
+            # The rate and ETA are the average since the bar began, not tqdm's moving average of the
+            # last updates: the first chunks report in bursts, and the first ETA (00:31) grew to 10:32.
+            smoothing=0,
             miniters=1,  # every poll prints: tqdm's adaptive miniters would hide a small step after a task's jump
             disable=not enabled,
             desc="token-configs",
