@@ -71,7 +71,11 @@ def leaderboard_configs() -> list[EvalConfig]:
     scorers = (("keydiff", -0.3), (lagkv, 0.5), ("leverage", 0.0), ("compactor", 0.0))
     configs = [EvalConfig(parse_method(method), threshold) for method, threshold in scorers]
     configs += [EvalConfig(parse_method(method), ratio=0.5) for method, _ in scorers]
-    return configs + [EvalConfig(parse_method(m), budget=60) for m in ("keydiff", lagkv, "compactor")]
+    configs += [EvalConfig(parse_method(m), budget=60) for m in ("keydiff", lagkv, "compactor")]
+    wrappers = ("chunkkv:chunk_length=8", "criticalkv", "chunkkv:press=knorm", "criticalkv:press=expected_attention")
+    configs += [EvalConfig(parse_method(wrappers[0]), 0.02), EvalConfig(parse_method(wrappers[1]), 0.02)]
+    configs += [EvalConfig(parse_method(wrappers[2]), ratio=0.5), EvalConfig(parse_method(wrappers[3]), budget=60)]
+    return configs
 
 
 @pytest.fixture(scope="module")

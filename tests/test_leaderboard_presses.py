@@ -13,7 +13,7 @@ import torch
 
 from tests.helpers import layer_context, tiny_llama
 from workers.modeling.rope import LayerRotary, rotate_half
-from workers.presses import parse_method
+from workers.presses import StateShape, parse_method
 
 B, HKV, H, D = 2, 2, 4, 8
 
@@ -144,3 +144,52 @@ def test_compactor_blends_leverage_and_non_causal_attention(start, end_keep):
         )
         np.testing.assert_allclose(scores[b][:, first : 40 - end_keep], local, rtol=1e-4, atol=1e-4)
         assert np.isinf(scores[b][:, :first]).all() and np.isinf(scores[b][:, 40 - end_keep :]).all()
+
+
+def test_chunkkv_scores_every_key_its_chunks_mean_scorer_score():
+    """Knorm under chunks of 6 positions: a key scores the mean over its chunk's keys that exist
+    and over the kv-heads of -||k||; chunks are absolute positions, rescored as keys arrive."""
+    keys, values, queries = random_tensors(50, seed=4)
+    press = parse_method("chunkkv:press=knorm,chunk_length=6")
+    state = press.init_state(StateShape(B, 1, H, HKV, D, 50, torch.device("cpu")))[0]
+    for start, end in ((0, 20), (20, 40), (40, 50)):
+        ctx = layer_context(start, end, 0, keys[:, :, :end], values[:, :, :end], queries[:, :, start:end])
+        scores = press.score(ctx, state).double().numpy()
+    k = keys.double().numpy()
+    for b in range(B):
+        for pos in range(50):
+            first = pos // 6 * 6
+            members = range(first, min(first + 6, 50))
+            expected = np.mean([-np.linalg.norm(k[b, h, j]) for j in members for h in range(HKV)])
+            assert scores[b, :, pos] == pytest.approx([expected] * HKV, abs=1e-5)
+
+
+def test_criticalkv_reweights_by_the_l1_norm_of_each_heads_projected_value():
+    """(knorm + epsilon) x mean over the kv-head's query heads of ||v W_o^h||_1, with W_o the
+    model's o_proj (rows h*D..(h+1)*D of its transposed weight feed the output from head h)."""
+    model = tiny_llama()
+    modules = tuple(layer.self_attn for layer in model.model.layers)
+    keys, values, queries = random_tensors(30, seed=5)
+    press = parse_method("criticalkv:press=knorm,epsilon=0.5")
+    state = press.init_state(StateShape(B, 2, H, HKV, D, 30, torch.device("cpu"), modules))[1]  # layer 1
+    scores = press.score(layer_context(0, 30, 0, keys, values, queries), state).double().numpy()
+    w = model.model.layers[1].self_attn.o_proj.weight.detach().double().numpy()  # [hidden, H * D]
+    k, v = keys.double().numpy(), values.double().numpy()
+    for b in range(B):
+        for kv in range(HKV):
+            for pos in range(30):
+                heads = range(kv * (H // HKV), (kv + 1) * (H // HKV))
+                norm = np.mean([np.abs(w[:, h * D : (h + 1) * D] @ v[b, kv, pos]).sum() for h in heads])
+                expected = (-np.linalg.norm(k[b, kv, pos]) + 0.5) * norm
+                assert scores[b, kv, pos] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_wrapper_refuses_what_it_cannot_wrap_in_one_line():
+    for text, message in (
+        ("chunkkv:press=window", "chunkkv: press=window is not a scorer it can wrap; use e.g. press=snapkv"),
+        ("criticalkv:press=chunkkv", "criticalkv: press=chunkkv is a wrapper itself"),
+        ("chunkkv:press=snapkv:window_size=8", "chunkkv: press=snapkv:window_size=8 takes a method name only"),
+    ):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")) as excinfo:
+            parse_method(text)
+        assert "\n" not in str(excinfo.value)

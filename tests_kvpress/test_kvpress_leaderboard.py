@@ -117,3 +117,50 @@ def test_compactor_ranks_keys_as_kvpress_does(tokens, exact_cholesky):
     assert_same_ranks(ours, theirs, 8, N - 4)
     assert torch.isinf(ours[..., :8]).all() and torch.isinf(ours[..., N - 4 :]).all()
     torch.testing.assert_close(ours[..., 8 : N - 4], theirs[..., 8 : N - 4], rtol=0, atol=1e-3)  # measured 1.1e-4
+
+
+@pytest.mark.parametrize(
+    ("scorer", "make_scorer", "hi"), [("knorm", kvpress.KnormPress, N), ("snapkv", kvpress.SnapKVPress, N - 64)]
+)
+def test_criticalkv_reweights_as_kvpress_does(tokens, scorer, make_scorer, hi):
+    """kvpress's CriticalKV with first_stage_ratio=0: its second stage, the one kvorch runs
+    (SnapKV's observation window, the last 64 keys, is +inf in kvorch and left out)."""
+    ours = kvorch_scores(f"criticalkv:press={scorer}", tokens)
+    theirs = kvpress_scores(kvpress.CriticalKVPress(make_scorer(0.5), first_stage_ratio=0.0), tokens)
+    assert_same_ranks(ours, theirs, 0, hi)
+    torch.testing.assert_close(ours[..., :hi], theirs[..., :hi], rtol=1e-4, atol=1e-7)
+
+
+def kvpress_kept(press: kvpress.BasePress, tokens: torch.Tensor) -> list[set[int]]:
+    """Per layer, the positions whose keys ``press.compress`` kept in one prefill (sdpa: ChunkKV
+    refuses attention weights)."""
+    model = tiny_llama()
+    model.set_attn_implementation("sdpa")
+    kept = []
+    compress = press.compress
+
+    def recording(module, hidden_states, keys, values, attentions, kwargs):
+        out_keys, out_values = compress(module, hidden_states, keys, values, attentions, kwargs)
+        same = (out_keys[0, 0, :, None] == keys[0, 0, None]).all(dim=-1)  # [kept, N]
+        kept.append({int(i) for i in same.nonzero()[:, 1]})
+        return out_keys, out_values
+
+    object.__setattr__(press, "compress", recording)
+    with press(model), torch.no_grad():
+        model(tokens[None], past_key_values=DynamicCache(config=model.config))
+    return kept
+
+
+@pytest.mark.parametrize("length", [20, 16])
+def test_chunkkv_keeps_kvpress_chunks(tokens, length):
+    """kvpress keeps the top int(n_chunks x (1 - 0.5)) chunks by the scorer's summed score; the
+    same number of kvorch's best-scoring chunks (each key scores its chunk's mean) are the same."""
+    ours = kvorch_scores(f"chunkkv:press=knorm,chunk_length={length}", tokens)
+    theirs = kvpress_kept(kvpress.ChunkKVPress(kvpress.KnormPress(0.5), chunk_length=length), tokens)
+    starts = range(0, N, length)
+    n_kept = max(1, int(len(starts) * 0.5))
+    for layer, kept in enumerate(theirs):
+        per_chunk = torch.stack([ours[layer, :, s] for s in starts], dim=-1)  # [kv-heads, chunks]
+        assert (per_chunk == per_chunk[0]).all()  # one score per chunk, every kv-head alike
+        best = per_chunk[0].topk(n_kept).indices.tolist()
+        assert {p for c in best for p in range(starts[c], min(starts[c] + length, N))} == kept

@@ -155,7 +155,8 @@ class ChunkStep:
         """Fresh document state. With static shapes the first document allocates it and later ones
         refill the same tensors in place, so a CUDA graph replays over the same addresses; with
         exact shapes every document allocates its own (its length is the cache's)."""
-        shape = StateShape(0, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim, self.n, self.device)
+        modules = tuple(self.hooked.attention_modules.get(layer) for layer in range(self.n_layers))
+        shape = StateShape(0, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim, self.n, self.device, modules)
         press_states = [
             plan.group.press.init_state(dataclasses.replace(shape, rows=plan.rows.stop - plan.rows.start))
             for plan in self.groups

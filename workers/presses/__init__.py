@@ -15,7 +15,9 @@ from workers.presses.registry import REGISTRY, parse_method, register  # isort: 
 from workers.contract.defaults import ALL_METHODS
 from workers.presses.base import LayerContext, Press, StateShape
 from workers.presses.baseline import BaselinePress
+from workers.presses.chunkkv import ChunkKVPress
 from workers.presses.compactor import CompactorPress
+from workers.presses.criticalkv import CriticalKVPress
 from workers.presses.expected_attention import ExpectedAttentionPress
 from workers.presses.h2o import H2OPress
 from workers.presses.head_aware import HeadAwarePress
@@ -40,7 +42,9 @@ __all__ = [
     "ALL_METHODS",
     "REGISTRY",
     "BaselinePress",
+    "ChunkKVPress",
     "CompactorPress",
+    "CriticalKVPress",
     "ExpectedAttentionPress",
     "H2OPress",
     "HeadAwarePress",

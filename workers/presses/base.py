@@ -33,6 +33,9 @@ class StateShape:
     head_dim: int
     positions: int
     device: torch.device
+    # The model's attention module of each layer (None where the engine found none), for a press
+    # whose state derives from the weights (CriticalKV's output projection); read in init_state only.
+    attention_modules: tuple[torch.nn.Module | None, ...] = ()
 
 
 @dataclass
