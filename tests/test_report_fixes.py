@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from orchestrator.cli import main
+from orchestrator.errors import KvorchError
 from orchestrator.lake.store import Lake
 from orchestrator.reports.plots import plot_figures
 from orchestrator.reports.tables import RunReport, Table
@@ -140,3 +141,30 @@ def test_custom_probe_heatmap_names_each_probe():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["baseline", "knorm@-2"]
     assert ax.images[0].get_array().tolist() == [[1.0, 0.0], [1.0, 0.0], [1.0, 1.0]]
     assert len(figure.axes) == 2  # the grid and its colour bar
+
+
+@pytest.mark.parametrize("command", [["report"], ["runs"], ["sql", "SELECT 1"]])
+def test_commands_that_read_with_duckdb_refuse_an_object_store_lake_in_one_line(command):
+    """Issue 39, point 8: report --help offered lake URIs that report cannot read."""
+    result = CliRunner().invoke(main, [*command, "--lake", "s3://bucket/lake"])
+    assert result.exit_code == 2
+    error = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert error and "s3://bucket/lake is not a local directory" in error[0] and "aws s3 sync" in error[0]
+    assert "a local directory" in CliRunner().invoke(main, [command[0], "--help"]).output
+
+
+def test_an_object_store_out_of_reach_is_one_line(monkeypatch):
+    """No network: pyarrow's 35-line error becomes one line naming the lake and what to check."""
+
+    class Unreachable:
+        @staticmethod
+        def from_uri(uri):
+            raise OSError("When resolving region for bucket 'b': AWS Error NETWORK_CONNECTION\nmore detail\nand more")
+
+    monkeypatch.setattr("orchestrator.lake.store.pafs.FileSystem", Unreachable)
+    with pytest.raises(KvorchError) as error:
+        Lake("s3://b/lake")
+    assert "\n" not in str(error.value)
+    assert str(error.value).startswith("cannot open lake s3://b/lake: When resolving region for bucket 'b'")
+    result = CliRunner().invoke(main, ["status", "--lake", "s3://b/lake"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output

@@ -12,6 +12,27 @@ from orchestrator.lake.store import DEFAULT_LAKE
 from orchestrator.reports.formatting import FORMATS, TERMINAL_WIDTH
 
 lake_option = click.option("--lake", default=DEFAULT_LAKE, help="Result lake: a directory or a pyarrow filesystem URI.")
+
+
+def _local_lake(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """A lake that DuckDB can read: a local directory (or file:// URI); any other URI is one line now."""
+    scheme, sep, _ = value.partition("://")
+    if sep and scheme != "file":
+        raise click.BadParameter(
+            f"{value} is not a local directory; this command reads a lake's files with DuckDB, here only: "
+            f"copy it first (e.g. aws s3 sync {value} ./kvorch-lake) and pass --lake ./kvorch-lake",
+            param_hint="--lake",
+        )
+    return value
+
+
+# kvorch report, runs and sql: DuckDB reads the lake's files from this machine's disk.
+local_lake_option = click.option(
+    "--lake",
+    default=DEFAULT_LAKE,
+    callback=_local_lake,
+    help="Result lake: a local directory (an s3:// or gs:// lake that kvorch submit wrote: copy it here first).",
+)
 format_option = click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", help="Output format.")
 wide_option = click.option(
     "--wide",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from orchestrator.cli.options import format_option, lake_option, table_width, wide_option
+from orchestrator.cli.options import format_option, local_lake_option, table_width, wide_option
 from orchestrator.lake.store import Lake
 from orchestrator.reports.densities import DEFAULT_DENSITIES, parse_densities
 from orchestrator.reports.tables import TABLES, RunReport, left_out, render_tables
@@ -28,7 +28,7 @@ def marked(report: RunReport, rendered: str, fmt: str) -> str:
 
 
 @click.command("report")
-@lake_option
+@local_lake_option
 @click.option("--run", "run_id", default=None, help="Run id to report (default: the newest run).")
 @click.option(
     "--table",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 import duckdb
 
-from orchestrator.cli.options import format_option, lake_option, table_width, wide_option
+from orchestrator.cli.options import format_option, local_lake_option, table_width, wide_option
 from orchestrator.errors import KvorchError
 from orchestrator.lake.queries import connect, run_named
 from orchestrator.lake.store import Lake
@@ -16,7 +16,7 @@ from workers.contract.tokenization import difference
 
 
 @click.command("runs")
-@lake_option
+@local_lake_option
 @click.option(
     "--compare",
     "pair",

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import click
 
-from orchestrator.cli.options import format_option, lake_option
+from orchestrator.cli.options import format_option, local_lake_option
 from orchestrator.lake import integrity, readonly
 from orchestrator.lake.store import Lake
 from orchestrator.reports.formatting import render
 
 
 @click.command("sql")
-@lake_option
+@local_lake_option
 @format_option
 @click.option(
     "--timeout",

@@ -97,6 +97,12 @@ class Lake:
                 self.fs, self.root = pafs.FileSystem.from_uri(uri)
             except (pa.ArrowInvalid, ValueError):
                 self.fs, self.root = pafs.LocalFileSystem(), _absolute(uri)
+            except OSError as exc:  # an object store out of reach (no network, no credentials): 35 lines once
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise KvorchError(
+                    f"cannot open lake {uri}: {reason}; check the network and the store's credentials, "
+                    "or pass a local directory"
+                ) from None
         self.root = self.root.rstrip("/") or "/"
         # Links exist (and are refused) on local lakes only; object stores have none.
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
