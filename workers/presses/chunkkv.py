@@ -21,14 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.presses.base import LayerContext, StateShape
+from workers.presses.base import LayerContext, Press, StateShape
 from workers.presses.registry import register
 from workers.presses.wrapping import WrapperPress, latest_scores, score_into
 
 
 @register
 @dataclass(frozen=True)
-class ChunkKVPress(WrapperPress):
+class ChunkKVPress(WrapperPress, Press):
     name = "chunkkv"
     rescores = True
     reads_keys = True

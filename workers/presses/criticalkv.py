@@ -20,14 +20,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from workers.presses.base import LayerContext, StateShape
+from workers.presses.base import LayerContext, Press, StateShape
 from workers.presses.registry import register
 from workers.presses.wrapping import WrapperPress, latest_scores
 
 
 @register
 @dataclass(frozen=True)
-class CriticalKVPress(WrapperPress):
+class CriticalKVPress(WrapperPress, Press):
     name = "criticalkv"
     reads_keys = True
     press: str = "snapkv"

@@ -30,8 +30,11 @@ def wrapped(wrapper: str, name: str) -> Press:
     return press
 
 
-class WrapperPress(Press):
-    """A press around a scorer: reads what the scorer reads (attention, queries, hidden states)."""
+class WrapperPress:
+    """Mixed into a press around a scorer (``class ChunkKVPress(WrapperPress, Press)``): it reads
+    what its scorer reads (attention, queries, hidden states). Not a press itself."""
+
+    name: str
 
     press: str
 
