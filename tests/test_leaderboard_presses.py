@@ -193,3 +193,16 @@ def test_a_wrapper_refuses_what_it_cannot_wrap_in_one_line():
         with pytest.raises(ValueError, match=message.replace("(", r"\(")) as excinfo:
             parse_method(text)
         assert "\n" not in str(excinfo.value)
+
+
+def test_methods_leaderboard_is_its_preset_and_all_is_unchanged():
+    from orchestrator.sweep.spec import build_configs
+    from workers.contract.defaults import ALL_METHODS, LEADERBOARD_METHODS
+
+    assert [c.method for c in build_configs(("leaderboard",), ())] == list(LEADERBOARD_METHODS)
+    assert [c.method for c in build_configs(("all",), ())] == list(ALL_METHODS)
+    assert set(LEADERBOARD_METHODS) - set(ALL_METHODS) == {
+        "keydiff", "lagkv", "leverage", "compactor", "chunkkv", "criticalkv"
+    }  # fmt: skip
+    with pytest.raises(Exception, match=r"unknown method 'leaderbord'.*\(or all, leaderboard\)"):
+        build_configs(("leaderbord",), ())

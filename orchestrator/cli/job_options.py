@@ -13,7 +13,7 @@ import click
 from orchestrator.corpus import EMBEDDED_CORPUS
 from orchestrator.pool import DEFAULT_CONNECT_TIMEOUT
 from orchestrator.sweep.spec import JobSpec
-from workers.contract.defaults import ALL_METHODS, BACKENDS
+from workers.contract.defaults import ALL_METHODS, BACKENDS, LEADERBOARD_METHODS
 from workers.contract.models import DTYPE_NAMES, EMBEDDED_MODEL
 from workers.contract.tokenization import BOS_MODES, DEFAULT_BOS
 
@@ -87,7 +87,9 @@ def methods_option(default: object = spec_default(JobSpec, "methods"), help: str
         "--methods",
         multiple=True,
         default=list(default),
-        help=help or f"Comma list of methods, each name[:key=value,...]; 'all' = {', '.join(ALL_METHODS)}.",
+        help=help
+        or f"Comma list of methods, each name[:key=value,...]; 'all' = {', '.join(ALL_METHODS)}; "
+        f"'leaderboard' = {', '.join(LEADERBOARD_METHODS)}.",
     )
 
 

@@ -17,7 +17,7 @@ import importlib.util
 from pathlib import Path
 
 from orchestrator.errors import KvorchError
-from workers.contract.defaults import ALL_METHODS
+from workers.contract.defaults import ALL_METHODS, METHOD_PRESETS
 
 
 @functools.cache
@@ -49,9 +49,10 @@ def check_method_names(texts: list[str]) -> None:
         return
     for text in texts:
         name = text.strip().partition(":")[0]
-        if name != "all" and name not in names:
+        if name not in METHOD_PRESETS and name not in names:
             valid = [*(n for n in ALL_METHODS if n in names), *sorted(n for n in names if n not in ALL_METHODS)]
-            raise KvorchError(f"--methods: unknown method {name!r}; valid methods: {', '.join(valid)} (or 'all')")
+            presets = ", ".join(METHOD_PRESETS)
+            raise KvorchError(f"--methods: unknown method {name!r}; valid methods: {', '.join(valid)} (or {presets})")
 
 
 def _is_register(decorator: ast.expr) -> bool:

@@ -358,14 +358,15 @@ def _check_once(option: str, values: tuple[float, ...], given: str | None = None
 def _parse_methods(methods: tuple[str, ...]) -> list[Press]:
     texts = [m.strip() for item in methods for m in _split_methods(item)]
     check_method_names(texts)  # a typo is refused before the registry imports torch
-    from workers.presses import ALL_METHODS, REGISTRY, parse_method
+    from workers.contract.defaults import METHOD_PRESETS
+    from workers.presses import REGISTRY, parse_method
 
     if not texts:
         raise KvorchError(f"no methods given; pass --methods all or some of: {', '.join(REGISTRY)}")
     presses: dict[Press, str] = {}  # each press, and the --methods item that gave it
     for text in texts:
-        if text == "all":
-            candidates = [REGISTRY[name]() for name in ALL_METHODS]
+        if text in METHOD_PRESETS:
+            candidates = [REGISTRY[name]() for name in METHOD_PRESETS[text]]
         else:
             try:
                 candidates = [parse_method(text)]

@@ -28,3 +28,21 @@ ALL_METHODS = (
     "snapkv",
     "tova",
 )
+# What `--methods leaderboard` means (issue 37): the methods the 2025-2026 leaderboards rank, native,
+# next to the strongest of the original study and the two references, each at its defaults.
+LEADERBOARD_METHODS = (
+    "baseline",
+    "streaming_llm",
+    "knorm",
+    "expected_attention",
+    "snapkv",
+    "tova",
+    "keydiff",
+    "lagkv",
+    "leverage",
+    "compactor",
+    "chunkkv",
+    "criticalkv",
+)
+# The names --methods expands to a list of methods: the one place each preset is defined.
+METHOD_PRESETS = {"all": ALL_METHODS, "leaderboard": LEADERBOARD_METHODS}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TypeVar
 
-from workers.contract.defaults import ALL_METHODS
+from workers.contract.defaults import ALL_METHODS, METHOD_PRESETS
 from workers.presses.base import Press
 
 REGISTRY: dict[str, type[Press]] = {}
@@ -36,7 +36,8 @@ def parse_method(text: str) -> Press:
     """Build a press from ``name[:key=value,...]``; ValueError with the fix on bad input."""
     name, _, arg_text = text.strip().partition(":")
     if name not in REGISTRY:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(method_names())} (or 'all')")
+        presets = ", ".join(METHOD_PRESETS)
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(method_names())} (or {presets})")
     cls = REGISTRY[name]
     if hasattr(cls, "parse"):  # kvpress:ClassName[:key=value,...] passes options through
         return cls.parse(arg_text)
