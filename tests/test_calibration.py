@@ -67,6 +67,38 @@ def test_search_on_a_real_engine_matches_an_independent_density_count(tokens):
         assert abs(kept / outside - r.target) <= TOLERANCE, r
 
 
+def frontier_reaches(densities: list[float], target: float) -> bool:
+    """Whether the frontier table can interpolate at ``target`` from a sweep at ``densities``:
+    it interpolates between two points, never extrapolates (sql/frontier.sql)."""
+    return min(densities) <= target <= max(densities)
+
+
+@pytest.mark.parametrize("targets", [(0.1, 0.25, 0.5), (0.25,)])
+def test_the_sweep_reaches_past_every_target_so_the_frontier_has_each_one(targets):
+    """Issue 39, point 3: h2o calibrated to 0.1017 for 0.1 and knorm to 0.4887 for 0.5, each
+    within the tolerance but inside the targets, so the frontier said "out of range" there."""
+    curves = {
+        "knorm": lambda t: 1 / (1 + math.exp((t + 16) / 3)),
+        # Steps that put the closest point just above 0.1 and below 0.5, as measured in the issue.
+        "h2o": lambda t: [0.6, 0.5121, 0.4887, 0.2501, 0.1017, 0.0898, 0.02][min(6, max(0, math.floor(t) + 2))],
+        "random": lambda t: min(1.0, max(0.0, 1 - t)),
+    }
+    presses = [KnormPress(), H2OPress(), RandomPress()]
+    results = calibrate(presses, targets, fake_measure(curves, []))
+    spec = calibrated_spec(JobSpec(methods=("knorm,h2o,random",), densities=targets), results)
+    for press in presses:
+        swept = [curves[press.name](c.threshold) for c in spec.configs if c.press == press]
+        for target in targets:
+            assert frontier_reaches(swept, target), (press.name, target, swept)
+        if press.name != "h2o":  # a smooth curve: the bracketing points lie within the tolerance too
+            assert min(swept) >= min(targets) - TOLERANCE and max(swept) <= max(targets) + TOLERANCE, swept
+    h2o = {r.target: r for r in results if r.press.name == "h2o"}
+    if targets == (0.1, 0.25, 0.5):  # the closest points, as in the issue, and the bracketing ones beside them
+        assert (h2o[0.1].density, h2o[0.5].density) == (0.1017, 0.4887)
+        assert [curves["h2o"](t) for t in h2o[0.1].sweep] == [0.1017, 0.0898]
+        assert [curves["h2o"](t) for t in h2o[0.5].sweep] == [0.4887, 0.5121]
+
+
 def test_calibrated_spec_replaces_thresholds_and_keeps_fixed_methods():
     spec = JobSpec(methods=("baseline,knorm,random",), densities=(0.25, 0.5))
     knorm, rnd = KnormPress(), RandomPress()

@@ -7,6 +7,12 @@ ones) and searches, per thresholded press, a threshold whose compressible densit
 target within :data:`TOLERANCE`. The sweep then runs every press at its calibrated thresholds,
 and the run spec records the search (``calibration``).
 
+The frontier table interpolates between a sweep's points and never extrapolates, so the sweep
+must reach past the extreme targets: for the lowest target the search also finds a threshold
+whose density is at or below it (within the tolerance), for the highest one at or above it, and
+the sweep runs that one too when the closest lies on the other side (h2o's 0.1017 for 0.1 once
+left 0.1 "out of range"). Every round prints one line and a bar over its batches.
+
 The search relies on density falling as the threshold rises (a key is kept when its score is
 >= the threshold). Each round evaluates, in one batched call, for every target not yet hit:
 the regula-falsi point and the midpoint of its bracket, or a step outwards while no bracket
@@ -17,12 +23,15 @@ the label in the lake is the threshold that was measured.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
+from tqdm import tqdm
 
 from orchestrator.corpus import Document
 from orchestrator.errors import KvorchError
@@ -50,6 +59,13 @@ class Calibrated:
     target: float
     threshold: float
     density: float
+    # The thresholds the sweep runs for this target: the closest, and for an extreme target the
+    # nearest on the far side when the closest is not there (empty: the closest alone).
+    bracket: tuple[float, ...] = ()
+
+    @property
+    def sweep(self) -> tuple[float, ...]:
+        return self.bracket or (self.threshold,)
 
     @property
     def within_tolerance(self) -> bool:
@@ -62,6 +78,7 @@ class Calibrated:
             "threshold": self.threshold,
             "density": self.density,
             "within_tolerance": self.within_tolerance,
+            "sweep_thresholds": list(self.sweep),
         }
 
 
@@ -85,8 +102,10 @@ def thresholded(configs: list[EvalConfig]) -> list[Press]:
 
 
 def calibrate(presses: list[Press], targets: tuple[float, ...], measure: Measure) -> list[Calibrated]:
-    """For each press and target, the measured threshold whose density is closest to the target."""
+    """For each press and target, the measured threshold whose density is closest to the target,
+    and the thresholds that bracket the extreme targets (module docstring)."""
     seen: dict[Press, dict[float, float]] = {p: {} for p in presses}
+    sides = {t: _sides(t, targets) for t in targets}
 
     def evaluate(candidates: dict[Press, set[float]]) -> int:
         """Measure the thresholds not measured yet, in one batched call; how many there were."""
@@ -102,7 +121,7 @@ def calibrate(presses: list[Press], targets: tuple[float, ...], measure: Measure
         candidates: dict[Press, set[float]] = {}
         for press in presses:
             for target in targets:
-                if not _hit(seen[press], target):
+                if not _hit(seen[press], target, sides[target]):
                     candidates.setdefault(press, set()).update(_next(seen[press], target))
         if not evaluate(candidates):
             break
@@ -110,14 +129,39 @@ def calibrate(presses: list[Press], targets: tuple[float, ...], measure: Measure
     for press in presses:
         for target in targets:
             tau, density = _closest(seen[press], target)
-            out.append(Calibrated(press, target, tau, density))
+            out.append(Calibrated(press, target, tau, density, _bracket(seen[press], target, sides[target])))
     return out
 
 
-def run(spec: JobSpec, held_out: list[TokenizedDocument], workers: WorkerPool, batch_configs: int) -> list[Calibrated]:
+def _sides(target: float, targets: tuple[float, ...]) -> tuple[str, ...]:
+    """Which side of ``target`` the sweep must reach: below the lowest target, above the highest."""
+    return (*(("below",) if target == min(targets) else ()), *(("above",) if target == max(targets) else ()))
+
+
+def _on_side(density: float, target: float, side: str) -> bool:
+    """Within the tolerance of ``target``, on ``side`` of it (or on it)."""
+    return target - TOLERANCE <= density <= target if side == "below" else target <= density <= target + TOLERANCE
+
+
+def _bracket(seen: dict[float, float], target: float, sides: tuple[str, ...]) -> tuple[float, ...]:
+    """The closest threshold, then for each side the closest is not on, the nearest one that is."""
+    closest = _closest(seen, target)[0]
+    chosen = [closest]
+    for side in sides:
+        if _on_side(seen[closest], target, side):
+            continue
+        there = [t for t, d in seen.items() if (d <= target if side == "below" else d >= target)]
+        if there:
+            chosen.append(min(there, key=lambda t: (abs(seen[t] - target), t)))
+    return tuple(dict.fromkeys(chosen))
+
+
+def run(
+    spec: JobSpec, held_out: list[TokenizedDocument], workers: WorkerPool, batch_configs: int, progress: bool = True
+) -> list[Calibrated]:
     """Calibrate every thresholded press of ``spec`` to ``spec.densities`` on the run's pool
     (its batches spread over the ready actors, re-queued if one is lost), ``batch_configs``
-    configs per forward (the run's resolved count)."""
+    configs per forward (the run's resolved count); ``progress``: a bar over each round's batches."""
     presses = thresholded(list(spec.configs))
     print(
         f"kvorch: calibrating {len(presses)} method(s) to densities {', '.join(map(str, spec.densities))} "
@@ -125,15 +169,26 @@ def run(spec: JobSpec, held_out: list[TokenizedDocument], workers: WorkerPool, b
         file=sys.stderr,
     )
     # With agreement on, the engine adds a baseline reference row to every batch without one.
-    measure = pool_measure(held_out, workers, max(1, batch_configs - 1) if spec.agreement else batch_configs)
+    per_batch = max(1, batch_configs - 1) if spec.agreement else batch_configs
+    measure = pool_measure(held_out, workers, per_batch, progress)
+    rounds = itertools.count(1)
+    began = time.perf_counter()
 
     def logged(configs: list[EvalConfig]) -> dict[str, float]:
+        number, started = next(rounds), time.perf_counter()
+        print(
+            f"kvorch: calibration round {number} (at most {MAX_ROUNDS + 1}): {len(configs)} threshold(s) on "
+            f"{len(held_out)} held-out document(s) ...",
+            file=sys.stderr,
+            flush=True,
+        )
         densities = measure(configs)
         shown = ", ".join(f"{c.label} -> {densities[c.label]:.3f}" for c in configs)
-        print(f"kvorch: calibration: {shown}", file=sys.stderr)
+        print(f"kvorch: calibration round {number}, {time.perf_counter() - started:.0f} s: {shown}", file=sys.stderr)
         return densities
 
     results = calibrate(presses, spec.densities, logged)
+    print(f"kvorch: calibration: done in {time.perf_counter() - began:.0f} s", file=sys.stderr)
     for r in results:
         if not r.within_tolerance:
             print(
@@ -158,8 +213,7 @@ def calibrated_spec(spec: JobSpec, results: list[Calibrated]) -> JobSpec:
     chosen: dict[Press, list[float]] = {}
     for r in results:
         taus = chosen.setdefault(r.press, [])
-        if r.threshold not in taus:
-            taus.append(r.threshold)
+        taus.extend(t for t in r.sweep if t not in taus)
     configs: list[EvalConfig] = []
     for config in spec.configs:
         if config.threshold is None:
@@ -169,20 +223,29 @@ def calibrated_spec(spec: JobSpec, results: list[Calibrated]) -> JobSpec:
     return dataclasses.replace(spec, configs=tuple(configs))
 
 
-def pool_measure(docs: list[TokenizedDocument], workers: WorkerPool, batch_configs: int) -> Measure:
-    """A :data:`Measure` that evaluates the held-out documents on the pool.
+def pool_measure(
+    docs: list[TokenizedDocument], workers: WorkerPool, batch_configs: int, progress: bool = False
+) -> Measure:
+    """A :data:`Measure` that evaluates the held-out documents on the pool, one call per
+    (document, batch of configs), so that several actors share a round and its bar moves.
 
     A config that raises there stops the calibration: a threshold cannot be searched on a
     density that was not measured.
     """
-    task_docs = tuple(TaskDocument(d.document.doc_id, d.token_ids) for d in docs)
+    task_docs = [TaskDocument(d.document.doc_id, d.token_ids) for d in docs]
 
     def measure(configs: list[EvalConfig]) -> dict[str, float]:
         batches = [tuple(configs[i : i + batch_configs]) for i in range(0, len(configs), batch_configs)]
         calls = [
-            Call(f"calibration-{i}", "run", (Task(f"calibration-{i}", task_docs, b),)) for i, b in enumerate(batches)
+            Call(f"calibration-{i}-{j}", "run", (Task(f"calibration-{i}-{j}", (doc,), b),))
+            for i, b in enumerate(batches)
+            for j, doc in enumerate(task_docs)
         ]
-        results = workers.map(calls, hint="check --model/--device")
+        bar = tqdm(total=len(calls), unit="batch", desc="calibration", file=sys.stderr, disable=not progress)
+        try:
+            results = workers.map(calls, hint="check --model/--device", on_each=bar.update)
+        finally:
+            bar.close()
         failed = [f for r in results for f in r.failures]
         if failed:
             first = failed[0]
@@ -206,8 +269,11 @@ def _start(press: Press) -> list[float]:
     return [_round(tau - step), _round(tau), _round(tau + step)]
 
 
-def _hit(seen: dict[float, float], target: float) -> bool:
-    return abs(_closest(seen, target)[1] - target) <= TOLERANCE
+def _hit(seen: dict[float, float], target: float, sides: tuple[str, ...] = ()) -> bool:
+    """The closest density within the tolerance and, for an extreme target, one on its far side too."""
+    if abs(_closest(seen, target)[1] - target) > TOLERANCE:
+        return False
+    return all(any(_on_side(d, target, side) for d in seen.values()) for side in sides)
 
 
 def _closest(seen: dict[float, float], target: float) -> tuple[float, float]:

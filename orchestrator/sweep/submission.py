@@ -236,7 +236,9 @@ def _run(inputs: _Inputs, options: _PoolOptions) -> JobResult:
             workers.preflight(list(spec.configs))
         # Calibration is deterministic for a given spec, documents and dtype: a resumed run redoes
         # it and gets the thresholds, hence the tasks, of its first attempt.
-        calibrated = calibration.run(spec, inputs.held_out, workers, resolved.batch_configs) if spec.densities else []
+        calibrated = (
+            calibration.run(spec, inputs.held_out, workers, resolved.batch_configs, shown) if spec.densities else []
+        )
         if calibrated:
             spec = calibration.calibrated_spec(spec, calibrated)
         tasks = plan_tasks(inputs.docs, list(spec.configs), resolved.n_shards, resolved.batch_configs, spec.agreement)
