@@ -44,3 +44,38 @@ JOIN (
     GROUP BY c.run_id, c.doc_id, c.config
 ) p ON p.run_id = g.run_id AND p.doc_id = g.doc_id AND p.config = g.config
 WHERE g.generated IS NOT NULL;
+
+-- head_budgets: per (run, config, layer, kv-head), what the head still kept when a document
+-- ended, over the run's documents: kept_share = mean of kept / the document's tokens, mean_kept
+-- the mean keys. An allocation (workers/contract/allocation.py) shows here as budgets that move
+-- between heads and layers; uniform ones as a flat table (up to what the press leaves). From the
+-- last chunk row of each (document, config), the only one whose head_kept is not null; parts
+-- older than schema version 6, and question tasks, give no rows.
+CREATE OR REPLACE VIEW head_budgets AS
+WITH layers AS (
+    SELECT
+        run_id, method, config, press, coalesce(allocation, 'uniform') AS allocation, doc_id,
+        chunk_end AS n_tokens,
+        unnest(head_kept) AS heads,
+        generate_subscripts(head_kept, 1) - 1 AS layer
+    FROM chunks
+    WHERE head_kept IS NOT NULL
+), cells AS (
+    SELECT run_id, method, config, press, allocation, doc_id, n_tokens, layer,
+        unnest(heads) AS kept,
+        generate_subscripts(heads, 1) - 1 AS kv_head
+    FROM layers
+)
+SELECT
+    run_id,
+    config,
+    any_value(method) AS method,
+    any_value(press) AS press,
+    any_value(allocation) AS allocation,
+    layer::INTEGER AS layer,
+    kv_head::INTEGER AS kv_head,
+    count(*) AS docs,
+    avg(kept) AS mean_kept,
+    avg(kept / n_tokens) AS kept_share
+FROM cells
+GROUP BY run_id, config, layer, kv_head;

@@ -266,3 +266,73 @@ def test_an_allocation_needs_a_ranked_policy():
     with pytest.raises(ValueError, match="needs a ratio or a budget"):
         knorm(threshold=-16, allocation=Allocation("adakv"))
     assert knorm().allocation == UNIFORM
+
+
+def test_head_budgets_is_the_mean_kept_share_of_each_head_at_each_documents_end(model, tmp_path):
+    """Two documents through the engine into a lake: the view's share per (config, layer,
+    kv-head) is the mean over documents of kept / tokens, counted here from the final keep masks."""
+    import kvorch
+    from tests.test_reports import make_lake
+
+    configs = [knorm(budget=60), knorm(budget=60, allocation=Allocation("adakv"))]
+    engine = Engine(model, EngineSettings(32, 16, static=False, agreement=False))
+    docs = {"a": torch.randint(0, 97, (200,)), "b": torch.randint(0, 97, (130,))}
+    rows, expected = [], {}
+    for doc_id, ids in docs.items():
+        table, scores = engine.inspect(doc_id, ids, configs)
+        rows += table.to_pylist()
+        for i, label in enumerate(scores.configs):
+            share = scores.kept[i].sum(dim=-1).double() / len(ids)  # [layers, kv-heads]
+            expected[label] = expected.get(label, 0) + share / len(docs)
+    assert sum(r["head_kept"] is not None for r in rows) == 2 * len(configs)  # each config's last chunk
+    lake = make_lake(tmp_path / "lake", {"r": rows})
+    with kvorch.open_lake(lake.uri) as nb:
+        got = nb.sql("SELECT * FROM head_budgets ORDER BY config, layer, kv_head").to_pylist()
+    assert len(got) == len(configs) * N_LAYERS * N_KV
+    for row in got:
+        assert row["docs"] == 2 and row["allocation"] == ("adakv" if "adakv" in row["config"] else "uniform")
+        assert row["press"] == ("knorm+adakv" if row["allocation"] == "adakv" else "knorm")
+        assert row["kept_share"] == pytest.approx(float(expected[row["config"]][row["layer"], row["kv_head"]]))
+    uniform = [r["kept_share"] for r in got if r["allocation"] == "uniform"]
+    adakv = [r["kept_share"] for r in got if r["allocation"] == "adakv"]
+    assert len(set(uniform)) == 1 and len(set(adakv)) > 1
+
+
+def test_report_plots_head_budgets_as_a_heatmap_per_config(model, tmp_path):
+    """The cells --plot draws equal the final keep masks per head, the report table sums them up
+    per config, and --plot writes the heatmap."""
+    import matplotlib.image
+
+    from orchestrator.reports.head_budget_plot import head_budget_cells
+    from orchestrator.reports.tables import RunReport
+    from tests.test_reports import kvorch, make_lake
+
+    configs = [
+        EvalConfig(parse_method("baseline")),
+        knorm(ratio=0.5),
+        knorm(ratio=0.5, allocation=Allocation("pyramidkv", beta=2)),
+    ]
+    table, scores = Engine(model, EngineSettings(32, 16, static=False, agreement=False)).inspect(
+        "a", torch.randint(0, 97, (200,)), configs
+    )
+    lake = make_lake(tmp_path / "lake", {"r": table.to_pylist()})
+    cells = head_budget_cells(RunReport(lake, "r")).records()
+    assert [(r["config"], r["layer"], r["kv_head"]) for r in cells] == [
+        (c, la, h) for c in sorted(scores.configs) for la in range(N_LAYERS) for h in range(N_KV)
+    ]
+    for r in cells:
+        i = scores.configs.index(r["config"])
+        assert r["mean_kept"] == int(scores.kept[i, r["layer"], r["kv_head"]].sum())
+    summary = {r["config"]: r for r in RunReport(lake, "r").table("head_budgets").records()}
+    for i, config in enumerate(scores.configs):
+        shares = scores.kept[i].sum(dim=-1).double() / 200
+        got = summary[config]
+        assert (got["heads"], got["docs"]) == (N_LAYERS * N_KV, 1)
+        assert got["min_share"] == pytest.approx(float(shares.min()))
+        assert got["max_share"] == pytest.approx(float(shares.max()))
+        assert got["mean_share"] == pytest.approx(float(shares.mean()))
+    assert summary["knorm@ratio=0.5+pyramidkv:beta=2"]["max_over_min"] > 2
+    result = kvorch("report", "--lake", lake.uri, "--run", "r", "--plot", str(tmp_path / "plots"))
+    assert result.exit_code == 0, result.output
+    image = matplotlib.image.imread(tmp_path / "plots" / "head_budgets.png")
+    assert image.shape[0] > 100 and image.shape[1] > 100

@@ -359,7 +359,7 @@ def test_table_all_and_index_html_show_only_tables_with_content(tmp_path):
     ]  # fmt: skip
     left = [line for line in result.stderr.splitlines() if line.startswith("kvorch: left out ")]
     assert [line.split(":")[1].split()[-1] for line in left] == [
-        "frontier", "head_ablation", "retrieval", "answers", "traces",
+        "frontier", "head_ablation", "retrieval", "answers", "head_budgets", "traces",
     ]  # fmt: skip
     assert "each method has one threshold; pass --thresholds or --densities" in left[0]
     page = (tmp_path / "p" / "index.html").read_text()

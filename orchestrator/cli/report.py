@@ -106,8 +106,10 @@ def command(
         for line in report.probe_warnings():
             click.echo(line, err=True)
     if plot_dir is not None:
+        from orchestrator.reports.head_budget_plot import head_budget_cells
         from orchestrator.reports.plots import PLOTTED_TABLES, write_plots
 
         plotted = {n: report.table(n, targets, reference) for n in ("compare", *PLOTTED_TABLES)}
+        plotted["head_budget_cells"] = head_budget_cells(report)
         written = write_plots(plot_dir, report.run_id, plotted, targets if densities_given else None)
         click.echo(f"plots: {', '.join(str(p) for p in written)}", err=True)

@@ -33,7 +33,9 @@ from workers.contract.defaults import ALL_METHODS
 PLOTTED_TABLES = ("pareto", "frontier", "paired", "by_position", "retrieval", "answers")
 # Every file write_plots may write, and the record of what it wrote (name -> sha256): a file of
 # these names is replaced only when that record shows kvorch wrote it and no one changed it since.
-PLOT_FILES = ("frontier.png", "kl.png", "by_position.png", "retrieval.png", "answers.png", "index.html")
+PLOT_FILES = (
+    "frontier.png", "kl.png", "by_position.png", "retrieval.png", "answers.png", "head_budgets.png", "index.html",
+)  # fmt: skip
 PLOTS_RECORD = ".kvorch-plots.json"
 # The colours of --methods all, in registry order (baseline black, then matplotlib's tab10).
 METHOD_COLOURS = dict(
@@ -159,6 +161,11 @@ def plot_figures(run_id: str, tables: Mapping[str, Table], densities: Sequence[f
     answers = tables.get("answers")
     if answers is not None and answers.rows:
         figures["answers.png"] = _answers_figure(run_id, answers)
+    budgets = tables.get("head_budget_cells")  # sql/head_budget_cells.sql, one row per head
+    if budgets is not None and budgets.rows:  # orchestrator/reports/head_budget_plot.py
+        from orchestrator.reports.head_budget_plot import head_budgets_figure
+
+        figures["head_budgets.png"] = head_budgets_figure(run_id, budgets)
     return figures
 
 

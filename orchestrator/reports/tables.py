@@ -37,6 +37,8 @@ TABLES = {
     "retrieval": "retrieval probes (--task): exact-match accuracy and answer NLL per config, length and depth",
     "answers": "question tasks: mean answer score per task, length and config, its paired difference from "
     "baseline with a 95 % interval, generated and prompt density",
+    "head_budgets": "per config: the smallest, mean and largest share of a document's keys one (layer, kv-head) "
+    "kept at its end (--allocation moves budgets between heads; --plot draws every head)",
     "traces": "long generations at --chunk-size 1: per config and trace-position bucket, ΔNLL %, KL and top-1 "
     "agreement with baseline, and the density held there",
 }
@@ -255,6 +257,8 @@ def left_out(table: Table) -> str | None:
         return "retrieval: not a probe run; run kvorch submit --task needle (or passkey, kv)"
     if table.name == "answers" and not records:
         return "answers: no question tasks in this run; run kvorch submit --task ruler (or a .jsonl with answers)"
+    if table.name == "head_budgets" and not records:
+        return "head_budgets: no per-head counts in this run (written since schema version 6, never for question tasks)"
     if table.name == "traces" and not records:
         return "traces: not read a token at a time; run kvorch submit --corpus traces.jsonl --chunk-size 1"
     if not records:

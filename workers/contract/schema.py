@@ -14,7 +14,7 @@ SCHEMA_VERSION = 6
 # holds everything the reports derive, e.g. layers x kv-heads = keys_total / chunk_start;
 # version 2 adds kv_cache_bytes, version 3 press, version 4 the budget, agreement and answer
 # columns (and the docs' probe columns), version 5 the generated answers of question tasks (and the
-# docs' answers and metric), version 6 the allocation; each reads as null in older parts.
+# docs' answers and metric), version 6 the allocation and each head's kept keys; each reads as null in older parts.
 READABLE_SCHEMA_VERSIONS = frozenset({1, 2, 3, 4, 5, 6})
 
 PARTITION_COLUMNS = ("run_id", "method")
@@ -90,6 +90,10 @@ CHUNK_SCHEMA = pa.schema(
         # (workers/contract/allocation.py): "uniform", "adakv", "pyramidkv", "file=NAME"; the
         # press column then ends with "+<allocation>" when not uniform (one sweep each).
         pa.field("allocation", pa.string()),
+        # On a config's last chunk row of a document (null elsewhere, and for question tasks):
+        # [layers][kv-heads] the keys each head still kept when the document ended (the view
+        # head_budgets in sql/_views.sql averages their share of the document).
+        pa.field("head_kept", pa.list_(pa.list_(pa.int32()))),
     ],
     metadata={"kvorch_schema_version": str(SCHEMA_VERSION)},
 )

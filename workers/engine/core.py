@@ -35,6 +35,12 @@ from workers.engine.step import ChunkStep
 from workers.presses import Press
 
 
+def head_kept(step: ChunkStep, n: int) -> list[list[list[int]]]:
+    """Per batch row, [layers][kv-heads] the keys each head still keeps once the document's ``n``
+    positions ran (the lake's ``head_kept``): read back once per document, with the rows."""
+    return torch.stack([keep[..., :n].sum(dim=-1) for keep in step.state.keep], dim=1).tolist()
+
+
 def doc_seed(doc_id: str) -> int:
     """A per-document seed that is the same on every machine and Python process."""
     return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "little") >> 1
@@ -262,7 +268,8 @@ class Engine:
             doc_id, token_ids, configs, self.settings.agreement, on_chunk, answer
         )
         kv_bytes = [step.kv_bytes] * len(seconds)
-        rows = layout.rows(doc_id, self.hooked.variants(token_ids), results, seconds, kv_bytes, answer)
+        kept = head_kept(step, int(token_ids.shape[0]))
+        rows = layout.rows(doc_id, self.hooked.variants(token_ids), results, seconds, kv_bytes, answer, head_kept=kept)
         return rows
 
     @torch.inference_mode()
@@ -325,7 +332,8 @@ class Engine:
         n = int(token_ids.shape[0])
         step, layout, results, seconds = self._run(doc_id, token_ids, configs, agreement=False)
         variants = self.hooked.variants(token_ids)
-        rows = layout.rows(doc_id, variants, results, seconds, [step.kv_bytes] * len(seconds))
+        kv_bytes = [step.kv_bytes] * len(seconds)
+        rows = layout.rows(doc_id, variants, results, seconds, kv_bytes, head_kept=head_kept(step, n))
         scores = DocumentScores(
             configs=[c.label for c in layout.configs],
             scores=torch.stack(step.state.scores, dim=1)[..., :n].cpu(),

@@ -169,11 +169,13 @@ class DocumentLayout:
         kv_bytes: list[int],
         answer: AnswerSpan | None = None,
         bounds: list[tuple[int, int]] | None = None,
+        head_kept: list[list[list[int]]] | None = None,
     ) -> pa.Table:
         """One row per (chunk, config) in ROW_SCHEMA, from the per-chunk [chunks, B] results
         (on the CPU). The hidden reference row, if any, is not written. ``bounds``: the chunks
         the document ran in when not the chunk size's (a question task's prompt), the last one
-        ending with the document."""
+        ending with the document. ``head_kept``: per row, [layers][kv-heads] the keys kept at the
+        document's end, written on each config's last chunk row (null elsewhere)."""
         if bounds is None:
             bounds = chunk_bounds(self.n, self.settings.chunk_size)
         n_document = bounds[-1][1]
@@ -210,6 +212,7 @@ class DocumentLayout:
                     "forward_seconds": seconds[k],
                     "kv_cache_bytes": kv_bytes[k],
                     **_optional_columns(results, k, r, answer.targets_in(s, n_targets) if answer else None),
+                    "head_kept": head_kept[r] if head_kept is not None and k == len(bounds) - 1 else None,
                 }
                 for name, value in row.items():
                     columns[name].append(value)
