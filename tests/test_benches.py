@@ -174,3 +174,33 @@ def test_decode_step_prints_one_row_per_batch_size():
     rows = [line for line in out.splitlines() if re.match(r" +\d+ +\d", line)]
     assert [int(numbers(r)[0]) for r in rows] == [1, 2]
     assert numbers(rows[0])[-1] == 1.0 and all(math.isfinite(x) and x >= 0 for r in rows for x in numbers(r))
+
+
+@pytest.mark.slow  # a Ray job with a calibration (about a minute): the full suite runs it, the fast loop does not
+def test_calibration_cost_splits_the_run_into_its_parts(tiny_model_dir):
+    out = run_bench(
+        "calibration_cost.py", "--model", tiny_model_dir, "--max-docs", "1", "--max-tokens", "384",
+        "--methods", "baseline,knorm", "--densities", "0.5",
+    )  # fmt: skip
+    rows = {line[:34].strip(): numbers(line[34:]) for line in out.splitlines() if line[:1].isalpha()}
+    parts = [name for name in rows if name.startswith(("start-up", "calibration (", "between", "sweep ("))]
+    assert len(parts) == 4 and rows["total"][0] > 0
+    assert abs(sum(rows[p][0] for p in parts) - rows["total"][0]) < 0.5  # the parts add up to the wall time
+    assert all(rows[p][-1] > 0 for p in parts if p.startswith(("calibration (", "sweep (")))  # token-configs
+    assert re.search(r"calibration / sweep: [\d.]+x in seconds, [\d.]+x in token-configs", out)
+
+
+def test_head_layouts_times_every_layout_against_padded_with_its_bytes():
+    """Each layout's output is checked against padded's inside the script; here the table: one
+    row per (profile, layout), finite, padded first (x 1), ideal holding exactly what is held."""
+    out = run_bench(
+        "head_layouts.py", "--positions", "128", "--rows", "2", "--layers", "2", "--bands", "2", "--repeats", "1",
+        "--chunk", "16",
+    )  # fmt: skip
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("128")]
+    assert [(r[1], r[2]) for r in rows] == [
+        (p, layout) for p in ("threshold", "adakv", "uniform") for layout in ("padded", "bands:2", "ideal")
+    ]
+    assert all(math.isfinite(x) for r in rows for x in numbers(" ".join(r[3:])))
+    assert all(float(r[4]) == 1.0 for r in rows if r[2] == "padded")
+    assert all(float(r[6]) == 1.0 for r in rows if r[2] == "ideal")

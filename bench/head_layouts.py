@@ -1,0 +1,190 @@
+"""Layouts for a held cache sized per (layer, kv-head) (issue 36, "a cache sized per head"),
+measured before building one: one chunk's attention over the keys each (config, kv-head) holds,
+when heads hold unevenly many, in each layout, with the bytes its key/value tensors take.
+
+Today's held band gives every (row, kv-head) of a band the slots of its densest one (``padded``).
+The candidates:
+
+- ``bands:B``: *quantile bands*. Per layer, the (row, kv-head)s sorted by what they hold; band b
+  takes the same ranks in every layer, with the slots of the largest need at those ranks over all
+  layers (rounded up as workers/engine/capacity.py rounds). Shapes are then equal in every layer
+  (one compiled layer region still serves all), and which (row, kv-head) sits in which band is a
+  per-layer index tensor: a gather of the queries in, a scatter of the outputs out.
+- ``ideal``: every (row, kv-head) attended alone over exactly what it holds (a Python loop, the
+  lower bound of the work, not a candidate for the step).
+
+Needs per (layer, row, kv-head) are drawn per profile (fixed seed): ``threshold`` has the shape
+BENCHMARKS.md measured for knorm@-16 at 16k tokens (the densest head keeps every key, the mean one
+about 0.31 of them); ``adakv`` spreads a ratio-0.5 budget between heads (shares 0.1 to 0.9 of the
+document, mean 0.5); ``uniform`` is every head alike (the layouts must cost what padded costs).
+The same queries, keys and values go through every layout, and each layout's output is checked
+against ``padded``'s (float32, 1e-4) before it is timed.
+
+    python bench/head_layouts.py --positions 4096,16384 --profiles threshold,adakv,uniform
+    python bench/head_layouts.py --positions 256 --rows 2 --layers 2 --repeats 1   # smoke size
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from workers.engine import capacity
+
+PROFILES = ("threshold", "adakv", "uniform")
+
+
+def needs_of(profile: str, layers: int, rows: int, kv_heads: int, positions: int, seed: int) -> torch.Tensor:
+    """[layers, rows, kv-heads] keys held before a chunk, per the profile (module docstring)."""
+    g = torch.Generator().manual_seed(seed)
+    if profile == "uniform":
+        shares = torch.full((layers, rows, kv_heads), 0.5)
+    elif profile == "adakv":
+        shares = (0.5 + 0.4 * (2 * torch.rand(layers, rows, kv_heads, generator=g) - 1)).clamp(0.1, 0.9)
+    else:  # threshold: lognormal spread, mean 0.31, the densest head full
+        raw = torch.exp(1.2 * torch.randn(layers, rows, kv_heads, generator=g))
+        shares = (raw * 0.31 / raw.mean()).clamp(max=1.0)
+        shares.view(-1)[int(shares.argmax())] = 1.0
+    return (shares * positions).round().long().clamp(min=1)
+
+
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+    """query [n, G, c, D] (a kv-head's query heads folded), keys/values [n, S, D], held [n]: the
+    first held[i] slots of row i are its keys (what a held band holds: keys first, empties after)."""
+    n, groups, c, d = query.shape
+    mask = (torch.arange(keys.shape[1], device=keys.device) < held[:, None])[:, None, :].expand(n, groups * c, -1)
+    out = F.scaled_dot_product_attention(query.reshape(n, groups * c, d), keys, values, attn_mask=mask)
+    return out.reshape(n, groups, c, d)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Padded:
+    """Today: every (row, kv-head) of the layer in one block of the densest one's slots."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, needs: torch.Tensor) -> None:
+        slots = capacity.slots(int(needs.max()), 0, keys.shape[1])
+        self.keys, self.values = keys[:, :slots].contiguous(), values[:, :slots].contiguous()
+        self.needs = needs
+        self.nbytes = self.keys.nbytes + self.values.nbytes
+
+    def run(self, query: torch.Tensor) -> torch.Tensor:
+        return attend(query, self.keys, self.values, self.needs)
+
+
+class QuantileBands:
+    """Band b takes ranks [edges[b], edges[b+1]) of every layer's (row, kv-head)s sorted by need,
+    with the slots of the largest need at those ranks over all layers: equal shapes per layer.
+    Each band's keys live in a tensor of their own (built here, untimed); a chunk gathers each
+    band's queries in and scatters its outputs back (timed)."""
+
+    def __init__(self, all_needs: torch.Tensor, n_bands: int, keys, values, needs: torch.Tensor) -> None:
+        ranked = all_needs.flatten(1).sort(dim=-1).values  # [layers, rows x kv-heads]
+        count = ranked.shape[-1]
+        edges = [round(b * count / n_bands) for b in range(n_bands + 1)]
+        order = needs.argsort()
+        self.bands = []
+        for lo, hi in zip(edges, edges[1:], strict=False):
+            slots = capacity.slots(int(ranked[:, hi - 1].max()), 0, keys.shape[1])
+            which = order[lo:hi]
+            band_keys, band_values = keys[which, :slots].contiguous(), values[which, :slots].contiguous()
+            self.bands.append((which, band_keys, band_values, needs[which]))
+        self.nbytes = sum(k.nbytes + v.nbytes for _, k, v, _ in self.bands)
+
+    def run(self, query: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(query)
+        for which, keys, values, needs in self.bands:
+            out.index_copy_(0, which, attend(query.index_select(0, which), keys, values, needs))
+        return out
+
+
+class Ideal:
+    """Every (row, kv-head) alone over exactly what it holds: the lower bound of the work."""
+
+    def __init__(self, keys, values, needs: torch.Tensor) -> None:
+        self.heads = [(keys[i : i + 1, :n].contiguous(), values[i : i + 1, :n].contiguous()) for i, n in
+                      enumerate(needs.tolist())]  # fmt: skip
+        self.needs = needs
+        self.nbytes = sum(k.nbytes + v.nbytes for k, v in self.heads)
+
+    def run(self, query: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(query)
+        for i, (keys, values) in enumerate(self.heads):
+            out[i : i + 1] = attend(query[i : i + 1], keys, values, self.needs[i : i + 1])
+        return out
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """The best of ``repeats`` runs after one untimed one (seconds)."""
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        sync(device)
+        tic = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - tic)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--positions", default="4096,16384", help="document lengths: what a full head holds")
+    parser.add_argument("--profiles", default=",".join(PROFILES))
+    parser.add_argument("--bands", default="2,4,8", help="quantile band counts to time")
+    parser.add_argument("--rows", type=int, default=5, help="configs of the batch")
+    parser.add_argument("--layers", type=int, default=30, help="layers whose needs size the bands (SmolLM2: 30)")
+    parser.add_argument("--kv-heads", type=int, default=3)
+    parser.add_argument("--groups", type=int, default=3, help="query heads per kv-head")
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    machine = f"{platform.processor() or platform.machine()} ({device})"
+    print(f"# {machine}, torch {torch.__version__}, {args.threads} threads, "
+          f"load {os.getloadavg()[0]:.1f}; per chunk of {args.chunk} queries, one layer, {args.rows} configs x "
+          f"{args.kv_heads} kv-heads x {args.groups} query heads, head_dim {args.head_dim}, float32")  # fmt: skip
+    print(f"{'positions':>9} {'profile':>9} {'layout':>8} {'ms':>8} {'x padded':>8} {'MiB':>8} {'x held':>7}")
+    for positions in (int(p) for p in args.positions.split(",")):
+        for profile in args.profiles.split(","):
+            needs = needs_of(profile, args.layers, args.rows, args.kv_heads, positions, args.seed)
+            layer = int(needs.flatten(1).max(dim=1).values.argmax())  # the layer with the densest head
+            needs_layer = needs[layer].flatten()
+            n = needs_layer.shape[0]
+            g = torch.Generator().manual_seed(args.seed + 1)
+            query = torch.randn(n, args.groups, args.chunk, args.head_dim, generator=g).to(device)
+            keys = torch.randn(n, positions, args.head_dim, generator=g).to(device)
+            values = torch.randn(n, positions, args.head_dim, generator=g).to(device)
+            needs_layer = needs_layer.to(device)
+            layouts = {"padded": Padded(keys, values, needs_layer)}
+            for b in (int(x) for x in args.bands.split(",")):
+                layouts[f"bands:{b}"] = QuantileBands(needs, b, keys, values, needs_layer)
+            layouts["ideal"] = Ideal(keys, values, needs_layer)
+            reference = layouts["padded"].run(query)
+            held = 2 * int(needs_layer.sum()) * args.head_dim * keys.element_size()
+            base = None
+            for name, layout in layouts.items():
+                torch.testing.assert_close(layout.run(query), reference, rtol=1e-4, atol=1e-4)
+                seconds = timed(lambda layout=layout, query=query: layout.run(query), args.repeats, device)
+                nbytes = layout.nbytes
+                base = base or seconds
+                print(f"{positions:>9} {profile:>9} {name:>8} {1e3 * seconds:>8.2f} {seconds / base:>8.3f} "
+                      f"{nbytes / 2**20:>8.2f} {nbytes / held:>7.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
