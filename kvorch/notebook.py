@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from orchestrator.errors import KvorchError
 from orchestrator.lake import integrity, readonly
-from orchestrator.lake.queries import arrow_of, connect, nearby_hint, no_runs, run_order
+from orchestrator.lake.queries import connect, nearby_hint, no_runs, run_order
 from orchestrator.lake.store import Lake
 from orchestrator.reports.densities import DEFAULT_TARGETS
 from orchestrator.reports.tables import RunReport, table_parameters
@@ -127,7 +127,8 @@ class LakeReader:
         con = self._sealed_connection(memory_limit)
         for line in integrity.left_out(self._audits):
             _warn(line)
-        return readonly.run(con, query, _fetch_arrow, params, limits)
+        table = readonly.run(con, query, lambda c, q, p: readonly.fetch_table(c, q, p, limits), params, limits)
+        return pa.table({}) if table is None else table
 
     def _sealed_connection(self, memory_limit: str) -> duckdb.DuckDBPyConnection:
         self._connection()  # closed: the one-line error
@@ -175,11 +176,6 @@ class LakeReader:
                 f"run {run!r} was written to lake {self.uri} after it was opened; open it again to read that run"
             )
         return run  # RunReport refuses a run that is not in the lake
-
-
-def _fetch_arrow(con: duckdb.DuckDBPyConnection, query: str, params: Any) -> pa.Table:
-    relation = con.sql(query, params=params)
-    return pa.table({}) if relation is None else arrow_of(relation)
 
 
 def _warn(message: str) -> None:

@@ -89,3 +89,10 @@ def test_a_sql_result_larger_than_the_memory_limit_is_one_line_and_not_printed(t
     assert "larger than --memory-limit 10MB" in many.output
     small = sql("SELECT 41 + 1 AS answer")
     assert small.exit_code == 0 and small.output.split() == ["answer", "------", "42"], small.output
+    import kvorch
+    from orchestrator.errors import KvorchError
+
+    with kvorch.open_lake(lake.uri) as nb:  # the notebook API fetches through the same bound
+        with pytest.raises(KvorchError, match="larger than memory_limit= 10MB"):
+            nb.sql("SELECT repeat('x', 20000000)", memory_limit="10MB")
+        assert nb.sql("SELECT sum(range) AS n FROM range(10)", memory_limit="10MB").to_pylist() == [{"n": 45}]

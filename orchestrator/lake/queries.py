@@ -321,7 +321,11 @@ def arrow_of(relation: duckdb.DuckDBPyRelation) -> pa.Table:
     would hold Decimal objects); whole-number decimal columns become int64 when every value fits,
     as the rows path gives Python ints. A column with a larger value keeps its exact decimals.
     """
-    table = relation.to_arrow_table()
+    return whole_decimals_as_ints(relation.to_arrow_table())
+
+
+def whole_decimals_as_ints(table: pa.Table) -> pa.Table:
+    """``table`` with each whole-number decimal column as int64 where every value fits (:func:`arrow_of`)."""
     for i, field in enumerate(table.schema):
         if pa.types.is_decimal(field.type) and field.type.scale == 0:
             try:

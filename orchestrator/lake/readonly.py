@@ -41,6 +41,7 @@ from orchestrator.lake.queries import (
     no_runs,
     quote,
     run_relations,
+    whole_decimals_as_ints,
 )
 from orchestrator.lake.store import Lake
 from workers.contract.schema import CHUNK_SCHEMA, DOC_SCHEMA, HEADS_SCHEMA, PARTITION_COLUMNS, SCORES_SCHEMA
@@ -228,16 +229,25 @@ def run(
 def fetch_bounded(
     con: duckdb.DuckDBPyConnection, query: str, params: Any, limits: Limits
 ) -> tuple[list[str], list[tuple]] | None:
-    """``query``'s columns and rows (None for a statement without a result), fetched in Arrow
-    batches that together stay within the connection's memory limit: DuckDB's limit bounds
-    what it holds, not the result handed to Python, which a ``SELECT repeat('x', 400000000)``
-    under 200 MB once grew to 2.9 GB while being converted and printed. A result over the
-    limit is one line naming ``limits.memory_knob``; nothing of it is printed."""
+    """``query``'s columns and rows (None for a statement without a result), within the memory
+    limit (:func:`fetch_table`)."""
+    table = fetch_table(con, query, params, limits)
+    if table is None:
+        return None
+    return table.column_names, [tuple(row.values()) for row in table.to_pylist()]
+
+
+def fetch_table(con: duckdb.DuckDBPyConnection, query: str, params: Any, limits: Limits) -> pa.Table | None:
+    """``query``'s result as Arrow (None for a statement without one), fetched in batches that
+    together stay within the connection's memory limit: DuckDB's limit bounds what it holds, not
+    the result handed to Python, which a ``SELECT repeat('x', 400000000)`` under 200 MB once grew
+    to 2.9 GB while being converted and printed. A result over the limit is one line naming
+    ``limits.memory_knob``; nothing of it is returned. ``kvorch sql`` and ``LakeReader.sql`` both
+    fetch here."""
     budget = memory_bytes(con)
     relation = con.sql(query, params=params)
     if relation is None:
         return None
-    columns = list(relation.columns)
     reader = relation.to_arrow_reader(2048)
     batches, held = [], 0
     for batch in reader:
@@ -248,8 +258,7 @@ def fetch_bounded(
                 f"add a LIMIT, or raise {limits.memory_knob}"
             )
         batches.append(batch)
-    table = pa.Table.from_batches(batches, schema=reader.schema)
-    return columns, [tuple(row.values()) for row in table.to_pylist()]
+    return whole_decimals_as_ints(pa.Table.from_batches(batches, schema=reader.schema))
 
 
 _UNITS = {"bytes": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "pib": 1 << 50}
