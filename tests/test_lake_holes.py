@@ -23,7 +23,7 @@ from orchestrator.errors import KvorchError
 from orchestrator.lake import incomplete, integrity
 from orchestrator.lake.store import Lake
 from orchestrator.reports.plots import PLOTS_RECORD, check_plot_dir, write_plots
-from orchestrator.sweep import resume, submission
+from orchestrator.sweep import attempts, resume, submission
 from orchestrator.sweep.run_lock import RunLock
 from tests.test_lake_and_report import row
 from workers.contract.schema import DOC_SCHEMA, ROW_SCHEMA
@@ -225,7 +225,9 @@ def test_a_status_json_of_the_wrong_shape_hides_no_run(two_runs, payload):
     assert ("r1", "finished") in _sql(two_runs, "SELECT run_id, status FROM statuses")
     # The resume search of kvorch submit reads every run's status: it goes on to a fresh run.
     assert resume.choose_run(two_runs, None, "no-such-hash", {}, must_exist=False).previous is None
-    assert resume.shown_state(payload if isinstance(payload, dict) else None) in {"unknown", "finished"}
+    assert resume.shown_state(payload) in {"unknown", "finished"}
+    # A resume of the run itself reads its attempts and incomplete configs through the same check.
+    assert attempts.number(payload) >= 2 and incomplete.recorded(payload) == []
     assert snapshot(Path(two_runs.root)) == before
 
 

@@ -165,7 +165,7 @@ class Lake:
         """Remove ``path`` and its parents up to ``up_to`` while each is empty. Never a recursive
         delete: another submission may have started writing into a lake this one just created."""
         while True:
-            if self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+            if self.link_on(path) or self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
                 return
             try:
                 self.fs.delete_dir(path)
