@@ -336,3 +336,15 @@ def test_report_plots_head_budgets_as_a_heatmap_per_config(model, tmp_path):
     assert result.exit_code == 0, result.output
     image = matplotlib.image.imread(tmp_path / "plots" / "head_budgets.png")
     assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_a_bad_allocation_on_the_command_line_is_one_line_before_anything_runs(tmp_path):
+    from tests.test_reports import kvorch
+
+    lake = tmp_path / "lake"
+    args = ["submit", "--methods", "knorm", "--policy", "budget", "--budgets", "256", "--lake", str(lake)]
+    result = kvorch(*args, "--allocation", "uniform,skewed")
+    assert result.exit_code == 1 and "allocation 'skewed' is unknown" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not lake.exists()
+    result = kvorch("submit", "--methods", "knorm", "--allocation", "adakv", "--lake", str(lake))
+    assert result.exit_code == 1 and "use --policy ratio or budget" in result.output and not lake.exists()
