@@ -25,6 +25,7 @@ from tests.families import (
 )
 from tests.helpers import full_forward_nll
 from workers.actor import EvalWorker
+from workers.contract.allocation import parse_allocation
 from workers.contract.configs import EvalConfig
 from workers.contract.plan import MODEL_LEVEL, WorkerSettings
 from workers.contract.settings import EngineSettings
@@ -55,12 +56,17 @@ def test_baseline_equals_the_families_full_forward(family, settings):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_static_shapes_keep_the_exact_paths_keys_on_every_family(family):
-    """Every press the family supports, at the compiled step's static shapes and at exact ones:
-    the same keys kept and the same NLL, with each family's windows, soft-caps and RoPE."""
+    """Every press the family supports, and knorm under adakv and pyramidkv, at the compiled step's
+    static shapes and at exact ones: the same keys kept and the same NLL, with each family's
+    windows, soft-caps and RoPE."""
     model, tokens = tiny_decoder(family), document()
     has_rope = getattr(model.base_model, "rotary_emb", None) is not None
     presses = [p for p in PRESSES if has_rope or p != "expected_attention"]  # refused without RoPE
     configs = [EvalConfig(REGISTRY[p](), REGISTRY[p].default_thresholds[0]) for p in presses]
+    configs += [  # budgets moved between heads (adakv) and layers (pyramidkv), per layer inside one region
+        EvalConfig(REGISTRY["knorm"](), ratio=0.5, allocation=parse_allocation(text))
+        for text in ("adakv", "pyramidkv:beta=2")
+    ]
     eager = Engine(model, EngineSettings(16, 8, static=False)).evaluate("d", tokens, configs).to_pylist()
     step = Engine(model, EngineSettings(16, 8, static=True)).evaluate("d", tokens, configs).to_pylist()
     for a, b in zip(eager, step, strict=True):
