@@ -31,11 +31,8 @@ from workers.contract.defaults import ALL_METHODS
 
 # The report tables the plots are drawn from.
 PLOTTED_TABLES = ("pareto", "frontier", "paired", "by_position", "retrieval", "answers")
-# Every file write_plots may write, and the record of what it wrote (name -> sha256): a file of
-# these names is replaced only when that record shows kvorch wrote it and no one changed it since.
-PLOT_FILES = (
-    "frontier.png", "kl.png", "by_position.png", "retrieval.png", "answers.png", "head_budgets.png", "index.html",
-)  # fmt: skip
+# The record of what write_plots wrote into a directory (name -> sha256): a file of a name it is
+# about to write is replaced only when that record shows kvorch wrote it and no one changed it since.
 PLOTS_RECORD = ".kvorch-plots.json"
 # The colours of --methods all, in registry order (baseline black, then matplotlib's tab10).
 METHOD_COLOURS = dict(
@@ -78,14 +75,14 @@ def write_plots(
     import matplotlib.pyplot as plt
 
     out = Path(directory)
-    check_plot_dir(out)
+    figures = plot_figures(run_id, tables, densities)
+    check_plot_dir(out, [*figures, "index.html"])  # the names this call writes, before it writes any
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise KvorchError(
             f"cannot create plot directory {directory} ({exc.strerror}); pass a writable --plot"
         ) from None
-    figures = plot_figures(run_id, tables, densities)
     paths = []
     for name, fig in figures.items():
         paths.append(out / name)
@@ -111,7 +108,7 @@ def write_plots(
     return [*paths, page]
 
 
-def check_plot_dir(out: Path) -> None:
+def check_plot_dir(out: Path, names: Sequence[str]) -> None:
     """Refuse, before anything is written, a ``--plot`` directory holding a file of a plot's name
     that kvorch did not write there (a user's own ``index.html``) or that changed since, and any
     link of such a name: a report never overwrites what it did not make."""
@@ -120,7 +117,7 @@ def check_plot_dir(out: Path) -> None:
     except (OSError, ValueError):
         record = {}
     record = record if isinstance(record, dict) else {}
-    for name in (*PLOT_FILES, PLOTS_RECORD):
+    for name in (*names, PLOTS_RECORD):
         path = out / name
         if not path.is_symlink() and not path.exists():
             continue
