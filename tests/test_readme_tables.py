@@ -1,0 +1,75 @@
+"""The docs' printed tables are what the commands print (issue 39, point 8: the README's --wide
+table once differed from the command's output in the 4th digit of 5 rows).
+tests/readme_tables.py regenerates them; these tests hold it to that."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from orchestrator.lake.store import Lake
+from tests.readme_tables import PAGES, ROOT, marked_blocks, printed, regenerate
+from tests.test_lake_and_report import row
+from tests.test_readme import kvorch_path
+from workers.contract.schema import ROW_SCHEMA
+
+
+def test_every_marked_block_names_a_kvorch_command_that_parses():
+    blocks = [b for page in PAGES for b in marked_blocks(page)]
+    assert {(b.page.name, b.command) for b in blocks} >= {
+        ("README.md", "kvorch report"),
+        ("reports.md", "kvorch report --wide"),
+    }
+    for block in blocks:
+        kvorch_path([*shlex.split(block.command)[1:], "--lake", "x"])
+
+
+@pytest.fixture
+def lake(tmp_path) -> Lake:
+    lake = Lake(str(tmp_path / "lake"))
+    lake.write_spec("r1", {"model": "m"})
+    rows = [
+        row("a", 0, "baseline", "baseline", 10.0, 10, 5, 0, 0, 0, 0),
+        row("a", 1, "baseline", "baseline", 20.0, 10, 4, 40, 40, 16, 16),
+        row("a", 0, "knorm", "knorm@-2", 10.0, 10, 5, 0, 0, 0, 0, -2.0),
+        row("a", 1, "knorm", "knorm@-2", 23.0, 10, 3, 40, 28, 16, 20, -2.0),
+    ]
+    lake.write_rows("r1", "t0", pa.Table.from_pylist(rows, schema=ROW_SCHEMA))
+    return lake
+
+
+def test_a_stale_block_is_found_and_rewritten_to_the_commands_output(tmp_path, lake):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Intro.\n\n<!-- printed by: kvorch report -->\n```\nstale table\n```\n\nMiddle.\n\n"
+        "<!-- printed by: kvorch runs --format csv -->\n```\nold\nlines\n```\nEnd.\n"
+    )
+    assert regenerate(lake.uri, (page,), check=True) == [f"{page}: kvorch report", f"{page}: kvorch runs --format csv"]
+    assert "stale table" in page.read_text()  # --check writes nothing
+    regenerate(lake.uri, (page,))
+    text = page.read_text()
+    report, runs = printed("kvorch report", lake.uri), printed("kvorch runs --format csv", lake.uri)
+    assert text == (
+        f"Intro.\n\n<!-- printed by: kvorch report -->\n```\n{report}```\n\nMiddle.\n\n"
+        f"<!-- printed by: kvorch runs --format csv -->\n```\n{runs}```\nEnd.\n"
+    )
+    assert "knorm@-2" in report and regenerate(lake.uri, (page,), check=True) == []
+
+
+@pytest.mark.slow
+def test_the_docs_tables_are_what_the_default_run_prints(tmp_path):
+    """The README's first command's job, as written, then every marked block compared with what
+    the commands print on its lake (about 3 minutes on 2 cores)."""
+    lake = tmp_path / "kvorch-lake"
+    kvorch = str(Path(sys.executable).parent / "kvorch")
+    submit = [kvorch, "submit", "--methods", "all", "--lake", str(lake), "--no-progress"]
+    done = subprocess.run(submit, cwd=tmp_path, capture_output=True, text=True, timeout=3600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    check = [sys.executable, "-m", "tests.readme_tables", "--lake", str(lake), "--check"]
+    compared = subprocess.run(check, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert compared.returncode == 0, compared.stdout + compared.stderr
