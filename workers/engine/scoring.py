@@ -153,6 +153,7 @@ class GroupScoring:
             queries=t.query[rows],
             doc_seed=self.inputs["doc_seed"],
             scored=scored,
+            kept=t.keep[plan.rows],
             attention=attention_probs,
             attention_rows=attention_rows,
             prerope_queries=prerope,

@@ -62,7 +62,8 @@ class LayerContext:
     query_positions: torch.Tensor  # [c] int64: start + 0..c-1
     # keys_at(positions [S]) -> [B, Hkv, S, D]: the post-RoPE keys (values) at those positions,
     # this chunk's already written. The cache holds what each config keeps (workers/engine/
-    # cache.py), so a key the config evicted reads as zeros: only its score, never read again.
+    # cache.py), so a key the config evicted reads as zeros under the held cache (the masked cache
+    # still stores it): a press that reads other keys than those it scores masks them by ``kept``.
     keys_at: Callable[[torch.Tensor], torch.Tensor]
     values_at: Callable[[torch.Tensor], torch.Tensor]
     kv_heads: int
@@ -75,6 +76,11 @@ class LayerContext:
     # many as can be undecided (clamped to T - 1: repeats, like positions at or past ``end``, are
     # ignored).
     scored: torch.Tensor | None = None
+    # [B, Hkv, T] bool: the keys the config still holds (evicted: False), whichever the cache
+    # (a masked cache still stores evicted keys, so keys_at alone cannot tell); positions at or
+    # past ``end`` are not real. For a press whose score of one key reads the others (KeyDiff's
+    # mean key).
+    kept: torch.Tensor | None = None
     # With needs_attention: [B, H, q, T] probabilities of the press's q observing queries (the last
     # ``attention_queries`` real ones, or all c) over positions, zero for keys the config no longer
     # holds; rows that are not real queries all zero.

@@ -7,9 +7,8 @@ point (it runs with kernels that never materialise attention).
 
 The paper evicts block by block against the anchor of what the cache holds; kvpress scores
 the keys of one call. kvorch rescores every undecided key each chunk against the anchor of the
-keys the config still holds (a key it evicted reads as zeros and adds nothing to the anchor;
-the cosine does not depend on the anchor's scale), so a key is judged by the cache it would stay
-in. On one chunk covering the document this is kvpress's score.
+keys the config still holds (``LayerContext.kept``; the cosine does not depend on the anchor's
+scale), so a key is judged by the cache it would stay in. On one chunk covering the document this is kvpress's score.
 """
 
 from __future__ import annotations
@@ -32,6 +31,9 @@ class KeyDiffPress(Press):
     reads_keys = True
 
     def score(self, ctx: LayerContext, state: None) -> torch.Tensor:
-        held = (ctx.positions < ctx.end).float()[:, None]  # [T, 1]: keys that exist yet
-        anchor = (F.normalize(ctx.keys_at(ctx.positions).float(), dim=-1) * held).sum(dim=2, keepdim=True)
+        held = ctx.positions < ctx.end  # [T]: keys that exist yet
+        if ctx.kept is not None:  # and the config still holds
+            held = held & ctx.kept
+        unit = F.normalize(ctx.keys_at(ctx.positions).float(), dim=-1) * held[..., None].float()
+        anchor = unit.sum(dim=2, keepdim=True)
         return -F.cosine_similarity(ctx.keys_at(ctx.scored).float(), anchor, dim=-1)

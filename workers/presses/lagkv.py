@@ -14,8 +14,8 @@ kvorch rescores every undecided key each chunk, so a key is judged once its refe
 arrived: the local window this press protects, ``protected_window`` = 256 by default, is
 2 x ``lag_size``, the span after which every key's reference is complete (a smaller one judges
 the keys whose reference is not complete as kept). Under the ratio and budget policies the
-reference is the keys of the next partition the config still holds (an evicted key reads as
-zeros and is left out of the range).
+reference is the keys of the next partition the config still holds (``LayerContext.kept``), and
+the softmax is over the partition's held keys (an evicted one takes the partition's lowest rank).
 """
 
 from __future__ import annotations
@@ -49,12 +49,14 @@ class LagKVPress(Press):
         part = torch.div(positions - self.n_sink, size, rounding_mode="floor")  # [T]: -1 for the sinks
         index = (part + 1).clamp(min=0)  # [T]: 0 for the sinks, p + 1 for partition p
         keys = ctx.keys_at(positions).float()
-        held = (positions >= self.n_sink) & (positions < ctx.end) & (keys.abs().sum(dim=-1) > 0)  # [B, Hkv, T]
+        held = (positions >= self.n_sink) & (positions < ctx.end)  # [T]
+        held = (held & ctx.kept if ctx.kept is not None else held).expand(keys.shape[:3])  # [B, Hkv, T]
         complete = (positions >= self.n_sink) & (self.n_sink + (part + 2) * size <= ctx.end)  # [T]
-        key_score = _partition_softmax(_lag_spread(keys, index, held, n_parts), index, complete, n_parts)
+        members = complete & held  # [B, Hkv, T]: the held keys of complete partitions
+        key_score = _partition_softmax(_lag_spread(keys, index, held, n_parts), index, members, n_parts)
         values = ctx.values_at(positions).float()
-        value_score = _partition_softmax(_lag_spread(values, index, held, n_parts), index, complete, n_parts)
-        spread = (key_score + value_score) / 2
+        value_score = _partition_softmax(_lag_spread(values, index, held, n_parts), index, members, n_parts)
+        spread = torch.where(members, (key_score + value_score) / 2, -1.0)  # evicted keys rank lowest
         # rank inside the partition: sort by score, then (stably) by partition, so partition p
         # takes the ranks n_sink + p * size onward
         order = torch.sort(spread, dim=-1, stable=True).indices
@@ -78,11 +80,11 @@ def _lag_spread(x: torch.Tensor, index: torch.Tensor, held: torch.Tensor, n_part
     return ((x - low) / (high - low)).std(dim=-1)
 
 
-def _partition_softmax(x: torch.Tensor, index: torch.Tensor, complete: torch.Tensor, n_parts: int) -> torch.Tensor:
-    """[B, Hkv, T]: softmax of x over the positions of each complete partition (0 elsewhere)."""
-    x = torch.where(complete, x, 0.0)
+def _partition_softmax(x: torch.Tensor, index: torch.Tensor, members: torch.Tensor, n_parts: int) -> torch.Tensor:
+    """[B, Hkv, T]: softmax of x over each partition's ``members`` (0 elsewhere)."""
+    x = torch.where(members, x, 0.0)
     at = index.expand_as(x)
     shape = (*x.shape[:2], n_parts)
     peak = x.new_full(shape, -torch.inf).scatter_reduce(2, at, x, "amax")
-    e = torch.where(complete, torch.exp(x - peak.gather(2, at)), 0.0)
+    e = torch.where(members, torch.exp(x - peak.gather(2, at)), 0.0)
     return e / x.new_zeros(shape).scatter_add(2, at, e).gather(2, at).clamp(min=torch.finfo(x.dtype).tiny)
