@@ -204,3 +204,14 @@ def test_head_layouts_times_every_layout_against_padded_with_its_bytes():
     assert all(math.isfinite(x) for r in rows for x in numbers(" ".join(r[3:])))
     assert all(float(r[4]) == 1.0 for r in rows if r[2] == "padded")
     assert all(float(r[6]) == 1.0 for r in rows if r[2] == "ideal")
+
+
+@pytest.mark.slow  # four fresh processes, two of them loading the embedded tokenizer
+def test_driver_bounds_prints_every_case_and_the_same_ids():
+    out = run_bench("driver_bounds.py", "--mb", "0.2", "--sql-mb", "20", "--memory-limit", "10MB")
+    rows = [line for line in out.splitlines()[1:] if line.strip()]
+    assert len(rows) == 4, out
+    assert rows[0].split("ids, sha")[1] == rows[1].split("ids, sha")[1]  # the prefix gives the whole text's ids
+    assert "refused" in rows[3] and "printed" in rows[2], out
+    for row in rows:
+        assert all(math.isfinite(x) for x in numbers(row)), row
