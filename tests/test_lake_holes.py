@@ -226,6 +226,9 @@ def test_a_status_json_of_the_wrong_shape_hides_no_run(two_runs, payload):
         assert result.exit_code == 0, (args, result.output)
         assert "Traceback" not in result.output
     assert ("r1", "finished") in _sql(two_runs, "SELECT run_id, status FROM statuses")
+    for args in (["sql", "SELECT 1"], ["runs"]):  # the run left out is named, in one line
+        result = CliRunner().invoke(main, [args[0], "--lake", two_runs.uri, *args[1:]])
+        assert "status.json is damaged" in result.stderr and "left out of statuses" in result.stderr, args
     # The resume search of kvorch submit reads every run's status: it goes on to a fresh run.
     assert resume.choose_run(two_runs, None, "no-such-hash", {}, must_exist=False).previous is None
     assert resume.shown_state(payload) in {"unknown", "finished"}

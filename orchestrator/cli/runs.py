@@ -8,7 +8,7 @@ import duckdb
 
 from orchestrator.cli.options import format_option, local_lake_option, table_width, wide_option
 from orchestrator.errors import KvorchError
-from orchestrator.lake.queries import connect, run_named
+from orchestrator.lake.queries import connect, run_files, run_named
 from orchestrator.lake.store import Lake
 from orchestrator.reports.formatting import render
 from orchestrator.reports.tables import Table, render_tables, run_kind
@@ -53,6 +53,8 @@ def command(lake: str, pair: tuple[str, str] | None, wide: bool, fmt: str) -> No
         _note_tokenization(target, *pair)
     else:
         click.echo(render(columns, rows, fmt))
+    for line in run_files(target).problems:  # a run left out of the views, each in one line
+        click.echo(f"kvorch: warning: {line}", err=True)
 
 
 def _note_tokenization(lake: Lake, run_a: str, run_b: str) -> None:

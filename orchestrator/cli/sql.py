@@ -14,6 +14,7 @@ import click
 
 from orchestrator.cli.options import format_option, local_lake_option
 from orchestrator.lake import integrity, readonly
+from orchestrator.lake.queries import run_files
 from orchestrator.lake.store import Lake
 from orchestrator.reports.formatting import render
 
@@ -49,7 +50,7 @@ def command(lake: str, fmt: str, timeout: float, memory_limit: str, query: str) 
     target = Lake(lake)
     audits = integrity.audit_lake(target)
     con = readonly.connect_sealed(target, audits, memory_limit)
-    for line in integrity.left_out(audits):
+    for line in [*integrity.left_out(audits), *run_files(target).problems]:
         click.echo(f"kvorch: warning: {line}", err=True)
 
     def fetch(con, query, params):

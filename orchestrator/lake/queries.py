@@ -104,7 +104,7 @@ def run_files(lake: Lake) -> RunFiles:
             try:
                 payload = lake.read_json(path)
             except KvorchError as exc:
-                problems.append(f"run {run_id} left out of runs and statuses: {exc}")
+                problems.append(f"run {run_id}: {exc}; left out of {'runs' if name == 'spec.json' else 'statuses'}")
                 continue
             why = run_status.problem(payload) if payload is not None and name == "status.json" else ""
             if why:
