@@ -7,7 +7,9 @@ import json
 import math
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
+import torch
 from click.testing import CliRunner
 
 from orchestrator.cli import main
@@ -183,3 +185,31 @@ def test_bad_densities_on_submit_stop_before_the_lake(tmp_path, tiny_model_dir):
         lines = result.output.strip().splitlines()
         assert result.exit_code == 1 and len(lines) == 1 and fragment in lines[0], (fragment, result.output)
     assert not lake.exists()
+
+
+def test_a_method_with_no_compressible_keys_on_the_held_out_documents_is_one_line(tokens):
+    """h2o protects its 512 most recent keys: on held-out documents of 300 tokens no key is
+    compressible, its density is undefined (null), and the search has nothing to go on. It once
+    died with a TypeError formatting that null."""
+    from types import SimpleNamespace
+
+    from orchestrator.sweep.planner import TokenizedDocument
+
+    engine = Engine(tiny_llama(), EngineSettings(chunk_size=32, window=16))
+
+    class Pool:
+        def map(self, calls, hint, on_each=lambda: None):
+            out = []
+            for call in calls:
+                (task,) = call.args
+                configs = list(task.configs)
+                rows = [engine.evaluate(d.doc_id, torch.tensor(d.token_ids), configs) for d in task.documents]
+                out.append(SimpleNamespace(rows=pa.concat_tables(rows), failures=[]))
+                on_each()
+            return out
+
+    held_out = [TokenizedDocument(Document("held", "x", "test"), tokens.tolist())]
+    measure = calibration.pool_measure(held_out, Pool(), batch_configs=4)
+    assert measure([EvalConfig(KnormPress(), -2.0)])["knorm@-2"] is not None
+    with pytest.raises(KvorchError, match=r"^calibration: h2o@1 has no compressible keys on the held-out documents"):
+        measure([EvalConfig(KnormPress(), -2.0), EvalConfig(H2OPress(), 1.0)])

@@ -253,7 +253,15 @@ def pool_measure(
                 f"calibration: {first.config} failed on held-out document {first.doc_id}: {first.reason}; "
                 "drop it from --methods or run without --densities"
             )
-        return compressible_density(pa.concat_tables([r.rows for r in results]))
+        densities = compressible_density(pa.concat_tables([r.rows for r in results]))
+        empty = [c.label for c in configs if densities.get(c.label) is None]
+        if empty:  # every key protected (h2o's 512-key window on documents of 512 tokens): nothing to search
+            raise KvorchError(
+                f"calibration: {empty[0]} has no compressible keys on the held-out documents (its protected "
+                "regions cover them), so no threshold changes its density; raise --max-tokens or drop it from "
+                "--methods"
+            )
+        return densities
 
     return measure
 
