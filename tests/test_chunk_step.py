@@ -31,6 +31,7 @@ from workers.engine.core import Engine, ExecutionPath
 from workers.presses import REGISTRY, parse_method
 from workers.presses.kvzap import build_surrogate, save_surrogate
 from workers.studies.head_stats import HeadStatsProbe
+from workers.studies.qfilters import save_qfilters
 
 CHUNK, WINDOW = 32, 32
 
@@ -61,12 +62,12 @@ def every_builtin_config(surrogate_dir: str) -> list[EvalConfig]:
         EvalConfig(parse_method("expected_attention"), ratio=0.3, allocation=Allocation("pyramidkv", beta=2)),
         EvalConfig(parse_method("knorm"), budget=60, allocation=Allocation("file", shares=((1, 3), (2, 2)), name="f")),
     ]
-    return configs + leaderboard_configs()
+    return configs + leaderboard_configs(surrogate_dir)
 
 
-def leaderboard_configs() -> list[EvalConfig]:
+def leaderboard_configs(surrogate_dir: str) -> list[EvalConfig]:
     """The presses of issue 37 under the threshold, ratio and budget policies (LagKV with a lag
-    the 250-token document holds several of)."""
+    the 250-token document holds several of; Q-Filters saved next to the KVzap surrogate)."""
     lagkv = "lagkv:lag_size=16,protected_window=32"
     scorers = (("keydiff", -0.3), (lagkv, 0.5), ("leverage", 0.0), ("compactor", 0.0))
     configs = [EvalConfig(parse_method(method), threshold) for method, threshold in scorers]
@@ -75,7 +76,8 @@ def leaderboard_configs() -> list[EvalConfig]:
     wrappers = ("chunkkv:chunk_length=8", "criticalkv", "chunkkv:press=knorm", "criticalkv:press=expected_attention")
     configs += [EvalConfig(parse_method(wrappers[0]), 0.02), EvalConfig(parse_method(wrappers[1]), 0.02)]
     configs += [EvalConfig(parse_method(wrappers[2]), ratio=0.5), EvalConfig(parse_method(wrappers[3]), budget=60)]
-    return configs
+    qfilter = parse_method(f"qfilter:path={surrogate_dir}/qfilters")
+    return configs + [EvalConfig(qfilter, 0.0), EvalConfig(qfilter, ratio=0.5)]
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +88,7 @@ def surrogate_dir(tmp_path_factory) -> str:
         nn.init.normal_(module.weight, std=0.5)
     path = tmp_path_factory.mktemp("kvzap")
     save_surrogate(modules, path, None)
+    save_qfilters(torch.randn(2, 2, 8), path / "qfilters")  # tiny_llama: 2 layers, 2 kv-heads, head_dim 8
     return str(path)
 
 

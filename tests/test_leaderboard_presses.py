@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from tests.helpers import layer_context, tiny_llama
+from workers.contract.settings import EngineSettings
+from workers.engine.core import Engine
 from workers.modeling.rope import LayerRotary, rotate_half
 from workers.presses import StateShape, parse_method
 
@@ -30,13 +32,14 @@ def test_keydiff_is_minus_the_cosine_to_the_mean_unit_key():
     """Rescoring from position 40 of 100: the anchor is over every key before the end, evicted
     ones (zeros) adding nothing."""
     keys, values, queries = random_tensors(100)
-    keys[:, :, 10:20] = 0  # evicted: read as zeros
-    ctx = layer_context(60, 100, 40, keys, values, queries[:, :, 60:])
+    kept = torch.ones(B, HKV, 100, dtype=torch.bool)
+    kept[:, :, 10:20] = False  # evicted: a masked cache still reads them
+    ctx = layer_context(60, 100, 40, keys, values, queries[:, :, 60:], kept=kept)
     scores = parse_method("keydiff").score(ctx, None).numpy()
     k = keys.double().numpy()
     for b in range(B):
         for h in range(HKV):
-            held = [k[b, h, i] for i in range(100) if np.linalg.norm(k[b, h, i]) > 0]
+            held = [k[b, h, i] for i in range(100) if not 10 <= i < 20]
             anchor = np.mean([x / np.linalg.norm(x) for x in held], axis=0)
             for j, pos in enumerate(range(40, 100)):
                 x = k[b, h, pos]
@@ -44,33 +47,43 @@ def test_keydiff_is_minus_the_cosine_to_the_mean_unit_key():
                 assert scores[b, h, j] == pytest.approx(expected, abs=1e-5)
 
 
-def naive_lagkv(k: np.ndarray, v: np.ndarray, end: int, n_sink: int, lag: int) -> np.ndarray:
+def naive_lagkv(k: np.ndarray, v: np.ndarray, end: int, n_sink: int, lag: int, held=None) -> np.ndarray:
     """[end] scores of one head: rank inside the partition / lag of the mean of the key and value
-    spreads softmaxed over the partition; +inf without a complete reference."""
+    spreads softmaxed over the partition's held keys (the evicted ones rank lowest, the reference
+    range over held keys only); +inf without a complete reference."""
+    held = np.ones(end, dtype=bool) if held is None else held
     out = np.full(end, np.inf)
     p = 0
     while n_sink + (p + 2) * lag <= end:
         part = range(n_sink + p * lag, n_sink + (p + 1) * lag)
-        total = np.zeros(lag)
+        alive = held[list(part)]
+        total = np.full(lag, -1.0)
+        total[alive] = 0
         for x in (k, v):
-            ref = x[n_sink + (p + 1) * lag : n_sink + (p + 2) * lag]
+            ref = x[n_sink + (p + 1) * lag : n_sink + (p + 2) * lag][
+                held[n_sink + (p + 1) * lag : n_sink + (p + 2) * lag]
+            ]
             lo, hi = ref.min(axis=0), ref.max(axis=0)
             spread = np.array([((x[i] - lo) / (hi - lo)).std(ddof=1) for i in part])
-            total += np.exp(spread) / np.exp(spread).sum() / 2
+            total[alive] += np.exp(spread[alive]) / np.exp(spread[alive]).sum() / 2
         for rank, i in enumerate(np.argsort(total, kind="stable")):
             out[part[i]] = rank / lag
         p += 1
     return out
 
 
-@pytest.mark.parametrize(("end", "lag"), [(100, 16), (70, 32), (40, 32)])
-def test_lagkv_ranks_each_partition_against_the_next(end, lag):
+@pytest.mark.parametrize(
+    ("end", "lag", "evicted"), [(100, 16, False), (100, 16, True), (70, 32, False), (40, 32, False)]
+)
+def test_lagkv_ranks_each_partition_against_the_next(end, lag, evicted):
     keys, values, queries = random_tensors(end, seed=1)
-    ctx = layer_context(end - 20, end, 0, keys, values, queries[:, :, end - 20 :])
+    kept = torch.rand(B, HKV, end, generator=torch.Generator().manual_seed(3)) > (0.3 if evicted else -1)
+    ctx = layer_context(end - 20, end, 0, keys, values, queries[:, :, end - 20 :], kept=kept)
     scores = parse_method(f"lagkv:lag_size={lag}").score(ctx, None).double().numpy()
     for b in range(B):
         for h in range(HKV):
-            expected = naive_lagkv(keys[b, h].double().numpy(), values[b, h].double().numpy(), end, 4, lag)
+            k, v = keys[b, h].double().numpy(), values[b, h].double().numpy()
+            expected = naive_lagkv(k, v, end, 4, lag, kept[b, h].numpy())
             np.testing.assert_allclose(scores[b, h], expected, rtol=0, atol=1e-9)
 
 
@@ -206,3 +219,62 @@ def test_methods_leaderboard_is_its_preset_and_all_is_unchanged():
     }  # fmt: skip
     with pytest.raises(Exception, match=r"unknown method 'leaderbord'.*\(or all, leaderboard\)"):
         build_configs(("leaderbord",), ())
+
+
+def naive_qfilters(model, documents) -> np.ndarray:
+    """[layers, kv-heads, D]: per query head, the first right singular vector (numpy SVD) of its
+    post-RoPE queries over every document, signed so the mean query projects positively,
+    averaged over the kv-head's group and negated. Queries from a plain forward's hidden states
+    through q_proj and the model's own RoPE."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    per_layer = [[] for _ in model.model.layers]
+    with torch.no_grad():
+        for tokens in documents:
+            out = model(tokens[None], output_hidden_states=True)
+            positions = torch.arange(len(tokens))[None]
+            cos, sin = model.model.rotary_emb(out.hidden_states[0], positions)
+            for layer, block in enumerate(model.model.layers):
+                x = block.input_layernorm(out.hidden_states[layer])
+                q = block.self_attn.q_proj(x).view(1, len(tokens), H, D).transpose(1, 2)
+                q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+                per_layer[layer].append(q[0].double().numpy())  # [H, n, D]
+    filters = np.zeros((len(per_layer), HKV, D))
+    for layer, chunks in enumerate(per_layer):
+        queries = np.concatenate(chunks, axis=1)
+        for h in range(H):
+            u = np.linalg.svd(queries[h], full_matrices=False)[2][0]
+            u = u * np.sign(queries[h].mean(axis=0) @ u)
+            filters[layer, h // (H // HKV)] -= u / (H // HKV)
+    return filters
+
+
+def test_qfilters_measured_from_the_models_queries_are_the_svd_of_a_plain_forwards(tmp_path):
+    from workers.presses.qfilter import load_qfilters
+    from workers.studies.qfilters import measure_qfilters, save_qfilters
+
+    model = tiny_llama()
+    documents = [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (90, 130)]
+    filters = measure_qfilters(Engine(model, EngineSettings(32, 0)).observe, documents, HKV)
+    expected = naive_qfilters(tiny_llama(), documents)  # a fresh copy: the engine hooks its model
+    np.testing.assert_allclose(filters.double().numpy(), expected, rtol=1e-4, atol=1e-5)
+    save_qfilters(filters, tmp_path / "qf")
+    assert torch.equal(load_qfilters(str(tmp_path / "qf")), filters)
+
+    keys, values, queries = random_tensors(20, seed=6)
+    press = parse_method(f"qfilter:path={tmp_path / 'qf'}")
+    state = press.init_state(StateShape(B, 2, H, HKV, D, 20, torch.device("cpu")))[1]
+    scores = press.score(layer_context(0, 20, 0, keys, values, queries), state)
+    expected = -np.einsum("bhnd,hd->bhn", keys.double().numpy(), filters[1].double().numpy())
+    np.testing.assert_allclose(scores.double().numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_qfilter_refuses_filters_of_another_shape_in_one_line(tmp_path):
+    from workers.studies.qfilters import save_qfilters
+
+    save_qfilters(torch.zeros(2, 3, D), tmp_path)
+    press = parse_method(f"qfilter:path={tmp_path}")
+    with pytest.raises(ValueError, match=r"holds filters \[2, 3, 8\], the model needs \[2, 2, 8\]"):
+        press.init_state(StateShape(1, 2, H, HKV, D, 20, torch.device("cpu")))
+    with pytest.raises(ValueError, match="qfilter needs path="):
+        parse_method("qfilter")

@@ -164,3 +164,19 @@ def test_chunkkv_keeps_kvpress_chunks(tokens, length):
         assert (per_chunk == per_chunk[0]).all()  # one score per chunk, every kv-head alike
         best = per_chunk[0].topk(n_kept).indices.tolist()
         assert {p for c in best for p in range(starts[c], min(starts[c] + length, N))} == kept
+
+
+def test_qfilter_scores_as_kvpress_does_with_the_same_filters(tokens, tmp_path, monkeypatch):
+    """kvorch's measured filters, saved in kvpress's QFilters format, given to kvpress's
+    QFilterPress (instead of the ones it downloads by model name): the same scores."""
+    from workers.studies.qfilters import measure_qfilters, save_qfilters
+
+    filters = measure_qfilters(Engine(tiny_llama(), EngineSettings(64, 0)).observe, [tokens], 2)
+    save_qfilters(filters, tmp_path)
+    ours = kvorch_scores(f"qfilter:path={tmp_path}", tokens)
+    monkeypatch.setattr(kvpress.QFilterPress, "post_init_from_model", lambda self, model: None)
+    press = kvpress.QFilterPress(0.5)
+    press.q_filters = filters
+    theirs = kvpress_scores(press, tokens)
+    assert_same_ranks(ours, theirs, 0, N)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)

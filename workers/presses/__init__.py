@@ -28,6 +28,7 @@ from workers.presses.kvzap import KVzapPress
 from workers.presses.lagkv import LagKVPress
 from workers.presses.leverage import LeverageScorePress
 from workers.presses.observed_attention import ObservedAttentionPress
+from workers.presses.qfilter import QFilterPress
 from workers.presses.random import RandomPress
 from workers.presses.snapkv import SnapKVPress
 from workers.presses.streaming_llm import StreamingLLMPress
@@ -57,6 +58,7 @@ __all__ = [
     "LeverageScorePress",
     "ObservedAttentionPress",
     "Press",
+    "QFilterPress",
     "RandomPress",
     "SnapKVPress",
     "StateShape",
