@@ -17,6 +17,7 @@ import transformers as T
 
 from tests.helpers import full_forward_nll
 from workers.contract.configs import EvalConfig
+from workers.contract.defaults import LEADERBOARD_METHODS
 from workers.contract.settings import EngineSettings
 from workers.engine.core import Engine
 from workers.presses import ALL_METHODS, REGISTRY
@@ -50,8 +51,11 @@ FAMILIES: dict[str, tuple[type, dict]] = {
     ),
 }
 # Every built-in press that runs without a required parameter (kvzap needs a surrogate, the
-# kvpress adapter kvpress itself), plus the head-aware press's parameter-free policy.
-PRESSES = (*ALL_METHODS, "head_aware")
+# kvpress adapter kvpress itself), plus the head-aware press's parameter-free policy and the
+# leaderboard's presses (issue 37).
+PRESSES = (*ALL_METHODS, "head_aware", *(m for m in LEADERBOARD_METHODS if m not in ALL_METHODS))
+# The presses that read pre-RoPE queries or keys: refused on a family without RoPE.
+NEEDS_ROPE = ("expected_attention", "leverage", "compactor")
 SETTINGS = EngineSettings(chunk_size=16, window=8)
 N_TOKENS = 70
 

@@ -15,6 +15,7 @@ import transformers as T
 from tests.families import (
     FAMILIES,
     N_TOKENS,
+    NEEDS_ROPE,
     PRESSES,
     SETTINGS,
     baseline_error,
@@ -34,7 +35,7 @@ from workers.engine.exactness import inexact_reason
 from workers.engine.nll import token_nll
 from workers.modeling import attention
 from workers.modeling.attention import UnsupportedAttention, kvorch_attention
-from workers.presses import REGISTRY
+from workers.presses import REGISTRY, parse_method
 
 SLIDING = {"mistral": [16, 16], "gemma2": [16, None], "gemma3": [16, None]}
 
@@ -61,8 +62,8 @@ def test_static_shapes_keep_the_exact_paths_keys_on_every_family(family):
     windows, soft-caps and RoPE."""
     model, tokens = tiny_decoder(family), document()
     has_rope = getattr(model.base_model, "rotary_emb", None) is not None
-    presses = [p for p in PRESSES if has_rope or p != "expected_attention"]  # refused without RoPE
-    configs = [EvalConfig(REGISTRY[p](), REGISTRY[p].default_thresholds[0]) for p in presses]
+    presses = [p for p in PRESSES if has_rope or p not in NEEDS_ROPE]  # refused without RoPE
+    configs = [EvalConfig(press, press.default_thresholds[0]) for press in map(parse_method, presses)]
     configs += [  # budgets moved between heads (adakv) and layers (pyramidkv), per layer inside one region
         EvalConfig(REGISTRY["knorm"](), ratio=0.5, allocation=parse_allocation(text))
         for text in ("adakv", "pyramidkv:beta=2")
@@ -144,8 +145,7 @@ def test_the_docs_show_the_support_matrix():
     matrix = support_matrix()
     assert all(matrix[f]["baseline"] == "exact" for f in FAMILIES)
     assert {(f, p) for f, cells in matrix.items() for p, c in cells.items() if c.startswith("refused")} == {
-        ("gpt2", "expected_attention"),
-        ("opt", "expected_attention"),
+        (family, press) for family in ("gpt2", "opt") for press in NEEDS_ROPE
     }
     page = (Path(__file__).parent.parent / "docs" / "model-families.md").read_text()
     assert markdown(matrix) in page, "stale support matrix: paste `python -m tests.families` into it"

@@ -9,14 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.families import FAMILIES, PRESSES, document, tiny_decoder
+from tests.families import FAMILIES, NEEDS_ROPE, PRESSES, document, tiny_decoder
 from tests.helpers import tiny_llama
 from tests.test_chunk_step import CHUNK, WINDOW, assert_same_numbers, every_builtin_config, surrogate_dir  # noqa: F401
 from workers.contract.configs import EvalConfig
 from workers.contract.settings import EngineSettings
 from workers.engine import capacity
 from workers.engine.core import Engine
-from workers.presses import REGISTRY, parse_method
+from workers.presses import parse_method
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +91,8 @@ def test_every_family_keeps_the_masked_caches_keys_and_nll(family):
     """Each family's windows, soft-caps and RoPE, held against masked, ratio policy included."""
     model, tokens = tiny_decoder(family), document()
     has_rope = getattr(model.base_model, "rotary_emb", None) is not None
-    presses = [p for p in PRESSES if has_rope or p != "expected_attention"]
-    configs = [EvalConfig(REGISTRY[p](), REGISTRY[p].default_thresholds[0]) for p in presses]
+    presses = [p for p in PRESSES if has_rope or p not in NEEDS_ROPE]
+    configs = [EvalConfig(press, press.default_thresholds[0]) for press in map(parse_method, presses)]
     configs += [EvalConfig(parse_method("knorm"), ratio=0.5), EvalConfig(parse_method("random"), budget=40)]
     masked = Engine(model, EngineSettings(16, 8, cache="masked")).evaluate("d", tokens, configs).to_pylist()
     held = Engine(model, EngineSettings(16, 8))
