@@ -29,6 +29,10 @@ from workers.presses.wrapping import WrapperPress, latest_scores
 @dataclass(frozen=True)
 class CriticalKVPress(WrapperPress, Press):
     name = "criticalkv"
+    # The reweighted scale is the model's: about the 75th percentile of the scores of SmolLM2 with
+    # snapkv (pydoc, 512 tokens), where snapkv's 0.001 sits. Another scorer needs --thresholds or
+    # --densities.
+    default_thresholds = (0.5,)
     reads_keys = True
     press: str = "snapkv"
     epsilon: float = 1e-4
