@@ -150,7 +150,9 @@ def test_static_shapes_give_the_exact_paths_rows_scores_and_keep_masks(model, do
     assert static_scores.configs == exact_scores.configs
     assert torch.equal(static_scores.kept, exact_scores.kept)
     assert exact_scores.scores.shape == (len(configs), 2, 2, 250)
-    torch.testing.assert_close(static_scores.scores, exact_scores.scores, rtol=1e-6, atol=1e-6, equal_nan=True)
+    # atol 2e-6: leverage's inverse Gram matrix amplifies the float32 rounding in which the two
+    # paths' keys of layer 1 differ (flex: 1.3e-6 on z-scores of order 1); keep masks are equal.
+    torch.testing.assert_close(static_scores.scores, exact_scores.scores, rtol=1e-6, atol=2e-6, equal_nan=True)
 
 
 class CountingBackend:
