@@ -182,7 +182,7 @@ def test_calibration_cost_splits_the_run_into_its_parts(tiny_model_dir):
         "calibration_cost.py", "--model", tiny_model_dir, "--max-docs", "1", "--max-tokens", "384",
         "--methods", "baseline,knorm", "--densities", "0.5",
     )  # fmt: skip
-    rows = {line[:34].strip(): numbers(line[34:]) for line in out.splitlines() if line[:1].isalpha()}
+    rows = {line[:40].strip(): numbers(line[40:]) for line in out.splitlines() if line[:1].isalpha()}
     parts = [name for name in rows if name.startswith(("start-up", "calibration (", "between", "sweep ("))]
     assert len(parts) == 4 and rows["total"][0] > 0
     assert abs(sum(rows[p][0] for p in parts) - rows["total"][0]) < 0.5  # the parts add up to the wall time
