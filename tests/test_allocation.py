@@ -178,6 +178,7 @@ def test_uniform_is_todays_rule_whatever_else_the_batch_holds(model, document):
     assert not torch.equal(mixed.kept[0], alone.kept[0])  # adakv kept other keys
 
 
+@pytest.mark.slow  # about 18 s: the full suite runs it, the fast loop (under 3 minutes) does not
 def test_the_held_cache_fits_what_each_allocation_keeps(model, document):
     """Held and masked caches keep the same keys and give the same NLL under every allocation;
     pyramidkv's and a file's slots cover their largest head, adakv's are learned (first

@@ -168,6 +168,7 @@ def test_generation_cost_puts_both_protocols_next_to_the_per_config_generate_loo
         assert seconds > 0 and 0 <= prefill <= seconds and decode >= 0 and ratio > 0 and math.isfinite(ratio)
 
 
+@pytest.mark.slow  # a 10 s bench run: the full suite runs it, the fast loop (under 3 minutes) does not
 def test_decode_step_prints_one_row_per_batch_size():
     out = run_bench("decode_step.py", "--layers", "1", "--tokens", "64", "--question", "4", "--new", "3",
                     "--configs", "1,2", "--repeat", "1", "--chunk", "32", "--window", "8")  # fmt: skip
@@ -190,6 +191,7 @@ def test_calibration_cost_splits_the_run_into_its_parts(tiny_model_dir):
     assert re.search(r"calibration / sweep: [\d.]+x in seconds, [\d.]+x in token-configs", out)
 
 
+@pytest.mark.slow  # a 5 s bench run: the full suite runs it, the fast loop (under 3 minutes) does not
 def test_head_layouts_times_every_layout_against_padded_with_its_bytes():
     """Each layout's output is checked against padded's inside the script; here the table: one
     row per (profile, layout), finite, padded first (x 1), ideal holding exactly what is held."""

@@ -54,6 +54,7 @@ def test_search_hits_every_reachable_target_and_reports_the_unreachable():
             assert abs(curves[name](r.threshold) - target) <= TOLERANCE, (name, target, r)
 
 
+@pytest.mark.slow  # about 16 s: the full suite runs it, the fast loop (under 3 minutes) does not
 def test_search_on_a_real_engine_matches_an_independent_density_count(tokens):
     engine = Engine(tiny_llama(), EngineSettings(chunk_size=32, window=16))
     held_out = tokens[:256]

@@ -173,6 +173,7 @@ class CountingBackend:
         return aot_autograd(fw_compiler=lambda g, _: g.forward)(graph, example_inputs)
 
 
+@pytest.mark.slow  # a 24 s compile of every config: the full suite runs it, the fast loop (under 3 minutes) does not
 def test_the_step_compiles_whole_once_and_never_again_in_its_length_bucket(model, document, surrogate_dir):
     """fullgraph=True: one graph for every press and every policy, traced in the first chunk;
     no recompile in later chunks (bounds are tensors) or for a second document whose length pads

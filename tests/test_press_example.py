@@ -89,7 +89,9 @@ print(kept)
 """
 
 
-@pytest.mark.parametrize("where", ["first", "sorted", "last"])
+@pytest.mark.parametrize(
+    "where", ["first", pytest.param("sorted", marks=pytest.mark.slow), pytest.param("last", marks=pytest.mark.slow)]
+)  # one placement in the fast loop (5 s each), all three in the full suite
 def test_the_documented_press_installs_and_runs_through_the_engine(tmp_path, where):
     root = install(tmp_path, where)
     check = next(c for c in check_commands() if c.startswith("python3 -c"))
