@@ -6,7 +6,8 @@ read here from the press files themselves instead, without running them: each cl
 with ``@register`` in ``workers/presses/*.py`` and its ``name = "..."``. This is not a second
 list: it is read from the same lines the registry is filled from. Where it cannot tell (no
 source files, a name that is not a string literal) it answers None, and the registry itself
-judges, later.
+judges, later. A press registered in this process from elsewhere (a notebook's, a test's) is
+known too once the registry is imported: its names are added, never read from a second list.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.util
+import sys
 from pathlib import Path
 
 from orchestrator.errors import KvorchError
@@ -47,6 +49,8 @@ def check_method_names(texts: list[str]) -> None:
     names = declared_names()
     if names is None:
         return
+    registry = sys.modules.get("workers.presses.registry")  # already imported: no torch is loaded here
+    names = names | frozenset(getattr(registry, "REGISTRY", ()))
     for text in texts:
         name = text.strip().partition(":")[0]
         if name not in METHOD_PRESETS and name not in names:
