@@ -60,10 +60,8 @@ def decide_by_budget(
     window), since evictions are final. Ties go to the earlier position: ranks come from a stable
     sort by score, then a stable sort that moves positions outside the range last.
     """
-    boundary = (end - window).clamp(min=0)
-    protected = n_sink + (end - boundary)
+    protected, in_range = _competing(positions, end, window, n_sink)
     allowed = (limit - protected).clamp(min=0)  # [rows] or [rows, kv-heads]
-    in_range = (positions >= n_sink) & (positions < boundary)
     ranked = torch.where(in_range & keep, scores, float("-inf"))
     rank = _ranks(ranked, (~in_range).to(torch.uint8).expand_as(ranked))
     keep.copy_(keep & ((rank < allowed.view(allowed.shape[0], -1, 1)) | ~in_range))
@@ -88,11 +86,9 @@ def decide_by_layer_budget(
     window) compete. Ties go to the lower kv-head, then the earlier position.
     """
     rows, heads, span = keep.shape
-    boundary = (end - window).clamp(min=0)
-    protected = n_sink + (end - boundary)
+    protected, in_range = _competing(positions, end, window, n_sink)
     pool = (limit - protected).clamp(min=0) * heads  # [rows]: what the layer's heads share
     safe = (torch.floor(alpha_safeguard * limit.double()).long() - protected).clamp(min=0)  # [rows]
-    in_range = (positions >= n_sink) & (positions < boundary)
     candidate = in_range & keep
     ranked = torch.where(candidate, scores, float("-inf"))
     in_head = _ranks(ranked, (~candidate).to(torch.uint8))
@@ -100,6 +96,16 @@ def decide_by_layer_budget(
     tier = torch.where(forced, 0, torch.where(candidate, 1, 2)).to(torch.uint8)  # safeguarded first
     rank = _ranks(ranked.reshape(rows, heads * span), tier.reshape(rows, heads * span))
     keep.copy_(keep & ((rank.view(rows, heads, span) < pool.view(-1, 1, 1)) | ~in_range))
+
+
+def _competing(
+    positions: torch.Tensor, end: torch.Tensor, window: int, n_sink: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ranked policies' one rule of what competes: (keys always kept, which count toward
+    a head's budget: the sinks and the protected window [end - window, end); the positions that
+    compete for the rest: [n_sink, end - window))."""
+    boundary = (end - window).clamp(min=0)
+    return n_sink + (end - boundary), (positions >= n_sink) & (positions < boundary)
 
 
 def _ranks(ranked: torch.Tensor, tier: torch.Tensor) -> torch.Tensor:
