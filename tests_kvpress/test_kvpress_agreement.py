@@ -16,9 +16,9 @@ from functools import partial
 import kvpress
 import pytest
 import torch
-from transformers import DynamicCache
 
 from tests.helpers import tiny_llama
+from tests_kvpress.capture import kvpress_scores, spearman
 from workers.contract.configs import EvalConfig
 from workers.contract.settings import EngineSettings
 from workers.engine.core import Engine
@@ -58,33 +58,6 @@ def kvorch_scores(tokens):
     configs = [EvalConfig(parse_method(method), 0.0) for method, *_ in PAIRS.values()]
     _, scores = Engine(tiny_llama(), EngineSettings(chunk_size=N, window=N)).inspect("d", tokens, configs)
     return {name: scores.scores[i].double() for i, name in enumerate(PAIRS)}
-
-
-def kvpress_scores(press: kvpress.ScorerPress, tokens: torch.Tensor) -> torch.Tensor:
-    """[layers, kv-heads, N]: what ``press.score`` returned in each layer's hook of one prefill."""
-    model = tiny_llama()
-    model.set_attn_implementation("eager")  # ObservedAttention/TOVA/SnapKV read the eager weights
-    captured = []
-    score = press.score
-
-    def recording(*args):
-        result = score(*args)
-        captured.append(result[0].double())
-        return result
-
-    press.score = recording  # a fresh instance per call: the wrapper never outlives it
-    with press(model), torch.no_grad():
-        model(tokens[None], past_key_values=DynamicCache(config=model.config), output_attentions=True)
-    assert len(captured) == model.config.num_hidden_layers
-    return torch.stack(captured)
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Rank correlation of two 1-D tensors (no ties among continuous scores)."""
-    ra = a.argsort().argsort().double()
-    rb = b.argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
 @pytest.mark.parametrize("name", list(PAIRS))

@@ -13,9 +13,9 @@ from __future__ import annotations
 import kvpress
 import pytest
 import torch
-from transformers import DynamicCache
 
 from tests.helpers import tiny_llama
+from tests_kvpress.capture import kvpress_kept, kvpress_scores, spearman
 from workers.contract.configs import EvalConfig
 from workers.contract.settings import EngineSettings
 from workers.engine.core import Engine
@@ -35,32 +35,6 @@ def kvorch_scores(method: str, tokens: torch.Tensor) -> torch.Tensor:
         "d", tokens, [EvalConfig(parse_method(method), 0.0)]
     )
     return scores.scores[0].double()
-
-
-def kvpress_scores(press: kvpress.ScorerPress, tokens: torch.Tensor) -> torch.Tensor:
-    """[layers, kv-heads, N]: what ``press.score`` returned in each layer's hook of one prefill."""
-    model = tiny_llama()
-    model.set_attn_implementation("eager")
-    captured = []
-    score = press.score
-
-    def recording(*args):
-        result = score(*args)
-        captured.append(result[0].double())
-        return result
-
-    object.__setattr__(press, "score", recording)  # a fresh instance per call
-    with press(model), torch.no_grad():
-        model(tokens[None], past_key_values=DynamicCache(config=model.config))
-    assert len(captured) == model.config.num_hidden_layers
-    return torch.stack(captured)
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra = a.argsort().argsort().double()
-    rb = b.argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
 def assert_same_ranks(ours: torch.Tensor, theirs: torch.Tensor, lo: int, hi: int) -> None:
@@ -129,26 +103,6 @@ def test_criticalkv_reweights_as_kvpress_does(tokens, scorer, make_scorer, hi):
     theirs = kvpress_scores(kvpress.CriticalKVPress(make_scorer(0.5), first_stage_ratio=0.0), tokens)
     assert_same_ranks(ours, theirs, 0, hi)
     torch.testing.assert_close(ours[..., :hi], theirs[..., :hi], rtol=1e-4, atol=1e-7)
-
-
-def kvpress_kept(press: kvpress.BasePress, tokens: torch.Tensor) -> list[set[int]]:
-    """Per layer, the positions whose keys ``press.compress`` kept in one prefill (sdpa: ChunkKV
-    refuses attention weights)."""
-    model = tiny_llama()
-    model.set_attn_implementation("sdpa")
-    kept = []
-    compress = press.compress
-
-    def recording(module, hidden_states, keys, values, attentions, kwargs):
-        out_keys, out_values = compress(module, hidden_states, keys, values, attentions, kwargs)
-        same = (out_keys[0, 0, :, None] == keys[0, 0, None]).all(dim=-1)  # [kept, N]
-        kept.append({int(i) for i in same.nonzero()[:, 1]})
-        return out_keys, out_values
-
-    object.__setattr__(press, "compress", recording)
-    with press(model), torch.no_grad():
-        model(tokens[None], past_key_values=DynamicCache(config=model.config))
-    return kept
 
 
 @pytest.mark.parametrize("length", [20, 16])
