@@ -9,14 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 
-from orchestrator.lake.store import Lake
 from tests.readme_tables import PAGES, ROOT, marked_blocks, printed, regenerate
-from tests.test_lake_and_report import row
+from tests.test_lake_and_report import lake  # noqa: F401 - the two-config lake fixture, shared
 from tests.test_readme import kvorch_path
-from workers.contract.schema import ROW_SCHEMA
 
 
 def test_every_marked_block_names_a_kvorch_command_that_parses():
@@ -29,21 +26,7 @@ def test_every_marked_block_names_a_kvorch_command_that_parses():
         kvorch_path([*shlex.split(block.command)[1:], "--lake", "x"])
 
 
-@pytest.fixture
-def lake(tmp_path) -> Lake:
-    lake = Lake(str(tmp_path / "lake"))
-    lake.write_spec("r1", {"model": "m"})
-    rows = [
-        row("a", 0, "baseline", "baseline", 10.0, 10, 5, 0, 0, 0, 0),
-        row("a", 1, "baseline", "baseline", 20.0, 10, 4, 40, 40, 16, 16),
-        row("a", 0, "knorm", "knorm@-2", 10.0, 10, 5, 0, 0, 0, 0, -2.0),
-        row("a", 1, "knorm", "knorm@-2", 23.0, 10, 3, 40, 28, 16, 20, -2.0),
-    ]
-    lake.write_rows("r1", "t0", pa.Table.from_pylist(rows, schema=ROW_SCHEMA))
-    return lake
-
-
-def test_a_stale_block_is_found_and_rewritten_to_the_commands_output(tmp_path, lake):
+def test_a_stale_block_is_found_and_rewritten_to_the_commands_output(tmp_path, lake):  # noqa: F811
     page = tmp_path / "page.md"
     page.write_text(
         "Intro.\n\n<!-- printed by: kvorch report -->\n```\nstale table\n```\n\nMiddle.\n\n"
@@ -65,11 +48,11 @@ def test_a_stale_block_is_found_and_rewritten_to_the_commands_output(tmp_path, l
 def test_the_docs_tables_are_what_the_default_run_prints(tmp_path):
     """The README's first command's job, as written, then every marked block compared with what
     the commands print on its lake (about 3 minutes on 2 cores)."""
-    lake = tmp_path / "kvorch-lake"
+    default_lake = tmp_path / "kvorch-lake"
     kvorch = str(Path(sys.executable).parent / "kvorch")
-    submit = [kvorch, "submit", "--methods", "all", "--lake", str(lake), "--no-progress"]
+    submit = [kvorch, "submit", "--methods", "all", "--lake", str(default_lake), "--no-progress"]
     done = subprocess.run(submit, cwd=tmp_path, capture_output=True, text=True, timeout=3600)
     assert done.returncode == 0, done.stderr[-3000:]
-    check = [sys.executable, "-m", "tests.readme_tables", "--lake", str(lake), "--check"]
+    check = [sys.executable, "-m", "tests.readme_tables", "--lake", str(default_lake), "--check"]
     compared = subprocess.run(check, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert compared.returncode == 0, compared.stdout + compared.stderr
