@@ -67,7 +67,8 @@ def every_builtin_config(surrogate_dir: str) -> list[EvalConfig]:
 
 def leaderboard_configs(surrogate_dir: str) -> list[EvalConfig]:
     """The presses of issue 37 under the threshold, ratio and budget policies (LagKV with a lag
-    the 250-token document holds several of; Q-Filters saved next to the KVzap surrogate)."""
+    the 250-token document holds several of; Q-Filters saved next to the KVzap surrogate; KVzip
+    bound to scores)."""
     lagkv = "lagkv:lag_size=16,protected_window=32"
     scorers = (("keydiff", -0.3), (lagkv, 0.5), ("leverage", 0.0), ("compactor", 0.0))
     configs = [EvalConfig(parse_method(method), threshold) for method, threshold in scorers]
@@ -77,7 +78,11 @@ def leaderboard_configs(surrogate_dir: str) -> list[EvalConfig]:
     configs += [EvalConfig(parse_method(wrappers[0]), 0.02), EvalConfig(parse_method(wrappers[1]), 0.02)]
     configs += [EvalConfig(parse_method(wrappers[2]), ratio=0.5), EvalConfig(parse_method(wrappers[3]), budget=60)]
     qfilter = parse_method(f"qfilter:path={surrogate_dir}/qfilters")
-    return configs + [EvalConfig(qfilter, 0.0), EvalConfig(qfilter, ratio=0.5)]
+    configs += [EvalConfig(qfilter, 0.0), EvalConfig(qfilter, ratio=0.5)]
+    # KVzip bound to made-up replay scores of 250 positions (the chunk step only looks them up;
+    # the replay itself: tests/test_kvzip.py).
+    kvzip = parse_method("kvzip").with_context_scores(torch.rand(2, 2, 250, generator=torch.Generator().manual_seed(5)))
+    return configs + [EvalConfig(kvzip, 0.5), EvalConfig(kvzip, ratio=0.5)]
 
 
 @pytest.fixture(scope="module")

@@ -35,11 +35,13 @@ from workers.contract.plan import (
     WorkerSettings,
 )
 from workers.contract.schema import ROW_SCHEMA
+from workers.engine import replay
 from workers.engine.compile_cache import use_compile_cache
 from workers.engine.core import Engine
 from workers.engine.exactness import inexact_reason
 from workers.engine.layout import with_answers
 from workers.faults import Fault
+from workers.presses import kvzip
 from workers.progress import ChunkReporter
 from workers.studies.head_stats import DocumentHeadStats, HeadStatsProbe
 
@@ -189,6 +191,10 @@ class EvalWorker:
         stop_ids = self._stop_token_ids() + stopping.single_token_stops(
             settings.stop, lambda text: tokenizer.encode(text, add_special_tokens=False), decode
         )
+        if any(c.press.replays_context for c in configs):  # KVzip: bound to this context's replay
+            compressed = token_ids if settings.query_aware else token_ids[:split]
+            prompt = torch.tensor(kvzip.repeat_prompt_ids(tokenizer))
+            configs = replay.bind_replays(self.engine.hooked, configs, compressed, prompt)
         rows, answers = self.engine.generate(
             doc.doc_id, token_ids[:split], token_ids[split:], configs, settings, stop_ids
         )
@@ -249,6 +255,8 @@ class EvalWorker:
             failed.append((MODEL_LEVEL, reason))
         for config in configs:
             try:
+                # A press that replays the context runs on a replay of the tiny document itself.
+                [config] = replay.bind_replays(self._preflight_engine.hooked, [config], token_ids, token_ids[:0])
                 self._preflight_engine.evaluate(PREFLIGHT_DOC_ID, token_ids, [config])
             except Exception as exc:  # every reason goes back to the user
                 failed.append((config.label, error_line(exc)))

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from orchestrator.corpus import EMBEDDED_CORPUS, check_corpus
 from orchestrator.errors import KvorchError
-from orchestrator.probes import DEFAULT_DEPTHS, DEFAULT_LENGTHS, ProbeSpec, check_task
+from orchestrator.probes import DEFAULT_DEPTHS, DEFAULT_LENGTHS, ProbeSpec, check_task, is_question_task
 from orchestrator.probes.spec import check_spec
 from orchestrator.sweep.method_names import check_method_names
 from workers.contract.allocation import UNIFORM, Allocation, parse_allocation
@@ -131,6 +131,28 @@ class JobSpec:
             raise KvorchError("--densities calibrates thresholds; it works with --policy threshold, not ratio")
         if self.densities and all(c.threshold is None for c in self.configs):
             raise KvorchError("--densities needs a method with a threshold among --methods, e.g. knorm or h2o")
+        self._check_replays()
+
+    def _check_replays(self) -> None:
+        """A press that scores the context from a replay of all of it (KVzip) needs it before the
+        first eviction: question runs under --protocol once only, and no calibration on corpus text."""
+        replaying = next((c.method for c in self.configs if c.press.replays_context), None)
+        if replaying is None:
+            return
+        if self.task is None or not is_question_task(self.task):
+            raise KvorchError(
+                f"{replaying} replays the whole context before compressing it, which a corpus run's chunks do not "
+                "allow: run it on a question task with --protocol once (e.g. --task ruler --protocol once)"
+            )
+        if self.protocol != "once":
+            raise KvorchError(
+                f"{replaying} replays the whole context before compressing it: add --protocol once "
+                f"(--protocol {self.protocol} compresses the context chunk by chunk)"
+            )
+        if self.densities:
+            raise KvorchError(
+                f"--densities calibrates on corpus text, which {replaying} cannot score; pass --thresholds instead"
+            )
 
     def engine_for(self, device: str) -> EngineSettings:
         """The engine settings on a pool of ``device`` ("cuda" or "cpu"), --compile auto resolved."""

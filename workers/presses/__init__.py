@@ -25,6 +25,7 @@ from workers.presses.keydiff import KeyDiffPress
 from workers.presses.knorm import KnormPress
 from workers.presses.kvpress_adapter import KVPressAdapter
 from workers.presses.kvzap import KVzapPress
+from workers.presses.kvzip import KVzipPress
 from workers.presses.lagkv import LagKVPress
 from workers.presses.leverage import LeverageScorePress
 from workers.presses.observed_attention import ObservedAttentionPress
@@ -51,6 +52,7 @@ __all__ = [
     "HeadAwarePress",
     "KVPressAdapter",
     "KVzapPress",
+    "KVzipPress",
     "KeyDiffPress",
     "KnormPress",
     "LagKVPress",

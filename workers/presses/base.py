@@ -134,6 +134,10 @@ class Press:
     # The score a structural press gives every key (+inf: keeps all, -inf: keeps only its sinks and
     # protected window), None for one that scores: the held cache sizes itself by it.
     constant_score: ClassVar[float | None] = None
+    # True for a press that scores the context from a replay of all of it before the first eviction
+    # (KVzip): the engine's chunks cannot give that, so it runs only in question runs under
+    # ``--protocol once``, bound per document to the replay's scores (workers/engine/replay.py).
+    replays_context: ClassVar[bool] = False
 
     n_sink: int = 0
     # Method-specific local window (H2O's 512): keys inside it are protected, like the DMS window.

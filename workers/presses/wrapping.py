@@ -23,7 +23,8 @@ def wrapped(wrapper: str, name: str) -> Press:
         press = parse_method(name)
     except ValueError as exc:
         raise ValueError(f"{wrapper}: press={name}: {exc}") from None
-    if press.constant_score is not None or press.default_thresholds == (None,) or not press.traceable:
+    structural = press.constant_score is not None or press.default_thresholds == (None,)
+    if structural or not press.traceable or press.replays_context:  # KVzip: its scores come from a replay
         raise ValueError(f"{wrapper}: press={name} is not a scorer it can wrap; use e.g. press=snapkv or press=knorm")
     if isinstance(press, WrapperPress):
         raise ValueError(f"{wrapper}: press={name} is a wrapper itself; wrap a scorer such as snapkv")
