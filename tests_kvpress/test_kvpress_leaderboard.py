@@ -13,6 +13,7 @@ from __future__ import annotations
 import kvpress
 import pytest
 import torch
+from transformers import DynamicCache
 
 from tests.helpers import tiny_llama
 from tests_kvpress.capture import kvpress_kept, kvpress_scores, spearman
@@ -134,3 +135,46 @@ def test_qfilter_scores_as_kvpress_does_with_the_same_filters(tokens, tmp_path, 
     theirs = kvpress_scores(press, tokens)
     assert_same_ranks(ours, theirs, 0, N)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+class CharTokenizer:
+    """A tokenizer for the tiny model, for kvpress's KVzipPress (which loads one by model name):
+    one id per character, no chat template."""
+
+    chat_template = None
+
+    def encode(self, text: str, return_tensors: str | None = None, add_special_tokens: bool = True):
+        ids = [ord(c) % 97 for c in text]
+        return torch.tensor([ids]) if return_tensors == "pt" else ids
+
+
+def test_kvzip_scores_the_context_as_kvpress_does(tokens, monkeypatch):
+    """kvpress's KVzipPress replays the context after its repeat prompt through the cache and
+    keeps the largest attention each key gets; kvorch's replay, given the prompt ids its
+    repeat_prompt_ids builds from the same tokenizer, scores the same (one replay chunk: the
+    context is shorter than kvpress's chunk_size)."""
+    from kvpress.presses import kvzip_press
+
+    from workers.engine.replay import context_scores
+    from workers.presses.kvzip import repeat_prompt_ids
+
+    tokenizer = CharTokenizer()
+    monkeypatch.setattr(kvzip_press.AutoTokenizer, "from_pretrained", staticmethod(lambda name: tokenizer))
+    press = kvpress.KVzipPress(compression_ratio=0.5)
+    captured = []
+    compress_post = press.compress_post
+
+    def recording(model):
+        captured.append(press.score_val[:, 0].double().clone())  # before the sinks get the top score
+        return compress_post(model)
+
+    object.__setattr__(press, "compress_post", recording)
+    model = tiny_llama()
+    model.set_attn_implementation("sdpa")  # kvpress refuses eager for KVzip
+    with press(model), torch.no_grad():
+        model(input_ids=tokens[None], past_key_values=DynamicCache(config=model.config))
+    [theirs] = captured
+    prompt = torch.tensor(repeat_prompt_ids(tokenizer))
+    ours = context_scores(Engine(tiny_llama(), EngineSettings(64, 0)).hooked, tokens, prompt).double()
+    assert_same_ranks(ours, theirs, 0, N)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-7)
