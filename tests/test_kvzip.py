@@ -120,3 +120,32 @@ def test_the_preflight_runs_kvzip_on_a_replay_of_its_tiny_document(tmp_path):
     worker = EvalWorker("w", settings)
     kvzip = parse_method("kvzip")
     assert worker.preflight([EvalConfig(kvzip, 0.1), EvalConfig(kvzip, ratio=0.5)]) == []
+
+
+def test_the_actor_replays_each_question_context_after_the_tokenizers_repeat_prompt(
+    tiny_model_dir, smollm2_tokenizer, monkeypatch
+):
+    """A question under --protocol once: kvzip is bound to a replay of exactly the context, after
+    the prompt repeat_prompt_ids makes of the model's tokenizer, and answers from a compressed cache."""
+    from workers.contract.plan import Task, TaskDocument
+    from workers.presses.kvzip import repeat_prompt_ids
+
+    replayed = []
+    context_scores = replay.context_scores
+
+    def spying(hooked, context_ids, prompt_ids):
+        replayed.append((context_ids.tolist(), prompt_ids.tolist()))
+        return context_scores(hooked, context_ids, prompt_ids)
+
+    monkeypatch.setattr(replay, "context_scores", spying)
+    context = smollm2_tokenizer("The special magic number is 42. " * 6)["input_ids"]
+    question = smollm2_tokenizer(" What is the special magic number?")["input_ids"]
+    generation = GenerationSettings(4, protocol="once")
+    settings = WorkerSettings(tiny_model_dir, "float32", "cpu", 1, EngineSettings(16, 8), generation=generation)
+    configs = (EvalConfig(parse_method("baseline")), EvalConfig(parse_method("kvzip"), ratio=0.5))
+    doc = TaskDocument("q0", [*context, *question], question_tokens=len(question), answers=("42",), metric="ruler_all")
+    result = EvalWorker("w", settings).run(Task("t0", (doc,), configs))
+    assert result.failures == ()
+    assert replayed == [(context, repeat_prompt_ids(smollm2_tokenizer))]
+    answered = {r["config"]: r for r in result.rows.to_pylist() if r["generated"] is not None}
+    assert answered[configs[1].label]["generated_density"] < 0.9 < answered["baseline"]["generated_density"]
