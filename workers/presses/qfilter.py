@@ -28,17 +28,24 @@ from workers.presses.registry import register
 WEIGHTS_FILE = "model.safetensors"
 
 
-@lru_cache(maxsize=4)
 def load_qfilters(path: str) -> torch.Tensor:
-    """[layers, kv-heads, head_dim] filters from ``path`` (a directory or its safetensors file)."""
+    """[layers, kv-heads, head_dim] filters from ``path`` (a directory or its safetensors file),
+    read again once the file changes (filters measured again into the same directory)."""
     file = Path(path).expanduser()
     file = file / WEIGHTS_FILE if file.is_dir() else file
     if not file.is_file():
         raise ValueError(f"qfilter: {path} holds no {WEIGHTS_FILE}; measure filters with measure_qfilters")
-    weights = load_file(str(file))
+    stat = file.stat()
+    return _read_qfilters(str(file), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=4)
+def _read_qfilters(file: str, mtime_ns: int, size: int) -> torch.Tensor:
+    weights = load_file(file)
     if "q_filters" not in weights or weights["q_filters"].dim() != 3:
         raise ValueError(f"qfilter: {file} has no q_filters [layers, kv-heads, head_dim] tensor")
-    return weights["q_filters"].float()
+    # A copy: safetensors maps the file, and the cached tensor must not change when it is rewritten.
+    return weights["q_filters"].to(torch.float32, copy=True)
 
 
 @register
