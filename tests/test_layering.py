@@ -132,6 +132,7 @@ DRIVER_IMPORTS = {
     "workers.actor",  # EvalWorker, the sweep's Ray actor
     "workers.faults",  # the fault-injection variables forwarded to actors
     "workers.studies.head_stats", "workers.studies.kvzap_targets",  # the studies' actors and records
+    "workers.studies.qfilters",  # kvorch heads qfilters: sums the actors' query moments, saves the filters
 }  # fmt: skip
 
 

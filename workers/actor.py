@@ -44,6 +44,7 @@ from workers.faults import Fault
 from workers.presses import kvzip
 from workers.progress import ChunkReporter
 from workers.studies.head_stats import DocumentHeadStats, HeadStatsProbe
+from workers.studies.qfilters import QueryMoments, QueryMomentsProbe
 
 # The preflight's document: a few chunks past a small window, so every press scores, decides
 # and evicts at least once, at the cost of a handful of tiny forwards per config.
@@ -266,6 +267,11 @@ class EvalWorker:
         """Every key's last score and final keep decision under each config, for ``kvorch scores``."""
         self.load()
         return self.engine.inspect(doc.doc_id, torch.tensor(doc.token_ids), configs)[1]
+
+    def query_moments(self, doc: TaskDocument) -> QueryMoments:
+        """The post-RoPE queries' moments of one document, for ``kvorch heads qfilters``."""
+        self.load()
+        return self.engine.observe(doc.doc_id, torch.tensor(doc.token_ids), QueryMomentsProbe()).cpu()
 
     def head_statistics(self, doc: TaskDocument, probe: HeadStatsProbe) -> DocumentHeadStats:
         """Attention statistics per (chunk, layer, head) of one document, for ``kvorch heads analyze``."""

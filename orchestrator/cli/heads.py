@@ -1,4 +1,5 @@
-"""``kvorch heads``: classify attention heads (``analyze``) and show a stored analysis (``show``)."""
+"""``kvorch heads``: classify attention heads (``analyze``), show a stored analysis (``show``), and
+measure each head's Q-Filter (``qfilters``)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from orchestrator.cli.job_options import (
 )
 from orchestrator.cli.options import format_option, lake_option
 from orchestrator.errors import KvorchError
-from orchestrator.heads.settings import FEW_DOCS, PROBE_DEFAULTS, AnalysisSpec, ClassifierSettings
+from orchestrator.heads.settings import FEW_DOCS, PROBE_DEFAULTS, AnalysisSpec, ClassifierSettings, QFilterSpec
 from orchestrator.lake.queries import connect, run_named
 from orchestrator.lake.store import Lake
 from orchestrator.reports.formatting import render
@@ -123,6 +124,60 @@ def analyze_command(
         click.echo(f"note: {result.n_docs} document(s) analysed; confidences are optimistic below {FEW_DOCS}")
     click.echo(f"head table -> {result.path}")
     click.echo(f"use it: kvorch submit --methods head_aware:policy=gated,heads={result.path}")
+
+
+@command.command("qfilters")
+@model_option
+@corpus_option
+@click.option("--out", required=True, help="Directory the filters are written to (what qfilter:path= takes).")
+@max_docs_option(spec_default(QFilterSpec, "max_docs"), help="Documents whose queries are measured.")
+@click.option(
+    "--skip-docs",
+    type=int,
+    default=spec_default(QFilterSpec, "skip_docs"),
+    help="Corpus documents skipped first (keep evaluation docs out).",
+)
+@max_tokens_option(spec_default(QFilterSpec, "max_tokens"))
+@bos_option
+@chunk_size_option(spec_default(QFilterSpec, "chunk_size"))
+@dtype_option
+@device_option
+@actors_option
+@address_option
+def qfilters_command(
+    model: str,
+    corpus: str,
+    out: str,
+    max_docs: int,
+    skip_docs: int,
+    max_tokens: int,
+    bos: str,
+    chunk_size: int,
+    dtype: str,
+    device: str,
+    actors: int | None,
+    address: str | None,
+    connect_timeout: float,
+) -> None:
+    """Measure Q-Filters from the model's own queries over the corpus on Ray, for qfilter:path=."""
+    from orchestrator.heads.qfilters import measure  # torch and Ray: once the command runs
+
+    spec = QFilterSpec(
+        model=model,
+        corpus=corpus,
+        out=out,
+        skip_docs=skip_docs,
+        max_docs=max_docs,
+        max_tokens=max_tokens,
+        chunk_size=chunk_size,
+        dtype=dtype,
+        device=device,
+        actors=actors,
+        bos=bos,
+    )
+    path = measure(spec, address, connect_timeout)
+    click.echo(f"q-filters -> {path}")
+    click.echo(f"use it: kvorch submit --methods qfilter:path={path}")
 
 
 @command.command("show")

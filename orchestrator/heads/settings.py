@@ -96,3 +96,34 @@ class AnalysisSpec:
     def analysis_id(self) -> str:
         digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
         return f"heads-{digest[:12]}"
+
+
+@dataclass(frozen=True)
+class QFilterSpec:
+    """What ``kvorch heads qfilters`` measures Q-Filters from (orchestrator/heads/qfilters.py):
+    the model's post-RoPE queries over corpus documents, written to ``out`` for ``qfilter:path=``."""
+
+    model: str
+    corpus: str
+    out: str
+    skip_docs: int = 0  # corpus documents before the measured ones (keep evaluation documents out)
+    max_docs: int = 8
+    max_tokens: int = 1024
+    chunk_size: int = EngineSettings.chunk_size
+    dtype: str = "auto"
+    device: str = "auto"
+    actors: int | None = None
+    bos: str = tokenization.DEFAULT_BOS
+
+    def __post_init__(self) -> None:
+        if not self.out.strip():
+            raise KvorchError("--out is empty; give the directory the filters go to")
+        if self.max_docs < 1 or self.skip_docs < 0 or self.max_tokens < 2:
+            raise KvorchError("need --max-docs >= 1, --skip-docs >= 0 and --max-tokens >= 2")
+        self.engine_settings()
+
+    def engine_settings(self) -> EngineSettings:
+        """The probe evicts nothing (every key scores +inf): the window changes no query."""
+        from orchestrator.sweep.spec import engine_settings
+
+        return engine_settings(chunk_size=self.chunk_size, window=self.chunk_size)

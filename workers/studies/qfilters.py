@@ -29,10 +29,25 @@ Observe = Callable[[str, torch.Tensor, Any], Any]
 
 @dataclass
 class QueryMoments:
-    """Per layer: summed q q^T [H, D, D] and q [H, D] in float64 (layer -> tensors)."""
+    """Per layer: summed q q^T [H, D, D] and q [H, D] in float64 (layer -> tensors); the model's
+    kv-heads, which group the query heads' directions into filters."""
 
     outer: dict[int, torch.Tensor] = field(default_factory=dict)
     total: dict[int, torch.Tensor] = field(default_factory=dict)
+    kv_heads: int = 0
+
+    def cpu(self) -> QueryMoments:
+        """These moments on the CPU: what an actor sends back to the driver."""
+        return QueryMoments(
+            {k: v.cpu() for k, v in self.outer.items()}, {k: v.cpu() for k, v in self.total.items()}, self.kv_heads
+        )
+
+    def add(self, other: QueryMoments) -> None:
+        """Sum ``other`` (another document's moments) into these."""
+        self.kv_heads = other.kv_heads
+        for layer in other.outer:
+            self.outer[layer] = self.outer.get(layer, 0) + other.outer[layer]
+            self.total[layer] = self.total.get(layer, 0) + other.total[layer]
 
 
 @dataclass(frozen=True)
@@ -43,7 +58,7 @@ class QueryMomentsProbe(Press):
     traceable = False
 
     def init_state(self, shape: StateShape) -> list[QueryMoments]:
-        return [QueryMoments()] * shape.layers  # one shared object, keyed by layer
+        return [QueryMoments(kv_heads=shape.kv_heads)] * shape.layers  # one shared object, keyed by layer
 
     def score(self, ctx: LayerContext, state: QueryMoments) -> torch.Tensor:
         layer = int(ctx.layer)
@@ -60,10 +75,7 @@ def measure_qfilters(observe: Observe, documents: list[torch.Tensor], n_kv_heads
     baseline would, and the probe's final state comes back)."""
     moments = QueryMoments()
     for index, tokens in enumerate(documents):
-        measured = observe(f"qfilter-{index}", tokens, QueryMomentsProbe())
-        for layer in measured.outer:
-            moments.outer[layer] = moments.outer.get(layer, 0) + measured.outer[layer]
-            moments.total[layer] = moments.total.get(layer, 0) + measured.total[layer]
+        moments.add(observe(f"qfilter-{index}", tokens, QueryMomentsProbe()))
     return filters_from_moments(moments, n_kv_heads)
 
 
