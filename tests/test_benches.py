@@ -177,11 +177,13 @@ def test_decode_step_prints_one_row_per_batch_size():
     assert numbers(rows[0])[-1] == 1.0 and all(math.isfinite(x) and x >= 0 for r in rows for x in numbers(r))
 
 
-@pytest.mark.slow  # a Ray job with a calibration (about a minute): the full suite runs it, the fast loop does not
+@pytest.mark.slow  # a Ray job with a calibration (about 30 s): the full suite runs it, the fast loop does not
 def test_calibration_cost_splits_the_run_into_its_parts(tiny_model_dir):
+    # random, not knorm: on the tiny random model knorm's calibration ran all 10 rounds (35 s),
+    # random's reaches 0.5 in 2; the table's parts are the same.
     out = run_bench(
         "calibration_cost.py", "--model", tiny_model_dir, "--max-docs", "1", "--max-tokens", "384",
-        "--methods", "baseline,knorm", "--densities", "0.5",
+        "--methods", "baseline,random", "--densities", "0.5",
     )  # fmt: skip
     rows = {line[:40].strip(): numbers(line[40:]) for line in out.splitlines() if line[:1].isalpha()}
     parts = [name for name in rows if name.startswith(("start-up", "calibration (", "between", "sweep ("))]
