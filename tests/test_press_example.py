@@ -107,12 +107,13 @@ def test_the_documented_press_installs_and_runs_through_the_engine(tmp_path, whe
 
 
 @pytest.mark.slow
-def test_the_documented_press_runs_under_kvorch_submit(tmp_path):
+def test_the_documented_press_runs_under_kvorch_submit(tmp_path, tiny_model_dir):
     """The page's ``kvorch submit`` line, on one short document, in a fresh process: the Ray
-    actors import the installed copy too."""
+    actors import the installed copy too. On the tiny local model: what is tested is the
+    press's installation, not the embedded model (its loading is tested elsewhere)."""
     root = install(tmp_path, "sorted")
     submit = next(c for c in check_commands() if c.startswith("kvorch submit"))
-    command = f"{submit} --max-docs 1 --max-tokens 128 --lake {root / 'lake'}"
+    command = f"{submit} --model {tiny_model_dir} --max-docs 1 --max-tokens 128 --lake {root / 'lake'}"
     done = run_in(root, ["bash", "-c", command])
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
     for config in ("vnorm@0.5", "vnorm@1", "vnorm@2"):
