@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -93,9 +94,10 @@ def test_submit_on_the_embedded_model_end_to_end(local_ray, tmp_path, smollm2, s
     assert report.exit_code == 0 and len(report.stdout.strip().splitlines()) == 2 + len(ALL_METHODS)
 
 
-@pytest.fixture
-def populated_lake(local_ray, tmp_path, tiny_model_dir) -> Path:
-    lake = tmp_path / "lake"
+@pytest.fixture(scope="module")
+def first_run(local_ray, tmp_path_factory, tiny_model_dir) -> Path:
+    """A lake holding run ``first`` on the tiny local model, submitted once for the module."""
+    lake = tmp_path_factory.mktemp("first-run") / "lake"
     result = kvorch(
         "submit",
         "--model",
@@ -118,6 +120,12 @@ def populated_lake(local_ray, tmp_path, tiny_model_dir) -> Path:
     )
     assert result.exit_code == 0, result.output
     return lake
+
+
+@pytest.fixture
+def populated_lake(first_run, tmp_path) -> Path:
+    """A test's own copy of ``first_run``'s lake, free to change."""
+    return Path(shutil.copytree(first_run, tmp_path / "lake"))
 
 
 def write(path: Path, text: str) -> str:
