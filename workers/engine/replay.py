@@ -13,10 +13,11 @@ not with its square.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from workers.contract.configs import EvalConfig
 from workers.engine.hooks import HookedModel
-from workers.modeling.attention import AttentionVariant, attention_probabilities, band, grouped_attention
+from workers.modeling.attention import GLOBAL, AttentionVariant, attention_probabilities, band, grouped_attention
 
 # Replay queries whose probabilities are formed at once: [heads, QUERY_BLOCK, sequence] floats.
 QUERY_BLOCK = 512
@@ -43,7 +44,11 @@ class _ReplayRun:
         hkv, ctx = key.shape[1], self.n_context
         positions = torch.arange(n, device=query.device)
         visible = band(positions, positions, variant)  # [n, n]
-        out, _ = grouped_attention(query, key, value, visible.expand(b, hkv, n, n), scaling, "sdpa", variant)
+        if variant == GLOBAL:  # plain causal attention: no [n, n] mask per head
+            kv = (t.repeat_interleave(h // hkv, dim=1) for t in (key, value))
+            out = F.scaled_dot_product_attention(query, *kv, is_causal=True, scale=scaling)
+        else:
+            out, _ = grouped_attention(query, key, value, visible.expand(b, hkv, n, n), scaling, "sdpa", variant)
         best = query.new_zeros(b, hkv, ctx, dtype=torch.float32)
         for start in range(ctx, n, QUERY_BLOCK):
             rows = slice(start, min(n, start + QUERY_BLOCK))

@@ -67,9 +67,12 @@ class KVzipPress(Press):
                 "runs under --protocol once (e.g. --task ruler --protocol once)"
             )
         n = min(scores.shape[-1], shape.positions)
-        full = torch.full((shape.layers, shape.rows, shape.kv_heads, shape.positions), torch.inf, device=shape.device)
-        full[:, :, :, :n] = scores[..., :n].to(shape.device, torch.float32)[:, None]
-        return list(full.unbind(0))
+        states = []
+        for layer in scores[:, :, :n].to(shape.device, torch.float32):  # one tensor per layer, not views of one
+            state = torch.full((shape.rows, shape.kv_heads, shape.positions), torch.inf, device=shape.device)
+            state[:, :, :n] = layer
+            states.append(state)
+        return states
 
     def score(self, ctx: LayerContext, state: torch.Tensor) -> torch.Tensor:
         return state[:, :, ctx.scored]
