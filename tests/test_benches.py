@@ -219,3 +219,12 @@ def test_driver_bounds_prints_every_case_and_the_same_ids():
     assert "refused" in rows[3] and "printed" in rows[2], out
     for row in rows:
         assert all(math.isfinite(x) for x in numbers(row)), row
+
+
+@pytest.mark.slow  # model runs at two lengths: the full suite runs it, the fast loop does not
+def test_kvzip_replay_puts_the_replay_next_to_the_once_prefill_at_each_length():
+    out = run_bench("kvzip_replay.py", "--layers", "1", "--lengths", "32,64", "--question", "4", "--repeat", "1")
+    rows = [numbers(line) for line in out.splitlines() if re.match(r" +\d+ +\d", line)]
+    assert [row[0] for row in rows] == [32, 64]
+    for _n, replay_s, prefill_s, ratio in rows:
+        assert replay_s >= 0 and prefill_s > 0 and ratio >= 0 and math.isfinite(ratio)  # printed rounded
