@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
 import pytest
 import ray
 import torch
@@ -11,7 +16,7 @@ from tests.helpers import tiny_llama
 from workers.contract.models import EMBEDDED_MODEL, load_model, load_tokenizer
 
 # Fixtures that make a test slow: a real Ray job, or the embedded 135M-parameter model.
-SLOW_FIXTURES = frozenset({"local_ray", "smollm2"})
+SLOW_FIXTURES = frozenset({"local_ray", "smollm2", "default_run"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -61,3 +66,22 @@ def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="kvorch-tests")
     yield
     ray.shutdown()
+
+
+class DefaultRun(NamedTuple):
+    lake: Path  # ./kvorch-lake of the folder the command ran in
+    stdout: str  # what the command printed (its table)
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory) -> DefaultRun:
+    """The README's first command's job, as written (``kvorch submit --methods all``, in a fresh
+    process that starts its own Ray), run once for the session because it is the suite's longest
+    job (about 2 minutes on 2 cores): tests/test_readme_tables.py checks the docs' tables against
+    its lake digit for digit, tests/test_readme.py runs the README's other commands on a copy."""
+    folder = tmp_path_factory.mktemp("default-run")
+    kvorch = str(Path(sys.executable).parent / "kvorch")
+    submit = [kvorch, "submit", "--methods", "all", "--lake", str(folder / "kvorch-lake"), "--no-progress"]
+    done = subprocess.run(submit, cwd=folder, capture_output=True, text=True, timeout=3600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return DefaultRun(folder / "kvorch-lake", done.stdout)

@@ -2,11 +2,9 @@
 README.md, CONTRIBUTING.md and docs/ is extracted; every kvorch command in it parses (its options
 and their values, and its ``--help``); the README's cheap ones run, in order, then the Python
 blocks of the docs pages, in a folder whose ``./kvorch-lake`` holds a run of the README's first
-command (``kvorch submit --methods all``). Commands that start long jobs are only parsed.
-docs/cli.md names every option of every command.
-
-``KVORCH_README_LAKE=DIR`` runs them against an existing lake of the full default run instead of
-the smaller run of the same command made here.
+command (``kvorch submit --methods all``, as written: the session's run, which
+tests/test_readme_tables.py checks the docs' tables against). Commands that start long jobs are
+only parsed. docs/cli.md names every option of every command.
 """
 
 from __future__ import annotations
@@ -160,20 +158,14 @@ def test_every_shell_command_of_the_readme_is_classified():
 
 
 @pytest.fixture(scope="module")
-def readme_folder(tmp_path_factory, local_ray) -> Path:
-    """A folder holding ``./kvorch-lake`` with a run of the README's first command (fewer and
-    shorter documents than the default run, the same methods), or KVORCH_README_LAKE's lake."""
-    folder = tmp_path_factory.mktemp("newcomer")
-    given = os.environ.get("KVORCH_README_LAKE")
-    if given:
-        shutil.copytree(given, folder / "kvorch-lake")
-        return folder
-    lake = str(folder / "kvorch-lake")
-    args = ["submit", "--methods", "all", "--max-docs", "2", "--max-tokens", "256", "--lake", lake]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
+def readme_folder(tmp_path_factory, default_run) -> Path:
+    """A folder holding ``./kvorch-lake``, a copy of the README's first command's run (the
+    session's, tests/conftest.py), so the commands below cannot change what other tests read."""
     # The first table a newcomer sees fits a 120-column terminal; --wide is named for the rest.
-    assert max(map(len, result.stdout.splitlines())) <= 120 and "--wide shows every column" in result.stdout
+    assert max(map(len, default_run.stdout.splitlines())) <= 120, default_run.stdout
+    assert "--wide shows every column" in default_run.stdout, default_run.stdout
+    folder = tmp_path_factory.mktemp("newcomer")
+    shutil.copytree(default_run.lake, folder / "kvorch-lake")
     return folder
 
 

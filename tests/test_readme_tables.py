@@ -7,9 +7,6 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
-from pathlib import Path
-
-import pytest
 
 from tests.readme_tables import PAGES, ROOT, marked_blocks, printed, regenerate
 from tests.test_lake_and_report import lake  # noqa: F401 - the two-config lake fixture, shared
@@ -44,15 +41,9 @@ def test_a_stale_block_is_found_and_rewritten_to_the_commands_output(tmp_path, l
     assert "knorm@-2" in report and regenerate(lake.uri, (page,), check=True) == []
 
 
-@pytest.mark.slow
-def test_the_docs_tables_are_what_the_default_run_prints(tmp_path):
-    """The README's first command's job, as written, then every marked block compared with what
-    the commands print on its lake (about 3 minutes on 2 cores)."""
-    default_lake = tmp_path / "kvorch-lake"
-    kvorch = str(Path(sys.executable).parent / "kvorch")
-    submit = [kvorch, "submit", "--methods", "all", "--lake", str(default_lake), "--no-progress"]
-    done = subprocess.run(submit, cwd=tmp_path, capture_output=True, text=True, timeout=3600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    check = [sys.executable, "-m", "tests.readme_tables", "--lake", str(default_lake), "--check"]
+def test_the_docs_tables_are_what_the_default_run_prints(default_run):
+    """Every marked block compared with what the commands print on the lake of the README's
+    first command's job, as written (tests/conftest.py runs it once for the session)."""
+    check = [sys.executable, "-m", "tests.readme_tables", "--lake", str(default_run.lake), "--check"]
     compared = subprocess.run(check, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert compared.returncode == 0, compared.stdout + compared.stderr
