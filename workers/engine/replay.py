@@ -43,16 +43,16 @@ class _ReplayRun:
         b, h, n, _ = query.shape
         hkv, ctx = key.shape[1], self.n_context
         positions = torch.arange(n, device=query.device)
-        visible = band(positions, positions, variant)  # [n, n]
-        if variant == GLOBAL:  # plain causal attention: no [n, n] mask per head
+        if variant == GLOBAL:  # plain causal attention: no [n, n] mask
             kv = (t.repeat_interleave(h // hkv, dim=1) for t in (key, value))
             out = F.scaled_dot_product_attention(query, *kv, is_causal=True, scale=scaling)
         else:
-            out, _ = grouped_attention(query, key, value, visible.expand(b, hkv, n, n), scaling, "sdpa", variant)
+            visible = band(positions, positions, variant).expand(b, hkv, n, n)
+            out, _ = grouped_attention(query, key, value, visible, scaling, "sdpa", variant)
         best = query.new_zeros(b, hkv, ctx, dtype=torch.float32)
         for start in range(ctx, n, QUERY_BLOCK):
             rows = slice(start, min(n, start + QUERY_BLOCK))
-            seen = visible[rows].expand(b, hkv, -1, n)
+            seen = band(positions[rows], positions, variant).expand(b, hkv, -1, n)
             probs = attention_probabilities(query[:, :, rows], key, seen, scaling, variant)  # [b, h, q, n]
             block = probs[..., :ctx].amax(dim=2).view(b, hkv, h // hkv, ctx).amax(dim=2)
             best = torch.maximum(best, block)
