@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.corpus import load_corpus
+from orchestrator.sweep.spec import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_DOCS, DEFAULT_MAX_TOKENS
 from tests.helpers import full_forward_nll
 from workers.contract.tokenization import resolve
 from workers.presses import ALL_METHODS
@@ -32,28 +34,14 @@ def snapshot(root: Path) -> dict[str, str]:
     }
 
 
-def test_submit_on_the_embedded_model_end_to_end(local_ray, tmp_path, smollm2, smollm2_tokenizer):
-    lake = str(tmp_path / "lake")
-    result = kvorch(
-        "submit",
-        "--max-docs",
-        "2",
-        "--max-tokens",
-        "256",
-        "--chunk-size",
-        "64",
-        "--window",
-        "32",
-        "--lake",
-        lake,
-        "--run-id",
-        "e2e",
-        "--no-progress",
-        "--format",
-        "csv",
-    )
-    assert result.exit_code == 0, result.output
-    table = list(csv.DictReader(io.StringIO(result.stdout)))
+def test_the_default_run_on_the_embedded_model_end_to_end(default_run, smollm2, smollm2_tokenizer):
+    """The README's first command's job (``kvorch submit --methods all``: the session's run,
+    tests/conftest.py, which the docs' tables are also checked against), read back through the
+    CLI: every method, one row per (doc, chunk, config), the run finished, and its baseline equal
+    to an uncompressed full-sequence forward of the same document."""
+    lake = str(default_run.lake)
+    report = kvorch("report", "--lake", lake, "--format", "csv")
+    table = list(csv.DictReader(io.StringIO(report.stdout)))
     assert sorted(r["method"] for r in table) == sorted(ALL_METHODS)
     density = {r["method"]: float(r["density_with_window"]) for r in table}
     assert density["baseline"] == 1.0
@@ -61,6 +49,7 @@ def test_submit_on_the_embedded_model_end_to_end(local_ray, tmp_path, smollm2, s
     assert density["streaming_llm"] < min(v for k, v in density.items() if k not in ("streaming_llm", "window"))
 
     # One row per (doc, chunk, config), no duplicates; docs and spec recorded.
+    expected_rows = DEFAULT_MAX_DOCS * math.ceil(DEFAULT_MAX_TOKENS / DEFAULT_CHUNK_SIZE) * len(ALL_METHODS)
     sql = kvorch(
         "sql",
         "--lake",
@@ -69,15 +58,16 @@ def test_submit_on_the_embedded_model_end_to_end(local_ray, tmp_path, smollm2, s
         "json",
         "SELECT count(*) AS n, count(DISTINCT (doc_id, chunk_index, config)) AS u FROM chunks",
     )
-    assert json.loads(sql.stdout) == [{"n": 2 * 4 * len(ALL_METHODS), "u": 2 * 4 * len(ALL_METHODS)}]
+    assert json.loads(sql.stdout) == [{"n": expected_rows, "u": expected_rows}]
     docs = json.loads(kvorch("sql", "--lake", lake, "--format", "json", "SELECT doc_id, n_tokens FROM docs").stdout)
-    assert [d["n_tokens"] for d in docs] == [256, 256]
-    status = json.loads((tmp_path / "lake/runs/run_id=e2e/status.json").read_text())
-    assert status["status"] == "finished" and status["rows"] == 2 * 4 * len(ALL_METHODS)
+    assert [d["n_tokens"] for d in docs] == [DEFAULT_MAX_TOKENS] * DEFAULT_MAX_DOCS
+    (status_path,) = default_run.lake.glob("runs/run_id=*/status.json")
+    status = json.loads(status_path.read_text())
+    assert status["status"] == "finished" and status["rows"] == expected_rows
 
     # The lake's baseline equals an uncompressed full-sequence forward of the same document.
     doc = load_corpus("pydoc")[0]
-    ids = torch.tensor(resolve(smollm2_tokenizer, "auto").ids(doc.text, 256))
+    ids = torch.tensor(resolve(smollm2_tokenizer, "auto").ids(doc.text, DEFAULT_MAX_TOKENS))
     lake_nll = json.loads(
         kvorch(
             "sql",
@@ -90,8 +80,8 @@ def test_submit_on_the_embedded_model_end_to_end(local_ray, tmp_path, smollm2, s
     )[0]["s"]
     assert lake_nll == pytest.approx(float(full_forward_nll(smollm2, ids).sum()), rel=1e-4)
 
-    report = kvorch("report", "--lake", lake, "--format", "markdown")
-    assert report.exit_code == 0 and len(report.stdout.strip().splitlines()) == 2 + len(ALL_METHODS)
+    markdown = kvorch("report", "--lake", lake, "--format", "markdown")
+    assert markdown.exit_code == 0 and len(markdown.stdout.strip().splitlines()) == 2 + len(ALL_METHODS)
 
 
 @pytest.fixture(scope="module")
