@@ -10,6 +10,9 @@ The candidates:
   layers (rounded up as workers/engine/capacity.py rounds). Shapes are then equal in every layer
   (one compiled layer region still serves all), and which (row, kv-head) sits in which band is a
   per-layer index tensor: a gather of the queries in, a scatter of the outputs out.
+- ``pool``: what the step builds (workers/engine/pool.py): one pool of 32-slot pages that every
+  (row, kv-head) of the layer shares, each a segment of what it holds plus the chunk's room, and
+  paged attention over it (the step's own code, timed here).
 - ``ideal``: every (row, kv-head) attended alone over exactly what it holds (a Python loop, the
   lower bound of the work, not a candidate for the step).
 
@@ -35,7 +38,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from workers.engine import capacity
+from workers.engine import capacity, pool
+from workers.modeling.attention import AttentionVariant
 
 PROFILES = ("threshold", "adakv", "uniform")
 
@@ -63,6 +67,14 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, held: 
     return out.reshape(n, groups, c, d)
 
 
+def rounded_slots(need: int, positions: int) -> int:
+    """The padded held band's slots before the pool (m x 2^k, m in 4..7, at most ``positions``)."""
+    if need <= 4:
+        return min(positions, need)
+    octave = 1 << max(0, need.bit_length() - 3)
+    return min(positions, next((m for m in (4, 5, 6, 7) if m * octave >= need), 8) * octave)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -71,8 +83,8 @@ def sync(device: torch.device) -> None:
 class Padded:
     """Today: every (row, kv-head) of the layer in one block of the densest one's slots."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, needs: torch.Tensor) -> None:
-        slots = capacity.slots(int(needs.max()), 0, keys.shape[1])
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, needs: torch.Tensor, chunk: int) -> None:
+        slots = rounded_slots(int(needs.max()) + chunk, keys.shape[1])
         self.keys, self.values = keys[:, :slots].contiguous(), values[:, :slots].contiguous()
         self.needs = needs
         self.nbytes = self.keys.nbytes + self.values.nbytes
@@ -87,14 +99,14 @@ class QuantileBands:
     Each band's keys live in a tensor of their own (built here, untimed); a chunk gathers each
     band's queries in and scatters its outputs back (timed)."""
 
-    def __init__(self, all_needs: torch.Tensor, n_bands: int, keys, values, needs: torch.Tensor) -> None:
+    def __init__(self, all_needs: torch.Tensor, n_bands: int, keys, values, needs: torch.Tensor, chunk: int) -> None:
         ranked = all_needs.flatten(1).sort(dim=-1).values  # [layers, rows x kv-heads]
         count = ranked.shape[-1]
         edges = [round(b * count / n_bands) for b in range(n_bands + 1)]
         order = needs.argsort()
         self.bands = []
         for lo, hi in zip(edges, edges[1:], strict=False):
-            slots = capacity.slots(int(ranked[:, hi - 1].max()), 0, keys.shape[1])
+            slots = rounded_slots(int(ranked[:, hi - 1].max()) + chunk, keys.shape[1])
             which = order[lo:hi]
             band_keys, band_values = keys[which, :slots].contiguous(), values[which, :slots].contiguous()
             self.bands.append((which, band_keys, band_values, needs[which]))
@@ -107,12 +119,39 @@ class QuantileBands:
         return out
 
 
+class Pool:
+    """The step's pool (workers/engine/pool.py) for the layer: each (row, kv-head) an owner holding
+    its ``needs`` keys (positions 0..need-1) plus room for a chunk, attended page by page."""
+
+    def __init__(self, keys, values, needs: torch.Tensor, chunk: int) -> None:
+        n, _, d = keys.shape
+        pages = capacity.pages_for(int(needs.sum()), n, chunk)
+        self.pool = pool.allocate(pages, n, 1, d, keys.dtype, keys.device, chunk)
+        counts = needs.view(n, 1)
+        pool._lay_out(self.pool, counts, chunk)
+        slot = self.pool.first_page * capacity.PAGE  # [n]
+        for i, held in enumerate(needs.tolist()):  # untimed setup
+            at = slice(int(slot[i]), int(slot[i]) + held)
+            self.pool.keys.view(-1, d)[at] = keys[i, :held]
+            self.pool.values.view(-1, d)[at] = values[i, :held]
+            self.pool.positions.view(-1)[at] = torch.arange(held)
+        self.pool.counts.copy_(counts)
+        self.query_positions = torch.arange(chunk, device=keys.device) + keys.shape[1]  # after every key
+        self.scaling = d**-0.5
+        self.nbytes = self.pool.keys.nbytes + self.pool.values.nbytes
+
+    def run(self, query: torch.Tensor) -> torch.Tensor:
+        pages = self.pool.owner.shape[0]
+        out, _ = pool.attend(self.pool, query, self.query_positions, self.scaling, AttentionVariant(), pages)
+        return out
+
+
 class Ideal:
     """Every (row, kv-head) alone over exactly what it holds: the lower bound of the work."""
 
-    def __init__(self, keys, values, needs: torch.Tensor) -> None:
-        self.heads = [(keys[i : i + 1, :n].contiguous(), values[i : i + 1, :n].contiguous()) for i, n in
-                      enumerate(needs.tolist())]  # fmt: skip
+    def __init__(self, keys, values, needs: torch.Tensor, chunk: int) -> None:
+        self.heads = [(keys[i : i + 1, : n + chunk].contiguous(), values[i : i + 1, : n + chunk].contiguous())
+                      for i, n in enumerate(needs.tolist())]  # fmt: skip
         self.needs = needs
         self.nbytes = sum(k.nbytes + v.nbytes for k, v in self.heads)
 
@@ -167,15 +206,18 @@ def main() -> None:
             n = needs_layer.shape[0]
             g = torch.Generator().manual_seed(args.seed + 1)
             query = torch.randn(n, args.groups, args.chunk, args.head_dim, generator=g).to(device)
-            keys = torch.randn(n, positions, args.head_dim, generator=g).to(device)
-            values = torch.randn(n, positions, args.head_dim, generator=g).to(device)
+            keys = torch.randn(n, positions + args.chunk, args.head_dim, generator=g).to(device)
+            values = torch.randn(n, positions + args.chunk, args.head_dim, generator=g).to(device)
             needs_layer = needs_layer.to(device)
-            layouts = {"padded": Padded(keys, values, needs_layer)}
+            chunk = args.chunk  # every layout has room for the chunk being written, as the step's
+            layouts = {"padded": Padded(keys, values, needs_layer, chunk)}
             for b in (int(x) for x in args.bands.split(",")):
-                layouts[f"bands:{b}"] = QuantileBands(needs, b, keys, values, needs_layer)
-            layouts["ideal"] = Ideal(keys, values, needs_layer)
+                layouts[f"bands:{b}"] = QuantileBands(needs, b, keys, values, needs_layer, chunk)
+            layouts["pool"] = Pool(keys, values, needs_layer, chunk)
+            layouts["ideal"] = Ideal(keys, values, needs_layer, chunk)
             reference = layouts["padded"].run(query)
-            held = 2 * int(needs_layer.sum()) * args.head_dim * keys.element_size()
+            # what the layer holds: each (row, kv-head)'s keys plus the chunk it writes
+            held = 2 * int(needs_layer.sum() + n * args.chunk) * args.head_dim * keys.element_size()
             base = None
             for name, layout in layouts.items():
                 torch.testing.assert_close(layout.run(query), reference, rtol=1e-4, atol=1e-4)

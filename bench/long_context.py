@@ -32,6 +32,7 @@ from sweep_throughput import LLAMA_SHAPES, build_llama, document_ids, naive_conf
 
 from workers.contract.models import EMBEDDED_MODEL, load_model
 from workers.contract.settings import EngineSettings
+from workers.engine import capacity
 from workers.engine.core import Engine
 
 
@@ -90,21 +91,25 @@ def main() -> None:
 
 
 def held_memory(engine: Engine, n: int, chunk: int) -> str:
-    """Per config of the held engine's last document: its slots per (layer, kv-head), the most
-    keys a (layer, kv-head) held before a chunk (peak), the mean over (layer, kv-head) at the last
-    chunk, and slots / (peak + chunk): the target is <= 1.25; 1 - (mean + chunk) / slots is the
-    padding left, mostly by (layer, kv-head)s that hold fewer than the densest."""
+    """Per config of the held engine's last document, summed over (layer, kv-head): the slots its
+    pool was sized for (a full band: every position), against what it needed, the most keys its
+    kv-heads held together before a chunk (kept, protected included) plus a chunk each. The
+    issue's target is <= 1.25."""
     step, layout = engine.last_run
-    peaks, _ = step.held_back()
-    slots = {r: band.slots for band in step.bands for r in range(band.rows.start, band.rows.stop)}
-    kept = step.state.results.kept[-1].tolist()  # [configs]: held before the last chunk
-    heads = step.n_layers * step.n_kv_heads
+    peaks, _ = step.held_back()  # [configs][layers]
+    kv_heads = step.n_kv_heads
     cells = []
     for r, config in enumerate(layout.configs):
-        mean = kept[r] / heads
-        cells.append(f"{config.label} {slots[r]}/{peaks[r]}+{chunk}={slots[r] / (peaks[r] + chunk):.2f} "
-                     f"(mean held {mean:.0f}, padding {1 - (mean + chunk) / slots[r]:.2f})")  # fmt: skip
-    return f"#   held {n}: slots/(peak+chunk): " + "; ".join(cells)
+        band = next(b for b in step.bands if b.rows.start <= r < b.rows.stop)
+        if band.full:
+            slots = step.n_layers * kv_heads * step.n
+        else:
+            slots = sum(layer[r - band.rows.start] for layer in band.allotted) * capacity.PAGE
+            if band.grows:  # grown to what its rows held: the pool's own pages
+                slots = sum(band.pages) * capacity.PAGE // band.size
+        need = sum(peaks[r]) + step.n_layers * kv_heads * chunk
+        cells.append(f"{config.label} {slots / need:.2f}")
+    return f"#   held {n}: slots / (kept + chunk), over (layer, kv-head): " + "; ".join(cells)
 
 
 def fit_check(n: int, n_configs: int, density: float, chunk: int, window: int) -> str:
@@ -113,20 +118,20 @@ def fit_check(n: int, n_configs: int, density: float, chunk: int, window: int) -
     from types import SimpleNamespace
 
     from workers.contract import memory
-    from workers.engine import capacity
 
     llama_8b = SimpleNamespace(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                                hidden_size=4096, head_dim=128, intermediate_size=14336, vocab_size=128256)  # fmt: skip
     floor = window
     bound = min(n, floor + math.ceil(density * (n - floor)))
-    slots = capacity.slots(bound, chunk, n)
-    held = memory.config_bytes(llama_8b, n, chunk, 2, static=False, slots=slots)
+    pages = capacity.pages_for(llama_8b.num_key_value_heads * bound, llama_8b.num_key_value_heads, chunk)
+    slots = pages * capacity.PAGE // llama_8b.num_key_value_heads
+    held = memory.config_bytes(llama_8b, n, chunk, 2, static=False, pages=pages)
     full = memory.config_bytes(llama_8b, n, chunk, 2, static=False)
     weights = 8.03e9 * 2
     total = n_configs * held + full + weights
     return (
         f"fit: Llama-3.1-8B bf16, {n} tokens, {n_configs} configs at compressible density {density:g} "
-        f"({slots} slots of {n}) + 1 full reference row: {n_configs} x {held / 2**30:.2f} GiB + "
+        f"({slots} slots per kv-head of {n}) + 1 full reference row: {n_configs} x {held / 2**30:.2f} GiB + "
         f"{full / 2**30:.2f} GiB + weights {weights / 2**30:.1f} GiB = {total / 1e9:.1f} GB "
         f"({'fits' if total < 141e9 else 'does not fit'} an H200's 141 GB; masked: "
         f"{((n_configs + 1) * full + weights) / 1e9:.1f} GB)"

@@ -85,9 +85,11 @@ def test_a_batch_without_baseline_gets_it_as_a_hidden_reference(tiny_model, toke
     for config, rows in hidden.items():
         for got, want in zip(rows, with_baseline[config], strict=True):
             assert got["batch_size"] == want["batch_size"] == 3  # the forward ran three rows
-            assert got["nll_sum"] == pytest.approx(want["nll_sum"], rel=1e-9)
-            for column in AGREEMENT_COLUMNS:
-                assert got[column] == pytest.approx(want[column], rel=1e-6, abs=1e-9), (config, column)
+            # float32 within 1e-6, as the held cache against the masked one: the chunks every row
+            # shares ran in the first band, here the window's pool, there the baseline's full band
+            assert got["nll_sum"] == pytest.approx(want["nll_sum"], rel=1e-6)
+            for column in AGREEMENT_COLUMNS:  # KL amplifies that rounding (tests/test_chunk_step.py)
+                assert got[column] == pytest.approx(want[column], rel=1e-4, abs=1e-5), (config, column)
     assert any(r["kl_sum"] > 0 for r in hidden["window"])
 
 

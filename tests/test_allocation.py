@@ -20,8 +20,9 @@ from tests.helpers import tiny_llama
 from workers.contract.allocation import UNIFORM, Allocation, parse_allocation
 from workers.contract.configs import EvalConfig
 from workers.contract.settings import EngineSettings
-from workers.engine import capacity
+from workers.engine import capacity, sizing
 from workers.engine.core import Engine
+from workers.engine.layout import DocumentLayout
 from workers.presses import parse_method
 
 N_LAYERS, N_KV = 4, 2
@@ -180,9 +181,9 @@ def test_uniform_is_todays_rule_whatever_else_the_batch_holds(model, document):
 
 @pytest.mark.slow  # about 18 s: the full suite runs it, the fast loop (under 3 minutes) does not
 def test_the_held_cache_fits_what_each_allocation_keeps(model, document):
-    """Held and masked caches keep the same keys and give the same NLL under every allocation;
-    pyramidkv's and a file's slots cover their largest head, adakv's are learned (first
-    document: every position) and never overflow into a lost key."""
+    """Held and masked caches keep the same keys and give the same NLL under every allocation,
+    from the first document on: each pool holds its own budgets, and never overflows into a lost
+    key."""
     configs = [
         knorm(budget=60, allocation=Allocation("adakv")),
         knorm(ratio=0.5, allocation=Allocation("pyramidkv", beta=2)),
@@ -200,12 +201,33 @@ def test_the_held_cache_fits_what_each_allocation_keeps(model, document):
             )
 
 
-def test_capacity_scales_the_ranked_bound_by_the_allocations_peak_share():
-    assert capacity.policy_bound("budget", 1.0, 100, None, None, 20, 1000) == 100
-    assert capacity.policy_bound("budget", 1.0, 100, None, None, 20, 1000, peak_share=2.0) == 200
-    assert capacity.policy_bound("ratio", 0.5, None, None, None, 20, 1000, peak_share=None) is None
-    assert Allocation("pyramidkv").peak_share() == 2.0 and Allocation("adakv").peak_share() is None
-    assert Allocation("file", shares=((1, 3),), name="f").peak_share() == 1.5
+def test_each_allocations_pool_holds_its_own_budgets_per_layer(model):
+    """The held cache's pool of each row, per layer, has the pages its kv-heads' budgets need
+    together: uniform and adakv (which moves a layer's budget between heads, never adds to it)
+    the uniform limit per head; pyramidkv each layer's budget of kvpress's formula, the largest
+    over every chunk end (here the last: the schedule only grows with the document); a file its
+    heads' shares."""
+    n, window, write = 400, 16, 32
+    configs = [
+        knorm(ratio=0.5),
+        knorm(ratio=0.5, allocation=Allocation("adakv")),
+        knorm(ratio=0.5, allocation=Allocation("pyramidkv", beta=2)),
+        knorm(ratio=0.5, allocation=Allocation("file", shares=((1, 3), (2, 2), (1, 1), (1, 1)), name="f")),
+    ]
+    layout = DocumentLayout(model.config, EngineSettings(write, window), configs, n, False, torch.device("cpu"), "w")
+    pools = sizing.group_pools(layout, n, write, {}, static=False, full=False)
+    limit = n // 2
+
+    def pages(heads: list[int]) -> int:
+        return capacity.pages_for(sum(max(window, h) for h in heads), N_KV, write)
+
+    uniform, adakv, pyramid, shared = ([layer[0] for layer in pool.allotted] for pool in pools)
+    assert uniform == adakv == [pages([limit, limit])] * N_LAYERS
+    budgets = [pyramid_reference(limit, n, window, layer, N_LAYERS, 2) for layer in range(N_LAYERS)]
+    assert len(set(budgets)) > 1 and pyramid == [pages([b, b]) for b in budgets]
+    shares = ((1, 3), (2, 2), (1, 1), (1, 1))  # average 1.5: (1, 3) is 2/3 and 2 of the limit
+    assert shared == [pages([min(n, round(limit * share / 1.5)) for share in row]) for row in shares]
+    assert all(pool.pages == tuple(map(sum, pool.allotted)) for pool in pools)  # exact shapes: no rounding
 
 
 def test_allocations_are_a_sweep_dimension_of_the_ranked_policies():

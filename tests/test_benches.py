@@ -79,7 +79,8 @@ def test_long_context_puts_the_sweep_next_to_the_plain_loop_at_each_length():
             # these tiny sizes the rounding alone moves kvorch / plain by several hundredths.
             assert plain > 0 and kvorch > 0 and math.isfinite(kv_mib)
             assert (kvorch - 5e-4) / (plain + 5e-4) - 5e-3 <= ratio <= (kvorch + 5e-4) / (plain - 5e-4) + 5e-3
-    assert len([line for line in out.splitlines() if line.startswith("#   held ")]) == 2
+    held = [line for line in out.splitlines() if line.startswith("#   held ")]
+    assert len(held) == 2 and all("slots / (kept + chunk)" in line for line in held)
 
 
 @pytest.mark.slow  # the embedded-size model loop, 7 s: the full suite runs it, the fast loop does not
@@ -196,18 +197,20 @@ def test_calibration_cost_splits_the_run_into_its_parts(tiny_model_dir):
 @pytest.mark.slow  # a 5 s bench run: the full suite runs it, the fast loop (under 3 minutes) does not
 def test_head_layouts_times_every_layout_against_padded_with_its_bytes():
     """Each layout's output is checked against padded's inside the script; here the table: one
-    row per (profile, layout), finite, padded first (x 1), ideal holding exactly what is held."""
+    row per (profile, layout), finite, padded first (x 1), ideal holding exactly what is held (its
+    keys and the chunk's room), the step's pool no less."""
     out = run_bench(
         "head_layouts.py", "--positions", "128", "--rows", "2", "--layers", "2", "--bands", "2", "--repeats", "1",
         "--chunk", "16",
     )  # fmt: skip
     rows = [line.split() for line in out.splitlines() if line.strip().startswith("128")]
     assert [(r[1], r[2]) for r in rows] == [
-        (p, layout) for p in ("threshold", "adakv", "uniform") for layout in ("padded", "bands:2", "ideal")
+        (p, layout) for p in ("threshold", "adakv", "uniform") for layout in ("padded", "bands:2", "pool", "ideal")
     ]
     assert all(math.isfinite(x) for r in rows for x in numbers(" ".join(r[3:])))
     assert all(float(r[4]) == 1.0 for r in rows if r[2] == "padded")
     assert all(float(r[6]) == 1.0 for r in rows if r[2] == "ideal")
+    assert all(float(r[6]) >= 1.0 for r in rows if r[2] == "pool")
 
 
 @pytest.mark.slow  # four fresh processes, two of them loading the embedded tokenizer

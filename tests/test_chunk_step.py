@@ -182,10 +182,15 @@ class CountingBackend:
 def test_the_step_compiles_whole_once_and_never_again_in_its_length_bucket(model, document, surrogate_dir):
     """fullgraph=True: one graph for every press and every policy, traced in the first chunk;
     no recompile in later chunks (bounds are tensors) or for a second document whose length pads
-    to the same bucket; the numbers are the exact path's."""
+    to the same bucket, but the one rebuild once the threshold configs' pools are known (their
+    first document held every position); one compiled layer region, called by both layers (a
+    static step gives every layer's pool one size); the numbers are the exact path's."""
     configs = every_builtin_config(surrogate_dir)
     exact = Engine(model, EngineSettings(CHUNK, WINDOW, static=False))
+    other = document[:200]  # 7 chunks: the same 256-position bucket
     expected = exact.evaluate("d", document, configs).to_pylist()
+    # before the compiled engine hooks the same model (a forward fills every engine's hooks)
+    expected_other = exact.evaluate("e", other, configs).to_pylist()
     torch._dynamo.reset()
     backend = CountingBackend()
     engine = Engine(model, EngineSettings(CHUNK, WINDOW, compile=True), compile_backend=backend)
@@ -196,11 +201,13 @@ def test_the_step_compiles_whole_once_and_never_again_in_its_length_bucket(model
     assert len(backend.regions) == 1 and backend.region_calls == 2  # one layer compiled, called by both
     assert_same_numbers(expected, rows)
 
-    other = document[:200]  # 7 chunks: the same 256-position bucket
     assert padded_length(200, CHUNK) == padded_length(250, CHUNK)
-    second = engine.evaluate("e", other, configs).to_pylist()
-    assert backend.graphs == 1
-    assert_same_numbers(exact.evaluate("e", other, configs).to_pylist(), second)
+    second = engine.evaluate("e", other, configs).to_pylist()  # threshold pools now known: rebuilt once
+    assert backend.graphs == 2 and len(backend.regions) == 2 and backend.region_calls == 4
+    assert_same_numbers(expected_other, second)
+    third = engine.evaluate("d", document, configs).to_pylist()  # the first document again
+    assert backend.graphs == 2  # never again
+    assert_same_numbers(expected, third)
     torch._dynamo.reset()
 
 

@@ -198,7 +198,7 @@ def test_a_ranked_policy_evicts_every_interval_and_hides_exactly_that(config, in
 
     exact_step, decode_step = ChunkStep._exact_step, generation._decode_step
     monkeypatch.setattr(
-        ChunkStep, "_exact_step", lambda s, k, a, e, d=True: (snapshot(s, a), exact_step(s, k, a, e, d))[1]
+        ChunkStep, "_exact_step", lambda s, k, a, *rest: (snapshot(s, a), exact_step(s, k, a, *rest))[1]
     )
     monkeypatch.setattr(
         generation, "_decode_step", lambda s, k, p, *rest: (snapshot(s, p), decode_step(s, k, p, *rest))[1]
@@ -267,7 +267,9 @@ def test_the_prompts_rows_are_the_rows_evaluate_gives_the_same_document():
     expected = Engine(tiny_llama(), EngineSettings(CHUNK, WINDOW, agreement=False)).evaluate("d", ids, configs)
     columns = ["config", "chunk_index", "chunk_start", "chunk_end", "n_tokens", "n_correct", "keys_total", "keys_kept"]
     assert rows.select(columns).to_pylist() == expected.select(columns).to_pylist()
-    assert rows.column("nll_sum").to_pylist() == pytest.approx(expected.column("nll_sum").to_pylist(), rel=1e-9)
+    # float32 within 1e-6: the first document of a threshold config runs in a pool that grows
+    # between chunks, a question run's in every position (held against masked: 1e-6 too)
+    assert rows.column("nll_sum").to_pylist() == pytest.approx(expected.column("nll_sum").to_pylist(), rel=1e-6)
     assert set(rows.column("generated").to_pylist()) == {None}  # the actor writes the answers
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -170,7 +171,8 @@ def test_the_estimate_sizes_the_cache_the_step_really_holds(static, n):
     from workers.presses import parse_method
 
     model = tiny_llama()
-    # baseline and knorm (not run yet) hold every position; window holds its window and a chunk.
+    # baseline holds every position, and so does knorm (not run yet) at static shapes (at exact
+    # shapes its pool grows from empty); window holds its window and a chunk.
     names = [("baseline", None), ("knorm", -16.0), ("window", None)]
     configs = [EvalConfig(parse_method(name), tau) for name, tau in names]
     engine = Engine(model, EngineSettings(32, 32, static=static, agreement=False))
@@ -180,19 +182,21 @@ def test_the_estimate_sizes_the_cache_the_step_really_holds(static, n):
     step.run(0, tokens, None, answer)
     state = step.state
     positions = 256 if static else n
-    window_slots = capacity.slots(32, 32, positions)  # no sinks, window 32
-    assert window_slots < positions
-    full, held = state.cache[0]
-    assert (full.keys.shape[:3], held.keys.shape[:3]) == ((2, 2, positions), (1, 2, window_slots))
+    # window holds its 32-key window per kv-head plus a chunk: one row of a pool per layer
+    window_pages = capacity.pages_for(2 * 32, 2, 32)  # 2 kv-heads, no sinks, window 32, chunk 32
+    window_pages = capacity.rounded(window_pages) if static else window_pages
+    assert window_pages * capacity.PAGE < 2 * positions
+    full, held = state.cache[0][0], state.cache[0][-1]
+    full_rows = 2 if static else 1
+    assert (full.keys.shape[:3], held.keys.shape[:2]) == ((full_rows, 2, positions), (window_pages, capacity.PAGE))
     dims = memory.model_dims(model.config)
     per_position = sum(t.nbytes for name in ("keep", "scores") for t in getattr(state, name)) // len(configs)
     layers = state.cache
-    full_bytes = sum(b.keys.nbytes + b.values.nbytes for b in (layer[0] for layer in layers)) // 2 + per_position
-    held_bytes = sum(
-        sum(t.nbytes for t in (b.keys, b.values, b.positions, b.counts)) for b in (layer[1] for layer in layers)
-    )
+    full_bytes = sum(b.keys.nbytes + b.values.nbytes for b in (layer[0] for layer in layers)) // full_rows
+    full_bytes += per_position
+    held_bytes = sum(getattr(b, f.name).nbytes for b in (layer[-1] for layer in layers) for f in dataclasses.fields(b))
     assert full_bytes == memory.cache_bytes(dims, positions, 4)
-    assert held_bytes + per_position == memory.cache_bytes(dims, positions, 4, window_slots)
+    assert held_bytes + per_position == memory.cache_bytes(dims, positions, 4, window_pages)
     per_config = memory.config_bytes(model.config, n, 32, 4, static=static)
     assert memory.cache_bytes(dims, positions, 4) < per_config < 4 * memory.cache_bytes(dims, positions, 4)
     rows = engine.evaluate("d", tokens, configs, answer=answer).to_pylist()

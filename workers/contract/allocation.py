@@ -71,17 +71,6 @@ class Allocation:
         mean = sum(map(sum, self.shares)) / (len(self.shares) * len(self.shares[0]))
         return [[s / mean for s in row] for row in self.shares]
 
-    def peak_share(self) -> float | None:
-        """The most one (layer, kv-head) may keep, as a multiple of the uniform limit L (what the
-        held cache sizes it for), or None where the scores decide it (adakv)."""
-        if self.kind == "uniform":
-            return 1.0
-        if self.kind == "pyramidkv":
-            return 2.0  # the first layer's budget, max_num <= 2L - L/beta
-        if self.kind == "file":
-            return max(map(max, self.normalized_shares()))
-        return None
-
     def head_floor_share(self) -> float:
         """The least one (layer, kv-head) may be given, as a multiple of L (file: its smallest
         normalized share; pyramidkv never goes below the floor, its schedule falls back to

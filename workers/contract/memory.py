@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from workers.contract.settings import cache_positions
+from workers.contract.settings import POOL_PAGE, cache_positions
 
 # Of the memory free on the worker's device, the part the batch may plan for.
 SAFETY_FRACTION = 0.5
@@ -66,7 +66,7 @@ def model_dims(model_config: Any) -> ModelDims:
 
 
 def config_bytes(
-    model_config: Any, max_tokens: int, chunk_size: int, dtype_bytes: int, static: bool, slots: int | None = None
+    model_config: Any, max_tokens: int, chunk_size: int, dtype_bytes: int, static: bool, pages: int | None = None
 ) -> int:
     """Device bytes one more config (batch row) needs for a document of ``max_tokens``.
 
@@ -76,27 +76,31 @@ def config_bytes(
     engine's keep-mask and scores: 5 bytes per (layer, kv-head, position); activations of one
     chunk: hidden states and MLP intermediates, float32 logits and one layer's attention
     probabilities over the P positions (the eager backend and attention-reading presses).
-    ``slots``: a held cache's slots per (layer, kv-head) (workers/engine/capacity.py), None for
-    every position. ValueError when the config lacks a size (see :func:`model_dims`).
+    ``pages``: the config's pages per layer in a held cache's pool (workers/engine/capacity.py),
+    None for every position. ValueError when the config lacks a size (see :func:`model_dims`).
     """
     d = model_dims(model_config)
     positions = cache_positions(max_tokens, chunk_size, static)
     hidden = chunk_size * (4 * d.hidden + 2 * d.intermediate) * dtype_bytes
     logits = chunk_size * d.vocab * (dtype_bytes + 4)
-    held = positions if slots is None else min(slots, positions)
+    held = positions if pages is None else min(pages * POOL_PAGE // d.kv_heads, positions)
     probabilities = d.heads * chunk_size * held * 4
-    return cache_bytes(d, positions, dtype_bytes, slots) + hidden + logits + probabilities
+    return cache_bytes(d, positions, dtype_bytes, pages) + hidden + logits + probabilities
 
 
-def cache_bytes(dims: ModelDims, positions: int, dtype_bytes: int, slots: int | None = None) -> int:
+def cache_bytes(dims: ModelDims, positions: int, dtype_bytes: int, pages: int | None = None) -> int:
     """What the step allocates per config for ``positions`` per (layer, kv-head): keys and values
-    (head_dim x 2 x dtype bytes each) in ``slots`` slots (all ``positions`` for the masked cache),
-    a held cache's slot positions (8 bytes each) and count (8), and the keep-mask and scores per
-    position (1 + 4 bytes); the keys and values are what the ``kv_cache_bytes`` column reports.
-    tests/test_memory.py reads every part off the tensors (workers/engine/cache.py)."""
-    held = positions if slots is None else min(slots, positions)
-    bookkeeping = 0 if held == positions else held * 8 + 8
-    return dims.layers * dims.kv_heads * (held * dims.head_dim * 2 * dtype_bytes + bookkeeping + positions * (1 + 4))
+    (head_dim x 2 x dtype bytes each) at every position, or in a held cache's ``pages`` pages per
+    layer of POOL_PAGE slots (workers/engine/pool.py) with each slot's position (8 bytes), each page's
+    owner (8), each kv-head's first page and count (8 + 8); and the
+    keep-mask and scores per position (1 + 4 bytes). The keys and values are what the
+    ``kv_cache_bytes`` column reports. tests/test_memory.py reads every part off the tensors."""
+    per_position = dims.layers * dims.kv_heads * positions * (1 + 4)
+    if pages is None:
+        return dims.layers * dims.kv_heads * positions * dims.head_dim * 2 * dtype_bytes + per_position
+    slots = pages * POOL_PAGE
+    pool = slots * (dims.head_dim * 2 * dtype_bytes + 8) + pages * 8 + dims.kv_heads * 16
+    return dims.layers * pool + per_position
 
 
 def configs_per_forward(per_config: int, available: int, cap: int = MAX_CONFIGS_PER_FORWARD) -> int:

@@ -14,6 +14,12 @@ from workers.contract import defaults
 # The two caches (``--cache``, workers/engine/cache.py): held keeps per config only what it keeps,
 # masked keeps every position of the document for every config and masks what it evicted.
 CACHES = ("held", "masked")
+# Slots per page of the held cache's pools (workers/engine/pool.py): the unit a (row, kv-head)'s
+# segment grows by. Smaller wastes fewer slots (half a page per (row, layer, kv-head) on average)
+# but gives attention more pages to combine: at 4k tokens one chunk's attention over a pool took
+# 0.53x / 0.28x / 0.16x the padded band's time at 32 / 64 / 128 slots (a threshold profile,
+# bench/head_layouts.py). Here because the driver's memory estimate reads it.
+POOL_PAGE = 64
 
 
 @dataclass(frozen=True)

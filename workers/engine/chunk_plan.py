@@ -88,6 +88,9 @@ class LayerFacts(NamedTuple):
     # Ranked groups re-apply their keep limit (False: a decoding step between two of
     # --decode-interval's, where only thresholds decide the keys leaving their window).
     rank: bool = True
+    # Keys the next chunk writes per (row, kv-head): the room a pool lays each segment out with
+    # (workers/engine/pool.py); the chunk size, or a question's next span, or 1 while decoding.
+    next_write: int = 1
 
 
 @dataclass
@@ -97,7 +100,7 @@ class StepPlan:
 
     batch: int  # rows of the forward: one per config
     n_kv_heads: int
-    bands: list[cache.Band]
+    bands: list[cache.Band | cache.PoolBand]
     groups: list[GroupPlan]
     backend: str  # the attention kernel (--attn)
     static: bool  # static shapes: padded chunks, bounds as tensors (what torch.compile traces)

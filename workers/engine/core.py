@@ -27,7 +27,7 @@ import torch
 from workers.contract.configs import EvalConfig
 from workers.contract.plan import AnswerSpan, DocumentScores
 from workers.contract.settings import EngineSettings, GenerationSettings, cache_positions, chunk_bounds
-from workers.engine import capacity, generation
+from workers.engine import cache, generation, sizing
 from workers.engine.chunk_plan import Span
 from workers.engine.hooks import HookedModel
 from workers.engine.layout import DocumentLayout, held_from
@@ -133,7 +133,7 @@ class Engine:
         self.on_compile: Callable[[str, float | None], None] | None = None
         # Per threshold config (label): the densest fraction of a document one (layer, kv-head)
         # held so far, which sizes its held cache for the next document (workers/engine/capacity.py).
-        self.densities: dict[str, float] = {}
+        self.densities: dict[str, list[float]] = {}
         self.retired_compile_seconds = 0.0  # of static steps replaced by larger ones
         self.last_run: tuple[ChunkStep, DocumentLayout] | None = None
 
@@ -160,51 +160,52 @@ class Engine:
         path = self.path(configs)
         n_positions = cache_positions(n, self.settings.chunk_size, path.static)
         if not path.static:
-            return self._step(layout, n_positions, path, self.group_slots(layout, n_positions)), layout
-        # A static step keeps its slots for every document of its bucket (new slots would be a new
-        # graph); only a document that overflows them replaces it (_run).
+            pools = self.group_pools(layout, n_positions, False, grow=True)
+            return self._step(layout, n_positions, path, pools), layout
+        # A static step keeps its pools for every document of its bucket (new pools are a new
+        # graph); only a document that overflows them replaces it (_run), and a step built before
+        # its threshold configs ever ran (holding every position for them) is replaced once, when
+        # what they hold is known.
         key = (tuple(c.label for c in layout.configs), n_positions, layout.reference, path.compiled)
+        if key in self.steps and self.steps[key].provisional and not self._unlearned(layout):
+            self.retired_compile_seconds += self.steps.pop(key).compile_seconds
         if key not in self.steps:
             static_layout = self._layout(configs, n_positions, agreement)
-            slots = self.group_slots(static_layout, n_positions)
-            self.steps[key] = self._step(static_layout, n_positions, path, slots)
+            pools = self.group_pools(static_layout, n_positions, True)
+            self.steps[key] = self._step(static_layout, n_positions, path, pools)
             self.steps[key].key = key
+            self.steps[key].provisional = self._unlearned(layout)
         return self.steps[key], layout
 
-    def group_slots(self, layout: DocumentLayout, n_positions: int, write: int | None = None) -> list[int]:
-        """Each press group's slots per (layer, kv-head): what its densest config can hold (the
-        policy's bound, or the density learned from earlier documents) plus the most keys written
-        between two decisions (``write``: a chunk unless said otherwise). Every slot
-        of the cache length under ``--cache masked``, under FlexAttention (whose block mask reads
-        positions), and for a config never run yet whose keys' scores decide what it keeps."""
+    def _unlearned(self, layout: DocumentLayout) -> bool:
+        """Whether a config of the batch has its keys' scores decide what it holds and never ran."""
+        return any(c.label not in self.densities for c in sizing.scores_decide(layout))
+
+    def group_pools(
+        self, layout: DocumentLayout, n_positions: int, static: bool, write: int | None = None, grow: bool = False
+    ) -> list[cache.PoolBand | None]:
+        """Each press group's pool of pages per layer (workers/engine/sizing.py), sized for what
+        its configs can hold (the policy's bound, or what threshold configs held in earlier
+        documents) plus the most keys written between two decisions (``write``: a chunk unless
+        said otherwise). No pool (every position) under ``--cache masked`` and FlexAttention
+        (whose block mask reads positions). ``grow``: a threshold config never run starts empty
+        and grows between chunks (exact shapes), instead of holding every position."""
         chunk = self.settings.chunk_size if write is None else write
-        if self.settings.cache == "masked" or self.settings.attn == "flex":
-            return [n_positions] * len(layout.groups)
-        slots = []
-        for group in layout.groups:
-            press = group.press
-            floor = press.n_sink + int(group.windows.protected.max())
-            widest = 0
-            for config in layout.configs[group.rows]:
-                keep_fraction = 1.0 - (config.ratio or 0.0)
-                bound = capacity.policy_bound(
-                    config.policy, keep_fraction, config.budget, config.threshold, press.constant_score, floor,
-                    n_positions, config.allocation.peak_share(),
-                )  # fmt: skip
-                if bound is None and config.label in self.densities:
-                    bound = capacity.learned_bound(self.densities[config.label], floor, n_positions)
-                widest = max(widest, capacity.slots(bound, chunk, n_positions))
-            slots.append(widest)
-        return slots
+        full = self.settings.cache == "masked" or self.settings.attn == "flex"
+        return sizing.group_pools(layout, n_positions, chunk, self.densities, static, full, grow)
 
     def _learn(self, step: ChunkStep, layout: DocumentLayout, n: int, doc_id: str) -> bool:
-        """Record what each threshold config held in this document; True when a band ran out of
-        slots (then the document runs again, with that config's bound doubled)."""
+        """Record what each threshold config held in this document, per layer; True when a pool
+        ran out of pages (then the document runs again, with that config's bounds doubled)."""
         peaks, overflows = step.held_back()
+        kv_heads = layout.n_kv_heads
         for config, peak, overflow in zip(layout.configs, peaks, overflows, strict=True):
-            density = peak / max(1, n)
-            old = self.densities.get(config.label, 0.0)
-            self.densities[config.label] = max(old, 2 * max(old, density) if overflow else density)
+            old = self.densities.get(config.label, [0.0] * len(peak))
+            # per layer: what the heads held together, as one head's fraction of the document
+            density = [held / max(1, n * kv_heads) for held in peak]
+            self.densities[config.label] = [
+                max(was, 2 * max(was, now) if overflow else now) for was, now in zip(old, density, strict=True)
+            ]
         if any(overflows):
             names = sorted({c.label for c, o in zip(layout.configs, overflows, strict=True) if o})
             print(
@@ -219,10 +220,12 @@ class Engine:
         model_config = self.hooked.model.config
         return DocumentLayout(model_config, self.settings, configs, n, agreement, self.device, self.worker)
 
-    def _step(self, layout: DocumentLayout, n_positions: int, path: ExecutionPath, slots: list[int]) -> ChunkStep:
+    def _step(
+        self, layout: DocumentLayout, n_positions: int, path: ExecutionPath, pools: list[cache.PoolBand | None]
+    ) -> ChunkStep:
         return ChunkStep(
             self.hooked, self.settings, layout, n_positions, path.static, path.compiled, self.worker,
-            self.compile_backend, lambda what, seconds: self.on_compile and self.on_compile(what, seconds), slots,
+            self.compile_backend, lambda what, seconds: self.on_compile and self.on_compile(what, seconds), pools,
         )  # fmt: skip
 
     def _run(
@@ -300,8 +303,8 @@ class Engine:
                 return sum(position - held_from(position, v) for v in variants) * kv_heads
 
             # A second overflow (a bound the policy fixes, outgrown): full bands, which cannot overflow.
-            slots = self.group_slots(layout, n, write) if attempt < 2 else [n] * len(layout.groups)
-            step = self._step(layout, n, ExecutionPath(compiled=False, static=False), slots)
+            pools = self.group_pools(layout, n, False, write) if attempt < 2 else [None] * len(layout.groups)
+            step = self._step(layout, n, ExecutionPath(compiled=False, static=False), pools)
             results, seconds = step.run(doc_seed(doc_id), prompt_ids, spans=spans)
             decoded = generation.decode(
                 step, n_prompt, len(spans), settings.max_new_tokens, stop_token_ids, keys_total_at,

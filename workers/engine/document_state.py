@@ -39,7 +39,8 @@ class StateSizes:
 
 @dataclass
 class DocumentState:
-    cache: list[list[cache.BandCache]]  # [layer][band]
+    cache: list[list[cache.LayerCache]]  # [layer][band]
+    bands: list[cache.Band | cache.PoolBand]
     keep: list[torch.Tensor]  # per layer [B, Hkv, N] bool: what each config still holds
     scores: list[torch.Tensor]  # per layer [B, Hkv, N] float32
     tokens: torch.Tensor  # [N + 1] int64: the document, zero-padded (the last target included)
@@ -48,9 +49,9 @@ class DocumentState:
     chunk_index: torch.Tensor  # 0-d int64: the next chunk to run (static shapes advance it)
     answer_from: torch.Tensor  # 0-d int64: the first position predicting an answer token
     answer_to: torch.Tensor  # 0-d int64: one past the last (0, 0 for a document that is no probe)
-    # Per row: the most keys one (layer, kv-head) held before a chunk (what its band needs room
-    # for, learned by the engine), and whether a band ran out of slots.
-    peak: torch.Tensor  # [B] int64
+    # Per layer and row: the most keys the layer's kv-heads held together before a chunk (what the
+    # row's pool needs room for, learned by the engine); per row: whether its pool ran out of pages.
+    peak: torch.Tensor  # [layers, B] int64
     overflow: torch.Tensor  # [B] bool
     # Per row: the greedy prediction at the last real position of the latest chunk; after the
     # prompt's last chunk, each config's first generated token (workers/engine/generation.py).
@@ -60,7 +61,9 @@ class DocumentState:
     press_states: list[Any]  # per press group: its press's state (per layer), or None
 
     @classmethod
-    def allocate(cls, bands: list[cache.Band], sizes: StateSizes, press_states: list[Any]) -> DocumentState:
+    def allocate(
+        cls, bands: list[cache.Band | cache.PoolBand], sizes: StateSizes, press_states: list[Any]
+    ) -> DocumentState:
         b, hkv, n = sizes.batch, sizes.n_kv_heads, sizes.n_positions
         device = sizes.device
 
@@ -69,9 +72,10 @@ class DocumentState:
 
         return cls(
             cache=[
-                [cache.allocate(band, hkv, sizes.head_dim, sizes.dtype, device) for band in bands]
-                for _ in range(sizes.n_layers)
+                [cache.allocate(band, layer, hkv, sizes.head_dim, sizes.dtype, device) for band in bands]
+                for layer in range(sizes.n_layers)
             ],
+            bands=bands,
             keep=[torch.ones(b, hkv, n, dtype=torch.bool, device=device) for _ in range(sizes.n_layers)],
             scores=[torch.zeros(b, hkv, n, device=device) for _ in range(sizes.n_layers)],
             tokens=torch.zeros(n + 1, dtype=torch.int64, device=device),
@@ -80,7 +84,7 @@ class DocumentState:
             chunk_index=scalar(),
             answer_from=scalar(),
             answer_to=scalar(),
-            peak=torch.zeros(b, dtype=torch.int64, device=device),
+            peak=torch.zeros(sizes.n_layers, b, dtype=torch.int64, device=device),
             overflow=torch.zeros(b, dtype=torch.bool, device=device),
             next_token=torch.zeros(b, dtype=torch.int64, device=device),
             results=ChunkResults.zeros(
@@ -92,8 +96,8 @@ class DocumentState:
     def refill(self, press_states: list[Any]) -> None:
         """Back to a fresh document's values, in place (static shapes: the same addresses)."""
         for layer in self.cache:
-            for band in layer:
-                cache.clear(band)
+            for layer_cache, band in zip(layer, self.bands, strict=True):
+                cache.clear(layer_cache, band)
         for tensor in self.scores:
             tensor.zero_()
         for tensor in self.keep:

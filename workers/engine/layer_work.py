@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from workers.engine import cache
+from workers.engine import cache, pool
 from workers.engine.chunk_plan import ChunkBounds, LayerFacts, StepPlan
 from workers.engine.scoring import BandView, GroupScoring, LayerTensors
 from workers.modeling import attention
@@ -63,38 +63,41 @@ def layer_work(
             group, inputs["press_states"][i], inputs["protected"][i], *facts.windows[i], facts.decide, facts.rank
         )
     for band, band_cache in zip(plan.bands, bands, strict=True):
-        cache.compact(band_cache, keep[band.rows], span)
+        if isinstance(band_cache, pool.PoolCache):
+            pool.compact(band_cache, keep[band.rows], span, facts.next_write)
     return out.transpose(1, 2), kept
 
 
 def _write(
     plan: StepPlan,
-    bands: list[cache.BandCache],
+    bands: list[cache.LayerCache],
     key: torch.Tensor,
     value: torch.Tensor,
     bounds: ChunkBounds,
     overflow: torch.Tensor,
 ) -> None:
     """The chunk's keys and values into every band (a shared chunk's one row into every row); a
-    held band that runs out of slots marks its rows in ``overflow``."""
+    held band that runs out of pages marks its rows in ``overflow``."""
     for band, band_cache in zip(plan.bands, bands, strict=True):
         rows = band.rows if not bounds.shared else slice(0, 1)
         size = (band.size, -1, -1, -1)
-        ran_out = cache.write(band_cache, key[rows].expand(size), value[rows].expand(size), bounds.query_positions)
-        if ran_out is not None:  # a held band
-            flags = overflow[band.rows]
-            flags.logical_or_(ran_out)
+        band_key, band_value = key[rows].expand(size), value[rows].expand(size)
+        if isinstance(band_cache, pool.PoolCache):
+            overflow[band.rows].logical_or_(pool.write(band_cache, band_key, band_value, bounds.query_positions))
+        else:
+            cache.write(band_cache, band_key, band_value, bounds.query_positions)
 
 
 def _held_before(
     keep: torch.Tensor, bounds: ChunkBounds, variant: AttentionVariant, peak: torch.Tensor
 ) -> torch.Tensor:
     """[B] the keys each config holds before the chunk (a sliding-window layer holds, uncompressed,
-    only what its window sees); raises ``peak`` to the most one (row, kv-head) held."""
+    only what its window sees); raises ``peak`` [B] (this layer's) to the most its kv-heads held
+    together (what the layer's pool is sized by, learned by the engine)."""
     s, positions = bounds.start, bounds.positions
     before = keep & (positions < s)
     per_head = before.sum(dim=-1)  # [B, Hkv]: what each (row, kv-head) holds before the chunk
-    peak.copy_(torch.maximum(peak, per_head.amax(dim=-1)))
+    peak.copy_(torch.maximum(peak, per_head.sum(dim=-1)))
     if variant.sliding_window:
         return (before & (positions >= s - variant.sliding_window + 1)).sum(dim=(1, 2))
     return per_head.sum(dim=-1)
@@ -102,7 +105,7 @@ def _held_before(
 
 def _attend(
     plan: StepPlan,
-    bands: list[cache.BandCache],
+    bands: list[cache.LayerCache],
     query: torch.Tensor,
     keep: torch.Tensor,
     pattern: torch.Tensor,
@@ -123,9 +126,14 @@ def _attend(
     # A shared chunk is one forward row: band 0's first row holds what every row holds.
     for band, band_cache in zip(plan.bands[:1] if bounds.shared else plan.bands, bands, strict=False):
         rows = slice(0, 1) if bounds.shared else band.rows
-        held = cache.first_row(band_cache) if bounds.shared else band_cache
-        seen = cache.visible(held, keep[rows], pattern, bounds.query_positions, span, variant)
-        out, probs = cache.attend(held, query[rows], seen, scaling, plan.backend, variant)
+        if isinstance(band_cache, pool.PoolCache):
+            n_pages = pool.pages_in_use(band_cache, span, band.write)
+            out, lse = pool.attend(band_cache, query[rows], bounds.query_positions, scaling, variant, n_pages)
+            views.append(BandView(band_cache, None, None, lse, n_pages))
+        else:
+            held = cache.first_row(band_cache) if bounds.shared else band_cache
+            seen = keep[rows][:, :, None, :] & pattern
+            out, probs = cache.attend(held, query[rows], seen, scaling, plan.backend, variant)
+            views.append(BandView(held, probs, seen))
         outs.append(out)
-        views.append(BandView(held, probs, seen))
     return (outs[0] if len(outs) == 1 else torch.cat(outs)), views

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from workers.engine import cache
+from workers.engine import cache, pool
 from workers.engine.allocation import head_limits
 from workers.engine.chunk_plan import ChunkBounds, GroupPlan, StepPlan
 from workers.engine.decisions import (
@@ -32,13 +32,17 @@ from workers.presses import LayerContext
 
 @dataclass
 class BandView:
-    """What one band's attention produced this chunk: the cache it read (for a shared chunk, the
-    first row of band 0, which holds what every row holds), the probabilities over its slots
-    when the eager math ran, and which slots each query saw (None under FlexAttention)."""
+    """What one band's attention produced this chunk (for a shared chunk, band 0's first row,
+    which holds what every row holds): the cache it read; for a full band the probabilities over
+    its positions when the eager math ran and which positions each query saw (None under
+    FlexAttention); for a pool the log-sum-exp of each query and the pages read, from which
+    probabilities are recomputed for the queries a press observes."""
 
-    cache: cache.BandCache
+    cache: cache.LayerCache
     probs: torch.Tensor | None  # [R, H, c, S]
     seen: torch.Tensor | None  # [R, Hkv, c, S]
+    lse: torch.Tensor | None = None  # [owners, G*c] float32 (a pool)
+    n_pages: int = 0
 
 
 @dataclass
@@ -134,7 +138,12 @@ class GroupScoring:
         prerope = None
         if press.needs_prerope_queries:
             prerope = self.rotary.unrotate(t.query[rows], *self._chunk_rope())
-        held = cache.select_rows(self.inputs["cache"][plan.band], plan.local)  # the group's own keys
+        held = self.inputs["cache"][plan.band]
+        if isinstance(held, pool.PoolCache):  # a pool is one group's
+            keys_at, values_at = (functools.partial(pool.keys_at, held, t) for t in (held.keys, held.values))
+        else:  # the group's own rows of a full band
+            keys, values = held.keys[plan.local], held.values[plan.local]
+            keys_at, values_at = (functools.partial(cache.keys_at, held, t) for t in (keys, values))
         hidden = self.inputs["hidden"]
         if hidden is not None and bounds.shared:
             hidden = hidden.expand(step_plan.batch, -1, -1)
@@ -145,8 +154,8 @@ class GroupScoring:
             score_from=score_from,
             positions=bounds.positions,
             query_positions=bounds.query_positions,
-            keys_at=functools.partial(cache.keys_at, held, held.keys),
-            values_at=functools.partial(cache.keys_at, held, held.values),
+            keys_at=keys_at,
+            values_at=values_at,
             kv_heads=step_plan.n_kv_heads,
             new_keys=t.new_keys[rows],
             new_values=t.new_values[rows],
@@ -186,7 +195,9 @@ class GroupScoring:
         q = min(plan.attention_queries, self.bounds.query_positions.shape[0])  # exact shapes: no pad rows
         index, real = self._observers(q)
         view = t.views[0 if self.bounds.shared else plan.band]
-        if view.probs is not None:
+        if isinstance(view.cache, pool.PoolCache):
+            chosen = self._pool_attention(view, plan, index)
+        elif view.probs is not None:
             chosen = self._band_rows(view.probs, plan).index_select(2, index)
         else:
             if view.seen is not None:
@@ -198,11 +209,24 @@ class GroupScoring:
             chosen = attention.attention_probabilities(
                 t.query[plan.rows].index_select(2, index), keys, seen, t.scaling, t.variant
             )
-        held = None if view.cache.positions is None else self._band_rows(view.cache.positions, plan)
-        chosen = cache.to_positions(held, chosen, t.keep.shape[-1])
         if self.step_plan.static:  # only a padded last chunk has observer rows that are not real
             chosen = chosen * real[:, None].to(chosen.dtype)
         return chosen, real
+
+    def _pool_attention(self, view: BandView, plan: GroupPlan, index: torch.Tensor) -> torch.Tensor:
+        """[R, H, q, T] probabilities over positions of the group's observing queries (``index``),
+        recomputed over its pool from the log-sum-exp its attention kept (a shared chunk's one
+        row, broadcast)."""
+        t, bounds = self.t, self.bounds
+        rows = 1 if bounds.shared else plan.rows.stop - plan.rows.start
+        query = t.query[plan.rows][:rows].index_select(2, index)
+        owners, width = view.lse.shape
+        lse = view.lse.view(owners, width // bounds.query_positions.shape[0], -1).index_select(2, index)
+        probs = pool.probabilities(
+            view.cache, query, bounds.query_positions.index_select(0, index), lse.reshape(owners, -1),
+            t.scaling, t.variant, view.n_pages, t.keep.shape[-1],
+        )  # fmt: skip
+        return probs.expand(plan.rows.stop - plan.rows.start, -1, -1, -1)
 
     def _leaving(self, narrowest: int, widest: int, protected: torch.Tensor) -> torch.Tensor:
         """Keys that left the group's protected window since the last decision (in this chunk but

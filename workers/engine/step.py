@@ -46,7 +46,7 @@ import torch
 from workers.contract.configs import RANKED_POLICIES
 from workers.contract.plan import AnswerSpan
 from workers.contract.settings import EngineSettings, chunk_bounds
-from workers.engine import cache, compiling
+from workers.engine import cache, compiling, pool
 from workers.engine.chunk_plan import ChunkBounds, GroupPlan, LayerFacts, Span, StepPlan
 from workers.engine.chunk_results import ChunkResults, prediction_sums
 from workers.engine.document_state import DocumentState, StateSizes
@@ -72,17 +72,17 @@ class ChunkStep:
         worker: str,
         compile_backend: str,
         on_compile: Callable[[str, float | None], None] | None = None,
-        group_slots: list[int] | None = None,
+        group_pools: list[cache.PoolBand | None] | None = None,
     ) -> None:
         """``compile_backend``: torch.compile's backend when ``compiled`` (inductor; tests count
         graphs with their own); ``worker`` names the actor in the compile notice; ``on_compile``
         hears (what, None) when compiling starts and (what, seconds) when it ends.
-        ``group_slots``: each press group's slots per (layer, kv-head) (workers/engine/capacity.py);
-        None, or the cache length, for the full masked cache."""
+        ``group_pools``: each press group's pool (workers/engine/capacity.py), None for a group
+        that holds every position (and for the full masked cache)."""
         self.hooked, self.layout, self.static, self.n = hooked, layout, static, n_positions
         self.worker, self.on_compile = worker, on_compile
         self._shape(hooked, settings, layout)
-        self.bands = _bands(layout.groups, group_slots or [n_positions] * len(layout.groups), n_positions)
+        self.bands = _bands(layout.groups, group_pools or [None] * len(layout.groups), n_positions)
         self.groups = [self._plan(group) for group in layout.groups]
         self.positions = torch.arange(self.n, device=self.device)
         # What each layer's work reads beyond its tensors (workers/engine/layer_work.py): the layer
@@ -107,6 +107,8 @@ class ChunkStep:
         self.layer_region = compiling.layer_region(lambda inputs, facts: layer_work(self.plan, inputs, facts, {}))
         self.compiled_once = False
         self.key: tuple | None = None  # the engine's key of a static step
+        # Built before a threshold config of it ever ran: replaced once what they hold is known.
+        self.provisional = False
         # Seconds the first document waited for the compile (its warm-up chunk included); 0
         # uncompiled. Reported apart from the rows' forward seconds (TaskResult.compile_seconds).
         self.compile_seconds = 0.0
@@ -200,8 +202,10 @@ class ChunkStep:
         for index, (start, end, decide) in enumerate(spans):
             if self.static:
                 self.static_step(self.state)
-            else:
-                self._exact_step(index, start, end, decide)
+            else:  # after the last span, a question's answer is decoded a token at a time
+                after = spans[index + 1].end - spans[index + 1].start if index + 1 < len(spans) else 1
+                self._exact_step(index, start, end, decide, after)
+                self.grow_pools()
             if decide:
                 self.decided_until = end
             toc = time.perf_counter()
@@ -226,16 +230,40 @@ class ChunkStep:
         if not compiled:
             self.static_step, self.compiled, self.cuda_graphs = self._static_step, False, False
 
+    def grow_pools(self) -> None:
+        """Exact shapes, after a chunk: a pool whose threshold configs never ran before
+        (``PoolBand.grows``) gets the pages its owners need to hold what they hold now plus two
+        writes (the next chunk, and what its decisions keep of it before this check runs again),
+        so it holds what its configs keep from their first document on, never drops a key, and
+        never runs a document twice. One read of the pools' needs per chunk, and only for such a
+        pool: once its configs ran, the engine sizes them from what they held."""
+        growing = [b for b, band in enumerate(self.bands) if isinstance(band, cache.PoolBand) and band.grows]
+        if not growing:
+            return
+        layers = self.state.cache
+        needs = torch.stack(
+            [pool.pages_needed(layer[b], 2 * self.bands[b].write) for b in growing for layer in layers]
+        ).tolist()
+        for i, b in enumerate(growing):
+            band = self.bands[b]
+            pages = list(band.pages)
+            for layer, need in enumerate(needs[i * len(layers) : (i + 1) * len(layers)]):
+                if need > pages[layer]:
+                    layers[layer][b] = pool.grown(layers[layer][b], need, band.write)
+                    pages[layer] = need
+            self.bands[b] = dataclasses.replace(band, pages=tuple(pages))  # the plan's and state's list
+
     @property
     def kv_bytes(self) -> int:
         """Keys + values the cache holds, over all layers and bands: the bytes of the very tensors
-        allocated (a held band's slots, not the document's positions)."""
+        allocated (a pool's pages, not the document's positions)."""
         return sum(band.keys.nbytes + band.values.nbytes for layer in self.state.cache for band in layer)
 
-    def held_back(self) -> tuple[list[int], list[bool]]:
-        """Per row, after a document: the most keys a (layer, kv-head) held before a chunk, and
-        whether its band ran out of slots (the engine then runs the document again)."""
-        return self.state.peak.tolist(), self.state.overflow.tolist()
+    def held_back(self) -> tuple[list[list[int]], list[bool]]:
+        """After a document: per row and layer the most keys the layer's kv-heads held together
+        before a chunk, and per row whether its pool ran out of pages (the engine then runs the
+        document again)."""
+        return self.state.peak.T.tolist(), self.state.overflow.tolist()
 
     # --- the two ways to drive one chunk ---------------------------------------------------
 
@@ -248,8 +276,9 @@ class ChunkStep:
         self._forward(ChunkBounds(index, start, end, query_positions, self.positions))
         index.add_(1)
 
-    def _exact_step(self, index: int, start: int, end: int, decide: bool = True) -> None:
-        """Uncompiled: the host knows the bounds, so tensors are cut to them."""
+    def _exact_step(self, index: int, start: int, end: int, decide: bool = True, next_write: int = 1) -> None:
+        """Uncompiled: the host knows the bounds, so tensors are cut to them (and how many keys the
+        next chunk writes: ``next_write``)."""
         as_tensor = dict(device=self.device, dtype=torch.int64)
         bounds = ChunkBounds(
             index=torch.tensor(index, **as_tensor),
@@ -260,15 +289,15 @@ class ChunkStep:
             shared=start <= self.shared_until,
             deferred=start - self.decided_until,
         )
-        self._forward(bounds, decide)
+        self._forward(bounds, decide, next_write)
 
-    def _forward(self, bounds: ChunkBounds, decide: bool = True) -> None:
+    def _forward(self, bounds: ChunkBounds, decide: bool = True, next_write: int | None = None) -> None:
         """One chunk: the batched forward (every layer's work runs inside it, through kvorch's
         attention function), then its predictions scored into the results."""
         state, b = self.state, self.batch
         forward_rows = 1 if bounds.shared else b
         ids = state.tokens[bounds.query_positions]
-        run = LayerRun(self, bounds, decide)
+        run = LayerRun(self, bounds, decide, next_write=next_write or self.chunk_size)
         logits = self.hooked.model(
             input_ids=ids[None].expand(forward_rows, -1),
             position_ids=bounds.query_positions[None],
@@ -295,9 +324,14 @@ class LayerRun:
     per distinct layer when the step compiles regionally, and sums the keys each config holds
     over the layers."""
 
-    def __init__(self, step: ChunkStep, bounds: ChunkBounds, decide: bool = True, rank: bool = True) -> None:
+    def __init__(
+        self, step: ChunkStep, bounds: ChunkBounds, decide: bool = True, rank: bool = True, next_write: int = 1
+    ) -> None:
         """``decide``: False scores but evicts nothing this chunk; ``rank``: False lets only the
-        threshold groups decide (a decoding step between two re-applications of a keep limit)."""
+        threshold groups decide (a decoding step between two re-applications of a keep limit);
+        ``next_write``: the keys the next chunk writes per (row, kv-head), the room each pool
+        segment is laid out with after this chunk."""
+        self.next_write = next_write
         self.step = step
         self.decide = decide
         self.rank = rank
@@ -336,7 +370,7 @@ class LayerRun:
             "query_positions": bounds.query_positions,
             "positions": bounds.positions,
             "doc_seed": state.doc_seed,
-            "peak": state.peak,
+            "peak": state.peak[layer],
             "overflow": state.overflow,
             "hidden": step.hooked.hidden_states.get(layer) if step.needs_hidden_states else None,
             "module": None if step.traceable else step.hooked.attention_modules.get(layer),
@@ -353,6 +387,7 @@ class LayerRun:
             decide=self.decide,
             deferred=bounds.deferred,
             rank=self.rank,
+            next_write=self.next_write,
         )
         if step.compiled and step.regional:
             out, kept = step.layer_region(inputs, facts)
@@ -362,15 +397,18 @@ class LayerRun:
         return out
 
 
-def _bands(groups: list[RowGroup], slots: list[int], n_positions: int) -> list[cache.Band]:
-    """The cache's bands: consecutive press groups of equal slots share one (one forward's rows
-    attend band by band, so a dense group never sets the shape of a sparse one)."""
-    bands: list[cache.Band] = []
-    for group, n_slots in zip(groups, slots, strict=True):
-        n_slots = min(n_slots, n_positions)
-        if bands and bands[-1].slots == n_slots:
-            last = bands.pop()
-            bands.append(cache.Band(slice(last.rows.start, group.rows.stop), n_slots, last.full))
+def _bands(
+    groups: list[RowGroup], pools: list[cache.PoolBand | None], n_positions: int
+) -> list[cache.Band | cache.PoolBand]:
+    """The cache's bands: each held group its own pool; consecutive groups that hold every
+    position share one full band (one forward's rows attend band by band, so a dense group never
+    sets the shape of a sparse one)."""
+    bands: list[cache.Band | cache.PoolBand] = []
+    for group, group_pool in zip(groups, pools, strict=True):
+        if group_pool is not None:
+            bands.append(group_pool)
+        elif bands and bands[-1].full:
+            bands.append(cache.Band(slice(bands.pop().rows.start, group.rows.stop), n_positions))
         else:
-            bands.append(cache.Band(group.rows, n_slots, n_slots >= n_positions))
+            bands.append(cache.Band(group.rows, n_positions))
     return bands
