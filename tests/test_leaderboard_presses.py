@@ -197,6 +197,57 @@ def test_criticalkv_reweights_by_the_l1_norm_of_each_heads_projected_value():
                 assert scores[b, kv, pos] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize(("n_sink", "window"), [(0, 0), (2, 4)])
+def test_criticalkv_keeps_the_scorers_top_half_of_the_limit_then_the_reweighted_best(n_sink, window):
+    """kvpress's two stages on one prefill: the top floor(0.5 x limit) keys by knorm's own score
+    (less the sinks and window, kept and counted), then the rest of the limit by the reweighted
+    score; a plain per-head two-stage top-k gives the same kept sets."""
+    from workers.engine.decisions import decide_by_budget
+
+    model = tiny_llama()
+    modules = tuple(layer.self_attn for layer in model.model.layers)
+    keys, values, queries = random_tensors(30, seed=7)
+    press = parse_method("criticalkv:press=knorm")
+    state = press.init_state(StateShape(B, 2, H, HKV, D, 30, torch.device("cpu"), modules))[0]
+    scores = press.score(layer_context(0, 30, 0, keys, values, queries), state).float()
+    share, inner = press.first_stage(state)
+    limit = 20
+    keep = torch.ones(B, HKV, 30, dtype=torch.bool)
+    decide_by_budget(
+        keep, scores, torch.arange(30), torch.tensor(30), window, torch.full((B,), limit), n_sink, (share, inner)
+    )
+    first_n = max(int(share * limit) - n_sink - window, 0)
+    rest_n = limit - n_sink - window - first_n
+    outside = set(range(n_sink)) | set(range(30 - window, 30))
+    two_stage_differs = False
+    for b in range(B):
+        for h in range(HKV):
+            competing = [p for p in range(30) if p not in outside]
+            first = sorted(competing, key=lambda p: -inner[b, h, p].item())[:first_n]
+            rest = sorted(set(competing) - set(first), key=lambda p: -scores[b, h, p].item())[:rest_n]
+            second_only = sorted(competing, key=lambda p: -scores[b, h, p].item())[: first_n + rest_n]
+            two_stage_differs |= set(first) | set(rest) != set(second_only)
+            assert set(keep[b, h].nonzero()[:, 0].tolist()) == set(first) | set(rest) | outside
+    assert two_stage_differs, "the first stage never changed what was kept"
+
+
+def test_criticalkv_first_stage_is_labelled_and_refused_with_adakv():
+    """A ratio other than kvpress's 0.5 labels the config; with adakv the two stages are refused."""
+    from orchestrator.errors import KvorchError
+    from orchestrator.sweep.spec import build_configs
+
+    assert parse_method("criticalkv").label() == "criticalkv"
+    assert parse_method("criticalkv:first_stage_ratio=0").label() == "criticalkv:first_stage_ratio=0.0"
+    assert '"first_stage_ratio": 0.5' in parse_method("criticalkv").params_json()
+    assert parse_method("criticalkv:first_stage_ratio=0").first_stage(None) is None
+    with pytest.raises(KvorchError, match="criticalkv:first_stage_ratio=0 or drop adakv"):
+        build_configs(("criticalkv",), (), "ratio", (0.5,), (), 0, ("uniform", "adakv"))
+    grid = build_configs(("criticalkv:first_stage_ratio=0",), (), "ratio", (0.5,), (), 0, ("uniform", "adakv"))
+    assert len(grid) == 2
+    with pytest.raises(ValueError, match="first_stage_ratio must lie in"):
+        parse_method("criticalkv:first_stage_ratio=1.5")
+
+
 def test_a_wrapper_refuses_what_it_cannot_wrap_in_one_line():
     for text, message in (
         ("chunkkv:press=window", "chunkkv: press=window is not a scorer it can wrap; use e.g. press=snapkv"),

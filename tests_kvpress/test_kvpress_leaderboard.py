@@ -106,6 +106,20 @@ def test_criticalkv_reweights_as_kvpress_does(tokens, scorer, make_scorer, hi):
     torch.testing.assert_close(ours[..., :hi], theirs[..., :hi], rtol=1e-4, atol=1e-7)
 
 
+def test_criticalkv_keeps_what_kvpress_two_stages_keep(tokens):
+    """kvpress's CriticalKV at its default first_stage_ratio=0.5, ratio 0.5 on one prefill (window
+    0, no sinks, N x 0.5 whole): the top 48 keys by knorm, then 48 more by the reweighted score;
+    kvorch's ratio policy keeps the same keys in every (layer, kv-head)."""
+    config = EvalConfig(parse_method("criticalkv:press=knorm,n_sink=0,protected_window=0"), ratio=0.5)
+    _, ours = Engine(tiny_llama(), EngineSettings(chunk_size=N, window=0)).inspect("d", tokens, [config])
+    theirs = kvpress_scores(kvpress.CriticalKVPress(kvpress.KnormPress(0.5)), tokens)
+    kept = torch.zeros_like(theirs, dtype=torch.bool).scatter_(-1, theirs.topk(N // 2, dim=-1).indices, True)
+    assert torch.equal(ours.kept[0], kept)
+    one_stage = kvpress_scores(kvpress.CriticalKVPress(kvpress.KnormPress(0.5), first_stage_ratio=0.0), tokens)
+    second_only = torch.zeros_like(kept).scatter_(-1, one_stage.topk(N // 2, dim=-1).indices, True)
+    assert not torch.equal(kept, second_only), "the first stage never changed what was kept"
+
+
 @pytest.mark.parametrize("length", [20, 16])
 def test_chunkkv_keeps_kvpress_chunks(tokens, length):
     """kvpress keeps the top int(n_chunks x (1 - 0.5)) chunks by the scorer's summed score; the

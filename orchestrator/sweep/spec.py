@@ -293,6 +293,7 @@ def _config_grid(
             if press.default_thresholds == (None,):  # no score to rank by: once, as it is
                 configs.append(EvalConfig(press))
                 continue
+            _refuse_two_stages_across_heads(press, shares)
             configs.extend(EvalConfig(press, **setting, allocation=a) for setting in settings for a in shares)
         return configs
     overrides = _parse_thresholds(thresholds, presses)
@@ -325,6 +326,17 @@ def _parse_allocations(allocations: tuple[str, ...], policy: str) -> list[Alloca
     if shared and policy not in RANKED_POLICIES:
         raise KvorchError(f"--allocation {shared[0].label} shares a ratio or budget: use --policy ratio or budget")
     return parsed
+
+
+def _refuse_two_stages_across_heads(press: Press, shares: list[Allocation]) -> None:
+    """CriticalKV's first stage ranks within each head's own limit; AdaKV's budgets move between
+    heads, so the combination has no single meaning (kvpress's CriticalAdaKV is a press of its own)."""
+    ratio = getattr(press, "first_stage_ratio", 0)
+    if ratio > 0 and any(a.kind == "adakv" for a in shares):
+        raise KvorchError(
+            f"{press.label()} selects in two stages (first_stage_ratio={ratio:g}), which --allocation adakv "
+            f"cannot share between heads; give {press.name}:first_stage_ratio=0 or drop adakv"
+        )
 
 
 def _check_once_text(option: str, values: tuple[str, ...]) -> None:

@@ -50,6 +50,7 @@ def decide_by_budget(
     window: int,
     limit: torch.Tensor,
     n_sink: int,
+    first_stage: tuple[float, torch.Tensor] | None = None,
 ) -> None:
     """Keep the best-scoring keys so kept <= ``limit`` per (layer, kv-head): [rows] for every
     kv-head alike (:func:`keep_limit`: the ratio or token-budget policy), or [rows, kv-heads]
@@ -59,11 +60,25 @@ def decide_by_budget(
     budget; the rest of it goes to the highest scores among keys still kept in [n_sink, end -
     window), since evictions are final. Ties go to the earlier position: ranks come from a stable
     sort by score, then a stable sort that moves positions outside the range last.
+
+    ``first_stage`` (share, first_scores), CriticalKV's first stage (kvpress
+    ``CriticalKVPress.first_stage_ratio``): the top floor(share x limit) competing keys by
+    ``first_scores`` go first, less the sinks and window, which count toward it as toward the
+    limit (as AdaKV's safeguard in :func:`decide_by_layer_budget`); the rest by ``scores``.
     """
     protected, in_range = _competing(positions, end, window, n_sink)
     allowed = (limit - protected).clamp(min=0)  # [rows] or [rows, kv-heads]
-    ranked = torch.where(in_range & keep, scores, float("-inf"))
-    rank = _ranks(ranked, (~in_range).to(torch.uint8).expand_as(ranked))
+    candidate = in_range & keep
+    ranked = torch.where(candidate, scores, float("-inf"))
+    tier = (~candidate).to(torch.uint8).expand_as(ranked)
+    if first_stage is not None:
+        share, first_scores = first_stage
+        first = (torch.floor(share * limit.double()).long() - protected).clamp(min=0)
+        first_scores = first_scores[..., : scores.shape[-1]]  # a press's buffer may outlast the span
+        by_first = _ranks(torch.where(candidate, first_scores, float("-inf")), tier)
+        chosen = candidate & (by_first < first.view(first.shape[0], -1, 1))
+        tier = torch.where(chosen, 0, torch.where(candidate, 1, 2)).to(torch.uint8)
+    rank = _ranks(ranked, tier)
     keep.copy_(keep & ((rank < allowed.view(allowed.shape[0], -1, 1)) | ~in_range))
 
 

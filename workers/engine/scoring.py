@@ -107,7 +107,7 @@ class GroupScoring:
             floor = plan.n_sink + narrowest  # the keys a head always keeps (ranked: one window)
             layer = self.inputs["layer"]
             limit = head_limits(group.allocation, group.shares, limit, bounds.end, floor, layer, len(plan.widest))
-            decide_by_budget(*args, limit, plan.n_sink)
+            decide_by_budget(*args, limit, plan.n_sink, press.first_stage(press_state))
         else:
             leaving = self._leaving(narrowest, widest, protected)
             decide_by_threshold(keep, scores, leaving, group.thresholds, self._sinks(plan.n_sink))

@@ -182,6 +182,12 @@ class Press:
         are ignored and may be anything. Branch-free tensor code (see :class:`LayerContext`)."""
         raise NotImplementedError(f"{self.name} defines no score")
 
+    def first_stage(self, state: Any) -> tuple[float, torch.Tensor] | None:
+        """(share, scores [B, Hkv, T]) for a press that selects in two stages (CriticalKV): under
+        a ranked policy the top floor(share x limit) competing keys by these scores are kept
+        before the rest of the limit goes by :meth:`score`. None (the default): one stage."""
+        return None
+
     def params(self) -> dict[str, Any]:
         """The parameters that differ from the defaults: they label the config in the lake."""
         return {k: v for k, v in self.all_params().items() if v != self.__dataclass_fields__[k].default}

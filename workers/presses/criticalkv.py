@@ -6,11 +6,14 @@ mean over the kv-head's query heads h, W_o^h the rows of the output projection t
 A wrapper: ``press=NAME`` (default snapkv) gives s. The projected norm of a key's value is
 computed once, when the key arrives, and kept per layer for rescoring scorers.
 
-Departure, deliberate: the paper's and kvpress's first stage (the top ``first_stage_ratio`` of
-the kept budget chosen by s alone, before the reweighting) needs the keep limit, which kvorch's
-engine applies after the press (the ratio and budget policies) or never has (the threshold
-policy): kvorch runs the second stage alone, which is kvpress's ``first_stage_ratio=0``. Sinks and
-the local window are the wrapper's own ``n_sink`` and ``protected_window`` fields.
+Two stages, as the paper and kvpress: under the ranked policies (ratio, budget) the top
+floor(``first_stage_ratio`` x limit) competing keys by the scorer's own score are kept first
+(sinks and window count toward them), the rest of the limit by the reweighted score
+(workers/engine/decisions.py ``decide_by_budget``). kvpress's default 0.5; 0 is the second stage
+alone. The threshold policy has no limit, so no first stage: it thresholds the reweighted score.
+Under the adakv allocation (budgets moved between heads) a first stage is refused at submit in
+one line (kvpress's CriticalAdaKVPress is a press of its own): give first_stage_ratio=0 there.
+Sinks and the local window are the wrapper's own ``n_sink`` and ``protected_window`` fields.
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ class CriticalKVPress(WrapperPress, Press):
     reads_keys = True
     press: str = "snapkv"
     epsilon: float = 1e-4
+    first_stage_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.first_stage_ratio <= 1:
+            raise ValueError(f"criticalkv: first_stage_ratio must lie in [0, 1], got {self.first_stage_ratio:g}")
 
     @property
     def rescores(self) -> bool:
@@ -46,15 +55,24 @@ class CriticalKVPress(WrapperPress, Press):
         if len(shape.attention_modules) != shape.layers:
             raise ValueError("criticalkv needs the model's attention modules (the engine gives them)")
         projections = [output_projection(m, shape.heads, shape.head_dim) for m in shape.attention_modules]
-        return [(entry, w, latest_scores(shape)) for entry, w in zip(inner, projections, strict=True)]
+        return [
+            (entry, w, latest_scores(shape), latest_scores(shape))
+            for entry, w in zip(inner, projections, strict=True)
+        ]
+
+    def first_stage(self, state: tuple) -> tuple[float, torch.Tensor] | None:
+        """The scorer's latest scores, for the first stage (None at ratio 0: one stage)."""
+        return (self.first_stage_ratio, state[3]) if self.first_stage_ratio > 0 else None
 
     def score(self, ctx: LayerContext, state: tuple) -> torch.Tensor:
-        inner_state, projection, norms = state
+        inner_state, projection, norms, inner_scores = state
         values = ctx.new_values.to(projection.dtype).repeat_interleave(ctx.n_groups, dim=1)  # [B, H, c, D]
         projected = torch.einsum("bhcd,hdo->bhco", values, projection).float().abs().sum(dim=-1)  # [B, H, c]
         b, h, c = projected.shape
         norms.index_copy_(2, ctx.query_positions, projected.view(b, ctx.kv_heads, ctx.n_groups, c).mean(dim=2))
-        return (self.inner.score(ctx, inner_state).float() + self.epsilon) * norms[:, :, ctx.scored]
+        scores = self.inner.score(ctx, inner_state).float()
+        inner_scores.index_copy_(2, ctx.scored, scores)
+        return (scores + self.epsilon) * norms[:, :, ctx.scored]
 
 
 def output_projection(module: nn.Module | None, heads: int, head_dim: int) -> torch.Tensor:
