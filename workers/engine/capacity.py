@@ -57,10 +57,10 @@ def policy_bound(
     return None
 
 
-def learned_bound(density: float, floor: int, n: int, margin: float = LEARNED_MARGIN) -> int:
+def learned_bound(density: float, floor: int, n: int) -> int:
     """A threshold config's bound from the densest fraction of a document it held so far: the
-    floor, always kept, plus ``margin`` x what the scores kept beyond it."""
-    return min(n, floor + math.ceil(margin * max(0.0, density * n - floor)))
+    floor, always kept, plus the margin on what the scores kept beyond it."""
+    return min(n, floor + math.ceil(LEARNED_MARGIN * max(0.0, density * n - floor)))
 
 
 def pages_for(keys_held: int, kv_heads: int, write: int) -> int:

@@ -31,7 +31,7 @@ from workers.engine import cache, generation, sizing
 from workers.engine.chunk_plan import Span
 from workers.engine.hooks import HookedModel
 from workers.engine.layout import DocumentLayout, held_from
-from workers.engine.step import ChunkStep
+from workers.engine.step import ChunkStep, cache_bands
 from workers.presses import Press
 
 
@@ -168,7 +168,7 @@ class Engine:
         # what they hold is known.
         key = (tuple(c.label for c in layout.configs), n_positions, layout.reference, path.compiled)
         if key in self.steps and self.steps[key].provisional and not self._unlearned(layout):
-            self.retired_compile_seconds += self.steps.pop(key).compile_seconds
+            self._rebuild_if_smaller(key, configs, n_positions, agreement)
         if key not in self.steps:
             static_layout = self._layout(configs, n_positions, agreement)
             pools = self.group_pools(static_layout, n_positions, True)
@@ -176,6 +176,18 @@ class Engine:
             self.steps[key].key = key
             self.steps[key].provisional = self._unlearned(layout)
         return self.steps[key], layout
+
+    def _rebuild_if_smaller(self, key: tuple, configs: list[EvalConfig], n_positions: int, agreement: bool) -> None:
+        """A static step built before its threshold configs ran, now that what they hold is known:
+        dropped (to be built again with their pools) where their pools would change, and where
+        its compile did not fail (a failed compile is not retried); kept as it is otherwise."""
+        step = self.steps[key]
+        step.provisional = False
+        pools = self.group_pools(self._layout(configs, n_positions, agreement), n_positions, True)
+        if step.bands != cache_bands(step.layout.groups, pools, n_positions) and (
+            step.compiled or not self.settings.compile
+        ):
+            self.retired_compile_seconds += self.steps.pop(key).compile_seconds
 
     def _unlearned(self, layout: DocumentLayout) -> bool:
         """Whether a config of the batch has its keys' scores decide what it holds and never ran."""

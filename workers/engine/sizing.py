@@ -40,16 +40,18 @@ def group_pools(
     when ``full``: the masked cache). ``write``: the most keys a (row, kv-head) writes between
     two decisions; ``static``: one pool size for every layer (the largest layer's, rounded to few
     sizes: a layer of another shape would be a compiled region of its own); ``grow``
-    (exact shapes): a pool whose keys' scores decide what it holds (the threshold policy) grows
-    between chunks to what it holds (ChunkStep.grow_pools): it starts from what its configs held
-    before, with no margin, or empty for a config never run, instead of every position."""
+    (exact shapes): a pool whose keys' scores decide what it holds (the threshold policy) starts
+    empty and grows between chunks to what it holds (ChunkStep.grow_pools), instead of every
+    position or what its configs held in earlier documents."""
     if full:
         return [None] * len(layout.groups)
     pools: list[cache.PoolBand | None] = []
     for group in layout.groups:
         configs = layout.configs[group.rows]
-        margin = 1.0 if grow else capacity.LEARNED_MARGIN
-        totals = [_layer_totals(layout, group, config, n_positions, densities, margin) for config in configs]
+        # a growing pool starts empty for the configs whose scores decide, whatever they held
+        # before, so what it holds is the document's alone (a rerun elsewhere reads the same bytes)
+        learned = {} if grow else densities
+        totals = [_layer_totals(layout, group, config, n_positions, learned) for config in configs]
         scored = any(_scores_decide(group, config) for config in configs)
         everything = layout.n_kv_heads * n_positions
         if not grow:
@@ -79,10 +81,9 @@ def _layer_totals(
     config: EvalConfig,
     n: int,
     densities: dict[str, list[float]],
-    margin: float,
 ) -> list[int] | None:
     """Per layer, the most keys the config's kv-heads hold together once a chunk is decided (a
-    learned bound with ``margin``); None for a threshold config never run (the scores decide, and
+    learned bound); None for a threshold config never run (the scores decide, and
     nothing is learned yet)."""
     press, kv_heads, n_layers = group.press, layout.n_kv_heads, layout.n_layers
     floor = press.n_sink + int(group.windows.protected.max())
@@ -96,7 +97,7 @@ def _layer_totals(
     learned = densities.get(config.label)
     if learned is None:
         return None
-    return [kv_heads * capacity.learned_bound(density, floor, n, margin) for density in learned]
+    return [kv_heads * capacity.learned_bound(density, floor, n) for density in learned]
 
 
 def scores_decide(layout: DocumentLayout) -> list[EvalConfig]:

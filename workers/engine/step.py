@@ -82,7 +82,7 @@ class ChunkStep:
         self.hooked, self.layout, self.static, self.n = hooked, layout, static, n_positions
         self.worker, self.on_compile = worker, on_compile
         self._shape(hooked, settings, layout)
-        self.bands = _bands(layout.groups, group_pools or [None] * len(layout.groups), n_positions)
+        self.bands = cache_bands(layout.groups, group_pools or [None] * len(layout.groups), n_positions)
         self.groups = [self._plan(group) for group in layout.groups]
         self.positions = torch.arange(self.n, device=self.device)
         # What each layer's work reads beyond its tensors (workers/engine/layer_work.py): the layer
@@ -397,7 +397,7 @@ class LayerRun:
         return out
 
 
-def _bands(
+def cache_bands(
     groups: list[RowGroup], pools: list[cache.PoolBand | None], n_positions: int
 ) -> list[cache.Band | cache.PoolBand]:
     """The cache's bands: each held group its own pool; consecutive groups that hold every
