@@ -336,7 +336,8 @@ def test_the_embedded_models_baseline_generates_what_transformers_generate_does(
     # A deep copy of the config: an engine on the session's model set kvorch's attention in it.
     reference = AutoModelForCausalLM.from_config(copy.deepcopy(smollm2.config), attn_implementation="sdpa").eval()
     reference.load_state_dict(smollm2.state_dict())
-    assert reference.config._attn_implementation == "sdpa" and not reference.model.layers[0].self_attn._forward_pre_hooks
+    assert reference.config._attn_implementation == "sdpa"
+    assert not reference.model.layers[0].self_attn._forward_pre_hooks
     eos = smollm2_tokenizer.eos_token_id
     with torch.no_grad():
         expected = reference.generate(ids[None], max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=eos)
