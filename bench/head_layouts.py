@@ -10,7 +10,8 @@ The candidates:
   layers (rounded up as workers/engine/capacity.py rounds). Shapes are then equal in every layer
   (one compiled layer region still serves all), and which (row, kv-head) sits in which band is a
   per-layer index tensor: a gather of the queries in, a scatter of the outputs out.
-- ``pool``: what the step builds (workers/engine/pool.py): one pool of 32-slot pages that every
+- ``pool``: what the step builds (workers/engine/pool.py): one pool of pages (their size from
+  capacity.page_size) that every
   (row, kv-head) of the layer shares, each a segment of what it holds plus the chunk's room, and
   paged attention over it (the step's own code, timed here).
 - ``ideal``: every (row, kv-head) attended alone over exactly what it holds (a Python loop, the
@@ -60,9 +61,13 @@ def needs_of(profile: str, layers: int, rows: int, kv_heads: int, positions: int
 
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
     """query [n, G, c, D] (a kv-head's query heads folded), keys/values [n, S, D], held [n]: the
-    first held[i] slots of row i are its keys (what a held band holds: keys first, empties after)."""
+    first held[i] slots of row i are the keys it held before the chunk, every query sees them;
+    the next c are the chunk's own, seen causally (what a held band holds: keys first, then the
+    chunk's, empties after)."""
     n, groups, c, d = query.shape
-    mask = (torch.arange(keys.shape[1], device=keys.device) < held[:, None])[:, None, :].expand(n, groups * c, -1)
+    offset = torch.arange(keys.shape[1], device=keys.device)[None, None, :] - held[:, None, None]  # [n, 1, S]
+    step = torch.arange(c, device=keys.device).repeat(groups)[None, :, None]  # [1, G*c, 1]: each query's
+    mask = offset <= step  # a held key (offset < 0), or one of the chunk's up to the query's own
     out = F.scaled_dot_product_attention(query.reshape(n, groups * c, d), keys, values, attn_mask=mask)
     return out.reshape(n, groups, c, d)
 
@@ -125,11 +130,12 @@ class Pool:
 
     def __init__(self, keys, values, needs: torch.Tensor, chunk: int) -> None:
         n, _, d = keys.shape
-        pages = capacity.pages_for(int(needs.sum()), n, chunk)
-        self.pool = pool.allocate(pages, n, 1, d, keys.dtype, keys.device, chunk)
+        page = capacity.page_size(int(needs.sum()), n, chunk)
+        pages = capacity.pages_for(int(needs.sum()), n, chunk, page)
+        self.pool = pool.allocate(pages, page, n, 1, d, keys.dtype, keys.device, chunk)
         counts = needs.view(n, 1)
         pool._lay_out(self.pool, counts, chunk)
-        slot = self.pool.first_page * capacity.PAGE  # [n]
+        slot = self.pool.first_page * page  # [n]
         for i, held in enumerate(needs.tolist()):  # untimed setup
             at = slice(int(slot[i]), int(slot[i]) + held)
             self.pool.keys.view(-1, d)[at] = keys[i, :held]
@@ -137,12 +143,18 @@ class Pool:
             self.pool.positions.view(-1)[at] = torch.arange(held)
         self.pool.counts.copy_(counts)
         self.query_positions = torch.arange(chunk, device=keys.device) + keys.shape[1]  # after every key
+        at = needs[:, None] + torch.arange(chunk, device=keys.device)  # [n, chunk]: the chunk's own keys
+        self.chunk_keys = keys.gather(1, at[..., None].expand(-1, -1, d))[:, None]  # [n, 1, chunk, D]
+        self.chunk_values = values.gather(1, at[..., None].expand(-1, -1, d))[:, None]
         self.scaling = d**-0.5
         self.nbytes = self.pool.keys.nbytes + self.pool.values.nbytes
 
     def run(self, query: torch.Tensor) -> torch.Tensor:
         pages = self.pool.owner.shape[0]
-        out, _ = pool.attend(self.pool, query, self.query_positions, self.scaling, AttentionVariant(), pages)
+        out, _ = pool.attend(
+            self.pool, query, self.chunk_keys, self.chunk_values, self.query_positions, self.scaling,
+            AttentionVariant(), pages,
+        )  # fmt: skip
         return out
 
 

@@ -104,9 +104,9 @@ def held_memory(engine: Engine, n: int, chunk: int) -> str:
         if band.full:
             slots = step.n_layers * kv_heads * step.n
         else:
-            slots = sum(layer[r - band.rows.start] for layer in band.allotted) * capacity.PAGE
+            slots = sum(layer[r - band.rows.start] for layer in band.allotted) * band.page
             if band.grows:  # grown to what its rows held: the pool's own pages
-                slots = sum(band.pages) * capacity.PAGE // band.size
+                slots = sum(band.pages) * band.page // band.size
         need = sum(peaks[r]) + step.n_layers * kv_heads * chunk
         cells.append(f"{config.label} {slots / need:.2f}")
     return f"#   held {n}: slots / (kept + chunk), over (layer, kv-head): " + "; ".join(cells)
@@ -123,9 +123,11 @@ def fit_check(n: int, n_configs: int, density: float, chunk: int, window: int) -
                                hidden_size=4096, head_dim=128, intermediate_size=14336, vocab_size=128256)  # fmt: skip
     floor = window
     bound = min(n, floor + math.ceil(density * (n - floor)))
-    pages = capacity.pages_for(llama_8b.num_key_value_heads * bound, llama_8b.num_key_value_heads, chunk)
-    slots = pages * capacity.PAGE // llama_8b.num_key_value_heads
-    held = memory.config_bytes(llama_8b, n, chunk, 2, static=False, pages=pages)
+    kv_heads = llama_8b.num_key_value_heads
+    page = capacity.page_size(kv_heads * bound, kv_heads, chunk)
+    pages = capacity.pages_for(kv_heads * bound, kv_heads, chunk, page)
+    slots = pages * page // kv_heads
+    held = memory.config_bytes(llama_8b, n, chunk, 2, static=False, pages=pages, page=page)
     full = memory.config_bytes(llama_8b, n, chunk, 2, static=False)
     weights = 8.03e9 * 2
     total = n_configs * held + full + weights

@@ -218,15 +218,16 @@ def test_each_allocations_pool_holds_its_own_budgets_per_layer(model):
     pools = sizing.group_pools(layout, n, write, {}, static=False, full=False)
     limit = n // 2
 
-    def pages(heads: list[int]) -> int:
-        return capacity.pages_for(sum(max(window, h) for h in heads), N_KV, write)
+    def pages(heads: list[int], page: int) -> int:
+        return capacity.pages_for(sum(max(window, h) for h in heads), N_KV, write, page)
 
     uniform, adakv, pyramid, shared = ([layer[0] for layer in pool.allotted] for pool in pools)
-    assert uniform == adakv == [pages([limit, limit])] * N_LAYERS
+    page = pools[0].page
+    assert uniform == adakv == [pages([limit, limit], page)] * N_LAYERS
     budgets = [pyramid_reference(limit, n, window, layer, N_LAYERS, 2) for layer in range(N_LAYERS)]
-    assert len(set(budgets)) > 1 and pyramid == [pages([b, b]) for b in budgets]
+    assert len(set(budgets)) > 1 and pyramid == [pages([b, b], pools[2].page) for b in budgets]
     shares = ((1, 3), (2, 2), (1, 1), (1, 1))  # average 1.5: (1, 3) is 2/3 and 2 of the limit
-    assert shared == [pages([min(n, round(limit * share / 1.5)) for share in row]) for row in shares]
+    assert shared == [pages([min(n, round(limit * share / 1.5)) for share in row], pools[3].page) for row in shares]
     assert all(pool.pages == tuple(map(sum, pool.allotted)) for pool in pools)  # exact shapes: no rounding
 
 

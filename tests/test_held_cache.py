@@ -86,12 +86,13 @@ def test_held_bytes_follow_the_kept_keys(model):
     n = 1000
     tokens = torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(5))
     engine = Engine(model, EngineSettings(CHUNK, WINDOW, agreement=False))
-    window_slots = capacity.pages_for(2 * WINDOW, 2, CHUNK) * capacity.PAGE  # per layer, both kv-heads
+    page = capacity.page_size(2 * WINDOW, 2, CHUNK)
+    window_slots = capacity.pages_for(2 * WINDOW, 2, CHUNK, page) * page  # per layer, both kv-heads
     for name, slots in (("window", window_slots), ("baseline", 2 * n)):
         rows = engine.evaluate("d", tokens, [EvalConfig(parse_method(name))]).to_pylist()
         per_slot = 2 * 2 * 8 * 4  # layers x (keys, values) x head_dim x float32
         assert {r["kv_cache_bytes"] for r in rows} == {slots * per_slot}
-    assert window_slots <= 2 * (WINDOW + CHUNK + capacity.PAGE)
+    assert window_slots <= 2 * (WINDOW + CHUNK + page)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -120,12 +121,18 @@ def test_policy_bounds():
     assert capacity.policy_bound("threshold", 1.0, None, float("-inf"), None, 20, 1000) == 1000
     assert capacity.policy_bound("threshold", 1.0, None, 0.5, None, 20, 1000) is None
     # pages of a row's pool in one layer: every head's keys and one write, each head on its own pages
-    assert capacity.pages_for(3 * 100, 3, 128) == 13  # (300 + 3 x (128 + 63)) // 64: each head needs 4
-    assert capacity.pages_for(0, 1, 1) == 1
-    for held in range(0, 400, 7):
-        for split in range(held + 1):  # any split between two heads fits
-            need = -(-(split + 16) // capacity.PAGE) + -(-(held - split + 16) // capacity.PAGE)
-            assert need <= capacity.pages_for(held, 2, 16)
+    assert capacity.pages_for(3 * 100, 3, 128, 64) == 13  # (300 + 3 x (128 + 63)) // 64: each head needs 4
+    assert capacity.pages_for(0, 1, 1, 32) == 1
+    for page in (32, 64):
+        for held in range(0, 400, 7):
+            for split in range(held + 1):  # any split between two heads fits
+                need = -(-(split + 16) // page) + -(-(held - split + 16) // page)
+                assert need <= capacity.pages_for(held, 2, 16, page)
+    # page size: the largest power of two from 32 to 256 at most a quarter of an owner's mean need
+    assert capacity.page_size(0, 4, 1) == 32 and capacity.page_size(4 * 10**6, 4, 128) == 256
+    for mean in range(0, 3000, 13):
+        page = capacity.page_size(3 * mean, 3, 0)
+        assert page in (32, 64, 128, 256) and (page == 32 or 4 * page <= mean) and (page == 256 or 8 * page > mean)
     for need in range(1, 5000):
         assert need <= capacity.rounded(need) <= 1.125 * need
     with pytest.raises(ValueError, match="unknown cache 'dense'; use one of held, masked"):

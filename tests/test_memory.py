@@ -183,12 +183,13 @@ def test_the_estimate_sizes_the_cache_the_step_really_holds(static, n):
     state = step.state
     positions = 256 if static else n
     # window holds its 32-key window per kv-head plus a chunk: one row of a pool per layer
-    window_pages = capacity.pages_for(2 * 32, 2, 32)  # 2 kv-heads, no sinks, window 32, chunk 32
+    page = capacity.page_size(2 * 32, 2, 32, 8 if static else 4)  # 2 kv-heads, no sinks, window 32, chunk 32
+    window_pages = capacity.pages_for(2 * 32, 2, 32, page)
     window_pages = capacity.rounded(window_pages) if static else window_pages
-    assert window_pages * capacity.PAGE < 2 * positions
+    assert window_pages * page < 2 * positions
     full, held = state.cache[0][0], state.cache[0][-1]
     full_rows = 2 if static else 1
-    assert (full.keys.shape[:3], held.keys.shape[:2]) == ((full_rows, 2, positions), (window_pages, capacity.PAGE))
+    assert (full.keys.shape[:3], held.keys.shape[:2]) == ((full_rows, 2, positions), (window_pages, page))
     dims = memory.model_dims(model.config)
     per_position = sum(t.nbytes for name in ("keep", "scores") for t in getattr(state, name)) // len(configs)
     layers = state.cache
@@ -196,7 +197,7 @@ def test_the_estimate_sizes_the_cache_the_step_really_holds(static, n):
     full_bytes += per_position
     held_bytes = sum(getattr(b, f.name).nbytes for b in (layer[-1] for layer in layers) for f in dataclasses.fields(b))
     assert full_bytes == memory.cache_bytes(dims, positions, 4)
-    assert held_bytes + per_position == memory.cache_bytes(dims, positions, 4, window_pages)
+    assert held_bytes + per_position == memory.cache_bytes(dims, positions, 4, window_pages, page)
     per_config = memory.config_bytes(model.config, n, 32, 4, static=static)
     assert memory.cache_bytes(dims, positions, 4) < per_config < 4 * memory.cache_bytes(dims, positions, 4)
     rows = engine.evaluate("d", tokens, configs, answer=answer).to_pylist()

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from workers.contract.settings import POOL_PAGE, cache_positions
+from workers.contract.settings import cache_positions
 
 # Of the memory free on the worker's device, the part the batch may plan for.
 SAFETY_FRACTION = 0.5
@@ -66,7 +66,13 @@ def model_dims(model_config: Any) -> ModelDims:
 
 
 def config_bytes(
-    model_config: Any, max_tokens: int, chunk_size: int, dtype_bytes: int, static: bool, pages: int | None = None
+    model_config: Any,
+    max_tokens: int,
+    chunk_size: int,
+    dtype_bytes: int,
+    static: bool,
+    pages: int | None = None,
+    page: int = 0,
 ) -> int:
     """Device bytes one more config (batch row) needs for a document of ``max_tokens``.
 
@@ -76,29 +82,30 @@ def config_bytes(
     engine's keep-mask and scores: 5 bytes per (layer, kv-head, position); activations of one
     chunk: hidden states and MLP intermediates, float32 logits and one layer's attention
     probabilities over the P positions (the eager backend and attention-reading presses).
-    ``pages``: the config's pages per layer in a held cache's pool (workers/engine/capacity.py),
-    None for every position. ValueError when the config lacks a size (see :func:`model_dims`).
+    ``pages``: the config's pages per layer in a held cache's pool of ``page``-slot pages
+    (workers/engine/capacity.py), None for every position. ValueError when the config lacks a
+    size (see :func:`model_dims`).
     """
     d = model_dims(model_config)
     positions = cache_positions(max_tokens, chunk_size, static)
     hidden = chunk_size * (4 * d.hidden + 2 * d.intermediate) * dtype_bytes
     logits = chunk_size * d.vocab * (dtype_bytes + 4)
-    held = positions if pages is None else min(pages * POOL_PAGE // d.kv_heads, positions)
+    held = positions if pages is None else min(pages * page // d.kv_heads, positions)
     probabilities = d.heads * chunk_size * held * 4
-    return cache_bytes(d, positions, dtype_bytes, pages) + hidden + logits + probabilities
+    return cache_bytes(d, positions, dtype_bytes, pages, page) + hidden + logits + probabilities
 
 
-def cache_bytes(dims: ModelDims, positions: int, dtype_bytes: int, pages: int | None = None) -> int:
+def cache_bytes(dims: ModelDims, positions: int, dtype_bytes: int, pages: int | None = None, page: int = 0) -> int:
     """What the step allocates per config for ``positions`` per (layer, kv-head): keys and values
     (head_dim x 2 x dtype bytes each) at every position, or in a held cache's ``pages`` pages per
-    layer of POOL_PAGE slots (workers/engine/pool.py) with each slot's position (8 bytes), each page's
+    layer of ``page`` slots (workers/engine/pool.py) with each slot's position (8 bytes), each page's
     owner (8), each kv-head's first page and count (8 + 8); and the
     keep-mask and scores per position (1 + 4 bytes). The keys and values are what the
     ``kv_cache_bytes`` column reports. tests/test_memory.py reads every part off the tensors."""
     per_position = dims.layers * dims.kv_heads * positions * (1 + 4)
     if pages is None:
         return dims.layers * dims.kv_heads * positions * dims.head_dim * 2 * dtype_bytes + per_position
-    slots = pages * POOL_PAGE
+    slots = pages * page
     pool = slots * (dims.head_dim * 2 * dtype_bytes + 8) + pages * 8 + dims.kv_heads * 16
     return dims.layers * pool + per_position
 

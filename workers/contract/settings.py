@@ -14,12 +14,12 @@ from workers.contract import defaults
 # The two caches (``--cache``, workers/engine/cache.py): held keeps per config only what it keeps,
 # masked keeps every position of the document for every config and masks what it evicted.
 CACHES = ("held", "masked")
-# Slots per page of the held cache's pools (workers/engine/pool.py): the unit a (row, kv-head)'s
-# segment grows by. Smaller wastes fewer slots (half a page per (row, layer, kv-head) on average)
-# but gives attention more pages to combine: at 4k tokens one chunk's attention over a pool took
-# 0.53x / 0.28x / 0.16x the padded band's time at 32 / 64 / 128 slots (a threshold profile,
-# bench/head_layouts.py). Here because the driver's memory estimate reads it.
-POOL_PAGE = 64
+# Slots per page of the held cache's pools (workers/engine/pool.py), smallest and largest: the unit
+# a (row, kv-head)'s segment grows by. workers/engine/capacity.py's page_size picks, per pool, the
+# largest that wastes at most an eighth of what an owner needs on average (half a page each):
+# attention pays per page (its owner's queries copied, its output combined), so large pools want
+# large pages, and small ones small pages. Here because the driver's memory estimate reads it.
+POOL_PAGE_SIZES = (32, 256)
 
 
 @dataclass(frozen=True)

@@ -46,12 +46,13 @@ class Band:
 class PoolBand:
     """One press group's rows ``rows`` in a pool per layer: ``allotted[layer][row]`` pages each
     row is sized for (what its memory is), ``pages[layer]`` the pool's pages (their sum, or more
-    where static shapes round it), ``write`` the most keys a (row, kv-head) writes between two
-    decisions."""
+    where static shapes round it), ``page`` slots each, ``write`` the most keys a (row, kv-head)
+    writes between two decisions."""
 
     rows: slice
     allotted: tuple[tuple[int, ...], ...]
     pages: tuple[int, ...]
+    page: int
     write: int
     # Sized before a threshold config of it ever ran: it starts small and grows between chunks
     # to what its rows hold (exact shapes; ChunkStep.grow_pools).
@@ -81,7 +82,7 @@ def allocate(
     band: Band | PoolBand, layer: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
 ) -> LayerCache:
     if isinstance(band, PoolBand):
-        return pool.allocate(band.pages[layer], band.size, kv_heads, head_dim, dtype, device, band.write)
+        return pool.allocate(band.pages[layer], band.page, band.size, kv_heads, head_dim, dtype, device, band.write)
     shape = (band.size, kv_heads, band.slots, head_dim)
     return BandCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 

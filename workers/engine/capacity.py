@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import math
 
-from workers.contract.settings import POOL_PAGE
+from workers.contract.settings import POOL_PAGE_SIZES
 
 # Room a learned bound leaves above what the scores kept in the densest document so far, so that
 # documents a little denser than the ones before still fit without a rerun.
 LEARNED_MARGIN = 1.25
-PAGE = POOL_PAGE
+MIN_PAGE, MAX_PAGE = POOL_PAGE_SIZES
 # A static step's pools are rounded up to m x 2^k pages, m in 8..15: at most 1.125x the need, and
 # a handful of sizes per octave, so a compiled length bucket meets few shapes (each its own graph).
 _MANTISSAS = tuple(range(8, 16))
@@ -63,12 +63,27 @@ def learned_bound(density: float, floor: int, n: int) -> int:
     return min(n, floor + math.ceil(LEARNED_MARGIN * max(0.0, density * n - floor)))
 
 
-def pages_for(keys_held: int, kv_heads: int, write: int) -> int:
-    """Pages a row's pool needs in one layer when its kv-heads hold ``keys_held`` keys in all:
-    each head's keys plus the ``write`` written before the next decision, in whole pages (each
-    head's segment starts on a page: the sum of each head's ceil((held + write) / PAGE) is at
-    most the floor of the sum of (held + write + PAGE - 1) / PAGE)."""
-    return (keys_held + kv_heads * (write + PAGE - 1)) // PAGE
+def page_size(keys_held: int, owners: int, write: int, min_pages: int = 4) -> int:
+    """Slots per page of a pool whose ``owners`` (row, kv-head)s hold ``keys_held`` keys in all
+    and ``write`` more each before a decision: the largest power of two from MIN_PAGE to MAX_PAGE
+    that an owner's mean need fills ``min_pages`` times, so the half page an owner wastes on
+    average is at most 1 / (2 x min_pages) of it, while a pool of long segments reads few pages
+    (attention pays per page). A static step's pools ask 8 (their learned margin and rounding
+    already hold more), the others 4."""
+    mean = (keys_held + owners * write) // max(1, owners)
+    page = MIN_PAGE
+    while 2 * page <= min(MAX_PAGE, mean // min_pages):
+        page *= 2
+    return page
+
+
+def pages_for(keys_held: int, kv_heads: int, write: int, page: int) -> int:
+    """Pages of ``page`` slots a row's pool needs in one layer when its kv-heads hold
+    ``keys_held`` keys in all: each head's keys plus the ``write`` written before the next
+    decision, in whole pages (each head's segment starts on a page: the sum of each head's
+    ceil((held + write) / page) is at most the floor of the sum of (held + write + page - 1) /
+    page)."""
+    return (keys_held + kv_heads * (write + page - 1)) // page
 
 
 def rounded(pages: int) -> int:

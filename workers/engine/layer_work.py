@@ -51,7 +51,7 @@ def layer_work(
     if pattern_key not in memo:  # shared by every layer of this variant in the chunk
         memo[pattern_key] = attention.band(bounds.query_positions, bounds.positions, variant)  # [c, T]
     pattern = memo[pattern_key]
-    out, views = _attend(plan, bands, query, keep, pattern, bounds, facts.scaling, variant)
+    out, views = _attend(plan, bands, query, key, value, keep, pattern, bounds, facts.scaling, variant)
     if bounds.shared:
         query = query.expand(plan.batch, -1, -1, -1)
         key, value = key.expand(plan.batch, -1, -1, -1), value.expand(plan.batch, -1, -1, -1)
@@ -64,7 +64,7 @@ def layer_work(
         )
     for band, band_cache in zip(plan.bands, bands, strict=True):
         if isinstance(band_cache, pool.PoolCache):
-            pool.compact(band_cache, keep[band.rows], span, facts.next_write)
+            pool.compact(band_cache, keep[band.rows], span, facts.next_write, band.grows)
     return out.transpose(1, 2), kept
 
 
@@ -107,13 +107,16 @@ def _attend(
     plan: StepPlan,
     bands: list[cache.LayerCache],
     query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
     keep: torch.Tensor,
     pattern: torch.Tensor,
     bounds: ChunkBounds,
     scaling: float,
     variant: AttentionVariant,
 ) -> tuple[torch.Tensor, list[BandView]]:
-    """Attention over what each band holds, band by band: ([rows, H, c, D], each band's view)."""
+    """Attention over what each band holds, band by band: ([rows, H, c, D], each band's view).
+    A pool reads the chunk's own ``key``/``value`` [rows, kv-heads, c, D] apart from its pages."""
     span = bounds.positions.shape[0]
     if plan.backend == "flex" and plan.static:  # one full band (the masked cache: ChunkStep)
         full = bands[0]
@@ -128,7 +131,9 @@ def _attend(
         rows = slice(0, 1) if bounds.shared else band.rows
         if isinstance(band_cache, pool.PoolCache):
             n_pages = pool.pages_in_use(band_cache, span, band.write)
-            out, lse = pool.attend(band_cache, query[rows], bounds.query_positions, scaling, variant, n_pages)
+            out, lse = pool.attend(
+                band_cache, query[rows], key[rows], value[rows], bounds.query_positions, scaling, variant, n_pages
+            )
             views.append(BandView(band_cache, None, None, lse, n_pages))
         else:
             held = cache.first_row(band_cache) if bounds.shared else band_cache

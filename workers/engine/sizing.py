@@ -60,19 +60,28 @@ def group_pools(
             pools.append(None)
             continue
         grows = grow and scored
-        # a growing pool checks after a chunk that two more writes fit (the next chunk's, and
-        # what its decisions may keep of it before the check after it)
-        reserve = 2 * write if grows else write
+        page = _page_size(totals, layout, n_positions, write, 8 if static else 4)
         allotted = tuple(
-            tuple(capacity.pages_for(0 if row is None else row[layer], layout.n_kv_heads, reserve) for row in totals)
+            tuple(
+                capacity.pages_for(0 if row is None else row[layer], layout.n_kv_heads, write, page) for row in totals
+            )
             for layer in range(layout.n_layers)
         )
         if static:  # one size for every layer: layers of one shape share one compiled region
             pages = (capacity.rounded(max(map(sum, allotted))),) * layout.n_layers
         else:
             pages = tuple(map(sum, allotted))
-        pools.append(cache.PoolBand(group.rows, allotted, pages, write, grows))
+        pools.append(cache.PoolBand(group.rows, allotted, pages, page, write, grows))
     return pools
+
+
+def _page_size(totals: list[list[int] | None], layout: DocumentLayout, n: int, write: int, min_pages: int) -> int:
+    """The group's page size, from what an owner holds on average over its rows and layers; a
+    growing pool's rows (``None``: nothing learned yet) are taken to hold an eighth of the
+    document (a threshold's typical density, in the figures of BENCHMARKS.md)."""
+    guess = [layout.n_kv_heads * (n // 8)] * layout.n_layers
+    held = sum(sum(guess if row is None else row) for row in totals)
+    return capacity.page_size(held // layout.n_layers, len(totals) * layout.n_kv_heads, write, min_pages)
 
 
 def _layer_totals(

@@ -232,17 +232,17 @@ class ChunkStep:
 
     def grow_pools(self) -> None:
         """Exact shapes, after a chunk: a pool whose threshold configs never ran before
-        (``PoolBand.grows``) gets the pages its owners need to hold what they hold now plus two
-        writes (the next chunk, and what its decisions keep of it before this check runs again),
-        so it holds what its configs keep from their first document on, never drops a key, and
-        never runs a document twice. One read of the pools' needs per chunk, and only for such a
-        pool: once its configs ran, the engine sizes them from what they held."""
+        (``PoolBand.grows``) gets the pages its owners need to hold what they hold now plus the
+        next write (where the chunk's compaction found too few, it laid out the kept keys alone:
+        pool.compact), so it holds what its configs keep from their first document on, never drops
+        a key, and never runs a document twice. One read of the pools' needs per chunk, and only
+        for such a pool: once its configs ran, the engine sizes them from what they held."""
         growing = [b for b, band in enumerate(self.bands) if isinstance(band, cache.PoolBand) and band.grows]
         if not growing:
             return
         layers = self.state.cache
         needs = torch.stack(
-            [pool.pages_needed(layer[b], 2 * self.bands[b].write) for b in growing for layer in layers]
+            [pool.pages_needed(layer[b], self.bands[b].write) for b in growing for layer in layers]
         ).tolist()
         for i, b in enumerate(growing):
             band = self.bands[b]
