@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from copy import deepcopy
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,7 +17,7 @@ from tests.helpers import tiny_llama
 from workers.contract.models import EMBEDDED_MODEL, load_model, load_tokenizer
 
 # Fixtures that make a test slow: a real Ray job, or the embedded 135M-parameter model.
-SLOW_FIXTURES = frozenset({"local_ray", "smollm2", "default_run"})
+SLOW_FIXTURES = frozenset({"local_ray", "smollm2", "smollm2_dir", "default_run"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -46,6 +47,28 @@ def smollm2():
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     return load_tokenizer(EMBEDDED_MODEL)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory, smollm2, smollm2_tokenizer) -> str:
+    """The embedded model's weights and tokenizer as a local HF directory (safetensors), saved once.
+
+    Ray jobs of tests that are about SmolLM2's numbers, not its GGUF file, pass it as ``--model``:
+    an actor loads it in a second where dequantizing the GGUF takes about 15 s, and the heads
+    preset loads the model twice. The GGUF path under Ray is the README's first command's
+    (``default_run``)."""
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("smollm2")
+    # A deep copy of the config: an engine on the session's model set kvorch's attention in it,
+    # and the GGUF's quantization_config (its file name) does not describe these weights.
+    config = deepcopy(smollm2.config)
+    del config.quantization_config
+    copy = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    copy.load_state_dict(smollm2.state_dict())
+    copy.save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -154,13 +154,16 @@ def test_constructed_local_and_global_heads_are_classified_end_to_end(local_ray,
     assert analysis["bos"] == "auto" and analysis["tokenization"]["bos_token_id"] == smollm2_tokenizer.bos_token_id
 
 
-def test_head_ablation_preset_on_the_embedded_model(local_ray, tmp_path, smollm2):
-    """The study's grid on SmolLM2, heads analysed on held-out documents first; small sizes."""
+def test_head_ablation_preset_on_the_embedded_model(local_ray, tmp_path, smollm2_dir):
+    """The study's grid on SmolLM2, heads analysed on held-out documents first; small sizes.
+    Its weights from a safetensors copy (conftest.smollm2_dir): both phases' actors load them."""
     lake = str(tmp_path / "lake")
     result = kvorch(
         "submit",
         "--preset",
         "head-ablation",
+        "--model",
+        smollm2_dir,
         "--max-docs",
         "1",
         "--max-tokens",

@@ -101,13 +101,14 @@ def test_a_jsonl_task_refuses_the_built_in_options(tiny_model_dir, tmp_path):
     assert result.exit_code == 1 and "--depths applies to the built-in tasks" in result.output
 
 
-def test_submit_task_needle_on_the_embedded_model_prints_the_accuracy_table(local_ray, smollm2, tmp_path):
+def test_submit_task_needle_on_the_embedded_model_prints_the_accuracy_table(local_ray, smollm2_dir, tmp_path):
     """Done means: `kvorch submit --task needle` on the embedded model prints the accuracy table,
-    and `kvorch report --plot` draws the heatmap; the notebook API reads the same table."""
+    and `kvorch report --plot` draws the heatmap; the notebook API reads the same table. The
+    model's weights from a safetensors copy (conftest.smollm2_dir), which its actor loads in a second."""
     lake = tmp_path / "lake"
     result = kvorch_cli(
         "submit", "--task", "needle", "--lengths", "256,384", "--depths", "0,1", "--methods", "baseline,window",
-        "--lake", str(lake), "--no-progress", "--format", "json",
+        "--model", smollm2_dir, "--lake", str(lake), "--no-progress", "--format", "json",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
