@@ -63,6 +63,21 @@ def test_sweep_throughput_prints_every_figure_and_the_fit_check():
     assert re.search(r"fit: 3 configs x 96 tokens ran in [\d.]+ s", out)
 
 
+@pytest.mark.slow  # a fresh process building a model (7 s): the full suite runs it, the fast loop does not
+def test_held_memory_prints_each_paths_held_over_needed_per_document():
+    """Each (path, config) row: both documents' slots / (kept + chunk), never below 1 (a pool
+    smaller than what its heads held would have dropped a key), and the pool's page size."""
+    out = run_bench(
+        "held_memory.py", "--model", "tiny", "--lengths", "256", "--chunk", "32", "--window", "32", "--threads", "1"
+    )
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("256")]
+    assert [(r[1], r[2]) for r in rows] == [
+        (path, config) for path in ("exact", "static") for config in ("knorm@-16", "knorm@ratio=0.5+adakv")
+    ]
+    for row in rows:
+        assert 1.0 <= float(row[3]) and 1.0 <= float(row[4]) and (row[5] == "-" or int(row[5]) in (32, 64, 128, 256))
+
+
 @pytest.mark.slow  # the embedded-size model loop, 7 s: the full suite runs it, the fast loop does not
 def test_long_context_puts_the_sweep_next_to_the_plain_loop_at_each_length():
     out = run_bench(
