@@ -388,4 +388,6 @@ def test_a_pool_larger_than_the_cluster_starts_on_the_actors_that_fit_and_finish
     assert rows(lake, "r") == reference[1]
     # The third actor can never be placed and has most of its 600 s left; nothing waits for it.
     assert exited - last_part_written(lake) < EXIT_SECONDS
-    assert len(status(lake, "r")["workers"]) == 2
+    # At most the two that fit ever loaded the model; whether the second finished loading before
+    # the first had run every task is the machine's speed, so it is not asserted.
+    assert 1 <= len(status(lake, "r")["workers"]) <= 2
