@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from pyarrow.fs import PyFileSystem
 
 from orchestrator.cli import main
 from orchestrator.corpus import load_corpus
@@ -28,7 +29,7 @@ from orchestrator.lake.store import Lake
 from orchestrator.sweep.heartbeat import Heartbeat
 from orchestrator.sweep.resume import shown_state
 from orchestrator.sweep.run_lock import RunLock
-from tests.full_disk import full_disk
+from tests.full_disk import FullDiskHandler, full_disk
 from tests.test_cli import snapshot
 from tests.test_reports import chunk_row
 from workers.contract.schema import ROW_SCHEMA
@@ -96,6 +97,25 @@ def test_a_refused_job_leaves_no_lake_directory_behind(tmp_path):
         (tmp_path / "new" / "lake" / "theirs").write_text("x")
     assert [p.name for p in (tmp_path / "new" / "lake").iterdir()] == ["theirs"]
 
+
+
+def test_a_lake_another_submission_removes_while_this_one_probes_it_is_made_again(tmp_path):
+    """Two submissions into one new lake at once: the other's probe clean-up removes the empty
+    directory between this one making it and writing its probe; this one makes it again."""
+
+    class OtherSubmissionCleansUp(FullDiskHandler):
+        removed = 0
+
+        def open_output_stream(self, path: str, metadata: dict):
+            if ".kvorch-write-probe-" in path and not self.removed:
+                type(self).removed += 1
+                os.rmdir(os.path.dirname(path))  # the other submission's remove_empty_dirs
+            return super().open_output_stream(path, metadata)
+
+    lake = Lake(str(tmp_path / "lake"), filesystem=PyFileSystem(OtherSubmissionCleansUp()))
+    lake.ensure_writable()
+    assert OtherSubmissionCleansUp.removed == 1
+    assert not (tmp_path / "lake").exists()  # left as it found it
 
 # --- integrity -------------------------------------------------------------------------------
 

@@ -51,6 +51,8 @@ DEFAULT_LAKE = "./kvorch-lake"
 # A run id is one safe path component: never "..", never "/", never longer than a file name can be.
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 CHECKSUM_SUFFIX = ".sha256"
+# Tries at the lake's write probe while another submission into the same new lake removes it, empty.
+_PROBE_ATTEMPTS = 5
 
 
 class LinkInLake(KvorchError):
@@ -144,9 +146,7 @@ class Lake:
         probe = self.path(f".kvorch-write-probe-{uuid.uuid4().hex}")
         created = self.first_missing(self.root)
         try:
-            self.fs.create_dir(self.root, recursive=True)
-            with self.fs.open_output_stream(probe) as out:
-                out.write(b"ok")
+            self._write_probe(probe)
         except OSError as exc:
             if self.is_file():
                 raise KvorchError(
@@ -160,6 +160,20 @@ class Lake:
             self._discard(probe)
             if created is not None:
                 self.remove_empty_dirs(self.root, up_to=created)
+
+    def _write_probe(self, probe: str) -> None:
+        """Make the lake's directory and write ``probe`` in it. Another submission starting into the
+        same new lake may remove the directory, empty, between the two (its own probe's clean-up):
+        the directory is then made again, a few times, before a missing directory counts."""
+        for attempt in range(_PROBE_ATTEMPTS):
+            self.fs.create_dir(self.root, recursive=True)
+            try:
+                with self.fs.open_output_stream(probe) as out:
+                    out.write(b"ok")
+                return
+            except FileNotFoundError:
+                if attempt == _PROBE_ATTEMPTS - 1:
+                    raise
 
     def remove_empty_dirs(self, path: str, up_to: str) -> None:
         """Remove ``path`` and its parents up to ``up_to`` while each is empty. Never a recursive
