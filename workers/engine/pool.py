@@ -155,10 +155,18 @@ def _logits(
     page_queries: torch.Tensor, keys: torch.Tensor, seen: torch.Tensor, scaling: float, variant: AttentionVariant
 ) -> torch.Tensor:
     """[pages, G, q, page] float32 logits, soft-capped, -inf where the query does not see the key."""
-    logits = (page_queries @ keys[:, None].transpose(-1, -2)).float() * scaling
+    return _masked_logits(page_queries, keys[:, None], seen[:, None], scaling, variant)
+
+
+def _masked_logits(
+    query: torch.Tensor, keys: torch.Tensor, seen: torch.Tensor, scaling: float, variant: AttentionVariant
+) -> torch.Tensor:
+    """float32 logits of ``query`` [..., Q, D] over ``keys`` [..., K, D], soft-capped, -inf where
+    ``seen`` (broadcast to [..., Q, K]) says the query does not see the key."""
+    logits = (query @ keys.transpose(-1, -2)).float() * scaling
     if variant.softcap is not None:
         logits = torch.tanh(logits / variant.softcap) * variant.softcap
-    return logits.masked_fill(~seen[:, None], float("-inf"))
+    return logits.masked_fill(~seen, float("-inf"))
 
 
 def _attention(
@@ -183,10 +191,7 @@ def _attention(
         )[:2]
         lse = lse.float().masked_fill(nothing, float("-inf"))  # the kernel reads 0 for a row that sees nothing
         return out.float()[:, 0], lse[:, 0]
-    logits = (query @ keys.transpose(-1, -2)).float() * scaling
-    if variant.softcap is not None:
-        logits = torch.tanh(logits / variant.softcap) * variant.softcap
-    logits = logits.masked_fill(~seen, float("-inf"))
+    logits = _masked_logits(query, keys, seen, scaling, variant)
     lse = torch.logsumexp(logits, dim=-1)  # -inf where nothing is seen
     weights = torch.exp(logits - torch.where(lse.isfinite(), lse, 0.0)[..., None])  # 0 where unseen
     return (weights.to(values.dtype) @ values).float()[:, 0], lse[:, 0]
